@@ -1,0 +1,54 @@
+# The two commands a newcomer needs: `make demo` (the main job) and `make test`.
+# Everything else here is what those two are made of.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEV_CERTS := conf/dev/certs
+TEST_CERTS := conf/test/certs
+RUN := run
+
+.PHONY: all venv certs test test-trial demo stop sd-setup bench clean
+
+all: venv certs
+
+# A compat-mode editable install keeps the repository root on sys.path, so twistd finds
+# twisted/plugins/epsproxy_plugins.py from any folder (the default editable mode hides it).
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+certs: $(DEV_CERTS)/root.crt $(TEST_CERTS)/root.crt
+
+$(DEV_CERTS)/root.crt: | $(STAMP)
+	$(BIN)/eps certs $(DEV_CERTS) --directory conf/dev/directory
+
+$(TEST_CERTS)/root.crt: | $(STAMP)
+	$(BIN)/eps certs $(TEST_CERTS) --directory conf/test/directory
+
+test: venv certs
+	$(BIN)/pytest -q
+
+test-trial: venv certs
+	$(BIN)/trial tests
+
+demo: venv certs
+	$(BIN)/python -m epsproxy.demo start --run-dir $(RUN)
+
+stop: venv
+	$(BIN)/python -m epsproxy.demo stop --run-dir $(RUN)
+
+sd-setup: venv certs
+	$(BIN)/python -m epsproxy.demo sd-setup
+
+bench: venv certs
+	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) $(RUN) $(DEV_CERTS) $(TEST_CERTS) build *.egg-info twisted/plugins/dropin.cache

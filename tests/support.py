@@ -22,7 +22,6 @@ def _pki_root() -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=None)
 def pki(label: str = "main"):
     """
     A complete dev PKI (``epsproxy.pki.create_pki``) for tests, made once per process.
@@ -30,6 +29,11 @@ def pki(label: str = "main"):
     ``pki()`` is the one the tests trust; ``pki("foreign")`` is an unrelated CA with the
     same names, for "certificate from another CA" refusals.
     """
+    return _pki(label)
+
+
+@functools.lru_cache(maxsize=None)
+def _pki(label: str):
     from epsproxy.pki import create_pki
 
     base = _pki_root() / label

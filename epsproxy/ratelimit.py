@@ -1,0 +1,241 @@
+"""
+Connection rate limiting for listeners (SPEC §16).
+
+A :class:`RateLimiter` counts accepted connections per peer in fixed calendar windows
+(whole UTC seconds, minutes or hours, from ``clock.seconds()``); a peer over a limit is
+closed straight after accept, with nothing read or written.  :func:`rate_limited` wraps a
+protocol factory with one.
+
+Differences from the reference, on purpose:
+
+- IPv6 peers are counted per /64 (SPEC §23.1 #11: one host usually owns a whole /64 and
+  could rotate through it); IPv4-mapped IPv6 addresses count as their IPv4 address.
+- The number of distinct peers counted per window is capped (``max_keys``, 100 000 by
+  default) so a flood from many addresses cannot grow memory without bound.  When the
+  cap is reached, *new* peers are refused until the window turns; peers already counted
+  keep their normal allowance.
+- Refusals are counted (:attr:`RateLimiter.refused`, and an ``on_refused`` callback for
+  metrics) and logged at most once per ``log_interval`` with the peer address truncated.
+
+Put the limiter in front of TLS so refused peers cost no handshake: the endpoints of
+:mod:`epsproxy.tls` do that by themselves when given a :class:`RateLimitedFactory`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable, Iterable
+
+from twisted.internet.interfaces import IAddress, ILoggingContext, IProtocolFactory
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import forms
+
+__all__ = [
+    "TCP_RATE_LIMITS",
+    "WINDOWS",
+    "RateLimiter",
+    "RateLimitedFactory",
+    "rate_limited",
+    "peer_key",
+    "truncate_ip",
+]
+
+log = Logger()
+
+WINDOWS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600}
+"""Window lengths in seconds; the epoch is midnight UTC, so windows are UTC-aligned."""
+
+TCP_RATE_LIMITS = forms.List(
+    forms.Map(
+        {
+            "type": forms.Required(forms.String(choices=WINDOWS)),
+            "limit": forms.Required(forms.Integer(min=1)),
+        },
+        strict=True,
+    )
+)
+"""The ``tcp_rate_limits`` settings value: a list of ``{type, limit}``."""
+
+DEFAULT_MAX_KEYS = 100_000
+DEFAULT_LOG_INTERVAL = 60.0
+
+
+def peer_key(address: IAddress | Any) -> str:
+    """
+    The counting key of a peer: its IPv4 address, the /64 network of an IPv6 address,
+    or the textual address for anything else (UNIX sockets share one key).
+    """
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return str(type(address).__name__)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def truncate_ip(text: str) -> str:
+    """An address safe to log: IPv4 keeps two octets, IPv6 two groups (``2001:db8::/32``)."""
+    try:
+        ip = ipaddress.ip_address(text.split("/", 1)[0])
+    except ValueError:
+        return "unknown"
+    if isinstance(ip, ipaddress.IPv4Address):
+        a, b, _, _ = str(ip).split(".")
+        return f"{a}.{b}.x.x"
+    groups = ip.exploded.split(":")[:2]
+    return ":".join(f"{int(g, 16):x}" for g in groups) + "::/32"
+
+
+class _Window:
+    """The counters of one limit in its current window."""
+
+    __slots__ = ("length", "limit", "type", "window", "counts")
+
+    def __init__(self, type: str, limit: int) -> None:
+        self.type = type
+        self.length = WINDOWS[type]
+        self.limit = limit
+        self.window = -1
+        self.counts: dict[str, int] = {}
+
+
+class RateLimiter:
+    """
+    Counts connections per peer against ``limits`` (validated ``TCP_RATE_LIMITS``), in
+    the order given: when a later limit refuses, earlier ones have already counted the
+    attempt (SPEC §16).
+
+    ``refused`` is the number of refused connections so far; ``on_refused(reason)`` is
+    called for each, with ``reason`` the limit type or ``"peer_cap"``.
+    """
+
+    def __init__(
+        self,
+        limits: Iterable[dict[str, Any]],
+        clock: Any,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        on_refused: Callable[[str], None] | None = None,
+        log_interval: float = DEFAULT_LOG_INTERVAL,
+    ) -> None:
+        self._windows = [_Window(rl["type"], rl["limit"]) for rl in TCP_RATE_LIMITS(list(limits))]
+        self._clock = clock
+        self.max_keys = max_keys
+        self.on_refused = on_refused
+        self.refused = 0
+        self._log_interval = log_interval
+        self._last_log: float | None = None
+        self._unlogged = 0
+
+    def allow(self, address: IAddress | Any) -> bool:
+        """Count a connection from ``address``; False if it must be refused."""
+        if not self._windows:
+            return True
+        key = peer_key(address)
+        now = self._clock.seconds()
+        for w in self._windows:
+            window = int(now // w.length)
+            if window != w.window:
+                w.window = window
+                w.counts = {}
+            count = w.counts.get(key)
+            if count is None:
+                if len(w.counts) >= self.max_keys:
+                    self._refuse(key, "peer_cap", now)
+                    return False
+                count = 0
+            if count >= w.limit:
+                self._refuse(key, w.type, now)
+                return False
+            w.counts[key] = count + 1
+        return True
+
+    def _refuse(self, key: str, reason: str, now: float) -> None:
+        self.refused += 1
+        self._unlogged += 1
+        if self.on_refused is not None:
+            try:
+                self.on_refused(reason)
+            except Exception:
+                log.failure("rate limit refusal callback failed")
+        if self._last_log is None or now - self._last_log >= self._log_interval:
+            log.warn(
+                "rate limit: refused {count} connection(s); latest from {peer}"
+                " (limit per {reason})",
+                count=self._unlogged,
+                peer=truncate_ip(key),
+                reason=reason,
+            )
+            self._last_log = now
+            self._unlogged = 0
+
+    def wrap(self, factory: IProtocolFactory) -> RateLimitedFactory:
+        """A factory that consults this limiter before ``factory`` builds a protocol."""
+        return RateLimitedFactory(factory, self)
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class RateLimitedFactory:
+    """
+    Builds protocols with ``wrappedFactory`` for allowed peers and returns None for
+    refused ones, which makes the listening port close the new socket at once.  It adds
+    no wrapper around the protocols it lets through.
+    """
+
+    def __init__(self, wrappedFactory: IProtocolFactory, limiter: RateLimiter) -> None:
+        self.wrappedFactory = wrappedFactory
+        self.limiter = limiter
+
+    @property
+    def refused(self) -> int:
+        """Connections refused so far by the limiter."""
+        return self.limiter.refused
+
+    def rewrap(self, factory: IProtocolFactory) -> RateLimitedFactory:
+        """The same limiter (shared counters) in front of another factory."""
+        return RateLimitedFactory(factory, self.limiter)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        """The wrapped factory's protocol, or None to close a refused connection."""
+        if not self.limiter.allow(addr):
+            return None
+        return self.wrappedFactory.buildProtocol(addr)
+
+    def doStart(self) -> None:
+        """Start the wrapped factory."""
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        """Stop the wrapped factory."""
+        self.wrappedFactory.doStop()
+
+    def logPrefix(self) -> str:
+        """The wrapped factory's log prefix."""
+        if ILoggingContext.providedBy(self.wrappedFactory):
+            return self.wrappedFactory.logPrefix()
+        return self.wrappedFactory.__class__.__name__
+
+
+def rate_limited(
+    factory: IProtocolFactory,
+    limits: list[dict[str, Any]],
+    clock: Any,
+    *,
+    max_keys: int = DEFAULT_MAX_KEYS,
+    on_refused: Callable[[str], None] | None = None,
+) -> RateLimitedFactory:
+    """
+    ``factory`` behind a new :class:`RateLimiter` for ``limits`` (``TCP_RATE_LIMITS``
+    items), timed by ``clock`` (the reactor).  Pass the result to a plain TCP endpoint or
+    to an endpoint of :func:`epsproxy.tls.listen_endpoint`, which keeps it outside TLS.
+    """
+    return RateLimiter(limits, clock, max_keys=max_keys, on_refused=on_refused).wrap(factory)

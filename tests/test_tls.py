@@ -1,0 +1,525 @@
+"""
+Tests for epsproxy.tls: settings, parse_address, and mutual TLS over real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import given, settings, strategies as st
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from epsproxy import tls
+from epsproxy.certificates import fingerprint, load_certificate_file
+from tests.support import pki
+
+
+def block(name: str | None = None, *, source: str = "main", ca=None, **extra) -> dict:
+    """A ``tls`` settings block using ``name``'s TLS identity from PKI ``source``."""
+    result: dict = {"ca_certificate_files": [str(ca or pki().root)]}
+    if name is not None:
+        # pki() and pki("main") are distinct lru_cache keys: always call pki() for main.
+        crt, key = (pki() if source == "main" else pki(source)).tls(name)
+        result.update(certificate_file=str(crt), key_file=str(key))
+    result.update(extra)
+    return result
+
+
+# ------------------------------------------------------------------ protocols
+
+
+@implementer(IHandshakeListener)
+class ServerProtocol(Protocol):
+    """Greets after a completed handshake and records the peer certificate."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.lost: defer.Deferred = defer.Deferred()
+        self.factory.made.append(self.lost)
+
+    def handshakeCompleted(self) -> None:
+        self.factory.peers.append(tls.peer_certificate(self.transport))
+        self.transport.write(b"welcome")
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class ServerFactory(Factory):
+    protocol = ServerProtocol
+
+    def __init__(self) -> None:
+        self.connections: list = []
+        self.made: list[defer.Deferred] = []
+        self.peers: list = []
+
+
+@implementer(IHandshakeListener)
+class ClientProtocol(Protocol):
+    """Collects what the server sends; closes once greeted."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.handshake = False
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.received == b"welcome":
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class RawClientCreator:
+    """Client connections from a hand-made pyOpenSSL context (to test protocol limits)."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.context = context
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+class LoopbackMixin:
+    """Start a TLS listener on 127.0.0.1:0 and connect clients to it."""
+
+    @defer.inlineCallbacks
+    def listen(self, server_tls: dict | None, address: str = "127.0.0.1:0"):
+        self.server = ServerFactory()
+        endpoint = tls.listen_endpoint(reactor, address, server_tls)
+        port = yield endpoint.listen(self.server)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def exchange(self, port: int, client_tls: dict | None, server_name: str | None = "sd-1",
+                 creator=None, host: str = "127.0.0.1"):
+        """Connect, wait until both sides are closed; return the client protocol."""
+        client = ClientProtocol()
+        if creator is not None:
+            endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, host, port))
+        else:
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            endpoint = tls.client_endpoint(reactor, address, client_tls, server_name, timeout=5)
+        yield endpoint.connect(Factory.forProtocol(lambda: client))
+        yield client.lost
+        yield defer.gatherResults(self.server.made)
+        return client
+
+
+def assert_refused(test: TestCase, client: ClientProtocol) -> None:
+    test.assertEqual(client.received, b"")
+    test.assertEqual(test.server.peers, [])
+
+
+# ------------------------------------------------------------------ handshakes
+
+
+class MutualTLSTests(LoopbackMixin, TestCase):
+    timeout = 15
+    """Real handshakes between server_options and client_options on loopback."""
+
+    @defer.inlineCallbacks
+    def test_mutual_handshake_and_peer_certificate(self):
+        port = yield self.listen(block("sd-1"))
+        client = yield self.exchange(port, block("hd-1"), "sd-1")
+        self.assertEqual(client.received, b"welcome")
+        self.assertTrue(client.handshake)
+        [peer] = self.server.peers
+        expected = load_certificate_file(pki().tls("hd-1")[0])
+        self.assertEqual(fingerprint(peer), fingerprint(expected))
+
+    @defer.inlineCallbacks
+    def test_server_name_from_settings(self):
+        port = yield self.listen(block("sd-1"))
+        client = yield self.exchange(port, block("hd-1", server_name="sd-1"), None)
+        self.assertEqual(client.received, b"welcome")
+
+    @defer.inlineCallbacks
+    def test_client_without_certificate_refused(self):
+        port = yield self.listen(block("sd-1"))
+        client = yield self.exchange(port, block(None), "sd-1")
+        assert_refused(self, client)
+
+    @defer.inlineCallbacks
+    def test_foreign_client_refused(self):
+        port = yield self.listen(block("sd-1"))
+        client = yield self.exchange(port, block("hd-1", source="foreign"), "sd-1")
+        assert_refused(self, client)
+
+    @defer.inlineCallbacks
+    def test_foreign_server_refused_by_client(self):
+        port = yield self.listen(block("sd-1", source="foreign", ca=pki("foreign").root))
+        client = yield self.exchange(port, block("hd-1"), "sd-1")
+        self.assertEqual(client.received, b"")
+        self.assertFalse(client.handshake)
+        self.assertIsInstance(client.reason.value, SSL.Error)
+
+    @defer.inlineCallbacks
+    def test_wrong_server_name_refused(self):
+        port = yield self.listen(block("sd-1"))
+        client = yield self.exchange(port, block("hd-1"), "hd-2")
+        self.assertEqual(client.received, b"")
+        self.assertIsInstance(client.reason.value, VerificationError)
+
+    @defer.inlineCallbacks
+    def test_verify_client_false_accepts_anonymous(self):
+        port = yield self.listen(block("sd-1", verify_client=False))
+        client = yield self.exchange(port, block(None), "sd-1")
+        self.assertEqual(client.received, b"welcome")
+        self.assertEqual(self.server.peers, [None])
+
+    @defer.inlineCallbacks
+    def test_verify_client_false_does_not_ask(self):
+        # Without request_client_cert the server does not ask: a client with a
+        # certificate is accepted and none is seen.
+        port = yield self.listen(block("sd-1", verify_client=False))
+        client = yield self.exchange(port, block("hd-1"), "sd-1")
+        self.assertEqual(client.received, b"welcome")
+        self.assertEqual(self.server.peers, [None])
+
+    @defer.inlineCallbacks
+    def test_request_client_cert_accepts_unverified(self):
+        port = yield self.listen(
+            block("sd-1", verify_client=False, request_client_cert=True)
+        )
+        client = yield self.exchange(port, block("hd-1", source="foreign"), "sd-1")
+        self.assertEqual(client.received, b"welcome")
+        [peer] = self.server.peers
+        foreign = load_certificate_file(pki("foreign").tls("hd-1")[0])
+        self.assertEqual(fingerprint(peer), fingerprint(foreign))
+
+    @defer.inlineCallbacks
+    def test_request_client_cert_accepts_anonymous(self):
+        port = yield self.listen(
+            block("sd-1", verify_client=False, request_client_cert=True)
+        )
+        client = yield self.exchange(port, block(None), "sd-1")
+        self.assertEqual(client.received, b"welcome")
+        self.assertEqual(self.server.peers, [None])
+
+    @defer.inlineCallbacks
+    def test_insecure_skip_verify(self):
+        events: list = []
+        self.patch(tls, "log", Logger(observer=events.append))
+        self.patch(tls, "_warned_insecure", set())
+        port = yield self.listen(block("sd-1", source="foreign", ca=pki("foreign").root,
+                                       verify_client=False))
+        insecure = block(None, insecure_skip_verify=True)
+        client = yield self.exchange(port, insecure, "whatever")
+        self.assertEqual(client.received, b"welcome")
+        tls.client_options(insecure, "whatever")
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["log_level"].name, "critical")
+
+    @defer.inlineCallbacks
+    def test_tls_1_1_client_refused(self):
+        def old_client() -> RawClientCreator:
+            context = SSL.Context(SSL.TLS_METHOD)
+            context.set_min_proto_version(SSL.TLS1_VERSION)
+            context.set_max_proto_version(SSL.TLS1_1_VERSION)
+            context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+            return RawClientCreator(context)
+
+        # Control: a server deliberately lowered to TLS 1.1 must accept this client,
+        # otherwise this OpenSSL cannot speak TLS 1.1 at all and the test proves nothing.
+        crt, key = pki().tls("sd-1")
+        lowered = tls.server_options(block("sd-1", verify_client=False))
+        control = CertificateOptions(
+            privateKey=lowered.privateKey,
+            certificate=lowered.certificate,
+            extraCertChain=lowered.extraCertChain,
+            insecurelyLowerMinimumTo=TLSVersion.TLSv1_1,
+        )
+        control.getContext().set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        self.server = ServerFactory()
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+
+        control_port = yield SSL4ServerEndpoint(
+            reactor, 0, control, interface="127.0.0.1").listen(self.server)
+        self.addCleanup(control_port.stopListening)
+        probe = yield self.exchange(control_port.getHost().port, None, creator=old_client())
+        if probe.received != b"welcome":
+            raise SkipTest("this OpenSSL build cannot negotiate TLS 1.1 at all")
+
+        port = yield self.listen(block("sd-1", verify_client=False))
+        client = yield self.exchange(port, None, creator=old_client())
+        assert_refused(self, client)
+        self.assertFalse(client.handshake)
+
+    @defer.inlineCallbacks
+    def test_tls_1_2_needs_ecdhe_aead(self):
+        def tls12_client(ciphers: bytes) -> RawClientCreator:
+            context = SSL.Context(SSL.TLS_METHOD)
+            context.set_max_proto_version(SSL.TLS1_2_VERSION)
+            context.set_cipher_list(ciphers)
+            return RawClientCreator(context)
+
+        port = yield self.listen(block("sd-1", verify_client=False))
+        ok = yield self.exchange(port, None, creator=tls12_client(b"ECDHE-ECDSA-AES128-GCM-SHA256"))
+        self.assertEqual(ok.received, b"welcome")
+        self.server.made.clear()
+        self.server.peers.clear()
+        # A CBC suite: OpenSSL supports it, our pinned list does not.
+        cbc = yield self.exchange(port, None, creator=tls12_client(b"ECDHE-ECDSA-AES128-SHA"))
+        assert_refused(self, cbc)
+
+    def test_verify_modes(self):
+        def mode(**settings) -> int:
+            return tls.server_options(block("sd-1", **settings)).getContext().get_verify_mode()
+
+        required = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        self.assertEqual(mode() & required, required)
+        self.assertEqual(mode(verify_client=False), SSL.VERIFY_NONE)
+        asked = mode(verify_client=False, request_client_cert=True)
+        self.assertTrue(asked & SSL.VERIFY_PEER)
+        self.assertFalse(asked & SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        # request_client_cert changes nothing when clients are verified anyway
+        self.assertEqual(mode(request_client_cert=True) & required, required)
+
+    @defer.inlineCallbacks
+    def test_ipv6_listener(self):
+        try:
+            port = yield self.listen(block("sd-1"), "[::1]:0")
+        except CannotListenError:
+            raise SkipTest("no IPv6 loopback here")
+        client = yield self.exchange(port, block("hd-1"), "sd-1", host="::1")
+        self.assertEqual(client.received, b"welcome")
+
+    @defer.inlineCallbacks
+    def test_plain_listener_without_tls(self):
+        port = yield self.listen(None, "localhost:0")
+        client = ClientProtocol()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(lambda: client))
+        self.assertEqual(len(self.server.connections), 1)
+        self.assertIsNone(tls.peer_certificate(self.server.connections[0].transport))
+        client.transport.loseConnection()
+        yield client.lost
+        yield defer.gatherResults(self.server.made)
+
+
+# ------------------------------------------------------------------ settings
+
+
+class SettingsTests(SynchronousTestCase):
+    """TLS_SETTINGS and the errors of server_options / client_options."""
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="tls-test-"))
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+
+    def test_defaults(self):
+        value = tls.TLS_SETTINGS.validate({"ca_certificate_files": ["a.pem"]})
+        self.assertEqual(value, {
+            "ca_certificate_files": ["a.pem"],
+            "verify_client": True,
+            "request_client_cert": False,
+            "insecure_skip_verify": False,
+        })
+
+    def test_validate_client_refused(self):
+        with self.assertRaises(tls.TLSSettingsError) as e:
+            tls.server_options(block("sd-1", validate_client=True))
+        self.assertIn("tls.validate_client", str(e.exception))
+        self.assertIn("unknown key", str(e.exception))
+
+    def test_bad_shapes(self):
+        for bad in [
+            {},
+            {"ca_certificate_files": []},
+            {"ca_certificate_files": "root.crt"},
+            {"ca_certificate_files": [""]},
+            {"ca_certificate_files": ["a"], "verify_client": "yes"},
+            {"ca_certificate_files": ["a"], "certificate_file": 3},
+            [],
+            None,
+        ]:
+            with self.assertRaises(tls.TLSSettingsError, msg=repr(bad)):
+                tls.server_options(bad)
+
+    def test_missing_ca_file(self):
+        missing = str(self.dir / "nope.crt")
+        with self.assertRaises(tls.TLSSettingsError) as e:
+            tls.server_options(block("sd-1", ca=missing))
+        self.assertIn(missing, str(e.exception))
+
+    def test_missing_certificate_and_key_files(self):
+        for key in ("certificate_file", "key_file"):
+            settings = block("sd-1")
+            settings[key] = str(self.dir / f"missing-{key}")
+            with self.assertRaises(tls.TLSSettingsError) as e:
+                tls.server_options(settings)
+            self.assertIn(settings[key], str(e.exception))
+
+    def test_garbage_pem(self):
+        garbage = self.dir / "garbage.crt"
+        garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+        for key in ("certificate_file", "key_file"):
+            settings = block("sd-1")
+            settings[key] = str(garbage)
+            with self.assertRaises(tls.TLSSettingsError) as e:
+                tls.server_options(settings)
+            self.assertIn(str(garbage), str(e.exception))
+        with self.assertRaises(tls.TLSSettingsError):
+            tls.server_options(block("sd-1", ca=garbage))
+
+    def test_empty_and_binary_files(self):
+        for content in (b"", os.urandom(3000)):
+            bad = self.dir / "bad.pem"
+            bad.write_bytes(content)
+            with self.assertRaises(tls.TLSSettingsError):
+                tls.server_options(block("sd-1", ca=bad))
+
+    def test_key_not_matching_certificate(self):
+        settings = block("sd-1")
+        settings["key_file"] = str(pki().tls("hd-1")[1])
+        with self.assertRaises(tls.TLSSettingsError) as e:
+            tls.server_options(settings)
+        self.assertIn("does not belong", str(e.exception))
+
+    def test_server_needs_certificate(self):
+        with self.assertRaises(tls.TLSSettingsError) as e:
+            tls.server_options(block(None))
+        self.assertIn("certificate_file", str(e.exception))
+
+    def test_half_identity(self):
+        settings = block("hd-1")
+        del settings["key_file"]
+        with self.assertRaises(tls.TLSSettingsError) as e:
+            tls.client_options(settings, "sd-1")
+        self.assertIn("key_file", str(e.exception))
+
+    def test_client_needs_server_name(self):
+        with self.assertRaises(tls.TLSSettingsError) as e:
+            tls.client_options(block("hd-1"))
+        self.assertIn("server_name", str(e.exception))
+
+    def test_server_options_cached(self):
+        settings = block("sd-1")
+        self.assertIs(tls.server_options(settings), tls.server_options(dict(settings)))
+
+    def test_cache_follows_file_changes(self):
+        crt, key = pki().tls("sd-1")
+        shutil.copy(crt, self.dir / "s.crt")
+        shutil.copy(key, self.dir / "s.key")
+        settings = block(None, certificate_file=str(self.dir / "s.crt"),
+                         key_file=str(self.dir / "s.key"))
+        first = tls.server_options(settings)
+        other_crt, other_key = pki().tls("sd-1", alt=True)
+        shutil.copy(other_crt, self.dir / "s.crt")
+        shutil.copy(other_key, self.dir / "s.key")
+        os.utime(self.dir / "s.crt", ns=(1, 1))
+        second = tls.server_options(settings)
+        self.assertIsNot(first, second)
+        alt = load_certificate_file(other_crt)
+        self.assertEqual(second.certificate, alt)
+
+    def test_client_options_cached_per_server_name(self):
+        settings = block("hd-1")
+        self.assertIs(tls.client_options(settings, "sd-1"), tls.client_options(settings, "sd-1"))
+        self.assertIsNot(tls.client_options(settings, "sd-1"),
+                         tls.client_options(settings, "op-1"))
+
+    def test_extra_chain_sent(self):
+        options = tls.server_options(block("sd-1"))
+        intermediate = load_certificate_file(pki().intermediate)
+        self.assertEqual(list(options.extraCertChain), [intermediate])
+
+    def test_peer_certificate_without_tls(self):
+        self.assertIsNone(tls.peer_certificate(object()))
+        self.assertIsNone(tls.peer_certificate(None))
+
+        class NoCert:
+            def getPeerCertificate(self):
+                return None
+
+        self.assertIsNone(tls.peer_certificate(NoCert()))
+
+    def test_listen_endpoint_bad_address(self):
+        with self.assertRaises(ValueError):
+            tls.listen_endpoint(reactor, "nonsense", None)
+
+    def test_client_endpoint_needs_host(self):
+        with self.assertRaises(ValueError):
+            tls.client_endpoint(reactor, ":80", None)
+
+
+# ------------------------------------------------------------------ addresses
+
+
+class ParseAddressTests(SynchronousTestCase):
+    """parse_address vectors (SPEC §22.4 style) and garbage."""
+
+    def test_vectors(self):
+        cases = {
+            "localhost:3322": ("localhost", 3322),
+            "127.0.0.1:0": ("127.0.0.1", 0),
+            "[::1]:80": ("::1", 80),
+            "[2001:db8::1]:65535": ("2001:db8::1", 65535),
+            ":80": ("", 80),
+            "sd-1.example.org:443": ("sd-1.example.org", 443),
+            "internal_server:1": ("internal_server", 1),
+        }
+        for text, expected in cases.items():
+            self.assertEqual(tls.parse_address(text), expected, text)
+
+    def test_default_port(self):
+        self.assertEqual(tls.parse_address("example.org", 443), ("example.org", 443))
+        self.assertEqual(tls.parse_address("[::1]", 443), ("::1", 443))
+        with self.assertRaises(ValueError):
+            tls.parse_address("example.org")
+
+    def test_garbage(self):
+        for text in [
+            "", ":", "host:", "host:port", "host:-1", "host:65536", "host:99999999",
+            "::1:80", "[::1", "[::1]80", "[nothost]:80", "[1.2.3.4]:80", "a b:80",
+            "host:+80", "host: 80", "host:80 ", "-host:80", "ho/st:80", "héllo:80",
+            "host:８０", "a" * 300 + ":80", "[]:80", "host:0x50",
+        ]:
+            with self.assertRaises(ValueError, msg=repr(text)):
+                tls.parse_address(text)
+
+    def test_not_a_string(self):
+        for value in (None, 80, b"host:80", ["host", 80]):
+            with self.assertRaises(ValueError):
+                tls.parse_address(value)
+
+    @settings(deadline=None, max_examples=200)
+    @given(st.text(max_size=40))
+    def test_never_crashes(self, text):
+        try:
+            host, port = tls.parse_address(text)
+        except ValueError:
+            return
+        self.assertTrue(0 <= port <= 65535)
+        self.assertIsInstance(host, str)
+
+    @settings(deadline=None, max_examples=100)
+    @given(st.ip_addresses(), st.integers(0, 65535))
+    def test_round_trip(self, ip, port):
+        text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+        self.assertEqual(tls.parse_address(text), (str(ip), port))

@@ -1,0 +1,28 @@
+"""``python -m bench [NAME...]``: run the benchmarks and print their tables."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import sd
+
+BENCHMARKS = {"sd": sd.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    for name in args.names or BENCHMARKS:
+        print(f"\n== {name} ==", flush=True)
+        BENCHMARKS[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

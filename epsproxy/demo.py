@@ -1,0 +1,235 @@
+"""
+The dev network on one machine: what ``make demo``, ``make stop`` and ``make sd-setup`` run.
+
+``start`` launches every role of the dev network as its own ``twistd -n`` process (as an
+operator would start it), with logs and pid files under the run folder, waits until each
+answers (no fixed sleeps), loads the dev directory into the SD, and shows what the
+network now knows.  ``stop`` ends what ``start`` started.  Running ``start`` twice in a
+row stops the old processes first.
+
+This is a plain synchronous script on purpose: it only drives processes and makes a few
+HTTPS calls with the standard library, so it needs nothing that the roles need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf" / "dev"
+CERTS = CONF / "certs"
+DIRECTORY = CONF / "directory"
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Role:
+    """One process of the dev network."""
+
+    name: str
+    plugin: str
+    env_var: str
+    port: int
+    server_name: str
+    args: tuple[str, ...] = ()
+
+    @property
+    def settings(self) -> Path:
+        return CONF / "roles" / self.name
+
+
+ROLES = (Role("sd-1", "sd", "SD_SETTINGS", 3322, "sd-1"),)
+
+
+class DemoError(Exception):
+    """Something the person running the demo must know about; printed as one line."""
+
+
+def _pid_file(run_dir: Path, role: Role) -> Path:
+    return run_dir / f"{role.name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            finished = 0
+        if finished == pid or not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop(run_dir: Path) -> None:
+    """Stop every role started from ``run_dir`` (SIGTERM, then SIGKILL after 10 s)."""
+    for role in reversed(ROLES):
+        pid_file = _pid_file(run_dir, role)
+        if not pid_file.exists():
+            continue
+        try:
+            pid = int(pid_file.read_text().strip())
+        except ValueError:
+            pid_file.unlink()
+            continue
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            if not _wait_gone(pid, 10):
+                os.killpg(pid, signal.SIGKILL)
+                _wait_gone(pid, 5)
+            print(f"stopped {role.name} (pid {pid})")
+        pid_file.unlink()
+
+
+def _client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(CERTS / "root.crt"))
+    context.load_cert_chain(str(CERTS / "hd-1.crt"), str(CERTS / "hd-1.key"))
+    return context
+
+
+class _ResolvedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1 that checks the certificate for ``host`` (like curl's --resolve)."""
+
+    def connect(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def call(port: int, server_name: str, method: str, params: dict, timeout: float = 5) -> dict:
+    """One JSON-RPC call over HTTPS with hd-1's client certificate; returns the reply."""
+    connection = _ResolvedHTTPS(server_name, port, context=_client_context(), timeout=timeout)
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    try:
+        connection.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+def _start_role(run_dir: Path, role: Role) -> subprocess.Popen:
+    log = run_dir / f"{role.name}.log"
+    env = dict(os.environ, **{role.env_var: str(role.settings)})
+    command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log), role.plugin,
+               *role.args]
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+        stdout=open(run_dir / f"{role.name}.out", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    _pid_file(run_dir, role).write_text(f"{process.pid}\n")
+    return process
+
+
+def _wait_ready(run_dir: Path, role: Role, process: subprocess.Popen, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = (run_dir / f"{role.name}.out").read_text(errors="replace")
+            log = run_dir / f"{role.name}.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise DemoError(f"{role.name} exited with status {process.returncode}:\n{output}{tail}")
+        try:
+            call(role.port, role.server_name, "getTip", {}, timeout=2)
+            print(f"{role.name} is ready on port {role.port} (pid {process.pid})")
+            return
+        except (OSError, ssl.SSLError, http.client.HTTPException, ValueError):
+            time.sleep(0.1)
+    raise DemoError(f"{role.name} did not answer on port {role.port} within {seconds:.0f} s; "
+                    f"see {run_dir / (role.name + '.log')}")
+
+
+def sd_setup() -> None:
+    """Load conf/dev/directory/*.json into the SD in name order, the first as a reset."""
+    files = sorted(DIRECTORY.glob("*.json"))
+    if not files:
+        raise DemoError(f"no directory files in {DIRECTORY}")
+    env = dict(os.environ, EPS_SETTINGS=str(CONF / "roles" / "hd-1"))
+    for index, path in enumerate(files):
+        command = [str(BIN / "eps"), "sd", "submit-records"]
+        if index == 0:
+            command.append("--reset")
+        command.append(str(path))
+        print(f"loading {path.relative_to(ROOT)}")
+        result = subprocess.run(command, env=env, cwd=ROOT)
+        if result.returncode != 0:
+            raise DemoError(f"loading {path.name} failed (see the message above)")
+
+
+def show_directory() -> None:
+    reply = call(3322, "sd-1", "getEntries", {})
+    if "error" in reply:
+        raise DemoError(f"getEntries failed: {reply['error']}")
+    print("\nThe service directory now lists:")
+    for entry in reply["result"]:
+        channels = ", ".join(
+            c["type"] + (f" {c['settings']['address']}" if (c.get("settings") or {}).get("address") else "")
+            for c in entry["channels"]
+        ) or "-"
+        services = ", ".join(s["name"] for s in entry["services"]) or "-"
+        keys = {c["key_usage"]: c["fingerprint"][:12] for c in entry["certificates"]}
+        print(f"  {entry['name']:<20} groups: {', '.join(entry['groups']) or '-'}")
+        print(f"  {'':<20} channels: {channels}; services: {services}")
+        print(f"  {'':<20} fingerprints: signing {keys.get('signing', '-')}…, "
+              f"encryption {keys.get('encryption', '-')}…")
+    print(
+        "\nAsk it yourself:\n  curl --cert conf/dev/certs/hd-1.crt --key conf/dev/certs/hd-1.key "
+        "--cacert conf/dev/certs/root.crt --resolve sd-1:3322:127.0.0.1 "
+        "https://sd-1:3322/jsonrpc -H 'Content-Type: application/json' "
+        "-d '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"getEntries\",\"params\":{}}'"
+    )
+
+
+def start(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop(run_dir)
+    for role in ROLES:
+        process = _start_role(run_dir, role)
+        _wait_ready(run_dir, role, process)
+    sd_setup()
+    show_directory()
+    print(f"\nLogs and pids are in {run_dir}/; `make stop` stops the network.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epsproxy.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("start", "stop", "sd-setup"))
+    parser.add_argument("--run-dir", default="run", help="folder for logs, pids and data")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        if args.command == "start":
+            start(run_dir)
+        elif args.command == "stop":
+            stop(run_dir)
+        else:
+            sd_setup()
+    except DemoError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

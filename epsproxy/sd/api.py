@@ -1,0 +1,77 @@
+"""
+The SD's JSON-RPC methods (SPEC §8.4).
+
+``getRecords`` takes ``after`` (the reference's name) or ``since`` (the name its
+documentation uses).  ``tip`` is accepted as an alias of ``getTip``.  Append failures get
+specific codes instead of the reference's blanket ``-32603``: 409 stale append (``data.tip``
+names the current tip), 403 signer not allowed, 400 invalid record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from .. import forms
+from ..jsonrpc import CallContext, Dispatcher, JSONRPCError
+from ..records import SIGNED_RECORD
+from .directory import ServiceDirectory, SubmitError
+
+__all__ = ["sd_dispatcher", "MAX_RECORDS_PER_SUBMIT"]
+
+MAX_RECORDS_PER_SUBMIT = 10_000
+
+HASH_OR_EMPTY = forms.String(pattern=r"[a-f0-9]{64}|")
+
+SUBMIT_PARAMS = forms.Map(
+    {
+        "records": forms.Required(
+            forms.List(SIGNED_RECORD, min_length=1, max_length=MAX_RECORDS_PER_SUBMIT)
+        )
+    }
+)
+GET_RECORDS_PARAMS = forms.Map(
+    {"after": forms.Optional(HASH_OR_EMPTY), "since": forms.Optional(HASH_OR_EMPTY)}
+)
+NO_PARAMS = forms.Map({})
+GET_ENTRY_PARAMS = forms.Map({"name": forms.Required(forms.String(min_length=1, max_length=253))})
+
+
+def sd_dispatcher(directory: ServiceDirectory) -> Dispatcher:
+    """The methods of the SD's JSON-RPC server, bound to ``directory``."""
+    dispatcher = Dispatcher()
+
+    def submit_records(params: dict, context: CallContext) -> Deferred[str]:
+        d = directory.submit(params["records"])
+
+        def failed(failure: Any) -> None:
+            failure.trap(SubmitError)
+            error = failure.value
+            raise JSONRPCError(error.code, error.message, error.data)
+
+        d.addCallbacks(lambda _: "ok", failed)
+        return d
+
+    def get_tip(params: dict, context: CallContext) -> dict | None:
+        return directory.tip()
+
+    def get_records(params: dict, context: CallContext) -> list[dict]:
+        return directory.records_after(params.get("after") or params.get("since") or "")
+
+    def get_entries(params: dict, context: CallContext) -> list[dict]:
+        return directory.entries()
+
+    def get_entry(params: dict, context: CallContext) -> dict:
+        entry = directory.entry(params["name"])
+        if entry is None:
+            raise JSONRPCError(404, "not found")
+        return entry
+
+    dispatcher.register("submitRecords", SUBMIT_PARAMS, submit_records)
+    dispatcher.register("getTip", NO_PARAMS, get_tip)
+    dispatcher.register("tip", NO_PARAMS, get_tip)
+    dispatcher.register("getRecords", GET_RECORDS_PARAMS, get_records)
+    dispatcher.register("getEntries", NO_PARAMS, get_entries)
+    dispatcher.register("getEntry", GET_ENTRY_PARAMS, get_entry)
+    return dispatcher

@@ -329,6 +329,10 @@ class Dispatcher:
             raise ValueError(f"method {name!r} is already registered")
         self._methods[name] = (schema, handler)
 
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is a registered method."""
+        return name in self._methods
+
     def handle(self, method: str, params: dict[str, Any], context: CallContext) -> Any:
         """Validate and dispatch one call; unknown methods and bad params are refused."""
         try:
@@ -515,9 +519,13 @@ class JSONRPCResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, handler: Handler, settings: dict[str, Any], clock: IReactorTime) -> None:
+    def __init__(
+        self, handler: Handler, settings: dict[str, Any], clock: IReactorTime,
+        metrics: Any = None,
+    ) -> None:
         super().__init__()
         self._handler = handler
+        self._metrics = metrics
         self._path = settings["path"].encode("utf-8")
         self._cors = settings.get("cors")
         self._clock = clock
@@ -625,12 +633,14 @@ class JSONRPCResource(Resource):
             )
             error = JSONRPCError(INTERNAL_ERROR, "internal error").as_dict()
             body = _encode({"jsonrpc": "2.0", "error": error, "id": response["id"]})
+        outcome = "ok" if error is None else f"error {error['code']}"
+        duration = self._clock.seconds() - started
         log.debug(
             "JSON-RPC {method}: {outcome} in {duration:.3f}s",
-            method=method,
-            outcome="ok" if error is None else f"error {error['code']}",
-            duration=self._clock.seconds() - started,
+            method=method, outcome=outcome, duration=duration,
         )
+        if self._metrics is not None:
+            self._metrics.observe(method, outcome, duration)
         request.write(self._json(request, 200 if error is None else 400, body))
         request.finish()
 
@@ -644,20 +654,35 @@ class JSONRPCResource(Resource):
         return body
 
 
+def _access_log_line(timestamp: str, request: server.Request) -> str:
+    """twisted.web's combined log line, with the client address cut to its network part."""
+    address = getattr(request.getClientAddress(), "host", "-")
+    line = http.combinedLogFormatter(timestamp, request)
+    return line.replace(f'"{address}"', f'"{ratelimit.truncate_ip(address)}"', 1)
+
+
 def jsonrpc_site(
-    handler: Handler, settings: dict[str, Any], *, reactor: IReactorTime | None = None
+    handler: Handler,
+    settings: dict[str, Any],
+    *,
+    reactor: IReactorTime | None = None,
+    metrics: Any = None,
 ) -> server.Site:
     """
     A ``Site`` serving ``handler`` at ``settings["path"]`` (validated
     :data:`JSONRPC_SERVER_SETTINGS`), with the body cap and idle timeout of the settings.
-    ``reactor`` times requests and idle connections (default: the global reactor).
+    ``reactor`` times requests and idle connections (default: the global reactor);
+    ``metrics`` (an :class:`epsproxy.metrics.RPCMetrics`) counts and times each call.
+    Access log lines never carry a full client address.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor  # type: ignore[assignment]
-    resource = JSONRPCResource(handler, settings, reactor)
-    site = _JSONRPCSite(resource, timeout=settings["timeout"], reactor=reactor)
+    resource = JSONRPCResource(handler, settings, reactor, metrics)
+    site = _JSONRPCSite(
+        resource, timeout=settings["timeout"], reactor=reactor, logFormatter=_access_log_line
+    )
     site.max_body_bytes = settings["max_body_bytes"]
     return site
 

@@ -9,7 +9,15 @@ purpose: it grabs the global reactor.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from typing import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore
@@ -19,7 +27,7 @@ from twisted.web.server import Request, Site
 from . import forms
 from .tls import listen_endpoint
 
-__all__ = ["METRICS_SETTINGS", "MetricsResource", "metrics_service"]
+__all__ = ["METRICS_SETTINGS", "MetricsResource", "RPCMetrics", "metrics_service"]
 
 METRICS_SETTINGS = forms.Map(
     {"bind_address": forms.Required(forms.String(min_length=1))}, strict=True
@@ -52,3 +60,31 @@ def metrics_service(
     service = StreamServerEndpointService(endpoint, site)
     service._raiseSynchronously = True
     return service
+
+
+class RPCMetrics:
+    """
+    Counts and times the calls of one JSON-RPC server.
+
+    Method names become label values only when ``known`` says they are ours, so a client
+    sending random method names cannot grow the registry without bound.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, prefix: str, known: Callable[[str], bool]
+    ) -> None:
+        self.known = known
+        self.requests = Counter(
+            f"{prefix}_jsonrpc_requests", "JSON-RPC requests by method and outcome",
+            ["method", "outcome"], registry=registry,
+        )
+        self.latency = Histogram(
+            f"{prefix}_jsonrpc_request_seconds", "JSON-RPC request handling time",
+            ["method"], registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10),
+        )
+
+    def observe(self, method: str, outcome: str, seconds: float) -> None:
+        label = method if self.known(method) else "other"
+        self.requests.labels(label, outcome).inc()
+        self.latency.labels(label).observe(seconds)

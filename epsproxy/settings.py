@@ -116,13 +116,14 @@ def _type_name(value: Any) -> str:
 
 
 def _display(path: str | os.PathLike[str]) -> str:
-    """A path as the user would like to read it: relative to the cwd when shorter."""
+    """A path as the user would like to read it: relative to the cwd when inside it."""
     text = os.fspath(path)
     try:
         relative = os.path.relpath(text)
     except (OSError, ValueError):
         return text
-    return relative if len(relative) < len(text) else text
+    inside = not relative.startswith(os.pardir)
+    return relative if inside and len(relative) < len(text) else text
 
 
 def settings_paths(

@@ -70,9 +70,9 @@ def start_sd(folder: Path):
     """Build the SD exactly as twistd does (Options → makeService) and start it."""
     options = Options()
     options.parseOptions(["--settings", str(folder)])
-    service = makeService(options, reactor)
+    service = makeService(options, reactor, exit_on_failure=False)
     service.startService()
-    port = yield service.services[0].ready
+    port = yield service.services[0].when_ready()
     return RunningSD(service, port)
 
 

@@ -288,3 +288,45 @@ def _connect(port: int, factory: ClientFactory):
 
     return TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
 
+
+
+class OperationsTests(unittest.TestCase):
+    """Metrics, access logs and start-up failures of the SD."""
+
+    @inlineCallbacks
+    def test_metrics_count_calls_and_records(self):
+        import treq
+
+        folder = Path(self.mktemp())
+        write_sd_settings(folder)
+        settings = folder / "sd.yml"
+        settings.write_text(settings.read_text() + "metrics:\n  bind_address: 127.0.0.1:0\n")
+        sd = yield start_sd(folder)
+        self.addCleanup(sd.stop)
+        client = sd_client(sd.port_number)
+        self.addCleanup(client.close)
+        yield client.call("submitRecords", {"records": sign_chain(base_changes())})
+        yield client.call("getTip", {})
+        with self.assertRaises(JSONRPCError):
+            yield client.call("noSuchMethod-" + "x" * 50, {})
+        metrics_port = sd.service.services[1]._waitingForPort.result.getHost().port
+        from twisted.web.client import HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = yield treq.get(f"http://127.0.0.1:{metrics_port}/metrics", pool=pool)
+        text = (yield response.text())
+        self.assertIn("sd_records 4.0", text)
+        self.assertIn('sd_jsonrpc_requests_total{method="getTip",outcome="ok"} 1.0', text)
+        self.assertIn('method="other",outcome="error -32601"', text)
+        self.assertNotIn("noSuchMethod", text)
+
+    @inlineCallbacks
+    def test_port_in_use_fails_start_up(self):
+        first = yield start_sd(write_sd_settings(Path(self.mktemp())))
+        self.addCleanup(first.stop)
+        folder = write_sd_settings(
+            Path(self.mktemp()), jsonrpc_server={"bind_address": f"127.0.0.1:{first.port_number}"}
+        )
+        with self.assertRaises(Exception):
+            yield start_sd(folder)
+        self.flushLoggedErrors()

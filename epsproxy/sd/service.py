@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..jsonrpc import jsonrpc_site, listen_jsonrpc
+from ..metrics import RPCMetrics
 from ..records import TrustStore
 from ..store import Store, open_store
 from .api import sd_dispatcher
@@ -22,28 +24,57 @@ __all__ = ["ServiceDirectoryService"]
 
 class ServiceDirectoryService(Service):
     """
-    Starts the SD asynchronously; ``ready`` fires with the listening port once it serves.
+    Starts the SD asynchronously; :meth:`when_ready` fires with the listening port once
+    it serves (or fails with the reason it could not start).
 
     If start-up fails (store unreachable, port taken) the failure is logged with its
-    reason and the reactor is stopped, so ``twistd -n sd`` exits instead of idling.
+    reason, and with ``stop_reactor_on_failure`` the reactor is stopped, so
+    ``twistd -n sd`` exits instead of idling.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, settings: dict, trust: TrustStore) -> None:
+    def __init__(
+        self, reactor: Any, settings: dict, trust: TrustStore,
+        registry: CollectorRegistry | None = None,
+        stop_reactor_on_failure: bool = False,
+    ) -> None:
         self.reactor = reactor
+        self.stop_reactor_on_failure = stop_reactor_on_failure
+        self.registry = registry or CollectorRegistry()
         self.settings = settings
         self.trust = trust
         self.directory: ServiceDirectory | None = None
         self.port: IListeningPort | None = None
         self.store: Store | None = None
         self._refresher: LoopingCall | None = None
-        self.ready: Deferred[IListeningPort] = Deferred()
+        self._outcome: IListeningPort | Failure | None = None
+        self._waiters: list[Deferred[IListeningPort]] = []
 
     def startService(self) -> None:
         super().startService()
         d = ensureDeferred(self._start())
-        d.addCallbacks(self.ready.callback, self._start_failed)
+        d.addErrback(self._start_failed)
+        d.addBoth(self._settle)
+
+    def when_ready(self) -> Deferred[IListeningPort]:
+        """A new Deferred for the outcome of start-up (any number of callers may wait)."""
+        if self._outcome is None:
+            waiter: Deferred[IListeningPort] = Deferred()
+            self._waiters.append(waiter)
+            return waiter
+        return succeed(self._outcome) if not isinstance(self._outcome, Failure) else fail(
+            self._outcome
+        )
+
+    def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
 
     async def _start(self) -> IListeningPort:
         directory_settings = self.settings["directory"]
@@ -52,7 +83,12 @@ class ServiceDirectoryService(Service):
         await self.directory.refresh()
         records = len(self.directory.record_log.selected.records)
         server_settings = self.settings["jsonrpc_server"]
-        site = jsonrpc_site(sd_dispatcher(self.directory), server_settings, reactor=self.reactor)
+        dispatcher = sd_dispatcher(self.directory)
+        self._register_metrics()
+        site = jsonrpc_site(
+            dispatcher, server_settings, reactor=self.reactor,
+            metrics=RPCMetrics(self.registry, "sd", dispatcher.__contains__),
+        )
         self.port = await listen_jsonrpc(self.reactor, site, server_settings)
         self._refresher = LoopingCall(self._refresh)
         self._refresher.clock = self.reactor
@@ -67,13 +103,25 @@ class ServiceDirectoryService(Service):
         )
         return self.port
 
-    def _start_failed(self, failure: Failure) -> None:
+    def _register_metrics(self) -> None:
+        directory = self.directory
+        assert directory is not None
+        Gauge(
+            "sd_records", "records in the selected chain", registry=self.registry
+        ).set_function(lambda: len(directory.record_log.selected.records))
+        Gauge(
+            "sd_entries", "operators in the directory", registry=self.registry
+        ).set_function(lambda: len(directory.record_log.selected.entries))
+
+    def _start_failed(self, failure: Failure) -> Failure:
         self.log.failure("service directory could not start: {reason}", failure,
                          reason=failure.getErrorMessage())
-        self.ready.errback(failure)
-        self.ready.addErrback(lambda _: None)
-        if self.reactor.running:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self.stop_reactor_on_failure and self.reactor.running:
             self.reactor.stop()
+        return failure
 
     def _refresh(self) -> Deferred[int]:
         """Pick up records other SD instances appended; errors are logged, never fatal."""

@@ -49,13 +49,21 @@ class Options(usage.Options):
             raise usage.UsageError(f"directory.ca_certificate_files: {e}") from None
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """The SD service tree: the directory service and, if configured, metrics."""
+def makeService(
+    options: Options, reactor: Any = None, *, exit_on_failure: bool = True
+) -> MultiService:
+    """
+    The SD service tree: the directory service and, if configured, metrics.  With
+    ``exit_on_failure`` (what twistd wants) a failed start-up stops the reactor.
+    """
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415 (twistd installs it first)
     top = MultiService()
     registry = CollectorRegistry()
-    ServiceDirectoryService(reactor, options.settings, options.trust).setServiceParent(top)
+    ServiceDirectoryService(
+        reactor, options.settings, options.trust, registry,
+        stop_reactor_on_failure=exit_on_failure,
+    ).setServiceParent(top)
     if options.settings.get("metrics"):
         metrics_service(reactor, options.settings["metrics"], registry).setServiceParent(top)
     return top

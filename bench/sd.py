@@ -34,8 +34,8 @@ from epsproxy.store import StoredEntry, serialise  # noqa: F401  (format referen
 
 from .common import cpu_seconds, percentile, table
 
-RECORDS = 10_000
-DURATION = 5.0
+RECORDS = int(os.environ.get("BENCH_RECORDS", "10000"))
+DURATION = float(os.environ.get("BENCH_DURATION", "5"))
 IN_FLIGHT = 16
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -100,26 +100,25 @@ def sd_settings(folder: Path, pki, store: Path) -> Path:
 
 def start_sd(settings: Path) -> tuple[subprocess.Popen, int, float, float]:
     """Start ``twistd sd``; returns (process, port, wall seconds to ready, CPU seconds)."""
+    log = settings / "twistd.log"
     start = time.monotonic()
     process = subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "sd"], env=dict(os.environ, SD_SETTINGS=str(settings)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd="/",
     )
     pattern = re.compile(rb"serving (\d+) verified record\(s\) at [\d.]+:(\d+)")
-    output = b""
-    assert process.stdout is not None
     while True:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"twistd sd exited:\n{output.decode(errors='replace')}")
-        output += line
-        match = pattern.search(line)
+        match = pattern.search(log.read_bytes())
         if match:
             wall = time.monotonic() - start
             return process, int(match.group(2)), wall, cpu_seconds(process.pid)
+        if process.poll() is not None:
+            raise RuntimeError(f"twistd sd exited:\n{log.read_text(errors='replace')}")
+        time.sleep(0.01)
 
 
 BASELINE = r'''
+import json
 import sys
 from twisted.internet import reactor
 from twisted.web.resource import Resource
@@ -129,9 +128,9 @@ tls = {"ca_certificate_files": [sys.argv[1]], "certificate_file": sys.argv[2], "
 class R(Resource):
     isLeaf = True
     def render_POST(self, request):
-        request.content.read()
+        call = json.loads(request.content.read())
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-        return b'{"jsonrpc":"2.0","result":[],"id":1}'
+        return json.dumps({"jsonrpc": "2.0", "result": [], "id": call.get("id")}).encode()
 def listening(port):
     print("listening on", port.getHost().port, flush=True)
 listen_endpoint(reactor, "127.0.0.1:0", tls).listen(Site(R())).addCallback(listening)
@@ -167,11 +166,16 @@ def load(pki, port: int, params: dict) -> tuple[float, float, float]:
         percentile(latencies, 0.99) * 1e3
 
 
+def step(text: str) -> None:
+    print(f"  ... {text}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="epsproxy-bench-sd-"))
     pki = create_pki(base / "certs", directory_dir=base / "directory")
     trust = records.TrustStore.from_files([pki.root], [pki.intermediate])
 
+    step(f"signing {RECORDS:,} records")
     started = time.process_time()
     chain = make_chain(pki, RECORDS)
     sign_cpu = time.process_time() - started
@@ -186,12 +190,14 @@ def main() -> None:
     VerifiedChain(trust).extend(chain)
     extend_cpu = time.process_time() - started
 
+    step("starting twistd sd on the stored records")
     store = base / "sd" / "records.sqlite"
     write_store(store, chain)
     settings = sd_settings(base / "sd", pki, store)
     process, port, wall, cpu = start_sd(settings)
     baseline, baseline_port = start_baseline(pki)
     try:
+        step("measuring getRecords")
         tip = chain[-1]["hash"]
         behind = chain[-101]["hash"]
         up_to_date = load(pki, port, {"after": tip})

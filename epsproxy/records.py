@@ -908,19 +908,26 @@ class Pins:
 
 
 def verify_record(
-    signed: dict, preceding: Pins | Sequence[dict], trust: TrustStore
+    signed: dict,
+    preceding: Pins | Sequence[dict],
+    trust: TrustStore,
+    *,
+    normalised: bool = False,
 ) -> Signer:
     """
     Verify one signed change record against the records before it (SPEC §5.4): hash,
     signer certificate, ``sd-admin`` membership, signing-key pin, chain, signature.
 
     ``preceding`` is a :class:`Pins` (fast path) or the preceding signed records in chain
-    order.  Returns the signer; raises :class:`InvalidRecord` or :class:`NotAllowed`.
+    order.  ``normalised=True`` says ``signed`` came from :func:`normalise_signed_record`
+    already (chains normalise once and keep the result), which saves a second pass.
+    Returns the signer; raises :class:`InvalidRecord` or :class:`NotAllowed`.
     """
-    try:
-        signed = normalise_signed_record(signed)
-    except forms.FormError as e:
-        raise InvalidRecord(f"malformed record: {e}") from None
+    if not normalised:
+        try:
+            signed = normalise_signed_record(signed)
+        except forms.FormError as e:
+            raise InvalidRecord(f"malformed record: {e}") from None
     stream = _record_stream(signed["record"])
     if hashlib.sha256(stream).hexdigest() != signed["hash"]:
         raise InvalidRecord("invalid hash value")

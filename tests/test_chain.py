@@ -276,9 +276,9 @@ class RecordLogTests(SynchronousTestCase):
         self.verified: list[str] = []
         original = records.verify_record
 
-        def counting(signed, preceding, trust_store):
+        def counting(signed, preceding, trust_store, **kwargs):
             self.verified.append(signed["hash"])
-            return original(signed, preceding, trust_store)
+            return original(signed, preceding, trust_store, **kwargs)
 
         self.patch(records, "verify_record", counting)
 

@@ -87,7 +87,7 @@ def _normalise(signed: Any) -> dict:
 
 def _verify(signed: dict, pins: records.Pins, trust: records.TrustStore) -> records.Signer:
     try:
-        return records.verify_record(signed, pins, trust)
+        return records.verify_record(signed, pins, trust, normalised=True)
     except ValueError as e:
         # Values with no structured hash (NaN, absurd nesting) can come out of JSON.
         raise records.InvalidRecord(f"record cannot be hashed: {e}") from None

@@ -182,13 +182,26 @@ def prepare_records(
     return signed_records
 
 
-async def _submit(reactor: Any, args: argparse.Namespace) -> int:
+async def _call_sd(client: Any, calls: Any) -> Any:
+    """Await ``calls`` (a coroutine using ``client``), turning SD failures into one line."""
     from .jsonrpc import JSONRPCError, TransportError
 
+    try:
+        return await calls
+    except TransportError as e:
+        raise CommandError(f"cannot reach the service directory: {e}") from None
+    except JSONRPCError as e:
+        raise CommandError(f"the service directory refused: {e.message} (code {e.code})") from None
+    finally:
+        await client.close()
+
+
+async def _submit(reactor: Any, args: argparse.Namespace) -> int:
     role = _load_role(args.settings)
     signing = Signing(role)
     client = sd_client(reactor, role)
-    try:
+
+    async def calls() -> list[dict]:
         parent = ""
         if not args.reset:
             tip = await client.call("getTip", {})
@@ -197,12 +210,9 @@ async def _submit(reactor: Any, args: argparse.Namespace) -> int:
         if not batch:
             raise CommandError("no records to submit")
         await client.call("submitRecords", {"records": batch})
-    except TransportError as e:
-        raise CommandError(f"cannot reach the service directory: {e}") from None
-    except JSONRPCError as e:
-        raise CommandError(f"the service directory refused: {e.message} (code {e.code})") from None
-    finally:
-        await client.close()
+        return batch
+
+    batch = await _call_sd(client, calls())
     print(
         f"submitted {len(batch)} record(s){' as a reset' if args.reset else ''}; "
         f"tip is now {batch[-1]['hash']}",
@@ -212,20 +222,14 @@ async def _submit(reactor: Any, args: argparse.Namespace) -> int:
 
 
 async def _get_entries(reactor: Any, args: argparse.Namespace) -> int:
-    from .jsonrpc import JSONRPCError, TransportError
-
     client = sd_client(reactor, _load_role(args.settings))
-    try:
+
+    async def calls() -> list[dict]:
         if args.name:
-            entries = [await client.call("getEntry", {"name": args.name})]
-        else:
-            entries = await client.call("getEntries", {})
-    except TransportError as e:
-        raise CommandError(f"cannot reach the service directory: {e}") from None
-    except JSONRPCError as e:
-        raise CommandError(f"the service directory refused: {e.message} (code {e.code})") from None
-    finally:
-        await client.close()
+            return [await client.call("getEntry", {"name": args.name})]
+        return await client.call("getEntries", {})
+
+    entries = await _call_sd(client, calls())
     print(json.dumps(entries, indent=2))
     return 0
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from .. import records
+
 __all__ = [
     "CHANNEL_ALIASES",
     "ENTRY_SECTIONS",
@@ -51,14 +53,7 @@ CHANNEL_ALIASES: dict[str, str] = {
 
 #: The record sections that change an entry (SPEC §2.2); each replaces the entry key of
 #: the same name.
-ENTRY_SECTIONS: tuple[str, ...] = (
-    "channels",
-    "certificates",
-    "services",
-    "preferences",
-    "settings",
-    "groups",
-)
+ENTRY_SECTIONS: tuple[str, ...] = records.SECTIONS
 
 
 class EntryError(ValueError):

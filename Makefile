@@ -9,7 +9,7 @@ DEV_CERTS := conf/dev/certs
 TEST_CERTS := conf/test/certs
 RUN := run
 
-.PHONY: all venv certs test test-trial demo stop sd-setup bench clean
+.PHONY: all venv certs os-deps test test-trial demo stop sd-setup bench clean
 
 all: venv certs
 
@@ -31,7 +31,20 @@ $(DEV_CERTS)/root.crt: | $(STAMP)
 $(TEST_CERTS)/root.crt: | $(STAMP)
 	$(BIN)/eps certs $(TEST_CERTS) --directory conf/test/directory
 
-test: venv certs
+# The tests use real peers: redis-server, openssl and curl.  Install them when missing
+# and we can (root with apt-get); otherwise say what is needed.
+OS_TOOLS := redis-server openssl curl
+os-deps:
+	@missing=""; for tool in $(OS_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			echo "installing$$missing"; apt-get update -qq && apt-get install -y -qq$$missing >/dev/null; \
+		else \
+			echo "make test needs$$missing: install them (e.g. sudo apt-get install$$missing)"; exit 1; \
+		fi; \
+	fi
+
+test: venv certs os-deps
 	$(BIN)/pytest -q
 
 test-trial: venv certs

@@ -1,0 +1,438 @@
+"""
+One EPS-to-EPS connection over mutual TLS (docs/protocol.md), on either side.
+
+:class:`EPSConnection` is the same protocol for the accepting and the connecting EPS:
+after the TLS handshake it identifies the peer from its certificate (SPEC §12.5,
+:mod:`epsproxy.eps.peers`), exchanges ``hello`` frames, then carries calls in both
+directions (matched by id), answers the peer's calls through an injected ``handler``,
+and keeps the link alive with heartbeats.  Frame parsing is :mod:`epsproxy.eps.wire`;
+this module only moves frames and keeps per-connection state (no business logic).
+"""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from epsproxy import tls
+from epsproxy.eps import wire
+from epsproxy.eps.peers import PeerIdentity, PeerRefused, identify_peer
+
+__all__ = [
+    "ConnectionError",
+    "PeerGone",
+    "CallTimeout",
+    "Handler",
+    "EPSConnection",
+    "EPSServerFactory",
+    "EPSClientFactory",
+    "HANDLER_ERROR",
+]
+
+log = Logger()
+
+#: Error code of a response whose handler raised (the reference's reverse-stream code).
+HANDLER_ERROR = -100
+
+Handler = Callable[[wire.Request, PeerIdentity], Any]
+"""``handler(request, peer) -> Response | dict | None`` or a Deferred of one."""
+
+
+class ConnectionError(Exception):
+    """Base of this module's errors."""
+
+
+class PeerGone(ConnectionError):
+    """The connection closed (or never opened) while a call waited for its answer."""
+
+
+class CallTimeout(ConnectionError):
+    """A call got no response within its timeout; a late response is dropped."""
+
+
+_HANDSHAKE, _HELLO, _OPEN, _CLOSED = "handshake", "hello", "open", "closed"
+
+
+@implementer(IHandshakeListener)
+class EPSConnection(Protocol):
+    """
+    The EPS line protocol on one TLS connection.
+
+    Owners wait on :meth:`when_ready` (fires with the peer's :class:`PeerIdentity` after
+    the hello exchange, fails with :class:`PeerRefused` or :class:`PeerGone`) and on
+    :meth:`when_closed`; they call the peer with :meth:`call`.
+    """
+
+    def __init__(
+        self,
+        directory: Any,
+        own_name: str,
+        handler: Handler,
+        clock: IReactorTime,
+        *,
+        hello_timeout: float = 10,
+        ping_interval: float = 30,
+        dead_after: float = 90,
+        max_line: int = wire.DEFAULT_MAX_LINE,
+    ) -> None:
+        self.directory = directory
+        self.own_name = own_name
+        self.handler = handler
+        self.clock = clock
+        self.hello_timeout = hello_timeout
+        self.ping_interval = ping_interval
+        self.dead_after = dead_after
+        self.max_line = max_line
+        self.state = _HANDSHAKE
+        self.identities: list[PeerIdentity] = []
+        self.peer: PeerIdentity | None = None
+        self.version: int | None = None
+        self._decoder = wire.LineDecoder(max_line)
+        self._ready: list[defer.Deferred[PeerIdentity]] = []
+        self._closed: list[defer.Deferred[None]] = []
+        self._outcome: Failure | PeerIdentity | None = None
+        self._pending: dict[str, tuple[defer.Deferred[wire.Response], IDelayedCall | None]] = {}
+        self._queued: list[wire.Request] = []
+        self._serving: set[str] = set()
+        self._ids = count(1)
+        self._nonces = count(1)
+        self._timer: IDelayedCall | None = None
+        self._last_sent = self._last_received = 0.0
+
+    # -- owners -------------------------------------------------------------------------
+
+    def when_ready(self) -> defer.Deferred[PeerIdentity]:
+        """Fires with the peer identity after the hellos; fails if the peer is refused."""
+        d: defer.Deferred[PeerIdentity] = defer.Deferred()
+        if self._outcome is None:
+            self._ready.append(d)
+        elif isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self._outcome)
+        return d
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """Fires (with None) once the connection is closed."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.state == _CLOSED and self.transport is None:
+            d.callback(None)
+        else:
+            self._closed.append(d)
+        return d
+
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any],
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> defer.Deferred[wire.Response]:
+        """
+        Call ``method`` on the peer; the Deferred fires with its :class:`wire.Response`
+        (application errors are in ``response.error``).  Calls made before the hellos
+        are sent once they are done.
+
+        :raises ValueError: ``id`` is already in flight on this connection.
+        The Deferred fails with :class:`PeerGone` when the connection closes first,
+        :class:`CallTimeout` after ``timeout`` seconds, or :class:`wire.WireError` when
+        the request cannot be sent (too long, not JSON) — the connection is unaffected.
+        """
+        if id is None:
+            id = str(next(self._ids))
+            while id in self._pending:
+                id = str(next(self._ids))
+        if id in self._pending:
+            raise ValueError(f"request id {id!r} is already in flight")
+        if self.state == _CLOSED:
+            return defer.fail(PeerGone("connection closed"))
+        try:
+            request = wire.Request(id, method, params)
+            wire.encode(request, self.max_line)
+        except wire.WireError as e:
+            return defer.fail(e)
+        d: defer.Deferred[wire.Response] = defer.Deferred(lambda _: self._forget(id))
+        timer = None
+        if timeout is not None:
+            timer = self.clock.callLater(timeout, self._time_out, id, timeout)
+        self._pending[id] = (d, timer)
+        if self.state == _OPEN:
+            self._send(request)
+        else:
+            self._queued.append(request)
+        return d
+
+    def close(self, code: int = wire.ERR_SHUTDOWN, message: str = "shutting down") -> None:
+        """Send an error frame (best effort) and close the connection."""
+        self._abort(code, message)
+
+    # -- Twisted callbacks --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._last_sent = self._last_received = self.clock.seconds()
+
+    def peer_certificate(self) -> Any:
+        """The peer's verified leaf certificate (a seam for socket-free tests)."""
+        return tls.peer_certificate(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: identify the peer, then say hello and wait for the peer's."""
+        if self.state != _HANDSHAKE:
+            return
+        try:
+            self.identities = identify_peer(self.peer_certificate(), self.directory)
+        except PeerRefused as e:
+            log.warn("refused EPS peer: {reason}", reason=e.reason)
+            self._settle(Failure(e))
+            self._abort(wire.ERR_IDENTITY, "peer certificate not accepted")
+            return
+        self.state = _HELLO
+        self._send(wire.Hello(wire.PROTOCOL_VERSION, self.own_name))
+        self._timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state not in (_HELLO, _OPEN):
+            return  # before identification, or after closing: read nothing
+        try:
+            frames = self._decoder.feed(data)
+        except wire.WireError as e:
+            for frame in e.frames:
+                self._handle(frame)
+                if self.state == _CLOSED:
+                    return
+            log.warn("bad frame from EPS peer {peer}: {reason}",
+                     peer=self._peer_name(), reason=e.reason)
+            frame = wire.error_frame_for(e)
+            self._abort(frame.code, frame.message)
+            return
+        if frames:
+            # Whole frames are signs of life; a trickle of bytes is not.
+            self._last_received = self.clock.seconds()
+        for frame in frames:
+            if self.state == _CLOSED:
+                return
+            self._handle(frame)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.state = _CLOSED
+        self._cancel_timer()
+        pending, self._pending, self._queued = self._pending, {}, []
+        for d, timer in pending.values():
+            if timer is not None and timer.active():
+                timer.cancel()
+            d.errback(PeerGone(f"connection to {self._peer_name()} lost"))
+        self._settle(Failure(PeerGone("connection closed before the hello exchange")))
+        self.transport = None
+        closed, self._closed = self._closed, []
+        for d in closed:
+            d.callback(None)
+
+    # -- frames -------------------------------------------------------------------------
+
+    def _handle(self, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.ErrorFrame):
+            log.info("EPS peer {peer} closed with error {code}: {message}",
+                     peer=self._peer_name(), code=frame.code, message=frame.message)
+            self.state = _CLOSED
+            self.transport.loseConnection()
+        elif self.state == _HELLO:
+            if isinstance(frame, wire.Hello):
+                self._hello(frame)
+            else:
+                self._abort(wire.ERR_PROTOCOL, "expected hello first")
+        elif isinstance(frame, wire.Request):
+            self._serve(frame)
+        elif isinstance(frame, wire.Response):
+            self._answer(frame)
+        elif isinstance(frame, wire.Ping):
+            self._send(wire.Pong(frame.nonce))
+        elif isinstance(frame, wire.Hello):
+            self._abort(wire.ERR_PROTOCOL, "second hello")
+        # Pong: the sign of life was already counted.
+
+    def _hello(self, hello: wire.Hello) -> None:
+        self._cancel_timer()
+        if hello.version < 1:
+            self._abort(wire.ERR_VERSION, f"unsupported protocol version {hello.version}")
+            return
+        if hello.name == "":
+            peer = self.identities[0]
+        else:
+            matching = [i for i in self.identities if i.name == hello.name]
+            if not matching:
+                log.warn("EPS peer says hello as {name}, not one of its certificate's"
+                         " names {names}", name=hello.name,
+                         names=[i.name for i in self.identities])
+                self._abort(wire.ERR_IDENTITY, "hello name is not a name of the certificate")
+                return
+            peer = matching[0]
+        self.peer = peer
+        self.version = min(wire.PROTOCOL_VERSION, hello.version)
+        self.state = _OPEN
+        queued, self._queued = self._queued, []
+        for request in queued:
+            if request.id in self._pending:
+                self._send(request)
+        self._schedule_heartbeat()
+        self._settle(peer)
+
+    def _answer(self, response: wire.Response) -> None:
+        entry = self._pending.pop(response.id, None)
+        if entry is None:
+            log.info("dropped response with unknown id from EPS peer {peer}",
+                     peer=self._peer_name())
+            return
+        d, timer = entry
+        if timer is not None and timer.active():
+            timer.cancel()
+        d.callback(response)
+
+    def _serve(self, request: wire.Request) -> None:
+        if request.id in self._serving:
+            self._abort(wire.ERR_PROTOCOL, "duplicate request id in flight")
+            return
+        self._serving.add(request.id)
+        d = defer.maybeDeferred(self.handler, request, self.peer)
+        # A result that is not a valid response object counts as a handler failure.
+        d.addCallback(self._result, request)
+        d.addErrback(self._handler_failed, request)
+        d.addCallback(self._respond, request)
+        d.addErrback(lambda f: log.failure("answering an EPS request failed", f))
+
+    def _result(self, result: Any, request: wire.Request) -> wire.Response:
+        if result is None:
+            return wire.Response(request.id, {})
+        if isinstance(result, wire.Response):
+            return wire.Response(request.id, result.result, result.error)
+        return wire.Response(request.id, result)
+
+    def _handler_failed(self, failure: Failure, request: wire.Request) -> wire.Response:
+        log.failure("handler of {method} failed", failure, method=request.method)
+        message = str(failure.value)[: wire.MAX_MESSAGE]
+        return wire.Response(request.id, error={"code": HANDLER_ERROR, "message": message})
+
+    def _respond(self, response: wire.Response, request: wire.Request) -> None:
+        self._serving.discard(request.id)
+        if self.state != _OPEN:
+            return
+        try:
+            line = wire.encode(response, self.max_line)
+        except wire.WireError as e:
+            log.warn("response to {method} not sent: {reason}",
+                     method=request.method, reason=e.reason)
+            error = {"code": HANDLER_ERROR, "message": f"response not sendable: {e.reason}"}
+            line = wire.encode(wire.Response(request.id, error=error), self.max_line)
+        self._write(line)
+
+    # -- sending, closing, timers -------------------------------------------------------
+
+    def _send(self, frame: wire.Frame) -> None:
+        self._write(wire.encode(frame, self.max_line))
+
+    def _write(self, line: bytes) -> None:
+        self._last_sent = self.clock.seconds()
+        self.transport.write(line)
+
+    def _abort(self, code: int, message: str) -> None:
+        if self.state == _CLOSED or self.transport is None:
+            return
+        self._send(wire.ErrorFrame(code, message))
+        self.state = _CLOSED
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _settle(self, outcome: Failure | PeerIdentity) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        waiting, self._ready = self._ready, []
+        for d in waiting:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+    def _forget(self, id: str) -> None:
+        entry = self._pending.pop(id, None)
+        if entry is not None and entry[1] is not None and entry[1].active():
+            entry[1].cancel()
+
+    def _time_out(self, id: str, timeout: float) -> None:
+        entry = self._pending.pop(id, None)
+        if entry is not None:
+            entry[0].errback(CallTimeout(f"no response within {timeout} s"))
+
+    def _hello_timed_out(self) -> None:
+        self._timer = None
+        log.warn("no hello from EPS peer {peer} within {timeout} s",
+                 peer=self._peer_name(), timeout=self.hello_timeout)
+        self._abort(wire.ERR_TIMEOUT, "no hello received")
+
+    def _schedule_heartbeat(self) -> None:
+        now = self.clock.seconds()
+        due = min(self._last_sent + self.ping_interval, self._last_received + self.dead_after)
+        self._timer = self.clock.callLater(max(0.0, due - now), self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        if now - self._last_received >= self.dead_after:
+            log.warn("EPS peer {peer} silent for {seconds:.0f} s, closing",
+                     peer=self._peer_name(), seconds=now - self._last_received)
+            self._abort(wire.ERR_TIMEOUT, "peer silent for too long")
+            return
+        if now - self._last_sent >= self.ping_interval:
+            self._send(wire.Ping(str(next(self._nonces))))
+        self._schedule_heartbeat()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _peer_name(self) -> str:
+        if self.peer is not None:
+            return self.peer.name
+        return ",".join(i.name for i in self.identities) or "(unidentified)"
+
+
+class _EPSFactory(Factory):
+    """Builds :class:`EPSConnection` protocols sharing one configuration."""
+
+    protocol = EPSConnection
+
+    def __init__(
+        self,
+        directory: Any,
+        own_name: str,
+        handler: Handler,
+        clock: IReactorTime,
+        **options: Any,
+    ) -> None:
+        self.directory = directory
+        self.own_name = own_name
+        self.handler = handler
+        self.clock = clock
+        self.options = options
+
+    def buildProtocol(self, addr: Any) -> Optional[EPSConnection]:
+        connection = self.protocol(
+            self.directory, self.own_name, self.handler, self.clock, **self.options
+        )
+        connection.factory = self
+        return connection
+
+
+class EPSServerFactory(_EPSFactory):
+    """Factory for accepted EPS connections (behind a mutual TLS listener)."""
+
+
+class EPSClientFactory(_EPSFactory):
+    """Factory for outgoing EPS connections (through a mutual TLS client endpoint)."""

@@ -1,0 +1,376 @@
+"""
+The ``api`` directory back-end of an EPS (SPEC §7.2): the directory learnt from the
+service directory (SD) over JSON-RPC, verified record by record, kept in memory and
+(optionally) in a cache file.
+
+:class:`APIDirectory` keeps a :class:`~epsproxy.directory.chain.VerifiedChain` and
+asks the SD for the records after its tip every ``cache_entries_for`` seconds.  Queries
+never wait for the network: they answer from memory.
+
+Better than the reference (SPEC §23.3 #28):
+
+- the chain's links are checked (``parent_hash`` of each record is the previous hash),
+  so an SD cannot drop or reorder individually signed records;
+- every endpoint is used, in order, until one answers (each with its own TLS server
+  name), not only the first;
+- ``last_success`` is set only after a verified update, so a failed fetch is retried at
+  the next tick instead of being suppressed for a cache period;
+- a failed update keeps the previous data in service; the data going stale is warned
+  about once and its recovery logged;
+- the verified records can be kept in a cache file (written atomically, mode 0600) and
+  are re-verified in full when loaded, so an EPS can start while the SD is down.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from epsproxy import forms, records
+from epsproxy.directory import entries as _entries
+from epsproxy.directory.chain import ChainError, VerifiedChain, created_at_key
+from epsproxy.directory.jsondir import DirectoryError
+from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError, TransportError
+
+__all__ = ["APIDirectory", "APIDirectoryError", "UpdateError", "MAX_CACHE_BYTES"]
+
+log = Logger()
+
+#: Largest cache file read (bytes); a bigger one is ignored.
+MAX_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class APIDirectoryError(DirectoryError):
+    """A failure of the api directory (a :class:`DirectoryError`)."""
+
+
+class UpdateError(APIDirectoryError):
+    """An update from the SD failed; the previous data stays in service."""
+
+
+def _server_name(index: int, url: str, server_names: Sequence[str]) -> str | None:
+    if index < len(server_names):
+        return server_names[index]
+    if server_names:
+        return server_names[0]
+    return urlsplit(url).hostname
+
+
+def _make_clients(reactor: Any, settings: dict[str, Any]) -> list[JSONRPCClient]:
+    client_settings = settings["jsonrpc_client"]
+    clients = []
+    for i, url in enumerate(settings["endpoints"]):
+        raw = {
+            "endpoint": url,
+            "tls": client_settings["tls"],
+            "timeout": client_settings.get("timeout", 10.0),
+        }
+        name = _server_name(i, url, settings.get("server_names") or [])
+        if name:
+            raw["server_name"] = name
+        clients.append(JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate(raw)))
+    return clients
+
+
+class APIDirectory:
+    """
+    Directory entries from the SD (SPEC §7.2), verified and kept up to date.
+
+    ``settings`` are validated ``API_DIRECTORY_SETTINGS``; ``own_name`` is our operator
+    name.  ``clients`` (one JSON-RPC client per endpoint, with ``call`` and ``close``)
+    replaces the real clients in tests.  Call :meth:`start` once, :meth:`stop` at the end.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: dict[str, Any],
+        own_name: str,
+        clients: Sequence[Any] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.name = own_name
+        self.period = max(1, int(settings.get("cache_entries_for", 5)))
+        cache = settings.get("cache_file")
+        self.cache_file = Path(cache) if cache else None
+        self._trust = records.TrustStore.from_files(
+            settings["ca_certificate_files"],
+            settings.get("ca_intermediate_certificate_files") or [],
+        )
+        self._endpoints = list(settings["endpoints"])
+        self._clients = list(clients) if clients is not None else _make_clients(reactor, settings)
+        self._chain = VerifiedChain(self._trust)
+        self._lock = DeferredLock()
+        self._loop: LoopingCall | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._started_at: float | None = None
+        self._stale_warned = False
+        self.last_success: float | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    @inlineCallbacks
+    def start(self):
+        """
+        Load the cache file (if any), try one update (failure only logged), then update
+        every ``cache_entries_for`` seconds (at least 1).  Fires when the first update
+        attempt is over.
+        """
+        self._started_at = self._reactor.seconds()
+        if self.cache_file is not None:
+            self._load_cache()
+        yield self._tick()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._reactor
+        self._loop.start(self.period, now=False)
+
+    def stop(self) -> Deferred[None]:
+        """Stop updating and close the connections to the SD."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        closes = [c.close() for c in self._clients]
+        return gatherResults(closes).addCallback(lambda _: None)
+
+    def _tick(self) -> Deferred[None]:
+        """One update whose errors are logged, never raised (keeps the loop alive)."""
+
+        def failed(failure: Any) -> None:
+            if failure.check(UpdateError):
+                log.warn("directory update failed, keeping previous data: {error}",
+                         error=str(failure.value))
+            else:
+                log.failure("directory update crashed", failure)
+
+        return self.update().addCallbacks(lambda _: None, failed).addBoth(self._check_age)
+
+    # -- public interface (SPEC §7) ---------------------------------------------------
+
+    def entries(self, query: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """
+        The entries matching ``query`` (keys ``group``, ``operator``, ``channels``; SPEC
+        §6.3), or all entries, from memory.  The dicts returned are copies.
+        """
+        query = query or {}
+        if not isinstance(query, dict):
+            raise APIDirectoryError("a directory query must be an object")
+        channels = query.get("channels")
+        if channels is not None and not (
+            isinstance(channels, list) and all(isinstance(c, str) for c in channels)
+        ):
+            raise APIDirectoryError("query channels must be a list of strings")
+        found = _entries.query(
+            self._chain.entries,
+            group=query.get("group") or None,
+            operator=query.get("operator") or None,
+            channels=channels,
+        )
+        return copy.deepcopy(found)
+
+    def entry_for(self, name: str) -> dict[str, Any]:
+        """The entry of operator ``name`` (a copy); :class:`DirectoryError` if none."""
+        entry = self._chain.entries.get(name)
+        if entry is None:
+            raise APIDirectoryError(f"no directory entry found for {name}")
+        return copy.deepcopy(entry)
+
+    def own_entry(self) -> dict[str, Any]:
+        """Our own entry (``entry_for(self.name)``)."""
+        return self.entry_for(self.name)
+
+    @property
+    def tip_hash(self) -> str:
+        """The hash of the last verified record, ``""`` if none."""
+        return self._chain.tip_hash
+
+    def is_stale(self, max_age: float) -> bool:
+        """Whether the last successful update is more than ``max_age`` seconds old (or none)."""
+        if self.last_success is None:
+            return True
+        return self._reactor.seconds() - self.last_success > max_age
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each change of the entries."""
+        self._listeners.append(listener)
+
+    # -- writable interface (SPEC §7.2) ------------------------------------------------
+
+    @inlineCallbacks
+    def tip(self):
+        """The SD's last record (validated as a signed change record), or None."""
+        result = yield self._call("getTip", {}, fail_over=True)
+        if result is None:
+            return None
+        if not isinstance(result, dict):
+            raise APIDirectoryError("the SD's tip is not a record")
+        try:
+            return records.normalise_signed_record(result)
+        except forms.FormError as e:
+            raise APIDirectoryError(f"the SD's tip is malformed: {e}") from None
+
+    def submit(self, signed_records: list[dict]) -> Deferred[Any]:
+        """Submit signed records to the SD (``submitRecords``); fires with its result."""
+        # Only a transport failure moves on to the next endpoint: a refusal is an answer.
+        return self._call("submitRecords", {"records": list(signed_records)}, fail_over=False)
+
+    @inlineCallbacks
+    def _call(self, method: str, params: dict[str, Any], fail_over: bool,
+              check: Callable[[Any], None] | None = None):
+        errors = []
+        for url, client in zip(self._endpoints, self._clients):
+            try:
+                result = yield client.call(method, params)
+                if check is not None:
+                    check(result)
+                return result
+            except TransportError as e:
+                errors.append(f"{url}: {e}")
+            except (JSONRPCError, APIDirectoryError) as e:
+                if not fail_over:
+                    raise
+                errors.append(f"{url}: {e}")
+        raise UpdateError(f"no SD endpoint answered {method}: " + "; ".join(errors))
+
+    # -- updating -------------------------------------------------------------------
+
+    def update(self) -> Deferred[bool]:
+        """
+        Fetch and verify the records after our tip (one update at a time).  Fires with
+        whether the entries changed; fails with :class:`UpdateError`, leaving the data
+        as it was.
+        """
+        return self._lock.run(self._update)
+
+    @inlineCallbacks
+    def _update(self):
+        def must_be_list(result: Any) -> None:
+            if not isinstance(result, list):
+                raise APIDirectoryError("getRecords did not return a list")
+
+        tip_hash = self._chain.tip_hash
+        fetched = yield self._call("getRecords", {"after": tip_hash}, fail_over=True,
+                                   check=must_be_list)
+        changed = False
+        if fetched:
+            changed = self._apply(fetched, tip_hash)
+        self.last_success = self._reactor.seconds()
+        if changed:
+            log.info("directory updated: {count} records, tip {tip}",
+                     count=len(self._chain), tip=self._chain.tip_hash[:16])
+            self._write_cache()
+            self._notify()
+        return changed
+
+    def _apply(self, fetched: list[Any], tip_hash: str) -> bool:
+        first = fetched[0]
+        parent = first.get("parent_hash") if isinstance(first, dict) else None
+        try:
+            if parent == tip_hash:
+                self._chain.extend(fetched)
+                return True
+            if parent == "":
+                fresh = VerifiedChain(self._trust)
+                fresh.extend(fetched)
+                current = self._chain.root_created_at
+                if current is not None and (
+                    created_at_key(fresh.root_created_at or "") < created_at_key(current)
+                ):
+                    raise UpdateError(
+                        "server tried to provide an outdated service directory"
+                    )
+                log.info("the SD was reset: rebuilding the directory from a new root")
+                self._chain = fresh
+                return True
+        except ChainError as e:
+            raise UpdateError(f"refused records from the SD: {e}") from None
+        raise UpdateError("records do not continue the local chain")
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.failure("directory listener failed")
+
+    def _check_age(self, _: Any = None) -> None:
+        since = self.last_success if self.last_success is not None else self._started_at
+        if since is None:
+            return
+        stale = self._reactor.seconds() - since > 2 * self.period
+        if stale and not self._stale_warned:
+            self._stale_warned = True
+            log.warn("directory data is stale: no successful update for {seconds:.0f}s",
+                     seconds=self._reactor.seconds() - since)
+        elif not stale and self._stale_warned:
+            self._stale_warned = False
+            log.info("directory data is fresh again")
+
+    # -- cache file -----------------------------------------------------------------
+
+    def _load_cache(self) -> None:
+        assert self.cache_file is not None
+        path = self.cache_file
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_CACHE_BYTES + 1)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warn("cannot read directory cache {path}: {error}", path=str(path),
+                     error=e.strerror)
+            return
+        try:
+            if len(data) > MAX_CACHE_BYTES:
+                raise APIDirectoryError(f"larger than {MAX_CACHE_BYTES} bytes")
+            try:
+                content = records.loads(data)
+            except ValueError as e:
+                raise APIDirectoryError(f"invalid JSON: {e}") from None
+            if not isinstance(content, dict) or not isinstance(content.get("records"), list):
+                raise APIDirectoryError('expected an object {"records": [...]}')
+            chain = VerifiedChain(self._trust)
+            try:
+                chain.extend(content["records"])
+            except ChainError as e:
+                raise APIDirectoryError(str(e)) from None
+        except APIDirectoryError as e:
+            log.warn("ignoring directory cache {path}: {error}", path=str(path), error=str(e))
+            return
+        self._chain = chain
+        log.info("directory loaded {count} records from cache", count=len(chain))
+        if len(chain):
+            self._notify()
+
+    def _write_cache(self) -> None:
+        if self.cache_file is None:
+            return
+        path = self.cache_file
+        body = json.dumps({"records": self._chain.records}, separators=(",", ":")).encode()
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            log.warn("cannot write directory cache {path}: {error}", path=str(path),
+                     error=e.strerror or str(e))
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass

@@ -1,0 +1,1 @@
+"""The channels an EPS broker delivers through (SPEC §12), one module per kind."""

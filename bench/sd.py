@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,6 @@ from epsproxy import records
 from epsproxy.certificates import load_certificates_file, load_private_key_file, to_pem
 from epsproxy.directory.chain import RecordLog, VerifiedChain
 from epsproxy.pki import create_pki
-from epsproxy.store import StoredEntry, serialise  # noqa: F401  (format reference)
 
 from .common import cpu_seconds, percentile, table
 

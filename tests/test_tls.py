@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol

@@ -36,9 +36,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epsproxy import forms, records
-from epsproxy.directory import entries as _entries
 from epsproxy.directory.chain import ChainError, VerifiedChain, created_at_key
-from epsproxy.directory.jsondir import DirectoryError
+from epsproxy.directory.jsondir import DirectoryError, answer_query
 from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError, TransportError
 
 __all__ = ["APIDirectory", "APIDirectoryError", "UpdateError", "MAX_CACHE_BYTES"]
@@ -160,21 +159,7 @@ class APIDirectory:
         The entries matching ``query`` (keys ``group``, ``operator``, ``channels``; SPEC
         §6.3), or all entries, from memory.  The dicts returned are copies.
         """
-        query = query or {}
-        if not isinstance(query, dict):
-            raise APIDirectoryError("a directory query must be an object")
-        channels = query.get("channels")
-        if channels is not None and not (
-            isinstance(channels, list) and all(isinstance(c, str) for c in channels)
-        ):
-            raise APIDirectoryError("query channels must be a list of strings")
-        found = _entries.query(
-            self._chain.entries,
-            group=query.get("group") or None,
-            operator=query.get("operator") or None,
-            channels=channels,
-        )
-        return copy.deepcopy(found)
+        return answer_query(self._chain.entries, query, APIDirectoryError)
 
     def entry_for(self, name: str) -> dict[str, Any]:
         """The entry of operator ``name`` (a copy); :class:`DirectoryError` if none."""

@@ -39,6 +39,32 @@ class DirectoryError(Exception):
     """The directory cannot answer: no such entry, or its files cannot be loaded."""
 
 
+def answer_query(
+    entries: dict[str, dict[str, Any]],
+    query: dict[str, Any] | None,
+    error: type[DirectoryError] = DirectoryError,
+) -> list[dict[str, Any]]:
+    """
+    Copies of the entries matching a directory query object (keys ``group``, ``operator``,
+    ``channels``; SPEC §6.3); a malformed query raises ``error``.  Shared by the back-ends.
+    """
+    query = query or {}
+    if not isinstance(query, dict):
+        raise error("a directory query must be an object")
+    channels = query.get("channels")
+    if channels is not None and not (
+        isinstance(channels, list) and all(isinstance(c, str) for c in channels)
+    ):
+        raise error("query channels must be a list of strings")
+    found = _entries.query(
+        entries,
+        group=query.get("group") or None,
+        operator=query.get("operator") or None,
+        channels=channels,
+    )
+    return copy.deepcopy(found)
+
+
 class JSONDirectory:
     """
     Directory entries read from JSON files of unsigned change records (SPEC §7.1).
@@ -68,21 +94,7 @@ class JSONDirectory:
         §6.3), or all entries.  The dicts returned are copies.
         """
         self._refresh()
-        query = query or {}
-        if not isinstance(query, dict):
-            raise DirectoryError("a directory query must be an object")
-        channels = query.get("channels")
-        if channels is not None and not (
-            isinstance(channels, list) and all(isinstance(c, str) for c in channels)
-        ):
-            raise DirectoryError("query channels must be a list of strings")
-        found = _entries.query(
-            self._entries,
-            group=query.get("group") or None,
-            operator=query.get("operator") or None,
-            channels=channels,
-        )
-        return copy.deepcopy(found)
+        return answer_query(self._entries, query)
 
     def entry_for(self, name: str) -> dict[str, Any]:
         """The entry of operator ``name`` (a copy); :class:`DirectoryError` if none."""

@@ -407,6 +407,7 @@ class _EPSFactory(Factory):
     """Builds :class:`EPSConnection` protocols sharing one configuration."""
 
     protocol = EPSConnection
+    noisy = False  # links log their own coming and going (epsproxy.eps.peering)
 
     def __init__(
         self,

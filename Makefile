@@ -33,7 +33,7 @@ $(TEST_CERTS)/root.crt: | $(STAMP)
 
 # The tests use real peers: redis-server, openssl and curl.  Install them when missing
 # and we can (root with apt-get); otherwise say what is needed.
-OS_TOOLS := redis-server openssl curl
+OS_TOOLS := redis-server openssl curl tinyproxy
 os-deps:
 	@missing=""; for tool in $(OS_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \

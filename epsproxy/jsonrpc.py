@@ -46,8 +46,9 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -57,13 +58,16 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
+    URI,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS, IResponse
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from . import forms, ratelimit, tls
+from . import connectproxy, forms, ratelimit, tls
 
 __all__ = [
     "JSONRPCError",
@@ -300,11 +304,18 @@ class CallContext:
     What a handler knows about a call besides its params: the internal request id, the
     peer's TLS certificate (verified unless the listener does not verify clients; None
     without TLS) and the peer's host address (never log it in full).
+
+    The server also gives the HTTP ``headers`` of the request (e.g. ``Prefer``) and
+    ``connection_lost``, a Deferred that fires (with None) if the client goes away before
+    it was answered, so a handler that waits long can stop waiting.  Both default to
+    None for contexts made elsewhere.
     """
 
     request_id: str
     peer_certificate: x509.Certificate | None
     peer_host: str | None
+    headers: Headers | None = None
+    connection_lost: Deferred[None] | None = None
 
 
 class Handler(Protocol):
@@ -419,7 +430,9 @@ JSONRPC_CLIENT_SETTINGS = forms.Map(
         "max_response_bytes": forms.Optional(
             forms.Integer(min=1), default=DEFAULT_MAX_RESPONSE_BYTES
         ),
-        "proxy_url": forms.Optional(forms.String(), doc="HTTP proxy: NOT implemented yet"),
+        "proxy_url": forms.Optional(
+            forms.String(), doc="CONNECT proxy http://[user:pass@]host:port; '' or direct: none"
+        ),
         "local": forms.Optional(forms.Boolean(), default=True, doc="accepted, unused"),
     },
     strict=True,
@@ -590,13 +603,21 @@ class JSONRPCResource(Resource):
             self._finish(request, "-", started, response_object(None, error=e))
             return
         address = request.getClientAddress()
+        lost: Deferred[None] = Deferred()
         context = CallContext(
             request_id=call.id,
             peer_certificate=tls.peer_certificate(request.channel.transport),
             peer_host=getattr(address, "host", None),
+            headers=request.requestHeaders,
+            connection_lost=lost,
         )
         gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
+
+        def went_away(failure: Failure) -> None:
+            gone.append(failure)
+            lost.callback(None)
+
+        request.notifyFinish().addErrback(went_away)
         d = maybeDeferred(self._handler.handle, call.method, call.params, context)
 
         def answered(result: Any) -> dict[str, Any]:
@@ -765,14 +786,51 @@ def _same_id(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    """
+    The client's connections: what ``Agent`` does by default (TCP, TLS for https) but
+    over a CONNECT tunnel when :func:`epsproxy.connectproxy.proxy_for` names a proxy.
+    """
+
+    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, timeout: float,
+                 proxy_url: str | None) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = timeout
+        self._proxy_url = proxy_url
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        proxy = connectproxy.proxy_for(host, uri.port, self._proxy_url)
+        endpoint: IStreamClientEndpoint
+        if proxy is None:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = connectproxy.HTTPConnectEndpoint(
+                self._reactor, proxy, host, uri.port, timeout=self._timeout
+            )
+        if uri.scheme == b"http":
+            return endpoint
+        if uri.scheme == b"https":
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            return wrapClientTLS(creator, endpoint)
+        raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+
+
 class JSONRPCClient:
     """
     Calls a JSON-RPC server (SPEC §11.6) over a persistent connection pool, with mutual
-    TLS from the settings (validated :data:`JSONRPC_CLIENT_SETTINGS`).  ``proxy_url`` is
-    accepted but not implemented: a warning is logged and connections go direct.  The
-    reply's ``jsonrpc`` member is not checked (the reference's early error replies say
-    ``"2.0,"``); its ``id`` is.  Unusable TLS settings raise
-    :class:`epsproxy.tls.TLSSettingsError` from the constructor.
+    TLS from the settings (validated :data:`JSONRPC_CLIENT_SETTINGS`).  Connections go
+    through an HTTP CONNECT proxy when :func:`epsproxy.connectproxy.proxy_for` names one
+    for the endpoint (``proxy_url``, else ``HTTPS_PROXY``/``NO_PROXY`` and friends), for
+    ``https://`` (TLS end-to-end inside the tunnel) and ``http://`` alike; a malformed
+    proxy URL raises ValueError from the constructor.  The reply's ``jsonrpc`` member is
+    not checked (the reference's early error replies say ``"2.0,"``); its ``id`` is.
+    Unusable TLS settings raise :class:`epsproxy.tls.TLSSettingsError` from the
+    constructor.
     """
 
     def __init__(self, reactor: Any, settings: dict[str, Any]) -> None:
@@ -783,9 +841,13 @@ class JSONRPCClient:
         self._url = self._endpoint.encode("utf-8")
         self._timeout = settings.get("timeout", DEFAULT_TIMEOUT)
         self._max_response = settings.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
-        if settings.get("proxy_url"):
-            log.warn("proxy_url is not implemented; connecting to {endpoint} directly",
-                     endpoint=self._endpoint)
+        target = urlsplit(self._endpoint)
+        target_port = target.port or (443 if target.scheme == "https" else 80)
+        proxy_url = settings.get("proxy_url")
+        proxy = connectproxy.proxy_for(target.hostname or "", target_port, proxy_url)
+        if proxy is not None:
+            log.info("JSON-RPC calls to {target} go through the proxy {proxy}",
+                     target=f"{target.hostname}:{target_port}", proxy=str(proxy))
         tls_settings = settings.get("tls")
         server_name = settings.get("server_name")
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS()
@@ -797,8 +859,8 @@ class JSONRPCClient:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = POOL_CONNECTIONS_PER_HOST
         self._pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
-        agent = Agent(reactor, contextFactory=policy, pool=self._pool,
-                      connectTimeout=self._timeout)
+        endpoints = _EndpointFactory(reactor, policy, self._timeout, proxy_url)
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
         self._http = HTTPClient(agent)
 
     def call(
@@ -856,6 +918,8 @@ class JSONRPCClient:
             raise
         except DNSLookupError as e:
             raise TransportError(f"cannot resolve {self._endpoint}: {e}") from None
+        except connectproxy.ProxyError as e:
+            raise TransportError(f"cannot connect to {self._endpoint}: {e}") from None
         except ConnectError as e:
             raise TransportError(f"cannot connect to {self._endpoint}: {e}") from None
         except Exception as e:

@@ -64,6 +64,7 @@ from .certificates import (
     load_certificates_file,
     load_private_key_file,
 )
+from .connectproxy import HTTPConnectEndpoint, proxy_for
 
 __all__ = [
     "TLS_SETTINGS",
@@ -410,16 +411,26 @@ def client_endpoint(
     tls: dict[str, Any] | None,
     server_name: str | None = None,
     timeout: float = 30,
+    proxy_url: str | None = None,
 ) -> IStreamClientEndpoint:
     """
     A client endpoint to ``address`` (``host:port``), over TLS verified against
     ``server_name`` (default: the block's ``server_name``, else the host) when ``tls`` is
     given.  ``timeout`` bounds the TCP connection attempt only.
+
+    When :func:`epsproxy.connectproxy.proxy_for` names a proxy for the address (from
+    ``proxy_url``, else ``HTTPS_PROXY``/``NO_PROXY`` and friends), the connection is an
+    HTTP CONNECT tunnel through it, with TLS end-to-end inside the tunnel.
     """
     host, port = parse_address(address)
     if not host:
         raise ValueError(f"address {address!r}: a host is needed to connect")
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    proxy = proxy_for(host, port, proxy_url)
+    endpoint: IStreamClientEndpoint
+    if proxy is None:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpoint = HTTPConnectEndpoint(reactor, proxy, host, port, timeout=timeout)
     if tls is None:
         return endpoint
     name = server_name or tls.get("server_name") or host

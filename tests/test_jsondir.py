@@ -146,13 +146,24 @@ class JSONDirectoryTests(SynchronousTestCase):
         for query in [{"channels": "grpc_server"}, {"channels": [1]}, ["x"]]:
             self.assertRaises(DirectoryError, d.entries, query)
 
-    def test_results_are_copies(self) -> None:
+    def test_query_results_are_copies_lookups_are_not(self) -> None:
         self.write("a.json", {"records": BASE})
         d = JSONDirectory(self.folder, "hd-1")
-        d.own_entry()["groups"].append("evil")
         d.entries()[0]["channels"].clear()
-        self.assertEqual(d.own_entry()["groups"], ["health-departments"])
         self.assertEqual(len(d.own_entry()["channels"]), 2)
+        # entry_for is on every call's path: the directory's own dict, not a copy.
+        self.assertIs(d.own_entry(), d.entry_for("hd-1"))
+
+    def test_reload_interval_limits_looking_at_the_files(self) -> None:
+        self.write("a.json", {"records": BASE})
+        d = JSONDirectory(self.folder, "hd-1", reload_interval=3600)
+        self.write("b.json", {"records": [
+            {"name": "hd-9", "section": "groups", "data": [],
+             "created_at": "2021-05-17T10:00:00Z"}]})
+        with self.assertRaises(DirectoryError):
+            d.entry_for("hd-9")
+        d.reload_interval = 0
+        self.assertEqual(d.entry_for("hd-9")["name"], "hd-9")
 
     # -- reloading --------------------------------------------------------------------
 

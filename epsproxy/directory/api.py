@@ -23,7 +23,6 @@ Better than the reference (SPEC §23.3 #28):
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -76,6 +75,8 @@ def _make_clients(reactor: Any, settings: dict[str, Any]) -> list[JSONRPCClient]
         name = _server_name(i, url, settings.get("server_names") or [])
         if name:
             raw["server_name"] = name
+        if client_settings.get("proxy_url") is not None:
+            raw["proxy_url"] = client_settings["proxy_url"]
         clients.append(JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate(raw)))
     return clients
 
@@ -162,11 +163,14 @@ class APIDirectory:
         return answer_query(self._chain.entries, query, APIDirectoryError)
 
     def entry_for(self, name: str) -> dict[str, Any]:
-        """The entry of operator ``name`` (a copy); :class:`DirectoryError` if none."""
+        """
+        The entry of operator ``name``; :class:`DirectoryError` if none.  The dict is the
+        directory's own (no copy: this is on every call's path) and must not be changed.
+        """
         entry = self._chain.entries.get(name)
         if entry is None:
             raise APIDirectoryError(f"no directory entry found for {name}")
-        return copy.deepcopy(entry)
+        return entry
 
     def own_entry(self) -> dict[str, Any]:
         """Our own entry (``entry_for(self.name)``)."""

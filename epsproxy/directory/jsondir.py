@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,17 @@ class JSONDirectory:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], own_name: str, max_file_size: int = MAX_FILE_SIZE
+        self,
+        path: str | os.PathLike[str],
+        own_name: str,
+        max_file_size: int = MAX_FILE_SIZE,
+        reload_interval: float = 0.0,
     ) -> None:
         self.path = Path(path)
         self.name = own_name
         self._max_file_size = max_file_size
+        self.reload_interval = reload_interval
+        self._checked_at = float("-inf")
         self._entries: dict[str, dict[str, Any]] = {}
         self._stamp: _Stamp | None = None
         self._failed_stamp: _Stamp | None = None
@@ -97,12 +104,15 @@ class JSONDirectory:
         return answer_query(self._entries, query)
 
     def entry_for(self, name: str) -> dict[str, Any]:
-        """The entry of operator ``name`` (a copy); :class:`DirectoryError` if none."""
+        """
+        The entry of operator ``name``; :class:`DirectoryError` if none.  The dict is the
+        directory's own (no copy: this is on every call's path) and must not be changed.
+        """
         self._refresh()
         entry = self._entries.get(name)
         if entry is None:
             raise DirectoryError(f"no directory entry found for {name}")
-        return copy.deepcopy(entry)
+        return entry
 
     def own_entry(self) -> dict[str, Any]:
         """Our own entry (``entry_for(self.name)``)."""
@@ -156,6 +166,11 @@ class JSONDirectory:
                 raise DirectoryError(f"{file}: record {index}: {e}") from None
 
     def _refresh(self, first: bool = False) -> None:
+        """Reload if the files changed, looking at most every ``reload_interval`` s."""
+        now = time.monotonic()
+        if not first and now - self._checked_at < self.reload_interval:
+            return
+        self._checked_at = now
         stamp: _Stamp | None = None
         try:
             # The stamp is taken before reading: a change during the read shows up as a

@@ -43,13 +43,33 @@ class Role:
     port: int
     server_name: str
     args: tuple[str, ...] = ()
+    #: The JSON-RPC method that shows the role is up (any JSON-RPC reply counts).
+    probe: str = "getTip"
+    #: A plain command instead of a twistd plugin (the example services).
+    command: tuple[str, ...] = ()
 
     @property
     def settings(self) -> Path:
         return CONF / "roles" / self.name
 
 
-ROLES = (Role("sd-1", "sd", "SD_SETTINGS", 3322, "sd-1"),)
+def _eps(name: str, port: int, operator: str) -> Role:
+    return Role(name, "eps", "EPS_SETTINGS", port, operator, probe=f"{operator}._ping")
+
+
+#: The dev network in start order (SPEC §21.3); endpoint servers start after the
+#: directory is loaded, so they know their peers from the first second.
+SD_ROLES = (Role("sd-1", "sd", "SD_SETTINGS", 3322, "sd-1"),)
+EPS_ROLES = (
+    Role("locations", "", "", 6666, "", probe="lookup",
+         command=("-m", "epsproxy.examples.locations", "--bind", "localhost:6666")),
+    _eps("ls-1", 5557, "ls-1"),
+    _eps("public-proxy-eps-1", 5544, "public-proxy-1.ga"),
+    _eps("private-proxy-eps-1", 7766, "private-proxy-1.ga"),
+    _eps("hd-2", 3334, "hd-2"),
+    _eps("hd-1", 5555, "hd-1"),
+)
+ROLES = SD_ROLES + EPS_ROLES
 
 
 class DemoError(Exception):
@@ -118,8 +138,16 @@ class _ResolvedHTTPS(http.client.HTTPSConnection):
 
 
 def call(port: int, server_name: str, method: str, params: dict, timeout: float = 5) -> dict:
-    """One JSON-RPC call over HTTPS with hd-1's client certificate; returns the reply."""
-    connection = _ResolvedHTTPS(server_name, port, context=_client_context(), timeout=timeout)
+    """
+    One JSON-RPC call over HTTPS with hd-1's client certificate (plain HTTP when
+    ``server_name`` is empty); returns the reply.
+    """
+    if server_name:
+        connection: http.client.HTTPConnection = _ResolvedHTTPS(
+            server_name, port, context=_client_context(), timeout=timeout
+        )
+    else:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
     try:
         connection.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
@@ -130,9 +158,13 @@ def call(port: int, server_name: str, method: str, params: dict, timeout: float 
 
 def _start_role(run_dir: Path, role: Role) -> subprocess.Popen:
     log = run_dir / f"{role.name}.log"
-    env = dict(os.environ, **{role.env_var: str(role.settings)})
-    command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log), role.plugin,
-               *role.args]
+    if role.command:
+        env = dict(os.environ)
+        command = [sys.executable, *role.command]
+    else:
+        env = dict(os.environ, **{role.env_var: str(role.settings)})
+        command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log), role.plugin,
+                   *role.args]
     process = subprocess.Popen(
         command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
         stdout=open(run_dir / f"{role.name}.out", "wb"), stderr=subprocess.STDOUT,
@@ -151,7 +183,7 @@ def _wait_ready(run_dir: Path, role: Role, process: subprocess.Popen, seconds: f
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise DemoError(f"{role.name} exited with status {process.returncode}:\n{output}{tail}")
         try:
-            call(role.port, role.server_name, "getTip", {}, timeout=2)
+            call(role.port, role.server_name, role.probe, {}, timeout=2)
             print(f"{role.name} is ready on port {role.port} (pid {process.pid})")
             return
         except (OSError, ssl.SSLError, http.client.HTTPException, ValueError):
@@ -201,14 +233,36 @@ def show_directory() -> None:
     )
 
 
+def getting_started() -> None:
+    """The reference's getting-started flow: hd-1's gateway calls ls-1.add, then lookup."""
+    print("\nGetting started: hd-1's applications call the location service ls-1 "
+          "through hd-1's endpoint server (localhost:5555):")
+    for method, params in (("ls-1.add", {"name": "Berlin", "id": "loc-berlin-1"}),
+                           ("ls-1.lookup", {"name": "Berlin"})):
+        reply = call(5555, "hd-1", method, params, timeout=15)
+        print(f"  {method} {json.dumps(params)}\n    -> {json.dumps(reply)}")
+        if "error" in reply:
+            raise DemoError(f"{method} failed: {reply['error']}")
+    print(
+        "\nAsk it yourself:\n  curl --cert conf/dev/certs/hd-1.crt --key conf/dev/certs/hd-1.key "
+        "--cacert conf/dev/certs/root.crt --resolve hd-1:5555:127.0.0.1 "
+        "https://hd-1:5555/jsonrpc -H 'Content-Type: application/json' "
+        "-d '{\"jsonrpc\":\"2.0\",\"id\":\"1\",\"method\":\"ls-1.lookup\","
+        "\"params\":{\"name\":\"Berlin\"}}'"
+    )
+
+
 def start(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     stop(run_dir)
-    for role in ROLES:
-        process = _start_role(run_dir, role)
-        _wait_ready(run_dir, role, process)
+    for role in SD_ROLES:
+        _wait_ready(run_dir, role, _start_role(run_dir, role))
     sd_setup()
     show_directory()
+    print()
+    for role in EPS_ROLES:
+        _wait_ready(run_dir, role, _start_role(run_dir, role))
+    getting_started()
     print(f"\nLogs and pids are in {run_dir}/; `make stop` stops the network.")
 
 

@@ -197,7 +197,8 @@ class Broker:
     the metric hook; ``observe(method, outcome, seconds)``, if given, is called once
     per delivery with the method from the request id (``""`` if it did not parse) and
     one of ``ok``, ``error_response``, ``denied``, ``invalid``, ``channel_error``,
-    ``failed``.
+    ``failed``.  ``on_answer(channel, caller, request_id, response)``, if given, sees
+    every response a channel gave (the hook that notices asynchronous acknowledgements).
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class Broker:
         clock: IReactorTime,
         version: str = "development",
         observe: Callable[[str, str, float], None] | None = None,
+        on_answer: Callable[[Channel, str, str, Response], None] | None = None,
     ) -> None:
         seen: set[str] = set()
         for channel in channels:
@@ -219,6 +221,7 @@ class Broker:
         self.clock = clock
         self.version = version
         self.observe = observe
+        self.on_answer = on_answer
         self._in_transit: set[tuple[str | None, str]] = set()
 
     # -- the entry point ----------------------------------------------------------------
@@ -365,7 +368,13 @@ class Broker:
             if not isinstance(response, Response):
                 raise TypeError(f"unexpected answer of type {type(response).__name__}")
             call.outcome = "ok" if response.error is None else "error_response"
-            return _normalised(response)
+            response = _normalised(response)
+            if self.on_answer is not None:
+                try:
+                    self.on_answer(channel, client.name, request.id, response)
+                except Exception:
+                    log.failure("broker answer hook failed")
+            return response
 
         def failed(failure: Failure) -> Failure | Response:
             if failure.check(defer.CancelledError):

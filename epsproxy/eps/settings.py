@@ -18,6 +18,9 @@ SD_CLIENT_SETTINGS = forms.Map(
     {
         "tls": forms.Required(TLS_SETTINGS),
         "timeout": forms.Optional(forms.Float(min=0.1, max=600), default=10.0),
+        "proxy_url": forms.Optional(
+            forms.String(), doc="HTTP CONNECT proxy to the SD (default: HTTPS_PROXY)"
+        ),
     },
     strict=True,
 )
@@ -35,7 +38,16 @@ API_DIRECTORY_SETTINGS = forms.Map(
     strict=True,
 )
 
-JSON_DIRECTORY_SETTINGS = forms.Map({"path": forms.Required(forms.String())}, strict=True)
+JSON_DIRECTORY_SETTINGS = forms.Map(
+    {
+        "path": forms.Required(forms.String()),
+        "reload_interval": forms.Optional(
+            forms.Float(min=0, max=3600), default=1.0,
+            doc="look for changed record files at most this often (seconds)",
+        ),
+    },
+    strict=True,
+)
 
 
 def _directory(value: dict) -> dict:
@@ -67,20 +79,77 @@ SIGNING_SETTINGS = forms.Map(
     strict=True,
 )
 
-CHANNEL_SETTINGS = forms.Map(
-    {
-        "name": forms.Required(forms.String(min_length=1)),
-        "type": forms.Required(forms.String(min_length=1)),
-        "settings": forms.Optional(forms.AnyMap(), default={}),
-    },
-    strict=True,
+def channel_schemas() -> dict[str, forms.Schema]:
+    """Channel type -> schema of its ``settings`` (aliases included; SPEC §12)."""
+    from .channels.gateway import GATEWAY_SETTINGS
+    from .channels.peer import EPS_CLIENT_SETTINGS, EPS_SERVER_SETTINGS
+
+    local_client = forms.Map(
+        {
+            **JSONRPC_CLIENT_SETTINGS.fields,
+            "services": forms.Optional(
+                forms.StringList(), doc="deliver only methods of these own services"
+            ),
+        },
+        strict=True,
+    )
+    return {
+        "eps_server": EPS_SERVER_SETTINGS,
+        "grpc_server": EPS_SERVER_SETTINGS,
+        "eps_client": EPS_CLIENT_SETTINGS,
+        "grpc_client": EPS_CLIENT_SETTINGS,
+        "jsonrpc_server": GATEWAY_SETTINGS,
+        "jsonrpc_client": local_client,
+        "stdout": forms.Map({}, strict=True),
+    }
+
+
+def _channel(value: dict) -> dict:
+    schemas = channel_schemas()
+    schema = schemas.get(value["type"])
+    if schema is None:
+        known = ", ".join(sorted(schemas))
+        raise forms.FormError(f"unknown channel type (known types: {known})", ("type",))
+    value["settings"] = schema.validate(value.get("settings") or {}, ("settings",))
+    return value
+
+
+CHANNEL_SETTINGS = forms.Check(
+    forms.Map(
+        {
+            "name": forms.Required(forms.String(min_length=1)),
+            "type": forms.Required(forms.String(min_length=1)),
+            "settings": forms.Optional(forms.AnyMap(), default={}),
+        },
+        strict=True,
+    ),
+    _channel,
 )
+
+
+def _channels(value: list) -> list:
+    """At most one channel per type (aliases count), and unique names."""
+    from ..directory.entries import canonical_channel_type
+
+    types: set[str] = set()
+    names: set[str] = set()
+    for index, channel in enumerate(value):
+        kind = canonical_channel_type(channel["type"])
+        if kind in types:
+            raise forms.FormError("a second channel of this type", (index, "type"))
+        if channel["name"] in names:
+            raise forms.FormError("a second channel of this name", (index, "name"))
+        types.add(kind)
+        names.add(channel["name"])
+    return value
 
 EPS_SETTINGS = forms.Map(
     {
         "name": forms.Required(forms.String(min_length=1, max_length=253)),
         "directory": forms.Required(DIRECTORY_SETTINGS),
-        "channels": forms.Optional(forms.List(CHANNEL_SETTINGS), default=[]),
+        "channels": forms.Optional(
+            forms.Check(forms.List(CHANNEL_SETTINGS), _channels), default=[]
+        ),
         "metrics": forms.Optional(METRICS_SETTINGS),
         "signing": forms.Optional(SIGNING_SETTINGS),
     },

@@ -8,3 +8,11 @@ sd = ServiceMaker(
     "The signed service directory: a JSON-RPC API over a hash-chained log of signed change records.",
     "sd",
 )
+
+eps = ServiceMaker(
+    "epsproxy endpoint server",
+    "epsproxy.eps.tap",
+    "An operator's endpoint server: JSON-RPC gateway, mutual-TLS links to other endpoint "
+    "servers, permission checks against the service directory.",
+    "eps",
+)

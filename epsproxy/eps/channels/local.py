@@ -127,6 +127,10 @@ class JSONRPCClientChannel:
 
         return d.addCallbacks(answered, failed)
 
+    def push(self, method: str, params: dict[str, Any], id: str) -> defer.Deferred[Any]:
+        """Call ``method`` of the local service directly (asynchronous results)."""
+        return self._client.call(method, params, id=id)
+
     def close(self) -> defer.Deferred[None]:
         """Close the pooled connections to the local service."""
         return self._client.close()

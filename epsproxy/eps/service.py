@@ -1,0 +1,306 @@
+"""
+The running endpoint server: directory, channels, broker and peer links wired together
+(SPEC §7-§13), started and stopped as one ``twisted.application`` service.
+"""
+
+from __future__ import annotations
+
+from typing import Any, IO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from epsproxy import __version__
+from epsproxy.directory import entries as _entries
+from epsproxy.directory.api import APIDirectory
+from epsproxy.directory.jsondir import JSONDirectory
+from epsproxy.eps.asynccalls import AsyncCalls, is_acknowledgement
+from epsproxy.eps.broker import Broker, Channel, Response
+from epsproxy.eps.channels.gateway import JSONRPCServerChannel
+from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
+from epsproxy.eps.channels.peer import EPSClientChannel, EPSServerChannel
+from epsproxy.eps.peering import INCOMING, OUTGOING, PeerLinks
+
+__all__ = ["EndpointServerService"]
+
+log = Logger()
+
+_INTERNAL = ("_ping", "_directory", "_connectionRequest", "respond")
+_LATENCY_BUCKETS = (
+    0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10, 60,
+)
+
+
+#: Metric label -> counter attribute of :class:`AsyncCalls`.
+_ASYNC_EVENTS = {
+    "acknowledged": "acknowledged_count",
+    "expected": "expected_count",
+    "responded": "responded",
+    "sent": "sent",
+    "send_failed": "send_failed",
+    "delivered": "delivered",
+    "push_failed": "push_failed",
+    "dropped": "dropped",
+    "expired": "expired",
+    "evicted": "evicted",
+    "refused": "refused",
+}
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+class EndpointServerService(Service):
+    """
+    One operator's EPS, from validated ``EPS_SETTINGS``.  :meth:`when_ready` fires with
+    the service once every listener is up (or fails with the reason start-up failed;
+    with ``stop_reactor_on_failure`` the reactor is then stopped so ``twistd`` exits).
+    ``stdout`` replaces ``sys.stdout`` for the ``stdout`` channel (tests).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: dict[str, Any],
+        registry: CollectorRegistry | None = None,
+        stop_reactor_on_failure: bool = False,
+        stdout: IO[str] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.name: str = settings["name"]
+        self.registry = registry or CollectorRegistry()
+        self.stop_reactor_on_failure = stop_reactor_on_failure
+        self.stdout = stdout
+        self.directory: Any = None
+        self.links: PeerLinks | None = None
+        self.broker: Broker | None = None
+        self.async_calls: AsyncCalls | None = None
+        self.channels: list[Any] = []
+        self._known_methods: frozenset[str] = frozenset(_INTERNAL)
+        self._outcome: Any = None
+        self._waiters: list[defer.Deferred[Any]] = []
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addErrback(self._start_failed)
+        d.addBoth(self._settle)
+
+    def when_ready(self) -> defer.Deferred[Any]:
+        """Fires with this service once it serves; fails if start-up failed."""
+        if self._outcome is None:
+            waiter: defer.Deferred[Any] = defer.Deferred()
+            self._waiters.append(waiter)
+            return waiter
+        if isinstance(self._outcome, Failure):
+            return defer.fail(self._outcome)
+        return defer.succeed(self._outcome)
+
+    def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+    async def _start(self) -> EndpointServerService:
+        await self._open_directory()
+        self.links = PeerLinks(self.reactor, self.directory, self.name)
+        self.async_calls = AsyncCalls(self.reactor, self.name,
+                                      send_result=self.links.send_result)
+        self.channels = [self._build_channel(c) for c in self.settings["channels"]]
+        self._warn_about_order()
+        self._register_metrics()
+        self.broker = Broker(
+            self.directory, self.channels, self.reactor, version=__version__,
+            observe=self._observe, on_answer=self._on_answer,
+        )
+        self.links.broker = self.broker
+        self.links.async_calls = self.async_calls
+        for channel in self.channels:
+            if isinstance(channel, (JSONRPCServerChannel, EPSClientChannel)):
+                channel.broker = self.broker
+            if isinstance(channel, JSONRPCClientChannel) and self.async_calls.push is None:
+                self.async_calls.push = channel.push
+        for channel in self.channels:
+            start = getattr(channel, "start", None)
+            if callable(start):
+                await defer.maybeDeferred(start)
+        self._refresh_known_methods()
+        add_listener = getattr(self.directory, "add_listener", None)
+        if callable(add_listener):
+            add_listener(self._refresh_known_methods)
+        log.info("endpoint server {name} ready with channels {channels}", name=self.name,
+                 channels=", ".join(f"{c.name} ({c.type})" for c in self.channels))
+        return self
+
+    async def _open_directory(self) -> None:
+        directory = self.settings["directory"]
+        if directory["type"] == "json":
+            self.directory = JSONDirectory(
+                directory["settings"]["path"], self.name,
+                reload_interval=directory["settings"]["reload_interval"],
+            )
+        else:
+            self.directory = APIDirectory(self.reactor, directory["settings"], self.name)
+            await self.directory.start()
+        try:
+            self.directory.own_entry()
+        except Exception as e:
+            log.warn("the directory has no entry for {name} yet ({error}); peers cannot "
+                     "identify or call this node until it has", name=self.name, error=str(e))
+
+    def _build_channel(self, config: dict[str, Any]) -> Any:
+        kind = _entries.canonical_channel_type(config["type"])
+        name, settings = config["name"], config["settings"]
+        assert self.links is not None
+        if kind == "grpc_server":
+            return EPSServerChannel(name, self.name, settings, self.links, self.reactor)
+        if kind == "grpc_client":
+            return EPSClientChannel(name, self.name, settings, self.links, self.directory,
+                                    self.reactor)
+        if kind == "jsonrpc_server":
+            return JSONRPCServerChannel(name, self.name, settings, None, self.directory,
+                                        self.reactor, async_calls=self.async_calls)
+        if kind == "jsonrpc_client":
+            services = settings.get("services")
+            client_settings = {k: v for k, v in settings.items() if k != "services"}
+            return JSONRPCClientChannel(
+                name, self.name, client_settings, self.reactor,
+                services=frozenset(services) if services else None,
+                directory=self.directory,
+            )
+        if kind == "stdout":
+            return StdoutChannel(name, self.name, self.stdout)
+        raise ValueError(f"unknown channel type {config['type']!r}")
+
+    def _warn_about_order(self) -> None:
+        kinds = [c.type for c in self.channels]
+        if "stdout" in kinds and "jsonrpc_client" in kinds and (
+            kinds.index("stdout") < kinds.index("jsonrpc_client")
+        ):
+            log.warn("channel order: stdout comes before jsonrpc_client, so requests for "
+                     "{name} are printed and never reach the local service", name=self.name)
+
+    def _start_failed(self, failure: Failure) -> Failure:
+        log.failure("endpoint server {name} could not start: {reason}", failure,
+                    name=self.name, reason=failure.getErrorMessage())
+        self.reactor.callLater(0, lambda: defer.ensureDeferred(self._stop()))
+        if self.stop_reactor_on_failure and self.reactor.running:
+            self.reactor.callLater(0, self.reactor.stop)
+        return failure
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        for channel in reversed(self.channels):
+            stop = getattr(channel, "stop", None) or getattr(channel, "close", None)
+            if callable(stop):
+                try:
+                    await defer.maybeDeferred(stop)
+                except Exception:
+                    log.failure("channel {channel} did not stop cleanly", channel=channel.name)
+        if self.links is not None:
+            await self.links.close_all()
+        for channel in self.channels:
+            close = getattr(channel, "close", None)
+            stop = getattr(channel, "stop", None)
+            if callable(close) and callable(stop):
+                await defer.maybeDeferred(close)
+        self.channels = []
+        if isinstance(self.directory, APIDirectory):
+            await self.directory.stop()
+        self.directory = None
+
+    # -- asynchronous calls -------------------------------------------------------------
+
+    def _on_answer(self, channel: Channel, caller: str, request_id: str, response: Response) -> None:
+        """A local service acknowledged a call: it may ``respond`` later (SPEC §13)."""
+        if (
+            self.async_calls is not None
+            and channel.type == "jsonrpc_client"
+            and is_acknowledgement(response)
+        ):
+            self.async_calls.acknowledged(caller, request_id)
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def _register_metrics(self) -> None:
+        registry = self.registry
+        self._requests = Counter(
+            "eps_requests", "requests handled by the broker, by method and outcome",
+            ["method", "outcome"], registry=registry,
+        )
+        self._latency = Histogram(
+            "eps_request_seconds", "time from receiving a request to its answer",
+            ["outcome"], registry=registry, buckets=_LATENCY_BUCKETS,
+        )
+        links = self.links
+        assert links is not None
+        peer_links = Gauge("eps_peer_links", "open links to other EPS servers",
+                           ["direction"], registry=registry)
+        for direction in (INCOMING, OUTGOING):
+            peer_links.labels(direction).set_function(
+                lambda d=direction: links.count(d)
+            )
+        Gauge(
+            "eps_directory_age_seconds",
+            "seconds since the directory was last updated from the SD (-1: never)",
+            registry=registry,
+        ).set_function(self._directory_age)
+        Gauge("eps_directory_entries", "operators in the directory",
+              registry=registry).set_function(self._directory_size)
+        calls = self.async_calls
+        events = Gauge("eps_async_calls", "asynchronous calls by event (since start)",
+                       ["event"], registry=registry)
+        for event, attribute in _ASYNC_EVENTS.items():
+            events.labels(event).set_function(
+                lambda a=attribute: _number(getattr(calls, a, 0))
+            )
+        pending = Gauge("eps_async_pending", "asynchronous calls waiting for a result",
+                        ["side"], registry=registry)
+        pending.labels("callee").set_function(
+            lambda: _number(getattr(calls, "pending_acknowledged", 0)))
+        pending.labels("caller").set_function(
+            lambda: _number(getattr(calls, "pending_expected", 0)))
+
+    def _directory_age(self) -> float:
+        last = getattr(self.directory, "last_success", None)
+        if not isinstance(self.directory, APIDirectory):
+            return 0.0
+        return -1.0 if last is None else self.reactor.seconds() - last
+
+    def _directory_size(self) -> float:
+        try:
+            return float(len(self.directory.entries()))
+        except Exception:
+            return 0.0
+
+    def _refresh_known_methods(self) -> None:
+        """Method names that may become metric labels: those the directory lists."""
+        known = set(_INTERNAL)
+        try:
+            for entry in self.directory.entries():
+                for service in entry.get("services") or ():
+                    for method in service.get("methods") or ():
+                        if isinstance(method.get("name"), str):
+                            known.add(method["name"][:100])
+        except Exception:
+            return
+        self._known_methods = frozenset(known)
+
+    def _observe(self, method: str, outcome: str, seconds: float) -> None:
+        label = method if method in self._known_methods else "other"
+        self._requests.labels(label, outcome).inc()
+        self._latency.labels(outcome).observe(seconds)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import sd
+from . import eps, sd
 
-BENCHMARKS = {"sd": sd.main}
+BENCHMARKS = {"sd": sd.main, "eps": eps.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -253,3 +253,29 @@ def net_directory(net: Network, own: str):
 
     return JSONDirectory(net.folder, own)
 
+
+
+class TwistdEPSStartFailure(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_port_in_use_ends_the_process_with_the_reason(self):
+        from twisted.internet.protocol import Factory, Protocol
+
+        taken = yield reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        (folder / "eps.yml").write_text(yaml.safe_dump({
+            "name": "hd-1",
+            "directory": {"type": "json", "settings": {"path": str(folder)}},
+            "channels": [{"name": "server", "type": "eps_server", "settings": {
+                "bind_address": f"127.0.0.1:{taken.getHost().port}",
+                "tls": tls_block("hd-1")}}],
+        }))
+        out, err, code = yield utils.getProcessOutputAndValue(
+            TWISTD, ["-n", "--pidfile=", "eps", "--settings", str(folder)],
+            env=dict(os.environ), path="/", reactor=reactor)
+        text = (out + err).decode()
+        self.assertIn("endpoint server hd-1 could not start", text)
+        self.assertIn("Address already in use", text)

@@ -195,8 +195,10 @@ class EndpointServerService(Service):
         log.failure("endpoint server {name} could not start: {reason}", failure,
                     name=self.name, reason=failure.getErrorMessage())
         self.reactor.callLater(0, lambda: defer.ensureDeferred(self._stop()))
-        if self.stop_reactor_on_failure and self.reactor.running:
-            self.reactor.callLater(0, self.reactor.stop)
+        if self.stop_reactor_on_failure:
+            # Start-up can fail before twistd runs the reactor (a port in use fails at
+            # once): stop it as soon as it runs, so the process exits either way.
+            self.reactor.callWhenRunning(self.reactor.callLater, 0, self.reactor.stop)
         return failure
 
     def stopService(self) -> defer.Deferred[None]:

@@ -1,0 +1,408 @@
+"""
+The public proxy's internal endpoint: pair two connections by token and splice them
+(SPEC §14.3, §15 steps 6 and 9; issue 4).
+
+A party connects, writes 32 raw token bytes, and then speaks to whoever presents the
+same token (end-to-end TLS, which the proxy never looks into).  :class:`Rendezvous` holds
+the tokens handed out and the parties waiting, and splices each pair with
+:func:`epsproxy.proxy.splice.splice`.
+
+Differences from the reference, on purpose (SPEC §23.1 #2, #3, #5, #6):
+
+- the token is read however it is fragmented, within ``read_timeout``; bytes that
+  follow it in the same read belong to the stream and are relayed;
+- the read deadline ends with the token: a spliced pair only has an idle timeout;
+- the table is bounded (``max_pending``, :class:`RendezvousFull`) and every entry expires
+  (``accept_timeout`` from the token's creation, and again from the first party's
+  arrival, so the second party always gets the full ``accept_timeout``);
+- a token pairs once; if its first party goes away the token is forgotten.
+
+Tokens are secrets: logs carry only :func:`token_tag` (4 hex digits of a SHA-256) and
+peer addresses truncated by :func:`epsproxy.ratelimit.truncate_ip`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from epsproxy.ratelimit import truncate_ip
+
+from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, Splice, retarget, splice
+
+__all__ = ["TOKEN_BYTES", "Rendezvous", "RendezvousFull", "token_tag"]
+
+log = Logger()
+
+#: Length of a rendezvous token in bytes (SPEC §14.3).
+TOKEN_BYTES = 32
+
+#: Default bound on the bytes one direction of a pair holds in user space.
+DEFAULT_BUFFER_BYTES = 256 * 1024
+
+
+class RendezvousFull(Exception):
+    """The pending-token table is at its cap (or closed); no new token is handed out."""
+
+
+def token_tag(token: bytes) -> str:
+    """A short label for a token in logs: not reversible, not usable to pair."""
+    return hashlib.sha256(token).hexdigest()[:4]
+
+
+def _peer(transport: Any) -> str:
+    try:
+        return truncate_ip(str(transport.getPeer().host))
+    except Exception:
+        return "unknown"
+
+
+def _abort(transport: Any) -> None:
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
+
+
+class _Entry:
+    """A token handed out and not yet paired: maybe with its first party waiting."""
+
+    __slots__ = ("token", "first", "timer")
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.first: _Party | None = None
+        self.timer: Any = None
+
+
+@implementer(IHalfCloseableProtocol)
+class _Party(Protocol):
+    """
+    A connection at the internal endpoint until it is spliced: reads the token, then
+    waits (buffering at most ``buffer_bytes`` of early stream bytes) for its partner.
+    """
+
+    state = "token"  # "token" -> "waiting" -> "spliced"; or "closed"
+
+    def __init__(self, rendezvous: Rendezvous) -> None:
+        self._rv = rendezvous
+        self._buffer = b""
+        self.entry: _Entry | None = None
+        self.rest = b""  # stream bytes read after the token, for the partner
+        self.replay = b""  # bytes read by someone else before park(), for the partner
+        self.eof = False
+        self.read_timer: Any = None
+        self.lost: defer.Deferred[None] | None = None  # made by close_all
+
+    def connectionMade(self) -> None:
+        self._rv._accepted(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "token":
+            self._buffer += data
+            if len(self._buffer) >= TOKEN_BYTES:
+                buffered, self._buffer = self._buffer, b""
+                self._rv._presented(self, buffered[:TOKEN_BYTES], buffered[TOKEN_BYTES:])
+        elif self.state == "waiting":
+            self.rest += data
+            if len(self.rest) >= self._rv.buffer_bytes:
+                self.transport.pauseProducing()
+
+    def readConnectionLost(self) -> None:
+        if self.state == "token":
+            self._rv._refuse(self, "end of stream inside the token")
+        elif self.state == "waiting":
+            self.eof = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._rv._party_lost(self)
+
+
+class _InternalFactory(Factory):
+    """Builds :class:`_Party` protocols; none while the rendezvous is closing."""
+
+    def __init__(self, rendezvous: Rendezvous) -> None:
+        self.rendezvous = rendezvous
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        if self.rendezvous._closing:
+            return None
+        return _Party(self.rendezvous)
+
+
+class Rendezvous:
+    """
+    Tokens waiting at a public proxy's internal endpoint, and the pairs spliced by them.
+
+    Memory per direction is bounded: a waiting party's early bytes up to
+    ``buffer_bytes`` (then it is paused), a spliced direction at most one read of
+    ``read_bytes`` (its source is paused at any backlog; see
+    :mod:`epsproxy.proxy.splice`) — within ``buffer_bytes`` plus one read.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        *,
+        accept_timeout: float = 10.0,
+        read_timeout: float = 5.0,
+        max_pending: int = 10_000,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        read_bytes: int = DEFAULT_READ_BYTES,
+    ) -> None:
+        if max_pending < 1 or buffer_bytes < 1 or read_bytes < 1:
+            raise ValueError("max_pending, buffer_bytes and read_bytes must be positive")
+        self._clock = clock
+        self.accept_timeout = accept_timeout
+        self.read_timeout = read_timeout
+        self.max_pending = max_pending
+        self.buffer_bytes = buffer_bytes
+        self.idle_timeout = idle_timeout
+        self.read_bytes = read_bytes
+        self._table: dict[bytes, _Entry] = {}
+        self._reading: set[_Party] = set()  # connected, token not read yet
+        self._splices: set[Splice] = set()
+        self._closing = False
+        self._factory = _InternalFactory(self)
+        # counters since start (metrics)
+        self.pairings = 0
+        self.timeouts = 0
+        self.refused = 0
+        self._bytes_closed = 0
+
+    # -- gauges
+
+    @property
+    def pending(self) -> int:
+        """Tokens handed out (or parked) and not yet paired."""
+        return len(self._table)
+
+    @property
+    def active_splices(self) -> int:
+        """Pairs currently spliced."""
+        return len(self._splices)
+
+    @property
+    def bytes_spliced(self) -> int:
+        """Bytes relayed by all splices since start, both directions."""
+        return self._bytes_closed + sum(s.bytes_relayed for s in self._splices)
+
+    @property
+    def splices(self) -> frozenset[Splice]:
+        """The active splices (for inspection and tests)."""
+        return frozenset(self._splices)
+
+    # -- tokens
+
+    def new_token(self) -> bytes:
+        """
+        A fresh random 32-byte token for a peer-to-peer pairing (two parties will present
+        it); forgotten after accept_timeout if the pair is not complete by then (a first
+        party waiting alone is closed).  Raises RendezvousFull over max_pending.
+        """
+        self._check_room()
+        token = secrets.token_bytes(TOKEN_BYTES)
+        while token in self._table:  # pragma: no cover - 2**-256
+            token = secrets.token_bytes(TOKEN_BYTES)
+        entry = self._table[token] = _Entry(token)
+        self._arm(entry)
+        return token
+
+    def park(self, token: bytes, waiting: IProtocol, first_bytes: bytes) -> None:
+        """
+        (issue 5, SNI path) An already-connected client connection (paused by the
+        caller) waits for the party that presents ``token``; that party first receives
+        ``first_bytes`` (the ClientHello that was read), then the two are spliced.  Same
+        expiry rules.  ``token`` may come from :meth:`new_token` or be new (then it
+        counts against ``max_pending``).  From now on the rendezvous owns the
+        connection: ``waiting`` gets no further events.
+        """
+        if len(token) != TOKEN_BYTES:
+            raise ValueError(f"token must be {TOKEN_BYTES} bytes")
+        entry = self._table.get(token)
+        if entry is None:
+            self._check_room()
+            entry = self._table[token] = _Entry(token)
+        elif entry.first is not None:
+            raise ValueError("a connection is already waiting for this token")
+        transport = waiting.transport  # type: ignore[attr-defined]
+        party = _Party(self)
+        retarget(transport, waiting, party)
+        party.state = "waiting"
+        party.entry = entry
+        party.replay = bytes(first_bytes)
+        entry.first = party
+        self._arm(entry)
+        log.debug("parked {peer} for token {tag}", peer=_peer(transport), tag=token_tag(token))
+
+    def cancel(self, token: bytes) -> None:
+        """Forget a token (closing a party waiting for it)."""
+        entry = self._table.pop(token, None)
+        if entry is None:
+            return
+        self._disarm(entry)
+        if entry.first is not None:
+            first, entry.first = entry.first, None
+            first.state = "closed"
+            first.entry = None
+            _abort(first.transport)
+
+    def factory(self) -> IProtocolFactory:
+        """
+        The protocol factory of the internal listener (reads exactly 32 token bytes,
+        however fragmented, within read_timeout; unknown/expired/used token -> close).
+        """
+        return self._factory
+
+    def close_all(self) -> defer.Deferred[None]:
+        """Shutdown: stop accepting, close waiting parties and spliced pairs."""
+        self._closing = True
+        waits: list[defer.Deferred[Any]] = []
+        parties = list(self._reading)
+        for entry in list(self._table.values()):
+            self._disarm(entry)
+            if entry.first is not None:
+                parties.append(entry.first)
+        self._table.clear()
+        for party in parties:
+            party.lost = defer.Deferred()
+            waits.append(party.lost)
+            party.state = "closed"
+            _abort(party.transport)
+        for s in list(self._splices):
+            waits.append(s.done)
+            s.abort()
+        return defer.gatherResults(waits).addCallback(lambda _: None)
+
+    # -- internals
+
+    def _check_room(self) -> None:
+        if self._closing:
+            raise RendezvousFull("the rendezvous is closed")
+        if len(self._table) >= self.max_pending:
+            raise RendezvousFull(
+                f"too many pending connection requests ({self.max_pending}); try again later"
+            )
+
+    def _arm(self, entry: _Entry) -> None:
+        self._disarm(entry)
+        entry.timer = self._clock.callLater(self.accept_timeout, self._expire, entry)
+
+    @staticmethod
+    def _disarm(entry: _Entry) -> None:
+        if entry.timer is not None and entry.timer.active():
+            entry.timer.cancel()
+        entry.timer = None
+
+    def _expire(self, entry: _Entry) -> None:
+        entry.timer = None
+        if self._table.get(entry.token) is not entry:
+            return
+        del self._table[entry.token]
+        self.timeouts += 1
+        first, entry.first = entry.first, None
+        if first is None:
+            log.debug("token {tag} expired unused", tag=token_tag(entry.token))
+            return
+        log.info("no partner for {peer} within {timeout}s (token {tag}), closing",
+                 peer=_peer(first.transport), timeout=self.accept_timeout,
+                 tag=token_tag(entry.token))
+        first.state = "closed"
+        first.entry = None
+        _abort(first.transport)
+
+    def _accepted(self, party: _Party) -> None:
+        self._reading.add(party)
+        party.read_timer = self._clock.callLater(self.read_timeout, self._read_timed_out, party)
+
+    def _read_timed_out(self, party: _Party) -> None:
+        party.read_timer = None
+        if party.state != "token":
+            return
+        self._reading.discard(party)
+        self.timeouts += 1
+        party.state = "closed"
+        log.info("no token from {peer} within {timeout}s, closing",
+                 peer=_peer(party.transport), timeout=self.read_timeout)
+        _abort(party.transport)
+
+    def _stop_reading_token(self, party: _Party) -> None:
+        self._reading.discard(party)
+        if party.read_timer is not None and party.read_timer.active():
+            party.read_timer.cancel()
+        party.read_timer = None
+
+    def _refuse(self, party: _Party, why: str, token: bytes | None = None) -> None:
+        self._stop_reading_token(party)
+        self.refused += 1
+        party.state = "closed"
+        log.info("refused {peer}: {why}{tag}", peer=_peer(party.transport), why=why,
+                 tag=f" (token {token_tag(token)})" if token is not None else "")
+        party.transport.loseConnection()
+
+    def _presented(self, party: _Party, token: bytes, rest: bytes) -> None:
+        self._stop_reading_token(party)
+        entry = self._table.get(token)
+        if entry is None:
+            self._refuse(party, "unknown, expired or used token", token)
+            return
+        if entry.first is None:
+            party.state = "waiting"
+            party.entry = entry
+            party.rest = rest
+            entry.first = party
+            self._arm(entry)  # the partner gets the whole accept_timeout
+            if len(rest) >= self.buffer_bytes:
+                party.transport.pauseProducing()
+            return
+        del self._table[entry.token]
+        self._disarm(entry)
+        first, entry.first = entry.first, None
+        first.entry = None
+        first.state = party.state = "spliced"
+        self.pairings += 1
+        tag = token_tag(token)
+        log.info("paired {first} with {second} (token {tag})", first=_peer(first.transport),
+                 second=_peer(party.transport), tag=tag)
+        s = splice(
+            self._clock, first, party,
+            to_left=rest, to_right=first.replay + first.rest, left_eof=first.eof,
+            read_bytes=self.read_bytes, idle_timeout=self.idle_timeout, tag=tag,
+        )
+        first.rest = first.replay = b""
+        self._splices.add(s)
+        s.done.addCallback(self._splice_done, s)
+
+    def _splice_done(self, _: None, s: Splice) -> None:
+        self._splices.discard(s)
+        self._bytes_closed += s.bytes_relayed
+
+    def _party_lost(self, party: _Party) -> None:
+        self._stop_reading_token(party)
+        entry = party.entry
+        if entry is not None and entry.first is party:
+            # The first party left: the token is spent, nobody may take its place.
+            entry.first = None
+            party.entry = None
+            if self._table.get(entry.token) is entry:
+                del self._table[entry.token]
+            self._disarm(entry)
+            log.info("{peer} left while waiting (token {tag})", peer=_peer(party.transport),
+                     tag=token_tag(entry.token))
+        party.state = "closed"
+        if party.lost is not None:
+            d, party.lost = party.lost, None
+            d.callback(None)

@@ -1,0 +1,368 @@
+"""
+Relay bytes between two connections without looking at them (SPEC §14.3, issue 4).
+
+:func:`splice` takes over two connected protocols' connections and copies every byte
+from each to the other until both directions are finished:
+
+- **Backpressure both ways.**  Each side is registered as the streaming producer of the
+  other side's transport.  On reactor TCP transports (the normal case) a side is paused
+  as soon as *anything* it relayed is still unsent, so a direction holds at most one
+  read in user space (plus, rarely, one more that the epoll reactor delivers in the same
+  batch); reads are ``read_bytes`` large and are written through at once (``send()``
+  straight from the read, no queueing when the receiver keeps up).  That is the recipe
+  measured in ``bench/RELAY.md``: large reads and write-through are what make a Python
+  relay as fast as a well-tuned C one, and pausing at any backlog keeps memory flat.
+  Other transports (wrappers, test transports) use Twisted's own producer thresholds.
+- **Half-close.**  End-of-stream from one side shuts down the write direction of the
+  other side (after its queued bytes are sent) and the other direction keeps going; both
+  connections are closed when both directions are finished.
+- **Errors cut.**  If one connection is lost before both directions are finished, the
+  other is aborted, so a cut stream never looks complete to the far end.
+- **No read deadline.**  Only an idle timeout applies: no bytes in either direction for
+  ``idle_timeout`` seconds closes the pair (the reference kept its 5 s token deadline
+  and cut every session after ~5 s, SPEC §23.1 #3).
+
+Nothing here knows about tokens; :mod:`epsproxy.proxy.rendezvous` decides what to splice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_READ_BYTES",
+    "SLOW_READ_BYTES",
+    "Splice",
+    "retarget",
+    "splice",
+]
+
+log = Logger()
+
+DEFAULT_IDLE_TIMEOUT = 3600.0
+"""Default seconds without a byte in either direction before a pair is closed."""
+
+DEFAULT_READ_BYTES = 1024 * 1024
+"""Default read size of a splice; larger reads bring no more speed (bench/RELAY.md)."""
+
+SLOW_READ_BYTES = 64 * 1024
+"""Read size towards a receiver that does not keep up (grows back when it does)."""
+
+
+def retarget(transport: Any, old: IProtocol, new: Protocol) -> None:
+    """
+    Make ``transport`` deliver its events to ``new`` instead of ``old``.
+
+    Works for reactor transports (``transport.protocol``) and for
+    ``twisted.protocols.policies.ProtocolWrapper`` (``wrappedProtocol``); anything else
+    raises :class:`TypeError` rather than relaying from a connection it cannot hear.
+    """
+    if getattr(transport, "protocol", None) is old:
+        transport.protocol = new
+    elif getattr(transport, "wrappedProtocol", None) is old:
+        transport.wrappedProtocol = new
+    else:
+        raise TypeError(f"cannot take over the connection of {old!r} on {transport!r}")
+    new.transport = transport
+    new.connected = 1
+
+
+def _is_fd(transport: Any) -> bool:
+    """Whether ``transport`` is a reactor descriptor whose send queue we can inspect."""
+    return isinstance(transport, FileDescriptor) and hasattr(transport, "_tempDataLen")
+
+
+def _unsent(transport: Any) -> int:
+    """Bytes queued in user space by a reactor transport and not yet sent."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def _abort(transport: Any) -> None:
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class _End(Protocol):
+    """
+    One side of a splice: the protocol of one connection, and the producer that feeds
+    the other connection's transport.
+    """
+
+    def __init__(self, splice: Splice, name: str) -> None:
+        self.splice = splice
+        self.name = name
+        self.peer: _End = None  # type: ignore[assignment]
+        self.out: Any = None  # the other side's transport
+        self.fast = False
+        self.reading_done = False  # end-of-stream received from this side
+        self.writing_done = False  # our write direction has been shut down
+        self.lost = False
+        self.bytes_in = 0
+        self.peak_unsent = 0
+        self.read_bytes = splice.read_bytes
+
+    # -- the data path: keep it short, it runs once per read (up to 1 MiB)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer.lost:
+            return
+        splice = self.splice
+        self.bytes_in += len(data)
+        splice.last_active = splice._seconds()
+        out = self.out
+        if self.fast:
+            transport = self.transport
+            if not out._tempDataLen and out.offset == len(out.dataBuffer):
+                sent = out.writeSomeData(data)
+                if sent.__class__ is int:
+                    if sent == len(data):
+                        # The receiver keeps up: grow the reads back to full size.
+                        if transport.bufferSize < self.read_bytes:
+                            transport.bufferSize = min(self.read_bytes, transport.bufferSize * 2)
+                        return
+                    data = data[sent:]
+            out.write(data)
+            unsent = _unsent(out)
+            if unsent > self.peak_unsent:
+                self.peak_unsent = unsent
+            # A slow receiver: read small, so a paused direction holds little.
+            transport.bufferSize = SLOW_READ_BYTES
+            if not out.producerPaused:
+                # Pause at any backlog: the out transport resumes us when it has sent
+                # everything (FileDescriptor.doWrite), so one read is the most we hold.
+                out.producerPaused = True
+                transport.pauseProducing()
+        else:
+            out.write(data)
+
+    # -- IPushProducer, for the other side's transport
+
+    def pauseProducing(self) -> None:
+        if not self.lost:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        # Never resume a side that has ended: the reactor would read EOF again.
+        if not self.reading_done and not self.lost:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The other transport is gone; its connectionLost decides what happens to us.
+        pass
+
+    # -- IHalfCloseableProtocol
+
+    def readConnectionLost(self) -> None:
+        if self.reading_done:
+            return
+        self.reading_done = True
+        if self.peer.lost:
+            return
+        out = self.out
+        # Unregister first: a paused producer would be resumed instead of the socket
+        # being shut down once the queue drains (bench/RELAY.md, pitfalls).
+        out.unregisterProducer()
+        lose_write = getattr(out, "loseWriteConnection", None)
+        if lose_write is None:
+            out.loseConnection()
+        else:
+            lose_write()
+        self.splice._check_finished()
+
+    def writeConnectionLost(self) -> None:
+        self.writing_done = True
+        self.splice._check_finished()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.lost:
+            return
+        self.lost = True
+        self.splice._end_lost(self, reason)
+
+
+class Splice:
+    """
+    Two connections relaying to each other; made by :func:`splice`.
+
+    ``done`` fires (with None) once both connections are closed.  ``tag`` is a short
+    label for logs (never a secret).
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        *,
+        read_bytes: int = DEFAULT_READ_BYTES,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        tag: str = "",
+    ) -> None:
+        if read_bytes < 1:
+            raise ValueError("read_bytes must be positive")
+        self._clock = clock
+        self._seconds = clock.seconds
+        self.read_bytes = read_bytes
+        self.idle_timeout = idle_timeout
+        self.tag = tag
+        self.left = _End(self, "left")
+        self.right = _End(self, "right")
+        self.left.peer, self.right.peer = self.right, self.left
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.started = self.last_active = clock.seconds()
+        self.finished = False  # both directions completed normally
+        self.closed = False
+        self._idle_call: Any = None
+
+    @property
+    def bytes_relayed(self) -> int:
+        """Bytes relayed so far, both directions together."""
+        return self.left.bytes_in + self.right.bytes_in
+
+    def peak_unsent(self) -> int:
+        """The most bytes one direction held unsent in user space (reactor transports)."""
+        return max(self.left.peak_unsent, self.right.peak_unsent)
+
+    def unsent(self) -> tuple[int, int]:
+        """Bytes queued unsent now towards (left, right), where measurable (else 0)."""
+        return tuple(  # type: ignore[return-value]
+            _unsent(e.transport) if _is_fd(e.transport) and not e.lost else 0
+            for e in (self.left, self.right)
+        )
+
+    def _start(
+        self,
+        left: IProtocol,
+        right: IProtocol,
+        to_left: bytes,
+        to_right: bytes,
+        left_eof: bool,
+        right_eof: bool,
+    ) -> None:
+        ends = (self.left, self.right)
+        for end, old in zip(ends, (left, right)):
+            transport = old.transport  # type: ignore[attr-defined]
+            retarget(transport, old, end)
+            if _is_fd(transport):
+                # The read size of a reactor TCP transport is its bufferSize; its own
+                # pause threshold (the same attribute) no longer matters, we pause at
+                # any backlog.  Let doWrite send a whole read per call.
+                transport.bufferSize = self.read_bytes
+                transport.SEND_LIMIT = max(transport.SEND_LIMIT, self.read_bytes)
+        for end in ends:
+            end.out = end.peer.transport
+            end.fast = _is_fd(end.out)
+            end.out.registerProducer(end, True)
+        if self.idle_timeout > 0:
+            self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_check)
+        for end, eof in ((self.left, left_eof), (self.right, right_eof)):
+            if not eof:
+                end.transport.resumeProducing()
+        # Bytes read before the splice existed go first, through the normal path
+        # (counted, and pausing their source if they cannot all be sent at once).
+        if to_right and not self.closed:
+            self.left.dataReceived(to_right)
+        if to_left and not self.closed:
+            self.right.dataReceived(to_left)
+        if left_eof and not self.closed:
+            self.left.readConnectionLost()
+        if right_eof and not self.closed:
+            self.right.readConnectionLost()
+
+    def _check_finished(self) -> None:
+        left, right = self.left, self.right
+        if left.reading_done and right.reading_done and left.writing_done and right.writing_done:
+            if not self.finished:
+                self.finished = True
+                for end in (left, right):
+                    if not end.lost:
+                        end.transport.loseConnection()
+
+    def _end_lost(self, end: _End, reason: Failure | None) -> None:
+        peer = end.peer
+        if not peer.lost:
+            if self.finished:
+                peer.transport.loseConnection()
+            else:
+                # One side is gone before both directions finished: cut the other so
+                # it never mistakes a truncated stream for a complete one.
+                _abort(peer.transport)
+            return
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        log.debug(
+            "splice {tag} closed after {seconds:.1f}s: {up} bytes left->right,"
+            " {down} bytes right->left, {how}",
+            tag=self.tag,
+            seconds=self._seconds() - self.started,
+            up=self.left.bytes_in,
+            down=self.right.bytes_in,
+            how="complete" if self.finished else "cut",
+        )
+        self.done.callback(None)
+
+    def _idle_check(self) -> None:
+        self._idle_call = None
+        if self.closed:
+            return
+        now = self._seconds()
+        remaining = self.last_active + self.idle_timeout - now
+        if remaining > 0:
+            self._idle_call = self._clock.callLater(remaining, self._idle_check)
+            return
+        log.info("splice {tag} idle for {seconds:.0f}s, closing", tag=self.tag,
+                 seconds=now - self.last_active)
+        self.abort()
+
+    def abort(self) -> None:
+        """Close both connections now, dropping anything still queued."""
+        for end in (self.left, self.right):
+            if not end.lost:
+                _abort(end.transport)
+
+
+def splice(
+    clock: Any,
+    left: IProtocol,
+    right: IProtocol,
+    *,
+    to_left: bytes = b"",
+    to_right: bytes = b"",
+    left_eof: bool = False,
+    right_eof: bool = False,
+    read_bytes: int = DEFAULT_READ_BYTES,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    tag: str = "",
+) -> Splice:
+    """
+    Take over the connections of two connected protocols and relay between them.
+
+    ``to_left``/``to_right`` are bytes to deliver before anything relayed (bytes read
+    before the splice started, a replayed ClientHello); ``left_eof``/``right_eof`` say a
+    side already sent end-of-stream.  The protocols get no further events; their
+    transports may be paused, the splice resumes them.  ``read_bytes`` is the read size
+    on reactor TCP transports, and so the most one direction holds in user space (a
+    direction that backs up reads :data:`SLOW_READ_BYTES` at a time until its receiver
+    keeps up again); ``idle_timeout`` (seconds, 0 = none) closes a pair that relays nothing for that long.
+    """
+    s = Splice(clock, read_bytes=read_bytes, idle_timeout=idle_timeout, tag=tag)
+    s._start(left, right, to_left, to_right, left_eof, right_eof)
+    return s

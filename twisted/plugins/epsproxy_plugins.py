@@ -16,3 +16,11 @@ eps = ServiceMaker(
     "servers, permission checks against the service directory.",
     "eps",
 )
+
+proxy = ServiceMaker(
+    "epsproxy proxy",
+    "epsproxy.proxy.tap",
+    "A proxy: --mode public brokers peer-to-peer connections between endpoint servers "
+    "and splices them by one-time token, never seeing plaintext.",
+    "proxy",
+)

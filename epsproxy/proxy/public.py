@@ -1,0 +1,452 @@
+"""
+The public proxy (SPEC §14.1, §14.3, §14.4, §15): it brokers peer-to-peer connections
+between endpoint servers that cannot reach each other.
+
+Two parts, wired by :class:`PublicProxyService`:
+
+- :class:`PublicProxy` holds the JSON-RPC methods that the own endpoint server calls.
+  ``requestConnection`` makes a token (:meth:`Rendezvous.new_token`), asks the target
+  endpoint server (``"<to>._connectionRequest"``, sent through the own endpoint server)
+  to present it at the internal endpoint, and answers the caller with the token, which
+  it then presents too.
+- The internal listener (:meth:`Rendezvous.factory`) pairs the two connections that
+  present the same token and splices them; the proxy never sees plaintext, only TLS
+  records relayed between the two endpoint servers.
+
+Better than the reference (SPEC §23.1):
+
+- The pending-token table is capped (``max_pending_tokens``; a full table refuses
+  ``requestConnection`` with 503), and a token's expiry starts when it is made, not after
+  the ``_connectionRequest`` round trip (#5, #6).  A failed round trip forgets the token.
+- ``_client`` is trusted only from the own endpoint server (#8): when the JSON-RPC
+  server verifies client certificates, a caller whose certificate does not name this
+  proxy's operator is refused with 403.  Without verified client certificates a warning
+  is logged at start.
+- Listeners that cannot bind fail the start, and the internal listener is closed on
+  stop (#10).
+- Logs never carry tokens, and client addresses only truncated (#11).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .. import forms, ratelimit, tls
+from ..certificates import certificate_names
+from ..jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    CallContext,
+    Dispatcher,
+    JSONRPCClient,
+    JSONRPCError,
+    TransportError,
+    jsonrpc_site,
+    listen_jsonrpc,
+    random_id,
+)
+from ..metrics import RPCMetrics
+from ..store import Store, open_store
+from .rendezvous import Rendezvous, RendezvousFull
+from .settings import DEFAULT_DATASTORE_FILE
+
+__all__ = [
+    "SERVER_CHANNELS",
+    "TOO_MANY_PENDING",
+    "NOT_AUTHORIZED",
+    "REQUEST_CONNECTION_PARAMS",
+    "PublicProxy",
+    "PublicProxyPorts",
+    "PublicProxyService",
+]
+
+log = Logger()
+
+#: Channel types a ``requestConnection`` may name: the target's server channel.
+SERVER_CHANNELS = ("eps_server", "grpc_server")
+
+#: Error code of a ``requestConnection`` refused because the token table is full.
+TOO_MANY_PENDING = 503
+#: Error code of a call that does not come from the own endpoint server.
+NOT_AUTHORIZED = 403
+
+# An operator name that makes a valid "<to>._connectionRequest" method (SPEC §9.2):
+# dot-separated parts without white space or parentheses.
+_OPERATOR = r"[^\s().]+(?:\.[^\s().]+)*"
+
+CLIENT_INFO = forms.Map(
+    {
+        "name": forms.Required(forms.String(min_length=1, max_length=253)),
+        "entry": forms.Required(forms.AnyMap()),
+    }
+)
+"""``_client`` as the own endpoint server injects it (SPEC §9.3): ``{name, entry}``."""
+
+REQUEST_CONNECTION_PARAMS = forms.Map(
+    {
+        "to": forms.Required(forms.String(pattern=_OPERATOR, max_length=253)),
+        "channel": forms.Required(forms.String(choices=SERVER_CHANNELS)),
+        "_client": forms.Optional(CLIENT_INFO),
+    }
+)
+"""Params of ``requestConnection`` (SPEC §14.4); ``_client`` is checked by the handler."""
+
+# Refusals because of a full token table are logged at most this often (seconds).
+_FULL_LOG_INTERVAL = 60.0
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class PublicProxy:
+    """
+    The JSON-RPC methods of a public proxy named ``name`` (SPEC §14.4).
+
+    ``client`` calls the own endpoint server, which routes ``"<to>._connectionRequest"``
+    over the EPS network; ``internal_endpoint`` is the ``host:port`` told to both parties.
+    With ``verify_caller`` a call is served only if the caller's (verified) certificate
+    names ``name``: the own endpoint server, the only caller that sets ``_client``
+    truthfully.  A ``_connectionRequest`` gets at most ``call_timeout`` seconds (and
+    never longer than the token lives).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        rendezvous: Rendezvous,
+        client: JSONRPCClient,
+        internal_endpoint: str,
+        *,
+        accept_timeout: float,
+        call_timeout: float,
+        verify_caller: bool = True,
+    ) -> None:
+        self.reactor = reactor
+        self.name = name
+        self.rendezvous = rendezvous
+        self.client = client
+        self.internal_endpoint = internal_endpoint
+        self.call_timeout = min(call_timeout, accept_timeout)
+        self.verify_caller = verify_caller
+        self._full_logged_at: float | None = None
+        self._full_unlogged = 0
+
+    def dispatcher(self) -> Dispatcher:
+        """A dispatcher serving this proxy's methods."""
+        dispatcher = Dispatcher()
+        dispatcher.register(
+            "requestConnection", REQUEST_CONNECTION_PARAMS, self.request_connection
+        )
+        return dispatcher
+
+    def _check_caller(self, context: CallContext) -> None:
+        if not self.verify_caller:
+            return
+        certificate = context.peer_certificate
+        if certificate is None or self.name not in certificate_names(certificate):
+            raise JSONRPCError(
+                NOT_AUTHORIZED,
+                "not authorized: only the proxy's own endpoint server may call it",
+            )
+
+    def request_connection(
+        self, params: dict[str, Any], context: CallContext
+    ) -> Deferred[dict[str, str]]:
+        """
+        ``requestConnection {to, channel, _client}``: a token for a connection between
+        the caller and ``to``, which has been asked to meet it at the internal endpoint.
+        Fires with ``{"token": <base64>, "endpoint": internal_endpoint}``; errors of
+        ``to`` are passed through, a full token table gives 503, no answer -32603.
+        """
+        self._check_caller(context)
+        client = params.get("_client")
+        if client is None:
+            raise JSONRPCError(
+                NOT_AUTHORIZED,
+                "not authorized: requestConnection needs _client (call through the "
+                "endpoint server)",
+            )
+        to, channel = params["to"], params["channel"]
+        if to == self.name:
+            raise JSONRPCError(INVALID_PARAMS, "cannot broker a connection to the proxy itself")
+        try:
+            token = self.rendezvous.new_token()
+        except RendezvousFull:
+            self._log_full()
+            raise JSONRPCError(
+                TOO_MANY_PENDING,
+                "too many pending connections, try again later",
+            ) from None
+        return ensureDeferred(self._broker(token, to, channel, client))
+
+    async def _broker(
+        self, token: bytes, to: str, channel: str, client: dict[str, Any]
+    ) -> dict[str, str]:
+        text = base64.b64encode(token).decode("ascii")
+        caller = _short(client["name"])
+        request = {
+            "endpoint": self.internal_endpoint,
+            "client": client,
+            "channel": channel,
+            "token": text,
+        }
+        try:
+            await self.client.call(
+                f"{to}._connectionRequest", request, id=random_id(), timeout=self.call_timeout
+            )
+        except JSONRPCError as e:
+            self.rendezvous.cancel(token)
+            log.info(
+                "{to} refused a connection from {caller}: {message} (code {code})",
+                to=_short(to), caller=caller, message=_short(e.message), code=e.code,
+            )
+            raise JSONRPCError(e.code, e.message, e.data) from None
+        except TransportError as e:
+            self.rendezvous.cancel(token)
+            log.warn(
+                "cannot ask {to} for a connection from {caller}: {error}",
+                to=_short(to), caller=caller, error=_short(str(e), 300),
+            )
+            raise JSONRPCError(
+                INTERNAL_ERROR, f"cannot reach {to} through the proxy's endpoint server"
+            ) from None
+        except BaseException:
+            self.rendezvous.cancel(token)
+            raise
+        log.info(
+            "brokering a connection from {caller} to {to} ({channel})",
+            caller=caller, to=_short(to), channel=channel,
+        )
+        return {"token": text, "endpoint": self.internal_endpoint}
+
+    def _log_full(self) -> None:
+        now = self.reactor.seconds()
+        self._full_unlogged += 1
+        if self._full_logged_at is not None and now - self._full_logged_at < _FULL_LOG_INTERVAL:
+            return
+        log.warn(
+            "refused {count} connection request(s): {pending} tokens are pending "
+            "(max_pending_tokens)",
+            count=self._full_unlogged, pending=self.rendezvous.pending,
+        )
+        self._full_logged_at = now
+        self._full_unlogged = 0
+
+
+class _RendezvousCollector:
+    """Prometheus view of a :class:`Rendezvous`'s gauges and counters."""
+
+    def __init__(self, rendezvous: Rendezvous) -> None:
+        self.rendezvous = rendezvous
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.rendezvous
+        yield GaugeMetricFamily(
+            "proxy_pending_tokens", "tokens waiting for their parties", value=r.pending
+        )
+        yield GaugeMetricFamily(
+            "proxy_active_splices", "connection pairs being spliced", value=r.active_splices
+        )
+        yield CounterMetricFamily(
+            "proxy_pairings", "connection pairs spliced since start", value=r.pairings
+        )
+        yield CounterMetricFamily(
+            "proxy_timeouts", "tokens or parties given up for lack of a partner or token",
+            value=r.timeouts,
+        )
+        yield CounterMetricFamily(
+            "proxy_refusals", "token connections refused (unknown, used or expired token)",
+            value=r.refused,
+        )
+        yield CounterMetricFamily(
+            "proxy_spliced_bytes", "bytes relayed between spliced connections",
+            value=r.bytes_spliced,
+        )
+
+
+@dataclass(frozen=True)
+class PublicProxyPorts:
+    """The listeners of a started public proxy."""
+
+    internal: IListeningPort
+    jsonrpc: IListeningPort
+
+
+class PublicProxyService(Service):
+    """
+    A public proxy: the internal listener (token connections, rate limited by
+    ``tcp_rate_limits``) and the JSON-RPC server, with the client to the own endpoint
+    server and the datastore.  ``settings`` is the validated ``public`` section.
+
+    Starts asynchronously; :meth:`when_ready` fires with the :class:`PublicProxyPorts`
+    once it serves, or fails with the reason it could not start.  With
+    ``stop_reactor_on_failure`` a failed start stops the reactor (``twistd -n proxy``
+    exits instead of idling).  ``datastore_dir`` holds the default embedded store
+    (default: the working folder).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: dict[str, Any],
+        registry: CollectorRegistry | None = None,
+        *,
+        stop_reactor_on_failure: bool = False,
+        datastore_dir: Path | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.stop_reactor_on_failure = stop_reactor_on_failure
+        self.datastore_dir = datastore_dir
+        self.rendezvous = Rendezvous(
+            reactor,
+            accept_timeout=settings["accept_timeout"],
+            read_timeout=settings["read_timeout"],
+            max_pending=settings["max_pending_tokens"],
+            buffer_bytes=settings["splice_buffer_bytes"],
+            idle_timeout=settings["idle_timeout"],
+        )
+        self.registry.register(_RendezvousCollector(self.rendezvous))
+        self._rate_limited = Counter(
+            "proxy_internal_rate_limited_connections",
+            "token connections closed by tcp_rate_limits", registry=self.registry,
+        )
+        self.store: Store | None = None
+        self.client: JSONRPCClient | None = None
+        self.proxy: PublicProxy | None = None
+        self.ports: list[IListeningPort] = []
+        self._outcome: PublicProxyPorts | Failure | None = None
+        self._waiters: list[Deferred[PublicProxyPorts]] = []
+
+    # -- start ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = ensureDeferred(self._start())
+        d.addErrback(self._start_failed)
+        d.addBoth(self._settle)
+
+    def when_ready(self) -> Deferred[PublicProxyPorts]:
+        """A new Deferred for the outcome of start-up (any number of callers may wait)."""
+        if self._outcome is None:
+            waiter: Deferred[PublicProxyPorts] = Deferred()
+            self._waiters.append(waiter)
+            return waiter
+        if isinstance(self._outcome, Failure):
+            return fail(self._outcome)
+        return succeed(self._outcome)
+
+    def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+    async def _start(self) -> PublicProxyPorts:
+        settings = self.settings
+        default_dir = self.datastore_dir if self.datastore_dir is not None else Path.cwd()
+        self.store = await open_store(
+            self.reactor, settings["datastore"], default_path=default_dir / DEFAULT_DATASTORE_FILE
+        )
+        self.client = JSONRPCClient(self.reactor, settings["jsonrpc_client"])
+        server_settings = settings["jsonrpc_server"]
+        server_tls = server_settings.get("tls")
+        verify_caller = server_tls is not None and server_tls["verify_client"]
+        if not verify_caller:
+            self.log.warn(
+                "the JSON-RPC server does not verify client certificates: any caller that "
+                "reaches {address} can claim any _client",
+                address=server_settings["bind_address"],
+            )
+        self.proxy = PublicProxy(
+            self.reactor, settings["name"], self.rendezvous, self.client,
+            settings["internal_endpoint"],
+            accept_timeout=settings["accept_timeout"],
+            call_timeout=settings["jsonrpc_client"]["timeout"],
+            verify_caller=verify_caller,
+        )
+        internal = await self._listen_internal()
+        dispatcher = self.proxy.dispatcher()
+        site = jsonrpc_site(
+            dispatcher, server_settings, reactor=self.reactor,
+            metrics=RPCMetrics(self.registry, "proxy", dispatcher.__contains__),
+        )
+        jsonrpc = await listen_jsonrpc(self.reactor, site, server_settings)
+        self.ports.append(jsonrpc)
+        self.log.info(
+            "SNI passthrough is not enabled: nothing listens on tls_bind_address {address}",
+            address=settings["tls_bind_address"],
+        )
+        inner, outer = internal.getHost(), jsonrpc.getHost()
+        self.log.info(
+            "public proxy {name} serving: internal endpoint on {ihost}:{iport} "
+            "(told as {endpoint}), JSON-RPC on {jhost}:{jport}{path}",
+            name=settings["name"], ihost=inner.host, iport=inner.port,
+            endpoint=settings["internal_endpoint"], jhost=outer.host, jport=outer.port,
+            path=server_settings["path"],
+        )
+        return PublicProxyPorts(internal, jsonrpc)
+
+    async def _listen_internal(self) -> IListeningPort:
+        factory: Any = self.rendezvous.factory()
+        limits = self.settings["tcp_rate_limits"]
+        if limits:
+            factory = ratelimit.rate_limited(
+                factory, limits, self.reactor,
+                on_refused=lambda reason: self._rate_limited.inc(),
+            )
+        endpoint = tls.listen_endpoint(self.reactor, self.settings["internal_bind_address"], None)
+        port = await endpoint.listen(factory)
+        self.ports.append(port)
+        return port
+
+    def _start_failed(self, failure: Failure) -> Deferred[Failure]:
+        self.log.error(
+            "public proxy could not start: {reason}", reason=failure.getErrorMessage()
+        )
+        self.log.debug("start-up failure: {failure}", failure=failure.getTraceback())
+
+        def stopped(_: Any) -> Failure:
+            if self.stop_reactor_on_failure and self.reactor.running:
+                self.reactor.stop()
+            return failure
+
+        return ensureDeferred(self._close()).addBoth(stopped)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def _close(self) -> None:
+        """Stop listening, close the parties and splices, the client and the store."""
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await maybeDeferred(port.stopListening)
+        await self.rendezvous.close_all()
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
+        if self.store is not None:
+            store, self.store = self.store, None
+            await store.close()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self._close())

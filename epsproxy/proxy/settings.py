@@ -1,0 +1,119 @@
+"""
+The settings schema of ``twistd proxy`` (SPEC §14, §14.1, §17).
+
+A proxy role's settings have up to three sections: ``metrics`` (optional), ``public``
+(needed by ``--mode public``) and ``private`` (needed by ``--mode private``).  Every
+section is strict: a misspelt key stops the program with a message naming it.
+
+Differences from the reference, on purpose:
+
+- ``accept_timeout`` keeps its fraction (the reference truncated it to whole seconds)
+  and must be positive: a zero timeout would forget every token at once.
+- ``datastore`` may be left out: the embedded store, in the file
+  :data:`DEFAULT_DATASTORE_FILE` of twistd's working folder (``--rundir``).
+- The data path has explicit, bounded knobs the reference lacked (SPEC §23.1):
+  ``max_pending_tokens``, ``read_timeout``, ``splice_buffer_bytes``, ``idle_timeout``.
+"""
+
+from __future__ import annotations
+
+from .. import forms
+from ..jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPC_SERVER_SETTINGS
+from ..metrics import METRICS_SETTINGS
+from ..ratelimit import TCP_RATE_LIMITS
+from ..store import DATASTORE_SETTINGS
+from ..tls import parse_address
+
+__all__ = [
+    "DEFAULT_DATASTORE_FILE",
+    "PUBLIC_PROXY_SETTINGS",
+    "PROXY_SETTINGS",
+]
+
+#: The embedded store's file (in the working folder) when ``datastore`` names none.
+DEFAULT_DATASTORE_FILE = "public-proxy-announcements.sqlite"
+
+
+def _address(text: str) -> str:
+    host, _ = parse_address(text)
+    if not host:
+        raise ValueError("a host is needed (host:port)")
+    return text
+
+
+def _listen_address(text: str) -> str:
+    parse_address(text)
+    return text
+
+
+_ADDRESS = forms.Check(forms.String(min_length=1), _address)
+_LISTEN_ADDRESS = forms.Check(forms.String(min_length=1), _listen_address)
+
+PUBLIC_PROXY_SETTINGS = forms.Map(
+    {
+        "name": forms.Required(
+            forms.String(min_length=1, max_length=253),
+            doc="operator name of this proxy (= the name of its own endpoint server)",
+        ),
+        "datastore": forms.Optional(
+            DATASTORE_SETTINGS,
+            default={"type": "embedded", "settings": {}},
+            doc="where announcements are kept (SPEC §8.5)",
+        ),
+        "tls_bind_address": forms.Optional(
+            _LISTEN_ADDRESS, default="localhost:443",
+            doc="public listener for client TLS connections (SNI passthrough)",
+        ),
+        "internal_bind_address": forms.Optional(
+            _LISTEN_ADDRESS, default="localhost:9999",
+            doc="listener for token connections (P2P parties, private proxies)",
+        ),
+        "internal_endpoint": forms.Optional(
+            _ADDRESS, default="localhost:9999",
+            doc="host:port told to the parties to dial; should reach internal_bind_address",
+        ),
+        "jsonrpc_client": forms.Required(
+            JSONRPC_CLIENT_SETTINGS, doc="client to the own endpoint server's gateway"
+        ),
+        "jsonrpc_server": forms.Required(
+            JSONRPC_SERVER_SETTINGS, doc="server that the own endpoint server calls"
+        ),
+        "tcp_rate_limits": forms.Optional(
+            TCP_RATE_LIMITS, default=[], doc="applied to the TLS and internal listeners"
+        ),
+        "accept_timeout": forms.Optional(
+            forms.Float(min=0.001, max=3000), default=10.0,
+            doc="seconds a pending token (and a party waiting on it) is kept",
+        ),
+        "max_pending_tokens": forms.Optional(
+            forms.Integer(min=1, max=10_000_000), default=10_000,
+            doc="pending tokens at most; requestConnection is refused beyond",
+        ),
+        "read_timeout": forms.Optional(
+            forms.Float(min=0.001, max=600), default=5.0,
+            doc="seconds a token connection has to send its 32 token bytes",
+        ),
+        "splice_buffer_bytes": forms.Optional(
+            forms.Integer(min=1024, max=64 * 1024 * 1024), default=256 * 1024,
+            doc="bytes buffered per direction of a spliced pair before the sender is paused",
+        ),
+        "idle_timeout": forms.Optional(
+            forms.Float(min=1, max=7 * 86400), default=3600.0,
+            doc="seconds without traffic after which a spliced pair is closed",
+        ),
+    },
+    strict=True,
+)
+"""The ``public`` section (SPEC §14.1 plus the data path's limits)."""
+
+PROXY_SETTINGS = forms.Map(
+    {
+        "metrics": forms.Optional(METRICS_SETTINGS),
+        "public": forms.Optional(PUBLIC_PROXY_SETTINGS),
+        # The private proxy (SPEC §14.5) validates its own section when it runs.
+        "private": forms.Optional(forms.AnyMap()),
+    },
+    strict=True,
+)
+"""A proxy role's settings: ``metrics``, ``public`` and ``private`` (SPEC §14)."""
+

@@ -1,0 +1,96 @@
+"""``twistd proxy``: options and service construction for the proxies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from .. import tls
+from ..metrics import metrics_service
+from ..settings import SettingsError, load_settings, settings_paths
+from .public import PublicProxyService
+from .settings import PROXY_SETTINGS
+
+__all__ = ["MODES", "Options", "makeService"]
+
+MODES = ("public", "private")
+
+
+class Options(usage.Options):
+    """Command line of ``twistd proxy``."""
+
+    synopsis = "--mode public|private [--settings DIR[:DIR...]]"
+    longdesc = (
+        "Run a proxy. --mode public brokers peer-to-peer connections between endpoint "
+        "servers that cannot reach each other: its endpoint server forwards "
+        "requestConnection calls to it, and the two parties meet at its internal endpoint "
+        "with a one-time token and are spliced (TLS end to end; the proxy never sees "
+        "plaintext). --mode private is not implemented yet. Settings are the *.yml files "
+        "of the folders given by --settings or PROXY_SETTINGS, e.g. "
+        "PROXY_SETTINGS=conf/dev/roles/public-proxy-1; --mode public needs their "
+        "'public' section."
+    )
+    optParameters = [
+        ["mode", "m", None, "public or private (required)."],
+        ["settings", "s", None,
+         "Colon-separated settings folders or files (default: $PROXY_SETTINGS)."],
+    ]
+
+    def postOptions(self) -> None:
+        mode = self["mode"]
+        if mode is None:
+            raise usage.UsageError("--mode is required: public or private")
+        if mode not in MODES:
+            raise usage.UsageError(f"--mode must be public or private, not {mode!r}")
+        if mode == "private":
+            raise usage.UsageError("--mode private is not implemented yet")
+        try:
+            paths = settings_paths(self["settings"], "PROXY_SETTINGS")
+            self.settings: dict[str, Any] = load_settings(paths, PROXY_SETTINGS)
+        except SettingsError as e:
+            raise usage.UsageError(str(e)) from None
+        public = self.settings.get(mode)
+        if public is None:
+            where = ":".join(str(p) for p in paths)
+            raise usage.UsageError(f"{where}: no '{mode}' section (needed by --mode {mode})")
+        _check_tls(public)
+
+
+def _check_tls(public: dict[str, Any]) -> None:
+    """Load the TLS files now, so that a wrong path is one usage error, not a failed start."""
+    server_tls = public["jsonrpc_server"].get("tls")
+    if server_tls is not None:
+        try:
+            tls.server_options(server_tls)
+        except tls.TLSSettingsError as e:
+            raise usage.UsageError(f"public.jsonrpc_server.{e}") from None
+    client = public["jsonrpc_client"]
+    if client.get("tls") is not None and client["endpoint"].startswith("https:"):
+        name = client.get("server_name") or client["tls"].get("server_name") or "localhost"
+        try:
+            tls.client_options(client["tls"], name)
+        except tls.TLSSettingsError as e:
+            raise usage.UsageError(f"public.jsonrpc_client.{e}") from None
+
+
+def makeService(
+    options: Options, reactor: Any = None, *, exit_on_failure: bool = True
+) -> MultiService:
+    """
+    The proxy's service tree: the public proxy and, if configured, metrics.  With
+    ``exit_on_failure`` (what twistd wants) a failed start-up stops the reactor.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: PLC0415 (twistd installs it first)
+    top = MultiService()
+    registry = CollectorRegistry()
+    PublicProxyService(
+        reactor, options.settings["public"], registry,
+        stop_reactor_on_failure=exit_on_failure,
+    ).setServiceParent(top)
+    if options.settings.get("metrics"):
+        metrics_service(reactor, options.settings["metrics"], registry).setServiceParent(top)
+    return top

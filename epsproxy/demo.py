@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "dev"
@@ -61,6 +62,8 @@ def _eps(name: str, port: int, operator: str) -> Role:
 #: directory is loaded, so they know their peers from the first second.
 SD_ROLES = (Role("sd-1", "sd", "SD_SETTINGS", 3322, "sd-1"),)
 EPS_ROLES = (
+    Role("public-proxy-1", "proxy", "PROXY_SETTINGS", 6655, "public-proxy-1.ga",
+         args=("--mode", "public"), probe="requestConnection"),
     Role("locations", "", "", 6666, "", probe="lookup",
          command=("-m", "epsproxy.examples.locations", "--bind", "localhost:6666")),
     _eps("ls-1", 5557, "ls-1"),
@@ -252,6 +255,67 @@ def getting_started() -> None:
     )
 
 
+def metric(port: int, name: str, labels: str = "") -> float | None:
+    """One sample from a Prometheus endpoint on localhost, or None."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def wait_for(what: str, check: Any, seconds: float = 30) -> None:
+    """Poll ``check()`` until it is true (a readiness condition, not a fixed sleep)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise DemoError(f"{what} did not happen within {seconds:.0f} s")
+        time.sleep(0.1)
+
+
+#: Metrics ports of the dev roles (conf/dev/roles/*/).
+PROXY_METRICS = 2114
+PROXY_EPS_METRICS = 2115
+#: The public proxy's counter of spliced pairs.
+PAIRINGS = "proxy_pairings_total"
+
+
+def peer_to_peer() -> None:
+    """SPEC §21.4: hd-1's gateway asks for hd-2._ping; hd-2 is reachable only via the proxy."""
+    print("\nPeer to peer: hd-1 asks hd-2 for _ping. hd-2's server is published behind "
+          "public-proxy-1.ga,\nso hd-1 asks the proxy for a connection, both dial its internal "
+          "endpoint with a token,\nand they speak mutual TLS through the splice:")
+    wait_for(
+        "hd-1 and hd-2 linking to public-proxy-1.ga",
+        lambda: (metric(PROXY_EPS_METRICS, "eps_peer_links", 'direction="incoming"') or 0) >= 2,
+    )
+    before = metric(PROXY_METRICS, PAIRINGS) or 0.0
+    reply = call(5555, "hd-1", "hd-2._ping", {}, timeout=20)
+    if "error" in reply:
+        raise DemoError(f"hd-2._ping failed: {reply['error']}")
+    after = metric(PROXY_METRICS, PAIRINGS) or 0.0
+    result = reply["result"]
+    print(f"  hd-2._ping -> serverInfo.name = {result['serverInfo']['name']!r}, "
+          f"version {result['version']}, timestamp {result['timestamp']},\n"
+          f"     caller as hd-2 saw it: {result['params']['_client']['name']!r}")
+    print(f"  the proxy's pairings went from {before:.0f} to {after:.0f} "
+          f"(http://localhost:{PROXY_METRICS}/metrics)")
+    print(
+        "\nAsk it yourself:\n  curl --cert conf/dev/certs/hd-1.crt --key conf/dev/certs/hd-1.key "
+        "--cacert conf/dev/certs/root.crt --resolve hd-1:5555:127.0.0.1 "
+        "https://hd-1:5555/jsonrpc -H 'Content-Type: application/json' "
+        "--data '{\"method\": \"hd-2._ping\", \"id\": \"1\", \"params\": {}, \"jsonrpc\": \"2.0\"}'"
+    )
+
+
 def start(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     stop(run_dir)
@@ -263,6 +327,7 @@ def start(run_dir: Path) -> None:
     for role in EPS_ROLES:
         _wait_ready(run_dir, role, _start_role(run_dir, role))
     getting_started()
+    peer_to_peer()
     print(f"\nLogs and pids are in {run_dir}/; `make stop` stops the network.")
 
 

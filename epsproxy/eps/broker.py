@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from types import CoroutineType
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from twisted.internet import defer
@@ -234,31 +235,54 @@ class Broker:
         Fires with the response (None if the channel gave none) or fails with
         :class:`BrokerError`.
         """
+        result = self.deliver_now(request, client_info)
+        if isinstance(result, defer.Deferred):
+            return result
+        if isinstance(result, Failure):
+            return defer.fail(result)
+        return defer.succeed(result)
+
+    def deliver_now(
+        self, request: Request, client_info: ClientInfo | None
+    ) -> Response | None | Failure | defer.Deferred[Response | None]:
+        """
+        :meth:`deliver` for callers on a hot path: the same work, but an answer that is
+        there at once (the channel answered synchronously, or the broker refused) is
+        returned as it is, a :class:`Response`, None or a :class:`Failure` of
+        :class:`BrokerError`, instead of in an already-fired Deferred.  Otherwise a
+        Deferred, as :meth:`deliver` gives.
+        """
         started = self.clock.seconds()
         call = _Call()
         if not isinstance(request.id, str):
-            return defer.fail(self._finish(
+            return self._finish(
                 Failure(BrokerError("error parsing address: invalid ID format")),
                 call, started,
-            ))
+            )
         # 1. Loop detection, keyed by (caller, id) (§23.2 #19).
         key = (client_info.name if client_info is not None else None, request.id)
         if key in self._in_transit:
-            return defer.fail(self._finish(
+            return self._finish(
                 Failure(BrokerError(
                     f"request {request.id[:200]} is already being processed "
                     "(maybe a delivery loop)"
                 )),
                 call, started,
-            ))
+            )
         self._in_transit.add(key)
-        d = defer.maybeDeferred(self._deliver, request, client_info, call)
+        try:
+            result = self._deliver(request, client_info, call)
+        except BaseException:
+            result = Failure()
+        if isinstance(result, defer.Deferred):
 
-        def done(result: Any) -> Any:
-            self._in_transit.discard(key)
-            return self._finish(result, call, started)
+            def done(result: Any) -> Any:
+                self._in_transit.discard(key)
+                return self._finish(result, call, started)
 
-        return d.addBoth(done)
+            return result.addBoth(done)
+        self._in_transit.discard(key)
+        return self._finish(result, call, started)
 
     def _finish(self, result: Any, call: _Call, started: float) -> Any:
         if isinstance(result, Failure):
@@ -274,7 +298,7 @@ class Broker:
 
     def _deliver(
         self, request: Request, client_info: ClientInfo | None, call: _Call
-    ) -> Response | None | defer.Deferred[Response | None]:
+    ) -> Response | None | Failure | defer.Deferred[Response | None]:
         # 2. Client info.
         if client_info is None:
             raise BrokerError("client info missing")
@@ -298,7 +322,10 @@ class Broker:
                 raise BrokerError("request params must be an object")
             params = dict(params)
             params["_client"] = client.as_json()
-            request = dataclasses.replace(request, params=params)
+            if type(request) is Request:
+                request = Request(request.method, params, request.id)
+            else:
+                request = dataclasses.replace(request, params=params)
         # 6. The address in the id is the one source of operator and method (§23.2 #18).
         try:
             address = parse_address(request.id)
@@ -360,7 +387,7 @@ class Broker:
 
     def _via_channel(
         self, channel: Channel, request: Request, client: ClientInfo, call: _Call
-    ) -> defer.Deferred[Response | None]:
+    ) -> Response | None | Failure | defer.Deferred[Response | None]:
         def checked(response: Any) -> Response | None:
             if response is None:
                 call.outcome = "ok"
@@ -391,8 +418,21 @@ class Broker:
                 },
             )
 
-        d = defer.maybeDeferred(channel.deliver, request, client)
-        return d.addCallback(checked).addErrback(failed)
+        try:
+            answer = channel.deliver(request, client)
+        except BaseException:
+            return failed(Failure())
+        if type(answer) is CoroutineType:
+            answer = defer.Deferred.fromCoroutine(answer)
+        if isinstance(answer, defer.Deferred):
+            return answer.addCallback(checked).addErrback(failed)
+        # A synchronous answer is checked at once, without a Deferred.
+        if isinstance(answer, Failure):
+            return failed(answer)
+        try:
+            return checked(answer)
+        except BaseException:
+            return failed(Failure())
 
     # -- internal methods (step 9) ------------------------------------------------------
 

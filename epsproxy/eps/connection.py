@@ -11,13 +11,16 @@ this module only moves frames and keeps per-connection state (no business logic)
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import count
+from types import CoroutineType
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -99,12 +102,15 @@ class EPSConnection(Protocol):
         self._closed: list[defer.Deferred[None]] = []
         self._outcome: Failure | PeerIdentity | None = None
         self._pending: dict[str, tuple[defer.Deferred[wire.Response], IDelayedCall | None]] = {}
-        self._queued: list[wire.Request] = []
+        self._queued: list[tuple[str, bytes]] = []
         self._serving: set[str] = set()
         self._ids = count(1)
         self._nonces = count(1)
         self._timer: IDelayedCall | None = None
         self._last_sent = self._last_received = 0.0
+        # Lines written while dataReceived runs, sent together when it returns.
+        self._batch: list[bytes] | None = None
+        self._transport_write: Callable[[bytes], Any] | None = None
 
     # -- owners -------------------------------------------------------------------------
 
@@ -154,8 +160,7 @@ class EPSConnection(Protocol):
         if self.state == _CLOSED:
             return defer.fail(PeerGone("connection closed"))
         try:
-            request = wire.Request(id, method, params)
-            wire.encode(request, self.max_line)
+            line = wire.encode(wire.Request(id, method, params), self.max_line)
         except wire.WireError as e:
             return defer.fail(e)
         d: defer.Deferred[wire.Response] = defer.Deferred(lambda _: self._forget(id))
@@ -164,9 +169,9 @@ class EPSConnection(Protocol):
             timer = self.clock.callLater(timeout, self._time_out, id, timeout)
         self._pending[id] = (d, timer)
         if self.state == _OPEN:
-            self._send(request)
+            self._write(line)
         else:
-            self._queued.append(request)
+            self._queued.append((id, line))
         return d
 
     def close(self, code: int = wire.ERR_SHUTDOWN, message: str = "shutting down") -> None:
@@ -177,6 +182,21 @@ class EPSConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._last_sent = self._last_received = self.clock.seconds()
+        transport = self.transport
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            # Twisted's BufferingTLSTransport delays every write to a callLater(0), one
+            # more reactor turn per answer.  We batch the lines of each dataReceived
+            # ourselves (see _write), so hand them to the TLS layer at once.  All our
+            # writes take this path, so lines keep their order.
+            self._transport_write = partial(TLSMemoryBIOProtocol.write, transport)
+        else:
+            self._transport_write = transport.write
+        try:
+            # Small frames, answered at once: no Nagle delay (the TLS layer passes
+            # unknown attributes to the TCP transport under it).
+            transport.setTcpNoDelay(True)
+        except (AttributeError, NotImplementedError, OSError):
+            pass
 
     def peer_certificate(self) -> Any:
         """The peer's verified leaf certificate (a seam for socket-free tests)."""
@@ -200,6 +220,16 @@ class EPSConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.state not in (_HELLO, _OPEN):
             return  # before identification, or after closing: read nothing
+        if self._batch is not None:  # re-entered from a handler: the outer call sends
+            self._receive(data)
+            return
+        self._batch = []
+        try:
+            self._receive(data)
+        finally:
+            self._flush()
+
+    def _receive(self, data: bytes) -> None:
         try:
             frames = self._decoder.feed(data)
         except wire.WireError as e:
@@ -222,6 +252,7 @@ class EPSConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.state = _CLOSED
+        self._batch = None
         self._cancel_timer()
         pending, self._pending, self._queued = self._pending, {}, []
         for d, timer in pending.values():
@@ -241,7 +272,7 @@ class EPSConnection(Protocol):
             log.info("EPS peer {peer} closed with error {code}: {message}",
                      peer=self._peer_name(), code=frame.code, message=frame.message)
             self.state = _CLOSED
-            self.transport.loseConnection()
+            self._lose()
         elif self.state == _HELLO:
             if isinstance(frame, wire.Hello):
                 self._hello(frame)
@@ -277,9 +308,9 @@ class EPSConnection(Protocol):
         self.version = min(wire.PROTOCOL_VERSION, hello.version)
         self.state = _OPEN
         queued, self._queued = self._queued, []
-        for request in queued:
-            if request.id in self._pending:
-                self._send(request)
+        for id, line in queued:
+            if id in self._pending:
+                self._write(line)
         self._schedule_heartbeat()
         self._settle(peer)
 
@@ -299,17 +330,40 @@ class EPSConnection(Protocol):
             self._abort(wire.ERR_PROTOCOL, "duplicate request id in flight")
             return
         self._serving.add(request.id)
-        d = defer.maybeDeferred(self.handler, request, self.peer)
-        # A result that is not a valid response object counts as a handler failure.
-        d.addCallback(self._result, request)
-        d.addErrback(self._handler_failed, request)
-        d.addCallback(self._respond, request)
-        d.addErrback(lambda f: log.failure("answering an EPS request failed", f))
+        try:
+            result = self.handler(request, self.peer)
+        except BaseException:
+            result = Failure()
+        # A handler that answers at once is answered at once, without a Deferred.
+        if type(result) is CoroutineType:
+            result = defer.Deferred.fromCoroutine(result)
+        if isinstance(result, defer.Deferred):
+            result.addBoth(self._answered, request)
+        else:
+            self._answered(result, request)
+
+    def _answered(self, result: Any, request: wire.Request) -> None:
+        """Send the answer to ``request``: the handler's result or failure."""
+        try:
+            if isinstance(result, Failure):
+                response = self._handler_failed(result, request)
+            else:
+                try:
+                    response = self._result(result, request)
+                except BaseException:
+                    # A result that is not a valid response object counts as a handler
+                    # failure.
+                    response = self._handler_failed(Failure(), request)
+            self._respond(response, request)
+        except BaseException:
+            log.failure("answering an EPS request failed")
 
     def _result(self, result: Any, request: wire.Request) -> wire.Response:
         if result is None:
             return wire.Response(request.id, {})
         if isinstance(result, wire.Response):
+            if type(result) is wire.Response and result.id == request.id:
+                return result  # already validated when it was built
             return wire.Response(request.id, result.result, result.error)
         return wire.Response(request.id, result)
 
@@ -337,8 +391,26 @@ class EPSConnection(Protocol):
         self._write(wire.encode(frame, self.max_line))
 
     def _write(self, line: bytes) -> None:
+        if self._batch is not None:
+            self._batch.append(line)
+            return
         self._last_sent = self.clock.seconds()
-        self.transport.write(line)
+        write = self._transport_write
+        if write is None:
+            write = self.transport.write
+        write(line)
+
+    def _flush(self) -> None:
+        """Send the lines written since dataReceived began, in one write."""
+        batch, self._batch = self._batch, None
+        if batch and self.transport is not None:
+            self._write(b"".join(batch) if len(batch) > 1 else batch[0])
+
+    def _lose(self) -> None:
+        """Close the transport after sending what is batched."""
+        self._flush()
+        if self.transport is not None:  # a failed TLS write may have closed it already
+            self.transport.loseConnection()
 
     def _abort(self, code: int, message: str) -> None:
         if self.state == _CLOSED or self.transport is None:
@@ -346,7 +418,7 @@ class EPSConnection(Protocol):
         self._send(wire.ErrorFrame(code, message))
         self.state = _CLOSED
         self._cancel_timer()
-        self.transport.loseConnection()
+        self._lose()
 
     def _settle(self, outcome: Failure | PeerIdentity) -> None:
         if self._outcome is not None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from epsproxy.eps import wire
 from epsproxy.eps.broker import Broker, BrokerError, ClientInfo, Request, Response
@@ -206,12 +207,17 @@ class PeerLinks:
             return wire.Response(request.id, error={
                 "code": NO_MATCHING_CLIENT, "message": "endpoint server is starting",
             })
-        d = self.broker.deliver(
+        answer = self.broker.deliver_now(
             Request(request.method, request.params, request.id),
             ClientInfo(peer.name, peer.entry),
         )
-        return d.addCallbacks(_to_wire, _broker_failed, callbackArgs=(request.id,),
-                              errbackArgs=(request.id,))
+        if isinstance(answer, defer.Deferred):
+            return answer.addCallbacks(_to_wire, _broker_failed, callbackArgs=(request.id,),
+                                       errbackArgs=(request.id,))
+        # Answered at once: no Deferred for the connection to wait on.
+        if isinstance(answer, Failure):
+            return _broker_failed(answer, request.id)
+        return _to_wire(answer, request.id)
 
     def _async_result(self, request: wire.Request, peer: PeerIdentity) -> wire.Response:
         if self.async_calls is None:

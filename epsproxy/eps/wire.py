@@ -14,6 +14,13 @@ frames, with no I/O:
 - :class:`LineDecoder` splits a byte stream into frames, enforcing the line limit as soon
   as an unfinished line grows past it.
 
+Lines are written and read with orjson (several times faster than the standard library),
+but the standard library's strict codec stays the reference: whenever orjson refuses a
+value or line, or a cheap check sees something orjson would treat differently (a value
+that does not read back as itself, a number of 19 or more digits), the strict codec does the
+work, so what is accepted, refused and produced is the same as with it alone (floats
+may be written in another, equally exact form: ``1e-07`` as ``1e-7``).
+
 Every problem with peer input is a :class:`WireError` (:class:`LineTooLong` or
 :class:`MalformedFrame`); :func:`error_frame_for` gives the connection-level error frame
 to send before closing.  The peer's identity comes from its TLS certificate, never from a
@@ -27,6 +34,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+import orjson
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -184,8 +193,12 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_str(self.id, "id", 1, MAX_ID)
-        _check_str(self.method, "method", 1, MAX_METHOD)
+        id, method = self.id, self.method
+        if (type(id) is str and 0 < len(id) <= MAX_ID and type(method) is str
+                and 0 < len(method) <= MAX_METHOD and type(self.params) is dict):
+            return  # the common case, checked inline
+        _check_str(id, "id", 1, MAX_ID)
+        _check_str(method, "method", 1, MAX_METHOD)
         _check_object(self.params, "params")
 
 
@@ -202,8 +215,10 @@ class Response:
     error: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        _check_str(self.id, "id", 1, MAX_ID)
-        if self.result is not NO_RESULT:
+        id = self.id
+        if type(id) is not str or not 0 < len(id) <= MAX_ID:
+            _check_str(id, "id", 1, MAX_ID)
+        if self.result is not NO_RESULT and type(self.result) is not dict:
             _check_object(self.result, "result")
         if self.error is not None:
             if self.result is not NO_RESULT:
@@ -306,6 +321,29 @@ def parse_frame(obj: object) -> Frame:
     return parser(obj)
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+# orjson hands subclasses of str/int/dict/list, dataclasses and datetimes to ``default``
+# with these options; _refuse sends them to the strict encoder.
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+)
+
+
+def _refuse(value: object) -> None:
+    raise TypeError
+
+
+def _encode_strict(obj: dict[str, Any]) -> bytes:
+    try:
+        return _encoder.encode(obj).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:
+        # UnicodeEncodeError is a ValueError.
+        raise MalformedFrame(f"frame not encodable ({type(e).__name__})") from None
+
+
 def encode(frame: Frame, max_line: int = DEFAULT_MAX_LINE) -> bytes:
     """
     One line of compact UTF-8 JSON for ``frame``, ``\\n`` included.
@@ -316,15 +354,15 @@ def encode(frame: Frame, max_line: int = DEFAULT_MAX_LINE) -> bytes:
     """
     obj = frame_to_object(frame)
     try:
-        data = json.dumps(
-            obj,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        ).encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as e:
-        # UnicodeEncodeError is a ValueError.
-        raise MalformedFrame(f"frame not encodable ({type(e).__name__})") from None
+        data = orjson.dumps(obj, default=_refuse, option=_ORJSON_OPTIONS)
+    except Exception:  # orjson.JSONEncodeError and whatever a value raised
+        data = _encode_strict(obj)
+    else:
+        # orjson also writes what the strict encoder refuses: NaN and infinities (as
+        # null), enum members (as their value), UUIDs, its fragments.  Such a line does
+        # not read back as the value it was written from (a C-speed check).
+        if orjson.loads(data) != obj:
+            data = _encode_strict(obj)
     if len(data) > max_line:
         raise LineTooLong(f"frame of {len(data)} bytes exceeds {max_line}")
     return data + b"\n"
@@ -368,7 +406,25 @@ def _has_lone_surrogate(value: object) -> bool:
     return False
 
 
+# orjson reads integers beyond 64 bits as floats; the strict decoder keeps them exact.
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+
+
 def _decode_line(line: bytes) -> Frame:
+    if not _LONG_NUMBER.search(line):
+        # orjson refuses what the strict decoder refuses (invalid UTF-8, lone
+        # surrogates, NaN and infinities, numbers beyond a double's range) and reads the
+        # rest as it does; a refused line goes to the strict decoder for its reason.
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return parse_frame(obj)
+    return _decode_line_strict(line)
+
+
+def _decode_line_strict(line: bytes) -> Frame:
     try:
         obj = _decoder.decode(line.decode("utf-8"))
     except UnicodeDecodeError:

@@ -9,7 +9,7 @@ DEV_CERTS := conf/dev/certs
 TEST_CERTS := conf/test/certs
 RUN := run
 
-.PHONY: all venv certs os-deps test test-trial demo stop sd-setup bench clean
+.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench clean
 
 all: venv certs
 
@@ -34,6 +34,8 @@ $(TEST_CERTS)/root.crt: | $(STAMP)
 # The tests use real peers: redis-server, openssl and curl.  Install them when missing
 # and we can (root with apt-get); otherwise say what is needed.
 OS_TOOLS := redis-server openssl curl tinyproxy
+# What make bench measures beside ours (never needed by make test).
+BENCH_TOOLS := haproxy socat
 os-deps:
 	@missing=""; for tool in $(OS_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -59,9 +61,19 @@ stop: venv
 sd-setup: venv certs
 	$(BIN)/python -m epsproxy.demo sd-setup
 
-bench: venv certs
+bench: venv certs bench-deps
 	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
 	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) $(RUN) $(DEV_CERTS) $(TEST_CERTS) build *.egg-info twisted/plugins/dropin.cache
+
+bench-deps:
+	@missing=""; for tool in $(BENCH_TOOLS); do command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			echo "installing$$missing"; apt-get update -qq && apt-get install -y -qq$$missing >/dev/null; \
+		else \
+			echo "make bench compares against$$missing: install them (e.g. sudo apt-get install$$missing); measuring without them"; \
+		fi; \
+	fi

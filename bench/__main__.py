@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import eps, sd
+from . import eps, relay, sd
 
-BENCHMARKS = {"sd": sd.main, "eps": eps.main}
+BENCHMARKS = {"sd": sd.main, "eps": eps.main, "relay": relay.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -622,3 +622,26 @@ class ThroughConnectProxy(NetworkTestCase):
         self.assertEqual(result["serverInfo"]["name"], "hd-2")
         self.assertEqual(self.proxy.requests(),
                          [f"CONNECT {self.net.server_address('hd-2')} HTTP/1.1"])
+
+
+class ReferenceChannelNames(NetworkTestCase):
+    """Settings and directory data written for the reference (grpc_server/grpc_client)."""
+
+    @defer.inlineCallbacks
+    def test_grpc_aliases_in_settings_and_directory(self):
+        net = self.net
+        net.operator("hd-1", ["health-departments"], [])
+        net.operator("hd-2", ["health-departments"], [service("internals", HD, "_ping")])
+        server = server_channel("hd-2")
+        server["type"] = "grpc_server"
+        yield net.start("hd-2", [server])
+        net.channels("hd-2", {"type": "grpc_server",
+                              "settings": {"address": net.server_address("hd-2")}},
+                      {"type": "grpc_client"})
+        client = client_channel("hd-1", useProxy=False)
+        client["type"] = "grpc_client"
+        yield net.start("hd-1", [client, gateway_channel("hd-1")])
+        self.assertFalse(net.channel("hd-1", "eps_client").use_proxy)
+        result = yield gateway_client(self, net.gateway_url("hd-1")).call(
+            "hd-2._ping", {}, id="1")
+        self.assertEqual(result["serverInfo"]["name"], "hd-2")

@@ -27,6 +27,9 @@ Nothing here knows about tokens; :mod:`epsproxy.proxy.rendezvous` decides what t
 
 from __future__ import annotations
 
+import fcntl
+import socket
+import termios
 from typing import Any
 
 from twisted.internet import defer
@@ -54,8 +57,26 @@ DEFAULT_IDLE_TIMEOUT = 3600.0
 DEFAULT_READ_BYTES = 1024 * 1024
 """Default read size of a splice; larger reads bring no more speed (bench/RELAY.md)."""
 
-SLOW_READ_BYTES = 64 * 1024
-"""Read size towards a receiver that does not keep up (grows back when it does)."""
+SLOW_READ_BYTES = 16 * 1024
+"""Smallest read size, towards a receiver whose send buffer is (nearly) full."""
+
+_OUTQ = b"\0\0\0\0"
+
+
+def _send_room(out: Any) -> int | None:
+    """
+    Bytes the kernel would still queue on ``out``'s socket: its send buffer size minus
+    what is queued (``SIOCOUTQ``).  None where that cannot be asked (not Linux, no socket).
+    """
+    try:
+        fd = out.fileno()
+        queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _OUTQ), "little")
+        size = out.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except (OSError, AttributeError, ValueError):
+        return None
+    # The kernel accounts buffer overhead too; half the free space is what a send() of
+    # that size is sure to take without leaving a remainder in user space.
+    return max(0, size - queued) // 2
 
 
 def retarget(transport: Any, old: IProtocol, new: Protocol) -> None:
@@ -129,9 +150,15 @@ class _End(Protocol):
                 sent = out.writeSomeData(data)
                 if sent.__class__ is int:
                     if sent == len(data):
-                        # The receiver keeps up: grow the reads back to full size.
-                        if transport.bufferSize < self.read_bytes:
-                            transport.bufferSize = min(self.read_bytes, transport.bufferSize * 2)
+                        # Sent whole.  The next read is no larger than the room left in
+                        # the receiver's send buffer, so it too goes out whole and a slow
+                        # receiver never leaves a large remainder in user space.
+                        room = _send_room(out)
+                        if room is None:
+                            room = self.read_bytes
+                        transport.bufferSize = max(
+                            SLOW_READ_BYTES, min(self.read_bytes, room)
+                        )
                         return
                     data = data[sent:]
             out.write(data)

@@ -58,11 +58,21 @@ def token_tag(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()[:4]
 
 
-def _peer(transport: Any) -> str:
-    try:
-        return truncate_ip(str(transport.getPeer().host))
-    except Exception:
-        return "unknown"
+class _peer:
+    """A connection's peer for a log line, truncated only if the line is written."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def __format__(self, spec: str) -> str:
+        try:
+            return truncate_ip(str(self.transport.getPeer().host))
+        except Exception:
+            return "unknown"
+
+    __str__ = __repr__ = lambda self: self.__format__("")  # noqa: E731
 
 
 def _abort(transport: Any) -> None:
@@ -375,7 +385,8 @@ class Rendezvous:
         first.state = party.state = "spliced"
         self.pairings += 1
         tag = token_tag(token)
-        log.info("paired {first} with {second} (token {tag})", first=_peer(first.transport),
+        # Pairing is the normal case (counted in metrics): debug, not one info line each.
+        log.debug("paired {first} with {second} (token {tag})", first=_peer(first.transport),
                  second=_peer(party.transport), tag=tag)
         s = splice(
             self._clock, first, party,

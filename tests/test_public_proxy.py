@@ -220,7 +220,7 @@ class SettingsTests(unittest.SynchronousTestCase):
             "bind_address": "127.0.0.1:0"}})
         self.assertIn("--mode is required", self.usage_error(["--settings", str(folder)]))
         self.assertIn("public or private", self.usage_error(["--mode", "pub"]))
-        self.assertIn("not implemented",
+        self.assertIn("no 'private' section",
                       self.usage_error(["--mode", "private", "--settings", str(folder)]))
         self.assertIn("no 'public' section",
                       self.usage_error(["--mode", "public", "--settings", str(folder)]))
@@ -619,15 +619,6 @@ class TwistdTests(unittest.TestCase):
         self.assertNotIn("Traceback", text)
         self.assertIn("proxy.yml", text)
         self.assertIn("public.", text)
-
-    @inlineCallbacks
-    def test_private_mode_is_a_usage_error(self):
-        out, err, code = yield utils.getProcessOutputAndValue(
-            TWISTD, ["-n", "--pidfile=", "proxy", "--mode", "private"],
-            env=dict(os.environ), path="/", reactor=reactor,
-        )
-        self.assertNotEqual(code, 0)
-        self.assertIn("not implemented", (out + err).decode())
 
 
 # ------------------------------------------------------------- with real endpoint servers

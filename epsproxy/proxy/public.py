@@ -58,6 +58,12 @@ from ..jsonrpc import (
 )
 from ..metrics import RPCMetrics
 from ..store import Store, open_store
+from .announcements import (
+    ANNOUNCE_CONNECTIONS_PARAMS,
+    GET_ANNOUNCEMENTS_PARAMS,
+    AnnouncementError,
+    PublicAnnouncements,
+)
 from .rendezvous import Rendezvous, RendezvousFull
 from .settings import DEFAULT_DATASTORE_FILE
 
@@ -232,6 +238,36 @@ class PublicProxy:
         )
         return {"token": text, "endpoint": self.internal_endpoint}
 
+    # -- announcements (SPEC §14.4; issue 5) ---------------------------------------------
+
+    def register_announcements(
+        self, dispatcher: Dispatcher, announcements: PublicAnnouncements
+    ) -> None:
+        """
+        Serve ``announceConnections`` and ``getAnnouncements`` from ``announcements``
+        (the table the SNI front asks with ``operator_for``) on ``dispatcher``.
+        """
+
+        def announce(params: dict[str, Any], context: CallContext) -> Deferred[Any]:
+            self._check_caller(context)
+            client = params.get("_client")
+            if client is None:
+                raise JSONRPCError(NOT_AUTHORIZED, "not authorized")
+
+            def refused(failure: Failure) -> Failure:
+                failure.trap(AnnouncementError)
+                e = failure.value
+                return Failure(JSONRPCError(e.code, e.message, e.data))
+
+            return announcements.announce(client, params["connections"]).addErrback(refused)
+
+        def listing(params: dict[str, Any], context: CallContext) -> list[dict[str, Any]]:
+            self._check_caller(context)
+            return announcements.announcements()
+
+        dispatcher.register("announceConnections", ANNOUNCE_CONNECTIONS_PARAMS, announce)
+        dispatcher.register("getAnnouncements", GET_ANNOUNCEMENTS_PARAMS, listing)
+
     def _log_full(self) -> None:
         now = self.reactor.seconds()
         self._full_unlogged += 1
@@ -330,6 +366,7 @@ class PublicProxyService(Service):
         self.store: Store | None = None
         self.client: JSONRPCClient | None = None
         self.proxy: PublicProxy | None = None
+        self.announcements: PublicAnnouncements | None = None
         self.ports: list[IListeningPort] = []
         self._outcome: PublicProxyPorts | Failure | None = None
         self._waiters: list[Deferred[PublicProxyPorts]] = []
@@ -367,6 +404,8 @@ class PublicProxyService(Service):
         self.store = await open_store(
             self.reactor, settings["datastore"], default_path=default_dir / DEFAULT_DATASTORE_FILE
         )
+        self.announcements = PublicAnnouncements(self.reactor, self.store, settings["name"])
+        await self.announcements.load()
         self.client = JSONRPCClient(self.reactor, settings["jsonrpc_client"])
         server_settings = settings["jsonrpc_server"]
         server_tls = server_settings.get("tls")
@@ -386,6 +425,7 @@ class PublicProxyService(Service):
         )
         internal = await self._listen_internal()
         dispatcher = self.proxy.dispatcher()
+        self.proxy.register_announcements(dispatcher, self.announcements)
         site = jsonrpc_site(
             dispatcher, server_settings, reactor=self.reactor,
             metrics=RPCMetrics(self.registry, "proxy", dispatcher.__contains__),

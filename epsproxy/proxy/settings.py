@@ -22,11 +22,14 @@ from ..jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPC_SERVER_SETTINGS
 from ..metrics import METRICS_SETTINGS
 from ..ratelimit import TCP_RATE_LIMITS
 from ..store import DATASTORE_SETTINGS
-from ..tls import parse_address
+from ..tls import TLS_SETTINGS, parse_address
 
 __all__ = [
     "DEFAULT_DATASTORE_FILE",
     "PUBLIC_PROXY_SETTINGS",
+    "DEFAULT_PRIVATE_DATASTORE_FILE",
+    "INTERNAL_ENDPOINT_SETTINGS",
+    "PRIVATE_PROXY_SETTINGS",
     "PROXY_SETTINGS",
 ]
 
@@ -106,12 +109,96 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
 )
 """The ``public`` section (SPEC §14.1 plus the data path's limits)."""
 
+# -- private proxy (SPEC §14.5) ------------------------------------------------------
+
+#: The private proxy's embedded store (in the working folder) when ``datastore`` names none.
+DEFAULT_PRIVATE_DATASTORE_FILE = "private-proxy-announcements.sqlite"
+
+INTERNAL_ENDPOINT_SETTINGS = forms.Map(
+    {
+        "address": forms.Optional(
+            _ADDRESS, default="localhost:8888", doc="the internal server (host:port)"
+        ),
+        "tls": forms.Optional(
+            TLS_SETTINGS,
+            doc="terminate TLS with these server settings and forward HTTP; absent: "
+            "forward the raw TLS stream (set verify_client: false for ordinary clients)",
+        ),
+        "jsonrpc_client": forms.Optional(
+            JSONRPC_CLIENT_SETTINGS,
+            doc="with tls: forward JSON-RPC calls at jsonrpc_path to this server",
+        ),
+        "jsonrpc_path": forms.Optional(forms.String(pattern=r"/.*"), default="/jsonrpc"),
+        "timeout": forms.Optional(
+            forms.Float(min=0.001, max=3000), default=30.0,
+            doc="seconds: idle timeout of a terminated connection and of each upstream "
+            "request",
+        ),
+        "proxy_protocol": forms.Optional(
+            forms.Boolean(), default=False,
+            doc="raw forwarding: send a PROXY protocol v2 header to the internal server first",
+        ),
+        "max_body_bytes": forms.Optional(
+            forms.Integer(min=1), default=4 * 1024 * 1024,
+            doc="largest request body forwarded (413 beyond)",
+        ),
+        "max_response_bytes": forms.Optional(
+            forms.Integer(min=1), default=16 * 1024 * 1024,
+            doc="largest upstream response body forwarded (502 beyond)",
+        ),
+    },
+    strict=True,
+)
+"""``private.internal_endpoint``: where incoming connections go, and how."""
+
+PRIVATE_PROXY_SETTINGS = forms.Map(
+    {
+        "name": forms.Required(
+            forms.String(min_length=1, max_length=253),
+            doc="operator name of this proxy (= the name of its own endpoint server)",
+        ),
+        "datastore": forms.Optional(
+            DATASTORE_SETTINGS,
+            default={"type": "embedded", "settings": {}},
+            doc="where announcements are kept (SPEC §8.5)",
+        ),
+        "jsonrpc_client": forms.Required(
+            JSONRPC_CLIENT_SETTINGS, doc="client to the own endpoint server's gateway"
+        ),
+        "jsonrpc_server": forms.Required(
+            JSONRPC_SERVER_SETTINGS, doc="server that the own endpoint server calls"
+        ),
+        "internal_endpoint": forms.Optional(
+            INTERNAL_ENDPOINT_SETTINGS,
+            default=INTERNAL_ENDPOINT_SETTINGS.validate({}),
+            doc="the internal server incoming connections are forwarded to",
+        ),
+        "reannounce_interval": forms.Optional(
+            forms.Float(min=1, max=86400), default=600.0,
+            doc="seconds between re-sending all live announcements to the public proxies",
+        ),
+        "max_connections": forms.Optional(
+            forms.Integer(min=1, max=1_000_000), default=1000,
+            doc="incoming connections forwarded at once; incomingConnection gets 503 beyond",
+        ),
+        "connect_timeout": forms.Optional(
+            forms.Float(min=0.001, max=600), default=10.0,
+            doc="seconds to connect to the public proxy's endpoint or the internal server",
+        ),
+        "idle_timeout": forms.Optional(
+            forms.Float(min=1, max=7 * 86400), default=3600.0,
+            doc="raw forwarding: seconds without traffic after which a connection is closed",
+        ),
+    },
+    strict=True,
+)
+"""The ``private`` section (SPEC §14.5 plus limits and the PROXY protocol switch)."""
+
 PROXY_SETTINGS = forms.Map(
     {
         "metrics": forms.Optional(METRICS_SETTINGS),
         "public": forms.Optional(PUBLIC_PROXY_SETTINGS),
-        # The private proxy (SPEC §14.5) validates its own section when it runs.
-        "private": forms.Optional(forms.AnyMap()),
+        "private": forms.Optional(PRIVATE_PROXY_SETTINGS),
     },
     strict=True,
 )

@@ -11,6 +11,7 @@ from twisted.python import usage
 from .. import tls
 from ..metrics import metrics_service
 from ..settings import SettingsError, load_settings, settings_paths
+from .private import PrivateProxyService
 from .public import PublicProxyService
 from .settings import PROXY_SETTINGS
 
@@ -28,10 +29,12 @@ class Options(usage.Options):
         "servers that cannot reach each other: its endpoint server forwards "
         "requestConnection calls to it, and the two parties meet at its internal endpoint "
         "with a one-time token and are spliced (TLS end to end; the proxy never sees "
-        "plaintext). --mode private is not implemented yet. Settings are the *.yml files "
+        "plaintext). --mode private receives TLS connections for announced domains "
+        "through a public proxy and relays them to an internal server (raw, or "
+        "terminating TLS and forwarding HTTP). Settings are the *.yml files "
         "of the folders given by --settings or PROXY_SETTINGS, e.g. "
-        "PROXY_SETTINGS=conf/dev/roles/public-proxy-1; --mode public needs their "
-        "'public' section."
+        "PROXY_SETTINGS=conf/dev/roles/public-proxy-1; each mode needs the section "
+        "of its name ('public' or 'private')."
     )
     optParameters = [
         ["mode", "m", None, "public or private (required)."],
@@ -45,8 +48,6 @@ class Options(usage.Options):
             raise usage.UsageError("--mode is required: public or private")
         if mode not in MODES:
             raise usage.UsageError(f"--mode must be public or private, not {mode!r}")
-        if mode == "private":
-            raise usage.UsageError("--mode private is not implemented yet")
         try:
             paths = settings_paths(self["settings"], "PROXY_SETTINGS")
             self.settings: dict[str, Any] = load_settings(paths, PROXY_SETTINGS)
@@ -56,7 +57,10 @@ class Options(usage.Options):
         if public is None:
             where = ":".join(str(p) for p in paths)
             raise usage.UsageError(f"{where}: no '{mode}' section (needed by --mode {mode})")
-        _check_tls(public)
+        if mode == "public":
+            _check_tls(public)
+        else:
+            _check_private_tls(public)
 
 
 def _check_tls(public: dict[str, Any]) -> None:
@@ -76,21 +80,54 @@ def _check_tls(public: dict[str, Any]) -> None:
             raise usage.UsageError(f"public.jsonrpc_client.{e}") from None
 
 
+def _check_private_tls(private: dict[str, Any]) -> None:
+    """The private section's TLS files, loaded now (one usage error, not a failed start)."""
+    checks: list[tuple[str, Any]] = []
+    server_tls = private["jsonrpc_server"].get("tls")
+    if server_tls is not None:
+        checks.append(("private.jsonrpc_server.", lambda: tls.server_options(server_tls)))
+    endpoint_tls = private["internal_endpoint"].get("tls")
+    if endpoint_tls is not None:
+        checks.append(("private.internal_endpoint.",
+                       lambda: tls.server_options(endpoint_tls)))
+    for where, client in (
+        ("private.jsonrpc_client.", private["jsonrpc_client"]),
+        ("private.internal_endpoint.jsonrpc_client.",
+         private["internal_endpoint"].get("jsonrpc_client")),
+    ):
+        if client is not None and client.get("tls") is not None and \
+                client["endpoint"].startswith("https:"):
+            name = client.get("server_name") or client["tls"].get("server_name") or "localhost"
+            checks.append((where, lambda c=client, n=name: tls.client_options(c["tls"], n)))
+    for where, check in checks:
+        try:
+            check()
+        except tls.TLSSettingsError as e:
+            raise usage.UsageError(f"{where}{e}") from None
+
+
 def makeService(
     options: Options, reactor: Any = None, *, exit_on_failure: bool = True
 ) -> MultiService:
     """
-    The proxy's service tree: the public proxy and, if configured, metrics.  With
+    The proxy's service tree: the public or private proxy (by ``--mode``) and, if
+    configured, metrics.  With
     ``exit_on_failure`` (what twistd wants) a failed start-up stops the reactor.
     """
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415 (twistd installs it first)
     top = MultiService()
     registry = CollectorRegistry()
-    PublicProxyService(
-        reactor, options.settings["public"], registry,
-        stop_reactor_on_failure=exit_on_failure,
-    ).setServiceParent(top)
+    if options["mode"] == "private":
+        PrivateProxyService(
+            reactor, options.settings["private"], registry,
+            stop_reactor_on_failure=exit_on_failure,
+        ).setServiceParent(top)
+    else:
+        PublicProxyService(
+            reactor, options.settings["public"], registry,
+            stop_reactor_on_failure=exit_on_failure,
+        ).setServiceParent(top)
     if options.settings.get("metrics"):
         metrics_service(reactor, options.settings["metrics"], registry).setServiceParent(top)
     return top

@@ -71,6 +71,10 @@ EPS_ROLES = (
     _eps("private-proxy-eps-1", 7766, "private-proxy-1.ga"),
     _eps("hd-2", 3334, "hd-2"),
     _eps("hd-1", 5555, "hd-1"),
+    Role("internal-server", "", "", 7777, "", probe="-",
+         command=("-m", "epsproxy.examples.internal_server", "--bind", "localhost:7777")),
+    Role("private-proxy-1", "proxy", "PROXY_SETTINGS", 8877, "",
+         args=("--mode", "private"), probe="getAnnouncements"),
 )
 ROLES = SD_ROLES + EPS_ROLES
 
@@ -316,6 +320,43 @@ def peer_to_peer() -> None:
     )
 
 
+SNI_DOMAIN = "test.internal-server.local"
+SNI_PORT = 4433
+
+
+def https_get(host: str, port: int, path: str, timeout: float = 15) -> tuple[int, bytes]:
+    """GET ``https://host:port/path`` at 127.0.0.1, verifying ``host`` against the dev root."""
+    context = ssl.create_default_context(cafile=str(CERTS / "root.crt"))
+    connection = _ResolvedHTTPS(host, port, context=context, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def sni_passthrough() -> None:
+    """SPEC §21.6: an ordinary TLS client reaches an internal server through both proxies."""
+    print(f"\nTLS passthrough: hd-1's application announces {SNI_DOMAIN} at the private proxy,\n"
+          "which claims it at the public proxy; a plain HTTPS client then reaches the internal\n"
+          f"server through the public proxy's port {SNI_PORT} (TLS is terminated behind the "
+          "private proxy):")
+    reply = call(5555, "hd-1", "private-proxy-1.ga.announceConnection",
+                 {"proxy": "public-proxy-1.ga", "domain": SNI_DOMAIN}, timeout=20)
+    if "error" in reply:
+        raise DemoError(f"announceConnection failed: {reply['error']}")
+    print(f"  private-proxy-1.ga.announceConnection -> {json.dumps(reply.get('result'))}")
+    status, body = https_get(SNI_DOMAIN, SNI_PORT, "/jsonrpc")
+    print(f"  GET https://{SNI_DOMAIN}:{SNI_PORT}/jsonrpc -> {status} {body.decode(errors='replace')}")
+    if status != 200:
+        raise DemoError("the internal server did not answer through the proxies")
+    print(
+        "\nAsk it yourself:\n  curl --cacert conf/dev/certs/root.crt "
+        f"--resolve {SNI_DOMAIN}:{SNI_PORT}:127.0.0.1 https://{SNI_DOMAIN}:{SNI_PORT}/jsonrpc"
+    )
+
+
 def start(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     stop(run_dir)
@@ -328,6 +369,7 @@ def start(run_dir: Path) -> None:
         _wait_ready(run_dir, role, _start_role(run_dir, role))
     getting_started()
     peer_to_peer()
+    sni_passthrough()
     print(f"\nLogs and pids are in {run_dir}/; `make stop` stops the network.")
 
 

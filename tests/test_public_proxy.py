@@ -604,7 +604,7 @@ class TwistdTests(unittest.TestCase):
         output = protocol.output.decode()
         self.assertIn("Server Shut Down.", output)
         self.assertNotIn("Traceback", output)
-        self.assertIn("SNI passthrough is not enabled", output)
+        self.assertIn("TLS passthrough on 127.0.0.1:", output)
 
     @inlineCallbacks
     def test_bad_settings_stop_with_one_clear_message(self):

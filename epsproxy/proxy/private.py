@@ -947,8 +947,9 @@ class PrivateProxyService(Service):
         self.log.debug("start-up failure: {failure}", failure=failure.getTraceback())
 
         def stopped(_: Any) -> Failure:
-            if self.stop_reactor_on_failure and self.reactor.running:
-                self.reactor.stop()
+            if self.stop_reactor_on_failure:
+                # Start-up may fail before twistd runs the reactor: stop it once it runs.
+                self.reactor.callWhenRunning(self.reactor.callLater, 0, self.reactor.stop)
             return failure
 
         return ensureDeferred(self._close()).addBoth(stopped)

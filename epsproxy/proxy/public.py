@@ -65,6 +65,7 @@ from .announcements import (
     PublicAnnouncements,
 )
 from .rendezvous import Rendezvous, RendezvousFull
+from .sni import SNIFront
 from .settings import DEFAULT_DATASTORE_FILE
 
 __all__ = [
@@ -313,12 +314,38 @@ class _RendezvousCollector:
         )
 
 
+class _SNICollector:
+    """Prometheus view of the TLS listener's counters."""
+
+    COUNTERS = ("accepted", "routed", "notified", "notify_failed", "no_sni", "malformed",
+                "timeouts", "no_route", "full", "abandoned", "bad_proxy_header",
+                "rate_limited")
+
+    def __init__(self, service: PublicProxyService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        front = self.service.front
+        if front is None:
+            return
+        yield GaugeMetricFamily("proxy_tls_reading_hello",
+                                "TLS connections still sending their ClientHello",
+                                value=front.reading)
+        family = CounterMetricFamily(
+            "proxy_tls_connections", "TLS listener connections by outcome", labels=["outcome"]
+        )
+        for name in self.COUNTERS:
+            family.add_metric([name], getattr(front, name, 0))
+        yield family
+
+
 @dataclass(frozen=True)
 class PublicProxyPorts:
     """The listeners of a started public proxy."""
 
     internal: IListeningPort
     jsonrpc: IListeningPort
+    tls: IListeningPort | None = None
 
 
 class PublicProxyService(Service):
@@ -367,6 +394,8 @@ class PublicProxyService(Service):
         self.client: JSONRPCClient | None = None
         self.proxy: PublicProxy | None = None
         self.announcements: PublicAnnouncements | None = None
+        self.front: SNIFront | None = None
+        self.registry.register(_SNICollector(self))
         self.ports: list[IListeningPort] = []
         self._outcome: PublicProxyPorts | Failure | None = None
         self._waiters: list[Deferred[PublicProxyPorts]] = []
@@ -432,19 +461,56 @@ class PublicProxyService(Service):
         )
         jsonrpc = await listen_jsonrpc(self.reactor, site, server_settings)
         self.ports.append(jsonrpc)
+        front_port = await self._listen_tls()
+        inner, outer, front = internal.getHost(), jsonrpc.getHost(), front_port.getHost()
         self.log.info(
-            "SNI passthrough is not enabled: nothing listens on tls_bind_address {address}",
-            address=settings["tls_bind_address"],
+            "public proxy {name} serving: TLS passthrough on {thost}:{tport}, internal "
+            "endpoint on {ihost}:{iport} (told as {endpoint}), JSON-RPC on "
+            "{jhost}:{jport}{path}",
+            name=settings["name"], thost=front.host, tport=front.port, ihost=inner.host,
+            iport=inner.port, endpoint=settings["internal_endpoint"], jhost=outer.host,
+            jport=outer.port, path=server_settings["path"],
         )
-        inner, outer = internal.getHost(), jsonrpc.getHost()
-        self.log.info(
-            "public proxy {name} serving: internal endpoint on {ihost}:{iport} "
-            "(told as {endpoint}), JSON-RPC on {jhost}:{jport}{path}",
-            name=settings["name"], ihost=inner.host, iport=inner.port,
-            endpoint=settings["internal_endpoint"], jhost=outer.host, jport=outer.port,
-            path=server_settings["path"],
+        return PublicProxyPorts(internal, jsonrpc, front_port)
+
+    def _incoming_connection(self, operator: str, params: dict[str, Any]) -> Deferred[Any]:
+        """Tell the announcing operator a client is waiting (SPEC §14.2 step 5)."""
+        assert self.proxy is not None
+        client = self.proxy.client
+        return client.call(
+            f"{operator}.incomingConnection", params, id=random_id(),
+            timeout=min(self.settings["accept_timeout"],
+                        self.settings["jsonrpc_client"]["timeout"]),
         )
-        return PublicProxyPorts(internal, jsonrpc)
+
+    async def _listen_tls(self) -> IListeningPort:
+        """The SNI listener: ClientHello read whole, routed by live announcements."""
+        settings = self.settings
+        limits = settings["tcp_rate_limits"]
+        limiter = None
+        if limits and settings["proxy_protocol"]:
+            # Behind a load balancer the client's address is in the PROXY header: the
+            # front applies the limits itself, per real client.
+            limiter = ratelimit.RateLimiter(limits, self.reactor)
+        assert self.announcements is not None
+        announcements = self.announcements
+        self.front = SNIFront(
+            self.reactor, self.rendezvous,
+            lookup=announcements.operator_for,
+            notify=self._incoming_connection,
+            max_hello_bytes=settings["max_hello_bytes"],
+            hello_timeout=settings["hello_timeout"],
+            internal_endpoint=settings["internal_endpoint"],
+            proxy_protocol=settings["proxy_protocol"],
+            rate_limiter=limiter,
+        )
+        factory: Any = self.front.factory()
+        if limits and not settings["proxy_protocol"]:
+            factory = ratelimit.rate_limited(factory, limits, self.reactor)
+        endpoint = tls.listen_endpoint(self.reactor, settings["tls_bind_address"], None)
+        port = await endpoint.listen(factory)
+        self.ports.append(port)
+        return port
 
     async def _listen_internal(self) -> IListeningPort:
         factory: Any = self.rendezvous.factory()
@@ -466,8 +532,9 @@ class PublicProxyService(Service):
         self.log.debug("start-up failure: {failure}", failure=failure.getTraceback())
 
         def stopped(_: Any) -> Failure:
-            if self.stop_reactor_on_failure and self.reactor.running:
-                self.reactor.stop()
+            if self.stop_reactor_on_failure:
+                # Start-up may fail before twistd runs the reactor: stop it once it runs.
+                self.reactor.callWhenRunning(self.reactor.callLater, 0, self.reactor.stop)
             return failure
 
         return ensureDeferred(self._close()).addBoth(stopped)
@@ -479,6 +546,8 @@ class PublicProxyService(Service):
         ports, self.ports = self.ports, []
         for port in ports:
             await maybeDeferred(port.stopListening)
+        if self.front is not None:
+            await self.front.close_all()
         await self.rendezvous.close_all()
         if self.client is not None:
             client, self.client = self.client, None

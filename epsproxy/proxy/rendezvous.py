@@ -143,6 +143,8 @@ class _Party(Protocol):
 class _InternalFactory(Factory):
     """Builds :class:`_Party` protocols; none while the rendezvous is closing."""
 
+    noisy = False  # one "Starting factory" line per listener is enough
+
     def __init__(self, rendezvous: Rendezvous) -> None:
         self.rendezvous = rendezvous
 

@@ -104,6 +104,18 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             forms.Float(min=1, max=7 * 86400), default=3600.0,
             doc="seconds without traffic after which a spliced pair is closed",
         ),
+        "max_hello_bytes": forms.Optional(
+            forms.Integer(min=512, max=1024 * 1024), default=16 * 1024,
+            doc="largest ClientHello read on the TLS listener (all its records)",
+        ),
+        "hello_timeout": forms.Optional(
+            forms.Float(min=0.001, max=600), default=5.0,
+            doc="seconds a TLS client has to send its whole ClientHello",
+        ),
+        "proxy_protocol": forms.Optional(
+            forms.Boolean(), default=False,
+            doc="the TLS listener expects a PROXY v1/v2 header (behind a load balancer)",
+        ),
     },
     strict=True,
 )

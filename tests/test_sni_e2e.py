@@ -1,0 +1,176 @@
+"""
+TLS passthrough end to end (SPEC §21.6, issue 5): real endpoint servers, a real public
+and a real private proxy and the example internal server on loopback, and curl as the
+client.  hd-1's application announces ``test.internal-server.local`` at the private
+proxy; the private proxy claims it at the public proxy; curl then reaches the internal
+server through the public proxy's TLS port, verifying the *internal server's*
+certificate end to end.  Both forwarding variants: TLS terminated behind the private
+proxy, and the raw TLS stream forwarded to an internal TLS server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from twisted.internet import defer, reactor, utils
+from twisted.trial.unittest import TestCase
+
+from epsproxy.examples.internal_server import listen as listen_internal
+from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
+from epsproxy.proxy.tap import Options, makeService
+from tests.eps_support import (
+    Network,
+    client_channel,
+    gateway_channel,
+    local_channel,
+    record,
+    server_channel,
+    service,
+    tls_block,
+)
+from tests.support import pki
+from tests.test_eps_network import gateway_client
+from tests.test_public_proxy import public_section, write_settings
+
+PUBLIC = "public-proxy-1.ga"
+PRIVATE = "private-proxy-1.ga"
+DOMAIN = "test.internal-server.local"
+HD = ("health-departments",)
+ALLOWED = [{"service": "proxy", "settings": {"allowed_domains": [".internal-server.local"]}}]
+
+
+def client_to(url: str, name: str, tls: bool = True) -> JSONRPCClient:
+    raw = {"endpoint": url, "timeout": 5}
+    if tls:
+        raw.update({"server_name": name, "tls": tls_block(name)})
+    return JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate(raw))
+
+
+class Passthrough:
+    """The whole network; ``internal_tls`` chooses the forwarding variant."""
+
+    timeout = 60
+    internal_tls = False
+
+    @defer.inlineCallbacks
+    def start_proxy(self, mode: str, section: dict):
+        folder = Path(self.mktemp()).absolute()
+        options = Options()
+        options.parseOptions(["--mode", mode, "--settings",
+                              str(write_settings(folder, {mode: section}))])
+        top = makeService(options, reactor, exit_on_failure=False)
+        top.startService()
+        self.addCleanup(top.stopService)
+        ports = yield top.services[0].when_ready()
+        return top.services[0], ports
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        if shutil.which("curl") is None:
+            self.fail("curl is not installed (make os-deps and CI install it)")
+        net = self.net = Network(self)
+        net.operator(PUBLIC, ["proxy-providers"], [
+            service("proxy", ("proxy-users",), "announceConnections", "getAnnouncements")])
+        net.operator(PRIVATE, ["proxy-users"], [
+            service("incoming", ("proxy-providers",), "incomingConnection"),
+            service("announcing", HD, "announceConnection", "getAnnouncements")])
+        net.operator("hd-1", ["health-departments"], [])
+        net.write(record("hd-1", "settings", ALLOWED), record(PRIVATE, "settings", ALLOWED))
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+
+        # The internal server: plain HTTP behind a terminating private proxy, or TLS.
+        crt, key = pki().tls("internal-server")
+        if self.internal_tls:
+            internal = yield listen_internal(reactor, "127.0.0.1:0", str(crt), str(key))
+        else:
+            internal = yield listen_internal(reactor, "127.0.0.1:0")
+        self.addCleanup(internal.stopListening)
+
+        # Public proxy and its endpoint server.
+        self.public, ports = yield self.start_proxy(
+            "public", public_section(folder / "public", 1))
+        self.public.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
+        self.public.front.internal_endpoint = self.public.proxy.internal_endpoint
+        self.tls_port = ports.tls.getHost().port
+        yield net.start(PUBLIC, [
+            server_channel(PUBLIC), client_channel(PUBLIC), gateway_channel(PUBLIC),
+            local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
+                          tls=tls_block(PUBLIC), server_name=PUBLIC)])
+        net.channels(PUBLIC, {"type": "eps_server",
+                              "settings": {"address": net.server_address(PUBLIC)}})
+        yield self.public.proxy.client.close()
+        self.public.proxy.client = client_to(net.gateway_url(PUBLIC), PUBLIC)
+        self.addCleanup(self.public.proxy.client.close)
+
+        # Private proxy and its endpoint server.
+        endpoint = {"address": f"127.0.0.1:{internal.getHost().port}", "timeout": 10}
+        if not self.internal_tls:
+            endpoint["tls"] = {**tls_block("internal-server"), "verify_client": False}
+        private_section = {
+            "name": PRIVATE,
+            "datastore": {"type": "embedded",
+                          "settings": {"path": str(folder / "private.sqlite")}},
+            "jsonrpc_server": {"bind_address": "127.0.0.1:0"},
+            "jsonrpc_client": {"endpoint": "http://127.0.0.1:1/jsonrpc", "timeout": 5},
+            "internal_endpoint": endpoint,
+        }
+        self.private, private_ports = yield self.start_proxy("private", private_section)
+        yield net.start(PRIVATE, [
+            server_channel(PRIVATE), client_channel(PRIVATE), gateway_channel(PRIVATE),
+            local_channel(f"http://127.0.0.1:{private_ports.jsonrpc.getHost().port}/jsonrpc")])
+        net.channels(PRIVATE, {"type": "eps_server",
+                               "settings": {"address": net.server_address(PRIVATE)}})
+        yield self.private.client.close()
+        self.private.client = self.private.proxy.client = client_to(
+            net.gateway_url(PRIVATE), PRIVATE)
+        self.addCleanup(self.private.proxy.client.close)
+
+        # hd-1: the operator whose application announces the domain.
+        yield net.start("hd-1", [client_channel("hd-1"), gateway_channel("hd-1")])
+        self.hd1 = gateway_client(self, net.gateway_url("hd-1"))
+
+    def curl(self, domain: str = DOMAIN, path: str = "/jsonrpc"):
+        return utils.getProcessOutputAndValue("curl", [
+            "-sS", "--max-time", "20", "--cacert", str(pki().root),
+            "--resolve", f"{domain}:{self.tls_port}:127.0.0.1",
+            f"https://{domain}:{self.tls_port}{path}",
+        ], env={"PATH": "/usr/bin:/bin"}, reactor=reactor)
+
+    @defer.inlineCallbacks
+    def test_curl_reaches_the_internal_server_after_announcing(self):
+        # Not announced yet: the public proxy closes the connection.
+        out, err, code = yield self.curl()
+        self.assertNotEqual(code, 0)
+        result = yield self.hd1.call(f"{PRIVATE}.announceConnection",
+                                     {"proxy": PUBLIC, "domain": DOMAIN}, id="a")
+        self.assertEqual(result, "ok")
+        announced = yield self.hd1.call(f"{PRIVATE}.getAnnouncements", {}, id="g")
+        self.assertEqual([a["domain"] for a in announced], [DOMAIN])
+        out, err, code = yield self.curl()
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(json.loads(out), {"message": "success"})
+        # Twice: every client connection gets its own token and splice.
+        out, err, code = yield self.curl()
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(self.public.rendezvous.pairings, 2)
+        self.assertEqual(self.public.rendezvous.pending, 0)
+
+    @defer.inlineCallbacks
+    def test_domain_outside_the_allowed_suffixes_is_refused(self):
+        with self.assertRaises(JSONRPCError) as e:
+            yield self.hd1.call(f"{PRIVATE}.announceConnection",
+                                {"proxy": PUBLIC, "domain": "evil.example.org"}, id="x")
+        self.assertEqual(e.exception.code, 403)
+        out, err, code = yield self.curl("evil.example.org")
+        self.assertNotEqual(code, 0)
+
+
+class TerminatedBehindThePrivateProxy(Passthrough, TestCase):
+    internal_tls = False
+
+
+class RawTLSForwardedToTheInternalServer(Passthrough, TestCase):
+    internal_tls = True

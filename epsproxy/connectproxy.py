@@ -118,20 +118,13 @@ class ProxyAddress:
         return b"Basic " + base64.b64encode(secret)
 
 
-_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})?")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _valid_host(host: str) -> bool:
     """A host name or IP address safe to write into a request line."""
-    return bool(_HOST.fullmatch(host)) or _is_ip(host)
+    from .tls import valid_host  # tls imports this module: import at call time
+
+    return valid_host(host)
 
 
 def parse_proxy_url(url: str) -> ProxyAddress:

@@ -93,6 +93,7 @@ __all__ = [
     "jsonrpc_site",
     "listen_jsonrpc",
     "JSONRPCClient",
+    "CappedBody",
 ]
 
 log = Logger()
@@ -739,8 +740,11 @@ class _TLSPolicy:
         return tls.client_options(self._settings, name)
 
 
-class _CappedBody(_Protocol):
-    """Collects a response body, giving up (and closing) once it exceeds ``limit``."""
+class CappedBody(_Protocol):
+    """
+    Collects an HTTP response body (``response.deliverBody``) into ``done``, giving up
+    with :class:`TransportError` (and closing) once it exceeds ``limit`` bytes.
+    """
 
     def __init__(self, limit: int, declared: int | Any) -> None:
         self.limit = limit
@@ -911,7 +915,7 @@ class JSONRPCClient:
                          b"Accept": [b"application/json"]},
             )
             raw: IResponse = response.original
-            collector = _CappedBody(self._max_response, raw.length)
+            collector = CappedBody(self._max_response, raw.length)
             raw.deliverBody(collector)
             data = await collector.done
         except (TransportError, CancelledError):

@@ -236,7 +236,7 @@ class _UnverifiedClientCreator:
 
     def __init__(self, options: ssl.CertificateOptions, server_name: str) -> None:
         self._context = options.getContext()
-        self._sni = None if _is_ip(server_name) or not server_name else server_name
+        self._sni = None if is_ip(server_name) or not server_name else server_name
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -298,12 +298,18 @@ _HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})?")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (no brackets)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
         return False
     return True
+
+
+def valid_host(host: str) -> bool:
+    """Whether ``host`` is a plausible host name or an IP address."""
+    return bool(_HOST.fullmatch(host)) or is_ip(host)
 
 
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:

@@ -32,7 +32,6 @@ from tests.eps_support import (
     client_channel,
     gateway_channel,
     local_channel,
-    record,
     server_channel,
     service,
     tls_block,

@@ -67,11 +67,9 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
-    ResponseDone,
 )
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -82,6 +80,7 @@ from ..jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     CallContext,
+    CappedBody,
     Dispatcher,
     JSONRPCClient,
     JSONRPCError,
@@ -247,44 +246,6 @@ class _TLSPolicy:
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         return tls.client_options(self._settings, self._server_name or hostname.decode("ascii"))
-
-
-class _CappedCollector(Protocol):
-    """Collects a response body up to ``limit`` bytes (fails beyond)."""
-
-    def __init__(self, limit: int, declared: Any) -> None:
-        self.limit = limit
-        self.declared = declared
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.done: Deferred[bytes] = Deferred(lambda d: self._stop())
-
-    def _stop(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def connectionMade(self) -> None:
-        if self.declared is not UNKNOWN_LENGTH and self.declared > self.limit:
-            self._stop()
-            self.done.errback(TransportError(f"response larger than {self.limit} bytes"))
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self._stop()
-            self.done.errback(TransportError(f"response larger than {self.limit} bytes"))
-            return
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.chunks))
-        else:
-            self.done.errback(TransportError(f"response body cut off ({reason.value})"))
 
 
 class _Request(server.Request):
@@ -530,7 +491,7 @@ class Forwarder:
         timer = self.reactor.callLater(self.endpoint["timeout"], d.cancel)
         try:
             response = await d
-            collector = _CappedCollector(limit, response.length)
+            collector = CappedBody(limit, response.length)
             response.deliverBody(collector)
             data = await collector.done
         except Exception as e:

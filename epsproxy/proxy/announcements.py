@@ -38,7 +38,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from .. import forms
@@ -263,10 +263,35 @@ class PublicAnnouncements:
         self.max_per_operator = max_per_operator
         self._by_domain: dict[str, PublicAnnouncement] = {}
         self._lock = DeferredLock()
+        self.watcher: Any = None
 
     def load(self) -> Deferred[int]:
         """Read the store (what is new since the last read); fires with the entries read."""
         return ensureDeferred(self._load())
+
+    # -- scale-out (issue 6) ---------------------------------------------------------
+
+    def watch(self, *, interval: float | None = 30.0) -> bool:
+        """
+        Keep this table in step with other public proxy instances on the same store:
+        with a store that can notify (Redis, :meth:`RedisStore.watch`), new entries are
+        read soon after any instance appends them (pub/sub), after each resubscription
+        and every ``interval`` seconds as a safety net.  Reads are serialised with
+        announcing calls, so the table always replays the store in its order.  Returns
+        whether the store can notify (an embedded store cannot: nothing is started).
+        """
+        watch = getattr(self.store, "watch", None)
+        if watch is None or self.watcher is not None:
+            return self.watcher is not None
+        self.watcher = watch(lambda: self._lock.run(self.load), interval=interval)
+        return True
+
+    def stop(self) -> Deferred[None]:
+        """Stop what :meth:`watch` started (safe to call without it, or twice)."""
+        watcher, self.watcher = self.watcher, None
+        if watcher is None:
+            return succeed(None)
+        return watcher.stop()
 
     async def _load(self) -> int:
         entries = await self.store.read_new()

@@ -435,6 +435,8 @@ class PublicProxyService(Service):
         )
         self.announcements = PublicAnnouncements(self.reactor, self.store, settings["name"])
         await self.announcements.load()
+        # Scale-out (issue 6): follow what other instances on the same Redis announce.
+        self.announcements.watch()
         self.client = JSONRPCClient(self.reactor, settings["jsonrpc_client"])
         server_settings = settings["jsonrpc_server"]
         server_tls = server_settings.get("tls")
@@ -552,6 +554,8 @@ class PublicProxyService(Service):
         if self.client is not None:
             client, self.client = self.client, None
             await client.close()
+        if self.announcements is not None:
+            await self.announcements.stop()  # scale-out watcher (issue 6)
         if self.store is not None:
             store, self.store = self.store, None
             await store.close()

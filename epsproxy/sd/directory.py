@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from .. import records as records_mod
 from ..directory.chain import RecordLog, StaleAppend
 from ..store import Store, StoredEntry
+from ..store.redis import AppendConflict
 
 __all__ = ["RECORD_ENTRY_TYPE", "ServiceDirectory", "SubmitError"]
 
@@ -36,6 +37,9 @@ class SubmitError(Exception):
         self.message = message
         self.data = data
 
+
+#: Compare-and-append attempts of one submit before giving up (scale-out, issue 6).
+MAX_CONFLICT_RETRIES = 5
 
 STALE = 409
 NOT_ALLOWED = 403
@@ -95,10 +99,22 @@ class ServiceDirectory:
         """Append a batch of (normalised) signed records, all or nothing as far as checks go."""
         return self._lock.run(self._submit, list(signed_records))
 
+    def catch_up(self) -> Deferred[int]:
+        """
+        :meth:`refresh` under the write lock: what the SD service runs when the store
+        says another SD appended (and periodically).  Never between a submit's check and
+        its append, which would let the submit write against a tip it did not check.
+        """
+        return self._lock.run(self.refresh)
+
     @inlineCallbacks
     def _submit(self, signed_records: list[dict]):
         yield self.refresh()
         self._check_batch(signed_records)
+        append_if_unchanged = getattr(self.store, "append_if_unchanged", None)
+        if append_if_unchanged is not None:
+            yield self._append_against_tip(append_if_unchanged, signed_records)
+            return
         for signed in signed_records:
             entry = StoredEntry(
                 RECORD_ENTRY_TYPE,
@@ -107,6 +123,44 @@ class ServiceDirectory:
             )
             yield self.store.append(entry)
             yield self.refresh()
+            if not self.record_log.is_selected(signed["hash"]):
+                raise SubmitError(
+                    -32603, "new record not found in the selected chain after writing it"
+                )
+        self.log.info(
+            "appended {count} record(s); tip {tip}",
+            count=len(signed_records),
+            tip=signed_records[-1]["hash"][:16],
+        )
+
+    @inlineCallbacks
+    def _append_against_tip(self, append_if_unchanged: Any, signed_records: list[dict]):
+        """
+        Scale-out (issue 6): several SD instances share one store.  The checked batch is
+        written all at once and only if nobody appended since this SD last read the store
+        (the store's compare-and-append), so two SDs can never both extend the same tip.
+        On a conflict the new records are read and the batch checked again: it is stale
+        (409) if another SD moved the tip, and retried if the new entries left it alone.
+        """
+        entries = [
+            StoredEntry(
+                RECORD_ENTRY_TYPE,
+                os.urandom(16),
+                json.dumps(signed, separators=(",", ":")).encode("utf-8"),
+            )
+            for signed in signed_records
+        ]
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                yield append_if_unchanged(entries)
+                break
+            except AppendConflict:
+                yield self.refresh()
+                self._check_batch(signed_records)
+        else:
+            raise SubmitError(-32603, "the store kept changing during the append; try again")
+        yield self.refresh()
+        for signed in signed_records:
             if not self.record_log.is_selected(signed["hash"]):
                 raise SubmitError(
                     -32603, "new record not found in the selected chain after writing it"

@@ -48,6 +48,8 @@ class ServiceDirectoryService(Service):
         self.port: IListeningPort | None = None
         self.store: Store | None = None
         self._refresher: LoopingCall | None = None
+        #: Follows appends of other SD instances (a StoreWatcher; Redis store only).
+        self.watcher: Any = None
         self._outcome: IListeningPort | Failure | None = None
         self._waiters: list[Deferred[IListeningPort]] = []
 
@@ -93,6 +95,11 @@ class ServiceDirectoryService(Service):
         self._refresher = LoopingCall(self._refresh)
         self._refresher.clock = self.reactor
         self._refresher.start(directory_settings["refresh_interval"], now=False)
+        # Scale-out (issue 6): with a store that can notify (Redis), read what other SD
+        # instances append as soon as they append it; the loop above stays the safety net.
+        watch = getattr(self.store, "watch", None)
+        if watch is not None:
+            self.watcher = watch(self._refresh, interval=None)
         address = self.port.getHost()
         self.log.info(
             "service directory serving {records} verified record(s) at {host}:{port}{path}",
@@ -126,7 +133,7 @@ class ServiceDirectoryService(Service):
     def _refresh(self) -> Deferred[int]:
         """Pick up records other SD instances appended; errors are logged, never fatal."""
         assert self.directory is not None
-        d = self.directory.refresh()
+        d = self.directory.catch_up()
         d.addErrback(
             lambda f: self.log.warn("could not read new records: {reason}",
                                     reason=f.getErrorMessage())
@@ -136,6 +143,9 @@ class ServiceDirectoryService(Service):
     async def _stop(self) -> None:
         if self._refresher is not None and self._refresher.running:
             self._refresher.stop()
+        if self.watcher is not None:
+            watcher, self.watcher = self.watcher, None
+            await watcher.stop()
         if self.port is not None:
             await maybeDeferred(self.port.stopListening)
         if self.store is not None:

@@ -23,22 +23,34 @@ the reference, each on purpose:
 the server's persistence settings (``appendonly yes`` + ``appendfsync always`` for the
 strictest).
 
+Scale-out (issue 6): every append also ``PUBLISH``es the list's new length on
+:attr:`RedisStore.channel` (one Lua script, so an acknowledged append has always been
+announced), and :meth:`RedisStore.watch` runs a callback soon after any process appended,
+over a subscription that reconnects and resubscribes by itself (each (re)subscription also
+runs the callback, to catch up with what was missed while it was down).  Pub/sub is not
+durable, so a watcher also runs the callback every ``interval`` seconds as a safety net.
+:meth:`RedisStore.append_if_unchanged` appends a batch atomically only if nobody appended
+since this object's last read (compare-and-append against the tip), which is what keeps
+two SD instances on one list from forking the chain.
+
 txredisapi runs on the global reactor internally (its timers and reconnects); the
 injected reactor bounds our own timeouts and makes the connection.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Generator, Sequence
 
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epsproxy.store import (
     MalformedEntry,
+    StoreError,
     StoredEntry,
     StoreUnavailable,
     parse,
@@ -46,20 +58,64 @@ from epsproxy.store import (
     serialise,
 )
 
-__all__ = ["RedisStore"]
+__all__ = ["AppendConflict", "RedisStore", "StoreWatcher", "Subscription"]
 
 log = Logger()
+
+
+class AppendConflict(StoreError):
+    """
+    :meth:`RedisStore.append_if_unchanged` found entries this object has not read yet:
+    nothing was written; read them and decide again.
+    """
+
+
+# Reconnection backoff of the store's and the subscriptions' connections (seconds).
+_RECONNECT_INITIAL_DELAY = 0.1
+_RECONNECT_MAX_DELAY = 5.0
+
+# KEYS[1] list; ARGV[1] channel; ARGV[2..] entries.  Appends and announces the new length.
+_APPEND = b"""
+local n = 0
+for i = 2, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('PUBLISH', ARGV[1], n)
+return n
+"""
+
+# KEYS[1] list; ARGV[1] channel; ARGV[2] length seen; ARGV[3] last element seen ("" if
+# none); ARGV[4..] entries.  -1 (nothing written) if the list is not as last read.
+_APPEND_IF_UNCHANGED = b"""
+local seen = tonumber(ARGV[2])
+local n = redis.call('LLEN', KEYS[1])
+if n ~= seen then return -1 end
+if n > 0 and redis.call('LINDEX', KEYS[1], n - 1) ~= ARGV[3] then return -1 end
+for i = 4, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('PUBLISH', ARGV[1], n)
+return n
+"""
 
 
 class RedisStore:
     """A :class:`epsproxy.store.Store` on a Redis list; build it with :meth:`open`."""
 
     def __init__(
-        self, reactor: Any, connection: Any, address: str, key: str, timeout: float
+        self,
+        reactor: Any,
+        connection: Any,
+        address: str,
+        key: str,
+        timeout: float,
+        *,
+        database: int = 0,
+        password: str | None = None,
     ) -> None:
         self.address = address
         self.key = key
         self.timeout = timeout
+        self.database = database
+        self._password = password
+        self._watchers: list[StoreWatcher] = []
+        self._in_flight: set[Deferred[Any]] = set()
         self._reactor = reactor
         self._connection = connection
         self._key = key.encode("utf-8")
@@ -98,10 +154,17 @@ class RedisStore:
             convertNumbers=False,
         )
         ready = factory.deferred
+        # Come back quickly after a Redis restart (txredisapi: 1 s growing to 10 s).
+        factory.initialDelay = _RECONNECT_INITIAL_DELAY
+        factory.maxDelay = _RECONNECT_MAX_DELAY
         factory.startConnecting(HostnameEndpoint(reactor, host, port, timeout=timeout))
         try:
             connection = yield ready.addTimeout(timeout, reactor)
-            store = cls(reactor, connection, address, settings.get("key", "entries"), timeout)
+            store = cls(
+                reactor, connection, address, settings.get("key", "entries"), timeout,
+                database=settings.get("database", 0),
+                password=settings.get("password") or None,
+            )
             reply = yield store._command("PING", lambda c: c.ping())
         except Exception as e:
             yield factory.disconnect()
@@ -129,6 +192,10 @@ class RedisStore:
             return defer.fail(StoreUnavailable(f"redis store {self.address} is closed"))
         d = defer.maybeDeferred(call, self._connection)
         d.addTimeout(self.timeout, self._reactor)
+        # Commands still waiting (for a connection that is coming back, say) are cancelled
+        # by close, so that nothing outlives the store.
+        self._in_flight.add(d)
+        d.addBoth(self._landed, d)
 
         def failed(failure: Any) -> Any:
             if failure.check(defer.TimeoutError, txredisapi.TimeoutError):
@@ -141,12 +208,80 @@ class RedisStore:
 
         return d.addErrback(failed)
 
+    @property
+    def channel(self) -> str:
+        """
+        The pub/sub channel that carries the list's new length after every append.
+        Channels are not per database in Redis, so the name carries both.
+        """
+        return f"epsproxy:{self.database}:{self.key}"
+
+    def _landed(self, result: Any, d: Deferred[Any]) -> Any:
+        self._in_flight.discard(d)
+        return result
+
     def append(self, entry: StoredEntry) -> Deferred[None]:
-        """``RPUSH`` the serialised entry; fires once Redis has acknowledged it."""
-        data = serialise(entry)
-        return self._command("RPUSH", lambda c: c.rpush(self._key, data)).addCallback(
-            lambda _: None
+        """
+        ``RPUSH`` the serialised entry and ``PUBLISH`` the new length on :attr:`channel`
+        (atomically); fires once Redis has acknowledged it.
+        """
+        args = [self.channel.encode("utf-8"), serialise(entry)]
+        return self._command(
+            "RPUSH", lambda c: c.eval(_APPEND, [self._key], args)
+        ).addCallback(lambda _: None)
+
+    def append_if_unchanged(self, entries: Sequence[StoredEntry]) -> Deferred[None]:
+        """
+        Append ``entries`` (all or none, in order) only if the list still ends where this
+        object's last :meth:`read_new` left it; fails with :class:`AppendConflict` (nothing
+        written) if any process appended since.  Runs under the read lock, so a read in
+        progress cannot interleave.  Like :meth:`append` it publishes on :attr:`channel`.
+        """
+        data = [serialise(entry) for entry in entries]
+        return self._reading.run(self._append_if_unchanged, data)
+
+    @inlineCallbacks
+    def _append_if_unchanged(self, data: list[bytes]) -> Generator[Deferred[Any], Any, None]:
+        seen = self._index + 1
+        last = self._last if self._last is not None else b""
+        args = [self.channel.encode("utf-8"), str(seen).encode("ascii"), last, *data]
+        length = yield self._command(
+            "RPUSH", lambda c: c.eval(_APPEND_IF_UNCHANGED, [self._key], args)
         )
+        if int(length) < 0:
+            raise AppendConflict(
+                f"redis list {self.key} at {self.address} changed since it was last read"
+            )
+
+    def watch(
+        self, callback: Callable[[], Any], *, interval: float | None = 30.0
+    ) -> StoreWatcher:
+        """
+        A started :class:`StoreWatcher` that runs ``callback`` (which may return a
+        Deferred) soon after any process appends, after each (re)subscription, and every
+        ``interval`` seconds (None: never).  :meth:`close` stops it too.
+        """
+        watcher = StoreWatcher(self._reactor, self, callback, interval=interval)
+        self._watchers.append(watcher)
+        watcher.start()
+        return watcher
+
+    def subscribe(
+        self,
+        channel: str,
+        on_message: Callable[[bytes], Any],
+        on_subscribed: Callable[[], Any] = lambda: None,
+    ) -> Subscription:
+        """
+        A started :class:`Subscription` to ``channel`` on this store's Redis (its own
+        connection, reconnected with a short backoff while Redis is away).
+        """
+        subscription = Subscription(
+            self._reactor, self.address, channel, on_message, on_subscribed,
+            password=self._password, timeout=self.timeout,
+        )
+        subscription.start()
+        return subscription
 
     def read_new(self) -> Deferred[list[StoredEntry]]:
         """Elements after the last one returned, parsed; see the module doc on resets."""
@@ -191,6 +326,11 @@ class RedisStore:
         if self._closed:
             return
         self._closed = True
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            yield watcher.stop()
+        for d in list(self._in_flight):
+            d.cancel()
         try:
             yield self._connection.disconnect().addTimeout(self.timeout, self._reactor)
         except Exception as e:
@@ -199,6 +339,247 @@ class RedisStore:
                 address=self.address,
                 error=_describe(e),
             )
+
+
+# -- pub/sub ------------------------------------------------------------------------------
+
+
+class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+    """Hands messages and the loss of the connection to the factory's Subscription."""
+
+    factory: _SubscriberFactory
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.subscription._message(message)
+
+    def connectionLost(self, why: Any) -> None:
+        super().connectionLost(why)
+        self.factory.subscription._lost(self)
+
+
+class _SubscriberFactory(txredisapi.RedisFactory):
+    """One reconnecting connection that subscribes each time it is (re)established."""
+
+    protocol = _SubscriberProtocol
+    initialDelay = _RECONNECT_INITIAL_DELAY
+    maxDelay = _RECONNECT_MAX_DELAY
+
+    def __init__(self, subscription: Subscription, password: str | None, timeout: float):
+        super().__init__(
+            subscription.address, None, 1, isLazy=True, charset=None, password=password,
+            replyTimeout=timeout, convertNumbers=False,
+        )
+        self.subscription = subscription
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)
+        if conn.connected and not self.disconnectCalled:
+            self.subscription._connected(conn)
+
+
+class Subscription:
+    """
+    A subscription to one Redis pub/sub ``channel`` that survives Redis restarts: its
+    connection is re-established with a short backoff (0.1 s growing to 5 s) and
+    resubscribed.  ``on_message(bytes)`` gets each message; ``on_subscribed()`` runs
+    after each successful (re)subscription, so the owner can catch up with what was
+    published while it was away (pub/sub keeps nothing).  Build it with
+    :meth:`RedisStore.subscribe`.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: str,
+        channel: str,
+        on_message: Callable[[bytes], Any],
+        on_subscribed: Callable[[], Any],
+        *,
+        password: str | None = None,
+        timeout: float = 1.0,
+    ) -> None:
+        self.address = address
+        self.channel = channel
+        self.timeout = timeout
+        #: Successful (re)subscriptions so far.
+        self.subscriptions = 0
+        #: Messages received so far.
+        self.messages = 0
+        self._reactor = reactor
+        self._on_message = on_message
+        self._on_subscribed = on_subscribed
+        self._factory = _SubscriberFactory(self, password, timeout)
+        self._protocol: Any = None
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._stopped = False
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the channel is subscribed right now."""
+        return self._protocol is not None
+
+    def start(self) -> None:
+        """Start connecting (in the background; see :meth:`when_subscribed`)."""
+        host, port = parse_address(self.address)
+        self._factory.startConnecting(
+            HostnameEndpoint(self._reactor, host, port, timeout=self.timeout)
+        )
+
+    def when_subscribed(self, count: int = 1) -> Deferred[None]:
+        """Fires once :attr:`subscriptions` has reached ``count``."""
+        if self.subscriptions >= count:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((count, d))
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Stop reconnecting and close the connection."""
+        self._stopped = True
+        self._protocol = None
+        return self._factory.disconnect().addErrback(
+            lambda f: log.warn("closing redis subscription {address}: {error}",
+                               address=self.address, error=f.getErrorMessage())
+        )
+
+    def _connected(self, conn: Any) -> None:
+        d = conn.subscribe(self.channel).addTimeout(self.timeout, self._reactor)
+
+        def subscribed(_: Any) -> None:
+            if self._stopped or not conn.connected:
+                return
+            self._protocol = conn
+            self.subscriptions += 1
+            log.info(
+                "subscribed to {channel} at {address} (#{count})",
+                channel=self.channel, address=self.address, count=self.subscriptions,
+            )
+            waiters, self._waiters = self._waiters, []
+            for count, waiter in waiters:
+                if self.subscriptions >= count:
+                    waiter.callback(None)
+                else:
+                    self._waiters.append((count, waiter))
+            self._call(self._on_subscribed)
+
+        def failed(failure: Any) -> None:
+            log.warn(
+                "cannot subscribe to {channel} at {address}: {error}; reconnecting",
+                channel=self.channel, address=self.address,
+                error=_describe(failure.value),
+            )
+            conn.transport.loseConnection()
+
+        d.addCallbacks(subscribed, failed)
+
+    def _lost(self, conn: Any) -> None:
+        if conn is not self._protocol:
+            return
+        self._protocol = None
+        if not self._stopped:
+            log.warn(
+                "lost the subscription to {channel} at {address}; reconnecting",
+                channel=self.channel, address=self.address,
+            )
+
+    def _message(self, message: Any) -> None:
+        self.messages += 1
+        self._call(self._on_message, message)
+
+    def _call(self, function: Callable[..., Any], *args: Any) -> None:
+        d = defer.maybeDeferred(function, *args)
+        d.addErrback(
+            lambda f: log.failure("redis subscription callback failed", f)
+        )
+
+
+class StoreWatcher:
+    """
+    Runs ``callback`` (typically "read what is new in the store") soon after any process
+    appended to ``store``'s list: on each message of :attr:`RedisStore.channel`, after each
+    (re)subscription, and every ``interval`` seconds as a safety net.  Runs never overlap:
+    notifications that arrive during a run cause exactly one more run after it.  Failures
+    of ``callback`` are logged.  Build it with :meth:`RedisStore.watch`.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        store: RedisStore,
+        callback: Callable[[], Any],
+        *,
+        interval: float | None = 30.0,
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        #: Completed runs of ``callback``.
+        self.runs = 0
+        self._reactor = reactor
+        self._callback = callback
+        self._running = False
+        self._again = False
+        self._stopped = False
+        self._next: list[Deferred[None]] = []  # fired when the next run ends
+        self._loop: LoopingCall | None = None
+        self.subscription: Subscription | None = None
+
+    def start(self) -> None:
+        """Subscribe and start the safety-net loop."""
+        self.subscription = self.store.subscribe(
+            self.store.channel, lambda message: self.notify(), self.notify
+        )
+        if self.interval:
+            self._loop = LoopingCall(self.notify)
+            self._loop.clock = self._reactor
+            self._loop.start(self.interval, now=False)
+
+    def notify(self) -> None:
+        """Run ``callback`` now, or once more after the run in progress."""
+        if self._stopped:
+            return
+        if self._running:
+            self._again = True
+            return
+        self._run()
+
+    def next_run(self) -> Deferred[None]:
+        """
+        Fires when the next run of ``callback`` ends (the one in progress, if any).  To
+        wait for a state: check it, and if it does not hold yet, wait for this and check
+        again; a run that starts after a change ends after it.
+        """
+        d: Deferred[None] = Deferred()
+        self._next.append(d)
+        return d
+
+    def _run(self) -> None:
+        self._running, self._again = True, False
+        d = defer.maybeDeferred(self._callback)
+        d.addErrback(
+            lambda f: log.warn("refresh after a store notification failed: {error}",
+                               error=f.getErrorMessage())
+        )
+        d.addBoth(self._ran)
+
+    def _ran(self, _: Any) -> None:
+        self._running = False
+        self.runs += 1
+        waiters, self._next = self._next, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._again and not self._stopped:
+            self._run()
+
+    @inlineCallbacks
+    def stop(self) -> Generator[Deferred[Any], Any, None]:
+        """Unsubscribe and stop the loop; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self.subscription is not None:
+            yield self.subscription.stop()
 
 
 def _describe(error: BaseException) -> str:

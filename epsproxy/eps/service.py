@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any, IO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epsproxy.lifecycle import AsyncStartService, stop_reactor_soon
 from epsproxy import __version__
 from epsproxy.directory import entries as _entries
 from epsproxy.directory.api import APIDirectory
@@ -54,7 +54,7 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
-class EndpointServerService(Service):
+class EndpointServerService(AsyncStartService["EndpointServerService"]):
     """
     One operator's EPS, from validated ``EPS_SETTINGS``.  :meth:`when_ready` fires with
     the service once every listener is up (or fails with the reason start-up failed;
@@ -82,35 +82,8 @@ class EndpointServerService(Service):
         self.async_calls: AsyncCalls | None = None
         self.channels: list[Any] = []
         self._known_methods: frozenset[str] = frozenset(_INTERNAL)
-        self._outcome: Any = None
-        self._waiters: list[defer.Deferred[Any]] = []
 
     # -- life cycle ---------------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        d = defer.ensureDeferred(self._start())
-        d.addErrback(self._start_failed)
-        d.addBoth(self._settle)
-
-    def when_ready(self) -> defer.Deferred[Any]:
-        """Fires with this service once it serves; fails if start-up failed."""
-        if self._outcome is None:
-            waiter: defer.Deferred[Any] = defer.Deferred()
-            self._waiters.append(waiter)
-            return waiter
-        if isinstance(self._outcome, Failure):
-            return defer.fail(self._outcome)
-        return defer.succeed(self._outcome)
-
-    def _settle(self, outcome: Any) -> None:
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(outcome, Failure):
-                waiter.errback(outcome)
-            else:
-                waiter.callback(outcome)
 
     async def _start(self) -> EndpointServerService:
         await self._open_directory()
@@ -196,9 +169,7 @@ class EndpointServerService(Service):
                     name=self.name, reason=failure.getErrorMessage())
         self.reactor.callLater(0, lambda: defer.ensureDeferred(self._stop()))
         if self.stop_reactor_on_failure:
-            # Start-up can fail before twistd runs the reactor (a port in use fails at
-            # once): stop it as soon as it runs, so the process exits either way.
-            self.reactor.callWhenRunning(self.reactor.callLater, 0, self.reactor.stop)
+            stop_reactor_soon(self.reactor)
         return failure
 
     def stopService(self) -> defer.Deferred[None]:

@@ -52,9 +52,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Protocol
@@ -73,6 +72,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from ..lifecycle import AsyncStartService, stop_reactor_soon
 from .. import forms, tls
 from ..certificates import certificate_names
 from ..eps.rendezvous import TokenError, decode_token, dial_with_token
@@ -773,7 +773,7 @@ class PrivateProxyPorts:
     jsonrpc: IListeningPort
 
 
-class PrivateProxyService(Service):
+class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
     """
     A private proxy: the JSON-RPC server, the client to the own endpoint server, the
     announcement store and the forwarder.  ``settings`` is the validated ``private``
@@ -804,34 +804,7 @@ class PrivateProxyService(Service):
         self.ports: list[IListeningPort] = []
         self._loop: LoopingCall | None = None
         self._reannouncing: Deferred[None] | None = None
-        self._outcome: PrivateProxyPorts | Failure | None = None
-        self._waiters: list[Deferred[PrivateProxyPorts]] = []
         self.registry.register(_Collector(self))
-
-    def startService(self) -> None:
-        super().startService()
-        d = ensureDeferred(self._start())
-        d.addErrback(self._start_failed)
-        d.addBoth(self._settle)
-
-    def when_ready(self) -> Deferred[PrivateProxyPorts]:
-        """A new Deferred for the outcome of start-up (any number of callers may wait)."""
-        if self._outcome is None:
-            waiter: Deferred[PrivateProxyPorts] = Deferred()
-            self._waiters.append(waiter)
-            return waiter
-        if isinstance(self._outcome, Failure):
-            return fail(self._outcome)
-        return succeed(self._outcome)
-
-    def _settle(self, outcome: Any) -> None:
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(outcome, Failure):
-                waiter.errback(outcome)
-            else:
-                waiter.callback(outcome)
 
     async def _start(self) -> PrivateProxyPorts:
         settings = self.settings
@@ -909,8 +882,7 @@ class PrivateProxyService(Service):
 
         def stopped(_: Any) -> Failure:
             if self.stop_reactor_on_failure:
-                # Start-up may fail before twistd runs the reactor: stop it once it runs.
-                self.reactor.callWhenRunning(self.reactor.callLater, 0, self.reactor.stop)
+                stop_reactor_soon(self.reactor)
             return failure
 
         return ensureDeferred(self._close()).addBoth(stopped)

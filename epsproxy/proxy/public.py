@@ -36,12 +36,12 @@ from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..lifecycle import AsyncStartService, stop_reactor_soon
 from .. import forms, ratelimit, tls
 from ..certificates import certificate_names
 from ..jsonrpc import (
@@ -348,7 +348,7 @@ class PublicProxyPorts:
     tls: IListeningPort | None = None
 
 
-class PublicProxyService(Service):
+class PublicProxyService(AsyncStartService[PublicProxyPorts]):
     """
     A public proxy: the internal listener (token connections, rate limited by
     ``tcp_rate_limits``) and the JSON-RPC server, with the client to the own endpoint
@@ -397,35 +397,8 @@ class PublicProxyService(Service):
         self.front: SNIFront | None = None
         self.registry.register(_SNICollector(self))
         self.ports: list[IListeningPort] = []
-        self._outcome: PublicProxyPorts | Failure | None = None
-        self._waiters: list[Deferred[PublicProxyPorts]] = []
 
     # -- start ---------------------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        d = ensureDeferred(self._start())
-        d.addErrback(self._start_failed)
-        d.addBoth(self._settle)
-
-    def when_ready(self) -> Deferred[PublicProxyPorts]:
-        """A new Deferred for the outcome of start-up (any number of callers may wait)."""
-        if self._outcome is None:
-            waiter: Deferred[PublicProxyPorts] = Deferred()
-            self._waiters.append(waiter)
-            return waiter
-        if isinstance(self._outcome, Failure):
-            return fail(self._outcome)
-        return succeed(self._outcome)
-
-    def _settle(self, outcome: Any) -> None:
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(outcome, Failure):
-                waiter.errback(outcome)
-            else:
-                waiter.callback(outcome)
 
     async def _start(self) -> PublicProxyPorts:
         settings = self.settings
@@ -535,8 +508,7 @@ class PublicProxyService(Service):
 
         def stopped(_: Any) -> Failure:
             if self.stop_reactor_on_failure:
-                # Start-up may fail before twistd runs the reactor: stop it once it runs.
-                self.reactor.callWhenRunning(self.reactor.callLater, 0, self.reactor.stop)
+                stop_reactor_soon(self.reactor)
             return failure
 
         return ensureDeferred(self._close()).addBoth(stopped)

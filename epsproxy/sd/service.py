@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..lifecycle import AsyncStartService, stop_reactor_soon
 from ..jsonrpc import jsonrpc_site, listen_jsonrpc
 from ..metrics import RPCMetrics
 from ..records import TrustStore
@@ -22,7 +22,7 @@ from .directory import ServiceDirectory
 __all__ = ["ServiceDirectoryService"]
 
 
-class ServiceDirectoryService(Service):
+class ServiceDirectoryService(AsyncStartService[IListeningPort]):
     """
     Starts the SD asynchronously; :meth:`when_ready` fires with the listening port once
     it serves (or fails with the reason it could not start).
@@ -50,33 +50,6 @@ class ServiceDirectoryService(Service):
         self._refresher: LoopingCall | None = None
         #: Follows appends of other SD instances (a StoreWatcher; Redis store only).
         self.watcher: Any = None
-        self._outcome: IListeningPort | Failure | None = None
-        self._waiters: list[Deferred[IListeningPort]] = []
-
-    def startService(self) -> None:
-        super().startService()
-        d = ensureDeferred(self._start())
-        d.addErrback(self._start_failed)
-        d.addBoth(self._settle)
-
-    def when_ready(self) -> Deferred[IListeningPort]:
-        """A new Deferred for the outcome of start-up (any number of callers may wait)."""
-        if self._outcome is None:
-            waiter: Deferred[IListeningPort] = Deferred()
-            self._waiters.append(waiter)
-            return waiter
-        return succeed(self._outcome) if not isinstance(self._outcome, Failure) else fail(
-            self._outcome
-        )
-
-    def _settle(self, outcome: Any) -> None:
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(outcome, Failure):
-                waiter.errback(outcome)
-            else:
-                waiter.callback(outcome)
 
     async def _start(self) -> IListeningPort:
         directory_settings = self.settings["directory"]
@@ -126,8 +99,8 @@ class ServiceDirectoryService(Service):
         if self.store is not None:
             self.store.close()
             self.store = None
-        if self.stop_reactor_on_failure and self.reactor.running:
-            self.reactor.stop()
+        if self.stop_reactor_on_failure:
+            stop_reactor_soon(self.reactor)
         return failure
 
     def _refresh(self) -> Deferred[int]:

@@ -515,9 +515,19 @@ class FakeSDTests(unittest.TestCase):
         self.assertEqual(len(json.loads(path.read_text())["records"]), len(self.chain))
         self.successResultOf(d.stop())
 
+    def test_missing_cache_folder_is_made(self):
+        # The dev roles put caches under run/<role>/, which nothing else creates: a
+        # node restarted while the SD is down must still find its cache (make chaos).
+        path = Path(self.mktemp()) / "missing-folder" / "cache.json"
+        d = self.directory(self.serving(self.chain), cache_file=str(path))
+        self.assertTrue(self.successResultOf(d.update()))
+        self.assertEqual(len(json.loads(path.read_text())["records"]), len(self.chain))
+
     def test_unwritable_cache_is_logged(self):
         events = capture_log(self)
-        path = Path(self.mktemp()) / "missing-folder" / "cache.json"
+        blocker = Path(self.mktemp())
+        blocker.write_text("a file where the cache folder should be")
+        path = blocker / "cache.json"
         d = self.directory(self.serving(self.chain), cache_file=str(path))
         self.assertTrue(self.successResultOf(d.update()))
         self.assertTrue(any("cannot write" in m for m in messages(events, "warn")))

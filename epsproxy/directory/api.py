@@ -346,6 +346,7 @@ class APIDirectory:
         body = json.dumps({"records": self._chain.records}, separators=(",", ":")).encode()
         tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "wb") as f:
                 f.write(body)

@@ -66,6 +66,7 @@ def public_section(folder: Path, eps_port: int, **changes: Any) -> dict[str, Any
         "tls_bind_address": "127.0.0.1:0",
         "internal_bind_address": "127.0.0.1:0",
         "internal_endpoint": "127.0.0.1:9",  # replaced once the port is known
+        "shutdown_grace": 0,  # tests that drain set their own
         "jsonrpc_server": {"bind_address": "127.0.0.1:0", "tls": tls_block(PROXY)},
         "jsonrpc_client": {
             "endpoint": f"https://127.0.0.1:{eps_port}/jsonrpc",

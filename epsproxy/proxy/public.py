@@ -515,13 +515,24 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
 
     # -- stop ----------------------------------------------------------------------------
 
-    async def _close(self) -> None:
-        """Stop listening, close the parties and splices, the client and the store."""
+    async def _close(self, grace: float = 0.0) -> None:
+        """
+        Stop listening, give spliced pairs up to ``grace`` seconds to end by themselves,
+        then close the parties and splices, the client and the store.
+        """
         ports, self.ports = self.ports, []
         for port in ports:
             await maybeDeferred(port.stopListening)
         if self.front is not None:
             await self.front.close_all()
+        active = self.rendezvous.active_splices
+        if active and grace > 0:
+            self.log.info("draining {count} spliced connection(s) for up to {grace:g} s",
+                          count=active, grace=grace)
+            await self.rendezvous.drain(grace)
+            if self.rendezvous.active_splices:
+                self.log.info("closing {count} spliced connection(s) still open after the "
+                              "grace period", count=self.rendezvous.active_splices)
         await self.rendezvous.close_all()
         if self.client is not None:
             client, self.client = self.client, None
@@ -534,4 +545,4 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return ensureDeferred(self._close())
+        return ensureDeferred(self._close(self.settings["shutdown_grace"]))

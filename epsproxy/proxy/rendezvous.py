@@ -279,6 +279,37 @@ class Rendezvous:
         """
         return self._factory
 
+    def drain(self, grace: float) -> defer.Deferred[None]:
+        """
+        Fires once every splice active now has ended by itself, or after ``grace``
+        seconds, whichever comes first (graceful shutdown: call it after the listeners
+        stopped, then :meth:`close_all`).
+        """
+        splices = list(self._splices)
+        if not splices or grace <= 0:
+            return defer.succeed(None)
+        drained: defer.Deferred[None] = defer.Deferred()
+        remaining = [len(splices)]
+
+        def one_ended(result: Any) -> Any:
+            remaining[0] -= 1
+            if remaining[0] == 0 and not drained.called:
+                drained.callback(None)
+            return result
+
+        for s in splices:
+            s.done.addBoth(one_ended)
+        timer = self._clock.callLater(
+            grace, lambda: drained.called or drained.callback(None)
+        )
+
+        def stop_timer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(stop_timer)
+
     def close_all(self) -> defer.Deferred[None]:
         """Shutdown: stop accepting, close waiting parties and spliced pairs."""
         self._closing = True

@@ -116,6 +116,10 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             forms.Boolean(), default=False,
             doc="the TLS listener expects a PROXY v1/v2 header (behind a load balancer)",
         ),
+        "shutdown_grace": forms.Optional(
+            forms.Float(min=0, max=3600), default=30.0,
+            doc="on SIGTERM, seconds spliced connections may go on before they are cut",
+        ),
     },
     strict=True,
 )

@@ -9,7 +9,7 @@ DEV_CERTS := conf/dev/certs
 TEST_CERTS := conf/test/certs
 RUN := run
 
-.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench clean
+.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench chaos clean
 
 all: venv certs
 
@@ -77,3 +77,8 @@ bench-deps:
 			echo "make bench compares against$$missing: install them (e.g. sudo apt-get install$$missing); measuring without them"; \
 		fi; \
 	fi
+
+# Kill -9 and restart each part of the dev network under checked traffic (~3 min;
+# fixed ports: not while `make demo` runs).
+chaos: venv certs
+	$(BIN)/python -m chaos --run-dir $(RUN)/chaos

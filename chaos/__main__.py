@@ -1,0 +1,420 @@
+"""
+``python -m chaos [--run-dir DIR] [--seconds N]`` (``make chaos``): start the dev network,
+run steady checked traffic through it, kill -9 and restart its parts one at a time, drain
+the proxies with SIGTERM, and print what each fault cost.
+
+Streams (each answer checked):
+
+- ``p2p``  20/s ``hd-2._ping`` at hd-1's gateway (through the public proxy's splice);
+  the answer must name hd-2 and echo the call's sequence number;
+- ``ls``   20/s ``ls-1.lookup`` of a name added earlier; the id must match;
+- ``add``   2/s ``ls-1.add`` of a fresh name (every acknowledged add is looked up at the end);
+- ``sni``  10/s HTTPS GET of ``test.internal-server.local`` on the public proxy's port
+  4433, a fresh TLS connection each (public proxy → private proxy → internal server);
+- ``dir``   5/s ``hd-1._directory`` for hd-2 (served from hd-1's verified directory).
+
+The network's logs and pid files are in ``--run-dir`` (default ``run/chaos``); the roles'
+own data (SD records, directory caches, announcement stores) are where their settings put
+them (``run/<role>/``).  Exit status 0 only if every fault recovered and nothing
+acknowledged was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from epsproxy import demo
+
+from .faults import (
+    Fault,
+    FaultResult,
+    LongConnection,
+    Network,
+    private_announcements,
+    public_announcements,
+    run_fault,
+    sd_tip,
+    submit_probe,
+    wait_until,
+)
+from .traffic import CallFailed, GatewayClient, Outcome, Stream, Traffic, client_context, https_get
+
+STREAMS = ("p2p", "ls", "add", "sni", "dir")
+
+
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (and its children's) to ``path`` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+class Workload:
+    """The streams and the state their checks need (acknowledged adds)."""
+
+    def __init__(self) -> None:
+        self.gateway = GatewayClient(5555, "hd-1", client_context(demo.CERTS, "hd-1"), timeout=5)
+        self.plain = client_context(demo.CERTS, None)
+        self.acked: dict[str, str] = {"Berlin": "loc-berlin-1"}  # added by make demo's flow
+        self._lock = threading.Lock()
+        self.run_tag = f"{int(time.time())}"
+
+    def streams(self) -> list[Stream]:
+        return [
+            Stream("p2p", 20, self.ping),
+            Stream("ls", 20, self.lookup),
+            Stream("add", 2, self.add),
+            Stream("sni", 10, self.sni),
+            Stream("dir", 5, self.directory),
+        ]
+
+    def ping(self, n: int) -> None:
+        result = self.gateway.call("hd-2._ping", {"n": n})
+        if result["serverInfo"]["name"] != "hd-2" or result["params"].get("n") != n:
+            raise CallFailed(f"wrong answer: {json.dumps(result)[:120]}")
+
+    def lookup(self, n: int) -> None:
+        with self._lock:
+            name, expected = random.choice(list(self.acked.items()))
+        result = self.gateway.call("ls-1.lookup", {"name": name})
+        if result != expected:
+            raise CallFailed(f"lookup {name}: {result!r}, expected {expected!r}")
+
+    def add(self, n: int) -> None:
+        name, value = f"chaos-{self.run_tag}-{n}", f"id-{n}"
+        result = self.gateway.call("ls-1.add", {"name": name, "id": value})
+        if result != "ok":
+            raise CallFailed(f"add: {result!r}")
+        with self._lock:
+            self.acked[name] = value
+
+    def sni(self, n: int) -> None:
+        status, body = https_get(demo.SNI_DOMAIN, demo.SNI_PORT, f"/chaos/{n}", self.plain)
+        if status != 200 or json.loads(body) != {"message": "success"}:
+            raise CallFailed(f"GET: {status} {body[:80]!r}")
+
+    def directory(self, n: int) -> None:
+        entries = self.gateway.call("hd-1._directory", {"operator": "hd-2"})["entries"]
+        if [e["name"] for e in entries] != ["hd-2"]:
+            raise CallFailed(f"_directory: {[e.get('name') for e in entries]}")
+
+    def lost_adds(self) -> tuple[int, int, list[str]]:
+        """Look every acknowledged add up again: (lost, checked, examples)."""
+        client = GatewayClient(5555, "hd-1", client_context(demo.CERTS, "hd-1"), timeout=10)
+        lost = []
+        with self._lock:
+            items = list(self.acked.items())
+        for name, value in items:
+            try:
+                if client.call("ls-1.lookup", {"name": name}) != value:
+                    lost.append(name)
+            except Exception as e:
+                lost.append(f"{name} ({e})")
+        return len(lost), len(items), lost[:5]
+
+
+def _faults(network: Network, workload: Workload) -> list[Fault]:
+    state: dict[str, Any] = {}
+
+    def sd_before(r: FaultResult) -> None:
+        state["tip"] = sd_tip()
+
+    def sd_during(r: FaultResult) -> None:
+        entries = workload.gateway.call("hd-1._directory", {})["entries"]
+        r.notes.append(f"SD down: hd-1 still lists {len(entries)} operators")
+
+    def sd_after(r: FaultResult) -> None:
+        tip = sd_tip()
+        r.lost = "none (tip kept)" if tip == state["tip"] else "TIP CHANGED"
+        tag = f"chaos-{time.time_ns()}"
+        t0 = time.monotonic()
+        submit_probe(tag)
+        acked = time.monotonic() - t0
+        seen = wait_until(lambda: any(
+            tag in e["groups"]
+            for e in workload.gateway.call("hd-1._directory", {"operator": "chaos-probe"})["entries"]
+        ), 30)
+        if seen is None:
+            r.recovered = False
+            r.notes.append("record submitted after restart NOT seen at hd-1 within 30 s")
+        else:
+            r.notes.append(f"record submitted after restart (acked in {acked:.1f} s) "
+                           f"seen at hd-1 {seen:.1f} s later")
+
+    def sd_down_eps_restart(r: FaultResult) -> None:
+        network.signal("hd-2", signal.SIGKILL)
+        network.wait_exit("hd-2", 10)
+        try:
+            took = network.restart("hd-2")
+        except demo.DemoError as e:
+            r.recovered = False
+            r.notes.append(f"hd-2 restarted while the SD is down did not come up: {str(e)[:200]}")
+            return
+        served = wait_until(lambda: workload.gateway.call("hd-2._ping", {})["serverInfo"]
+                            ["name"] == "hd-2", 20)
+        if served is None:
+            r.recovered = False
+            r.notes.append(f"hd-2 restarted while the SD is down (up in {took:.1f} s) "
+                           "NOT reachable within 20 s")
+        else:
+            r.notes.append(f"hd-2 restarted while the SD is down: up in {took:.1f} s, "
+                           f"hd-1 reaches it {served:.1f} s later (from its cache)")
+
+    def public_before(r: FaultResult) -> None:
+        state["public"] = public_announcements()
+
+    def public_after(r: FaultResult) -> None:
+        now = public_announcements()
+        missing = sorted(set(state["public"]) - set(now))
+        r.lost = f"none ({len(now)} announcements back from the store)" if not missing \
+            else f"announcements lost: {missing}"
+
+    def links_after(r: FaultResult) -> None:
+        took = wait_until(lambda: (demo.metric(demo.PROXY_EPS_METRICS, "eps_peer_links",
+                                               'direction="incoming"') or 0) >= 2, 60)
+        r.notes.append("hd-1/hd-2 links to it back after "
+                       + (f"{took:.1f} s" if took is not None else "MORE THAN 60 s"))
+        if took is None:
+            r.recovered = False
+        r.lost = "n/a (no state)"
+
+    def hd2_after(r: FaultResult) -> None:
+        r.lost = "n/a (no state)"
+
+    def private_before(r: FaultResult) -> None:
+        state["private"] = private_announcements()
+        state["public"] = public_announcements()
+
+    def private_after(r: FaultResult) -> None:
+        now = private_announcements()
+        missing = sorted(set(state["private"]) - set(now))
+        r.lost = f"none ({len(now)} announcements back from the store)" if not missing \
+            else f"announcements lost: {missing}"
+        took = wait_until(lambda: set(state["public"]) <= set(public_announcements()), 10)
+        r.notes.append("public proxy still lists its domains" if took is not None
+                       else "public proxy lost its domains")
+
+    def drain_before(r: FaultResult) -> None:
+        long = LongConnection(demo.SNI_DOMAIN, demo.SNI_PORT, workload.plain)
+        long.start()
+        if wait_until(lambda: long.requests >= 3, 10) is None:
+            r.notes.append(f"long connection did not start: {long.how}")
+        state["long"] = long
+
+    def drain_during(r: FaultResult) -> None:
+        long: LongConnection = state["long"]
+        wait_until(lambda: long.ended_at is not None, 2)
+        long.stop()
+        if long.ended_at is not None:
+            r.notes.append(
+                f"long spliced connection ({long.requests} GETs) ended "
+                f"{long.ended_at - r.t_signal:.2f} s after SIGTERM ({long.how}); "
+                f"no grace period")
+        else:
+            r.notes.append("long spliced connection survived the exit (?)")
+
+    def drain_after(r: FaultResult) -> None:
+        r.lost = "-"
+
+    return [
+        Fault("service directory", ("sd-1",), before=sd_before, during=sd_during, after=sd_after),
+        Fault("SD down, hd-2 restarted", ("sd-1",), before=sd_before,
+              during=sd_down_eps_restart, after=sd_after),
+        Fault("public proxy", ("public-proxy-1",), before=public_before, after=public_after),
+        Fault("public proxy's EPS", ("public-proxy-eps-1",), after=links_after),
+        Fault("peer EPS hd-2", ("hd-2",), after=hd2_after),
+        Fault("private proxy", ("private-proxy-1",), before=private_before, after=private_after),
+        Fault("drain public proxy", ("public-proxy-1",), signal=signal.SIGTERM,
+              before=drain_before, during=drain_during, after=drain_after),
+        Fault("drain private proxy", ("private-proxy-1",), signal=signal.SIGTERM,
+              before=drain_before, during=drain_during, after=drain_after),
+    ]
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f}"
+
+
+def _failed(result: FaultResult) -> str:
+    parts = [f"{s} {result.failed[s]}/{result.calls[s]}" for s in STREAMS if result.failed[s]]
+    return ", ".join(parts) or f"0/{sum(result.calls.values())}"
+
+
+def _recover(result: FaultResult) -> str:
+    parts = [f"{s} {_seconds(result.recover.get(s))}" for s in STREAMS if result.failed[s]]
+    return ", ".join(parts) or "-"
+
+
+def table(results: list[FaultResult]) -> str:
+    """The markdown table of the faults."""
+    lines = [
+        "| fault | signal | down s | exit s | ready s | failed/calls during fault | "
+        "recover s (first ok after restart) | last failure after restart s | lost | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        last = ", ".join(f"{s} {r.last_failure[s]:.1f}" for s in STREAMS if s in r.last_failure)
+        notes = "; ".join(n for n in r.notes if n)
+        if not r.recovered:
+            notes = "**NOT RECOVERED** " + notes
+        lines.append(
+            f"| {r.name} | {r.signal} | {r.down:.1f} | {_seconds(r.exit_seconds)} | "
+            f"{r.ready:.1f} | {_failed(r)} | {_recover(r)} | {last or '-'} | {r.lost} | {notes} |"
+        )
+    return "\n".join(lines)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+
+
+def steady(outcomes: list[Outcome]) -> str:
+    """Calls, failures and latency per stream while nothing was broken."""
+    lines = ["| stream | calls | failed | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    for stream in STREAMS:
+        mine = [o for o in outcomes if o.stream == stream]
+        took = [(o.end - o.start) * 1000 for o in mine if o.ok]
+        lines.append(f"| {stream} | {len(mine)} | {sum(not o.ok for o in mine)} | "
+                     f"{_percentile(took, 0.5):.0f} | {_percentile(took, 0.99):.0f} |")
+    return "\n".join(lines)
+
+
+def _errors(results: list[FaultResult]) -> str:
+    lines = []
+    for r in results:
+        for text, count in r.errors.most_common(4):
+            lines.append(f"- {r.name}: {count} × {text}")
+    return "\n".join(lines) or "- none"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "
+            f"Python {platform.python_version()}")
+
+
+def _ports_free() -> None:
+    busy = [f"{role.name} ({role.port})" for role in demo.ROLES
+            if _accepts(role.port)] + (["public proxy TLS (4433)"] if _accepts(demo.SNI_PORT) else [])
+    if busy:
+        raise demo.DemoError(f"ports in use: {', '.join(busy)}; is `make demo` running? "
+                             f"(`make stop`)")
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def run(run_dir: Path, down: float, baseline: float, only: list[str] | None) -> int:
+    started = time.monotonic()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    demo.stop(run_dir)
+    _ports_free()
+    print(f"starting the dev network in {run_dir} (output in {run_dir / 'start.out'})",
+          flush=True)
+    try:
+        with _output_to(run_dir / "start.out"):
+            demo.start(run_dir)
+    except demo.DemoError:
+        print((run_dir / "start.out").read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
+    print(f"network up in {time.monotonic() - started:.0f} s", flush=True)
+    network = Network(run_dir)
+    workload = Workload()
+    traffic = Traffic(workload.streams())
+    traffic.start()
+    t_traffic = time.monotonic()
+    results: list[FaultResult] = []
+    try:
+        time.sleep(baseline)
+        for fault in _faults(network, workload):
+            if only and not any(word in fault.name for word in only):
+                continue
+            results.append(run_fault(network, traffic, fault, baseline=baseline, down=down))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+        t_first = min((r.t_signal for r in results), default=time.monotonic())
+    finally:
+        traffic.stop()
+    lost, checked, examples = workload.lost_adds()
+    report = "\n\n".join([
+        f"Command: `python -m chaos --seconds {down:g}` (make chaos); machine: {_machine()}; "
+        f"whole run {time.monotonic() - started:.0f} s.",
+        "Steady traffic before the first fault:\n\n"
+        + steady(traffic.window(t_traffic, t_first)),
+        "Faults (one at a time, traffic running; a call counts for a fault if it started "
+        "between the signal and the end of the fault):\n\n" + table(results),
+        f"Acknowledged `ls-1.add` calls looked up again at the end: {checked}, lost {lost}"
+        + (f" (e.g. {', '.join(examples)})" if examples else "") + ".",
+        "Ticks skipped because every worker of a stream was busy (calls hanging): "
+        + ", ".join(f"{s.name} {s.skipped}" for s in traffic.streams) + ".",
+        "Most frequent errors per fault:\n\n" + _errors(results),
+    ])
+    print("\n" + report)
+    (run_dir / "chaos-report.md").write_text(report + "\n")
+    ok = lost == 0 and all(r.recovered for r in results) and all(
+        r.lost.startswith(("none", "n/a", "-")) for r in results)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", default="run/chaos", help="folder for logs and pids")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="how long each killed part stays down (default 5)")
+    parser.add_argument("--baseline", type=float, default=4.0,
+                        help="seconds of steady traffic before each fault (default 4)")
+    parser.add_argument("--only", action="append",
+                        help="run only faults whose name contains this (repeatable)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        return run(run_dir, args.seconds, args.baseline, args.only)
+    except demo.DemoError as e:
+        print(f"chaos: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        demo.stop(run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ DEV_CERTS := conf/dev/certs
 TEST_CERTS := conf/test/certs
 RUN := run
 
-.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench chaos clean
+.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench chaos fuzz clean
 
 all: venv certs
 
@@ -82,3 +82,10 @@ bench-deps:
 # fixed ports: not while `make demo` runs).
 chaos: venv certs
 	$(BIN)/python -m chaos --run-dir $(RUN)/chaos
+
+# Coverage-guided fuzzing (atheris) of the ClientHello reader, the line decoder, JSON-RPC
+# request handling and record verification; FUZZ_RUNS executions per target.
+FUZZ_RUNS ?= 1000000
+fuzz: venv
+	$(BIN)/pip install -q -e '.[test,fuzz]' --config-settings editable_mode=compat
+	$(BIN)/python -m fuzz all -runs=$(FUZZ_RUNS)

@@ -702,8 +702,11 @@ def jsonrpc_site(
 
         reactor = default_reactor  # type: ignore[assignment]
     resource = JSONRPCResource(handler, settings, reactor, metrics)
+    # No form parsing: a JSON-RPC body is never a form, and twisted.web's Content-Type
+    # parsing raised out of dataReceived on some bytes (fuzz/, tests/test_fuzz_regressions.py).
     site = _JSONRPCSite(
-        resource, timeout=settings["timeout"], reactor=reactor, logFormatter=_access_log_line
+        resource, timeout=settings["timeout"], reactor=reactor, logFormatter=_access_log_line,
+        parsePOSTFormSubmission=False,
     )
     site.max_body_bytes = settings["max_body_bytes"]
     return site

@@ -1,0 +1,99 @@
+"""
+Regression tests for defects found by ``make fuzz`` (``fuzz/``, docs/robustness.md).
+
+Each test replays the minimised input the fuzzer found, over a real loopback connection
+where the defect is in a network path.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SkipTest, TestCase
+
+from epsproxy.jsonrpc import (
+    JSONRPC_SERVER_SETTINGS,
+    PARSE_ERROR,
+    Dispatcher,
+    jsonrpc_site,
+    listen_jsonrpc,
+)
+from fuzz.provider import provider
+from fuzz.targets import jsonrpc as jsonrpc_target
+
+
+class _Collect(Protocol):
+    """Sends one request, collects everything until the connection closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"\r\n\r\n" in self.received:
+            head, _, body = self.received.partition(b"\r\n\r\n")
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:") and len(body) >= int(line[15:]):
+                    self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(self.received)
+
+
+class ContentTypeLineBreak(TestCase):
+    """
+    Found by the ``jsonrpc`` target: a POST whose Content-Type holds a byte that Python's
+    ``email`` package treats as a line break (``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``,
+    ``\\x85``) made twisted.web's form parsing (``Request.requestReceived`` →
+    ``_parseContentType``) raise ``ValueError`` out of ``dataReceived``: no response,
+    the connection dropped and an "Unhandled Error" traceback logged for each such
+    request.  A JSON-RPC server never needs form parsing; it is now switched off.
+    """
+
+    @inlineCallbacks
+    def _post(self, content_type: bytes):
+        dispatcher = Dispatcher()
+        dispatcher.register("echo", None, lambda params, context: params)
+        settings = JSONRPC_SERVER_SETTINGS.validate({"bind_address": "127.0.0.1:0"})
+        site = jsonrpc_site(dispatcher, settings)
+        port = yield listen_jsonrpc(reactor, site, settings)
+        self.addCleanup(port.stopListening)
+        body = b'{"jsonrpc":"2.0","method":"echo","params":{},"id":7}'
+        request = (
+            b"POST /jsonrpc HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        client = _Collect(request)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield endpoint.connect(Factory.forProtocol(lambda: client))
+        received = yield client.closed
+        return received
+
+    @inlineCallbacks
+    def test_vertical_tab_in_content_type(self):
+        received = yield self._post(b"application/json\x0b; x=1")
+        self.assertTrue(received.startswith(b"HTTP/1.1 400 "), received[:100])
+        body = json.loads(received.partition(b"\r\n\r\n")[2])
+        self.assertEqual(body["error"]["code"], PARSE_ERROR)
+
+    @inlineCallbacks
+    def test_next_line_byte_with_valid_prefix(self):
+        received = yield self._post(b"application/json; charset=utf-8\x85x")
+        self.assertTrue(received.startswith(b"HTTP/1.1 "), received[:100])
+        body = json.loads(received.partition(b"\r\n\r\n")[2])
+        self.assertEqual(body["jsonrpc"], "2.0")
+
+    def test_fuzz_input(self):
+        """The fuzzer's own input (atheris' data provider reads it as HTTP mode)."""
+        if provider(b"") .__class__.__name__ == "FallbackProvider":
+            raise SkipTest("the input decodes as found only with atheris installed")
+        jsonrpc_target(b'\x00\x00{"jsonrpc":"2.0","method":"\xff\xff\xff\xff\xff"method":"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"params":{},"id"g')

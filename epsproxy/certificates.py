@@ -55,7 +55,27 @@ def load_certificates(data: bytes | str, source: str = "input") -> list[x509.Cer
         raise CertificateError(f"{source}: not a valid PEM certificate ({e})") from None
     if not certificates:
         raise CertificateError(f"{source}: no PEM certificate found")
+    for certificate in certificates:
+        _check_parts(certificate, source)
     return certificates
+
+
+def _check_parts(certificate: x509.Certificate, source: str) -> None:
+    """
+    Parse the parts of ``certificate`` that ``cryptography`` only parses when first
+    used, so a malformed one fails here, as a :class:`CertificateError`, and not later
+    with a ``TypeError`` from deep inside chain building (found by fuzzing: an issuer
+    name with a BIT STRING attribute of the wrong type).
+    """
+    try:
+        certificate.subject
+        certificate.issuer
+        certificate.extensions
+        certificate.public_key()
+        certificate.not_valid_before_utc
+        certificate.not_valid_after_utc
+    except (ValueError, TypeError) as e:
+        raise CertificateError(f"{source}: malformed certificate ({e})") from None
 
 
 def load_certificates_file(path: str | Path) -> list[x509.Certificate]:

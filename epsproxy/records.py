@@ -542,7 +542,11 @@ def _load_signer_cached(pem: str) -> Signer:
     block = _first_pem_block(pem)
     try:
         certificate = x509.load_pem_x509_certificate(block.encode("ascii"))
-    except (ValueError, UnicodeEncodeError) as e:
+        # cryptography parses names lazily: a malformed one must fail here, not with a
+        # TypeError deep inside chain building (found by fuzzing, fuzz/ records).
+        certificate.subject
+        certificate.issuer
+    except (ValueError, TypeError, UnicodeEncodeError) as e:
         raise InvalidRecord(f"signing certificate cannot be parsed ({e})") from None
     try:
         extensions = certificate.extensions

@@ -97,3 +97,48 @@ class ContentTypeLineBreak(TestCase):
         if provider(b"") .__class__.__name__ == "FallbackProvider":
             raise SkipTest("the input decodes as found only with atheris installed")
         jsonrpc_target(b'\x00\x00{"jsonrpc":"2.0","method":"\xff\xff\xff\xff\xff"method":"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"params":{},"id"g')
+
+
+class SigningCertificateWithMalformedIssuer(TestCase):
+    """
+    Found by ``python -m fuzz records`` after 226,585 executions: a signing certificate
+    whose issuer name holds a BIT STRING attribute of the wrong type parsed fine, then
+    made chain building raise TypeError (cryptography parses names lazily).  It must be
+    refused as an invalid record instead.
+    """
+
+    INPUT = "/wFR/Xvyeo56ewEBeg=="
+
+    def test_fuzz_input(self):
+        import base64
+
+        from fuzz.targets import records
+
+        records(base64.b64decode(self.INPUT))  # raises if anything but a refusal escapes
+
+    def test_refused_with_a_reason(self):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from epsproxy.records import InvalidRecord, load_signer
+        from tests.support import pki
+
+        crt, _ = pki().signing("hd-1")
+        der = bytearray(x509.load_pem_x509_certificate(crt.read_bytes()).public_bytes(
+            serialization.Encoding.DER))
+        # The issuer's commonName (UTF8String, tag 0x0c) becomes a BIT STRING (0x03).
+        issuer_cn = der.find(b"\x06\x03\x55\x04\x03\x0c")
+        self.assertGreater(issuer_cn, 0)
+        der[issuer_cn + 5] = 0x03
+        pem = "-----BEGIN CERTIFICATE-----\n" + base64_lines(bytes(der)) + \
+            "-----END CERTIFICATE-----\n"
+        with self.assertRaises(InvalidRecord) as e:
+            load_signer(pem)
+        self.assertIn("cannot be parsed", e.exception.reason)
+
+
+def base64_lines(data: bytes) -> str:
+    import base64
+
+    text = base64.b64encode(data).decode()
+    return "".join(text[i:i + 64] + "\n" for i in range(0, len(text), 64))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
@@ -51,7 +52,7 @@ def load_certificates(data: bytes | str, source: str = "input") -> list[x509.Cer
         raise CertificateError(f"{source}: no PEM certificate found")
     try:
         certificates = x509.load_pem_x509_certificates(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:
         raise CertificateError(f"{source}: not a valid PEM certificate ({e})") from None
     if not certificates:
         raise CertificateError(f"{source}: no PEM certificate found")
@@ -74,7 +75,7 @@ def _check_parts(certificate: x509.Certificate, source: str) -> None:
         certificate.public_key()
         certificate.not_valid_before_utc
         certificate.not_valid_after_utc
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise CertificateError(f"{source}: malformed certificate ({e})") from None
 
 

@@ -546,7 +546,7 @@ def _load_signer_cached(pem: str) -> Signer:
         # TypeError deep inside chain building (found by fuzzing, fuzz/ records).
         certificate.subject
         certificate.issuer
-    except (ValueError, TypeError, UnicodeEncodeError) as e:
+    except (ValueError, TypeError, UnicodeEncodeError, x509.InvalidVersion) as e:
         raise InvalidRecord(f"signing certificate cannot be parsed ({e})") from None
     try:
         extensions = certificate.extensions

@@ -107,14 +107,18 @@ class SigningCertificateWithMalformedIssuer(TestCase):
     refused as an invalid record instead.
     """
 
-    INPUT = "/wFR/Xvyeo56ewEBeg=="
+    INPUTS = (
+        "/wFR/Xvyeo56ewEBeg==",  # issuer name with a wrongly typed BIT STRING
+        "/wFR/UyOenp6ewEBeg==",  # X.509 version 66: cryptography's InvalidVersion
+    )
 
-    def test_fuzz_input(self):
+    def test_fuzz_inputs(self):
         import base64
 
         from fuzz.targets import records
 
-        records(base64.b64decode(self.INPUT))  # raises if anything but a refusal escapes
+        for text in self.INPUTS:
+            records(base64.b64decode(text))  # raises if anything but a refusal escapes
 
     def test_refused_with_a_reason(self):
         from cryptography import x509

@@ -490,8 +490,17 @@ class RecordsContext:
 
 
 def _signed_key(normalised: dict) -> str:
+    """
+    What a signature vouches for: the record *as hashed*.  The structured hash skips
+    zero values inside objects (SPEC §4.2: null, false, 0, "", []), so a record with an
+    added ``"x": null`` is the same signed record — found by this target, documented in
+    docs/robustness.md — and every consumer treats a zero value like an absent one.
+    """
+    from epsproxy.records import structured_hash
+
     return json.dumps(
-        [normalised["record"], normalised["hash"], normalised["parent_hash"]], sort_keys=True
+        [structured_hash(normalised["record"]).hex(), normalised["hash"],
+         normalised["parent_hash"]]
     )
 
 

@@ -110,6 +110,9 @@ class SigningCertificateWithMalformedIssuer(TestCase):
     INPUTS = (
         "/wFR/Xvyeo56ewEBeg==",  # issuer name with a wrongly typed BIT STRING
         "/wFR/UyOenp6ewEBeg==",  # X.509 version 66: cryptography's InvalidVersion
+        # A signed record with an added null key still verifies: the structured hash
+        # skips zero values (SPEC §4.2), so it is the same signed record.
+        "/wFR/f////96OnsBASt6",
     )
 
     def test_fuzz_inputs(self):

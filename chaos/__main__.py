@@ -230,10 +230,11 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
         wait_until(lambda: long.ended_at is not None, 2)
         long.stop()
         if long.ended_at is not None:
+            lived = long.ended_at - r.t_signal
             r.notes.append(
                 f"long spliced connection ({long.requests} GETs) ended "
-                f"{long.ended_at - r.t_signal:.2f} s after SIGTERM ({long.how}); "
-                f"no grace period")
+                f"{lived:.2f} s after SIGTERM ({long.how}); "
+                + ("no grace period" if lived < 1 else "kept for the grace period"))
         else:
             r.notes.append("long spliced connection survived the exit (?)")
 

@@ -94,6 +94,7 @@ __all__ = [
     "listen_jsonrpc",
     "JSONRPCClient",
     "CappedBody",
+    "CappedRequest",
 ]
 
 log = Logger()
@@ -454,12 +455,12 @@ def _raw_response(status: bytes, body: bytes) -> bytes:
     )
 
 
-class _CappedRequest(server.Request):
+class CappedRequest(server.Request):
     """
     A request whose body may not exceed the site's ``max_body_bytes``: refused by its
     ``Content-Length`` before anything is read, or as soon as the streamed body (chunked,
-    or longer than announced) crosses the cap.  The refusal is a 413 with a JSON error
-    written straight to the connection, which is then closed.
+    or longer than announced) crosses the cap.  The refusal is a 413 with the JSON body
+    of :meth:`refusal` written straight to the connection, which is then closed.
     """
 
     _refused = False
@@ -493,12 +494,17 @@ class _CappedRequest(server.Request):
         self.content = BytesIO()
         limit = self._limit()
         log.info("refused a request body over {limit} bytes", limit=limit)
+        self.channel.transport.write(
+            _raw_response(b"413 Content Too Large", self.refusal(limit))
+        )
+        self.channel.loseConnection()
+
+    def refusal(self, limit: int) -> bytes:
+        """The body of the 413 answer: a JSON-RPC error object."""
         error = JSONRPCError(
             INVALID_REQUEST, f"request body too large (limit {limit} bytes)"
         )
-        body = _encode(response_object(None, error=error))
-        self.channel.transport.write(_raw_response(b"413 Content Too Large", body))
-        self.channel.loseConnection()
+        return _encode(response_object(None, error=error))
 
 
 class _Channel(http.HTTPChannel):
@@ -520,10 +526,10 @@ class _Channel(http.HTTPChannel):
 
 
 class _JSONRPCSite(server.Site):
-    """A Site with the body cap its requests read (see :class:`_CappedRequest`)."""
+    """A Site with the body cap its requests read (see :class:`CappedRequest`)."""
 
     protocol = _Channel
-    requestFactory = _CappedRequest
+    requestFactory = CappedRequest
     displayTracebacks = False
     max_body_bytes = DEFAULT_MAX_BODY_BYTES
 

@@ -81,6 +81,7 @@ from ..jsonrpc import (
     INVALID_PARAMS,
     CallContext,
     CappedBody,
+    CappedRequest,
     Dispatcher,
     JSONRPCClient,
     JSONRPCError,
@@ -248,41 +249,11 @@ class _TLSPolicy:
         return tls.client_options(self._settings, self._server_name or hostname.decode("ascii"))
 
 
-class _Request(server.Request):
+class _Request(CappedRequest):
     """A request whose body may not exceed the site's ``max_body_bytes`` (413 otherwise)."""
 
-    _refused = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-        if length is not None and length > self.channel.site.max_body_bytes:
-            self.requestHeaders.removeHeader(b"expect")
-            self._refuse()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self.channel.site.max_body_bytes:
-            self._refuse()
-            return
-        self.content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused:
-            super().requestReceived(command, path, version)
-
-    def _refuse(self) -> None:
-        self._refused = True
-        self.content = BytesIO()
-        body = b'{"message":"request body too large"}'
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: " + _JSON
-            + b"\r\nContent-Length: " + str(len(body)).encode()
-            + b"\r\nConnection: close\r\n\r\n" + body
-        )
-        self.channel.loseConnection()
+    def refusal(self, limit: int) -> bytes:
+        return b'{"message":"request body too large"}'
 
 
 class _Channel(http.HTTPChannel):

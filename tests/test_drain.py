@@ -13,6 +13,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from epsproxy.proxy.tap import Options, makeService
+from tests.test_private_proxy import private_section
 from tests.test_public_proxy import public_section, write_settings
 
 
@@ -96,3 +97,50 @@ class Drain(TestCase):
         yield a.closed
         yield b.closed
         self.assertEqual(self.service.rendezvous.active_splices, 0)
+
+
+class PrivateDrain(TestCase):
+    """The private proxy: forwards in progress get ``shutdown_grace`` to end by themselves."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def start(self, grace: float):
+        folder = Path(self.mktemp()).absolute()
+        options = Options()
+        options.parseOptions(["--mode", "private", "--settings", str(write_settings(
+            folder, {"private": private_section(folder, 1, shutdown_grace=grace)}))])
+        self.top = makeService(options, reactor, exit_on_failure=False)
+        self.top.startService()
+        self.addCleanup(lambda: self.top.running and self.top.stopService())
+        self.service = self.top.services[0]
+        yield self.service.when_ready()
+        return self.service.forwarder
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_forwards_in_progress(self):
+        forwarder = yield self.start(grace=20)
+        forward = object()  # stands for a splice or a terminated connection in progress
+        forwarder.active.add(forward)
+        draining: defer.Deferred[float] = defer.Deferred()
+        drain = forwarder.drain
+
+        def noting(grace: float) -> defer.Deferred[None]:
+            d = drain(grace)
+            draining.callback(grace)
+            return d
+
+        forwarder.drain = noting
+        stopped = self.top.stopService()
+        grace = yield draining
+        self.assertEqual(grace, 20)
+        self.assertTrue(forwarder.busy)  # no new forwards while draining
+        self.assertFalse(stopped.called)
+        forwarder._forget(forward)  # it ended by itself
+        yield stopped
+
+    @defer.inlineCallbacks
+    def test_grace_period_ends_the_wait(self):
+        forwarder = yield self.start(grace=0.2)
+        forwarder.active.add(object())
+        yield self.top.stopService()

@@ -80,6 +80,7 @@ def private_section(folder: Path, eps_port: int, **changes: Any) -> dict[str, An
                       "settings": {"path": str(folder / "announcements.sqlite")}},
         "jsonrpc_server": {"bind_address": "127.0.0.1:0"},
         "jsonrpc_client": {"endpoint": f"http://127.0.0.1:{eps_port}/jsonrpc", "timeout": 5},
+        "shutdown_grace": 0,  # tests that drain set their own
     }
     section.update(changes)
     return section

@@ -116,6 +116,7 @@ class Passthrough:
             "jsonrpc_server": {"bind_address": "127.0.0.1:0"},
             "jsonrpc_client": {"endpoint": "http://127.0.0.1:1/jsonrpc", "timeout": 5},
             "internal_endpoint": endpoint,
+            "shutdown_grace": 0,
         }
         self.private, private_ports = yield self.start_proxy("private", private_section)
         yield net.start(PRIVATE, [

@@ -329,6 +329,7 @@ class Forwarder:
         self.failed = 0
         self.requests = 0
         self._closing = False
+        self._drained: list[Deferred[None]] = []
         self._server_tls: Any = None
         if self.terminate:
             # Fail at start-up, not at the first connection.
@@ -377,7 +378,7 @@ class Forwarder:
             )
 
         def done(_: Any) -> None:
-            self.active.discard(marker)
+            self._forget(marker)
 
         return d.addErrback(failed).addBoth(done)
 
@@ -409,7 +410,7 @@ class Forwarder:
         )
         self.forwarded += 1
         self.active.add(s)
-        s.done.addBoth(lambda _: self.active.discard(s))
+        s.done.addBoth(lambda _: self._forget(s))
         log.info("forwarding incoming connection {tag} to {address}",
                  tag=token_tag(token), address=self.endpoint["address"])
 
@@ -426,7 +427,35 @@ class Forwarder:
         log.info("terminating incoming connection {tag}", tag=token_tag(token))
 
     def _terminated_lost(self, channel: Any) -> None:
-        self.active.discard(channel)
+        self._forget(channel)
+
+    def _forget(self, item: Any) -> None:
+        """A forward ended: forget it, and tell a waiting drain when none is left."""
+        self.active.discard(item)
+        if not self.active and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """
+        Refuse new forwards (``incomingConnection`` answers 503); fires once every
+        forward in progress has ended by itself, or after ``grace`` seconds.
+        """
+        self._closing = True
+        if not self.active or grace <= 0:
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        timer = self.reactor.callLater(grace, lambda: drained.called or drained.callback(None))
+
+        def stop_timer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(stop_timer)
 
     async def _forward_request(self, request: server.Request) -> None:
         self.requests += 1
@@ -858,7 +887,11 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
 
         return ensureDeferred(self._close()).addBoth(stopped)
 
-    async def _close(self) -> None:
+    async def _close(self, grace: float = 0.0) -> None:
+        """
+        Stop re-announcing and listening, give forwarded connections up to ``grace``
+        seconds to end by themselves, then close them, the client and the store.
+        """
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
@@ -868,6 +901,11 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         for port in ports:
             await maybeDeferred(port.stopListening)
         if self.forwarder is not None:
+            active = len(self.forwarder.active)
+            if active and grace > 0:
+                self.log.info("draining {count} forwarded connection(s) for up to {grace:g} s",
+                              count=active, grace=grace)
+                await self.forwarder.drain(grace)
             await self.forwarder.close()
         if self.client is not None:
             client, self.client = self.client, None
@@ -878,4 +916,4 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return ensureDeferred(self._close())
+        return ensureDeferred(self._close(self.settings["shutdown_grace"]))

@@ -205,6 +205,10 @@ PRIVATE_PROXY_SETTINGS = forms.Map(
             forms.Float(min=1, max=7 * 86400), default=3600.0,
             doc="raw forwarding: seconds without traffic after which a connection is closed",
         ),
+        "shutdown_grace": forms.Optional(
+            forms.Float(min=0, max=3600), default=30.0,
+            doc="on SIGTERM, seconds forwarded connections may go on before they are cut",
+        ),
     },
     strict=True,
 )

@@ -54,12 +54,13 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
-    URI,
 )
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -95,6 +96,7 @@ __all__ = [
     "JSONRPCClient",
     "CappedBody",
     "CappedRequest",
+    "QuietConnectionPool",
 ]
 
 log = Logger()
@@ -799,6 +801,18 @@ def _same_id(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """One client connection per request burst: no "Starting factory" line for each."""
+
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """A persistent connection pool whose connections do not log their start and stop."""
+
+    _factory = _QuietClientFactory
+
+
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
     """
@@ -869,7 +883,7 @@ class JSONRPCClient:
             if self._endpoint.startswith("https:"):
                 # Unusable TLS settings fail here, at start-up, not at the first call.
                 tls.client_options(tls_settings, server_name or urlsplit(self._endpoint).hostname)
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = QuietConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = POOL_CONNECTIONS_PER_HOST
         self._pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
         endpoints = _EndpointFactory(reactor, policy, self._timeout, proxy_url)

@@ -391,7 +391,7 @@ def listen_endpoint(
     reactor: Any,
     bind_address: str,
     tls: dict[str, Any] | None,
-    backlog: int = 50,
+    backlog: int = 1024,
 ) -> IStreamServerEndpoint:
     """
     A server endpoint for ``bind_address`` (see :func:`parse_address`; ``localhost``

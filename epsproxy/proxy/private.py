@@ -65,7 +65,6 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
-    HTTPConnectionPool,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
@@ -82,6 +81,7 @@ from ..jsonrpc import (
     CallContext,
     CappedBody,
     CappedRequest,
+    QuietConnectionPool,
     Dispatcher,
     JSONRPCClient,
     JSONRPCError,
@@ -337,8 +337,11 @@ class Forwarder:
             self.site = _Site(
                 _ForwardResource(self), self, timeout=endpoint["timeout"], reactor=reactor
             )
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = QuietConnectionPool(reactor, persistent=True)
         self._pool.cachedConnectionTimeout = 20
+        # Under load every forwarded request needs an upstream connection: keep as many
+        # as may be forwarded at once instead of Twisted's 2 (make soak: 502 bursts).
+        self._pool.maxPersistentPerHost = max_connections
         self._agent = Agent(reactor, pool=self._pool, connectTimeout=connect_timeout)
         self._jsonrpc: dict[str, Any] | None = endpoint.get("jsonrpc_client")
         if self._jsonrpc is not None:

@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from epsproxy import demo
 
@@ -51,26 +48,6 @@ from .faults import (
 from .traffic import CallFailed, GatewayClient, Outcome, Stream, Traffic, client_context, https_get
 
 STREAMS = ("p2p", "ls", "add", "sni", "dir")
-
-
-@contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (and its children's) to ``path`` for a while."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
 
 
 class Workload:
@@ -313,46 +290,15 @@ def _errors(results: list[FaultResult]) -> str:
     return "\n".join(lines) or "- none"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "
-            f"Python {platform.python_version()}")
-
-
-def _ports_free() -> None:
-    busy = [f"{role.name} ({role.port})" for role in demo.ROLES
-            if _accepts(role.port)] + (["public proxy TLS (4433)"] if _accepts(demo.SNI_PORT) else [])
-    if busy:
-        raise demo.DemoError(f"ports in use: {', '.join(busy)}; is `make demo` running? "
-                             f"(`make stop`)")
-
-
-def _accepts(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def run(run_dir: Path, down: float, baseline: float, only: list[str] | None) -> int:
     started = time.monotonic()
     run_dir.mkdir(parents=True, exist_ok=True)
     demo.stop(run_dir)
-    _ports_free()
+    demo.check_ports_free()
     print(f"starting the dev network in {run_dir} (output in {run_dir / 'start.out'})",
           flush=True)
     try:
-        with _output_to(run_dir / "start.out"):
+        with demo.output_to(run_dir / "start.out"):
             demo.start(run_dir)
     except demo.DemoError:
         print((run_dir / "start.out").read_text(errors="replace")[-3000:], file=sys.stderr)
@@ -376,7 +322,7 @@ def run(run_dir: Path, down: float, baseline: float, only: list[str] | None) -> 
         traffic.stop()
     lost, checked, examples = workload.lost_adds()
     report = "\n\n".join([
-        f"Command: `python -m chaos --seconds {down:g}` (make chaos); machine: {_machine()}; "
+        f"Command: `python -m chaos --seconds {down:g}` (make chaos); machine: {demo.machine()}; "
         f"whole run {time.monotonic() - started:.0f} s.",
         "Steady traffic before the first fault:\n\n"
         + steady(traffic.window(t_traffic, t_first)),

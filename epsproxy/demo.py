@@ -17,15 +17,17 @@ import argparse
 import http.client
 import json
 import os
+import platform
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "dev"
@@ -371,6 +373,68 @@ def start(run_dir: Path) -> None:
     peer_to_peer()
     sni_passthrough()
     print(f"\nLogs and pids are in {run_dir}/; `make stop` stops the network.")
+
+
+
+# -- helpers for harnesses that run the dev network (make chaos, make soak) ----------
+
+
+def port_accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def check_ports_free() -> None:
+    """Refuse to start a second dev network: every role's port must be free."""
+    ports = [(r.name, r.port) for r in ROLES] + [("public proxy TLS", SNI_PORT)]
+    busy = [f"{name} ({port})" for name, port in ports if port_accepts(port)]
+    if busy:
+        raise DemoError(f"ports in use: {', '.join(busy)}; is `make demo` running? "
+                        "(`make stop`)")
+
+
+@contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (and its children's) to ``path`` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def machine() -> str:
+    """One line naming this machine, for reports: OS, CPUs, memory, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}){memory}, "
+            f"Python {platform.python_version()}")
 
 
 def main(argv: list[str] | None = None) -> int:

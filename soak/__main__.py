@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from epsproxy import demo
 
@@ -48,61 +43,6 @@ from .report import (
 )
 
 SAMPLE_SECONDS = 5.0
-
-
-@contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (and its children's) to ``path`` for a while."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _ports_free() -> None:
-    ports = [(r.name, r.port) for r in demo.ROLES] + [("public proxy TLS", demo.SNI_PORT)]
-    busy = [f"{name} ({port})" for name, port in ports if _accepts(port)]
-    if busy:
-        raise demo.DemoError(f"ports in use: {', '.join(busy)}; is `make demo` running? "
-                             "(`make stop`)")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = ""
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f", {kib / 1024 / 1024:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}){memory}, "
-            f"Python {platform.python_version()}")
 
 
 def accept_queues() -> dict[int, tuple[int, int]]:
@@ -220,11 +160,11 @@ def run(options: argparse.Namespace) -> int:
     started = time.monotonic()
     run_dir.mkdir(parents=True, exist_ok=True)
     demo.stop(run_dir)
-    _ports_free()
+    demo.check_ports_free()
     print(f"starting the dev network in {run_dir} (output in {run_dir / 'start.out'})",
           flush=True)
     try:
-        with _output_to(run_dir / "start.out"):
+        with demo.output_to(run_dir / "start.out"):
             demo.start(run_dir)
     except demo.DemoError:
         print((run_dir / "start.out").read_text(errors="replace")[-3000:], file=sys.stderr)
@@ -309,7 +249,7 @@ def run(options: argparse.Namespace) -> int:
     report = "\n\n".join([
         f"Command: `python -m soak --seconds {options.seconds:g} --tls-clients "
         f"{options.tls_clients} --eps-calls {options.eps_calls}` (make soak); machine: "
-        f"{_machine()}; load {load_seconds:.0f} s, whole run "
+        f"{demo.machine()}; load {load_seconds:.0f} s, whole run "
         f"{time.monotonic() - started:.0f} s.",
         "Streams (every answer checked by SHA-256; latency of checked answers):\n\n"
         + stream_table(streams, load_seconds),

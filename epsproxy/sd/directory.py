@@ -19,8 +19,7 @@ from twisted.logger import Logger
 
 from .. import records as records_mod
 from ..directory.chain import RecordLog, StaleAppend
-from ..store import Store, StoredEntry
-from ..store.redis import AppendConflict
+from ..store import AppendConflict, Store, StoredEntry
 
 __all__ = ["RECORD_ENTRY_TYPE", "ServiceDirectory", "SubmitError"]
 

@@ -34,6 +34,7 @@ __all__ = [
     "StoreError",
     "MalformedEntry",
     "StoreUnavailable",
+    "AppendConflict",
     "StoredEntry",
     "Store",
     "serialise",
@@ -62,6 +63,13 @@ class MalformedEntry(StoreError):
 
 class StoreUnavailable(StoreError):
     """The back-end cannot be reached, timed out, refused a command or is closed."""
+
+
+class AppendConflict(StoreError):
+    """
+    A compare-and-append (``append_if_unchanged``, shared stores only) found entries this
+    reader has not read yet: nothing was written; read them and decide again.
+    """
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epsproxy.store import (
+    AppendConflict,
     MalformedEntry,
-    StoreError,
     StoredEntry,
     StoreUnavailable,
     parse,
@@ -61,13 +61,6 @@ from epsproxy.store import (
 __all__ = ["AppendConflict", "RedisStore", "StoreWatcher", "Subscription"]
 
 log = Logger()
-
-
-class AppendConflict(StoreError):
-    """
-    :meth:`RedisStore.append_if_unchanged` found entries this object has not read yet:
-    nothing was written; read them and decide again.
-    """
 
 
 # Reconnection backoff of the store's and the subscriptions' connections (seconds).

@@ -293,6 +293,39 @@ class PublicProxyTests(RedisCase):
                     lambda: self.b.announcements.operator_for(other) == "hd-1",
                     "announce to a restarted instance")
 
+    @inlineCallbacks
+    def test_concurrent_claims_of_a_free_domain_one_wins(self):
+        """
+        Both instances decide on a free domain in the same reactor turn (neither has seen
+        the other's claim): the compare-and-append lets exactly one operator have it, the
+        other is told 409, and both tables agree.  (The plain append accepted both.)
+        """
+        for n in range(5):
+            domain = f"race{n}.internal-server.local"
+            at_a = self.announce(self.a, name="hd-1", domain=domain)
+            at_b = self.announce(self.b, name="hd-2", domain=domain)
+            results = yield DeferredList([at_a, at_b], consumeErrors=True)
+            answers = [value for ok, value in results]
+            self.assertTrue(all(ok for ok, _ in results), answers)
+            taken = [{"code": 409, "message": "already taken"}]
+            self.assertIn(answers, ([[None], taken], [taken, [None]]))
+            winner = "hd-1" if answers[0] == [None] else "hd-2"
+            self.assertEqual(self.a.announcements.operator_for(domain), winner)
+            yield until(self.b.announcements.watcher,
+                        lambda: self.b.announcements.operator_for(domain) == winner,
+                        "race winner at B")
+            # the loser asking again is refused at either instance
+            self.assertEqual((yield self.announce(self.a, name=("hd-2", "hd-1")[winner == "hd-2"],
+                                                  domain=domain)), taken)
+
+    @inlineCallbacks
+    def test_an_instance_keeps_announcing_after_its_own_append(self):
+        """Its own entry does not make its next compare-and-append fail again and again."""
+        for n in range(3):
+            result = yield self.announce(self.a, domain=f"own{n}.internal-server.local")
+            self.assertEqual(result, [None])
+        self.assertEqual(len(self.a.announcements.announcements()), 3)
+
     def test_each_instance_pairs_its_own_tokens(self):
         """Token pairing needs no shared state: tokens live in the instance that made them."""
         self.assertIsNot(self.a.rendezvous, self.b.rendezvous)

@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from .. import forms
 from ..directory.entries import settings_for
 from ..records import canonical_time, timestamp_ns
-from ..store import Store, StoredEntry, StoreError
+from ..store import AppendConflict, Store, StoredEntry, StoreError
 
 __all__ = [
     "PUBLIC_ENTRY_TYPE",
@@ -79,6 +79,8 @@ PRIVATE_ENTRY_TYPE = 2
 MAX_AHEAD_SECONDS = 7 * 86400
 #: Live announcements one operator may hold at a public proxy.
 DEFAULT_MAX_PER_OPERATOR = 1000
+#: Times an announcement is decided again when another instance wrote to the store first.
+MAX_CONFLICT_RETRIES = 5
 
 _EXPIRY_TEXT = "timed announcements need to expire in 7 days or less"
 
@@ -215,10 +217,24 @@ def _decode(entry: StoredEntry, keys: tuple[str, ...]) -> dict[str, Any] | None:
         return None
 
 
-async def _persist(store: Store, type_: int, value: dict[str, Any]) -> None:
+async def _persist(
+    store: Store, type_: int, value: dict[str, Any], *, if_unchanged: bool = False
+) -> None:
+    """
+    Append ``value`` as an entry of ``type_``.  With ``if_unchanged`` and a store that can
+    compare-and-append (Redis), only if nobody appended since this process last read it:
+    :class:`AppendConflict` then means nothing was written.
+    """
     data = json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    entry = StoredEntry(type_, secrets.token_bytes(16), data)
+    append_if_unchanged = getattr(store, "append_if_unchanged", None) if if_unchanged else None
     try:
-        await store.append(StoredEntry(type_, secrets.token_bytes(16), data))
+        if append_if_unchanged is not None:
+            await append_if_unchanged([entry])
+        else:
+            await store.append(entry)
+    except AppendConflict:
+        raise
     except StoreError as e:
         log.error("cannot persist an announcement: {error}", error=str(e))
         raise PersistFailed("cannot persist the announcement") from None
@@ -246,7 +262,8 @@ class PublicAnnouncements:
 
     ``name`` is the proxy's operator: callers need ``proxy`` settings for it.  Call
     :meth:`load` once before serving.  Announcing calls are serialised, so two calls never
-    both take the same domain.
+    both take the same domain; instances sharing a Redis store write with
+    compare-and-append, so two instances never do either.
     """
 
     def __init__(
@@ -349,30 +366,60 @@ class PublicAnnouncements:
         results: list[dict[str, Any] | None] = []
         for connection, (expires_at, expires_ns) in zip(connections, parsed):
             domain = connection["domain"].lower()
-            if not domain_allowed(domain, allowed):
-                results.append({"code": 403, "message": "not allowed"})
+            results.append(
+                await self._announce_one(operator, allowed, domain, expires_at, expires_ns, now)
+            )
+        return results
+
+    def _decide(
+        self, operator: str, allowed: list[str], domain: str,
+        expires_at: str | None, expires_ns: int | None, now: float,
+    ) -> dict[str, Any] | PublicAnnouncement | None:
+        """The refusal or ``None`` (nothing to write) for one item, or what to write."""
+        if not domain_allowed(domain, allowed):
+            return {"code": 403, "message": "not allowed"}
+        held = self._by_domain.get(domain)
+        if held is not None and held.operator != operator and _live(held.expires_ns, now):
+            return {"code": 409, "message": "already taken"}
+        if held is not None and held.operator == operator and held.expires_at == expires_at:
+            return None
+        mine = held is not None and held.operator == operator and _live(held.expires_ns, now)
+        if (not mine and _live(expires_ns, now)
+                and self._count(operator, now) >= self.max_per_operator):
+            return {"code": 403, "message": "too many announcements"}
+        return PublicAnnouncement(domain, operator, expires_at, expires_ns)
+
+    async def _announce_one(
+        self, operator: str, allowed: list[str], domain: str,
+        expires_at: str | None, expires_ns: int | None, now: float,
+    ) -> dict[str, Any] | None:
+        """
+        Decide one item and write it.  Instances sharing a Redis store decide against the
+        same state: the entry is appended only if nobody appended since this table last
+        read the store, otherwise the new entries are read and the item decided again.  So
+        two instances can never both accept different operators for one free domain.
+        """
+        for _ in range(MAX_CONFLICT_RETRIES):
+            decided = self._decide(operator, allowed, domain, expires_at, expires_ns, now)
+            if not isinstance(decided, PublicAnnouncement):
+                return decided
+            try:
+                await _persist(self.store, PUBLIC_ENTRY_TYPE, decided.as_dict(),
+                               if_unchanged=True)
+            except AppendConflict:
+                await self._load()
                 continue
-            held = self._by_domain.get(domain)
-            if held is not None and held.operator != operator and _live(held.expires_ns, now):
-                results.append({"code": 409, "message": "already taken"})
-                continue
-            if held is not None and held.operator == operator and held.expires_at == expires_at:
-                results.append(None)
-                continue
-            mine = held is not None and held.operator == operator and _live(held.expires_ns, now)
-            if (not mine and _live(expires_ns, now)
-                    and self._count(operator, now) >= self.max_per_operator):
-                results.append({"code": 403, "message": "too many announcements"})
-                continue
-            announcement = PublicAnnouncement(domain, operator, expires_at, expires_ns)
-            await _persist(self.store, PUBLIC_ENTRY_TYPE, announcement.as_dict())
-            self._by_domain[domain] = announcement
+            self._by_domain[domain] = decided
+            if getattr(self.store, "append_if_unchanged", None) is not None:
+                await self._load()  # move past our own entry, so the next append matches
             log.info(
                 "{operator} announced {domain} (expires {expires})",
                 operator=operator, domain=domain, expires=expires_at or "never",
             )
-            results.append(None)
-        return results
+            return None
+        log.error("the store kept changing while {operator} announced {domain}",
+                  operator=operator, domain=domain)
+        raise PersistFailed("the store kept changing; try again")
 
 
 # ------------------------------------------------------------------- private side

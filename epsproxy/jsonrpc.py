@@ -18,7 +18,11 @@ Where this does better than the reference (SPEC §23.2 #21-23):
 
 - request bodies are capped (``max_body_bytes``): refused up front by ``Content-Length``
   and cut off while streaming, so chunked or lying bodies cannot exceed the cap either;
-  idle connections are closed after ``timeout`` seconds (slow-loris);
+  idle connections are closed after ``timeout`` seconds, and a request must arrive whole
+  (TLS handshake, headers and body) within ``request_timeout`` seconds of its first byte,
+  or get a 408 (slow-loris: twisted.web's idle timeout restarts on every byte);
+- every refusal (413, 408, idle timeout, twisted.web's 400) is counted by reason
+  (:data:`REFUSAL_REASONS`) through the site's ``refusals`` callable;
 - early error replies carry ``"jsonrpc": "2.0"`` (the reference wrote ``"2.0,"``);
 - only ``POST`` (and ``OPTIONS`` for CORS preflights) is accepted on the path, other
   methods get 405; an ``OPTIONS`` whose origin is not allowed gets 403 (not the
@@ -48,7 +52,13 @@ from cryptography import x509
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IListeningPort,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -89,6 +99,7 @@ __all__ = [
     "parse_request",
     "response_object",
     "JSONRPC_SERVER_SETTINGS",
+    "REFUSAL_REASONS",
     "JSONRPC_CLIENT_SETTINGS",
     "JSONRPCResource",
     "jsonrpc_site",
@@ -110,6 +121,7 @@ INTERNAL_ERROR = -32603
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_REQUEST_TIMEOUT = 10.0
 # A pooled client connection is dropped after this many idle seconds: less than the
 # server's default idle timeout, because a POST is not retried automatically when the
 # server has closed the connection just as it is reused.
@@ -408,10 +420,17 @@ JSONRPC_SERVER_SETTINGS = forms.Map(
         "timeout": forms.Optional(
             forms.Float(min=0.001), default=DEFAULT_TIMEOUT, doc="idle timeout, seconds"
         ),
+        "request_timeout": forms.Optional(
+            forms.Float(min=0.001), default=DEFAULT_REQUEST_TIMEOUT,
+            doc="seconds from a request's first byte (or the connection) to its last",
+        ),
     },
     strict=True,
 )
-"""Settings of a JSON-RPC server (SPEC §11.1 plus ``max_body_bytes`` and ``timeout``)."""
+"""
+Settings of a JSON-RPC server (SPEC §11.1 plus ``max_body_bytes``, ``timeout`` and
+``request_timeout``).
+"""
 
 
 def _endpoint_url(text: str) -> str:
@@ -448,6 +467,15 @@ JSONRPC_CLIENT_SETTINGS = forms.Map(
 
 _JSON = b"application/json; charset=utf-8"
 
+#: Why a JSON-RPC server refused a connection, as counted (``<prefix>_http_refusals``):
+#: a body over ``max_body_bytes`` (413), a request not whole within ``request_timeout``
+#: (408, or an unfinished TLS handshake), an idle connection closed after ``timeout``,
+#: malformed HTTP that twisted.web answers with 400 (also lines over its limit), and a
+#: connection closed at once by the listener's ``tcp_rate_limits``.
+REFUSAL_REASONS = (
+    "body_too_large", "request_timeout", "idle_timeout", "bad_request", "rate_limited",
+)
+
 
 def _raw_response(status: bytes, body: bytes) -> bytes:
     return (
@@ -455,6 +483,18 @@ def _raw_response(status: bytes, body: bytes) -> bytes:
         + b"\r\nContent-Length: " + str(len(body)).encode()
         + b"\r\nConnection: close\r\n\r\n" + body
     )
+
+
+def _error_body(message: str) -> bytes:
+    """An early refusal's body: a JSON-RPC error object without an id."""
+    return _encode(response_object(None, error=JSONRPCError(INVALID_REQUEST, message)))
+
+
+def _count_refusal(channel: Any, reason: str) -> None:
+    """Count ``reason`` once for ``channel`` (a :class:`_Channel`; others are ignored)."""
+    count = getattr(channel, "count_refusal", None)
+    if count is not None:
+        count(reason)
 
 
 class CappedRequest(server.Request):
@@ -496,6 +536,7 @@ class CappedRequest(server.Request):
         self.content = BytesIO()
         limit = self._limit()
         log.info("refused a request body over {limit} bytes", limit=limit)
+        _count_refusal(self.channel, "body_too_large")
         self.channel.transport.write(
             _raw_response(b"413 Content Too Large", self.refusal(limit))
         )
@@ -503,20 +544,130 @@ class CappedRequest(server.Request):
 
     def refusal(self, limit: int) -> bytes:
         """The body of the 413 answer: a JSON-RPC error object."""
-        error = JSONRPCError(
-            INVALID_REQUEST, f"request body too large (limit {limit} bytes)"
-        )
-        return _encode(response_object(None, error=error))
+        return _error_body(f"request body too large (limit {limit} bytes)")
 
 
+@implementer(IHandshakeListener)
 class _Channel(http.HTTPChannel):
     """
     HTTP/1.1 only (no HTTP/2 negotiation), and idle connections are closed without
     logging the peer's full address (twisted.web's own message would).
+
+    A request deadline (the site's ``request_timeout``) runs from the connection's start
+    (so it covers the TLS handshake) and from the first byte of each later request, and
+    stops when the request is whole (``allContentReceived``): twisted.web's idle timeout
+    restarts on every byte, so alone it never stops a client trickling its headers.  A
+    late request gets a 408 and the connection closes; a TLS handshake still unfinished
+    at the deadline is cut at once (nothing can be written to it).  Bytes a client
+    pipelines while its previous request is handled do not start the deadline: they are
+    parsed, and timed, once that request is done.
+
+    Every refusal is counted once per connection through the site's ``refusals``.
     """
+
+    _request_timer: IDelayedCall | None = None
+    _refusal: str | None = None
+    _handshake_done = False
+
+    # -- refusals --------------------------------------------------------------------
+
+    def count_refusal(self, reason: str) -> None:
+        """Count the connection's (first) refusal with the site's ``refusals``."""
+        if self._refusal is not None:
+            return
+        self._refusal = reason
+        count = getattr(getattr(self, "site", None), "refusals", None)
+        if count is None:
+            return
+        try:
+            count(reason)
+        except Exception:
+            log.failure("counting a refused HTTP connection failed")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's 400 for malformed request lines, headers and chunked bodies.
+        self.count_refusal("bad_request")
+        self._cancel_request_deadline()
+        super()._respondToBadRequestAndDisconnect()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would close silently; a line this long is a bad request too.
+        self._respondToBadRequestAndDisconnect()
+
+    # -- the request deadline --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_request_deadline()
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done (:class:`IHandshakeListener`)."""
+        self._handshake_done = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # refused: read nothing more, the connection is closing
+        if not self._handlingRequest:
+            self._start_request_deadline()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # Also reached for pipelined bytes replayed after a request was answered within
+        # the same dataReceived, where the deadline was not started yet.  Not for the
+        # one empty line twisted.web skips after a request (old browsers send it).
+        if line:
+            self._start_request_deadline()
+        super().lineReceived(line)
+
+    def allContentReceived(self) -> None:
+        self._cancel_request_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_request_deadline()
+        super().connectionLost(reason)
+
+    def _start_request_deadline(self) -> None:
+        if self._request_timer is not None or self._refusal is not None:
+            return
+        limit = getattr(getattr(self, "site", None), "request_timeout", None)
+        if limit:
+            self._request_timer = self.callLater(limit, self._request_timed_out)
+
+    def _cancel_request_deadline(self) -> None:
+        timer, self._request_timer = self._request_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _request_timed_out(self) -> None:
+        self._request_timer = None
+        if self._refusal is not None or self.transport is None:
+            return
+        limit = getattr(self.site, "request_timeout", None)
+        self.count_refusal("request_timeout")
+        self.setTimeout(None)  # the idle timeout has nothing left to do
+        if self.isSecure() and not self._handshake_done:
+            log.info("closing a connection without a TLS handshake after {limit}s",
+                     limit=limit)
+            self.transport.abortConnection()
+            return
+        log.info("closing a connection whose request took over {limit}s", limit=limit)
+        self.transport.write(_raw_response(
+            b"408 Request Timeout", _error_body(f"request not received within {limit:g}s")
+        ))
+        self._close_within_abort_timeout()
 
     def timeoutConnection(self) -> None:
         log.info("closing an idle HTTP connection")
+        self.count_refusal("idle_timeout")
+        self._cancel_request_deadline()
+        if self.isSecure() and not self._handshake_done:
+            self.transport.abortConnection()
+            return
+        self._close_within_abort_timeout()
+
+    def _close_within_abort_timeout(self) -> None:
+        """Close gracefully, and abort if the peer still holds on after ``abortTimeout``."""
         if self.abortTimeout is not None:
             # Same attribute as HTTPChannel uses, so its connectionLost cancels the call.
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
@@ -527,13 +678,20 @@ class _Channel(http.HTTPChannel):
         self.transport.abortConnection()
 
 
-class _JSONRPCSite(server.Site):
-    """A Site with the body cap its requests read (see :class:`CappedRequest`)."""
+class GuardedSite(server.Site):
+    """
+    A Site with the body cap and request deadline its channels and requests read (see
+    :class:`CappedRequest`, :class:`_Channel`), and ``refusals(reason)`` to count the
+    refused connections (None: not counted).  Every JSON-RPC server uses one, and so does
+    the metrics listener: no listener of ours is left to twisted.web's idle timeout alone.
+    """
 
     protocol = _Channel
     requestFactory = CappedRequest
     displayTracebacks = False
     max_body_bytes = DEFAULT_MAX_BODY_BYTES
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT
+    refusals: Callable[[str], None] | None = None
 
 
 class JSONRPCResource(Resource):
@@ -697,13 +855,16 @@ def jsonrpc_site(
     *,
     reactor: IReactorTime | None = None,
     metrics: Any = None,
+    refusals: Callable[[str], None] | None = None,
 ) -> server.Site:
     """
     A ``Site`` serving ``handler`` at ``settings["path"]`` (validated
-    :data:`JSONRPC_SERVER_SETTINGS`), with the body cap and idle timeout of the settings.
-    ``reactor`` times requests and idle connections (default: the global reactor);
-    ``metrics`` (an :class:`epsproxy.metrics.RPCMetrics`) counts and times each call.
-    Access log lines never carry a full client address.
+    :data:`JSONRPC_SERVER_SETTINGS`), with the body cap, request deadline and idle
+    timeout of the settings.  ``reactor`` times requests and idle connections (default:
+    the global reactor); ``metrics`` (an :class:`epsproxy.metrics.RPCMetrics`) counts and
+    times each call, and counts refused connections unless ``refusals`` is given:
+    ``refusals(reason)`` is called once per refused connection with one of
+    :data:`REFUSAL_REASONS`.  Access log lines never carry a full client address.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -712,11 +873,15 @@ def jsonrpc_site(
     resource = JSONRPCResource(handler, settings, reactor, metrics)
     # No form parsing: a JSON-RPC body is never a form, and twisted.web's Content-Type
     # parsing raised out of dataReceived on some bytes (fuzz/, tests/test_fuzz_regressions.py).
-    site = _JSONRPCSite(
+    site = GuardedSite(
         resource, timeout=settings["timeout"], reactor=reactor, logFormatter=_access_log_line,
         parsePOSTFormSubmission=False,
     )
     site.max_body_bytes = settings["max_body_bytes"]
+    site.request_timeout = settings.get("request_timeout", DEFAULT_REQUEST_TIMEOUT)
+    if refusals is None:
+        refusals = getattr(metrics, "refused", None)
+    site.refusals = refusals
     return site
 
 
@@ -725,13 +890,21 @@ def listen_jsonrpc(
 ) -> Deferred[IListeningPort]:
     """
     Listen on ``settings["bind_address"]``, over TLS when ``settings`` has ``tls`` (client
-    certificates required unless it says otherwise) and behind ``tcp_rate_limits``.  The
-    Deferred fails if the address cannot be bound.
+    certificates required unless it says otherwise) and behind ``tcp_rate_limits`` (the
+    connections they refuse are counted as ``"rate_limited"`` by the site's
+    ``refusals``, if it has any).  The Deferred fails if the address cannot be bound.
     """
     endpoint = tls.listen_endpoint(reactor, settings["bind_address"], settings.get("tls"))
     factory: Any = site
     if settings.get("tcp_rate_limits"):
-        factory = ratelimit.rate_limited(site, settings["tcp_rate_limits"], reactor)
+        def rate_limited(reason: str) -> None:
+            count = getattr(site, "refusals", None)
+            if count is not None:
+                count("rate_limited")
+
+        factory = ratelimit.rate_limited(
+            site, settings["tcp_rate_limits"], reactor, on_refused=rate_limited
+        )
     return endpoint.listen(factory)
 
 

@@ -22,12 +22,27 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from . import forms
+from .jsonrpc import REFUSAL_REASONS, GuardedSite
 from .tls import listen_endpoint
 
-__all__ = ["METRICS_SETTINGS", "MetricsResource", "RPCMetrics", "metrics_service"]
+__all__ = [
+    "METRICS_SETTINGS",
+    "HTTP_REFUSAL_REASONS",
+    "MetricsResource",
+    "RPCMetrics",
+    "http_refusals_counter",
+    "metrics_service",
+]
+
+#: A scrape's request must be whole within this many seconds (slowloris).
+METRICS_REQUEST_TIMEOUT = 10.0
+#: Keep-alive scrape connections idle this long are closed.
+METRICS_IDLE_TIMEOUT = 60.0
+#: Scrapes are GETs: any body over this is refused.
+METRICS_MAX_BODY_BYTES = 4096
 
 METRICS_SETTINGS = forms.Map(
     {"bind_address": forms.Required(forms.String(min_length=1))}, strict=True
@@ -53,18 +68,48 @@ class MetricsResource(Resource):
 def metrics_service(
     reactor: IReactorCore, settings: dict, registry: CollectorRegistry
 ) -> IService:
-    """A service listening on ``settings["bind_address"]`` (plain HTTP) for scrapes."""
+    """
+    A service listening on ``settings["bind_address"]`` (plain HTTP) for scrapes.  It has
+    the JSON-RPC servers' deadlines (a scrape must arrive within
+    :data:`METRICS_REQUEST_TIMEOUT` seconds, idle connections close after
+    :data:`METRICS_IDLE_TIMEOUT`) and counts what it refused in
+    ``metrics_http_refusals_total{reason}``.
+    """
     endpoint = listen_endpoint(reactor, settings["bind_address"], None)
-    site = Site(MetricsResource(registry))
+    site = GuardedSite(MetricsResource(registry), timeout=METRICS_IDLE_TIMEOUT, reactor=reactor)
     site.noisy = False
+    site.request_timeout = METRICS_REQUEST_TIMEOUT
+    site.max_body_bytes = METRICS_MAX_BODY_BYTES
+    refusals = http_refusals_counter(registry, "metrics")
+    site.refusals = lambda reason: refusals.labels(reason).inc()
     service = StreamServerEndpointService(endpoint, site)
     service._raiseSynchronously = True
     return service
 
 
+#: The ``reason`` label values of ``<prefix>_http_refusals_total`` (see
+#: :data:`epsproxy.jsonrpc.REFUSAL_REASONS`, which says what each one means).
+HTTP_REFUSAL_REASONS = REFUSAL_REASONS
+
+
+def http_refusals_counter(registry: CollectorRegistry, prefix: str) -> Counter:
+    """
+    ``<prefix>_http_refusals_total{reason}``: connections a JSON-RPC server refused, with
+    every reason of :data:`HTTP_REFUSAL_REASONS` present from the start (at 0).
+    """
+    counter = Counter(
+        f"{prefix}_http_refusals", "HTTP connections refused by the JSON-RPC server, by reason",
+        ["reason"], registry=registry,
+    )
+    for reason in HTTP_REFUSAL_REASONS:
+        counter.labels(reason)
+    return counter
+
+
 class RPCMetrics:
     """
-    Counts and times the calls of one JSON-RPC server.
+    Counts and times the calls of one JSON-RPC server, and counts the connections it
+    refused (:meth:`refused`, which :func:`epsproxy.jsonrpc.jsonrpc_site` calls).
 
     Method names become label values only when ``known`` says they are ours, so a client
     sending random method names cannot grow the registry without bound.
@@ -83,8 +128,13 @@ class RPCMetrics:
             ["method"], registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10),
         )
+        self.http_refusals = http_refusals_counter(registry, prefix)
 
     def observe(self, method: str, outcome: str, seconds: float) -> None:
         label = method if self.known(method) else "other"
         self.requests.labels(label, outcome).inc()
         self.latency.labels(label).observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        """Count a refused connection (``reason``: one of :data:`HTTP_REFUSAL_REASONS`)."""
+        self.http_refusals.labels(reason).inc()

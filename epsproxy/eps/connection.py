@@ -37,6 +37,7 @@ __all__ = [
     "EPSServerFactory",
     "EPSClientFactory",
     "HANDLER_ERROR",
+    "PEER_REFUSAL_REASONS",
 ]
 
 log = Logger()
@@ -46,6 +47,18 @@ HANDLER_ERROR = -100
 
 Handler = Callable[[wire.Request, PeerIdentity], Any]
 """``handler(request, peer) -> Response | dict | None`` or a Deferred of one."""
+
+#: Why a connection refused its peer, as given to ``on_refused`` (and counted as
+#: ``eps_peer_refusals_total{reason}``): the TLS handshake failed (another CA, no client
+#: certificate, not TLS at all, or the peer left during it); the certificate is not one
+#: the directory pins for the peer, or the hello names another operator; no hello
+#: (handshake included) within ``hello_timeout`` of connecting; a line over ``max_line``;
+#: a frame that is not valid or breaks the protocol.  ``rate_limited`` is the listener's
+#: (:mod:`epsproxy.ratelimit`), before any connection object exists.
+PEER_REFUSAL_REASONS = (
+    "handshake_failed", "identity", "hello_timeout", "line_too_long", "malformed",
+    "rate_limited",
+)
 
 
 class ConnectionError(Exception):
@@ -71,6 +84,11 @@ class EPSConnection(Protocol):
     Owners wait on :meth:`when_ready` (fires with the peer's :class:`PeerIdentity` after
     the hello exchange, fails with :class:`PeerRefused` or :class:`PeerGone`) and on
     :meth:`when_closed`; they call the peer with :meth:`call`.
+
+    ``hello_timeout`` runs from the TCP connection (``connectionMade``, which the TLS
+    layer calls before its handshake) to the peer's hello, so a peer that never finishes
+    the handshake is cut too.  ``on_refused(reason)``, if given, is called once when the
+    connection refuses its peer (:data:`PEER_REFUSAL_REASONS`).
     """
 
     def __init__(
@@ -84,6 +102,7 @@ class EPSConnection(Protocol):
         ping_interval: float = 30,
         dead_after: float = 90,
         max_line: int = wire.DEFAULT_MAX_LINE,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.directory = directory
         self.own_name = own_name
@@ -93,6 +112,8 @@ class EPSConnection(Protocol):
         self.ping_interval = ping_interval
         self.dead_after = dead_after
         self.max_line = max_line
+        self.on_refused = on_refused
+        self.refusal: str | None = None
         self.state = _HANDSHAKE
         self.identities: list[PeerIdentity] = []
         self.peer: PeerIdentity | None = None
@@ -197,6 +218,8 @@ class EPSConnection(Protocol):
             transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):
             pass
+        # The hello deadline covers the TLS handshake too (a silent or trickling peer).
+        self._timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
 
     def peer_certificate(self) -> Any:
         """The peer's verified leaf certificate (a seam for socket-free tests)."""
@@ -206,16 +229,18 @@ class EPSConnection(Protocol):
         """TLS is up: identify the peer, then say hello and wait for the peer's."""
         if self.state != _HANDSHAKE:
             return
+        self.state = _HELLO  # TLS is up: frames can be sent (a refusal's error frame)
         try:
             self.identities = identify_peer(self.peer_certificate(), self.directory)
         except PeerRefused as e:
             log.warn("refused EPS peer: {reason}", reason=e.reason)
+            self._refused("identity")
             self._settle(Failure(e))
             self._abort(wire.ERR_IDENTITY, "peer certificate not accepted")
             return
-        self.state = _HELLO
         self._send(wire.Hello(wire.PROTOCOL_VERSION, self.own_name))
-        self._timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
+        if self._timer is None:  # connectionMade started it, unless a test skipped it
+            self._timer = self.clock.callLater(self.hello_timeout, self._hello_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state not in (_HELLO, _OPEN):
@@ -239,6 +264,7 @@ class EPSConnection(Protocol):
                     return
             log.warn("bad frame from EPS peer {peer}: {reason}",
                      peer=self._peer_name(), reason=e.reason)
+            self._refused("line_too_long" if isinstance(e, wire.LineTooLong) else "malformed")
             frame = wire.error_frame_for(e)
             self._abort(frame.code, frame.message)
             return
@@ -251,6 +277,12 @@ class EPSConnection(Protocol):
             self._handle(frame)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.state == _HANDSHAKE:
+            # Closed before the handshake completed, and not by our deadline: TLS
+            # refused the peer (another CA, no certificate, not TLS) or it went away.
+            log.info("EPS connection closed during the TLS handshake: {reason}",
+                     reason=reason.getErrorMessage() if reason is not None else "closed")
+            self._refused("handshake_failed")
         self.state = _CLOSED
         self._batch = None
         self._cancel_timer()
@@ -277,6 +309,7 @@ class EPSConnection(Protocol):
             if isinstance(frame, wire.Hello):
                 self._hello(frame)
             else:
+                self._refused("malformed")
                 self._abort(wire.ERR_PROTOCOL, "expected hello first")
         elif isinstance(frame, wire.Request):
             self._serve(frame)
@@ -285,12 +318,14 @@ class EPSConnection(Protocol):
         elif isinstance(frame, wire.Ping):
             self._send(wire.Pong(frame.nonce))
         elif isinstance(frame, wire.Hello):
+            self._refused("malformed")
             self._abort(wire.ERR_PROTOCOL, "second hello")
         # Pong: the sign of life was already counted.
 
     def _hello(self, hello: wire.Hello) -> None:
         self._cancel_timer()
         if hello.version < 1:
+            self._refused("malformed")
             self._abort(wire.ERR_VERSION, f"unsupported protocol version {hello.version}")
             return
         if hello.name == "":
@@ -301,6 +336,7 @@ class EPSConnection(Protocol):
                 log.warn("EPS peer says hello as {name}, not one of its certificate's"
                          " names {names}", name=hello.name,
                          names=[i.name for i in self.identities])
+                self._refused("identity")
                 self._abort(wire.ERR_IDENTITY, "hello name is not a name of the certificate")
                 return
             peer = matching[0]
@@ -327,6 +363,7 @@ class EPSConnection(Protocol):
 
     def _serve(self, request: wire.Request) -> None:
         if request.id in self._serving:
+            self._refused("malformed")
             self._abort(wire.ERR_PROTOCOL, "duplicate request id in flight")
             return
         self._serving.add(request.id)
@@ -415,6 +452,14 @@ class EPSConnection(Protocol):
     def _abort(self, code: int, message: str) -> None:
         if self.state == _CLOSED or self.transport is None:
             return
+        if self.state == _HANDSHAKE:
+            # No frame can go out before the handshake, and a graceful TLS close would
+            # wait for it: cut the connection.
+            self.state = _CLOSED
+            self._cancel_timer()
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
+            return
         self._send(wire.ErrorFrame(code, message))
         self.state = _CLOSED
         self._cancel_timer()
@@ -441,8 +486,27 @@ class EPSConnection(Protocol):
         if entry is not None:
             entry[0].errback(CallTimeout(f"no response within {timeout} s"))
 
+    def _refused(self, reason: str) -> None:
+        """Report the (first) reason this connection refuses its peer to ``on_refused``."""
+        if self.refusal is not None:
+            return
+        self.refusal = reason
+        if self.on_refused is not None:
+            try:
+                self.on_refused(reason)
+            except Exception:
+                log.failure("counting a refused EPS peer failed")
+
     def _hello_timed_out(self) -> None:
         self._timer = None
+        if self.state == _CLOSED:
+            return
+        self._refused("hello_timeout")
+        if self.state == _HANDSHAKE:
+            log.warn("no TLS handshake from an EPS peer within {timeout} s",
+                     timeout=self.hello_timeout)
+            self._abort(wire.ERR_TIMEOUT, "no TLS handshake")
+            return
         log.warn("no hello from EPS peer {peer} within {timeout} s",
                  peer=self._peer_name(), timeout=self.hello_timeout)
         self._abort(wire.ERR_TIMEOUT, "no hello received")

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.metrics import http_refusals_counter
 from epsproxy import __version__
 from epsproxy.directory import entries as _entries
 from epsproxy.directory.api import APIDirectory
@@ -22,6 +23,7 @@ from epsproxy.eps.broker import Broker, Channel, Response
 from epsproxy.eps.channels.gateway import JSONRPCServerChannel
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
 from epsproxy.eps.channels.peer import EPSClientChannel, EPSServerChannel
+from epsproxy.eps.connection import PEER_REFUSAL_REASONS
 from epsproxy.eps.peering import INCOMING, OUTGOING, PeerLinks
 
 __all__ = ["EndpointServerService"]
@@ -211,6 +213,18 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
 
     def _register_metrics(self) -> None:
         registry = self.registry
+        http_refusals = http_refusals_counter(registry, "eps")
+        peer_refusals = Counter(
+            "eps_peer_refusals", "EPS peer connections refused, by reason",
+            ["reason"], registry=registry,
+        )
+        for reason in PEER_REFUSAL_REASONS:
+            peer_refusals.labels(reason)
+        for channel in self.channels:
+            if isinstance(channel, JSONRPCServerChannel):
+                channel.refusals = lambda reason: http_refusals.labels(reason).inc()
+            if isinstance(channel, EPSServerChannel):
+                channel.refusals = lambda reason: peer_refusals.labels(reason).inc()
         self._requests = Counter(
             "eps_requests", "requests handled by the broker, by method and outcome",
             ["method", "outcome"], registry=registry,

@@ -25,7 +25,7 @@ the open HTTP connections.
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
@@ -121,7 +121,9 @@ class JSONRPCServerChannel:
     construction (the broker is built from the list of channels); ``directory`` gives
     the own entry (the caller info of every call); ``async_calls``, if given, enables
     acknowledgements, ``Prefer: wait`` and ``respond``; ``metrics`` (an
-    :class:`epsproxy.metrics.RPCMetrics`) counts the calls.
+    :class:`epsproxy.metrics.RPCMetrics`) counts the calls; ``refusals(reason)``, if set
+    before :meth:`start`, counts the refused HTTP connections (see
+    :func:`epsproxy.jsonrpc.jsonrpc_site`).
     """
 
     type = "jsonrpc_server"
@@ -136,6 +138,7 @@ class JSONRPCServerChannel:
         reactor: Any,
         async_calls: AsyncCalls | None = None,
         metrics: Any = None,
+        refusals: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.own_name = own_name
@@ -145,6 +148,7 @@ class JSONRPCServerChannel:
         self.reactor = reactor
         self.async_calls = async_calls
         self.metrics = metrics
+        self.refusals = refusals
         self.port: IListeningPort | None = None
         self._connections: dict[Any, defer.Deferred[None]] = {}
 
@@ -162,7 +166,8 @@ class JSONRPCServerChannel:
 
     def start(self) -> defer.Deferred[IListeningPort]:
         """Listen on ``settings["bind_address"]``; fires with the port."""
-        site = jsonrpc_site(self, self.settings, reactor=self.reactor, metrics=self.metrics)
+        site = jsonrpc_site(self, self.settings, reactor=self.reactor, metrics=self.metrics,
+                            refusals=self.refusals)
         site.noisy = False
         connections = self._connections
         base = site.protocol

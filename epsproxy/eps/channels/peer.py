@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
@@ -143,6 +143,11 @@ class EPSServerChannel:
     """
     The ``eps_server`` channel: a mutual-TLS listener for peers (validated
     :data:`EPS_SERVER_SETTINGS`), and delivery to peers linked to us.
+
+    ``refusals(reason)``, if set before :meth:`start`, counts the peers refused by the
+    listener's connections (and by the links served after a rendezvous), with the
+    reasons of :data:`epsproxy.eps.connection.PEER_REFUSAL_REASONS`, ``rate_limited``
+    included.
     """
 
     type = "eps_server"
@@ -156,6 +161,7 @@ class EPSServerChannel:
         self.links = links
         self.reactor = reactor
         self.port: IListeningPort | None = None
+        self.refusals: Callable[[str], None] | None = None
         # Fail at start-up, not at the first connection, on unusable TLS settings.
         tls.server_options(settings["tls"])
 
@@ -163,10 +169,13 @@ class EPSServerChannel:
         """Listen on ``bind_address``; fires with the port."""
         endpoint = tls.listen_endpoint(self.reactor, self.settings["bind_address"],
                                        self.settings["tls"])
-        factory: Any = self.links.server_factory(**link_options(self.settings))
+        factory: Any = self.links.server_factory(**self._link_options())
         if self.settings.get("tcp_rate_limits"):
-            factory = ratelimit.rate_limited(factory, self.settings["tcp_rate_limits"],
-                                             self.reactor)
+            refusals = self.refusals
+            factory = ratelimit.rate_limited(
+                factory, self.settings["tcp_rate_limits"], self.reactor,
+                on_refused=None if refusals is None else lambda _: refusals("rate_limited"),
+            )
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -176,6 +185,13 @@ class EPSServerChannel:
             return port
 
         return endpoint.listen(factory).addCallback(listening)
+
+    def _link_options(self) -> dict[str, Any]:
+        """The options of the links we accept: the settings', and our refusal counter."""
+        options = link_options(self.settings)
+        if self.refusals is not None:
+            options["on_refused"] = self.refusals
+        return options
 
     def stop(self) -> defer.Deferred[None]:
         """Stop listening (open links are closed by their owner, :class:`PeerLinks`)."""
@@ -223,7 +239,7 @@ class EPSServerChannel:
         try:
             d = dial_with_token(
                 self.reactor, request["endpoint"], token, self.settings["tls"],
-                self.links.server_factory(**link_options(self.settings)),
+                self.links.server_factory(**self._link_options()),
                 tls_client_for=None, timeout=self.settings["connect_timeout"],
             )
         except ValueError as e:

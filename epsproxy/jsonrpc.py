@@ -470,10 +470,12 @@ _JSON = b"application/json; charset=utf-8"
 #: Why a JSON-RPC server refused a connection, as counted (``<prefix>_http_refusals``):
 #: a body over ``max_body_bytes`` (413), a request not whole within ``request_timeout``
 #: (408, or an unfinished TLS handshake), an idle connection closed after ``timeout``,
-#: malformed HTTP that twisted.web answers with 400 (also lines over its limit), and a
-#: connection closed at once by the listener's ``tcp_rate_limits``.
+#: malformed HTTP that twisted.web answers with 400 (also lines over its limit), a
+#: connection closed at once by the listener's ``tcp_rate_limits``, and a TLS handshake
+#: that failed (a client certificate from another CA or none, not TLS at all).
 REFUSAL_REASONS = (
     "body_too_large", "request_timeout", "idle_timeout", "bad_request", "rate_limited",
+    "handshake_failed",
 )
 
 
@@ -625,6 +627,8 @@ class _Channel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_request_deadline()
+        if self.isSecure() and not self._handshake_done:
+            self.count_refusal("handshake_failed")  # (not if our deadline cut it first)
         super().connectionLost(reason)
 
     def _start_request_deadline(self) -> None:

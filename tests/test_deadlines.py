@@ -294,6 +294,25 @@ class JSONRPCDeadlineTests(TestCase):
         self.assertEqual(self.counts(), {"request_timeout": 2.0})
 
     @defer.inlineCallbacks
+    def test_failed_tls_handshakes_counted(self):
+        """Garbage instead of a ClientHello, and a client without a certificate."""
+        port = yield defer.ensureDeferred(self.serve(request_timeout=5, timeout=5))
+        garbage = yield defer.ensureDeferred(
+            self.connect(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", use_tls=False))
+        yield garbage.lost
+        endpoint = tls.client_endpoint(reactor, f"127.0.0.1:{port}",
+                                       {"ca_certificate_files": [str(pki().root)]},
+                                       server_name="sd-1")
+        anonymous = Peer(http_post(call("echo")))
+        yield connectProtocol(endpoint, anonymous)
+        self.addCleanup(lambda: anonymous.transport.connected
+                        and anonymous.transport.abortConnection())
+        data = yield anonymous.lost
+        self.assertEqual(split_responses(data), [])  # never answered
+        yield defer.gatherResults(self.closed)
+        self.assertEqual(self.counts(), {"handshake_failed": 2.0})
+
+    @defer.inlineCallbacks
     def test_slow_body_gets_408(self):
         port = yield defer.ensureDeferred(self.serve(request_timeout=0.3, timeout=5))
         head = http_post(b"x" * 1000)[:-1000]

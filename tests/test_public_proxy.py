@@ -539,6 +539,19 @@ class ServiceTests(unittest.TestCase):
         self.assertIn("proxy_refusals_total 2.0", metrics)
 
     @inlineCallbacks
+    def test_tls_listener_rate_limit_is_counted(self):
+        """Refused by the listener's limiter before the SNI front saw them: still counted."""
+        yield self.start_proxy(tcp_rate_limits=[{"type": "minute", "limit": 1}])
+        tls_port = (yield self.proxy.when_ready()).tls.getHost().port
+        for _ in range(3):
+            client = Party(b"\x16\x03\x01\x00\x05hello")  # not a hello: closed either way
+            yield connect_party(tls_port, client)
+            yield client.lost
+        metrics = generate_latest(self.proxy.registry).decode()
+        self.assertIn('proxy_tls_connections_total{outcome="rate_limited"} 2.0', metrics)
+        self.assertIn('proxy_tls_connections_total{outcome="accepted"} 1.0', metrics)
+
+    @inlineCallbacks
     def test_a_port_in_use_fails_the_start(self):
         self.fake = FakeEPS()
         eps_port = yield self.fake.start(self)

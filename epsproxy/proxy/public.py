@@ -481,7 +481,13 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         )
         factory: Any = self.front.factory()
         if limits and not settings["proxy_protocol"]:
-            factory = ratelimit.rate_limited(factory, limits, self.reactor)
+            front = self.front
+
+            def refused(reason: str) -> None:
+                # Closed before the front saw them: counted with its own refusals.
+                front.rate_limited += 1
+
+            factory = ratelimit.rate_limited(factory, limits, self.reactor, on_refused=refused)
         endpoint = tls.listen_endpoint(self.reactor, settings["tls_bind_address"], None)
         port = await endpoint.listen(factory)
         self.ports.append(port)

@@ -13,6 +13,16 @@ Streams (each answer checked):
   4433, a fresh TLS connection each (public proxy → private proxy → internal server);
 - ``dir``   5/s ``hd-1._directory`` for hd-2 (served from hd-1's verified directory).
 
+With ``--store redis`` (``make chaos-redis``) a real ``redis-server`` (append-only file,
+fsync on every write, data under the run dir) is the datastore of the SD, the public and
+the private proxy (settings overlays written to ``DIR/settings/``, conf/dev untouched), the
+faults include kill -9 of Redis, and two streams write to the stores:
+
+- ``rec``  0.5/s a change record signed by hd-1, submitted to sd-1 (every acknowledged
+  one must be in the SD's chain and in Redis at the end);
+- ``ann``   1/s ``private-proxy-1.ga.announceConnection`` of one domain with a later
+  expiry each time (written to the private and then the public proxy's store).
+
 The network's logs and pid files are in ``--run-dir`` (default ``run/chaos``); the roles'
 own data (SD records, directory caches, announcement stores) are where their settings put
 them (``run/<role>/``).  Exit status 0 only if every fault recovered and nothing
@@ -32,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from epsproxy import demo
+from epsproxy.store import parse
 
 from .faults import (
     Fault,
@@ -41,33 +52,84 @@ from .faults import (
     private_announcements,
     public_announcements,
     run_fault,
+    public_announcements_full,
     sd_tip,
     submit_probe,
     wait_until,
 )
+from .store import (
+    STORE_ROLES,
+    RecordWriter,
+    RedisClient,
+    RedisError,
+    RedisProcess,
+    write_overlays,
+)
 from .traffic import CallFailed, GatewayClient, Outcome, Stream, Traffic, client_context, https_get
 
-STREAMS = ("p2p", "ls", "add", "sni", "dir")
+STREAMS = ("p2p", "ls", "add", "sni", "dir", "rec", "ann")
+#: The domain the ``ann`` stream announces again and again (later expiry each time).
+ANN_DOMAIN = "chaos-ann.internal-server.local"
 
 
 class Workload:
     """The streams and the state their checks need (acknowledged adds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: str = "embedded") -> None:
         self.gateway = GatewayClient(5555, "hd-1", client_context(demo.CERTS, "hd-1"), timeout=5)
         self.plain = client_context(demo.CERTS, None)
         self.acked: dict[str, str] = {"Berlin": "loc-berlin-1"}  # added by make demo's flow
         self._lock = threading.Lock()
         self.run_tag = f"{int(time.time())}"
+        #: Signs and submits SD records (``--store redis``: the ``rec`` stream and probes).
+        self.writer = RecordWriter() if store == "redis" else None
+        self._expiry_base = int(time.time()) + 86400
+        #: The latest ``expires_at`` of an acknowledged ``ann`` call.
+        self.ann_acked: str | None = None
 
     def streams(self) -> list[Stream]:
-        return [
+        streams = [
             Stream("p2p", 20, self.ping),
             Stream("ls", 20, self.lookup),
             Stream("add", 2, self.add),
             Stream("sni", 10, self.sni),
             Stream("dir", 5, self.directory),
         ]
+        if self.writer is not None:
+            # One worker each: records chain on the tip, and announcements of one domain
+            # must reach the public proxy in order.
+            streams += [Stream("rec", 0.5, self.record, workers=1),
+                        Stream("ann", 1, self.announce, workers=1)]
+        return streams
+
+    def record(self, n: int) -> None:
+        assert self.writer is not None
+        self.writer.submit(f"chaos-{self.run_tag}-rec-{n}", name="chaos-rec")
+
+    def expiry(self, n: int) -> str:
+        stamp = time.gmtime(self._expiry_base + n)
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", stamp)
+
+    def announce(self, n: int) -> None:
+        expires = self.expiry(n)
+        result = self.announce_domain(ANN_DOMAIN, expires)
+        if result != "ok":
+            raise CallFailed(f"announceConnection: {result!r}")
+        with self._lock:
+            self.ann_acked = max(self.ann_acked or "", expires)
+
+    def announce_domain(self, domain: str, expires: str | None = None) -> Any:
+        params = {"proxy": "public-proxy-1.ga", "domain": domain}
+        if expires:
+            params["expires_at"] = expires
+        return self.gateway.call("private-proxy-1.ga.announceConnection", params)
+
+    def submit(self, tag: str) -> None:
+        """A probe record: in this process with ``--store redis``, else with ``eps sd``."""
+        if self.writer is not None:
+            self.writer.submit(tag)
+        else:
+            submit_probe(tag)
 
     def ping(self, n: int) -> None:
         result = self.gateway.call("hd-2._ping", {"n": n})
@@ -124,17 +186,25 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
         entries = workload.gateway.call("hd-1._directory", {})["entries"]
         r.notes.append(f"SD down: hd-1 still lists {len(entries)} operators")
 
-    def sd_after(r: FaultResult) -> None:
+    def tip_kept() -> str:
+        """Whether the SD still has the tip it had before the fault."""
         tip = sd_tip()
-        r.lost = "none (tip kept)" if tip == state["tip"] else "TIP CHANGED"
+        if tip == state["tip"]:
+            return "none (tip kept)"
+        if workload.writer is not None:  # the rec stream moves the tip on
+            chain = workload.writer.chain()
+            if state["tip"] in chain:
+                added = len(chain) - 1 - chain.index(state["tip"])
+                return f"none (tip kept, {added} records acked since)"
+        return "TIP CHANGED"
+
+    def sd_after(r: FaultResult) -> None:
+        r.lost = tip_kept()
         tag = f"chaos-{time.time_ns()}"
         t0 = time.monotonic()
-        submit_probe(tag)
+        workload.submit(tag)
         acked = time.monotonic() - t0
-        seen = wait_until(lambda: any(
-            tag in e["groups"]
-            for e in workload.gateway.call("hd-1._directory", {"operator": "chaos-probe"})["entries"]
-        ), 30)
+        seen = seen_at_hd1(tag)
         if seen is None:
             r.recovered = False
             r.notes.append("record submitted after restart NOT seen at hd-1 within 30 s")
@@ -218,7 +288,119 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
     def drain_after(r: FaultResult) -> None:
         r.lost = "-"
 
-    return [
+    redis: RedisProcess | None = network.extra.get("redis")
+
+    def seen_at_hd1(tag: str) -> float | None:
+        return wait_until(lambda: any(
+            tag in e["groups"]
+            for e in workload.gateway.call("hd-1._directory", {"operator": "chaos-probe"})["entries"]
+        ), 30)
+
+    def redis_before(r: FaultResult) -> None:
+        assert redis is not None
+        state["tip"] = sd_tip()
+        state["public"] = public_announcements()
+        state["private"] = private_announcements()
+        client = RedisClient(redis.port)
+        state["lists"] = {}
+        for role, (_, key) in STORE_ROLES.items():
+            length = client.command("LLEN", key)
+            state["lists"][key] = (length, client.digest(key, length))
+
+    def redis_during(r: FaultResult) -> None:
+        """While Redis is down: a record and an announcement must get a clear, quick error."""
+        for what, attempt in (
+            ("record submitted", lambda: workload.submit(f"chaos-{time.time_ns()}-down")),
+            ("announcement made", lambda: workload.announce_domain(
+                f"chaos-down-{time.time_ns()}.internal-server.local")),
+        ):
+            t0 = time.monotonic()
+            try:
+                attempt()
+            except Exception as e:
+                took = time.monotonic() - t0
+                text = str(e) if isinstance(e, CallFailed) else f"{type(e).__name__}: {e}"
+                hang = " (TIMED OUT: a hang, not a clear error)" if isinstance(e, TimeoutError) \
+                    else ""
+                if hang:
+                    r.recovered = False
+                r.notes.append(f"{what} during the outage: refused in {took:.2f} s "
+                               f"({text[:140]}){hang}")
+            else:
+                r.recovered = False
+                r.notes.append(f"{what} during the outage was ACCEPTED (where did it go?)")
+
+    def redis_after(r: FaultResult) -> None:
+        assert redis is not None
+        problems = []
+        # The first write accepted after the restart (the store's own recovery).
+        tag = f"chaos-{time.time_ns()}-after"
+        took = wait_until(lambda: workload.submit(tag) is None, 30)
+        if took is None:
+            r.recovered = False
+            r.notes.append("no record accepted within 30 s of the restart")
+        else:
+            seen = seen_at_hd1(tag)
+            r.notes.append(f"record accepted {took:.1f} s after the restart, "
+                           + (f"seen at hd-1 {seen:.1f} s later" if seen is not None
+                              else "NOT seen at hd-1 within 30 s"))
+            if seen is None:
+                r.recovered = False
+        # What Redis held before the kill is still there, byte for byte.
+        client = RedisClient(redis.port)
+        for key, (length, digest) in state["lists"].items():
+            now = client.command("LLEN", key)
+            if now < length or client.digest(key, length) != digest:
+                problems.append(f"{key}: {length} entries before, {now} after, "
+                                "first ones " + ("same" if client.digest(key, length) == digest
+                                                 else "DIFFERENT"))
+        # Every record the SD acknowledged is in Redis (not only in the SD's memory).
+        assert workload.writer is not None
+        in_redis = set()
+        for item in client.command("LRANGE", STORE_ROLES["sd-1"][1], 0, -1):
+            in_redis.add(json.loads(parse(item).data)["hash"])
+        missing = [h for h in workload.writer.acked if h not in in_redis]
+        if missing:
+            problems.append(f"{len(missing)} acknowledged records not in Redis")
+        # The SD's chain still has its old tip; the proxies still list their domains.
+        tip = tip_kept()
+        if not tip.startswith("none"):
+            problems.append(tip)
+        for name, listed, before in (("public", public_announcements(), state["public"]),
+                                     ("private", private_announcements(), state["private"])):
+            gone = sorted(set(before) - set(listed))
+            if gone:
+                problems.append(f"{name} proxy lost announcements {gone}")
+        stored = {json.loads(parse(item).data)["domain"]
+                  for item in client.command("LRANGE", STORE_ROLES["public-proxy-1"][1], 0, -1)}
+        if not set(state["public"]) <= stored:
+            problems.append(f"public announcements not in Redis: "
+                            f"{sorted(set(state['public']) - stored)}")
+        # A new announcement works and reaches the public proxy.
+        domain = f"chaos-after-{time.time_ns()}.internal-server.local"
+        try:
+            workload.announce_domain(domain)
+            listed = wait_until(lambda: domain in public_announcements(), 10)
+            r.notes.append("new announcement after recovery "
+                           + (f"listed by the public proxy {listed:.1f} s later"
+                              if listed is not None else "NOT listed by the public proxy"))
+            if listed is None:
+                r.recovered = False
+        except Exception as e:
+            r.recovered = False
+            r.notes.append(f"new announcement after recovery FAILED: {e}"[:200])
+        counts = ", ".join(f"{key.split(':')[1]} {length}"
+                           for key, (length, _) in state["lists"].items())
+        r.lost = (f"none (entries before the kill intact: {counts}; "
+                  f"{len(workload.writer.acked)} acked records in Redis)"
+                  if not problems else "LOST/CORRUPT: " + "; ".join(problems))
+
+    redis_faults = [
+        Fault("redis (store of SD and proxies)", ("redis",), before=redis_before,
+              during=redis_during, after=redis_after),
+    ] if redis is not None else []
+
+    return redis_faults + [
         Fault("service directory", ("sd-1",), before=sd_before, during=sd_during, after=sd_after),
         Fault("SD down, hd-2 restarted", ("sd-1",), before=sd_before,
               during=sd_down_eps_restart, after=sd_after),
@@ -276,6 +458,8 @@ def steady(outcomes: list[Outcome]) -> str:
     lines = ["| stream | calls | failed | p50 ms | p99 ms |", "|---|---|---|---|---|"]
     for stream in STREAMS:
         mine = [o for o in outcomes if o.stream == stream]
+        if not mine:
+            continue
         took = [(o.end - o.start) * 1000 for o in mine if o.ok]
         lines.append(f"| {stream} | {len(mine)} | {sum(not o.ok for o in mine)} | "
                      f"{_percentile(took, 0.5):.0f} | {_percentile(took, 0.99):.0f} |")
@@ -290,22 +474,37 @@ def _errors(results: list[FaultResult]) -> str:
     return "\n".join(lines) or "- none"
 
 
-def run(run_dir: Path, down: float, baseline: float, only: list[str] | None) -> int:
+def run(run_dir: Path, down: float, baseline: float, only: list[str] | None,
+        store: str = "embedded") -> int:
     started = time.monotonic()
     run_dir.mkdir(parents=True, exist_ok=True)
     demo.stop(run_dir)
+    redis = RedisProcess(run_dir)
+    redis.clean()
     demo.check_ports_free()
+    overlays: dict[str, Path] = {}
+    extra: dict[str, Any] = {}
+    store_line = "Store: embedded SQLite for every role (conf/dev)."
+    if store == "redis":
+        redis.start()
+        overlays = write_overlays(run_dir, redis.address)
+        extra["redis"] = redis
+        store_line = (f"Store: redis-server {redis.address} (`--appendonly yes --appendfsync "
+                      f"always`, data in {redis.data}) for "
+                      + ", ".join(f"{role} (key `{key}`)" for role, (_, key) in STORE_ROLES.items())
+                      + f"; settings overlays in {run_dir / 'settings'}.")
+        print(store_line, flush=True)
     print(f"starting the dev network in {run_dir} (output in {run_dir / 'start.out'})",
           flush=True)
     try:
         with demo.output_to(run_dir / "start.out"):
-            demo.start(run_dir)
+            demo.start(run_dir, overlays)
     except demo.DemoError:
         print((run_dir / "start.out").read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
     print(f"network up in {time.monotonic() - started:.0f} s", flush=True)
-    network = Network(run_dir)
-    workload = Workload()
+    network = Network(run_dir, overlays, extra)
+    workload = Workload(store)
     traffic = Traffic(workload.streams())
     traffic.start()
     t_traffic = time.monotonic()
@@ -321,15 +520,36 @@ def run(run_dir: Path, down: float, baseline: float, only: list[str] | None) -> 
     finally:
         traffic.stop()
     lost, checked, examples = workload.lost_adds()
+    written = []
+    if workload.writer is not None:
+        records_lost, records, record_examples = workload.writer.lost()
+        lost += records_lost
+        written.append(f"Acknowledged `rec` records in the SD's chain at the end: {records}, "
+                       f"lost {records_lost}"
+                       + (f" (e.g. {', '.join(record_examples)})" if record_examples else "")
+                       + ".")
+        ann = [a for a in public_announcements_full() if a["domain"] == ANN_DOMAIN]
+        expires = ann[0].get("expires_at") if ann else None
+        ann_lost = workload.ann_acked is not None and (expires or "") < workload.ann_acked
+        lost += int(ann_lost)
+        written.append(f"`ann`: the last acknowledged expiry {workload.ann_acked}, "
+                       f"the public proxy lists {expires}"
+                       + (" — LOST" if ann_lost else " (nothing lost)") + ".")
+    command = f"python -m chaos --seconds {down:g}"
+    if store != "embedded":
+        command += f" --store {store}"
+    command += "".join(f" --only '{word}'" for word in only or [])
     report = "\n\n".join([
-        f"Command: `python -m chaos --seconds {down:g}` (make chaos); machine: {demo.machine()}; "
+        f"Command: `{command}`; machine: {demo.machine()}; "
         f"whole run {time.monotonic() - started:.0f} s.",
+        store_line,
         "Steady traffic before the first fault:\n\n"
         + steady(traffic.window(t_traffic, t_first)),
         "Faults (one at a time, traffic running; a call counts for a fault if it started "
         "between the signal and the end of the fault):\n\n" + table(results),
         f"Acknowledged `ls-1.add` calls looked up again at the end: {checked}, lost {lost}"
         + (f" (e.g. {', '.join(examples)})" if examples else "") + ".",
+        *written,
         "Ticks skipped because every worker of a stream was busy (calls hanging): "
         + ", ".join(f"{s.name} {s.skipped}" for s in traffic.streams) + ".",
         "Most frequent errors per fault:\n\n" + _errors(results),
@@ -350,17 +570,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of steady traffic before each fault (default 4)")
     parser.add_argument("--only", action="append",
                         help="run only faults whose name contains this (repeatable)")
+    parser.add_argument("--store", choices=("embedded", "redis"), default="embedded",
+                        help="datastore of sd-1, public-proxy-1 and private-proxy-1: the "
+                             "dev roles' embedded SQLite (default) or a redis-server started "
+                             "for the run (adds the fault 'redis')")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     try:
-        return run(run_dir, args.seconds, args.baseline, args.only)
-    except demo.DemoError as e:
+        return run(run_dir, args.seconds, args.baseline, args.only, args.store)
+    except (demo.DemoError, RedisError) as e:
         print(f"chaos: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     finally:
         demo.stop(run_dir)
+        RedisProcess(run_dir).stop()
 
 
 if __name__ == "__main__":

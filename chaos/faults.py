@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from epsproxy import demo
 
@@ -40,10 +40,20 @@ ROLES = {role.name: role for role in demo.ROLES}
 
 
 class Network:
-    """The dev network started from ``run_dir``: signal and restart its roles."""
+    """
+    The dev network started from ``run_dir``: signal and restart its roles.
 
-    def __init__(self, run_dir: Path) -> None:
+    ``overlays`` are the extra settings folders the roles were started with (see
+    :func:`epsproxy.demo.start`); ``extra`` are other processes that faults may hit, by
+    name, each with a pid file ``run_dir/<name>.pid`` and a ``start()`` that starts it
+    again and returns the seconds until it answers (the chaos run's ``redis``).
+    """
+
+    def __init__(self, run_dir: Path, overlays: Mapping[str, Path] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
         self.run_dir = run_dir
+        self.overlays = dict(overlays or {})
+        self.extra = dict(extra or {})
 
     def pid(self, role: str) -> int:
         return int((self.run_dir / f"{role}.pid").read_text().strip())
@@ -64,7 +74,10 @@ class Network:
     def restart(self, role: str) -> float:
         """Start the role again as ``make demo`` does; seconds until it answers."""
         start = time.monotonic()
-        process = demo._start_role(self.run_dir, ROLES[role])
+        if role in self.extra:
+            self.extra[role].start()
+            return time.monotonic() - start
+        process = demo._start_role(self.run_dir, ROLES[role], self.overlays)
         demo._wait_ready(self.run_dir, ROLES[role], process, seconds=60)
         return time.monotonic() - start
 
@@ -226,11 +239,16 @@ def wait_until(check: Callable[[], bool], seconds: float) -> float | None:
     return None
 
 
-def public_announcements() -> list[str]:
-    """Domains the public proxy lists (asked as its own endpoint server, whose certificate it wants)."""
+def public_announcements_full() -> list[dict]:
+    """What the public proxy lists (asked with its own certificate, which it wants)."""
     client = GatewayClient(6655, "public-proxy-1.ga",
                            client_context(demo.CERTS, "public-proxy-1.ga"))
-    return sorted(a["domain"] for a in client.call("getAnnouncements", {}))
+    return list(client.call("getAnnouncements", {}))
+
+
+def public_announcements() -> list[str]:
+    """Domains the public proxy lists."""
+    return sorted(a["domain"] for a in public_announcements_full())
 
 
 def private_announcements() -> list[str]:

@@ -74,15 +74,18 @@ class _Resolved(http.client.HTTPSConnection):
 class GatewayClient:
     """
     JSON-RPC over HTTPS to one server (e.g. hd-1's gateway), one keep-alive connection per
-    thread; a connection that failed is dropped and the next call dials again.
+    thread; a connection that failed is dropped and the next call dials again.  With
+    ``keepalive=False`` every call has a fresh connection (for callers that may be idle
+    longer than the server keeps a connection open).
     """
 
     def __init__(self, port: int, server_name: str, context: ssl.SSLContext,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, keepalive: bool = True) -> None:
         self.port = port
         self.server_name = server_name
         self.context = context
         self.timeout = timeout
+        self.keepalive = keepalive
         self._local = threading.local()
         self._ids = 0
 
@@ -100,7 +103,7 @@ class GatewayClient:
             connection.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
             response = connection.getresponse()
             data = response.read()
-            if response.will_close:
+            if response.will_close or not self.keepalive:
                 connection.close()
                 self._local.connection = None
         except BaseException:

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "dev"
@@ -165,13 +165,23 @@ def call(port: int, server_name: str, method: str, params: dict, timeout: float 
         connection.close()
 
 
-def _start_role(run_dir: Path, role: Role) -> subprocess.Popen:
+def _start_role(
+    run_dir: Path, role: Role, overlays: Mapping[str, Path] | None = None
+) -> subprocess.Popen:
+    """
+    Start ``role`` with its settings folder; ``overlays`` maps role names to one more
+    settings folder merged after it (harnesses such as ``make chaos-redis`` use this to
+    run the same network with other settings without changing conf/dev).
+    """
     log = run_dir / f"{role.name}.log"
     if role.command:
         env = dict(os.environ)
         command = [sys.executable, *role.command]
     else:
-        env = dict(os.environ, **{role.env_var: str(role.settings)})
+        settings = [str(role.settings)]
+        if overlays and role.name in overlays:
+            settings.append(str(overlays[role.name]))
+        env = dict(os.environ, **{role.env_var: ":".join(settings)})
         command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log), role.plugin,
                    *role.args]
     process = subprocess.Popen(
@@ -359,16 +369,17 @@ def sni_passthrough() -> None:
     )
 
 
-def start(run_dir: Path) -> None:
+def start(run_dir: Path, overlays: Mapping[str, Path] | None = None) -> None:
+    """Start the dev network (``overlays``: extra settings folders by role, see _start_role)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     stop(run_dir)
     for role in SD_ROLES:
-        _wait_ready(run_dir, role, _start_role(run_dir, role))
+        _wait_ready(run_dir, role, _start_role(run_dir, role, overlays))
     sd_setup()
     show_directory()
     print()
     for role in EPS_ROLES:
-        _wait_ready(run_dir, role, _start_role(run_dir, role))
+        _wait_ready(run_dir, role, _start_role(run_dir, role, overlays))
     getting_started()
     peer_to_peer()
     sni_passthrough()

@@ -4,7 +4,9 @@ The SD's JSON-RPC methods (SPEC §8.4).
 ``getRecords`` takes ``after`` (the reference's name) or ``since`` (the name its
 documentation uses).  ``tip`` is accepted as an alias of ``getTip``.  Append failures get
 specific codes instead of the reference's blanket ``-32603``: 409 stale append (``data.tip``
-names the current tip), 403 signer not allowed, 400 invalid record.
+names the current tip), 403 signer not allowed, 400 invalid record, and -32603 with a
+message saying so when the datastore cannot be reached (the store's own error, which names
+its address, goes to the log only).
 """
 
 from __future__ import annotations
@@ -12,13 +14,23 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from .. import forms
-from ..jsonrpc import CallContext, Dispatcher, JSONRPCError
+from ..jsonrpc import INTERNAL_ERROR, CallContext, Dispatcher, JSONRPCError
 from ..records import SIGNED_RECORD
+from ..store import StoreError
 from .directory import ServiceDirectory, SubmitError
 
-__all__ = ["sd_dispatcher", "MAX_RECORDS_PER_SUBMIT"]
+__all__ = ["sd_dispatcher", "MAX_RECORDS_PER_SUBMIT", "STORE_UNAVAILABLE"]
+
+log = Logger()
+
+#: What a submitter is told when the datastore failed (it may be retried).
+STORE_UNAVAILABLE = (
+    "the service directory's datastore is unavailable; the records were not acknowledged, "
+    "try again later"
+)
 
 MAX_RECORDS_PER_SUBMIT = 10_000
 
@@ -46,8 +58,11 @@ def sd_dispatcher(directory: ServiceDirectory) -> Dispatcher:
         d = directory.submit(params["records"])
 
         def failed(failure: Any) -> None:
-            failure.trap(SubmitError)
+            failure.trap(SubmitError, StoreError)
             error = failure.value
+            if isinstance(error, StoreError):
+                log.warn("submitRecords failed: {error}", error=str(error))
+                raise JSONRPCError(INTERNAL_ERROR, STORE_UNAVAILABLE)
             raise JSONRPCError(error.code, error.message, error.data)
 
         d.addCallbacks(lambda _: "ok", failed)

@@ -27,7 +27,9 @@ Scale-out (issue 6): every append also ``PUBLISH``es the list's new length on
 :attr:`RedisStore.channel` (one Lua script, so an acknowledged append has always been
 announced), and :meth:`RedisStore.watch` runs a callback soon after any process appended,
 over a subscription that reconnects and resubscribes by itself (each (re)subscription also
-runs the callback, to catch up with what was missed while it was down).  Pub/sub is not
+runs the callback, to catch up with what was missed while it was down).  The subscription
+also PINGs Redis every few seconds, so a connection that died silently (Redis frozen, a
+dropped flow) is noticed and replaced, not only one that was closed.  Pub/sub is not
 durable, so a watcher also runs the callback every ``interval`` seconds as a safety net.
 :meth:`RedisStore.append_if_unchanged` appends a batch atomically only if nobody appended
 since this object's last read (compare-and-append against the tip), which is what keeps
@@ -65,7 +67,7 @@ log = Logger()
 
 # Reconnection backoff of the store's and the subscriptions' connections (seconds).
 _RECONNECT_INITIAL_DELAY = 0.1
-_RECONNECT_MAX_DELAY = 5.0
+_RECONNECT_MAX_DELAY = 1.0
 
 # KEYS[1] list; ARGV[1] channel; ARGV[2..] entries.  Appends and announces the new length.
 _APPEND = b"""
@@ -264,14 +266,17 @@ class RedisStore:
         channel: str,
         on_message: Callable[[bytes], Any],
         on_subscribed: Callable[[], Any] = lambda: None,
+        *,
+        keepalive: float | None = 5.0,
     ) -> Subscription:
         """
         A started :class:`Subscription` to ``channel`` on this store's Redis (its own
-        connection, reconnected with a short backoff while Redis is away).
+        connection, reconnected with a short backoff while Redis is away, and PINGed
+        every ``keepalive`` seconds to notice a silently dead one).
         """
         subscription = Subscription(
             self._reactor, self.address, channel, on_message, on_subscribed,
-            password=self._password, timeout=self.timeout,
+            password=self._password, timeout=self.timeout, keepalive=keepalive,
         )
         subscription.start()
         return subscription
@@ -342,6 +347,16 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
 
     factory: _SubscriberFactory
 
+    def keepalive_ping(self) -> Deferred[Any]:
+        """
+        Send ``PING``; fires with the reply: ``[b"pong", b""]`` while subscribed (RESP2
+        answers a subscribed client with a multi-bulk, which txredisapi's
+        SubscriberProtocol queues as a reply, not as a message), ``"PONG"`` otherwise.
+        txredisapi's own reply timeout is not applied: it would drop the connection
+        behind the Subscription's back, which times the reply itself.
+        """
+        return self.execute_command("PING", apply_timeout=False)
+
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         self.factory.subscription._message(message)
 
@@ -373,11 +388,20 @@ class _SubscriberFactory(txredisapi.RedisFactory):
 class Subscription:
     """
     A subscription to one Redis pub/sub ``channel`` that survives Redis restarts: its
-    connection is re-established with a short backoff (0.1 s growing to 5 s) and
+    connection is re-established with a short backoff (0.1 s growing to 1 s) and
     resubscribed.  ``on_message(bytes)`` gets each message; ``on_subscribed()`` runs
     after each successful (re)subscription, so the owner can catch up with what was
     published while it was away (pub/sub keeps nothing).  Build it with
     :meth:`RedisStore.subscribe`.
+
+    Keep-alive: a connection can die without the kernel telling us (Redis frozen, a
+    NAT or firewall forgetting the flow, a half-open TCP connection), and then no
+    message ever arrives again.  So while subscribed, a ``PING`` is sent ``keepalive``
+    seconds after the previous reply (one at a time, never overlapping); if its reply
+    does not arrive within ``timeout``, the PING fails, or the reply is not a pong, a
+    warning is logged and the connection is aborted, which runs the usual reconnect
+    and resubscribe (and ``on_subscribed``).  A dead connection is thus noticed within
+    about ``keepalive + timeout`` seconds.  ``keepalive=None`` turns this off.
     """
 
     def __init__(
@@ -390,14 +414,25 @@ class Subscription:
         *,
         password: str | None = None,
         timeout: float = 1.0,
+        keepalive: float | None = 5.0,
     ) -> None:
+        if keepalive is not None and not keepalive > 0:
+            raise ValueError(f"keepalive must be a positive number of seconds or None,"
+                             f" not {keepalive!r}")
         self.address = address
         self.channel = channel
         self.timeout = timeout
+        self.keepalive = keepalive
         #: Successful (re)subscriptions so far.
         self.subscriptions = 0
         #: Messages received so far.
         self.messages = 0
+        #: Keep-alive PINGs answered with a pong so far.
+        self.keepalive_replies = 0
+        #: Connections dropped because a keep-alive PING went unanswered or failed.
+        self.keepalive_failures = 0
+        # The next PING, or the deadline of the one in flight (one at a time).
+        self._keepalive_call: Any = None
         self._reactor = reactor
         self._on_message = on_message
         self._on_subscribed = on_subscribed
@@ -405,6 +440,7 @@ class Subscription:
         self._protocol: Any = None
         self._waiters: list[tuple[int, Deferred[None]]] = []
         self._stopped = False
+        self._stopping: list[Deferred[None]] | None = None  # waiters while closing
 
     @property
     def subscribed(self) -> bool:
@@ -427,13 +463,31 @@ class Subscription:
         return d
 
     def stop(self) -> Deferred[None]:
-        """Stop reconnecting and close the connection."""
+        """
+        Stop reconnecting, stop the keep-alive and close the connection; fires once it
+        is closed.  Safe to call twice (txredisapi's disconnect is not: a second one
+        while the first is still closing raises).
+        """
+        if self._stopped:
+            if self._stopping is None:
+                return defer.succeed(None)
+            d: Deferred[None] = Deferred()
+            self._stopping.append(d)
+            return d
         self._stopped = True
         self._protocol = None
+        self._stop_keepalive()
+        self._stopping = []
+
+        def closed(_: Any) -> None:
+            waiters, self._stopping = self._stopping or [], None
+            for waiter in waiters:
+                waiter.callback(None)
+
         return self._factory.disconnect().addErrback(
             lambda f: log.warn("closing redis subscription {address}: {error}",
                                address=self.address, error=f.getErrorMessage())
-        )
+        ).addCallback(closed)
 
     def _connected(self, conn: Any) -> None:
         d = conn.subscribe(self.channel).addTimeout(self.timeout, self._reactor)
@@ -443,6 +497,8 @@ class Subscription:
                 return
             self._protocol = conn
             self.subscriptions += 1
+            self._stop_keepalive()
+            self._schedule_ping(conn)
             log.info(
                 "subscribed to {channel} at {address} (#{count})",
                 channel=self.channel, address=self.address, count=self.subscriptions,
@@ -469,11 +525,71 @@ class Subscription:
         if conn is not self._protocol:
             return
         self._protocol = None
+        self._stop_keepalive()
         if not self._stopped:
             log.warn(
                 "lost the subscription to {channel} at {address}; reconnecting",
                 channel=self.channel, address=self.address,
             )
+
+    def _stop_keepalive(self) -> None:
+        call, self._keepalive_call = self._keepalive_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _schedule_ping(self, conn: Any) -> None:
+        if self.keepalive is not None and not self._stopped:
+            self._keepalive_call = self._reactor.callLater(self.keepalive, self._ping, conn)
+
+    def _ping(self, conn: Any) -> None:
+        self._keepalive_call = None
+        if conn is not self._protocol or self._stopped:
+            return
+        # The deadline doubles as "this PING still matters": once it has fired or was
+        # cancelled (connection lost, stop), whatever comes back is ignored.
+        deadline = self._reactor.callLater(
+            self.timeout, self._keepalive_failed, conn,
+            f"no reply within {self.timeout:g}s",
+        )
+        self._keepalive_call = deadline
+
+        def answered(reply: Any) -> None:
+            if not deadline.active():
+                return
+            deadline.cancel()
+            self._keepalive_call = None
+            if conn is not self._protocol:
+                return
+            if reply == [b"pong", b""] or reply in ("PONG", b"PONG"):
+                self.keepalive_replies += 1
+                self._schedule_ping(conn)
+            else:
+                self._keepalive_failed(conn, f"unexpected reply {reply!r:.100}")
+
+        def failed(failure: Any) -> None:
+            if not deadline.active():
+                return
+            deadline.cancel()
+            self._keepalive_call = None
+            if conn is not self._protocol or not conn.connected:
+                return  # lost meanwhile: connectionLost reports that
+            self._keepalive_failed(conn, _describe(failure.value))
+
+        defer.maybeDeferred(conn.keepalive_ping).addCallbacks(answered, failed)
+
+    def _keepalive_failed(self, conn: Any, reason: str) -> None:
+        self._keepalive_call = None
+        if conn is not self._protocol or self._stopped:
+            return
+        self.keepalive_failures += 1
+        # Unsubscribed from now on (and _lost, once the abort lands, stays quiet).
+        self._protocol = None
+        log.warn(
+            "keep-alive PING on the subscription to {channel} at {address} failed:"
+            " {error}; dropping the connection and reconnecting",
+            channel=self.channel, address=self.address, error=reason,
+        )
+        conn.transport.abortConnection()
 
     def _message(self, message: Any) -> None:
         self.messages += 1

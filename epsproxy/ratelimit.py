@@ -16,6 +16,8 @@ Differences from the reference, on purpose:
   keep their normal allowance.
 - Refusals are counted (:attr:`RateLimiter.refused`, and an ``on_refused`` callback for
   metrics) and logged at most once per ``log_interval`` with the peer address truncated.
+- A connection that proves legitimate can be taken back (:meth:`RateLimiter.forgive`), so
+  a limit can count only the failing ones (the public proxy's internal endpoint does).
 
 Put the limiter in front of TLS so refused peers cost no handshake: the endpoints of
 :mod:`epsproxy.tls` do that by themselves when given a :class:`RateLimitedFactory`.
@@ -158,6 +160,25 @@ class RateLimiter:
                 return False
             w.counts[key] = count + 1
         return True
+
+    def forgive(self, address: IAddress | Any) -> None:
+        """
+        Take back one connection counted for ``address`` in the current windows: it proved
+        to be legitimate (e.g. it presented a token this proxy made), so it should not use
+        up its peer's allowance.  A private proxy or an endpoint server then relays any
+        number of brokered connections from one address, while a peer that keeps failing
+        is still limited.
+        """
+        if not self._windows:
+            return
+        key = peer_key(address)
+        now = self._clock.seconds()
+        for w in self._windows:
+            if w.window != int(now // w.length):
+                continue  # counted in a window that has passed: nothing left to take back
+            count = w.counts.get(key)
+            if count is not None and count > 0:
+                w.counts[key] = count - 1
 
     def _refuse(self, key: str, reason: str, now: float) -> None:
         self.refused += 1

@@ -539,6 +539,33 @@ class ServiceTests(unittest.TestCase):
         self.assertIn("proxy_refusals_total 2.0", metrics)
 
     @inlineCallbacks
+    def test_brokered_connections_do_not_use_up_the_rate_limit(self):
+        """
+        A private proxy or EPS sends every brokered connection from one address: those
+        presenting a live token are not counted, failing ones still are.
+        """
+        yield self.start_proxy(tcp_rate_limits=[{"type": "minute", "limit": 2}])
+        for n in range(4):  # four pairings: eight connections from 127.0.0.1
+            token = self.proxy.rendezvous.new_token()
+            left, right = Party(token, b"ping %d" % n), Party(token)
+            yield connect_party(self.internal_port, left)
+            yield connect_party(self.internal_port, right)
+            self.assertEqual((yield right.wait_for(6)), b"ping %d" % n)
+            left.transport.loseConnection()
+            yield right.lost
+        for _ in range(2):  # two failures are within the limit ...
+            stranger = Party(os.urandom(32))
+            yield connect_party(self.internal_port, stranger)
+            yield stranger.lost
+        limited = Party(os.urandom(32))  # ... the third is closed at accept
+        yield connect_party(self.internal_port, limited)
+        yield limited.lost
+        metrics = generate_latest(self.proxy.registry).decode()
+        self.assertIn("proxy_internal_rate_limited_connections_total 1.0", metrics)
+        self.assertIn("proxy_pairings_total 4.0", metrics)
+        self.assertIn("proxy_refusals_total 2.0", metrics)
+
+    @inlineCallbacks
     def test_tls_listener_rate_limit_is_counted(self):
         """Refused by the listener's limiter before the SNI front saw them: still counted."""
         yield self.start_proxy(tcp_rate_limits=[{"type": "minute", "limit": 1}])

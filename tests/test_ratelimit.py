@@ -115,6 +115,31 @@ class CountingTests(SynchronousTestCase):
         self.assertTrue(limiter.allow(peer))
         self.assertFalse(limiter.allow(peer))
 
+    def test_forgiven_connections_do_not_use_up_the_allowance(self):
+        limiter, clock = limiter_at(100.0, [{"type": "second", "limit": 5},
+                                            {"type": "minute", "limit": 2}])
+        peer, other = v4("192.0.2.1"), v4("192.0.2.2")
+        for _ in range(10):  # any number of proven connections
+            self.assertTrue(limiter.allow(peer))
+            limiter.forgive(peer)
+        self.assertTrue(limiter.allow(peer))
+        self.assertTrue(limiter.allow(peer))
+        self.assertFalse(limiter.allow(peer))  # unforgiven ones still count
+        limiter.forgive(other)  # never counted: nothing to take back, no negative credit
+        self.assertTrue(limiter.allow(other))
+        self.assertTrue(limiter.allow(other))
+        self.assertFalse(limiter.allow(other))
+
+    def test_forgiving_after_the_window_turned_takes_nothing_back(self):
+        limiter, clock = limiter_at(100.0, [{"type": "minute", "limit": 1}])
+        peer = v4("192.0.2.1")
+        self.assertTrue(limiter.allow(peer))
+        at(clock, 120.0)  # new minute
+        self.assertTrue(limiter.allow(peer))
+        limiter.forgive(peer)  # takes back the one of this minute
+        self.assertTrue(limiter.allow(peer))
+        self.assertFalse(limiter.allow(peer))
+
     def test_minute_and_hour_windows_are_calendar_aligned(self):
         limiter, clock = limiter_at(119.9, [{"type": "minute", "limit": 1}])
         peer = v4("192.0.2.1")

@@ -501,6 +501,10 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
                 factory, limits, self.reactor,
                 on_refused=lambda reason: self._rate_limited.inc(),
             )
+            # Only connections that fail count: one with a live token was brokered by us,
+            # and private proxies and endpoint servers send many of those from one address
+            # (an attacker's routed SNI connections must not use up their allowance).
+            self.rendezvous.on_valid_token = factory.limiter.forgive
         endpoint = tls.listen_endpoint(self.reactor, self.settings["internal_bind_address"], None)
         port = await endpoint.listen(factory)
         self.ports.append(port)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
@@ -189,6 +189,9 @@ class Rendezvous:
         self._splices: set[Splice] = set()
         self._closing = False
         self._factory = _InternalFactory(self)
+        #: Called with a party's peer address when it presents a live token (e.g. a rate
+        #: limiter's ``forgive``: a brokered connection is not a flood).
+        self.on_valid_token: Callable[[Any], None] | None = None
         # counters since start (metrics)
         self.pairings = 0
         self.timeouts = 0
@@ -402,6 +405,8 @@ class Rendezvous:
         if entry is None:
             self._refuse(party, "unknown, expired or used token", token)
             return
+        if self.on_valid_token is not None:
+            self.on_valid_token(party.transport.getPeer())
         if entry.first is None:
             party.state = "waiting"
             party.entry = entry

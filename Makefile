@@ -9,7 +9,7 @@ DEV_CERTS := conf/dev/certs
 TEST_CERTS := conf/test/certs
 RUN := run
 
-.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench chaos fuzz soak clean
+.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench chaos chaos-redis fuzz soak attack clean
 
 all: venv certs
 
@@ -83,6 +83,11 @@ bench-deps:
 chaos: venv certs
 	$(BIN)/python -m chaos --run-dir $(RUN)/chaos
 
+# The same with a real redis-server as the store of the SD and both proxies, and Redis
+# itself killed -9 and restarted as one more fault (~4 min; needs redis-server).
+chaos-redis: venv certs os-deps
+	$(BIN)/python -m chaos --store redis --run-dir $(RUN)/chaos-redis
+
 # Coverage-guided fuzzing (atheris) of the ClientHello reader, the line decoder, JSON-RPC
 # request handling and record verification; FUZZ_RUNS executions per target.
 FUZZ_RUNS ?= 1000000
@@ -94,3 +99,9 @@ fuzz: venv
 # dev network, every payload checked by SHA-256; RSS and fds per process (~13 min).
 soak: venv certs
 	$(BIN)/python -m soak --run-dir $(RUN)/soak
+
+# Hostile input against every listener of the dev network while checked legitimate
+# traffic runs: slowloris, handshake and connection floods, tokens, certificates,
+# records, oversized input (~5 min; fixed ports: not while `make demo` runs).
+attack: venv certs os-deps
+	$(BIN)/python -m attack --run-dir $(RUN)/attack

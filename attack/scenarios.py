@@ -4,19 +4,18 @@ attacker did and saw, which counters must have moved, and whether the target hel
 
 The targets are the dev network's listeners (conf/dev/roles/*):
 
-==========================  =====  ============================  ==================
-listener                     port  deadline that must close it   metrics (port)
-==========================  =====  ============================  ==================
-sd-1 JSON-RPC (mTLS)         3322  request_timeout 10 s          sd_* (2111)
-hd-1 gateway (mTLS)          5555  request_timeout 10 s          eps_* (2112)
-hd-2 eps_server (mTLS)       8889  hello_timeout 10 s            eps_* (2113)
-public proxy TLS (SNI)       4433  hello_timeout 5 s             proxy_* (2114)
-public proxy internal        9999  read_timeout 5 s              proxy_* (2114)
-public proxy JSON-RPC        6655  request_timeout 10 s          proxy_* (2114)
-private proxy JSON-RPC       8877  request_timeout 10 s          private_proxy_* (2118)
-(plain HTTP on loopback)
-hd-1 metrics (plain HTTP)    2112  request_timeout 10 s          eps_* (2112)
-==========================  =====  ============================  ==================
+==============================  =====  ===========================  ======================
+listener                         port  deadline that must close it  metrics (port)
+==============================  =====  ===========================  ======================
+sd-1 JSON-RPC (mTLS)             3322  request_timeout 10 s         sd_* (2111)
+hd-1 gateway (mTLS)              5555  request_timeout 10 s         eps_* (2112)
+hd-2 eps_server (mTLS)           8889  hello_timeout 10 s           eps_* (2113)
+public proxy TLS (SNI)           4433  hello_timeout 5 s            proxy_* (2114)
+public proxy internal            9999  read_timeout 5 s             proxy_* (2114)
+public proxy JSON-RPC (mTLS)     6655  request_timeout 10 s         proxy_* (2114)
+private proxy JSON-RPC (HTTP)    8877  request_timeout 10 s         private_proxy_* (2118)
+hd-1 metrics (HTTP)              2112  request_timeout 10 s         metrics_* (2112)
+==============================  =====  ===========================  ======================
 """
 
 from __future__ import annotations

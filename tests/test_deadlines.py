@@ -38,7 +38,7 @@ from epsproxy.jsonrpc import (
 )
 from epsproxy.metrics import HTTP_REFUSAL_REASONS, RPCMetrics
 from tests.eps_support import Network, gateway_channel, server_channel, tls_block
-from tests.support import pki
+from tests.support import ConnectionTracker, pki
 
 # ------------------------------------------------------------------------ helpers
 
@@ -176,8 +176,7 @@ class JSONRPCDeadlineTests(TestCase):
 
     def setUp(self) -> None:
         self.registry = CollectorRegistry()
-        self.closed: list[defer.Deferred[None]] = []
-        self.transports: list[Any] = []
+        self.tracker = ConnectionTracker()
 
     async def serve(self, **extra: Any) -> int:
         dispatcher = Dispatcher()
@@ -188,36 +187,11 @@ class JSONRPCDeadlineTests(TestCase):
             {"bind_address": "127.0.0.1:0", "tls": server_tls(), **extra})
         metrics = RPCMetrics(self.registry, "test", dispatcher.__contains__)
         site = jsonrpc_site(dispatcher, settings, reactor=reactor, metrics=metrics)
-        build = site.buildProtocol
-
-        def tracked(addr: Any) -> Any:
-            channel = build(addr)
-            lost: defer.Deferred[None] = defer.Deferred()
-            original, made = channel.connectionLost, channel.makeConnection
-
-            def makeConnection(transport: Any) -> None:
-                self.transports.append(transport)
-                made(transport)
-
-            def connectionLost(reason: Any) -> None:
-                original(reason)
-                lost.callback(None)
-
-            channel.makeConnection, channel.connectionLost = makeConnection, connectionLost
-            self.closed.append(lost)
-            return channel
-
-        site.buildProtocol = tracked  # type: ignore[method-assign]
+        self.tracker.track(site)
         port = await listen_jsonrpc(reactor, site, settings)
         self.addCleanup(port.stopListening)
-        self.addCleanup(self._close_all)
+        self.addCleanup(self.tracker.close_all)
         return port.getHost().port
-
-    def _close_all(self) -> defer.Deferred[Any]:
-        for transport, lost in zip(self.transports, self.closed):
-            if not lost.called:
-                transport.abortConnection()
-        return defer.gatherResults(self.closed)
 
     async def connect(self, port: int, send: bytes = b"", use_tls: bool = True) -> Peer:
         if use_tls:
@@ -309,7 +283,7 @@ class JSONRPCDeadlineTests(TestCase):
                         and anonymous.transport.abortConnection())
         data = yield anonymous.lost
         self.assertEqual(split_responses(data), [])  # never answered
-        yield defer.gatherResults(self.closed)
+        yield defer.gatherResults(self.tracker.closed)
         self.assertEqual(self.counts(), {"handshake_failed": 2.0})
 
     @defer.inlineCallbacks

@@ -41,7 +41,7 @@ from epsproxy.jsonrpc import (
     JSONRPCError,
     jsonrpc_site,
 )
-from tests.support import pki
+from tests.support import ConnectionTracker, pki
 
 OWN = "hd-1"
 DEV_DIRECTORY = Path(__file__).resolve().parent.parent / "conf" / "dev" / "directory"
@@ -117,38 +117,11 @@ class GatewayTestCase(unittest.TestCase):
         shutil.copy(DEV_DIRECTORY / "001_base.json", folder / "001_base.json")
         self.directory = JSONDirectory(folder, OWN)
         self.service = Service()
-        self.transports: list[Any] = []
-        self.lost: list[defer.Deferred[None]] = []
-        self.addCleanup(self._close_connections)
-
-    def _close_connections(self) -> defer.Deferred[Any]:
-        for transport, lost in zip(self.transports, self.lost):
-            if not lost.called:
-                transport.abortConnection()
-        return defer.gatherResults(self.lost)
+        self.tracker = ConnectionTracker()
+        self.addCleanup(self.tracker.close_all)
 
     def track(self, factory: Any) -> Any:
-        build = factory.buildProtocol
-
-        def tracked(addr: Any) -> Any:
-            proto = build(addr)
-            lost: defer.Deferred[None] = defer.Deferred()
-            made, gone = proto.makeConnection, proto.connectionLost
-
-            def makeConnection(transport: Any) -> None:
-                self.transports.append(transport)
-                made(transport)
-
-            def connectionLost(reason: Any) -> None:
-                gone(reason)
-                lost.callback(None)
-
-            proto.makeConnection, proto.connectionLost = makeConnection, connectionLost
-            self.lost.append(lost)
-            return proto
-
-        factory.buildProtocol = tracked
-        return factory
+        return self.tracker.track(factory)
 
     @defer.inlineCallbacks
     def start_service(self) -> Any:

@@ -44,7 +44,7 @@ from epsproxy.jsonrpc import (
     random_id,
     response_object,
 )
-from tests.support import pki
+from tests.support import ConnectionTracker, pki
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -356,38 +356,11 @@ class NetworkTestCase(TestCase):
 
     def setUp(self) -> None:
         self.handler = Echo()
-        self.connections: list[Deferred] = []
-        self.transports: list[Any] = []
+        self.tracker = ConnectionTracker()
+        self.connections = self.tracker.closed  # server-side ends, in order
 
     def track(self, factory: Any) -> Any:
-        build = factory.buildProtocol
-
-        def tracked(addr: Any) -> Any:
-            protocol = build(addr)
-            lost: Deferred = Deferred()
-            original, made = protocol.connectionLost, protocol.makeConnection
-
-            def makeConnection(transport: Any) -> None:
-                self.transports.append(transport)
-                made(transport)
-
-            def connectionLost(reason: Any) -> None:
-                original(reason)
-                lost.callback(None)
-
-            protocol.makeConnection = makeConnection
-            protocol.connectionLost = connectionLost
-            self.connections.append(lost)
-            return protocol
-
-        factory.buildProtocol = tracked
-        return factory
-
-    async def _close_all(self) -> None:
-        for transport, lost in zip(self.transports, self.connections):
-            if not lost.called:
-                transport.abortConnection()
-        await defer.gatherResults(self.connections)
+        return self.tracker.track(factory)
 
     async def serve(self, use_tls: bool = True, **extra: Any) -> tuple[dict, int]:
         settings = {"bind_address": "127.0.0.1:0", **extra}
@@ -397,7 +370,7 @@ class NetworkTestCase(TestCase):
         site = self.track(jsonrpc.jsonrpc_site(self.handler, settings, reactor=reactor))
         port = await jsonrpc.listen_jsonrpc(reactor, site, settings)
         self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: Deferred.fromCoroutine(self._close_all()))
+        self.addCleanup(self.tracker.close_all)
         return settings, port.getHost().port
 
     def client(self, port: int, scheme: str = "https", **extra: Any) -> JSONRPCClient:
@@ -716,7 +689,7 @@ class ClientTests(NetworkTestCase):
         site = self.track(server.Site(Stub(reply, **kw)))
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: Deferred.fromCoroutine(self._close_all()))
+        self.addCleanup(self.tracker.close_all)
         return port.getHost().port
 
     @defer.inlineCallbacks
@@ -813,7 +786,7 @@ class ClientTests(NetworkTestCase):
         site = self.track(server.Site(Recorder()))
         listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(listening.stopListening)
-        self.addCleanup(lambda: Deferred.fromCoroutine(self._close_all()))
+        self.addCleanup(self.tracker.close_all)
         client = self.client(listening.getHost().port, scheme="http")
         self.assertEqual((yield client.call("do", {"p": 1}, id=5)), "ok")
         self.assertEqual(seen, [(b"application/json", b"application/json",

@@ -27,6 +27,7 @@ from epsproxy.eps.channels.local import (
 )
 from epsproxy.examples import locations
 from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, listen_jsonrpc
+from tests.support import ConnectionTracker
 
 OWN = "ls-1"
 CLIENT = ClientInfo("hd-1", {"name": "hd-1"})
@@ -83,38 +84,11 @@ class NetworkTestCase(unittest.TestCase):
     """Listeners and channels on loopback, all closed (server connections too) at the end."""
 
     def setUp(self) -> None:
-        self.transports: list[Any] = []
-        self.lost: list[defer.Deferred[None]] = []
-        self.addCleanup(self._close_connections)
+        self.tracker = ConnectionTracker()
+        self.addCleanup(self.tracker.close_all)
 
     def track(self, factory: Any) -> Any:
-        build = factory.buildProtocol
-
-        def tracked(addr: Any) -> Any:
-            proto = build(addr)
-            lost: defer.Deferred[None] = defer.Deferred()
-            made, gone = proto.makeConnection, proto.connectionLost
-
-            def makeConnection(transport: Any) -> None:
-                self.transports.append(transport)
-                made(transport)
-
-            def connectionLost(reason: Any) -> None:
-                gone(reason)
-                lost.callback(None)
-
-            proto.makeConnection, proto.connectionLost = makeConnection, connectionLost
-            self.lost.append(lost)
-            return proto
-
-        factory.buildProtocol = tracked
-        return factory
-
-    def _close_connections(self) -> defer.Deferred[Any]:
-        for transport, lost in zip(self.transports, self.lost):
-            if not lost.called:
-                transport.abortConnection()
-        return defer.gatherResults(self.lost)
+        return self.tracker.track(factory)
 
     @defer.inlineCallbacks
     def listen(self, site: Any) -> Any:

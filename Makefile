@@ -53,13 +53,13 @@ test-trial: venv certs
 	$(BIN)/trial tests
 
 demo: venv certs
-	$(BIN)/python -m epsproxy.demo start --run-dir $(RUN)
+	$(BIN)/python -m epsproxy.dev.demo start --run-dir $(RUN)
 
 stop: venv
-	$(BIN)/python -m epsproxy.demo stop --run-dir $(RUN)
+	$(BIN)/python -m epsproxy.dev.demo stop --run-dir $(RUN)
 
 sd-setup: venv certs
-	$(BIN)/python -m epsproxy.demo sd-setup
+	$(BIN)/python -m epsproxy.dev.demo sd-setup
 
 bench: venv certs bench-deps
 	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat

@@ -28,7 +28,7 @@ from typing import Callable
 from chaos.__main__ import Workload
 from chaos.faults import Network
 from chaos.traffic import Outcome, Traffic
-from epsproxy import demo
+from epsproxy.dev import demo
 
 from . import scenarios
 from .clients import fd_count

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from chaos.traffic import GatewayClient, client_context
-from epsproxy import demo
+from epsproxy.dev import demo
 
 from .clients import (
     attacker,
@@ -375,7 +375,7 @@ def _signed(record: dict, parent: str, pki: Path, name: str) -> dict:
     """``record`` signed as the next record after ``parent`` with ``pki``'s ``name``-sign key."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from epsproxy.records import sign_record
+    from epsproxy.rules.records import sign_record
 
     key = load_pem_private_key((pki / f"{name}-sign.key").read_bytes(), None)
     return sign_record(record, parent, key, (pki / f"{name}-sign.crt").read_text())
@@ -387,7 +387,7 @@ def records(foreign: Path) -> list[Row]:
     next record changed after it was signed (hash kept, and hash recomputed), one signed
     with another CA's key, the tip and an old record replayed, two records reordered.
     """
-    from epsproxy.records import record_hash
+    from epsproxy.rules.records import record_hash
 
     sd = GatewayClient(3322, "sd-1", client_context(CERTS, "hd-1"), timeout=10)
     chain = sd.call("getRecords", {})

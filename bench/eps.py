@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from epsproxy.pki import create_pki
+from epsproxy.dev.pki import create_pki
 
 from .common import table
 

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer, task
 
-from epsproxy import tls
+from epsproxy.net import tls
 from epsproxy.directory.jsondir import JSONDirectory
 from epsproxy.eps import broker, wire
 from epsproxy.eps.addresses import Address

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from epsproxy import records
-from epsproxy.certificates import load_certificates_file, load_private_key_file, to_pem
+from epsproxy.rules import records
+from epsproxy.rules.certificates import load_certificates_file, load_private_key_file, to_pem
 from epsproxy.directory.chain import RecordLog, VerifiedChain
-from epsproxy.pki import create_pki
+from epsproxy.dev.pki import create_pki
 
 from .common import cpu_seconds, percentile, table
 
@@ -121,7 +121,7 @@ import sys
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from epsproxy.tls import listen_endpoint
+from epsproxy.net.tls import listen_endpoint
 tls = {"ca_certificate_files": [sys.argv[1]], "certificate_file": sys.argv[2], "key_file": sys.argv[3]}
 class R(Resource):
     isLeaf = True

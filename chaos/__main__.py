@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from epsproxy import demo
+from epsproxy.dev import demo
 from epsproxy.store import parse
 
 from .faults import (

@@ -4,7 +4,7 @@ The faults of the chaos run and what each one measured.
 Every fault follows the same steps (:func:`run_fault`): a few seconds of steady traffic,
 the ``before`` check (what the part has acknowledged), the signal to the part's process
 group (``kill -9``, or ``SIGTERM`` for a drain), the ``during`` check while it is down,
-the restart with :func:`epsproxy.demo._start_role` (the way ``make demo`` starts it) and
+the restart with :func:`epsproxy.dev.demo._start_role` (the way ``make demo`` starts it) and
 a wait until it answers, the ``after`` check (nothing acknowledged lost, the promised
 recovery), and a wait until every stream has succeeded several times in a row.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from epsproxy import demo
+from epsproxy.dev import demo
 
 from .traffic import GatewayClient, Traffic, client_context
 
@@ -44,7 +44,7 @@ class Network:
     The dev network started from ``run_dir``: signal and restart its roles.
 
     ``overlays`` are the extra settings folders the roles were started with (see
-    :func:`epsproxy.demo.start`); ``extra`` are other processes that faults may hit, by
+    :func:`epsproxy.dev.demo.start`); ``extra`` are other processes that faults may hit, by
     name, each with a pid file ``run_dir/<name>.pid`` and a ``start()`` that starts it
     again and returns the seconds until it answers (the chaos run's ``redis``).
     """

@@ -7,7 +7,7 @@ Redis as the datastore of the chaos run (``python -m chaos --store redis``, issu
   folder under the run dir, so that it can be killed with SIGKILL and started again on the
   same port and data;
 - :func:`write_overlays` — settings folders (in the run dir, conf/dev untouched) that
-  :func:`epsproxy.demo.start` merges after the roles' own, giving the SD and both proxies
+  :func:`epsproxy.dev.demo.start` merges after the roles' own, giving the SD and both proxies
   their own key in that Redis;
 - :class:`RedisClient` — a few synchronous commands (``LLEN``, ``LRANGE``) to look at
   what Redis holds;
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from epsproxy import demo
+from epsproxy.dev import demo
 
 from .traffic import CallFailed, GatewayClient, client_context
 
@@ -191,7 +191,7 @@ def write_overlays(run_dir: Path, address: str) -> dict[str, Path]:
     """
     One settings folder per store role under ``run_dir/settings`` that replaces the
     role's ``datastore`` with its own key in the Redis at ``address``; returns
-    ``{role: folder}`` for :func:`epsproxy.demo.start`.
+    ``{role: folder}`` for :func:`epsproxy.dev.demo.start`.
     """
     overlays = {}
     for role, (section, key) in STORE_ROLES.items():
@@ -223,7 +223,7 @@ class RecordWriter:
 
     def submit(self, tag: str, name: str = "chaos-probe") -> str:
         """Submit one record; its hash once acknowledged (raises otherwise)."""
-        from epsproxy import records as records_mod
+        from epsproxy.rules import records as records_mod
         from epsproxy.cli import now_rfc3339
 
         record = records_mod.normalise_record(

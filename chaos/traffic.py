@@ -8,7 +8,7 @@ build a backlog that would later look like a storm.  Every call ends in one
 :class:`Outcome` (ok, or the error text), kept in order of completion; the fault code
 reads them by time window.
 
-This is plain threads and the standard library (like :mod:`epsproxy.demo`): it must keep
+This is plain threads and the standard library (like :mod:`epsproxy.dev.demo`): it must keep
 running while the processes it talks to die.
 """
 

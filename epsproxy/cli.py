@@ -25,9 +25,11 @@ from typing import Any, Sequence
 
 from twisted.internet.defer import ensureDeferred
 
-from . import __version__, forms
-from . import records as records_mod
-from .certificates import CertificateError, load_certificates_file, load_private_key_file, to_pem
+from epsproxy import __version__
+
+from epsproxy.rules import forms
+from epsproxy.rules import records as records_mod
+from epsproxy.rules.certificates import CertificateError, load_certificates_file, load_private_key_file, to_pem
 
 __all__ = ["main", "CommandError"]
 
@@ -38,7 +40,7 @@ class CommandError(Exception):
 
 def _load_role(settings_option: str | None) -> dict:
     from .eps.settings import EPS_SETTINGS
-    from .settings import SettingsError, load_settings, settings_paths
+    from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 
     try:
         return load_settings(settings_paths(settings_option, "EPS_SETTINGS"), EPS_SETTINGS)
@@ -86,7 +88,7 @@ class Signing:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from .pki import PKIError, create_pki
+    from epsproxy.dev.pki import PKIError, create_pki
 
     try:
         pki = create_pki(Path(args.dir), directory_dir=args.directory, force=args.force)
@@ -133,7 +135,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def sd_client(reactor: Any, role: dict):
     """A JSON-RPC client for the first SD endpoint of the role's ``api`` directory."""
-    from .jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+    from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 
     directory = role["directory"]
     if directory["type"] != "api":
@@ -184,7 +186,7 @@ def prepare_records(
 
 async def _call_sd(client: Any, calls: Any) -> Any:
     """Await ``calls`` (a coroutine using ``client``), turning SD failures into one line."""
-    from .jsonrpc import JSONRPCError, TransportError
+    from epsproxy.net.jsonrpc import JSONRPCError, TransportError
 
     try:
         return await calls

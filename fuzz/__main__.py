@@ -68,10 +68,10 @@ def run_one(name: str, args: list[str]) -> int:
     globalLogBeginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
     with atheris.instrument_imports(include=["epsproxy"]):
         import epsproxy.eps.wire  # noqa: F401
-        import epsproxy.forms  # noqa: F401
-        import epsproxy.jsonrpc  # noqa: F401
+        import epsproxy.rules.forms  # noqa: F401
+        import epsproxy.net.jsonrpc  # noqa: F401
         import epsproxy.proxy.clienthello  # noqa: F401
-        import epsproxy.records  # noqa: F401
+        import epsproxy.rules.records  # noqa: F401
     from fuzz.targets import TARGETS, records_context
 
     target = TARGETS[name]

@@ -15,10 +15,10 @@ Each target checks more than "does not crash":
   fast path must not change what is accepted nor what comes out, types included); only
   ``WireError`` escapes; buffering stays within ``max_line``; every decoded frame
   re-encodes to one line that decodes to the same frame.
-- :func:`jsonrpc`: :func:`~epsproxy.jsonrpc.parse_request` with a fuzzed content type and
+- :func:`jsonrpc`: :func:`~epsproxy.net.jsonrpc.parse_request` with a fuzzed content type and
   body (only ``JSONRPCError``; the client's id comes back as sent), or a whole HTTP
   request through the JSON-RPC ``Site`` (``HTTPChannel`` on a ``StringTransport``, a
-  :class:`~epsproxy.jsonrpc.Dispatcher` behind it): exactly one HTTP response whose body
+  :class:`~epsproxy.net.jsonrpc.Dispatcher` behind it): exactly one HTTP response whose body
   is a JSON-RPC response object; no timer left behind.
 - :func:`records`: ``normalise_signed_record`` / ``verify_record`` / ``structured_hash``
   on JSON text, on values built by the data provider and on mutations of real signed
@@ -281,7 +281,7 @@ _CONTENT_TYPES = (
 
 
 def _check_parse(content_type: str | None, body: bytes) -> None:
-    from epsproxy.jsonrpc import (
+    from epsproxy.net.jsonrpc import (
         INVALID_REQUEST,
         PARSE_ERROR,
         JSONRPCError,
@@ -317,8 +317,8 @@ def _check_parse(content_type: str | None, body: bytes) -> None:
 def _dispatcher() -> Any:
     from twisted.internet.defer import succeed
 
-    from epsproxy import forms
-    from epsproxy.jsonrpc import NO_RESULT, Dispatcher, JSONRPCError
+    from epsproxy.rules import forms
+    from epsproxy.net.jsonrpc import NO_RESULT, Dispatcher, JSONRPCError
 
     dispatcher = Dispatcher()
     dispatcher.register("echo", None, lambda params, context: params)
@@ -342,7 +342,7 @@ def _dispatcher() -> Any:
 def _site(max_body: int, cors: bool) -> tuple[Any, Any]:
     from twisted.internet.task import Clock
 
-    from epsproxy.jsonrpc import JSONRPC_SERVER_SETTINGS, jsonrpc_site
+    from epsproxy.net.jsonrpc import JSONRPC_SERVER_SETTINGS, jsonrpc_site
 
     raw: dict[str, Any] = {"bind_address": "127.0.0.1:0", "max_body_bytes": max_body}
     if cors:
@@ -496,7 +496,7 @@ def _signed_key(normalised: dict) -> str:
     added ``"x": null`` is the same signed record — found by this target, documented in
     docs/robustness.md — and every consumer treats a zero value like an absent one.
     """
-    from epsproxy.records import structured_hash
+    from epsproxy.rules.records import structured_hash
 
     return json.dumps(
         [structured_hash(normalised["record"]).hex(), normalised["hash"],
@@ -507,9 +507,9 @@ def _signed_key(normalised: dict) -> str:
 @functools.lru_cache(maxsize=None)
 def records_context() -> RecordsContext:
     """Make the dev PKI (in a temporary folder, removed at exit) and sign the bases."""
-    from epsproxy.certificates import load_private_key_file
-    from epsproxy.pki import create_pki
-    from epsproxy.records import Pins, TrustStore, normalise_signed_record, sign_record
+    from epsproxy.rules.certificates import load_private_key_file
+    from epsproxy.dev.pki import create_pki
+    from epsproxy.rules.records import Pins, TrustStore, normalise_signed_record, sign_record
 
     folder = Path(tempfile.mkdtemp(prefix="epsproxy-fuzz-pki-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -624,8 +624,8 @@ def _mutate(fdp: Any, value: Any, vocabulary: tuple) -> Any:
 
 
 def _check_record(value: Any, context: RecordsContext, as_list: bool) -> None:
-    from epsproxy import forms
-    from epsproxy.records import (
+    from epsproxy.rules import forms
+    from epsproxy.rules.records import (
         RecordError,
         normalise_signed_record,
         structured_hash,
@@ -653,7 +653,7 @@ def _check_record(value: Any, context: RecordsContext, as_list: bool) -> None:
 
 def records(data: bytes) -> None:
     """Fuzz target for record verification (see the module docstring)."""
-    from epsproxy.records import loads
+    from epsproxy.rules.records import loads
 
     context = records_context()
     fdp = provider(data)

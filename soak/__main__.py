@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from epsproxy import demo
+from epsproxy.dev import demo
 
 from .report import (
     EXPLAINED,

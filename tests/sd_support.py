@@ -10,9 +10,9 @@ import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from epsproxy import records
-from epsproxy.certificates import load_certificates_file, load_private_key_file, to_pem
-from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.rules import records
+from epsproxy.rules.certificates import load_certificates_file, load_private_key_file, to_pem
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.sd.tap import Options, makeService
 
 from .support import pki

@@ -27,7 +27,7 @@ def _pki_root() -> Path:
 
 def pki(label: str = "main"):
     """
-    A complete dev PKI (``epsproxy.pki.create_pki``) for tests, made once per process.
+    A complete dev PKI (``epsproxy.dev.pki.create_pki``) for tests, made once per process.
 
     ``pki()`` is the one the tests trust; ``pki("foreign")`` is an unrelated CA with the
     same names, for "certificate from another CA" refusals.
@@ -37,7 +37,7 @@ def pki(label: str = "main"):
 
 @functools.lru_cache(maxsize=None)
 def _pki(label: str):
-    from epsproxy.pki import create_pki
+    from epsproxy.dev.pki import create_pki
 
     base = _pki_root() / label
     return create_pki(base / "certs", directory_dir=base / "directory")

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from epsproxy import records
-from epsproxy.certificates import load_private_key_file
+from epsproxy.rules import records
+from epsproxy.rules.certificates import load_private_key_file
 from epsproxy.directory import chain as C
 from epsproxy.directory.chain import ChainError, RecordLog, StaleAppend, VerifiedChain
 

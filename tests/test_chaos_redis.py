@@ -21,12 +21,12 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from chaos.store import STORE_ROLES, RedisClient, RedisError, write_overlays
-from epsproxy.demo import CONF
-from epsproxy.jsonrpc import JSONRPCError
+from epsproxy.dev.demo import CONF
+from epsproxy.net.jsonrpc import JSONRPCError
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.sd.api import STORE_UNAVAILABLE
 from epsproxy.sd.settings import SD_SETTINGS
-from epsproxy.settings import load_settings
+from epsproxy.rules.settings import load_settings
 
 from .redis_server import RedisServer
 from .sd_support import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings

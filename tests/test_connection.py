@@ -17,8 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from epsproxy import tls
-from epsproxy.certificates import load_certificate_file
+from epsproxy.net import tls
+from epsproxy.rules.certificates import load_certificate_file
 from epsproxy.directory.jsondir import JSONDirectory
 from epsproxy.eps import connection as conn_module
 from epsproxy.eps import wire

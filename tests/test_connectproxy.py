@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.connectproxy: choosing a proxy (``proxy_for``), reading hostile proxy
+Tests for epsproxy.net.connectproxy: choosing a proxy (``proxy_for``), reading hostile proxy
 replies (StringTransport and a fake proxy over loopback), and real tunnels through
 tinyproxy for the TLS line protocol endpoint and the JSON-RPC client.
 
@@ -36,8 +36,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from epsproxy import jsonrpc, tls
-from epsproxy.connectproxy import (
+from epsproxy.net import jsonrpc, tls
+from epsproxy.net.connectproxy import (
     MAX_REPLY_BYTES,
     HTTPConnectEndpoint,
     ProxyAddress,
@@ -46,7 +46,7 @@ from epsproxy.connectproxy import (
     parse_proxy_url,
     proxy_for,
 )
-from epsproxy.jsonrpc import (
+from epsproxy.net.jsonrpc import (
     JSONRPC_CLIENT_SETTINGS,
     JSONRPC_SERVER_SETTINGS,
     JSONRPCClient,

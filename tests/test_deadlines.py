@@ -2,7 +2,7 @@
 Hostile input against every listener (issue 6): each slow, silent, foreign or oversized
 client ends in a refusal that is counted in the metrics and harms no other connection.
 
-- JSON-RPC servers (:mod:`epsproxy.jsonrpc`) over real TLS: the request deadline
+- JSON-RPC servers (:mod:`epsproxy.net.jsonrpc`) over real TLS: the request deadline
   (``request_timeout``) against slow-loris headers and bodies, silent clients and
   unfinished TLS handshakes; keep-alive connections idle between requests are left to
   the idle timeout; ``<prefix>_http_refusals_total{reason}`` for every reason.
@@ -25,10 +25,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from epsproxy import tls
+from epsproxy.net import tls
 from epsproxy.eps import wire
 from epsproxy.eps.connection import EPSConnection, EPSServerFactory
-from epsproxy.jsonrpc import (
+from epsproxy.net.jsonrpc import (
     JSONRPC_CLIENT_SETTINGS,
     JSONRPC_SERVER_SETTINGS,
     Dispatcher,
@@ -36,7 +36,7 @@ from epsproxy.jsonrpc import (
     jsonrpc_site,
     listen_jsonrpc,
 )
-from epsproxy.metrics import HTTP_REFUSAL_REASONS, RPCMetrics
+from epsproxy.net.metrics import HTTP_REFUSAL_REASONS, RPCMetrics
 from tests.eps_support import Network, gateway_channel, server_channel, tls_block
 from tests.support import ConnectionTracker, pki
 
@@ -155,7 +155,7 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(
             JSONRPC_SERVER_SETTINGS.validate(
                 {"bind_address": ":0", "request_timeout": 0.3})["request_timeout"], 0.3)
-        from epsproxy import forms
+        from epsproxy.rules import forms
 
         for bad in (0, -1, "soon"):
             self.assertRaises(forms.FormError, JSONRPC_SERVER_SETTINGS.validate,
@@ -595,7 +595,7 @@ class MetricsListenerTests(TestCase):
 
     @defer.inlineCallbacks
     def test_slowloris_scrape_gets_408_and_is_counted_while_scrapes_are_served(self):
-        from epsproxy import metrics
+        from epsproxy.net import metrics
 
         self.patch(metrics, "METRICS_REQUEST_TIMEOUT", 0.3)
         registry = CollectorRegistry()

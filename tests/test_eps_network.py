@@ -16,12 +16,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from epsproxy import tls
+from epsproxy.net import tls
 from epsproxy.eps import wire
 from epsproxy.eps.broker import ClientInfo, Request
 from epsproxy.eps.channels.peer import EPSClientChannel
-from epsproxy.examples.locations import make_site
-from epsproxy.jsonrpc import (
+from epsproxy.dev.examples.locations import make_site
+from epsproxy.net.jsonrpc import (
     JSONRPC_CLIENT_SETTINGS,
     JSONRPCClient,
     JSONRPCError,
@@ -512,7 +512,7 @@ class AsyncAcrossNodes(NetworkTestCase):
 
     @defer.inlineCallbacks
     def start_service(self, answers):
-        from epsproxy.jsonrpc import JSONRPC_SERVER_SETTINGS, jsonrpc_site
+        from epsproxy.net.jsonrpc import JSONRPC_SERVER_SETTINGS, jsonrpc_site
 
         service_ = _Service(answers)
         settings = JSONRPC_SERVER_SETTINGS.validate({"bind_address": "127.0.0.1:0"})
@@ -563,7 +563,7 @@ class AsyncAcrossNodes(NetworkTestCase):
     def test_waiting_request_gets_the_real_result(self):
         from twisted.web.client import Agent, HTTPConnectionPool
         from treq.client import HTTPClient
-        from epsproxy.jsonrpc import _TLSPolicy
+        from epsproxy.net.jsonrpc import _TLSPolicy
 
         pool = HTTPConnectionPool(reactor, persistent=False)
         http = HTTPClient(Agent(reactor, contextFactory=_TLSPolicy(tls_block("hd-1"), "hd-1"),

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from epsproxy.eps.connection import EPSClientFactory
 from epsproxy.eps.tap import Options, makeService
-from epsproxy import tls
+from epsproxy.net import tls
 from tests.eps_support import Network, service, tls_block
 from tests.sd_support import change, sd_client, sign_chain, start_sd, write_sd_settings
 from tests.support import pki

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
-from epsproxy.jsonrpc import (
+from epsproxy.net.jsonrpc import (
     JSONRPC_SERVER_SETTINGS,
     PARSE_ERROR,
     Dispatcher,
@@ -127,7 +127,7 @@ class SigningCertificateWithMalformedIssuer(TestCase):
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
-        from epsproxy.records import InvalidRecord, load_signer
+        from epsproxy.rules.records import InvalidRecord, load_signer
         from tests.support import pki
 
         crt, _ = pki().signing("hd-1")

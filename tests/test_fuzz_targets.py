@@ -63,7 +63,7 @@ class SeedCorpus(SynchronousTestCase):
 
     def test_signed_record_seeds_parse(self):
         """The records seeds hold signed records that normalise (JSON text mode)."""
-        from epsproxy.records import normalise_signed_record
+        from epsproxy.rules.records import normalise_signed_record
 
         count = 0
         for seed in _seeds("records"):
@@ -210,7 +210,7 @@ class Checks(SynchronousTestCase):
 
     def test_records_forgery_is_checked(self):
         """A verify_record that accepted a changed record would fail the target."""
-        from epsproxy import records
+        from epsproxy.rules import records
 
         context = targets.records_context()
         forged = copy.deepcopy(context.bases[0])
@@ -223,7 +223,7 @@ class Checks(SynchronousTestCase):
 
     def test_records_bases_verify(self):
         """The bases the records target mutates are real: hd-1's verify, hd-2's does not."""
-        from epsproxy.records import NotAllowed, verify_record
+        from epsproxy.rules.records import NotAllowed, verify_record
 
         context = targets.records_context()
         for signed in context.bases[:-1]:

@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from epsproxy import tls
+from epsproxy.net import tls
 from epsproxy.directory.jsondir import JSONDirectory
 from epsproxy.eps.asynccalls import AcknowledgingChannel, AsyncCalls
 from epsproxy.eps.broker import Broker
@@ -33,7 +33,7 @@ from epsproxy.eps.channels.gateway import (
     prefer_wait,
 )
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
-from epsproxy.jsonrpc import (
+from epsproxy.net.jsonrpc import (
     JSONRPC_CLIENT_SETTINGS,
     JSONRPC_SERVER_SETTINGS,
     Dispatcher,

@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.jsonrpc: the envelope rules without sockets, then server and client
+Tests for epsproxy.net.jsonrpc: the envelope rules without sockets, then server and client
 over real loopback connections (mutual TLS with the test PKI, plain HTTP for stub servers).
 """
 
@@ -22,9 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from epsproxy import forms, jsonrpc, tls
-from epsproxy.certificates import certificate_names
-from epsproxy.jsonrpc import (
+from epsproxy.rules import forms
+
+from epsproxy.net import jsonrpc, tls
+from epsproxy.rules.certificates import certificate_names
+from epsproxy.net.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,

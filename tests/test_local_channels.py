@@ -25,8 +25,8 @@ from epsproxy.eps.channels.local import (
     LocalServiceUnreachable,
     StdoutChannel,
 )
-from epsproxy.examples import locations
-from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, listen_jsonrpc
+from epsproxy.dev.examples import locations
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, listen_jsonrpc
 from tests.support import ConnectionTracker
 
 OWN = "ls-1"
@@ -331,7 +331,7 @@ class _Output(protocol.ProcessProtocol):
 
 
 class CommandLineTests(NetworkTestCase):
-    """``python -m epsproxy.examples.locations`` as a real process."""
+    """``python -m epsproxy.dev.examples.locations`` as a real process."""
 
     def test_bad_bind_is_a_usage_error(self):
         self.patch(sys, "stderr", io.StringIO())
@@ -345,7 +345,7 @@ class CommandLineTests(NetworkTestCase):
         output = _Output()
         process = reactor.spawnProcess(
             output, sys.executable,
-            [sys.executable, "-m", "epsproxy.examples.locations", "--bind", "127.0.0.1:0"],
+            [sys.executable, "-m", "epsproxy.dev.examples.locations", "--bind", "127.0.0.1:0"],
             env=dict(os.environ))
 
         def stop() -> defer.Deferred[Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
 from epsproxy.proxy.tap import Options, makeService
 from tests.eps_support import (
     Network,

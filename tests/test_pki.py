@@ -1,5 +1,5 @@
 """
-Tests for the dev certificate authority (``epsproxy.pki``, SPEC §21.1): the files and their
+Tests for the dev certificate authority (``epsproxy.dev.pki``, SPEC §21.1): the files and their
 modes, the certificate contents, the directory file, overwrite protection, an independent
 ``openssl verify`` of every chain and a real mutual-TLS handshake between two leaves.
 """
@@ -25,9 +25,9 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.trial import unittest
 
-from epsproxy import pki as pki_module
-from epsproxy.certificates import certificate_names, fingerprint, load_certificates_file, load_private_key_file
-from epsproxy.pki import DEV_GROUPS, DEV_NAMES, DevPKI, PKIError, create_pki, open_pki
+from epsproxy.dev import pki as pki_module
+from epsproxy.rules.certificates import certificate_names, fingerprint, load_certificates_file, load_private_key_file
+from epsproxy.dev.pki import DEV_GROUPS, DEV_NAMES, DevPKI, PKIError, create_pki, open_pki
 
 NOW = datetime(2024, 3, 1, 12, 30, 45, 123456, tzinfo=timezone.utc)
 STEMS = ("{}", "{}-alt", "{}-sign", "{}-sign-alt")
@@ -290,9 +290,9 @@ class CertificateContentTests(unittest.SynchronousTestCase):
     def test_signer_identity(self):
         """The records module reads the intended name and groups from the signing leaves."""
         try:
-            from epsproxy.records import load_signer
+            from epsproxy.rules.records import load_signer
         except ImportError:
-            raise unittest.SkipTest("epsproxy.records is not there yet")
+            raise unittest.SkipTest("epsproxy.rules.records is not there yet")
         signer = load_signer(self.pki.signing("hd-1")[0].read_text())
         self.assertEqual((signer.name, tuple(signer.groups)), ("hd-1", ("sd-admin",)))
         signer = load_signer(self.pki.signing("op-2", alt=True)[0].read_text())
@@ -378,9 +378,9 @@ class DirectoryFileTests(_TempDirMixin, unittest.SynchronousTestCase):
     def test_records_normalise(self):
         """The records are valid change records for the records module."""
         try:
-            from epsproxy.records import normalise_record
+            from epsproxy.rules.records import normalise_record
         except ImportError:
-            raise unittest.SkipTest("epsproxy.records is not there yet")
+            raise unittest.SkipTest("epsproxy.rules.records is not there yet")
         base = self.make_dir()
         made = create_pki(base / "certs", directory_dir=base / "directory", now=NOW)
         for record in made.certificates_records():

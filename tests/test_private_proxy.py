@@ -26,8 +26,8 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python import usage
 from twisted.trial import unittest
 
-from epsproxy.examples import internal_server
-from epsproxy.jsonrpc import (
+from epsproxy.dev.examples import internal_server
+from epsproxy.net.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     JSONRPC_CLIENT_SETTINGS,
@@ -42,7 +42,7 @@ from epsproxy.proxy.private import NOT_FOUND, proxy_v2_header
 from epsproxy.proxy.rendezvous import Rendezvous
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
-from epsproxy.settings import SettingsError, load_settings
+from epsproxy.rules.settings import SettingsError, load_settings
 
 from .support import pki
 from .test_plugins import TWISTD, _Twistd

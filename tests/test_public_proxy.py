@@ -28,7 +28,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
-from epsproxy.jsonrpc import (
+from epsproxy.net.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     JSONRPC_CLIENT_SETTINGS,
@@ -42,7 +42,7 @@ from epsproxy.jsonrpc import (
 from epsproxy.proxy.public import NOT_AUTHORIZED, TOO_MANY_PENDING
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
-from epsproxy.settings import SettingsError, load_settings
+from epsproxy.rules.settings import SettingsError, load_settings
 
 from .support import pki
 from .test_plugins import TWISTD, _Twistd

@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.ratelimit: the counting rules with a Clock, and refusals over real
+Tests for epsproxy.net.ratelimit: the counting rules with a Clock, and refusals over real
 loopback sockets (plain TCP and TLS, where a refused peer must not get a handshake).
 """
 
@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from epsproxy import forms, ratelimit, tls
-from epsproxy.ratelimit import RateLimitedFactory, RateLimiter, peer_key, rate_limited, truncate_ip
+from epsproxy.rules import forms
+
+from epsproxy.net import ratelimit, tls
+from epsproxy.net.ratelimit import RateLimitedFactory, RateLimiter, peer_key, rate_limited, truncate_ip
 from tests.test_tls import ClientProtocol, ServerFactory, block
 
 

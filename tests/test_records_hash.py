@@ -1,6 +1,6 @@
 """
 Tests for the structured hash, canonical times and record normalisation of
-``epsproxy.records`` (SPEC §3, §4, §22.1).
+``epsproxy.rules.records`` (SPEC §3, §4, §22.1).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from epsproxy import forms
-from epsproxy.records import (
+from epsproxy.rules import forms
+from epsproxy.rules.records import (
     CHANGE_RECORD,
     MAX_DEPTH,
     SECTIONS,

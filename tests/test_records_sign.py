@@ -1,6 +1,6 @@
 """
 Tests for signatures, signing certificates, chain validation, pins and record
-verification in ``epsproxy.records`` (SPEC §5, §22.2).
+verification in ``epsproxy.rules.records`` (SPEC §5, §22.2).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from epsproxy.certificates import fingerprint, load_certificates_file, load_private_key_file, to_pem
-from epsproxy.records import (
+from epsproxy.rules.certificates import fingerprint, load_certificates_file, load_private_key_file, to_pem
+from epsproxy.rules.records import (
     InvalidRecord,
     NotAllowed,
     Pins,

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial import unittest
 
-from epsproxy.jsonrpc import JSONRPCError, TransportError
+from epsproxy.net.jsonrpc import JSONRPCError, TransportError
 
 from .redis_server import RedisServer
 from .sd_support import (

@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.settings: finding, parsing, variables, merging, validation and the
+Tests for epsproxy.rules.settings: finding, parsing, variables, merging, validation and the
 one-line error messages, including hostile files.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 from hypothesis import given, settings as hsettings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from epsproxy import forms
-from epsproxy.forms import Map, Optional, Required
-from epsproxy.settings import (
+from epsproxy.rules import forms
+from epsproxy.rules.forms import Map, Optional, Required
+from epsproxy.rules.settings import (
     MAX_FILE_SIZE,
     SettingsError,
     load_settings,

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
-from epsproxy import tls
+from epsproxy.net import tls
 from epsproxy.proxy.rendezvous import Rendezvous, token_tag
 from epsproxy.proxy.sni import (
     MAX_PROXY_HEADER,
@@ -38,7 +38,7 @@ from epsproxy.proxy.sni import (
     ProxyHeaderReader,
     SNIFront,
 )
-from epsproxy.ratelimit import RateLimiter
+from epsproxy.net.ratelimit import RateLimiter
 from tests.eps_support import tls_block
 from tests.support import pki
 from tests.test_clienthello import ext, hello_message, openssl_hello, records, sni_ext

@@ -17,8 +17,8 @@ from pathlib import Path
 from twisted.internet import defer, reactor, utils
 from twisted.trial.unittest import TestCase
 
-from epsproxy.examples.internal_server import listen as listen_internal
-from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
+from epsproxy.dev.examples.internal_server import listen as listen_internal
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
 from epsproxy.proxy.tap import Options, makeService
 from tests.eps_support import (
     Network,

@@ -19,7 +19,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from epsproxy import forms
+from epsproxy.rules import forms
 from epsproxy.store import (
     DATASTORE_SETTINGS,
     MalformedEntry,

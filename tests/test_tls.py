@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.tls: settings, parse_address, and mutual TLS over real loopback sockets.
+Tests for epsproxy.net.tls: settings, parse_address, and mutual TLS over real loopback sockets.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from epsproxy import tls
-from epsproxy.certificates import fingerprint, load_certificate_file
+from epsproxy.net import tls
+from epsproxy.rules.certificates import fingerprint, load_certificate_file
 from tests.support import pki
 
 

@@ -34,10 +34,10 @@ from twisted.internet.defer import Deferred, DeferredLock, gatherResults, inline
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from epsproxy import forms, records
+from epsproxy.rules import forms, records
 from epsproxy.directory.chain import ChainError, VerifiedChain, created_at_key
 from epsproxy.directory.jsondir import DirectoryError, answer_query
-from epsproxy.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError, TransportError
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError, TransportError
 
 __all__ = ["APIDirectory", "APIDirectoryError", "UpdateError", "MAX_CACHE_BYTES"]
 

@@ -15,7 +15,7 @@ when the parent arrives.  The selected chain runs from the root with the latest
 ``created_at`` (that is how a reset wins) to its deepest leaf (the longest chain), ties
 going to the chain that was complete first in store order.
 
-Records are verified with :func:`epsproxy.records.verify_record`; the cost of a record is
+Records are verified with :func:`epsproxy.rules.records.verify_record`; the cost of a record is
 one ECDSA verification, everything else here is O(1) per record.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from twisted.logger import Logger
 
-from epsproxy import forms, records
+from epsproxy.rules import forms, records
 from epsproxy.directory import entries as _entries
 
 __all__ = [

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .. import records
+from epsproxy.rules import records
 
 __all__ = [
     "CHANNEL_ALIASES",

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from epsproxy import forms, records
+from epsproxy.rules import forms, records
 from epsproxy.directory import entries as _entries
 
 __all__ = ["DirectoryError", "JSONDirectory", "MAX_FILE_SIZE"]

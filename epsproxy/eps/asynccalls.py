@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from epsproxy.eps.addresses import Address, AddressError, parse_address
 from epsproxy.eps.broker import ClientInfo, Request, Response
-from epsproxy.jsonrpc import (
+from epsproxy.net.jsonrpc import (
     INVALID_PARAMS,
     NO_RESULT,
     JSONRPCError,
@@ -181,7 +181,7 @@ def parse_respond(
 ) -> tuple[str, Any, dict[str, Any] | None, str | None]:
     """
     Read the params of a service's ``respond`` call: ``(eps_id, result, error, caller)``
-    where ``result`` is :data:`epsproxy.jsonrpc.NO_RESULT` when an error is given.
+    where ``result`` is :data:`epsproxy.net.jsonrpc.NO_RESULT` when an error is given.
 
     The id of the call being answered is ``params.id`` or else the JSON-RPC id of the
     ``respond`` request (``request_id``, internal form).  The JSON-RPC id only counts
@@ -418,7 +418,7 @@ class AsyncCalls:
     ) -> defer.Deferred[dict[str, Any]]:
         """
         A local service answers the acknowledged call ``eps_id`` with ``result`` or
-        ``error`` (exactly one; ``result`` is :data:`~epsproxy.jsonrpc.NO_RESULT` when
+        ``error`` (exactly one; ``result`` is :data:`~epsproxy.net.jsonrpc.NO_RESULT` when
         absent).  Fires with ``{"message": "delivered"}`` once the result was passed on;
         fails with :class:`JSONRPCError`: ``INVALID_PARAMS`` for malformed arguments,
         :data:`NOT_FOUND` for an id nobody waits for (unknown, expired or already

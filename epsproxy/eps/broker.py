@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy import forms
+from epsproxy.rules import forms
 from epsproxy.directory import entries as _entries
 from epsproxy.eps.addresses import Address, AddressError, parse_address
 

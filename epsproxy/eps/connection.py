@@ -24,7 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy import tls
+from epsproxy.net import tls
 from epsproxy.eps import wire
 from epsproxy.eps.peers import PeerIdentity, PeerRefused, identify_peer
 
@@ -54,7 +54,7 @@ Handler = Callable[[wire.Request, PeerIdentity], Any]
 #: the directory pins for the peer, or the hello names another operator; no hello
 #: (handshake included) within ``hello_timeout`` of connecting; a line over ``max_line``;
 #: a frame that is not valid or breaks the protocol.  ``rate_limited`` is the listener's
-#: (:mod:`epsproxy.ratelimit`), before any connection object exists.
+#: (:mod:`epsproxy.net.ratelimit`), before any connection object exists.
 PEER_REFUSAL_REASONS = (
     "handshake_failed", "identity", "hello_timeout", "line_too_long", "malformed",
     "rate_limited",

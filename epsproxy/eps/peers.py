@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from epsproxy.certificates import certificate_names, fingerprint
+from epsproxy.rules.certificates import certificate_names, fingerprint
 from epsproxy.directory.jsondir import DirectoryError
 
 __all__ = ["PeerRefused", "PeerIdentity", "identify_peer"]

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from epsproxy import tls
+from epsproxy.net import tls
 
 __all__ = ["TOKEN_BYTES", "TokenError", "decode_token", "dial_with_token"]
 

@@ -12,8 +12,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy.lifecycle import AsyncStartService, stop_reactor_soon
-from epsproxy.metrics import http_refusals_counter
+from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.net.metrics import http_refusals_counter
 from epsproxy import __version__
 from epsproxy.directory import entries as _entries
 from epsproxy.directory.api import APIDirectory

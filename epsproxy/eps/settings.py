@@ -7,10 +7,10 @@ same role folders as ``twistd eps``, so the schema lives here, beside the server
 
 from __future__ import annotations
 
-from .. import forms
-from ..jsonrpc import JSONRPC_CLIENT_SETTINGS
-from ..metrics import METRICS_SETTINGS
-from ..tls import TLS_SETTINGS
+from epsproxy.rules import forms
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS
+from epsproxy.net.metrics import METRICS_SETTINGS
+from epsproxy.net.tls import TLS_SETTINGS
 
 __all__ = ["EPS_SETTINGS", "API_DIRECTORY_SETTINGS", "JSON_DIRECTORY_SETTINGS", "SIGNING_SETTINGS"]
 

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from ..metrics import metrics_service
-from ..settings import SettingsError, load_settings, settings_paths
+from epsproxy.net.metrics import metrics_service
+from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from .service import EndpointServerService
 from .settings import EPS_SETTINGS
 

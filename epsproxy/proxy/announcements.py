@@ -41,9 +41,9 @@ from typing import Any, Iterable
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, succeed
 from twisted.logger import Logger
 
-from .. import forms
+from epsproxy.rules import forms
 from ..directory.entries import settings_for
-from ..records import canonical_time, timestamp_ns
+from epsproxy.rules.records import canonical_time, timestamp_ns
 from ..store import AppendConflict, Store, StoredEntry, StoreError
 
 __all__ = [

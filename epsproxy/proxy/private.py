@@ -71,11 +71,12 @@ from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from ..lifecycle import AsyncStartService, stop_reactor_soon
-from .. import forms, tls
-from ..certificates import certificate_names
+from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.rules import forms
+from epsproxy.net import tls
+from epsproxy.rules.certificates import certificate_names
 from ..eps.rendezvous import TokenError, decode_token, dial_with_token
-from ..jsonrpc import (
+from epsproxy.net.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     CallContext,
@@ -92,7 +93,7 @@ from ..jsonrpc import (
     random_id,
     response_object,
 )
-from ..metrics import RPCMetrics
+from epsproxy.net.metrics import RPCMetrics
 from ..store import Store, open_store
 from .announcements import (
     CLIENT_INFO,

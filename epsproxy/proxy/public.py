@@ -41,10 +41,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..lifecycle import AsyncStartService, stop_reactor_soon
-from .. import forms, ratelimit, tls
-from ..certificates import certificate_names
-from ..jsonrpc import (
+from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.rules import forms
+from epsproxy.net import ratelimit, tls
+from epsproxy.rules.certificates import certificate_names
+from epsproxy.net.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     CallContext,
@@ -56,7 +57,7 @@ from ..jsonrpc import (
     listen_jsonrpc,
     random_id,
 )
-from ..metrics import RPCMetrics
+from epsproxy.net.metrics import RPCMetrics
 from ..store import Store, open_store
 from .announcements import (
     ANNOUNCE_CONNECTIONS_PARAMS,

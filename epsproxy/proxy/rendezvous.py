@@ -18,7 +18,7 @@ Differences from the reference, on purpose (SPEC §23.1 #2, #3, #5, #6):
 - a token pairs once; if its first party goes away the token is forgotten.
 
 Tokens are secrets: logs carry only :func:`token_tag` (4 hex digits of a SHA-256) and
-peer addresses truncated by :func:`epsproxy.ratelimit.truncate_ip`.
+peer addresses truncated by :func:`epsproxy.net.ratelimit.truncate_ip`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.ratelimit import truncate_ip
+from epsproxy.net.ratelimit import truncate_ip
 
 from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, Splice, retarget, splice
 

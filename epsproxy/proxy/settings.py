@@ -17,12 +17,12 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
-from .. import forms
-from ..jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPC_SERVER_SETTINGS
-from ..metrics import METRICS_SETTINGS
-from ..ratelimit import TCP_RATE_LIMITS
+from epsproxy.rules import forms
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPC_SERVER_SETTINGS
+from epsproxy.net.metrics import METRICS_SETTINGS
+from epsproxy.net.ratelimit import TCP_RATE_LIMITS
 from ..store import DATASTORE_SETTINGS
-from ..tls import TLS_SETTINGS, parse_address
+from epsproxy.net.tls import TLS_SETTINGS, parse_address
 
 __all__ = [
     "DEFAULT_DATASTORE_FILE",

@@ -49,7 +49,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy.ratelimit import RateLimiter, truncate_ip
+from epsproxy.net.ratelimit import RateLimiter, truncate_ip
 
 from .clienthello import DEFAULT_MAX_BYTES, ClientHello, ClientHelloError, ClientHelloReader
 from .rendezvous import Rendezvous, RendezvousFull, token_tag
@@ -275,7 +275,7 @@ class SNIFront:
     a Deferred (or a value); a failure cancels the token, which closes the client.
     ``rate_limiter`` (optional) is asked about each client's address — after the PROXY
     header when ``proxy_protocol`` is on; without it, wrapping :meth:`factory` with
-    :func:`epsproxy.ratelimit.rate_limited` does the same.
+    :func:`epsproxy.net.ratelimit.rate_limited` does the same.
 
     Counters since start: ``accepted``, ``no_sni``, ``malformed``, ``timeouts``,
     ``no_route``, ``full`` (rendezvous table full), ``abandoned`` (client left before

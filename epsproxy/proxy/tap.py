@@ -8,9 +8,9 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from .. import tls
-from ..metrics import metrics_service
-from ..settings import SettingsError, load_settings, settings_paths
+from epsproxy.net import tls
+from epsproxy.net.metrics import metrics_service
+from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from .private import PrivateProxyService
 from .public import PublicProxyService
 from .settings import PROXY_SETTINGS

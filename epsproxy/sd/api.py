@@ -16,9 +16,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .. import forms
-from ..jsonrpc import INTERNAL_ERROR, CallContext, Dispatcher, JSONRPCError
-from ..records import SIGNED_RECORD
+from epsproxy.rules import forms
+from epsproxy.net.jsonrpc import INTERNAL_ERROR, CallContext, Dispatcher, JSONRPCError
+from epsproxy.rules.records import SIGNED_RECORD
 from ..store import StoreError
 from .directory import ServiceDirectory, SubmitError
 

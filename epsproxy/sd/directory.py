@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.logger import Logger
 
-from .. import records as records_mod
+from epsproxy.rules import records as records_mod
 from ..directory.chain import RecordLog, StaleAppend
 from ..store import AppendConflict, Store, StoredEntry
 

@@ -11,10 +11,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..lifecycle import AsyncStartService, stop_reactor_soon
-from ..jsonrpc import jsonrpc_site, listen_jsonrpc
-from ..metrics import RPCMetrics
-from ..records import TrustStore
+from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.net.jsonrpc import jsonrpc_site, listen_jsonrpc
+from epsproxy.net.metrics import RPCMetrics
+from epsproxy.rules.records import TrustStore
 from ..store import Store, open_store
 from .api import sd_dispatcher
 from .directory import ServiceDirectory

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .. import forms
-from ..jsonrpc import JSONRPC_SERVER_SETTINGS
-from ..metrics import METRICS_SETTINGS
+from epsproxy.rules import forms
+from epsproxy.net.jsonrpc import JSONRPC_SERVER_SETTINGS
+from epsproxy.net.metrics import METRICS_SETTINGS
 from ..store import DATASTORE_SETTINGS
 
 __all__ = ["SD_SETTINGS"]

@@ -8,10 +8,10 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from ..certificates import CertificateError
-from ..metrics import metrics_service
-from ..records import TrustStore
-from ..settings import SettingsError, load_settings, settings_paths
+from epsproxy.rules.certificates import CertificateError
+from epsproxy.net.metrics import metrics_service
+from epsproxy.rules.records import TrustStore
+from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from .service import ServiceDirectoryService
 from .settings import SD_SETTINGS
 

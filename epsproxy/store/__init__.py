@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from epsproxy import forms
+from epsproxy.rules import forms
 
 __all__ = [
     "StoreError",

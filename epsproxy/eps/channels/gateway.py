@@ -32,11 +32,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy import forms
+from epsproxy.rules import forms
 from epsproxy.eps.addresses import AddressError, make_address, split_method
 from epsproxy.eps.asynccalls import AsyncCalls, is_acknowledgement, parse_respond, unwrap
 from epsproxy.eps.broker import Broker, ClientInfo, Request, Response
-from epsproxy.jsonrpc import (
+from epsproxy.net.jsonrpc import (
     JSONRPC_SERVER_SETTINGS,
     METHOD_NOT_FOUND,
     CallContext,
@@ -121,9 +121,9 @@ class JSONRPCServerChannel:
     construction (the broker is built from the list of channels); ``directory`` gives
     the own entry (the caller info of every call); ``async_calls``, if given, enables
     acknowledgements, ``Prefer: wait`` and ``respond``; ``metrics`` (an
-    :class:`epsproxy.metrics.RPCMetrics`) counts the calls; ``refusals(reason)``, if set
+    :class:`epsproxy.net.metrics.RPCMetrics`) counts the calls; ``refusals(reason)``, if set
     before :meth:`start`, counts the refused HTTP connections (see
-    :func:`epsproxy.jsonrpc.jsonrpc_site`).
+    :func:`epsproxy.net.jsonrpc.jsonrpc_site`).
     """
 
     type = "jsonrpc_server"

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from epsproxy.directory import entries as _entries
 from epsproxy.eps.addresses import Address, AddressError, parse_address
 from epsproxy.eps.broker import ClientInfo, Request, Response
-from epsproxy.jsonrpc import JSONRPCClient, JSONRPCError, TransportError
+from epsproxy.net.jsonrpc import JSONRPCClient, JSONRPCError, TransportError
 
 __all__ = [
     "LocalChannelError",
@@ -57,7 +57,7 @@ class JSONRPCClientChannel:
     """
     The ``jsonrpc_client`` channel (SPEC §12.2): delivers requests for the own operator
     ``own_name`` to the JSON-RPC service at ``settings["endpoint"]`` (validated
-    :data:`epsproxy.jsonrpc.JSONRPC_CLIENT_SETTINGS`; its ``timeout`` bounds each call).
+    :data:`epsproxy.net.jsonrpc.JSONRPC_CLIENT_SETTINGS`; its ``timeout`` bounds each call).
 
     With ``services`` given, only methods of those services (looked up in
     ``directory.own_entry()``) are delivered here; ``directory`` is then required.

@@ -30,7 +30,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy import forms, ratelimit, tls
+from epsproxy.rules import forms
+
+from epsproxy.net import ratelimit, tls
 from epsproxy.directory import entries as _entries
 from epsproxy.eps import wire
 from epsproxy.eps.addresses import Address

@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 from twisted.logger import Logger
 
-from . import forms
+from epsproxy.rules import forms
 
 __all__ = ["SettingsError", "settings_paths", "load_settings", "MAX_FILE_SIZE", "MAX_DEPTH"]
 

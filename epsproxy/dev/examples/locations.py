@@ -7,7 +7,7 @@ answers the stored id, or the error ``2 "not found"``.  The ``_client`` the EPS 
 params is accepted and ignored.  The store lives in memory and is capped
 (:data:`MAX_LOCATIONS`, error ``3 "too many locations"`` beyond it).
 
-Run it with ``python -m epsproxy.examples.locations [--bind HOST:PORT]`` (default
+Run it with ``python -m epsproxy.dev.examples.locations [--bind HOST:PORT]`` (default
 ``localhost:6666``, path ``/jsonrpc``); it logs to standard output, including the
 address it is bound to.
 """
@@ -22,9 +22,9 @@ from twisted.internet import defer, task
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.server import Site
 
-from epsproxy import forms
-from epsproxy.tls import parse_address
-from epsproxy.jsonrpc import (
+from epsproxy.rules import forms
+from epsproxy.net.tls import parse_address
+from epsproxy.net.jsonrpc import (
     JSONRPC_SERVER_SETTINGS,
     CallContext,
     Dispatcher,
@@ -115,7 +115,7 @@ async def run(reactor: Any, bind: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: ``[--bind HOST:PORT]``; logs to standard output."""
     parser = argparse.ArgumentParser(
-        prog="python -m epsproxy.examples.locations",
+        prog="python -m epsproxy.dev.examples.locations",
         description="Example locations service (JSON-RPC over HTTP).",
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, help="HOST:PORT to listen on")

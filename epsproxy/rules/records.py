@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from epsproxy import forms
-from epsproxy.certificates import (
+from epsproxy.rules import forms
+from epsproxy.rules.certificates import (
     CertificateError,
     fingerprint,
     load_certificates,

@@ -10,7 +10,7 @@ The pieces, from the wire inwards:
 - :func:`jsonrpc_site` builds a ``Site`` around anything with a
   ``handle(method, params, context)`` method; :class:`Dispatcher` is the usual such thing
   (method name → params schema + handler, §11.4).  :func:`listen_jsonrpc` starts it with
-  TLS (:mod:`epsproxy.tls`) and connection rate limits (:mod:`epsproxy.ratelimit`).
+  TLS (:mod:`epsproxy.net.tls`) and connection rate limits (:mod:`epsproxy.net.ratelimit`).
 - :class:`JSONRPCClient` calls such a server over a pooled, mutually authenticated
   connection.
 
@@ -78,7 +78,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHT
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from . import connectproxy, forms, ratelimit, tls
+from epsproxy.net import connectproxy, ratelimit, tls
+
+from epsproxy.rules import forms
 
 __all__ = [
     "JSONRPCError",
@@ -865,7 +867,7 @@ def jsonrpc_site(
     A ``Site`` serving ``handler`` at ``settings["path"]`` (validated
     :data:`JSONRPC_SERVER_SETTINGS`), with the body cap, request deadline and idle
     timeout of the settings.  ``reactor`` times requests and idle connections (default:
-    the global reactor); ``metrics`` (an :class:`epsproxy.metrics.RPCMetrics`) counts and
+    the global reactor); ``metrics`` (an :class:`epsproxy.net.metrics.RPCMetrics`) counts and
     times each call, and counts refused connections unless ``refusals`` is given:
     ``refusals(reason)`` is called once per refused connection with one of
     :data:`REFUSAL_REASONS`.  Access log lines never carry a full client address.
@@ -994,7 +996,7 @@ class QuietConnectionPool(HTTPConnectionPool):
 class _EndpointFactory:
     """
     The client's connections: what ``Agent`` does by default (TCP, TLS for https) but
-    over a CONNECT tunnel when :func:`epsproxy.connectproxy.proxy_for` names a proxy.
+    over a CONNECT tunnel when :func:`epsproxy.net.connectproxy.proxy_for` names a proxy.
     """
 
     def __init__(self, reactor: Any, policy: IPolicyForHTTPS, timeout: float,
@@ -1028,12 +1030,12 @@ class JSONRPCClient:
     """
     Calls a JSON-RPC server (SPEC §11.6) over a persistent connection pool, with mutual
     TLS from the settings (validated :data:`JSONRPC_CLIENT_SETTINGS`).  Connections go
-    through an HTTP CONNECT proxy when :func:`epsproxy.connectproxy.proxy_for` names one
+    through an HTTP CONNECT proxy when :func:`epsproxy.net.connectproxy.proxy_for` names one
     for the endpoint (``proxy_url``, else ``HTTPS_PROXY``/``NO_PROXY`` and friends), for
     ``https://`` (TLS end-to-end inside the tunnel) and ``http://`` alike; a malformed
     proxy URL raises ValueError from the constructor.  The reply's ``jsonrpc`` member is
     not checked (the reference's early error replies say ``"2.0,"``); its ``id`` is.
-    Unusable TLS settings raise :class:`epsproxy.tls.TLSSettingsError` from the
+    Unusable TLS settings raise :class:`epsproxy.net.tls.TLSSettingsError` from the
     constructor.
     """
 

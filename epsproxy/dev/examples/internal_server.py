@@ -8,7 +8,7 @@ an operator without a public address runs behind its private proxy.
 - a ``POST`` of JSON elsewhere is echoed back;
 - bodies over :data:`MAX_BODY_BYTES` get 413, non-JSON bodies 400, other methods 405.
 
-Run it with ``python -m epsproxy.examples.internal_server [--bind HOST:PORT]
+Run it with ``python -m epsproxy.dev.examples.internal_server [--bind HOST:PORT]
 [--tls CERT KEY]`` (default ``localhost:7777``, plain HTTP); with ``--tls`` it serves
 HTTPS with that certificate (e.g. the dev PKI's ``internal-server``, valid for
 ``*.internal-server.local``) and does not ask for client certificates.
@@ -27,8 +27,8 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from epsproxy import tls
-from epsproxy.tls import parse_address
+from epsproxy.net import tls
+from epsproxy.net.tls import parse_address
 
 __all__ = ["DEFAULT_BIND", "MAX_BODY_BYTES", "SUCCESS", "InternalServer", "make_site",
            "listen", "main"]
@@ -115,7 +115,7 @@ async def _run(reactor: Any, bind: str, certificate: str | None, key: str | None
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: ``[--bind HOST:PORT] [--tls CERT KEY]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m epsproxy.examples.internal_server",
+        prog="python -m epsproxy.dev.examples.internal_server",
         description="Example internal server: GET answers {\"message\": \"success\"}.",
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, help="HOST:PORT to listen on")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "dev"
 CERTS = CONF / "certs"
 DIRECTORY = CONF / "directory"
@@ -67,14 +67,14 @@ EPS_ROLES = (
     Role("public-proxy-1", "proxy", "PROXY_SETTINGS", 6655, "public-proxy-1.ga",
          args=("--mode", "public"), probe="requestConnection"),
     Role("locations", "", "", 6666, "", probe="lookup",
-         command=("-m", "epsproxy.examples.locations", "--bind", "localhost:6666")),
+         command=("-m", "epsproxy.dev.examples.locations", "--bind", "localhost:6666")),
     _eps("ls-1", 5557, "ls-1"),
     _eps("public-proxy-eps-1", 5544, "public-proxy-1.ga"),
     _eps("private-proxy-eps-1", 7766, "private-proxy-1.ga"),
     _eps("hd-2", 3334, "hd-2"),
     _eps("hd-1", 5555, "hd-1"),
     Role("internal-server", "", "", 7777, "", probe="-",
-         command=("-m", "epsproxy.examples.internal_server", "--bind", "localhost:7777")),
+         command=("-m", "epsproxy.dev.examples.internal_server", "--bind", "localhost:7777")),
     Role("private-proxy-1", "proxy", "PROXY_SETTINGS", 8877, "",
          args=("--mode", "private"), probe="getAnnouncements"),
 )
@@ -449,7 +449,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epsproxy.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m epsproxy.dev.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("start", "stop", "sd-setup"))
     parser.add_argument("--run-dir", default="run", help="folder for logs, pids and data")
     args = parser.parse_args(argv)

@@ -58,13 +58,13 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from . import forms
-from .certificates import (
+from epsproxy.rules import forms
+from epsproxy.rules.certificates import (
     CertificateError,
     load_certificates_file,
     load_private_key_file,
 )
-from .connectproxy import HTTPConnectEndpoint, proxy_for
+from epsproxy.net.connectproxy import HTTPConnectEndpoint, proxy_for
 
 __all__ = [
     "TLS_SETTINGS",
@@ -365,7 +365,7 @@ class TLSServerEndpoint:
     (what ``SSL4ServerEndpoint`` does internally), for IPv4 and IPv6 alike.
 
     If the factory given to :meth:`listen` is a rate-limited one
-    (:class:`epsproxy.ratelimit.RateLimitedFactory`), the limiter is moved outside the
+    (:class:`epsproxy.net.ratelimit.RateLimitedFactory`), the limiter is moved outside the
     TLS layer: a refused peer is closed straight after accept, before any handshake.
     (Refusing inside the TLS layer would not even work: ``TLSMemoryBIOFactory`` cannot
     handle an inner factory that returns None.)
@@ -377,7 +377,7 @@ class TLSServerEndpoint:
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Listen with ``protocolFactory`` behind TLS (and the limiter in front)."""
-        from .ratelimit import RateLimitedFactory
+        from epsproxy.net.ratelimit import RateLimitedFactory
 
         if isinstance(protocolFactory, RateLimitedFactory):
             inner = TLSMemoryBIOFactory(self.options, False, protocolFactory.wrappedFactory)
@@ -424,7 +424,7 @@ def client_endpoint(
     ``server_name`` (default: the block's ``server_name``, else the host) when ``tls`` is
     given.  ``timeout`` bounds the TCP connection attempt only.
 
-    When :func:`epsproxy.connectproxy.proxy_for` names a proxy for the address (from
+    When :func:`epsproxy.net.connectproxy.proxy_for` names a proxy for the address (from
     ``proxy_url``, else ``HTTPS_PROXY``/``NO_PROXY`` and friends), the connection is an
     HTTP CONNECT tunnel through it, with TLS end-to-end inside the tunnel.
     """

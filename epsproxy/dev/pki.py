@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
 
-from epsproxy.certificates import CertificateError, fingerprint, load_certificate_file
+from epsproxy.rules.certificates import CertificateError, fingerprint, load_certificate_file
 
 __all__ = [
     "DEV_NAMES",

@@ -4,8 +4,8 @@ Outbound connections through an HTTP CONNECT proxy, for operators in locked-down
 Every outbound connection of an EPS (HTTPS/JSON-RPC to the service directory, the TLS line
 protocol to peer servers) can be tunnelled: the proxy is asked ``CONNECT host:port`` and,
 once it answers 2xx, the raw connection is handed to the protocol that wanted the target.
-TLS is wrapped *around* the tunnel by the callers (:func:`epsproxy.tls.client_endpoint`,
-:class:`epsproxy.jsonrpc.JSONRPCClient`), so TLS stays end-to-end with the target and the
+TLS is wrapped *around* the tunnel by the callers (:func:`epsproxy.net.tls.client_endpoint`,
+:class:`epsproxy.net.jsonrpc.JSONRPCClient`), so TLS stays end-to-end with the target and the
 proxy only sees ciphertext.
 
 - :func:`proxy_for` decides which proxy (if any) a target goes through: an explicit
@@ -122,7 +122,7 @@ class ProxyAddress:
 
 def _valid_host(host: str) -> bool:
     """A host name or IP address safe to write into a request line."""
-    from .tls import valid_host  # tls imports this module: import at call time
+    from epsproxy.net.tls import valid_host  # tls imports this module: import at call time
 
     return valid_host(host)
 

@@ -24,9 +24,9 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from . import forms
-from .jsonrpc import REFUSAL_REASONS, GuardedSite
-from .tls import listen_endpoint
+from epsproxy.rules import forms
+from epsproxy.net.jsonrpc import REFUSAL_REASONS, GuardedSite
+from epsproxy.net.tls import listen_endpoint
 
 __all__ = [
     "METRICS_SETTINGS",
@@ -88,7 +88,7 @@ def metrics_service(
 
 
 #: The ``reason`` label values of ``<prefix>_http_refusals_total`` (see
-#: :data:`epsproxy.jsonrpc.REFUSAL_REASONS`, which says what each one means).
+#: :data:`epsproxy.net.jsonrpc.REFUSAL_REASONS`, which says what each one means).
 HTTP_REFUSAL_REASONS = REFUSAL_REASONS
 
 
@@ -109,7 +109,7 @@ def http_refusals_counter(registry: CollectorRegistry, prefix: str) -> Counter:
 class RPCMetrics:
     """
     Counts and times the calls of one JSON-RPC server, and counts the connections it
-    refused (:meth:`refused`, which :func:`epsproxy.jsonrpc.jsonrpc_site` calls).
+    refused (:meth:`refused`, which :func:`epsproxy.net.jsonrpc.jsonrpc_site` calls).
 
     Method names become label values only when ``known`` says they are ours, so a client
     sending random method names cannot grow the registry without bound.

@@ -20,7 +20,7 @@ Differences from the reference, on purpose:
   a limit can count only the failing ones (the public proxy's internal endpoint does).
 
 Put the limiter in front of TLS so refused peers cost no handshake: the endpoints of
-:mod:`epsproxy.tls` do that by themselves when given a :class:`RateLimitedFactory`.
+:mod:`epsproxy.net.tls` do that by themselves when given a :class:`RateLimitedFactory`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import forms
+from epsproxy.rules import forms
 
 __all__ = [
     "TCP_RATE_LIMITS",
@@ -257,6 +257,6 @@ def rate_limited(
     """
     ``factory`` behind a new :class:`RateLimiter` for ``limits`` (``TCP_RATE_LIMITS``
     items), timed by ``clock`` (the reactor).  Pass the result to a plain TCP endpoint or
-    to an endpoint of :func:`epsproxy.tls.listen_endpoint`, which keeps it outside TLS.
+    to an endpoint of :func:`epsproxy.net.tls.listen_endpoint`, which keeps it outside TLS.
     """
     return RateLimiter(limits, clock, max_keys=max_keys, on_refused=on_refused).wrap(factory)

@@ -10,9 +10,8 @@ from typing import Any, IO
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.net.metrics import http_refusals_counter
 from epsproxy import __version__
 from epsproxy.directory import entries as _entries
@@ -166,19 +165,10 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
             log.warn("channel order: stdout comes before jsonrpc_client, so requests for "
                      "{name} are printed and never reach the local service", name=self.name)
 
-    def _start_failed(self, failure: Failure) -> Failure:
-        log.failure("endpoint server {name} could not start: {reason}", failure,
-                    name=self.name, reason=failure.getErrorMessage())
-        self.reactor.callLater(0, lambda: defer.ensureDeferred(self._stop()))
-        if self.stop_reactor_on_failure:
-            stop_reactor_soon(self.reactor)
-        return failure
+    def _describe(self) -> str:
+        return f"endpoint server {self.name}"
 
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
-
-    async def _stop(self) -> None:
+    async def _close(self) -> None:
         for channel in reversed(self.channels):
             stop = getattr(channel, "stop", None) or getattr(channel, "close", None)
             if callable(stop):

@@ -1,10 +1,16 @@
 """
-Services whose start-up is asynchronous (open a store, fetch the directory, listen).
+The life cycle the SD, the endpoint server and both proxy modes share: start-up that is
+asynchronous (open a store, fetch the directory, listen), one way to fail it, one way
+to stop.
 
-:class:`AsyncStartService` is the life cycle the SD, the endpoint server and both proxy
-modes share: ``startService`` runs the subclass's ``_start()`` coroutine, a failure goes
-to ``_start_failed`` (which logs, cleans up and may stop the reactor), and any number of
-callers wait for the outcome with :meth:`~AsyncStartService.when_ready`.
+A subclass implements ``async _start() -> T`` (open everything, return what callers
+wait for) and ``async _close()`` (release whatever ``_start`` opened so far; it runs
+after a failed start as well as at stop, so it copes with a half-started service).  A
+service that drains before closing overrides ``async _stop()``.  Everything else is
+here: a failed start is logged as one line naming the program (the traceback only at
+debug level), the half-started service is closed, and with ``stop_reactor_on_failure``
+the reactor is stopped so ``twistd`` exits; any number of callers wait for the outcome
+with :meth:`~AsyncStartService.when_ready`.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from typing import Any, Generic, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 __all__ = ["AsyncStartService", "stop_reactor_soon"]
 
 T = TypeVar("T")
+
+log = Logger()
 
 
 def stop_reactor_soon(reactor: Any) -> None:
@@ -31,24 +40,54 @@ def stop_reactor_soon(reactor: Any) -> None:
 
 class AsyncStartService(Service, Generic[T]):
     """
-    Subclasses implement ``async _start() -> T`` and ``_start_failed(failure)`` (which
-    returns the failure, or a Deferred firing with it, after cleaning up).
+    A service whose start-up is a coroutine.  Subclasses set ``reactor`` and
+    ``stop_reactor_on_failure`` in their constructor and implement :meth:`_start`,
+    :meth:`_close` and :meth:`_describe`.
     """
 
+    reactor: Any  # IReactorCore and IReactorTime
+    stop_reactor_on_failure: bool = False
     _outcome: T | Failure | None = None
     _waiters: list[Deferred[T]]
 
     async def _start(self) -> T:
         raise NotImplementedError
 
-    def _start_failed(self, failure: Failure) -> Any:
-        return failure
+    async def _close(self) -> None:
+        """Release what :meth:`_start` opened (also after a failed or partial start)."""
+
+    async def _stop(self) -> None:
+        """What :meth:`stopService` does: by default, :meth:`_close`."""
+        await self._close()
+
+    def _describe(self) -> str:
+        """The program and instance, as log lines name it (``endpoint server hd-1``)."""
+        return type(self).__name__
 
     def startService(self) -> None:
         super().startService()
         d = ensureDeferred(self._start())
         d.addErrback(self._start_failed)
         d.addBoth(self._settle)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    def _start_failed(self, failure: Failure) -> Deferred[Failure]:
+        log.error("{what} could not start: {reason}", what=self._describe(),
+                  reason=failure.getErrorMessage())
+        log.debug("start-up failure: {traceback}", traceback=failure.getTraceback())
+
+        def closed(outcome: Any) -> Failure:
+            if isinstance(outcome, Failure):
+                log.error("{what}: closing after the failed start failed too: {reason}",
+                          what=self._describe(), reason=outcome.getErrorMessage())
+            if self.stop_reactor_on_failure:
+                stop_reactor_soon(self.reactor)
+            return failure
+
+        return ensureDeferred(self._close()).addBoth(closed)
 
     def when_ready(self) -> Deferred[T]:
         """A new Deferred for the outcome of start-up (any number of callers may wait)."""

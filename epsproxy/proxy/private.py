@@ -71,7 +71,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.rules import forms
 from epsproxy.net import tls
 from epsproxy.rules.certificates import certificate_names
@@ -878,18 +878,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
 
         return d.addBoth(done)
 
-    def _start_failed(self, failure: Failure) -> Deferred[Failure]:
-        self.log.error(
-            "private proxy could not start: {reason}", reason=failure.getErrorMessage()
-        )
-        self.log.debug("start-up failure: {failure}", failure=failure.getTraceback())
-
-        def stopped(_: Any) -> Failure:
-            if self.stop_reactor_on_failure:
-                stop_reactor_soon(self.reactor)
-            return failure
-
-        return ensureDeferred(self._close()).addBoth(stopped)
+    def _describe(self) -> str:
+        return "private proxy"
 
     async def _close(self, grace: float = 0.0) -> None:
         """
@@ -918,6 +908,5 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
             store, self.store = self.store, None
             await store.close()
 
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return ensureDeferred(self._close(self.settings["shutdown_grace"]))
+    async def _stop(self) -> None:
+        await self._close(self.settings["shutdown_grace"])

@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.rules import forms
 from epsproxy.net import ratelimit, tls
 from epsproxy.rules.certificates import certificate_names
@@ -511,18 +511,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self.ports.append(port)
         return port
 
-    def _start_failed(self, failure: Failure) -> Deferred[Failure]:
-        self.log.error(
-            "public proxy could not start: {reason}", reason=failure.getErrorMessage()
-        )
-        self.log.debug("start-up failure: {failure}", failure=failure.getTraceback())
-
-        def stopped(_: Any) -> Failure:
-            if self.stop_reactor_on_failure:
-                stop_reactor_soon(self.reactor)
-            return failure
-
-        return ensureDeferred(self._close()).addBoth(stopped)
+    def _describe(self) -> str:
+        return "public proxy"
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -554,6 +544,5 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             store, self.store = self.store, None
             await store.close()
 
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return ensureDeferred(self._close(self.settings["shutdown_grace"]))
+    async def _stop(self) -> None:
+        await self._close(self.settings["shutdown_grace"])

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from epsproxy.net.lifecycle import AsyncStartService, stop_reactor_soon
+from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.net.jsonrpc import jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import RPCMetrics
 from epsproxy.rules.records import TrustStore
@@ -93,15 +92,8 @@ class ServiceDirectoryService(AsyncStartService[IListeningPort]):
             "sd_entries", "operators in the directory", registry=self.registry
         ).set_function(lambda: len(directory.record_log.selected.entries))
 
-    def _start_failed(self, failure: Failure) -> Failure:
-        self.log.failure("service directory could not start: {reason}", failure,
-                         reason=failure.getErrorMessage())
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-        if self.stop_reactor_on_failure:
-            stop_reactor_soon(self.reactor)
-        return failure
+    def _describe(self) -> str:
+        return "service directory"
 
     def _refresh(self) -> Deferred[int]:
         """Pick up records other SD instances appended; errors are logged, never fatal."""
@@ -113,17 +105,15 @@ class ServiceDirectoryService(AsyncStartService[IListeningPort]):
         )
         return d
 
-    async def _stop(self) -> None:
+    async def _close(self) -> None:
         if self._refresher is not None and self._refresher.running:
             self._refresher.stop()
         if self.watcher is not None:
             watcher, self.watcher = self.watcher, None
             await watcher.stop()
         if self.port is not None:
-            await maybeDeferred(self.port.stopListening)
+            port, self.port = self.port, None
+            await maybeDeferred(port.stopListening)
         if self.store is not None:
-            await self.store.close()
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return ensureDeferred(self._stop())
+            store, self.store = self.store, None
+            await store.close()

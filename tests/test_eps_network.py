@@ -563,7 +563,7 @@ class AsyncAcrossNodes(NetworkTestCase):
     def test_waiting_request_gets_the_real_result(self):
         from twisted.web.client import Agent, HTTPConnectionPool
         from treq.client import HTTPClient
-        from epsproxy.net.jsonrpc import _TLSPolicy
+        from epsproxy.net.tls import MutualTLSPolicy as _TLSPolicy
 
         pool = HTTPConnectionPool(reactor, persistent=False)
         http = HTTPClient(Agent(reactor, contextFactory=_TLSPolicy(tls_block("hd-1"), "hd-1"),

@@ -917,19 +917,6 @@ def listen_jsonrpc(
 # ------------------------------------------------------------------------------ client
 
 
-@implementer(IPolicyForHTTPS)
-class _TLSPolicy:
-    """Client TLS from our settings, verifying the server as ``server_name`` (or the host)."""
-
-    def __init__(self, settings: dict[str, Any], server_name: str | None) -> None:
-        self._settings = settings
-        self._server_name = server_name
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        name = self._server_name or hostname.decode("ascii")
-        return tls.client_options(self._settings, name)
-
-
 class CappedBody(_Protocol):
     """
     Collects an HTTP response body (``response.deliverBody``) into ``done``, giving up
@@ -1058,7 +1045,7 @@ class JSONRPCClient:
         server_name = settings.get("server_name")
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS()
         if tls_settings is not None:
-            policy = _TLSPolicy(tls_settings, server_name)
+            policy = tls.MutualTLSPolicy(tls_settings, server_name)
             if self._endpoint.startswith("https:"):
                 # Unusable TLS settings fail here, at start-up, not at the first call.
                 tls.client_options(tls_settings, server_name or urlsplit(self._endpoint).hostname)

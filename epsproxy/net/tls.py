@@ -56,6 +56,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from epsproxy.rules import forms
@@ -77,6 +78,7 @@ __all__ = [
     "listen_endpoint",
     "client_endpoint",
     "TLSServerEndpoint",
+    "MutualTLSPolicy",
 ]
 
 log = Logger()
@@ -462,3 +464,24 @@ def peer_certificate(transport: Any) -> x509.Certificate | None:
     if certificate is None:
         return None
     return certificate.to_cryptography()
+
+
+# ------------------------------------------------------------------ HTTPS clients
+
+
+@implementer(IPolicyForHTTPS)
+class MutualTLSPolicy:
+    """
+    The TLS of an HTTPS client (a twisted.web ``Agent``, treq) from one ``tls`` block: our
+    certificate chain presented, the server verified as ``server_name`` or, without one,
+    as the host of the URL.  The JSON-RPC client and the private proxy's upstream
+    requests both use it.
+    """
+
+    def __init__(self, settings: dict[str, Any], server_name: str | None = None) -> None:
+        self._settings = settings
+        self._server_name = server_name
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """The connection creator for ``hostname`` (:class:`IPolicyForHTTPS`)."""
+        return client_options(self._settings, self._server_name or hostname.decode("ascii"))

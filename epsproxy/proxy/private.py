@@ -67,7 +67,6 @@ from twisted.web.client import (
     FileBodyProducer,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -238,18 +237,6 @@ class _Hold(Protocol):
 # ------------------------------------------------------------ terminated forwarding
 
 
-@implementer(IPolicyForHTTPS)
-class _TLSPolicy:
-    """Client TLS from our settings, verifying the server as ``server_name`` (or the host)."""
-
-    def __init__(self, settings: dict[str, Any], server_name: str | None) -> None:
-        self._settings = settings
-        self._server_name = server_name
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return tls.client_options(self._settings, self._server_name or hostname.decode("ascii"))
-
-
 class _Request(CappedRequest):
     """A request whose body may not exceed the site's ``max_body_bytes`` (413 otherwise)."""
 
@@ -348,7 +335,9 @@ class Forwarder:
         if self._jsonrpc is not None:
             policy: Any = BrowserLikePolicyForHTTPS()
             if self._jsonrpc.get("tls") is not None:
-                policy = _TLSPolicy(self._jsonrpc["tls"], self._jsonrpc.get("server_name"))
+                policy = tls.MutualTLSPolicy(
+                    self._jsonrpc["tls"], self._jsonrpc.get("server_name")
+                )
             self._agent = Agent(
                 reactor, contextFactory=policy, pool=self._pool, connectTimeout=connect_timeout
             )

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 
+from epsproxy.net.reactor import IReactor
 from epsproxy.rules import forms
 
 __all__ = [
@@ -208,7 +209,7 @@ DATASTORE_SETTINGS: forms.Map = _DatastoreMap(
 
 
 def open_store(
-    reactor: Any, settings: dict[str, Any], *, default_path: Path | None = None
+    reactor: IReactor, settings: dict[str, Any], *, default_path: Path | None = None
 ) -> Deferred[Store]:
     """
     Open the store that ``settings`` (validated or not) describe.
@@ -218,18 +219,18 @@ def open_store(
     store cannot be opened.
     """
 
-    def _open() -> Deferred[Store]:
+    async def _open() -> Store:
         checked = DATASTORE_SETTINGS.validate(settings)
         options = checked["settings"]
         if checked["type"] == "redis":
             from epsproxy.store.redis import RedisStore
 
-            return RedisStore.open(reactor, options)
+            return await RedisStore.open(reactor, options)
         from epsproxy.store.embedded import EmbeddedStore
 
         path = options.get("path") or default_path
         if path is None:
             raise StoreError("the embedded datastore needs settings.path (no default here)")
-        return EmbeddedStore.open(reactor, Path(path))
+        return await EmbeddedStore.open(reactor, Path(path))
 
-    return maybeDeferred(_open)
+    return Deferred.fromCoroutine(_open())

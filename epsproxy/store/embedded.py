@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from epsproxy.net.reactor import IReactor
 from epsproxy.store import MalformedEntry, StoredEntry, StoreError, StoreUnavailable
 
 __all__ = ["EmbeddedStore"]
@@ -72,7 +73,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 class EmbeddedStore:
     """A :class:`epsproxy.store.Store` on an SQLite file; build it with :meth:`open`."""
 
-    def __init__(self, reactor: Any, path: Path, pool: ThreadPool) -> None:
+    def __init__(self, reactor: IReactor, path: Path, pool: ThreadPool) -> None:
         self.path = path
         self._reactor = reactor
         self._pool = pool
@@ -83,7 +84,7 @@ class EmbeddedStore:
 
     @classmethod
     @inlineCallbacks
-    def open(cls, reactor: Any, path: Path) -> Generator[Deferred[Any], Any, EmbeddedStore]:
+    def open(cls, reactor: IReactor, path: Path) -> Generator[Deferred[Any], Any, EmbeddedStore]:
         """Open or create the store at ``path``; fires with the store or StoreError."""
         pool = ThreadPool(minthreads=1, maxthreads=1, name=f"epsproxy-store:{path.name}")
         pool.start()

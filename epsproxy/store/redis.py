@@ -41,15 +41,18 @@ injected reactor bounds our own timeouts and makes the connection.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Callable, Generator, NoReturn, Sequence
 
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from epsproxy.net.reactor import IReactor
 from epsproxy.store import (
     AppendConflict,
     MalformedEntry,
@@ -95,8 +98,8 @@ class RedisStore:
 
     def __init__(
         self,
-        reactor: Any,
-        connection: Any,
+        reactor: IReactor,
+        connection: Any,  # txredisapi's connection handler (txredisapi is untyped)
         address: str,
         key: str,
         timeout: float,
@@ -122,7 +125,7 @@ class RedisStore:
     @classmethod
     @inlineCallbacks
     def open(
-        cls, reactor: Any, settings: dict[str, Any]
+        cls, reactor: IReactor, settings: dict[str, Any]
     ) -> Generator[Deferred[Any], Any, RedisStore]:
         """
         Connect to the first address of validated ``REDIS_SETTINGS``, select the database,
@@ -192,7 +195,7 @@ class RedisStore:
         self._in_flight.add(d)
         d.addBoth(self._landed, d)
 
-        def failed(failure: Any) -> Any:
+        def failed(failure: Failure) -> NoReturn:
             if failure.check(defer.TimeoutError, txredisapi.TimeoutError):
                 raise StoreUnavailable(
                     f"redis timeout after {self.timeout:g}s: {name} at {self.address}"
@@ -360,7 +363,7 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         self.factory.subscription._message(message)
 
-    def connectionLost(self, why: Any) -> None:
+    def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)
         self.factory.subscription._lost(self)
 
@@ -379,7 +382,7 @@ class _SubscriberFactory(txredisapi.RedisFactory):
         )
         self.subscription = subscription
 
-    def addConnection(self, conn: Any) -> None:
+    def addConnection(self, conn: _SubscriberProtocol) -> None:
         super().addConnection(conn)
         if conn.connected and not self.disconnectCalled:
             self.subscription._connected(conn)
@@ -406,7 +409,7 @@ class Subscription:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         address: str,
         channel: str,
         on_message: Callable[[bytes], Any],
@@ -432,12 +435,12 @@ class Subscription:
         #: Connections dropped because a keep-alive PING went unanswered or failed.
         self.keepalive_failures = 0
         # The next PING, or the deadline of the one in flight (one at a time).
-        self._keepalive_call: Any = None
+        self._keepalive_call: IDelayedCall | None = None
         self._reactor = reactor
         self._on_message = on_message
         self._on_subscribed = on_subscribed
         self._factory = _SubscriberFactory(self, password, timeout)
-        self._protocol: Any = None
+        self._protocol: _SubscriberProtocol | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []
         self._stopped = False
         self._stopping: list[Deferred[None]] | None = None  # waiters while closing
@@ -489,7 +492,7 @@ class Subscription:
                                address=self.address, error=f.getErrorMessage())
         ).addCallback(closed)
 
-    def _connected(self, conn: Any) -> None:
+    def _connected(self, conn: _SubscriberProtocol) -> None:
         d = conn.subscribe(self.channel).addTimeout(self.timeout, self._reactor)
 
         def subscribed(_: Any) -> None:
@@ -511,7 +514,7 @@ class Subscription:
                     self._waiters.append((count, waiter))
             self._call(self._on_subscribed)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             log.warn(
                 "cannot subscribe to {channel} at {address}: {error}; reconnecting",
                 channel=self.channel, address=self.address,
@@ -521,7 +524,7 @@ class Subscription:
 
         d.addCallbacks(subscribed, failed)
 
-    def _lost(self, conn: Any) -> None:
+    def _lost(self, conn: _SubscriberProtocol) -> None:
         if conn is not self._protocol:
             return
         self._protocol = None
@@ -537,11 +540,11 @@ class Subscription:
         if call is not None and call.active():
             call.cancel()
 
-    def _schedule_ping(self, conn: Any) -> None:
+    def _schedule_ping(self, conn: _SubscriberProtocol) -> None:
         if self.keepalive is not None and not self._stopped:
             self._keepalive_call = self._reactor.callLater(self.keepalive, self._ping, conn)
 
-    def _ping(self, conn: Any) -> None:
+    def _ping(self, conn: _SubscriberProtocol) -> None:
         self._keepalive_call = None
         if conn is not self._protocol or self._stopped:
             return
@@ -566,7 +569,7 @@ class Subscription:
             else:
                 self._keepalive_failed(conn, f"unexpected reply {reply!r:.100}")
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             if not deadline.active():
                 return
             deadline.cancel()
@@ -577,7 +580,7 @@ class Subscription:
 
         defer.maybeDeferred(conn.keepalive_ping).addCallbacks(answered, failed)
 
-    def _keepalive_failed(self, conn: Any, reason: str) -> None:
+    def _keepalive_failed(self, conn: _SubscriberProtocol, reason: str) -> None:
         self._keepalive_call = None
         if conn is not self._protocol or self._stopped:
             return
@@ -591,7 +594,7 @@ class Subscription:
         )
         conn.transport.abortConnection()
 
-    def _message(self, message: Any) -> None:
+    def _message(self, message: bytes) -> None:
         self.messages += 1
         self._call(self._on_message, message)
 
@@ -613,7 +616,7 @@ class StoreWatcher:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         store: RedisStore,
         callback: Callable[[], Any],
         *,
@@ -691,5 +694,5 @@ class StoreWatcher:
             yield self.subscription.stop()
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException | None) -> str:
     return str(error) or type(error).__name__

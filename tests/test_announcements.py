@@ -33,7 +33,7 @@ from epsproxy.proxy.announcements import (
 )
 from epsproxy.store import StoredEntry, StoreUnavailable, open_store
 
-from .redis_server import RedisServer
+from .support.redis import RedisServer
 
 PROXY = "public-proxy-1.ga"
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z

@@ -26,8 +26,8 @@ from epsproxy.directory.jsondir import DirectoryError
 from epsproxy.eps.settings import API_DIRECTORY_SETTINGS
 from epsproxy.net.jsonrpc import JSONRPCError, TransportError
 
-from .sd_support import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
-from .support import pki
+from .support.pki import pki
+from .support.sd import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
 
 T0 = "2025-01-01T10:00:00Z"
 T1 = "2025-01-01T11:00:00Z"

@@ -21,7 +21,7 @@ from epsproxy.rules.certificates import load_private_key_file
 from epsproxy.directory import chain as C
 from epsproxy.directory.chain import ChainError, RecordLog, StaleAppend, VerifiedChain
 
-from .support import pki
+from .support.pki import pki
 
 BASE_TIME = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

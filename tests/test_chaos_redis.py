@@ -28,8 +28,8 @@ from epsproxy.sd.api import STORE_UNAVAILABLE
 from epsproxy.sd.settings import SD_SETTINGS
 from epsproxy.rules.settings import load_settings
 
-from .redis_server import RedisServer
-from .sd_support import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
+from .support.redis import RedisServer
+from .support.sd import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
 
 
 class SubmitWhileRedisIsDown(unittest.TestCase):

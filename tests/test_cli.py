@@ -12,8 +12,8 @@ from twisted.internet import reactor, utils
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from .sd_support import sd_client, start_sd, write_sd_settings
-from .support import pki
+from .support.pki import pki
+from .support.sd import sd_client, start_sd, write_sd_settings
 
 
 def run_eps(*args: str, env: dict | None = None):

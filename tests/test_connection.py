@@ -30,7 +30,7 @@ from epsproxy.eps.connection import (
     PeerGone,
 )
 from epsproxy.eps.peers import PeerIdentity, PeerRefused, identify_peer
-from tests.support import pki
+from tests.support.pki import pki
 
 
 def tls_block(name: str, *, source: str = "main", alt: bool = False) -> dict:

@@ -52,7 +52,7 @@ from epsproxy.net.jsonrpc import (
     JSONRPCClient,
     TransportError,
 )
-from tests.support import pki
+from tests.support.pki import pki
 
 PROXY_VARIABLES = ("https_proxy", "all_proxy", "no_proxy", "http_proxy")
 

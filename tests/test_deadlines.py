@@ -37,8 +37,10 @@ from epsproxy.net.jsonrpc import (
     listen_jsonrpc,
 )
 from epsproxy.net.metrics import HTTP_REFUSAL_REASONS, RPCMetrics
-from tests.eps_support import Network, gateway_channel, server_channel, tls_block
-from tests.support import ConnectionTracker, pki
+from tests.support.connections import ConnectionTracker
+from tests.support.eps import Network, gateway_channel, server_channel
+from tests.support.pki import pki
+from tests.support.tls import tls_block
 
 # ------------------------------------------------------------------------ helpers
 

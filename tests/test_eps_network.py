@@ -27,15 +27,15 @@ from epsproxy.net.jsonrpc import (
     JSONRPCError,
     listen_jsonrpc,
 )
-from tests.eps_support import (
+from tests.support.eps import (
     Network,
     client_channel,
     gateway_channel,
     local_channel,
     server_channel,
     service,
-    tls_block,
 )
+from tests.support.tls import tls_block
 
 HD = ("health-departments",)
 

@@ -128,7 +128,7 @@ class SigningCertificateWithMalformedIssuer(TestCase):
         from cryptography.hazmat.primitives import serialization
 
         from epsproxy.rules.records import InvalidRecord, load_signer
-        from tests.support import pki
+        from tests.support.pki import pki
 
         crt, _ = pki().signing("hd-1")
         der = bytearray(x509.load_pem_x509_certificate(crt.read_bytes()).public_bytes(

@@ -41,7 +41,8 @@ from epsproxy.net.jsonrpc import (
     JSONRPCError,
     jsonrpc_site,
 )
-from tests.support import ConnectionTracker, pki
+from tests.support.connections import ConnectionTracker
+from tests.support.pki import pki
 
 OWN = "hd-1"
 DEV_DIRECTORY = Path(__file__).resolve().parent.parent / "conf" / "dev" / "directory"

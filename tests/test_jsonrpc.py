@@ -46,7 +46,8 @@ from epsproxy.net.jsonrpc import (
     random_id,
     response_object,
 )
-from tests.support import ConnectionTracker, pki
+from tests.support.connections import ConnectionTracker
+from tests.support.pki import pki
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 

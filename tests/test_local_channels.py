@@ -27,7 +27,7 @@ from epsproxy.eps.channels.local import (
 )
 from epsproxy.dev.examples import locations
 from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, listen_jsonrpc
-from tests.support import ConnectionTracker
+from tests.support.connections import ConnectionTracker
 
 OWN = "ls-1"
 CLIENT = ClientInfo("hd-1", {"name": "hd-1"})

@@ -14,15 +14,15 @@ from twisted.trial.unittest import TestCase
 
 from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
 from epsproxy.proxy.tap import Options, makeService
-from tests.eps_support import (
+from tests.support.eps import (
     Network,
     client_channel,
     gateway_channel,
     local_channel,
     server_channel,
     service,
-    tls_block,
 )
+from tests.support.tls import tls_block
 from tests.test_eps_network import gateway_client
 from tests.test_public_proxy import public_section, write_settings
 

@@ -18,7 +18,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.plugin import getPlugins
 from twisted.trial import unittest
 
-from .sd_support import base_changes, sd_client, sign_chain, write_sd_settings
+from .support.sd import base_changes, sd_client, sign_chain, write_sd_settings
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 

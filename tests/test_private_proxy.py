@@ -44,7 +44,7 @@ from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
-from .support import pki
+from .support.pki import pki
 from .test_plugins import TWISTD, _Twistd
 from .test_public_proxy import write_settings
 

@@ -44,7 +44,7 @@ from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
-from .support import pki
+from .support.pki import pki
 from .test_plugins import TWISTD, _Twistd
 
 PROXY = "public-proxy-1.ga"
@@ -676,10 +676,15 @@ class BrokeredByRealEndpointServers(unittest.TestCase):
 
     @inlineCallbacks
     def test_ping_through_the_proxy(self):
-        from .eps_support import (
-            Network, client_channel, gateway_channel, local_channel, server_channel,
-            service, tls_block as eps_tls,
+        from .support.eps import (
+            Network,
+            client_channel,
+            gateway_channel,
+            local_channel,
+            server_channel,
+            service,
         )
+        from .support.tls import tls_block as eps_tls
         from .test_eps_network import gateway_client
 
         hd = ("health-departments",)

@@ -34,7 +34,7 @@ from epsproxy.rules.records import (
     verify_data,
     verify_record,
 )
-from tests.support import pki
+from tests.support.pki import pki
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 GROUPS_RECORD = {

@@ -6,7 +6,7 @@ within about ``keepalive + timeout`` seconds instead of by the 30 s safety read.
 The timing logic runs on a :class:`~twisted.internet.task.Clock` with a stand-in
 connection; txredisapi's handling of the pong on a subscribed connection is checked on
 the real protocol with bytes as Redis sends them; and the whole thing runs against a real
-``redis-server`` (tests/redis_server.py) that is frozen with SIGSTOP.
+``redis-server`` (tests/support/redis.py) that is frozen with SIGSTOP.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import txredisapi
 
 from epsproxy.store.redis import RedisStore, Subscription, _SubscriberProtocol
 
-from .redis_server import RedisServer
+from .support.redis import RedisServer
 
 CHANNEL = "keepalive-test"
 PONG = [b"pong", b""]  # RESP2's answer to PING on a subscribed connection

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from epsproxy.eps.rendezvous import dial_with_token
 from epsproxy.proxy import rendezvous as rendezvous_module
 from epsproxy.proxy.rendezvous import TOKEN_BYTES, Rendezvous, RendezvousFull, token_tag
-from tests.eps_support import tls_block
+from tests.support.tls import tls_block
 from tests.test_splice import Peer, connect, fake_connection, listen, spliced_pair
 
 

@@ -3,7 +3,7 @@ Scale-out on one Redis (issue 6): the store's notifications and compare-and-appe
 public proxy instances sharing announcements (pub/sub, within 1 s, across restarts of an
 instance and of Redis), and two SD instances serving one record log without forking it.
 
-Everything runs against a real ``redis-server`` (tests/redis_server.py) and the real
+Everything runs against a real ``redis-server`` (tests/support/redis.py) and the real
 services on loopback port 0.  Propagation is awaited on the watchers' Deferreds, never by
 sleeping; the latencies measured are collected in :data:`LATENCIES` (printed by
 ``pytest -s``) for docs/robustness.md.
@@ -24,8 +24,8 @@ from epsproxy.proxy.tap import Options, makeService
 from epsproxy.store import StoredEntry, open_store
 from epsproxy.store.redis import AppendConflict, RedisStore
 
-from .redis_server import RedisServer
-from .sd_support import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
+from .support.redis import RedisServer
+from .support.sd import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
 from .test_announcements import client
 from .test_public_proxy import caller_client, public_section, write_settings
 

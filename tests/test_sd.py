@@ -14,15 +14,8 @@ from twisted.trial import unittest
 
 from epsproxy.net.jsonrpc import JSONRPCError, TransportError
 
-from .redis_server import RedisServer
-from .sd_support import (
-    base_changes,
-    change,
-    sd_client,
-    sign_chain,
-    start_sd,
-    write_sd_settings,
-)
+from .support.redis import RedisServer
+from .support.sd import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
 
 
 class _SDTestMixin:

@@ -39,8 +39,8 @@ from epsproxy.proxy.sni import (
     SNIFront,
 )
 from epsproxy.net.ratelimit import RateLimiter
-from tests.eps_support import tls_block
-from tests.support import pki
+from tests.support.pki import pki
+from tests.support.tls import tls_block
 from tests.test_clienthello import ext, hello_message, openssl_hello, records, sni_ext
 from tests.test_splice import fake_connection
 

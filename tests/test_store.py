@@ -31,7 +31,7 @@ from epsproxy.store import (
     parse_address,
     serialise,
 )
-from tests.redis_server import RedisServer
+from tests.support.redis import RedisServer
 
 
 def entries(count: int, start: int = 0, type_: int = 1) -> list[StoredEntry]:

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from epsproxy.net import tls
 from epsproxy.rules.certificates import fingerprint, load_certificate_file
-from tests.support import pki
+from tests.support.pki import pki
 
 
 def block(name: str | None = None, *, source: str = "main", ca=None, **extra) -> dict:

@@ -1,46 +1,10 @@
-"""
-Shared test helpers.
-
-Tests are ``twisted.trial`` TestCases so that both ``pytest`` (the README's runner) and
-``trial tests`` run them.  Expensive fixtures (a whole dev PKI) are made once per test
-process in a temporary folder and removed when the process exits.
-"""
+"""Tracking the server side of real loopback connections, so tests can wait and clean up."""
 
 from __future__ import annotations
 
-import atexit
-import functools
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
-
-
-@functools.lru_cache(maxsize=None)
-def _pki_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="epsproxy-test-pki-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return root
-
-
-def pki(label: str = "main"):
-    """
-    A complete dev PKI (``epsproxy.dev.pki.create_pki``) for tests, made once per process.
-
-    ``pki()`` is the one the tests trust; ``pki("foreign")`` is an unrelated CA with the
-    same names, for "certificate from another CA" refusals.
-    """
-    return _pki(label)
-
-
-@functools.lru_cache(maxsize=None)
-def _pki(label: str):
-    from epsproxy.dev.pki import create_pki
-
-    base = _pki_root() / label
-    return create_pki(base / "certs", directory_dir=base / "directory")
 
 
 class ConnectionTracker:

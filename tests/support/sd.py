@@ -15,7 +15,7 @@ from epsproxy.rules.certificates import load_certificates_file, load_private_key
 from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.sd.tap import Options, makeService
 
-from .support import pki
+from tests.support.pki import pki
 
 
 def write_sd_settings(

@@ -18,19 +18,10 @@ from twisted.internet import defer, reactor
 
 from epsproxy.eps.service import EndpointServerService
 from epsproxy.eps.settings import EPS_SETTINGS
-from tests.support import pki
+from tests.support.pki import pki
+from tests.support.tls import tls_block
 
 CREATED_AT = "2024-01-01T00:00:00Z"
-
-
-def tls_block(name: str, *, source: str = "main", alt: bool = False) -> dict[str, Any]:
-    """A ``tls`` settings block with ``name``'s TLS identity, trusting the main root."""
-    crt, key = (pki() if source == "main" else pki(source)).tls(name, alt=alt)
-    return {
-        "ca_certificate_files": [str(pki().root)],
-        "certificate_file": str(crt),
-        "key_file": str(key),
-    }
 
 
 def record(name: str, section: str, data: Any) -> dict[str, Any]:

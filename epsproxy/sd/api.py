@@ -11,10 +11,11 @@ its address, goes to the log only).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from epsproxy.rules import forms
 from epsproxy.net.jsonrpc import INTERNAL_ERROR, CallContext, Dispatcher, JSONRPCError
@@ -55,18 +56,15 @@ def sd_dispatcher(directory: ServiceDirectory) -> Dispatcher:
     dispatcher = Dispatcher()
 
     def submit_records(params: dict, context: CallContext) -> Deferred[str]:
-        d = directory.submit(params["records"])
-
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> NoReturn:
             failure.trap(SubmitError, StoreError)
             error = failure.value
-            if isinstance(error, StoreError):
-                log.warn("submitRecords failed: {error}", error=str(error))
-                raise JSONRPCError(INTERNAL_ERROR, STORE_UNAVAILABLE)
-            raise JSONRPCError(error.code, error.message, error.data)
+            if isinstance(error, SubmitError):
+                raise JSONRPCError(error.code, error.message, error.data)
+            log.warn("submitRecords failed: {error}", error=str(error))
+            raise JSONRPCError(INTERNAL_ERROR, STORE_UNAVAILABLE)
 
-        d.addCallbacks(lambda _: "ok", failed)
-        return d
+        return directory.submit(params["records"]).addCallbacks(lambda _: "ok", failed)
 
     def get_tip(params: dict, context: CallContext) -> dict | None:
         return directory.tip()

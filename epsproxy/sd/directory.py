@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.logger import Logger
@@ -59,9 +59,9 @@ class ServiceDirectory:
     # -- reading ------------------------------------------------------------------
 
     @inlineCallbacks
-    def refresh(self) -> Deferred[int]:
+    def refresh(self) -> Generator[Deferred[Any], Any, int]:
         """Read entries appended to the store since the last read; returns their number."""
-        entries = yield self.store.read_new()
+        entries: list[StoredEntry] = yield self.store.read_new()
         decoded = []
         for entry in entries:
             if entry.type != RECORD_ENTRY_TYPE:
@@ -107,7 +107,7 @@ class ServiceDirectory:
         return self._lock.run(self.refresh)
 
     @inlineCallbacks
-    def _submit(self, signed_records: list[dict]):
+    def _submit(self, signed_records: list[dict]) -> Generator[Deferred[Any], Any, None]:
         yield self.refresh()
         self._check_batch(signed_records)
         append_if_unchanged = getattr(self.store, "append_if_unchanged", None)
@@ -133,7 +133,11 @@ class ServiceDirectory:
         )
 
     @inlineCallbacks
-    def _append_against_tip(self, append_if_unchanged: Any, signed_records: list[dict]):
+    def _append_against_tip(
+        self,
+        append_if_unchanged: Callable[[Sequence[StoredEntry]], Deferred[None]],
+        signed_records: list[dict],
+    ) -> Generator[Deferred[Any], Any, None]:
         """
         Scale-out (issue 6): several SD instances share one store.  The checked batch is
         written all at once and only if nobody appended since this SD last read the store

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -13,10 +14,14 @@ from twisted.logger import Logger
 from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.net.jsonrpc import jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import RPCMetrics
+from epsproxy.net.reactor import IReactor
 from epsproxy.rules.records import TrustStore
 from ..store import Store, open_store
 from .api import sd_dispatcher
 from .directory import ServiceDirectory
+
+if TYPE_CHECKING:
+    from ..store.redis import StoreWatcher
 
 __all__ = ["ServiceDirectoryService"]
 
@@ -34,7 +39,7 @@ class ServiceDirectoryService(AsyncStartService[IListeningPort]):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, settings: dict, trust: TrustStore,
+        self, reactor: IReactor, settings: dict, trust: TrustStore,
         registry: CollectorRegistry | None = None,
         stop_reactor_on_failure: bool = False,
     ) -> None:
@@ -48,7 +53,7 @@ class ServiceDirectoryService(AsyncStartService[IListeningPort]):
         self.store: Store | None = None
         self._refresher: LoopingCall | None = None
         #: Follows appends of other SD instances (a StoreWatcher; Redis store only).
-        self.watcher: Any = None
+        self.watcher: StoreWatcher | None = None
 
     async def _start(self) -> IListeningPort:
         directory_settings = self.settings["directory"]
@@ -73,6 +78,7 @@ class ServiceDirectoryService(AsyncStartService[IListeningPort]):
         if watch is not None:
             self.watcher = watch(self._refresh, interval=None)
         address = self.port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))  # listen_jsonrpc is TCP
         self.log.info(
             "service directory serving {records} verified record(s) at {host}:{port}{path}",
             records=records,

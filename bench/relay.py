@@ -1,5 +1,5 @@
 """
-Relay benchmark: our rendezvous relay (a :class:`~epsproxy.proxy.rendezvous.Rendezvous`
+Relay benchmark: our rendezvous relay (a :class:`~epsproxy.proxy.rendezvous_server.Rendezvous`
 splicing by token, :mod:`bench.relay_ours`) beside HAProxy in TCP mode, socat and the
 magic-wormhole transit relay, each measured in the same run (issue 4, "``make bench``
 adds").
@@ -101,7 +101,8 @@ def available(relay: Relay) -> str | None:
     if relay.kind == "transit" and importlib.util.find_spec("wormhole_transit_relay") is None:
         return "magic-wormhole-transit-relay not installed (pip install -e '.[bench]')"
     if relay.kind == "ours":
-        module = os.environ.get("BENCH_RELAY_IMPL", "epsproxy.proxy.rendezvous:x").split(":")[0]
+        impl = os.environ.get("BENCH_RELAY_IMPL", "epsproxy.proxy.rendezvous_server:x")
+        module = impl.split(":")[0]
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:

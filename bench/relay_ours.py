@@ -1,6 +1,6 @@
 """
 Our relay as a process of its own, for the relay benchmark (:mod:`bench.relay`): a
-:class:`~epsproxy.proxy.rendezvous.Rendezvous` behind an internal listener, exactly as
+:class:`~epsproxy.proxy.rendezvous_server.Rendezvous` behind an internal listener, exactly as
 the public proxy runs it (``reactor.listenTCP(0, rendezvous.factory())``), plus a control
 channel through which the load generators ask for tokens (in the proxy,
 ``requestConnection`` hands them out).
@@ -31,7 +31,7 @@ from twisted.protocols.basic import LineReceiver
 
 __all__ = ["Control", "rendezvous_class", "main"]
 
-DEFAULT_IMPL = "epsproxy.proxy.rendezvous:Rendezvous"
+DEFAULT_IMPL = "epsproxy.proxy.rendezvous_server:Rendezvous"
 #: The most tokens one ``new`` line may ask for.
 MAX_BATCH = 10_000
 

@@ -398,7 +398,7 @@ class RendezvousSeam(NetworkTestCase):
         )
         self.assertEqual(response.result, {})
         # hd-1 meets it as TLS client, the way its eps_client does after requestConnection.
-        from epsproxy.eps.rendezvous import dial_with_token
+        from epsproxy.net.token import dial_with_token
         links = self.net.nodes["hd-1"].links
         link = yield dial_with_token(reactor, self.endpoint, token, tls_block("hd-1"),
                                      links.client_factory(), tls_client_for="hd-2")

@@ -39,13 +39,13 @@ from epsproxy.net.jsonrpc import (
     listen_jsonrpc,
 )
 from epsproxy.proxy.private import NOT_FOUND, proxy_v2_header
-from epsproxy.proxy.rendezvous import Rendezvous
+from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
 from .support.pki import pki
-from .test_plugins import TWISTD, _Twistd
+from .support.twistd import TWISTD, TwistdProcess
 from .test_public_proxy import write_settings
 
 NAME = "private-proxy-1.ga"
@@ -498,7 +498,7 @@ class TwistdTests(unittest.TestCase):
         eps_port = yield fake.start(self)
         folder = Path(self.mktemp()).absolute()
         write_settings(folder, {"private": private_section(folder, eps_port)})
-        protocol = _Twistd(r"JSON-RPC on [\d.]+:(\d+)/jsonrpc")
+        protocol = TwistdProcess(r"JSON-RPC on [\d.]+:(\d+)/jsonrpc")
         env = dict(os.environ, PROXY_SETTINGS=str(folder))
         reactor.spawnProcess(protocol, TWISTD,
                              [TWISTD, "-n", "--pidfile=", "proxy", "--mode", "private"],

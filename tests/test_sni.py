@@ -31,7 +31,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
 from epsproxy.net import tls
-from epsproxy.proxy.rendezvous import Rendezvous, token_tag
+from epsproxy.net.token import token_tag
+from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.sni import (
     MAX_PROXY_HEADER,
     ProxyHeaderError,

@@ -23,10 +23,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from epsproxy.proxy.rendezvous import Rendezvous
+from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.splice import DEFAULT_READ_BYTES, retarget, splice
 
-# -- helpers shared with test_rendezvous
+# -- helpers shared with test_rendezvous_server
 
 
 @implementer(IHalfCloseableProtocol)

@@ -74,7 +74,7 @@ from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.rules import forms
 from epsproxy.net import tls
 from epsproxy.rules.certificates import certificate_names
-from ..eps.rendezvous import TokenError, decode_token, dial_with_token
+from epsproxy.net.token import TokenError, decode_token, dial_with_token, token_tag
 from epsproxy.net.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -104,7 +104,6 @@ from .announcements import (
     domain_allowed,
     parse_expires_at,
 )
-from .rendezvous import token_tag
 from .settings import DEFAULT_PRIVATE_DATASTORE_FILE
 from .splice import splice
 

@@ -29,7 +29,6 @@ Better than the reference (SPEC §23.1):
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,6 +57,7 @@ from epsproxy.net.jsonrpc import (
     random_id,
 )
 from epsproxy.net.metrics import RPCMetrics
+from epsproxy.net.token import encode_token
 from ..store import Store, open_store
 from .announcements import (
     ANNOUNCE_CONNECTIONS_PARAMS,
@@ -65,7 +65,7 @@ from .announcements import (
     AnnouncementError,
     PublicAnnouncements,
 )
-from .rendezvous import Rendezvous, RendezvousFull
+from .rendezvous_server import Rendezvous, RendezvousFull
 from .sni import SNIFront
 from .settings import DEFAULT_DATASTORE_FILE
 
@@ -203,7 +203,7 @@ class PublicProxy:
     async def _broker(
         self, token: bytes, to: str, channel: str, client: dict[str, Any]
     ) -> dict[str, str]:
-        text = base64.b64encode(token).decode("ascii")
+        text = encode_token(token)
         caller = _short(client["name"])
         request = {
             "endpoint": self.internal_endpoint,

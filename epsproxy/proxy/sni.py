@@ -4,7 +4,7 @@ The public proxy's TLS listener: SNI passthrough (SPEC §14.2; issue 5).
 A client's TLS connection is never terminated here.  :class:`SNIFront` reads its
 ClientHello with :class:`epsproxy.proxy.clienthello.ClientHelloReader`, asks ``lookup``
 which operator announced the SNI host name, parks the (paused) connection in the
-:class:`epsproxy.proxy.rendezvous.Rendezvous` under a fresh token, and tells the
+:class:`epsproxy.proxy.rendezvous_server.Rendezvous` under a fresh token, and tells the
 operator through ``notify`` (the lead wires ``"<operator>.incomingConnection"`` there).
 When the operator's private proxy presents the token at the internal endpoint it first
 receives the ClientHello bytes, then the two connections are spliced.
@@ -37,7 +37,6 @@ the port can claim any address.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,9 +49,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.net.ratelimit import RateLimiter, truncate_ip
+from epsproxy.net.token import encode_token, token_tag
 
 from .clienthello import DEFAULT_MAX_BYTES, ClientHello, ClientHelloError, ClientHelloReader
-from .rendezvous import Rendezvous, RendezvousFull, token_tag
+from .rendezvous_server import Rendezvous, RendezvousFull
 
 __all__ = [
     "DEFAULT_HELLO_TIMEOUT",
@@ -438,7 +438,7 @@ class SNIFront:
                  name=name, peer=peer, operator=operator, tag=tag)
         params = {
             "domain": name,
-            "token": base64.b64encode(token).decode("ascii"),
+            "token": encode_token(token),
             "endpoint": self.internal_endpoint,
         }
         d = defer.maybeDeferred(self.notify, operator, params)

@@ -22,7 +22,7 @@ from each to the other until both directions are finished:
   ``idle_timeout`` seconds closes the pair (the reference kept its 5 s token deadline
   and cut every session after ~5 s, SPEC §23.1 #3).
 
-Nothing here knows about tokens; :mod:`epsproxy.proxy.rendezvous` decides what to splice.
+Nothing here knows about tokens; :mod:`epsproxy.proxy.rendezvous_server` decides what to splice.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from epsproxy.eps.addresses import Address
 from epsproxy.eps.broker import Broker, ClientInfo, Request, Response
 from epsproxy.eps.connection import EPSConnection
 from epsproxy.eps.peering import INCOMING, OUTGOING, PeerLinks
-from epsproxy.eps.rendezvous import TokenError, decode_token, dial_with_token
+from epsproxy.net.token import TokenError, decode_token, dial_with_token
 
 __all__ = [
     "PeerChannelError",

@@ -1,20 +1,23 @@
 """
-Meet a peer at a proxy's internal endpoint (SPEC §15, steps 4 and 6).
+The rendezvous token (SPEC §14.3, §15): everything both sides know about it.
 
-A public proxy pairs two TCP connections that present the same 32-byte token and then
-splices them.  Both EPS servers therefore do the same thing: connect to the endpoint,
-write the raw token, and run TLS over the same connection, end to end with the other
-EPS (one side as TLS client, the other as TLS server).  The proxy never sees plaintext.
+A public proxy pairs two TCP connections that present the same token and splices them.
+The proxy makes the token (:func:`new_token`), sends it to both EPS servers as base64
+text inside JSON-RPC (:func:`encode_token`, :func:`decode_token`), and each EPS server
+connects to the proxy's internal endpoint, writes the raw token and then speaks TLS end
+to end with the other EPS server (:func:`dial_with_token`).  The proxy never sees
+plaintext.
 
-:func:`dial_with_token` does exactly that for any protocol factory: the protocol it
-builds sees an ordinary TLS connection (``handshakeCompleted``, peer certificate), as if
-it had been accepted by a listener or made by a TLS client endpoint.
+Tokens are secrets: logs carry only :func:`token_tag`.  The server side (pairing by
+token at the internal endpoint) is :mod:`epsproxy.proxy.rendezvous_server`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import secrets
 from typing import Any
 
 from twisted.internet import defer
@@ -25,7 +28,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from epsproxy.net import tls
 
-__all__ = ["TOKEN_BYTES", "TokenError", "decode_token", "dial_with_token"]
+__all__ = [
+    "TOKEN_BYTES",
+    "TokenError",
+    "decode_token",
+    "dial_with_token",
+    "encode_token",
+    "new_token",
+    "token_tag",
+]
 
 #: Length of a rendezvous token in bytes (SPEC §14.3).
 TOKEN_BYTES = 32
@@ -35,17 +46,38 @@ class TokenError(ValueError):
     """A token is not the base64 text of exactly :data:`TOKEN_BYTES` bytes."""
 
 
+def new_token() -> bytes:
+    """A fresh random token, from the operating system's secure source."""
+    return secrets.token_bytes(TOKEN_BYTES)
+
+
+def _check_length(token: bytes) -> None:
+    if len(token) != TOKEN_BYTES:
+        raise TokenError(f"token must be {TOKEN_BYTES} bytes, not {len(token)}")
+
+
+def encode_token(token: bytes) -> str:
+    """The text that carries ``token`` in JSON-RPC: standard base64 with padding."""
+    _check_length(token)
+    return base64.b64encode(token).decode("ascii")
+
+
 def decode_token(text: object) -> bytes:
     """The raw bytes of a base64 token (standard alphabet, padding required)."""
+    # The length check comes first so that a peer cannot make us decode a huge string.
     if not isinstance(text, str) or len(text) > 4 * TOKEN_BYTES:
-        raise TokenError("token must be a base64 string of 32 bytes")
+        raise TokenError(f"token must be a base64 string of {TOKEN_BYTES} bytes")
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise TokenError("token is not valid base64") from None
-    if len(raw) != TOKEN_BYTES:
-        raise TokenError(f"token must be {TOKEN_BYTES} bytes, not {len(raw)}")
+    _check_length(raw)
     return raw
+
+
+def token_tag(token: bytes) -> str:
+    """A short label for a token in logs: not reversible, not usable to pair."""
+    return hashlib.sha256(token).hexdigest()[:4]
 
 
 class _TokenThenTLS(Protocol):
@@ -93,6 +125,10 @@ def dial_with_token(
     when that is a name, as TLS server (requiring a client certificate, unless the
     settings say otherwise) when it is None.  Fires with the protocol ``factory`` built,
     once the TCP connection is made and the token written; the TLS handshake follows.
+
+    The protocol sees an ordinary TLS connection (``handshakeCompleted``, peer
+    certificate), as if it had been accepted by a listener or made by a TLS client
+    endpoint.
     """
     if len(token) != TOKEN_BYTES:
         raise TokenError(f"token must be {TOKEN_BYTES} bytes")

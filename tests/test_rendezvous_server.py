@@ -1,5 +1,5 @@
 """
-The internal endpoint's token rendezvous (epsproxy.proxy.rendezvous): timing rules with a
+The internal endpoint's token rendezvous (epsproxy.proxy.rendezvous_server): timing rules with a
 Clock and fake transports, then real loopback sockets — fragmented tokens, bytes right
 after the token, wrong/reused tokens, a late second party, a party stalling inside the
 token, floods over the cap, park() with replayed first bytes, close_all, and a mutual-TLS
@@ -14,9 +14,9 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from epsproxy.eps.rendezvous import dial_with_token
-from epsproxy.proxy import rendezvous as rendezvous_module
-from epsproxy.proxy.rendezvous import TOKEN_BYTES, Rendezvous, RendezvousFull, token_tag
+from epsproxy.net.token import TOKEN_BYTES, dial_with_token, token_tag
+from epsproxy.proxy import rendezvous_server as rendezvous_module
+from epsproxy.proxy.rendezvous_server import Rendezvous, RendezvousFull
 from tests.support.tls import tls_block
 from tests.test_splice import Peer, connect, fake_connection, listen, spliced_pair
 

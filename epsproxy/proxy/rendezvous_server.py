@@ -1,11 +1,12 @@
 """
-The public proxy's internal endpoint: pair two connections by token and splice them
-(SPEC §14.3, §15 steps 6 and 9; issue 4).
+The public proxy's internal endpoint, the server side of the rendezvous: pair two
+connections by token and splice them (SPEC §14.3, §15 steps 6 and 9; issue 4).
 
 A party connects, writes 32 raw token bytes, and then speaks to whoever presents the
 same token (end-to-end TLS, which the proxy never looks into).  :class:`Rendezvous` holds
 the tokens handed out and the parties waiting, and splices each pair with
-:func:`epsproxy.proxy.splice.splice`.
+:func:`epsproxy.proxy.splice.splice`.  What a token is (size, text form, log tag, and the
+client side that dials with one) is :mod:`epsproxy.net.token`.
 
 Differences from the reference, on purpose (SPEC §23.1 #2, #3, #5, #6):
 
@@ -17,14 +18,12 @@ Differences from the reference, on purpose (SPEC §23.1 #2, #3, #5, #6):
   arrival, so the second party always gets the full ``accept_timeout``);
 - a token pairs once; if its first party goes away the token is forgotten.
 
-Tokens are secrets: logs carry only :func:`token_tag` (4 hex digits of a SHA-256) and
+Tokens are secrets: logs carry only :func:`~epsproxy.net.token.token_tag` and
 peer addresses truncated by :func:`epsproxy.net.ratelimit.truncate_ip`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -35,15 +34,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.ratelimit import truncate_ip
+from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
 
 from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, Splice, retarget, splice
 
-__all__ = ["TOKEN_BYTES", "Rendezvous", "RendezvousFull", "token_tag"]
+__all__ = ["Rendezvous", "RendezvousFull"]
 
 log = Logger()
-
-#: Length of a rendezvous token in bytes (SPEC §14.3).
-TOKEN_BYTES = 32
 
 #: Default bound on the bytes one direction of a pair holds in user space.
 DEFAULT_BUFFER_BYTES = 256 * 1024
@@ -51,11 +48,6 @@ DEFAULT_BUFFER_BYTES = 256 * 1024
 
 class RendezvousFull(Exception):
     """The pending-token table is at its cap (or closed); no new token is handed out."""
-
-
-def token_tag(token: bytes) -> str:
-    """A short label for a token in logs: not reversible, not usable to pair."""
-    return hashlib.sha256(token).hexdigest()[:4]
 
 
 class _peer:
@@ -229,9 +221,9 @@ class Rendezvous:
         party waiting alone is closed).  Raises RendezvousFull over max_pending.
         """
         self._check_room()
-        token = secrets.token_bytes(TOKEN_BYTES)
+        token = new_token()
         while token in self._table:  # pragma: no cover - 2**-256
-            token = secrets.token_bytes(TOKEN_BYTES)
+            token = new_token()
         entry = self._table[token] = _Entry(token)
         self._arm(entry)
         return token

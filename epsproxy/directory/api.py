@@ -27,17 +27,19 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from epsproxy.rules import forms, records
 from epsproxy.directory.chain import ChainError, VerifiedChain, created_at_key
 from epsproxy.directory.jsondir import DirectoryError, answer_query
 from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError, TransportError
+from epsproxy.net.reactor import IReactor
 
 __all__ = ["APIDirectory", "APIDirectoryError", "UpdateError", "MAX_CACHE_BYTES"]
 
@@ -63,9 +65,17 @@ def _server_name(index: int, url: str, server_names: Sequence[str]) -> str | Non
     return urlsplit(url).hostname
 
 
-def _make_clients(reactor: Any, settings: dict[str, Any]) -> list[JSONRPCClient]:
+class _Client(Protocol):
+    """What the directory uses of a JSON-RPC client (:class:`JSONRPCClient`, or a fake)."""
+
+    def call(self, method: str, params: dict[str, Any]) -> Deferred[Any]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+def _make_clients(reactor: IReactor, settings: dict[str, Any]) -> list[_Client]:
     client_settings = settings["jsonrpc_client"]
-    clients = []
+    clients: list[_Client] = []
     for i, url in enumerate(settings["endpoints"]):
         raw = {
             "endpoint": url,
@@ -92,10 +102,10 @@ class APIDirectory:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         settings: dict[str, Any],
         own_name: str,
-        clients: Sequence[Any] | None = None,
+        clients: Sequence[_Client] | None = None,
     ) -> None:
         self._reactor = reactor
         self.name = own_name
@@ -119,7 +129,7 @@ class APIDirectory:
     # -- life cycle -------------------------------------------------------------------
 
     @inlineCallbacks
-    def start(self):
+    def start(self) -> Generator[Deferred[Any], Any, None]:
         """
         Load the cache file (if any), try one update (failure only logged), then update
         every ``cache_entries_for`` seconds (at least 1).  Fires when the first update
@@ -144,7 +154,7 @@ class APIDirectory:
     def _tick(self) -> Deferred[None]:
         """One update whose errors are logged, never raised (keeps the loop alive)."""
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             if failure.check(UpdateError):
                 log.warn("directory update failed, keeping previous data: {error}",
                          error=str(failure.value))
@@ -194,7 +204,7 @@ class APIDirectory:
     # -- writable interface (SPEC §7.2) ------------------------------------------------
 
     @inlineCallbacks
-    def tip(self):
+    def tip(self) -> Generator[Deferred[Any], Any, dict[str, Any] | None]:
         """The SD's last record (validated as a signed change record), or None."""
         result = yield self._call("getTip", {}, fail_over=True)
         if result is None:
@@ -213,7 +223,8 @@ class APIDirectory:
 
     @inlineCallbacks
     def _call(self, method: str, params: dict[str, Any], fail_over: bool,
-              check: Callable[[Any], None] | None = None):
+              check: Callable[[Any], None] | None = None,
+              ) -> Generator[Deferred[Any], Any, Any]:
         errors = []
         for url, client in zip(self._endpoints, self._clients):
             try:
@@ -240,7 +251,7 @@ class APIDirectory:
         return self._lock.run(self._update)
 
     @inlineCallbacks
-    def _update(self):
+    def _update(self) -> Generator[Deferred[Any], Any, bool]:
         def must_be_list(result: Any) -> None:
             if not isinstance(result, list):
                 raise APIDirectoryError("getRecords did not return a list")
@@ -290,7 +301,7 @@ class APIDirectory:
             except Exception:
                 log.failure("directory listener failed")
 
-    def _check_age(self, _: Any = None) -> None:
+    def _check_age(self, _: object = None) -> None:
         since = self.last_success if self.last_success is not None else self._started_at
         if since is None:
             return

@@ -195,11 +195,11 @@ class _Node:
 
     __slots__ = ("signed", "parent", "root", "depth", "pins", "best", "time_key")
 
-    def __init__(self, signed: dict, parent: _Node | None, pins: records.Pins):
+    def __init__(self, signed: dict, parent: _Node | None, pins: records.Pins) -> None:
         self.signed = signed
         self.parent = parent
         self.root: _Node = parent.root if parent is not None else self
-        self.depth = parent.depth + 1 if parent is not None else 0
+        self.depth: int = parent.depth + 1 if parent is not None else 0
         self.pins = pins  # the pins after this record, for verifying its children
         # Only used on roots: the deepest leaf below (on ties the one linked first)
         # and the root's time stamp.

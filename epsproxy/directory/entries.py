@@ -20,7 +20,7 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 from epsproxy.rules import records
 
@@ -172,7 +172,7 @@ _CONVERTERS = {
 }
 
 
-def section_value(section: str, data: Any) -> list:
+def section_value(section: object, data: Any) -> list:
     """
     The entry value for a record's ``section``/``data`` (normalised record data, SPEC
     §3.2), in the shape of SPEC §2.1.  Raises :class:`EntryError` if it does not fit.
@@ -292,7 +292,7 @@ def query(
 # -- permissions and peers (SPEC §6.4, §6.5) ----------------------------------------------
 
 
-def _grants_call(permissions: Iterable[dict] | None, groups: Iterable[str]) -> bool:
+def _grants_call(permissions: Iterable[dict] | None, groups: Collection[str]) -> bool:
     for p in permissions or ():
         group = p.get("group")
         if (group == "*" or group in groups) and "call" in (p.get("rights") or ()):

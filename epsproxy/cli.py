@@ -21,17 +21,24 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
 
 from epsproxy import __version__
+from epsproxy.net.reactor import IReactor
 
 from epsproxy.rules import forms
 from epsproxy.rules import records as records_mod
 from epsproxy.rules.certificates import CertificateError, load_certificates_file, load_private_key_file, to_pem
 
+if TYPE_CHECKING:
+    from epsproxy.net.jsonrpc.client import JSONRPCClient
+
 __all__ = ["main", "CommandError"]
+
+T = TypeVar("T")
 
 
 class CommandError(Exception):
@@ -133,9 +140,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def sd_client(reactor: Any, role: dict):
+def sd_client(reactor: IReactor, role: dict) -> JSONRPCClient:
     """A JSON-RPC client for the first SD endpoint of the role's ``api`` directory."""
-    from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+    from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 
     directory = role["directory"]
     if directory["type"] != "api":
@@ -184,9 +191,9 @@ def prepare_records(
     return signed_records
 
 
-async def _call_sd(client: Any, calls: Any) -> Any:
+async def _call_sd(client: JSONRPCClient, calls: Awaitable[T]) -> T:
     """Await ``calls`` (a coroutine using ``client``), turning SD failures into one line."""
-    from epsproxy.net.jsonrpc import JSONRPCError, TransportError
+    from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
 
     try:
         return await calls
@@ -198,7 +205,7 @@ async def _call_sd(client: Any, calls: Any) -> Any:
         await client.close()
 
 
-async def _submit(reactor: Any, args: argparse.Namespace) -> int:
+async def _submit(reactor: IReactor, args: argparse.Namespace) -> int:
     role = _load_role(args.settings)
     signing = Signing(role)
     client = sd_client(reactor, role)
@@ -223,7 +230,7 @@ async def _submit(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _get_entries(reactor: Any, args: argparse.Namespace) -> int:
+async def _get_entries(reactor: IReactor, args: argparse.Namespace) -> int:
     client = sd_client(reactor, _load_role(args.settings))
 
     async def calls() -> list[dict]:
@@ -236,20 +243,21 @@ async def _get_entries(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_async(function: Any, args: argparse.Namespace) -> int:
+def _run_async(
+    function: Callable[[IReactor, argparse.Namespace], Coroutine[Any, Any, int]],
+    args: argparse.Namespace,
+) -> int:
     from twisted.internet import task
 
     result: list[int] = []
 
-    def failed(failure: Any) -> None:
+    def failed(failure: Failure) -> None:
         failure.trap(CommandError)
         print(f"eps: error: {failure.value}", file=sys.stderr)
         result.append(1)
 
-    def run(reactor: Any):
-        d = ensureDeferred(function(reactor, args))
-        d.addCallbacks(result.append, failed)
-        return d
+    def run(reactor: IReactor) -> Deferred[None]:
+        return ensureDeferred(function(reactor, args)).addCallbacks(result.append, failed)
 
     try:
         task.react(run)

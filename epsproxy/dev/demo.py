@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "dev"
@@ -141,9 +141,13 @@ def _client_context() -> ssl.SSLContext:
 class _ResolvedHTTPS(http.client.HTTPSConnection):
     """HTTPS to 127.0.0.1 that checks the certificate for ``host`` (like curl's --resolve)."""
 
+    def __init__(self, host: str, port: int, *, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(host, port, context=context, timeout=timeout)
+        self._tls = context  # the base class keeps its own copy under an undocumented name
+
     def connect(self) -> None:
         sock = socket.create_connection(("127.0.0.1", self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
 
 
 def call(port: int, server_name: str, method: str, params: dict, timeout: float = 5) -> dict:
@@ -288,7 +292,7 @@ def metric(port: int, name: str, labels: str = "") -> float | None:
     return None
 
 
-def wait_for(what: str, check: Any, seconds: float = 30) -> None:
+def wait_for(what: str, check: Callable[[], object], seconds: float = 30) -> None:
     """Poll ``check()`` until it is true (a readiness condition, not a fixed sleep)."""
     deadline = time.monotonic() + seconds
     while not check():

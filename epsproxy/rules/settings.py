@@ -574,13 +574,13 @@ def _merge(old: Any, origin: _Origin, new: Any, file: Path, path: KeyPath) -> tu
     if isinstance(new, list):
         if not isinstance(old, list):
             old, origin = [], _Origin(file)
-        value = list(old)
+        items = list(old)
         children = dict(origin.children)
         for item in new:
-            index = len(value)
+            index = len(items)
             merged, children[index] = _merge(
                 forms.MISSING, _Origin(file), item, file, (*path, index)
             )
-            value.append(merged)
-        return value, _Origin(file, children)
+            items.append(merged)
+        return items, _Origin(file, children)
     return new, _Origin(file)

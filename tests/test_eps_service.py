@@ -24,7 +24,7 @@ from tests.support.pki import pki
 from tests.support.sd import change, sd_client, sign_chain, start_sd, write_sd_settings
 from tests.support.tls import tls_block
 from tests.test_eps_network import gateway_client
-from tests.test_plugins import TWISTD, _Twistd
+from tests.support.twistd import TWISTD, TwistdProcess
 
 HD = ("health-departments",)
 
@@ -194,7 +194,7 @@ class TwistdEPS(TestCase):
                           "settings": {"bind_address": "127.0.0.1:0",
                                        "tls": tls_block("hd-1")}}],
         }))
-        process = _Twistd(r"eps_server channel server listening on [\d.]+:(\d+)")
+        process = TwistdProcess(r"eps_server channel server listening on [\d.]+:(\d+)")
         reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "--pidfile=", "eps"],
                              env=dict(os.environ, EPS_SETTINGS=str(folder)), path="/")
         match = yield process.matched

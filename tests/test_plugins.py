@@ -6,21 +6,17 @@ The twistd plugins: discovery from any folder, and the real ``twistd sd`` as a s
 from __future__ import annotations
 
 import os
-import re
 import signal
-import sys
 from pathlib import Path
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor, utils
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import inlineCallbacks
 from twisted.plugin import getPlugins
 from twisted.trial import unittest
 
 from .support.sd import base_changes, sd_client, sign_chain, write_sd_settings
-
-TWISTD = str(Path(sys.executable).parent / "twistd")
+from .support.twistd import TWISTD, TwistdProcess
 
 
 class DiscoveryTests(unittest.TestCase):
@@ -38,31 +34,8 @@ class DiscoveryTests(unittest.TestCase):
         self.assertRegex(out.decode(), r"\n\s+sd\s+The signed service directory")
 
 
-class _Twistd(ProcessProtocol):
-    """A twistd process whose output is watched for a line matching ``pattern``."""
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = re.compile(pattern)
-        self.output = b""
-        self.matched: Deferred[re.Match] = Deferred()
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = self.pattern.search(self.output.decode("utf-8", "replace"))
-        if match and not self.matched.called:
-            self.matched.callback(match)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.matched.called:
-            self.matched.errback(RuntimeError(self.output.decode("utf-8", "replace")))
-        self.ended.callback(reason.value.exitCode)
-
-
-def spawn_sd(settings: Path) -> _Twistd:
-    protocol = _Twistd(r"serving (\d+) verified record\(s\) at [\d.]+:(\d+)")
+def spawn_sd(settings: Path) -> TwistdProcess:
+    protocol = TwistdProcess(r"serving (\d+) verified record\(s\) at [\d.]+:(\d+)")
     env = dict(os.environ, SD_SETTINGS=str(settings))
     reactor.spawnProcess(
         protocol, TWISTD, [TWISTD, "-n", "--pidfile=", "sd"], env=env, path="/"

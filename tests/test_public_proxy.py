@@ -45,7 +45,7 @@ from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
 from .support.pki import pki
-from .test_plugins import TWISTD, _Twistd
+from .support.twistd import TWISTD, TwistdProcess
 
 PROXY = "public-proxy-1.ga"
 ROLE = Path(__file__).parent.parent / "conf" / "dev" / "roles" / "public-proxy-1"
@@ -621,7 +621,7 @@ class TwistdTests(unittest.TestCase):
         eps_port = yield fake.start(self)
         folder = Path(self.mktemp()).absolute()
         write_settings(folder, {"public": public_section(folder, eps_port)})
-        protocol = _Twistd(
+        protocol = TwistdProcess(
             r"internal endpoint on [\d.]+:(\d+) .*JSON-RPC on [\d.]+:(\d+)/jsonrpc"
         )
         env = dict(os.environ, PROXY_SETTINGS=str(folder))

@@ -19,7 +19,7 @@ from epsproxy.rules import forms
 
 from epsproxy.net import ratelimit, tls
 from epsproxy.net.ratelimit import RateLimitedFactory, RateLimiter, peer_key, rate_limited, truncate_ip
-from tests.test_tls import ClientProtocol, ServerFactory, block
+from tests.support.tls import ClientProtocol, ServerFactory, tls_block as block
 
 
 def v4(host: str) -> IPv4Address:

@@ -17,8 +17,8 @@ from twisted.trial.unittest import TestCase
 from epsproxy.net.token import TOKEN_BYTES, dial_with_token, token_tag
 from epsproxy.proxy import rendezvous_server as rendezvous_module
 from epsproxy.proxy.rendezvous_server import Rendezvous, RendezvousFull
+from tests.support.splice import Peer, connect, fake_connection, listen, spliced_pair
 from tests.support.tls import tls_block
-from tests.test_splice import Peer, connect, fake_connection, listen, spliced_pair
 
 
 def party(rv: Rendezvous, host: str = "203.0.113.77"):

@@ -40,10 +40,10 @@ from epsproxy.proxy.sni import (
     SNIFront,
 )
 from epsproxy.net.ratelimit import RateLimiter
+from tests.support.clienthello import ext, hello_message, openssl_hello, records, sni_ext
 from tests.support.pki import pki
+from tests.support.splice import fake_connection
 from tests.support.tls import tls_block
-from tests.test_clienthello import ext, hello_message, openssl_hello, records, sni_ext
-from tests.test_splice import fake_connection
 
 NAME = "test.internal-server.local"
 OPERATOR = "hd-1"

@@ -15,8 +15,8 @@ from service_identity import VerificationError
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -25,69 +25,10 @@ from zope.interface import implementer
 from epsproxy.net import tls
 from epsproxy.rules.certificates import fingerprint, load_certificate_file
 from tests.support.pki import pki
-
-
-def block(name: str | None = None, *, source: str = "main", ca=None, **extra) -> dict:
-    """A ``tls`` settings block using ``name``'s TLS identity from PKI ``source``."""
-    result: dict = {"ca_certificate_files": [str(ca or pki().root)]}
-    if name is not None:
-        # pki() and pki("main") are distinct lru_cache keys: always call pki() for main.
-        crt, key = (pki() if source == "main" else pki(source)).tls(name)
-        result.update(certificate_file=str(crt), key_file=str(key))
-    result.update(extra)
-    return result
+from tests.support.tls import ClientProtocol, ServerFactory, tls_block as block
 
 
 # ------------------------------------------------------------------ protocols
-
-
-@implementer(IHandshakeListener)
-class ServerProtocol(Protocol):
-    """Greets after a completed handshake and records the peer certificate."""
-
-    def connectionMade(self) -> None:
-        self.factory.connections.append(self)
-        self.lost: defer.Deferred = defer.Deferred()
-        self.factory.made.append(self.lost)
-
-    def handshakeCompleted(self) -> None:
-        self.factory.peers.append(tls.peer_certificate(self.transport))
-        self.transport.write(b"welcome")
-
-    def connectionLost(self, reason) -> None:
-        self.reason = reason
-        self.lost.callback(None)
-
-
-class ServerFactory(Factory):
-    protocol = ServerProtocol
-
-    def __init__(self) -> None:
-        self.connections: list = []
-        self.made: list[defer.Deferred] = []
-        self.peers: list = []
-
-
-@implementer(IHandshakeListener)
-class ClientProtocol(Protocol):
-    """Collects what the server sends; closes once greeted."""
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.handshake = False
-        self.lost: defer.Deferred = defer.Deferred()
-
-    def handshakeCompleted(self) -> None:
-        self.handshake = True
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if self.received == b"welcome":
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.reason = reason
-        self.lost.callback(None)
 
 
 @implementer(IOpenSSLClientConnectionCreator)

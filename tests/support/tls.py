@@ -1,9 +1,19 @@
-"""``tls`` settings blocks made from the test PKI."""
+"""
+``tls`` settings blocks made from the test PKI, and the two ends of a loopback TLS
+connection: a server that greets after the handshake and a client that collects what it
+is sent.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from epsproxy.net import tls
 from tests.support.pki import pki
 
 
@@ -22,3 +32,52 @@ def tls_block(
         result.update(certificate_file=str(crt), key_file=str(key))
     result.update(extra)
     return result
+
+
+@implementer(IHandshakeListener)
+class ServerProtocol(Protocol):
+    """Greets after a completed handshake and records the peer certificate."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.lost: defer.Deferred = defer.Deferred()
+        self.factory.made.append(self.lost)
+
+    def handshakeCompleted(self) -> None:
+        self.factory.peers.append(tls.peer_certificate(self.transport))
+        self.transport.write(b"welcome")
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class ServerFactory(Factory):
+    protocol = ServerProtocol
+
+    def __init__(self) -> None:
+        self.connections: list = []
+        self.made: list[defer.Deferred] = []
+        self.peers: list = []
+
+
+@implementer(IHandshakeListener)
+class ClientProtocol(Protocol):
+    """Collects what the server sends; closes once greeted."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.handshake = False
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.received == b"welcome":
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.lost.callback(None)

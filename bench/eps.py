@@ -5,7 +5,7 @@ gRPC (issue 3, "Done means": ``make bench`` compares them).
 Same run, same machine, loopback, one mutual-TLS connection with a fresh dev PKI, server
 and client in separate processes (:mod:`bench.eps_peer`, :mod:`bench.grpc_echo`):
 
-- **ours**: hd-1 calls ``hd-2.echo`` over an :class:`~epsproxy.eps.connection.EPSConnection`;
+- **ours**: hd-1 calls ``hd-2.echo`` over an :class:`~epsproxy.eps.links.protocol.EPSConnection`;
   hd-2 hands every request to :class:`~epsproxy.eps.broker.Broker` (directory lookups,
   permission check, ``_client``) and an in-process echo channel answers;
 - **gRPC unary**: ``grpc.aio``, the reference's proto (params as ``Struct``), one call per RPC;

@@ -4,7 +4,7 @@ node that answers over our line protocol through the full broker path, and a loa
 generator that calls it.
 
 - ``python -m bench.eps_peer server CONFIG_JSON``: hd-2.  Accepts one mutual-TLS
-  :class:`~epsproxy.eps.connection.EPSConnection` and hands every request to
+  :class:`~epsproxy.eps.links.protocol.EPSConnection` and hands every request to
   :meth:`~epsproxy.eps.broker.Broker.deliver` (directory lookups, permission check,
   ``_client`` injection), which delivers it to an in-process echo channel standing in for
   the local service.  Prints ``listening on PORT``.
@@ -27,9 +27,10 @@ from twisted.internet import defer, task
 
 from epsproxy.net import tls
 from epsproxy.directory.jsondir import JSONDirectory
-from epsproxy.eps import broker, wire
+from epsproxy.eps import broker
+from epsproxy.eps.links import wire
 from epsproxy.eps.addresses import Address
-from epsproxy.eps.connection import EPSClientFactory, EPSServerFactory
+from epsproxy.eps.links.protocol import EPSClientFactory, EPSServerFactory
 from epsproxy.eps.peering import PeerLinks
 
 from .common import cpu_seconds, percentile

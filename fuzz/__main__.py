@@ -67,7 +67,7 @@ def run_one(name: str, args: list[str]) -> int:
     # Nobody reads the log here; without an observer it would be buffered.
     globalLogBeginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
     with atheris.instrument_imports(include=["epsproxy"]):
-        import epsproxy.eps.wire  # noqa: F401
+        import epsproxy.eps.links.wire  # noqa: F401
         import epsproxy.rules.forms  # noqa: F401
         import epsproxy.net.jsonrpc  # noqa: F401
         import epsproxy.proxy.clienthello  # noqa: F401

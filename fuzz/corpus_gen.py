@@ -70,7 +70,7 @@ def clienthello_seeds() -> list[bytes]:
 
 
 def wire_seeds() -> list[bytes]:
-    from epsproxy.eps.wire import (
+    from epsproxy.eps.links.wire import (
         ErrorFrame, Hello, Ping, Pong, Request, Response, encode,
     )
 

@@ -10,7 +10,7 @@ Each target checks more than "does not crash":
   hello); only ``ClientHelloError`` escapes; while it asks for more it holds at most
   ``max_bytes``; a hello's ``raw`` is exactly the bytes fed; a spent reader refuses;
   :func:`~epsproxy.proxy.clienthello.parse_client_hello` agrees with the reader.
-- :func:`wire`: :class:`~epsproxy.eps.wire.LineDecoder` fed fragments gives the frames
+- :func:`wire`: :class:`~epsproxy.eps.links.wire.LineDecoder` fed fragments gives the frames
   and the error that the strict standard-library decoder gives line by line (the orjson
   fast path must not change what is accepted nor what comes out, types included); only
   ``WireError`` escapes; buffering stays within ``max_line``; every decoded frame
@@ -192,7 +192,7 @@ _LINE_LIMITS = (65536, 16, 256, 4096)
 
 
 def _frame_value(frame: Any) -> tuple[str, dict]:
-    from epsproxy.eps.wire import frame_to_object
+    from epsproxy.eps.links.wire import frame_to_object
 
     return type(frame).__name__, frame_to_object(frame)
 
@@ -210,7 +210,7 @@ def _same_frames(a: list, b: list) -> bool:
 
 def _reference_decode(payload: bytes, max_line: int) -> tuple[list, type | None]:
     """Frames and error class of ``payload`` decoded line by line by the strict codec."""
-    from epsproxy.eps.wire import LineTooLong, MalformedFrame, _decode_line_strict
+    from epsproxy.eps.links.wire import LineTooLong, MalformedFrame, _decode_line_strict
 
     *complete, tail = payload.split(b"\n")
     frames = []
@@ -228,7 +228,7 @@ def _reference_decode(payload: bytes, max_line: int) -> tuple[list, type | None]
 
 def wire(data: bytes) -> None:
     """Fuzz target for the EPS line decoder and encoder (see the module docstring)."""
-    from epsproxy.eps.wire import DEFAULT_MAX_LINE, LineDecoder, WireError, encode
+    from epsproxy.eps.links.wire import DEFAULT_MAX_LINE, LineDecoder, WireError, encode
 
     flags, fragments, payload = split_input(data)
     max_line = _LINE_LIMITS[(flags >> 4) & 3]

@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.eps.peers and epsproxy.eps.connection: peer identification, and the
+Tests for epsproxy.eps.links.peers and epsproxy.eps.links.protocol: peer identification, and the
 EPS line protocol over real loopback mutual TLS (plus Clock-driven heartbeat tests).
 """
 
@@ -20,16 +20,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from epsproxy.net import tls
 from epsproxy.rules.certificates import load_certificate_file
 from epsproxy.directory.jsondir import JSONDirectory
-from epsproxy.eps import connection as conn_module
-from epsproxy.eps import wire
-from epsproxy.eps.connection import (
-    CallTimeout,
-    EPSClientFactory,
-    EPSConnection,
-    EPSServerFactory,
-    PeerGone,
-)
-from epsproxy.eps.peers import PeerIdentity, PeerRefused, identify_peer
+from epsproxy.eps.links import session as conn_module
+from epsproxy.eps.links import wire
+from epsproxy.eps.links.peers import PeerIdentity, PeerRefused, identify_peer
+from epsproxy.eps.links.protocol import EPSClientFactory, EPSConnection, EPSServerFactory
+from epsproxy.eps.links.session import CallTimeout, PeerGone
 from tests.support.pki import pki
 
 

@@ -26,8 +26,8 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from epsproxy.net import tls
-from epsproxy.eps import wire
-from epsproxy.eps.connection import EPSConnection, EPSServerFactory
+from epsproxy.eps.links import wire
+from epsproxy.eps.links.protocol import EPSConnection, EPSServerFactory
 from epsproxy.net.jsonrpc import (
     JSONRPC_CLIENT_SETTINGS,
     JSONRPC_SERVER_SETTINGS,
@@ -417,7 +417,7 @@ class EPSListenerTests(TestCase):
         factory.buildProtocol = record
 
     def refusals(self) -> dict[str, float]:
-        from epsproxy.eps.connection import PEER_REFUSAL_REASONS
+        from epsproxy.eps.links.session import PEER_REFUSAL_REASONS
 
         found = {
             reason: self.node.registry.get_sample_value(

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from epsproxy.net import tls
-from epsproxy.eps import wire
+from epsproxy.eps.links import wire
 from epsproxy.eps.broker import ClientInfo, Request
 from epsproxy.eps.channels.peer import EPSClientChannel
 from epsproxy.dev.examples.locations import make_site
@@ -282,7 +282,7 @@ class Refusals(NetworkTestCase):
         endpoint = tls.client_endpoint(reactor, self.net.server_address("hd-2"), block,
                                        server_name)
         links = self.net.nodes["hd-2"].links
-        from epsproxy.eps.connection import EPSClientFactory
+        from epsproxy.eps.links.protocol import EPSClientFactory
         factory = EPSClientFactory(links.directory, "hd-1", lambda r, p: None, reactor)
         try:
             link = yield endpoint.connect(factory)
@@ -599,7 +599,7 @@ class ThroughConnectProxy(NetworkTestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from tests.support.connectproxy import Tinyproxy, clean_environment
+        from tests.test_connectproxy import Tinyproxy, clean_environment
 
         super().setUp()
         clean_environment(self)

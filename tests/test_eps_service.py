@@ -16,7 +16,7 @@ import yaml
 from twisted.internet import defer, reactor, threads, utils
 from twisted.trial.unittest import TestCase
 
-from epsproxy.eps.connection import EPSClientFactory
+from epsproxy.eps.links.protocol import EPSClientFactory
 from epsproxy.eps.tap import Options, makeService
 from epsproxy.net import tls
 from tests.support.eps import Network, service

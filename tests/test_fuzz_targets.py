@@ -188,7 +188,7 @@ class Checks(SynchronousTestCase):
 
     def test_wire_differential_is_checked(self):
         """A fast path that read a line differently from the strict codec would fail."""
-        from epsproxy.eps import wire
+        from epsproxy.eps.links import wire
 
         original = wire._decode_line
 

@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.eps.wire: the EPS-to-EPS line-framed JSON codec (no sockets).
+Tests for epsproxy.eps.links.wire: the EPS-to-EPS line-framed JSON codec (no sockets).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import given, settings as hsettings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from epsproxy.eps import wire
-from epsproxy.eps.wire import (
+from epsproxy.eps.links import wire
+from epsproxy.eps.links.wire import (
     DEFAULT_MAX_LINE,
     NO_RESULT,
     PROTOCOL_VERSION,

@@ -1,7 +1,7 @@
 """
 The EPS-to-EPS links of one node (SPEC §12.4-§12.7, docs/protocol.md).
 
-:class:`PeerLinks` owns every open :class:`~epsproxy.eps.connection.EPSConnection` of
+:class:`PeerLinks` owns every open :class:`~epsproxy.eps.links.protocol.EPSConnection` of
 the node, whichever side opened it: accepted by the ``eps_server`` listener, handed to
 it after a proxy rendezvous, dialled by ``eps_client`` for a call, or kept open by
 ``eps_client`` so that a peer can reach us over a connection we opened.  Because the
@@ -23,10 +23,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy.eps import wire
+from epsproxy.eps.links import wire
 from epsproxy.eps.broker import Broker, BrokerError, ClientInfo, Request, Response
-from epsproxy.eps.connection import EPSConnection, EPSServerFactory, EPSClientFactory
-from epsproxy.eps.peers import PeerIdentity
+from epsproxy.eps.links.peers import PeerIdentity
+from epsproxy.eps.links.protocol import EPSClientFactory, EPSConnection, EPSServerFactory
 
 __all__ = [
     "INCOMING",
@@ -151,7 +151,7 @@ class PeerLinks:
     def link_to(self, name: str, direction: str | None = None) -> EPSConnection | None:
         """The newest open link to operator ``name`` (of ``direction`` if given), or None."""
         for link in reversed(self._links.get(name, ())):
-            if link.state == "open" and (
+            if link.is_open and (
                 direction is None or link.direction == direction  # type: ignore[attr-defined]
             ):
                 return link

@@ -22,7 +22,7 @@ from epsproxy.eps.broker import Broker, Channel, Response
 from epsproxy.eps.channels.gateway import JSONRPCServerChannel
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
 from epsproxy.eps.channels.peer import EPSClientChannel, EPSServerChannel
-from epsproxy.eps.connection import PEER_REFUSAL_REASONS
+from epsproxy.eps.links.session import PEER_REFUSAL_REASONS
 from epsproxy.eps.peering import INCOMING, OUTGOING, PeerLinks
 
 __all__ = ["EndpointServerService"]

@@ -34,10 +34,10 @@ from epsproxy.rules import forms
 
 from epsproxy.net import ratelimit, tls
 from epsproxy.directory import entries as _entries
-from epsproxy.eps import wire
+from epsproxy.eps.links import wire
 from epsproxy.eps.addresses import Address
 from epsproxy.eps.broker import Broker, ClientInfo, Request, Response
-from epsproxy.eps.connection import EPSConnection
+from epsproxy.eps.links.protocol import EPSConnection
 from epsproxy.eps.peering import INCOMING, OUTGOING, PeerLinks
 from epsproxy.net.token import TokenError, decode_token, dial_with_token
 
@@ -148,7 +148,7 @@ class EPSServerChannel:
 
     ``refusals(reason)``, if set before :meth:`start`, counts the peers refused by the
     listener's connections (and by the links served after a rendezvous), with the
-    reasons of :data:`epsproxy.eps.connection.PEER_REFUSAL_REASONS`, ``rate_limited``
+    reasons of :data:`epsproxy.eps.links.session.PEER_REFUSAL_REASONS`, ``rate_limited``
     included.
     """
 
@@ -343,7 +343,7 @@ class _Keeper:
 
     def when_up(self) -> defer.Deferred[EPSConnection]:
         """Fires with the link once it is up (at once if it is)."""
-        if self.link is not None and self.link.state == "open":
+        if self.link is not None and self.link.is_open:
             return defer.succeed(self.link)
         waiter: defer.Deferred[EPSConnection] = defer.Deferred()
         self._waiters.append(waiter)

@@ -17,7 +17,7 @@ from cryptography import x509
 from epsproxy.rules.certificates import certificate_names, fingerprint
 from epsproxy.directory.jsondir import DirectoryError
 
-__all__ = ["PeerRefused", "PeerIdentity", "identify_peer"]
+__all__ = ["Directory", "PeerRefused", "PeerIdentity", "identify_peer"]
 
 
 class PeerRefused(Exception):
@@ -36,7 +36,9 @@ class PeerIdentity:
     entry: dict[str, Any]
 
 
-class _Directory(Protocol):
+class Directory(Protocol):
+    """What identifying a peer needs of the directory."""
+
     def entry_for(self, name: str) -> dict[str, Any]: ...
 
 
@@ -52,7 +54,7 @@ def _pins(entry: dict[str, Any], leaf_fingerprint: str) -> bool:
 
 
 def identify_peer(
-    certificate: x509.Certificate | None, directory: _Directory
+    certificate: x509.Certificate | None, directory: Directory
 ) -> list[PeerIdentity]:
     """
     The identities proven by the peer's leaf ``certificate``, in certificate-name order

@@ -12,7 +12,7 @@ import time
 
 from twisted.internet import defer, task
 
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 
 
 async def run(reactor, port, root, crt, key, params, duration, in_flight):

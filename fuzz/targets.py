@@ -281,12 +281,12 @@ _CONTENT_TYPES = (
 
 
 def _check_parse(content_type: str | None, body: bytes) -> None:
-    from epsproxy.net.jsonrpc import (
+    from epsproxy.net.jsonrpc.envelope import (
         INVALID_REQUEST,
         PARSE_ERROR,
         JSONRPCError,
-        _encode,
-        _first_json_value,
+        encode_json as _encode,
+        first_json_value as _first_json_value,
         id_from_internal,
         parse_request,
         response_object,
@@ -318,7 +318,7 @@ def _dispatcher() -> Any:
     from twisted.internet.defer import succeed
 
     from epsproxy.rules import forms
-    from epsproxy.net.jsonrpc import NO_RESULT, Dispatcher, JSONRPCError
+    from epsproxy.net.jsonrpc.envelope import NO_RESULT, Dispatcher, JSONRPCError
 
     dispatcher = Dispatcher()
     dispatcher.register("echo", None, lambda params, context: params)
@@ -342,7 +342,7 @@ def _dispatcher() -> Any:
 def _site(max_body: int, cors: bool) -> tuple[Any, Any]:
     from twisted.internet.task import Clock
 
-    from epsproxy.net.jsonrpc import JSONRPC_SERVER_SETTINGS, jsonrpc_site
+    from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site
 
     raw: dict[str, Any] = {"bind_address": "127.0.0.1:0", "max_body_bytes": max_body}
     if cors:

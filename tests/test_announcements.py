@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from epsproxy.net.jsonrpc import INVALID_PARAMS, JSONRPCError
+from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, JSONRPCError
 from epsproxy.proxy.announcements import (
     PRIVATE_ENTRY_TYPE,
     PUBLIC_ENTRY_TYPE,

@@ -24,7 +24,7 @@ from epsproxy.directory import api as api_module
 from epsproxy.directory.api import APIDirectory, UpdateError
 from epsproxy.directory.jsondir import DirectoryError
 from epsproxy.eps.settings import API_DIRECTORY_SETTINGS
-from epsproxy.net.jsonrpc import JSONRPCError, TransportError
+from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
 
 from .support.pki import pki
 from .support.sd import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings

@@ -28,7 +28,7 @@ from epsproxy.eps.asynccalls import (
     wrap,
 )
 from epsproxy.eps.broker import ClientInfo, Request, Response
-from epsproxy.net.jsonrpc import INVALID_PARAMS, NO_RESULT, JSONRPCError, id_to_internal
+from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, NO_RESULT, JSONRPCError, id_to_internal
 
 X = "ls-1.add(n:7)"
 SECRET = "patient-4711-secret"

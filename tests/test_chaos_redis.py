@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from chaos.store import STORE_ROLES, RedisClient, RedisError, write_overlays
 from epsproxy.dev.demo import CONF
-from epsproxy.net.jsonrpc import JSONRPCError
+from epsproxy.net.jsonrpc.envelope import JSONRPCError
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.sd.api import STORE_UNAVAILABLE
 from epsproxy.sd.settings import SD_SETTINGS

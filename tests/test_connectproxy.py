@@ -32,7 +32,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from epsproxy.net import jsonrpc, tls
+from epsproxy.net import tls
+from epsproxy.net.jsonrpc import server as jsonrpc
 from epsproxy.net.connectproxy import (
     MAX_REPLY_BYTES,
     HTTPConnectEndpoint,

@@ -28,14 +28,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from epsproxy.net import tls
 from epsproxy.eps.links import wire
 from epsproxy.eps.links.protocol import EPSConnection, EPSServerFactory
-from epsproxy.net.jsonrpc import (
-    JSONRPC_CLIENT_SETTINGS,
-    JSONRPC_SERVER_SETTINGS,
-    Dispatcher,
-    JSONRPCClient,
-    jsonrpc_site,
-    listen_jsonrpc,
-)
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import Dispatcher
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import HTTP_REFUSAL_REASONS, RPCMetrics
 from tests.support.connections import ConnectionTracker
 from tests.support.eps import Network, gateway_channel, server_channel

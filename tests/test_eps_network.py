@@ -21,12 +21,9 @@ from epsproxy.eps.links import wire
 from epsproxy.eps.broker import ClientInfo, Request
 from epsproxy.eps.channels.peer import EPSClientChannel
 from epsproxy.dev.examples.locations import make_site
-from epsproxy.net.jsonrpc import (
-    JSONRPC_CLIENT_SETTINGS,
-    JSONRPCClient,
-    JSONRPCError,
-    listen_jsonrpc,
-)
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import JSONRPCError
+from epsproxy.net.jsonrpc.server import listen_jsonrpc
 from tests.support.eps import (
     Network,
     client_channel,
@@ -512,7 +509,7 @@ class AsyncAcrossNodes(NetworkTestCase):
 
     @defer.inlineCallbacks
     def start_service(self, answers):
-        from epsproxy.net.jsonrpc import JSONRPC_SERVER_SETTINGS, jsonrpc_site
+        from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site
 
         service_ = _Service(answers)
         settings = JSONRPC_SERVER_SETTINGS.validate({"bind_address": "127.0.0.1:0"})

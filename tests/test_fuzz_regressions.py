@@ -15,13 +15,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
-from epsproxy.net.jsonrpc import (
-    JSONRPC_SERVER_SETTINGS,
-    PARSE_ERROR,
-    Dispatcher,
-    jsonrpc_site,
-    listen_jsonrpc,
-)
+from epsproxy.net.jsonrpc.envelope import PARSE_ERROR, Dispatcher
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from fuzz.provider import provider
 from fuzz.targets import jsonrpc as jsonrpc_target
 

@@ -33,14 +33,9 @@ from epsproxy.eps.channels.gateway import (
     prefer_wait,
 )
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
-from epsproxy.net.jsonrpc import (
-    JSONRPC_CLIENT_SETTINGS,
-    JSONRPC_SERVER_SETTINGS,
-    Dispatcher,
-    JSONRPCClient,
-    JSONRPCError,
-    jsonrpc_site,
-)
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import Dispatcher, JSONRPCError
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site
 from tests.support.connections import ConnectionTracker
 from tests.support.pki import pki
 

@@ -24,20 +24,18 @@ from twisted.web.resource import Resource
 
 from epsproxy.rules import forms
 
-from epsproxy.net import jsonrpc, tls
+from epsproxy.net import tls
 from epsproxy.rules.certificates import certificate_names
-from epsproxy.net.jsonrpc import (
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     NO_RESULT,
     PARSE_ERROR,
-    JSONRPC_CLIENT_SETTINGS,
-    JSONRPC_SERVER_SETTINGS,
     CallContext,
     Dispatcher,
-    JSONRPCClient,
     JSONRPCError,
     TransportError,
     id_from_internal,
@@ -46,6 +44,7 @@ from epsproxy.net.jsonrpc import (
     random_id,
     response_object,
 )
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from tests.support.connections import ConnectionTracker
 from tests.support.pki import pki
 
@@ -370,8 +369,8 @@ class NetworkTestCase(TestCase):
         if use_tls:
             settings.setdefault("tls", server_tls())
         settings = JSONRPC_SERVER_SETTINGS.validate(settings)
-        site = self.track(jsonrpc.jsonrpc_site(self.handler, settings, reactor=reactor))
-        port = await jsonrpc.listen_jsonrpc(reactor, site, settings)
+        site = self.track(jsonrpc_site(self.handler, settings, reactor=reactor))
+        port = await listen_jsonrpc(reactor, site, settings)
         self.addCleanup(port.stopListening)
         self.addCleanup(self.tracker.close_all)
         return settings, port.getHost().port
@@ -638,8 +637,8 @@ class ServerTests(NetworkTestCase):
         _, port = yield defer.ensureDeferred(self.serve())
         settings = JSONRPC_SERVER_SETTINGS.validate(
             {"bind_address": f"127.0.0.1:{port}", "tls": server_tls()})
-        site = jsonrpc.jsonrpc_site(self.handler, settings, reactor=reactor)
-        yield self.assertFailure(jsonrpc.listen_jsonrpc(reactor, site, settings),
+        site = jsonrpc_site(self.handler, settings, reactor=reactor)
+        yield self.assertFailure(listen_jsonrpc(reactor, site, settings),
                                  CannotListenError)
 
     @defer.inlineCallbacks

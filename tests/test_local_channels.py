@@ -26,7 +26,8 @@ from epsproxy.eps.channels.local import (
     StdoutChannel,
 )
 from epsproxy.dev.examples import locations
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, listen_jsonrpc
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
+from epsproxy.net.jsonrpc.server import listen_jsonrpc
 from tests.support.connections import ConnectionTracker
 
 OWN = "ls-1"

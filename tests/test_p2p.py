@@ -12,7 +12,8 @@ from pathlib import Path
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import JSONRPCError
 from epsproxy.proxy.tap import Options, makeService
 from tests.support.eps import (
     Network,

@@ -27,17 +27,9 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from epsproxy.dev.examples import internal_server
-from epsproxy.net.jsonrpc import (
-    INTERNAL_ERROR,
-    INVALID_PARAMS,
-    JSONRPC_CLIENT_SETTINGS,
-    JSONRPC_SERVER_SETTINGS,
-    CallContext,
-    JSONRPCClient,
-    JSONRPCError,
-    jsonrpc_site,
-    listen_jsonrpc,
-)
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, CallContext, JSONRPCError
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.proxy.private import NOT_FOUND, proxy_v2_header
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.settings import PROXY_SETTINGS

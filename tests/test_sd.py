@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial import unittest
 
-from epsproxy.net.jsonrpc import JSONRPCError, TransportError
+from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
 
 from .support.redis import RedisServer
 from .support.sd import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings

@@ -18,7 +18,8 @@ from twisted.internet import defer, reactor, utils
 from twisted.trial.unittest import TestCase
 
 from epsproxy.dev.examples.internal_server import listen as listen_internal
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import JSONRPCError
 from epsproxy.proxy.tap import Options, makeService
 from tests.support.eps import (
     Network,

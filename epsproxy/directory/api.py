@@ -38,7 +38,8 @@ from twisted.python.failure import Failure
 from epsproxy.rules import forms, records
 from epsproxy.directory.chain import ChainError, VerifiedChain, created_at_key
 from epsproxy.directory.jsondir import DirectoryError, answer_query
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient, JSONRPCError, TransportError
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
 from epsproxy.net.reactor import IReactor
 
 __all__ = ["APIDirectory", "APIDirectoryError", "UpdateError", "MAX_CACHE_BYTES"]

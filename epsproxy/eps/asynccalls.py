@@ -38,12 +38,7 @@ from twisted.python.failure import Failure
 
 from epsproxy.eps.addresses import Address, AddressError, parse_address
 from epsproxy.eps.broker import ClientInfo, Request, Response
-from epsproxy.net.jsonrpc import (
-    INVALID_PARAMS,
-    NO_RESULT,
-    JSONRPCError,
-    id_from_internal,
-)
+from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, NO_RESULT, JSONRPCError, id_from_internal
 
 __all__ = [
     "ACK_KEY",

@@ -8,7 +8,7 @@ same role folders as ``twistd eps``, so the schema lives here, beside the server
 from __future__ import annotations
 
 from epsproxy.rules import forms
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
 from epsproxy.net.metrics import METRICS_SETTINGS
 from epsproxy.net.tls import TLS_SETTINGS
 

@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from epsproxy.rules import forms
-from epsproxy.net.jsonrpc import REFUSAL_REASONS, GuardedSite
+from epsproxy.net.jsonrpc.server import REFUSAL_REASONS, GuardedSite
 from epsproxy.net.tls import listen_endpoint
 
 __all__ = [

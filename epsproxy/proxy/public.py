@@ -44,18 +44,17 @@ from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.rules import forms
 from epsproxy.net import ratelimit, tls
 from epsproxy.rules.certificates import certificate_names
-from epsproxy.net.jsonrpc import (
+from epsproxy.net.jsonrpc.client import JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     CallContext,
     Dispatcher,
-    JSONRPCClient,
     JSONRPCError,
     TransportError,
-    jsonrpc_site,
-    listen_jsonrpc,
     random_id,
 )
+from epsproxy.net.jsonrpc.server import jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import RPCMetrics
 from epsproxy.net.token import encode_token
 from ..store import Store, open_store

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.rules import forms
-from epsproxy.net.jsonrpc import INTERNAL_ERROR, CallContext, Dispatcher, JSONRPCError
+from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, CallContext, Dispatcher, JSONRPCError
 from epsproxy.rules.records import SIGNED_RECORD
 from ..store import StoreError
 from .directory import ServiceDirectory, SubmitError

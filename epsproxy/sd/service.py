@@ -12,7 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epsproxy.net.lifecycle import AsyncStartService
-from epsproxy.net.jsonrpc import jsonrpc_site, listen_jsonrpc
+from epsproxy.net.jsonrpc.server import jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import RPCMetrics
 from epsproxy.net.reactor import IReactor
 from epsproxy.rules.records import TrustStore

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from epsproxy.rules import forms
-from epsproxy.net.jsonrpc import JSONRPC_SERVER_SETTINGS
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
 from epsproxy.net.metrics import METRICS_SETTINGS
 from ..store import DATASTORE_SETTINGS
 

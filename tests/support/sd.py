@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from epsproxy.rules import records
 from epsproxy.rules.certificates import load_certificates_file, load_private_key_file, to_pem
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.sd.tap import Options, makeService
 
 from tests.support.pki import pki

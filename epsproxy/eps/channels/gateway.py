@@ -36,14 +36,8 @@ from epsproxy.rules import forms
 from epsproxy.eps.addresses import AddressError, make_address, split_method
 from epsproxy.eps.asynccalls import AsyncCalls, is_acknowledgement, parse_respond, unwrap
 from epsproxy.eps.broker import Broker, ClientInfo, Request, Response
-from epsproxy.net.jsonrpc import (
-    JSONRPC_SERVER_SETTINGS,
-    METHOD_NOT_FOUND,
-    CallContext,
-    JSONRPCError,
-    jsonrpc_site,
-    listen_jsonrpc,
-)
+from epsproxy.net.jsonrpc.envelope import METHOD_NOT_FOUND, CallContext, JSONRPCError
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 
 __all__ = [
     "GATEWAY_SETTINGS",

@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from epsproxy.directory import entries as _entries
 from epsproxy.eps.addresses import Address, AddressError, parse_address
 from epsproxy.eps.broker import ClientInfo, Request, Response
-from epsproxy.net.jsonrpc import JSONRPCClient, JSONRPCError, TransportError
+from epsproxy.net.jsonrpc.client import JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
 
 __all__ = [
     "LocalChannelError",

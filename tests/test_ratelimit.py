@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, reactor
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from epsproxy.rules import forms
 
 from epsproxy.net import ratelimit, tls
-from epsproxy.net.ratelimit import RateLimitedFactory, RateLimiter, peer_key, rate_limited, truncate_ip
+from epsproxy.net.hostport import peer_key
+from epsproxy.net.ratelimit import RateLimitedFactory, RateLimiter, rate_limited
 from tests.support.tls import ClientProtocol, ServerFactory, tls_block as block
 
 
@@ -68,37 +69,6 @@ class SchemaTests(SynchronousTestCase):
             if isinstance(bad, list):
                 with self.assertRaises(forms.FormError, msg=repr(bad)):
                     RateLimiter(bad, Clock())
-
-
-class KeyTests(SynchronousTestCase):
-    """Peer keys (IPv6 per /64, SPEC §23.1 #11) and log truncation."""
-
-    def test_ipv4(self):
-        self.assertEqual(peer_key(v4("192.0.2.7")), "192.0.2.7")
-
-    def test_ipv6_per_64(self):
-        a = peer_key(v6("2001:db8:1:2::1"))
-        self.assertEqual(a, "2001:db8:1:2::/64")
-        self.assertEqual(peer_key(v6("2001:db8:1:2:ffff:ffff:ffff:ffff")), a)
-        self.assertNotEqual(peer_key(v6("2001:db8:1:3::1")), a)
-        self.assertEqual(peer_key(v6("fe80::1%eth0")), "fe80::/64")
-
-    def test_ipv4_mapped(self):
-        self.assertEqual(peer_key(v6("::ffff:192.0.2.7")), "192.0.2.7")
-
-    def test_other_addresses(self):
-        self.assertEqual(peer_key(UNIXAddress(b"/tmp/sock")), "UNIXAddress")
-        self.assertEqual(peer_key(UNIXAddress(None)), "UNIXAddress")
-        self.assertEqual(peer_key(v4("not-an-ip")), "not-an-ip")
-        self.assertEqual(peer_key(object()), "object")
-
-    def test_truncate(self):
-        self.assertEqual(truncate_ip("192.0.2.7"), "192.0.x.x")
-        self.assertEqual(truncate_ip("2001:db8:1:2::/64"), "2001:db8::/32")
-        self.assertEqual(truncate_ip("2001:0db8:0001::1"), "2001:db8::/32")
-        self.assertEqual(truncate_ip("::1"), "0:0::/32")
-        for garbage in ("", "host", "UNIXAddress", "1.2.3", "x" * 1000):
-            self.assertEqual(truncate_ip(garbage), "unknown")
 
 
 class CountingTests(SynchronousTestCase):

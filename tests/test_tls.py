@@ -1,5 +1,5 @@
 """
-Tests for epsproxy.net.tls: settings, parse_address, and mutual TLS over real loopback sockets.
+Tests for epsproxy.net.tls: settings and mutual TLS over real loopback sockets.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, reactor
@@ -408,59 +407,3 @@ class SettingsTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             tls.client_endpoint(reactor, ":80", None)
 
-
-# ------------------------------------------------------------------ addresses
-
-
-class ParseAddressTests(SynchronousTestCase):
-    """parse_address vectors (SPEC §22.4 style) and garbage."""
-
-    def test_vectors(self):
-        cases = {
-            "localhost:3322": ("localhost", 3322),
-            "127.0.0.1:0": ("127.0.0.1", 0),
-            "[::1]:80": ("::1", 80),
-            "[2001:db8::1]:65535": ("2001:db8::1", 65535),
-            ":80": ("", 80),
-            "sd-1.example.org:443": ("sd-1.example.org", 443),
-            "internal_server:1": ("internal_server", 1),
-        }
-        for text, expected in cases.items():
-            self.assertEqual(tls.parse_address(text), expected, text)
-
-    def test_default_port(self):
-        self.assertEqual(tls.parse_address("example.org", 443), ("example.org", 443))
-        self.assertEqual(tls.parse_address("[::1]", 443), ("::1", 443))
-        with self.assertRaises(ValueError):
-            tls.parse_address("example.org")
-
-    def test_garbage(self):
-        for text in [
-            "", ":", "host:", "host:port", "host:-1", "host:65536", "host:99999999",
-            "::1:80", "[::1", "[::1]80", "[nothost]:80", "[1.2.3.4]:80", "a b:80",
-            "host:+80", "host: 80", "host:80 ", "-host:80", "ho/st:80", "héllo:80",
-            "host:８０", "a" * 300 + ":80", "[]:80", "host:0x50",
-        ]:
-            with self.assertRaises(ValueError, msg=repr(text)):
-                tls.parse_address(text)
-
-    def test_not_a_string(self):
-        for value in (None, 80, b"host:80", ["host", 80]):
-            with self.assertRaises(ValueError):
-                tls.parse_address(value)
-
-    @settings(deadline=None, max_examples=200)
-    @given(st.text(max_size=40))
-    def test_never_crashes(self, text):
-        try:
-            host, port = tls.parse_address(text)
-        except ValueError:
-            return
-        self.assertTrue(0 <= port <= 65535)
-        self.assertIsInstance(host, str)
-
-    @settings(deadline=None, max_examples=100)
-    @given(st.ip_addresses(), st.integers(0, 65535))
-    def test_round_trip(self, ip, port):
-        text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-        self.assertEqual(tls.parse_address(text), (str(ip), port))

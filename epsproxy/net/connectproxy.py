@@ -55,6 +55,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epsproxy.net.hostport import format_host_port, valid_host
+
 __all__ = [
     "ProxyError",
     "ProxyAddress",
@@ -91,10 +93,6 @@ class ProxyError(Exception):
 # ------------------------------------------------------------------------- addresses
 
 
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 @dataclass(frozen=True)
 class ProxyAddress:
     """
@@ -108,7 +106,7 @@ class ProxyAddress:
     password: str | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
-        return f"{_bracketed(self.host)}:{self.port}"
+        return format_host_port(self.host, self.port)
 
     def authorization(self) -> bytes | None:
         """The ``Proxy-Authorization`` header value, or None without credentials."""
@@ -118,13 +116,6 @@ class ProxyAddress:
         return b"Basic " + base64.b64encode(secret)
 
 
-
-
-def _valid_host(host: str) -> bool:
-    """A host name or IP address safe to write into a request line."""
-    from epsproxy.net.tls import valid_host  # tls imports this module: import at call time
-
-    return valid_host(host)
 
 
 def parse_proxy_url(url: str) -> ProxyAddress:
@@ -155,7 +146,7 @@ def parse_proxy_url(url: str) -> ProxyAddress:
     if port == 0:
         raise ValueError(f"proxy URL for {shown}: port 0 is not a proxy port")
     host = parts.hostname  # lower-cased, brackets removed
-    if not _valid_host(host):
+    if not valid_host(host):
         raise ValueError(f"proxy URL: {host!r} is not a host name or IP address")
     username = None if parts.username is None else unquote(parts.username)
     password = None if parts.password is None else unquote(parts.password)
@@ -465,7 +456,7 @@ class HTTPConnectEndpoint:
         proxy_endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
         host = _normal_host(host) if host.startswith("[") else host
-        if not _valid_host(host):
+        if not valid_host(host):
             raise ValueError(f"cannot CONNECT to {host!r}: not a host name or IP address")
         if not 0 < port <= 65535:
             raise ValueError(f"cannot CONNECT to port {port}: out of range 1-65535")
@@ -474,7 +465,7 @@ class HTTPConnectEndpoint:
         self._host = host
         self._port = port
         self._reply_timeout = reply_timeout
-        self.target = f"{_bracketed(host)}:{port}"
+        self.target = format_host_port(host, port)
         self._proxy_endpoint = proxy_endpoint or HostnameEndpoint(
             reactor, proxy.host, proxy.port, timeout=timeout
         )

@@ -25,7 +25,6 @@ Put the limiter in front of TLS so refused peers cost no handshake: the endpoint
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Callable, Iterable
 
 from twisted.internet.interfaces import IAddress, ILoggingContext, IProtocolFactory
@@ -33,6 +32,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from epsproxy.net.hostport import peer_key, truncate_ip
 from epsproxy.rules import forms
 
 __all__ = [
@@ -41,8 +41,6 @@ __all__ = [
     "RateLimiter",
     "RateLimitedFactory",
     "rate_limited",
-    "peer_key",
-    "truncate_ip",
 ]
 
 log = Logger()
@@ -63,38 +61,6 @@ TCP_RATE_LIMITS = forms.List(
 
 DEFAULT_MAX_KEYS = 100_000
 DEFAULT_LOG_INTERVAL = 60.0
-
-
-def peer_key(address: IAddress | Any) -> str:
-    """
-    The counting key of a peer: its IPv4 address, the /64 network of an IPv6 address,
-    or the textual address for anything else (UNIX sockets share one key).
-    """
-    host = getattr(address, "host", None)
-    if not isinstance(host, str):
-        return str(type(address).__name__)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-def truncate_ip(text: str) -> str:
-    """An address safe to log: IPv4 keeps two octets, IPv6 two groups (``2001:db8::/32``)."""
-    try:
-        ip = ipaddress.ip_address(text.split("/", 1)[0])
-    except ValueError:
-        return "unknown"
-    if isinstance(ip, ipaddress.IPv4Address):
-        a, b, _, _ = str(ip).split(".")
-        return f"{a}.{b}.x.x"
-    groups = ip.exploded.split(":")[:2]
-    return ":".join(f"{int(g, 16):x}" for g in groups) + "::/32"
 
 
 class _Window:

@@ -8,8 +8,8 @@ the one pool that verifies servers (as a client) and client certificates (as a s
 - :func:`server_options` / :func:`client_options` turn a block into Twisted connection
   creators, cached per settings (and file modification times), because an EPS opens many
   connections with the same block.
-- :func:`listen_endpoint` / :func:`client_endpoint` build endpoints from an address text;
-  :func:`parse_address` reads ``host:port``, ``[v6]:port`` and ``:port``.
+- :func:`listen_endpoint` / :func:`client_endpoint` build endpoints from a ``host:port``
+  text (read by :func:`epsproxy.net.hostport.parse_host_port`).
 - :func:`peer_certificate` returns the verified peer leaf of a TLS transport.
 
 Choices that differ from the reference, on purpose:
@@ -30,10 +30,8 @@ Choices that differ from the reference, on purpose:
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import re
 from functools import lru_cache
 from typing import Any
 
@@ -66,6 +64,8 @@ from epsproxy.rules.certificates import (
     load_private_key_file,
 )
 from epsproxy.net.connectproxy import HTTPConnectEndpoint, proxy_for
+from epsproxy.net.hostport import is_ip, parse_host_port
+from epsproxy.net.ratelimit import RateLimitedFactory
 
 __all__ = [
     "TLS_SETTINGS",
@@ -74,7 +74,6 @@ __all__ = [
     "server_options",
     "client_options",
     "peer_certificate",
-    "parse_address",
     "listen_endpoint",
     "client_endpoint",
     "TLSServerEndpoint",
@@ -294,69 +293,6 @@ def client_options(
     return _client_options(key, name)
 
 
-# ---------------------------------------------------------------------- addresses
-
-_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})?")
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
-def is_ip(text: str) -> bool:
-    """Whether ``text`` is an IPv4 or IPv6 address (no brackets)."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def valid_host(host: str) -> bool:
-    """Whether ``host`` is a plausible host name or an IP address."""
-    return bool(_HOST.fullmatch(host)) or is_ip(host)
-
-
-def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """
-    ``"host:port"``, ``"[v6]:port"`` or ``":port"`` (host ``""``: all interfaces) as
-    ``(host, port)``; IPv6 hosts come back without brackets.  Without a port the
-    ``default_port`` is used when given.  Anything else raises ValueError saying why.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"address must be a string, got {type(text).__name__}")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ValueError(f"address {text!r}: missing ']' after the IPv6 address")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"address {text!r}: {host!r} is not an IPv6 address") from None
-        if rest == "":
-            port_text = None
-        elif rest.startswith(":"):
-            port_text = rest[1:]
-        else:
-            raise ValueError(f"address {text!r}: unexpected text after ']'")
-    else:
-        if text.count(":") > 1:
-            raise ValueError(f"address {text!r}: write IPv6 addresses as [address]:port")
-        host, sep, port_text = text.partition(":")
-        if not sep:
-            port_text = None
-        if host and not _HOST.fullmatch(host):
-            raise ValueError(f"address {text!r}: {host!r} is not a host name or address")
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"address {text!r}: no port given (expected host:port)")
-        port = default_port
-    elif not _PORT.fullmatch(port_text):
-        raise ValueError(f"address {text!r}: port {port_text!r} is not a number")
-    else:
-        port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"address {text!r}: port {port} is out of range 0-65535")
-    return host, port
-
-
 # ---------------------------------------------------------------------- endpoints
 
 
@@ -379,8 +315,6 @@ class TLSServerEndpoint:
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Listen with ``protocolFactory`` behind TLS (and the limiter in front)."""
-        from epsproxy.net.ratelimit import RateLimitedFactory
-
         if isinstance(protocolFactory, RateLimitedFactory):
             inner = TLSMemoryBIOFactory(self.options, False, protocolFactory.wrappedFactory)
             outer: IProtocolFactory = protocolFactory.rewrap(inner)
@@ -396,11 +330,11 @@ def listen_endpoint(
     backlog: int = 1024,
 ) -> IStreamServerEndpoint:
     """
-    A server endpoint for ``bind_address`` (see :func:`parse_address`; ``localhost``
-    means 127.0.0.1, ``":port"`` all IPv4 interfaces, ``"[::]:port"`` all interfaces),
-    with TLS from :func:`server_options` when ``tls`` is given.
+    A server endpoint for ``bind_address`` (``host:port`` text; ``localhost`` means
+    127.0.0.1, ``":port"`` all IPv4 interfaces, ``"[::]:port"`` all interfaces), with TLS
+    from :func:`server_options` when ``tls`` is given.
     """
-    host, port = parse_address(bind_address)
+    host, port = parse_host_port(bind_address)
     if host == "localhost":
         host = "127.0.0.1"
     tcp: IStreamServerEndpoint
@@ -430,7 +364,7 @@ def client_endpoint(
     ``proxy_url``, else ``HTTPS_PROXY``/``NO_PROXY`` and friends), the connection is an
     HTTP CONNECT tunnel through it, with TLS end-to-end inside the tunnel.
     """
-    host, port = parse_address(address)
+    host, port = parse_host_port(address)
     if not host:
         raise ValueError(f"address {address!r}: a host is needed to connect")
     proxy = proxy_for(host, port, proxy_url)

@@ -27,6 +27,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from epsproxy.net import tls
+from epsproxy.net.hostport import parse_host_port
 
 __all__ = [
     "TOKEN_BYTES",
@@ -132,7 +133,7 @@ def dial_with_token(
     """
     if len(token) != TOKEN_BYTES:
         raise TokenError(f"token must be {TOKEN_BYTES} bytes")
-    host, port = tls.parse_address(address)
+    host, port = parse_host_port(address)
     if not host:
         raise ValueError(f"address {address!r}: a host is needed to connect")
     if tls_client_for is not None:

@@ -73,21 +73,26 @@ from zope.interface import implementer
 from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.rules import forms
 from epsproxy.net import tls
+from epsproxy.net.hostport import parse_host_port
 from epsproxy.rules.certificates import certificate_names
 from epsproxy.net.token import TokenError, decode_token, dial_with_token, token_tag
-from epsproxy.net.jsonrpc.client import CappedBody, JSONRPCClient, QuietConnectionPool
-from epsproxy.net.jsonrpc.envelope import (
+from epsproxy.net.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     CallContext,
+    CappedBody,
+    CappedRequest,
+    QuietConnectionPool,
     Dispatcher,
+    JSONRPCClient,
     JSONRPCError,
     TransportError,
+    jsonrpc_site,
+    listen_jsonrpc,
     parse_request,
     random_id,
     response_object,
 )
-from epsproxy.net.jsonrpc.server import CappedRequest, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import RPCMetrics
 from ..store import Store, open_store
 from .announcements import (
@@ -164,7 +169,7 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def _ip_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    host, port = tls.parse_address(text)
+    host, port = parse_host_port(text)
     return ipaddress.ip_address(host), port
 
 
@@ -371,7 +376,7 @@ class Forwarder:
         return d.addErrback(failed).addBoth(done)
 
     def _connect(self, address: str, protocol: Protocol) -> Deferred[Any]:
-        host, port = tls.parse_address(address)
+        host, port = parse_host_port(address)
         return connectProtocol(
             HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout), protocol
         )
@@ -665,7 +670,7 @@ class PrivateProxy:
         except TokenError as e:
             raise JSONRPCError(INVALID_PARAMS, f"invalid params: {e}") from None
         try:
-            tls.parse_address(params["endpoint"])
+            parse_host_port(params["endpoint"])
         except ValueError:
             raise JSONRPCError(INVALID_PARAMS, "invalid params: endpoint is not host:port") \
                 from None

@@ -19,7 +19,7 @@ Differences from the reference, on purpose (SPEC §23.1 #2, #3, #5, #6):
 - a token pairs once; if its first party goes away the token is forgotten.
 
 Tokens are secrets: logs carry only :func:`~epsproxy.net.token.token_tag` and
-peer addresses truncated by :func:`epsproxy.net.ratelimit.truncate_ip`.
+peer addresses truncated by :func:`epsproxy.net.hostport.truncate_ip`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.ratelimit import truncate_ip
+from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
 
 from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, Splice, retarget, splice

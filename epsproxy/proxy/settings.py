@@ -18,12 +18,12 @@ Differences from the reference, on purpose:
 from __future__ import annotations
 
 from epsproxy.rules import forms
-from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
-from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPC_SERVER_SETTINGS
 from epsproxy.net.metrics import METRICS_SETTINGS
 from epsproxy.net.ratelimit import TCP_RATE_LIMITS
 from ..store import DATASTORE_SETTINGS
-from epsproxy.net.tls import TLS_SETTINGS, parse_address
+from epsproxy.net.hostport import parse_host_port
+from epsproxy.net.tls import TLS_SETTINGS
 
 __all__ = [
     "DEFAULT_DATASTORE_FILE",
@@ -39,14 +39,14 @@ DEFAULT_DATASTORE_FILE = "public-proxy-announcements.sqlite"
 
 
 def _address(text: str) -> str:
-    host, _ = parse_address(text)
+    host, _ = parse_host_port(text)
     if not host:
         raise ValueError("a host is needed (host:port)")
     return text
 
 
 def _listen_address(text: str) -> str:
-    parse_address(text)
+    parse_host_port(text)
     return text
 
 

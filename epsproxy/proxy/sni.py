@@ -48,7 +48,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy.net.ratelimit import RateLimiter, truncate_ip
+from epsproxy.net.hostport import truncate_ip
+from epsproxy.net.ratelimit import RateLimiter
 from epsproxy.net.token import encode_token, token_tag
 
 from .clienthello import DEFAULT_MAX_BYTES, ClientHello, ClientHelloError, ClientHelloReader

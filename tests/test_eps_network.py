@@ -596,7 +596,7 @@ class ThroughConnectProxy(NetworkTestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from tests.test_connectproxy import Tinyproxy, clean_environment
+        from tests.support.connectproxy import Tinyproxy, clean_environment
 
         super().setUp()
         clean_environment(self)

@@ -76,23 +76,19 @@ from epsproxy.net import tls
 from epsproxy.net.hostport import parse_host_port
 from epsproxy.rules.certificates import certificate_names
 from epsproxy.net.token import TokenError, decode_token, dial_with_token, token_tag
-from epsproxy.net.jsonrpc import (
+from epsproxy.net.jsonrpc.client import CappedBody, JSONRPCClient, QuietConnectionPool
+from epsproxy.net.jsonrpc.envelope import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     CallContext,
-    CappedBody,
-    CappedRequest,
-    QuietConnectionPool,
     Dispatcher,
-    JSONRPCClient,
     JSONRPCError,
     TransportError,
-    jsonrpc_site,
-    listen_jsonrpc,
     parse_request,
     random_id,
     response_object,
 )
+from epsproxy.net.jsonrpc.server import CappedRequest, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import RPCMetrics
 from ..store import Store, open_store
 from .announcements import (

@@ -18,7 +18,8 @@ Differences from the reference, on purpose:
 from __future__ import annotations
 
 from epsproxy.rules import forms
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPC_SERVER_SETTINGS
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
 from epsproxy.net.metrics import METRICS_SETTINGS
 from epsproxy.net.ratelimit import TCP_RATE_LIMITS
 from ..store import DATASTORE_SETTINGS

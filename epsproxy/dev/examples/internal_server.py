@@ -22,12 +22,14 @@ import sys
 from typing import Any, Sequence
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from epsproxy.net import tls
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.hostport import parse_host_port
 
 __all__ = ["DEFAULT_BIND", "MAX_BODY_BYTES", "SUCCESS", "InternalServer", "make_site",
@@ -63,7 +65,7 @@ class InternalServer(Resource):
 
     def render_POST(self, request: server.Request) -> bytes:
         length = request.getHeader(b"content-length")
-        body = request.content.read(MAX_BODY_BYTES + 1)
+        body = request.content.read(MAX_BODY_BYTES + 1) if request.content else b""
         if len(body) > MAX_BODY_BYTES or (length and length.isdigit()
                                           and int(length) > MAX_BODY_BYTES):
             return _reply(request, 413, {"message": "request body too large"})
@@ -87,13 +89,13 @@ class _Site(server.Site):
     displayTracebacks = False
 
 
-def make_site(reactor: Any) -> server.Site:
+def make_site(reactor: IReactorTime) -> server.Site:
     """The server's ``Site`` (idle connections closed after 60 s)."""
     return _Site(InternalServer(), timeout=60, reactor=reactor)
 
 
 def listen(
-    reactor: Any, bind: str = DEFAULT_BIND, certificate: str | None = None,
+    reactor: IReactor, bind: str = DEFAULT_BIND, certificate: str | None = None,
     key: str | None = None,
 ) -> defer.Deferred[IListeningPort]:
     """Listen on ``bind``; over TLS (no client certificates) with ``certificate``/``key``."""
@@ -104,9 +106,10 @@ def listen(
     return tls.listen_endpoint(reactor, bind, settings).listen(make_site(reactor))
 
 
-async def _run(reactor: Any, bind: str, certificate: str | None, key: str | None) -> None:
+async def _run(reactor: IReactor, bind: str, certificate: str | None, key: str | None) -> None:
     port = await listen(reactor, bind, certificate, key)
     address = port.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address))  # listen_endpoint is TCP
     log.info("internal server listening on {scheme}://{host}:{port}/",
              scheme="https" if certificate else "http", host=address.host, port=address.port)
     await defer.Deferred()

@@ -19,19 +19,16 @@ import sys
 from typing import Any, Sequence
 
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.server import Site
 
 from epsproxy.rules import forms
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.hostport import parse_host_port
-from epsproxy.net.jsonrpc import (
-    JSONRPC_SERVER_SETTINGS,
-    CallContext,
-    Dispatcher,
-    JSONRPCError,
-    jsonrpc_site,
-    listen_jsonrpc,
-)
+from epsproxy.net.jsonrpc.envelope import CallContext, Dispatcher, JSONRPCError
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 
 __all__ = [
     "DEFAULT_BIND",
@@ -94,7 +91,7 @@ def make_dispatcher(store: LocationStore) -> Dispatcher:
 
 
 def make_site(
-    reactor: Any, store: LocationStore | None = None, bind: str = DEFAULT_BIND
+    reactor: IReactorTime, store: LocationStore | None = None, bind: str = DEFAULT_BIND
 ) -> tuple[Site, dict[str, Any]]:
     """The service's ``Site`` and its validated server settings (for :func:`listen_jsonrpc`)."""
     settings = JSONRPC_SERVER_SETTINGS.validate({"bind_address": bind})
@@ -102,11 +99,12 @@ def make_site(
     return site, settings
 
 
-async def run(reactor: Any, bind: str) -> None:
+async def run(reactor: IReactor, bind: str) -> None:
     """Serve until the process is stopped."""
     site, settings = make_site(reactor, bind=bind)
     port = await listen_jsonrpc(reactor, site, settings)
     address = port.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address))  # listen_jsonrpc is TCP
     log.info("locations service listening on {host}:{port}{path}",
              host=address.host, port=address.port, path=settings["path"])
     await defer.Deferred()

@@ -53,6 +53,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from epsproxy.net import ratelimit, tls
+from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.jsonrpc.envelope import (
     DEFAULT_TIMEOUT,
     INTERNAL_ERROR,
@@ -536,7 +537,7 @@ def _access_log_line(timestamp: str, request: server.Request) -> str:
     """twisted.web's combined log line, with the client address cut to its network part."""
     address = getattr(request.getClientAddress(), "host", "-")
     line = http.combinedLogFormatter(timestamp, request)
-    return line.replace(f'"{address}"', f'"{ratelimit.truncate_ip(address)}"', 1)
+    return line.replace(f'"{address}"', f'"{truncate_ip(address)}"', 1)
 
 
 def jsonrpc_site(

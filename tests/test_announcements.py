@@ -33,6 +33,7 @@ from epsproxy.proxy.announcements import (
 )
 from epsproxy.store import StoredEntry, StoreUnavailable, open_store
 
+from .support.proxies import client
 from .support.redis import RedisServer
 
 PROXY = "public-proxy-1.ga"
@@ -42,19 +43,6 @@ DAY = 86400.0
 
 def rfc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def client(name: str = "hd-1", allowed: Any = (".internal-server.local",),
-           operator: str = "") -> dict[str, Any]:
-    """``_client`` whose entry allows ``allowed`` (None: no proxy settings at all)."""
-    entry: dict[str, Any] = {"name": name}
-    if allowed is not None:
-        item: dict[str, Any] = {"service": "proxy", "settings": {
-            "allowed_domains": list(allowed) if isinstance(allowed, tuple) else allowed}}
-        if operator:
-            item["operator"] = operator
-        entry["settings"] = [{"service": "other", "settings": {}}, item]
-    return {"name": name, "entry": entry}
 
 
 class MemoryStore:
@@ -361,7 +349,7 @@ class OverHTTPS(unittest.TestCase):
     def test_announce_and_list(self):
         from epsproxy.proxy.tap import Options, makeService
 
-        from .test_public_proxy import FakeEPS, caller_client, public_section, write_settings
+        from .support.proxies import FakeEPS, caller_client, public_section, write_settings
 
         fake = FakeEPS()
         eps_port = yield fake.start(self)

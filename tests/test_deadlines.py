@@ -547,7 +547,7 @@ class PublicProxySilenceTests(TestCase):
 
     @defer.inlineCallbacks
     def test_silent_connections_closed_and_counted(self):
-        from tests.test_public_proxy import public_section, write_settings
+        from tests.support.proxies import public_section, write_settings
         from epsproxy.proxy.tap import Options, makeService
 
         folder = Path(self.mktemp()).absolute()

@@ -13,8 +13,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from epsproxy.proxy.tap import Options, makeService
-from tests.test_private_proxy import private_section
-from tests.test_public_proxy import public_section, write_settings
+from tests.support.proxies import private_section, public_section, write_settings
 
 
 class Party(Protocol):

@@ -21,13 +21,13 @@ from epsproxy.eps.links import wire
 from epsproxy.eps.broker import ClientInfo, Request
 from epsproxy.eps.channels.peer import EPSClientChannel
 from epsproxy.dev.examples.locations import make_site
-from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import JSONRPCError
 from epsproxy.net.jsonrpc.server import listen_jsonrpc
 from tests.support.eps import (
     Network,
     client_channel,
     gateway_channel,
+    gateway_client,
     local_channel,
     server_channel,
     service,
@@ -35,15 +35,6 @@ from tests.support.eps import (
 from tests.support.tls import tls_block
 
 HD = ("health-departments",)
-
-
-def gateway_client(test: TestCase, url: str, name: str = "hd-1") -> JSONRPCClient:
-    """A JSON-RPC client for an EPS gateway, with ``name``'s client certificate."""
-    client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
-        "endpoint": url, "tls": tls_block(name), "server_name": name, "timeout": 10,
-    }))
-    test.addCleanup(client.close)
-    return client
 
 
 class NetworkTestCase(TestCase):

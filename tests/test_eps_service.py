@@ -19,11 +19,10 @@ from twisted.trial.unittest import TestCase
 from epsproxy.eps.links.protocol import EPSClientFactory
 from epsproxy.eps.tap import Options, makeService
 from epsproxy.net import tls
-from tests.support.eps import Network, service
+from tests.support.eps import Network, gateway_client, service
 from tests.support.pki import pki
 from tests.support.sd import change, sd_client, sign_chain, start_sd, write_sd_settings
 from tests.support.tls import tls_block
-from tests.test_eps_network import gateway_client
 from tests.support.twistd import TWISTD, TwistdProcess
 
 HD = ("health-departments",)

@@ -37,8 +37,8 @@ from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
 from .support.pki import pki
+from .support.proxies import private_section, write_settings
 from .support.twistd import TWISTD, TwistdProcess
-from .test_public_proxy import write_settings
 
 NAME = "private-proxy-1.ga"
 PUBLIC = "public-proxy-1.ga"
@@ -63,19 +63,6 @@ def client_info(name: str = "hd-1", allowed: Any = (".internal-server.local",)
         entry["settings"] = [{"service": "proxy", "settings": {
             "allowed_domains": list(allowed) if isinstance(allowed, tuple) else allowed}}]
     return {"name": name, "entry": entry}
-
-
-def private_section(folder: Path, eps_port: int, **changes: Any) -> dict[str, Any]:
-    section: dict[str, Any] = {
-        "name": NAME,
-        "datastore": {"type": "embedded",
-                      "settings": {"path": str(folder / "announcements.sqlite")}},
-        "jsonrpc_server": {"bind_address": "127.0.0.1:0"},
-        "jsonrpc_client": {"endpoint": f"http://127.0.0.1:{eps_port}/jsonrpc", "timeout": 5},
-        "shutdown_grace": 0,  # tests that drain set their own
-    }
-    section.update(changes)
-    return section
 
 
 class FakeEPS:

@@ -17,7 +17,6 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from prometheus_client import generate_latest
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor, task, utils
@@ -29,52 +28,17 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
-from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, CallContext, JSONRPCError
-from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
+from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, JSONRPCError
 from epsproxy.proxy.public import NOT_AUTHORIZED, TOO_MANY_PENDING
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
-from .support.pki import pki
+from .support.proxies import FakeEPS, caller_client, public_section, write_settings
 from .support.twistd import TWISTD, TwistdProcess
 
 PROXY = "public-proxy-1.ga"
 ROLE = Path(__file__).parent.parent / "conf" / "dev" / "roles" / "public-proxy-1"
-
-
-def tls_block(name: str) -> dict[str, Any]:
-    crt, key = pki().tls(name)
-    return {"ca_certificate_files": [str(pki().root)], "certificate_file": str(crt),
-            "key_file": str(key)}
-
-
-def public_section(folder: Path, eps_port: int, **changes: Any) -> dict[str, Any]:
-    """A ``public`` section on loopback port 0, calling a (fake) own EPS on ``eps_port``."""
-    section: dict[str, Any] = {
-        "name": PROXY,
-        "datastore": {"type": "embedded",
-                      "settings": {"path": str(folder / "announcements.sqlite")}},
-        "tls_bind_address": "127.0.0.1:0",
-        "internal_bind_address": "127.0.0.1:0",
-        "internal_endpoint": "127.0.0.1:9",  # replaced once the port is known
-        "shutdown_grace": 0,  # tests that drain set their own
-        "jsonrpc_server": {"bind_address": "127.0.0.1:0", "tls": tls_block(PROXY)},
-        "jsonrpc_client": {
-            "endpoint": f"https://127.0.0.1:{eps_port}/jsonrpc",
-            "server_name": PROXY,
-            "timeout": 5,
-            "tls": tls_block(PROXY),
-        },
-    }
-    section.update(changes)
-    return section
-
-
-def write_settings(folder: Path, settings: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "proxy.yml").write_text(yaml.safe_dump(settings))
-    return folder
 
 
 # ------------------------------------------------------------------------ settings
@@ -236,32 +200,6 @@ class SettingsTests(unittest.SynchronousTestCase):
 # ------------------------------------------------------------------- network helpers
 
 
-class FakeEPS:
-    """
-    The proxy's own endpoint server, as far as the proxy sees it: a JSON-RPC server over
-    mutual TLS.  ``answer(params)`` decides each ``_connectionRequest``'s reply (a value,
-    a Deferred, or raise); every call is recorded as ``(method, params, context)``.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any], CallContext]] = []
-        self.answer: Callable[[dict[str, Any]], Any] = lambda params: {}
-        self.port: Any = None
-
-    def handle(self, method: str, params: dict[str, Any], context: CallContext) -> Any:
-        self.calls.append((method, params, context))
-        return self.answer(params)
-
-    @inlineCallbacks
-    def start(self, test: unittest.TestCase):
-        settings = JSONRPC_SERVER_SETTINGS.validate(
-            {"bind_address": "127.0.0.1:0", "tls": tls_block(PROXY)})
-        site = jsonrpc_site(self, settings, reactor=reactor)
-        self.port = yield listen_jsonrpc(reactor, site, settings)
-        test.addCleanup(self.port.stopListening)
-        return self.port.getHost().port
-
-
 class Party(Protocol):
     """One side of a P2P pairing: presents a token, then collects what it receives."""
 
@@ -298,16 +236,6 @@ class Party(Protocol):
 
 def connect_party(port: int, party: Party) -> Deferred[Party]:
     return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), party)
-
-
-def caller_client(port: int, name: str = PROXY) -> JSONRPCClient:
-    """A client of the proxy's JSON-RPC server with ``name``'s certificate (the own EPS's)."""
-    return JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
-        "endpoint": f"https://127.0.0.1:{port}/jsonrpc",
-        "server_name": PROXY,
-        "timeout": 10,
-        "tls": tls_block(name),
-    }))
 
 
 def client_info(name: str = "hd-1") -> dict[str, Any]:
@@ -672,12 +600,12 @@ class BrokeredByRealEndpointServers(unittest.TestCase):
             Network,
             client_channel,
             gateway_channel,
+            gateway_client,
             local_channel,
             server_channel,
             service,
         )
         from .support.tls import tls_block as eps_tls
-        from .test_eps_network import gateway_client
 
         hd = ("health-departments",)
         net = Network(self)

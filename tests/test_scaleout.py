@@ -24,10 +24,9 @@ from epsproxy.proxy.tap import Options, makeService
 from epsproxy.store import StoredEntry, open_store
 from epsproxy.store.redis import AppendConflict, RedisStore
 
+from .support.proxies import caller_client, client, public_section, write_settings
 from .support.redis import RedisServer
 from .support.sd import base_changes, change, sd_client, sign_chain, start_sd, write_sd_settings
-from .test_announcements import client
-from .test_public_proxy import caller_client, public_section, write_settings
 
 #: (what, seconds) of every propagation measured by these tests.
 LATENCIES: list[tuple[str, float]] = []

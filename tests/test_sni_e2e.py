@@ -25,15 +25,15 @@ from tests.support.eps import (
     Network,
     client_channel,
     gateway_channel,
+    gateway_client,
     local_channel,
     record,
     server_channel,
     service,
 )
 from tests.support.pki import pki
+from tests.support.proxies import public_section, write_settings
 from tests.support.tls import tls_block
-from tests.test_eps_network import gateway_client
-from tests.test_public_proxy import public_section, write_settings
 
 PUBLIC = "public-proxy-1.ga"
 PRIVATE = "private-proxy-1.ga"

@@ -1,7 +1,8 @@
 """
 Helpers for tests that run whole endpoint servers (``EndpointServerService``) on
 loopback: a json directory in a temp folder that tests extend as ports become known,
-settings blocks from the test PKI, and node start-up with cleanup.
+settings blocks from the test PKI, node start-up with cleanup, and a client of a node's
+JSON-RPC gateway.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
 
 from epsproxy.eps.service import EndpointServerService
 from epsproxy.eps.settings import EPS_SETTINGS
+from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from tests.support.pki import pki
 from tests.support.tls import tls_block
 
@@ -142,3 +145,12 @@ def gateway_channel(name: str, **settings: Any) -> dict[str, Any]:
 def local_channel(endpoint: str, **settings: Any) -> dict[str, Any]:
     return {"name": "local", "type": "jsonrpc_client",
             "settings": {"endpoint": endpoint, "timeout": 5, **settings}}
+
+
+def gateway_client(test: TestCase, url: str, name: str = "hd-1") -> JSONRPCClient:
+    """A JSON-RPC client for an EPS gateway, with ``name``'s client certificate."""
+    client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
+        "endpoint": url, "tls": tls_block(name), "server_name": name, "timeout": 10,
+    }))
+    test.addCleanup(client.close)
+    return client

@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from epsproxy.eps.service import EndpointServerService
 from epsproxy.eps.settings import EPS_SETTINGS
-from epsproxy.net.jsonrpc import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from tests.support.pki import pki
 from tests.support.tls import tls_block
 

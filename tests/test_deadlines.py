@@ -619,3 +619,15 @@ class MetricsListenerTests(TestCase):
         self.assertLess(reactor.seconds() - started, 4)
         self.assertEqual(registry.get_sample_value(
             "metrics_http_refusals_total", {"reason": "request_timeout"}), 1.0)
+
+    def test_a_port_in_use_stops_the_service_from_starting(self):
+        from twisted.internet.error import CannotListenError
+        from twisted.internet.protocol import Factory
+
+        from epsproxy.net import metrics
+
+        taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        address = f"127.0.0.1:{taken.getHost().port}"
+        service = metrics.metrics_service(reactor, {"bind_address": address}, CollectorRegistry())
+        self.assertRaises(CannotListenError, service.startService)

@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore, IStreamServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -31,6 +31,7 @@ from epsproxy.net.tls import listen_endpoint
 __all__ = [
     "METRICS_SETTINGS",
     "HTTP_REFUSAL_REASONS",
+    "ListenerService",
     "MetricsResource",
     "RPCMetrics",
     "http_refusals_counter",
@@ -65,6 +66,23 @@ class MetricsResource(Resource):
     render_HEAD = render_GET
 
 
+class ListenerService(StreamServerEndpointService):
+    """
+    A ``StreamServerEndpointService`` that, with ``fail_loudly`` (the default), lets a
+    failure to listen raise out of ``startService``, so that ``twistd`` stops with the
+    error (a port in use, a bad address) instead of logging it and running without the
+    listener.  Twisted keeps this choice in an attribute it does not document as public;
+    this class is the one place that sets it, on itself, at construction.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, *,
+        fail_loudly: bool = True,
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = fail_loudly
+
+
 def metrics_service(
     reactor: IReactorCore, settings: dict, registry: CollectorRegistry
 ) -> IService:
@@ -82,9 +100,7 @@ def metrics_service(
     site.max_body_bytes = METRICS_MAX_BODY_BYTES
     refusals = http_refusals_counter(registry, "metrics")
     site.refusals = lambda reason: refusals.labels(reason).inc()
-    service = StreamServerEndpointService(endpoint, site)
-    service._raiseSynchronously = True
-    return service
+    return ListenerService(endpoint, site)
 
 
 #: The ``reason`` label values of ``<prefix>_http_refusals_total`` (see

@@ -714,13 +714,22 @@ class TrustStore:
         intermediates = [c for path in intermediate_files for c in load_certificates_file(path)]
         return cls(roots, intermediates, **kwargs)
 
-    def verify_chain(self, certificate: x509.Certificate, dns_name: str = "") -> bool:
-        """True if ``certificate`` chains to one of the roots now (and matches ``dns_name``)."""
-        return self._verify(certificate, fingerprint(certificate), dns_name)
-
-    def _verify(self, certificate: x509.Certificate, fp: str, dns_name: str) -> bool:
+    def verify_chain(
+        self,
+        certificate: x509.Certificate,
+        dns_name: str = "",
+        *,
+        certificate_fingerprint: str | None = None,
+    ) -> bool:
+        """
+        True if ``certificate`` chains to one of the roots now (and matches ``dns_name``).
+        A caller that already has the certificate's :func:`fingerprint` (a
+        :class:`Signer` does) passes it as ``certificate_fingerprint`` to save hashing it
+        again: it is the cache key.
+        """
         if not self.roots:
             return False
+        fp = certificate_fingerprint or fingerprint(certificate)
         key = (fp, dns_name.lower())
         windows = self._cache.get(key)
         if windows is None:
@@ -855,7 +864,8 @@ def verify_data(signed: dict, trust: TrustStore, dns_name: str) -> Signer:
         raise InvalidRecord(f"data cannot be hashed: {e}") from None
     signature = signed["signature"]
     signer = load_signer(signature["c"])
-    if not trust._verify(signer.certificate, signer.fingerprint, dns_name):
+    if not trust.verify_chain(signer.certificate, dns_name,
+                              certificate_fingerprint=signer.fingerprint):
         suffix = f" for name {dns_name}" if dns_name else ""
         raise NotAllowed(f"signing certificate does not chain to a trusted root{suffix}")
     if not _signature_ok(signer, digest, signature["r"], signature["s"]):
@@ -943,7 +953,7 @@ def verify_record(
     pinned = pins.pinned(signer.name)
     if pinned is not None and pinned != signer.fingerprint:
         raise NotAllowed(f"signing certificate of {signer.name} is not the pinned one")
-    if not trust._verify(signer.certificate, signer.fingerprint, ""):
+    if not trust.verify_chain(signer.certificate, certificate_fingerprint=signer.fingerprint):
         raise NotAllowed("signing certificate does not chain to a trusted root")
     digest = _digest_from_stream(stream, signed["hash"], signed["parent_hash"])
     if not _signature_ok(signer, digest, signature["r"], signature["s"]):

@@ -30,7 +30,8 @@ from epsproxy.dev.examples import internal_server
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, CallContext, JSONRPCError
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
-from epsproxy.proxy.private import NOT_FOUND, proxy_v2_header
+from epsproxy.proxy.private.api import NOT_FOUND
+from epsproxy.proxy.private.forwarding import proxy_v2_header
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService

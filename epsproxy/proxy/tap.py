@@ -11,7 +11,7 @@ from twisted.python import usage
 from epsproxy.net import tls
 from epsproxy.net.metrics import metrics_service
 from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
-from .private import PrivateProxyService
+from .private.service import PrivateProxyService
 from .public import PublicProxyService
 from .settings import PROXY_SETTINGS
 

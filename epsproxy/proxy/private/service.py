@@ -1,0 +1,221 @@
+"""
+The private proxy's service (SPEC §14.5; issue 5): an operator without a public address
+receives TLS connections for its announced domains through a public proxy.
+
+:class:`PrivateProxyService` wires the parts and follows the shared start/stop life cycle
+(:mod:`epsproxy.net.lifecycle`):
+
+- the JSON-RPC server (:mod:`epsproxy.net.jsonrpc.server`) serving
+  :class:`~epsproxy.proxy.private.api.PrivateProxy`, and the client to the own endpoint
+  server;
+- the forwarder of incoming connections: raw
+  (:class:`~epsproxy.proxy.private.forwarding.Forwarder`) or terminating TLS
+  (:class:`~epsproxy.proxy.private.terminating.TerminatingForwarder`);
+- the announcement table (:class:`epsproxy.proxy.announcements.PrivateAnnouncements`),
+  kept in the datastore, and the loop that re-announces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from epsproxy.net.jsonrpc.client import JSONRPCClient
+from epsproxy.net.jsonrpc.server import jsonrpc_site, listen_jsonrpc
+from epsproxy.net.lifecycle import AsyncStartService
+from epsproxy.net.metrics import RPCMetrics
+from epsproxy.proxy.announcements import PrivateAnnouncements
+from epsproxy.proxy.private.api import PrivateProxy
+from epsproxy.proxy.private.forwarding import Forwarder
+from epsproxy.proxy.private.terminating import TerminatingForwarder
+from epsproxy.proxy.settings import DEFAULT_PRIVATE_DATASTORE_FILE
+from epsproxy.store import Store, open_store
+
+__all__ = ["PrivateProxyPorts", "PrivateProxyService"]
+
+
+class _Collector:
+    """Prometheus view of the private proxy's counters."""
+
+    def __init__(self, service: PrivateProxyService) -> None:
+        self.service = service
+
+    def collect(self) -> Any:
+        proxy = self.service.proxy
+        forwarder = self.service.forwarder
+        if proxy is None or forwarder is None:
+            return
+        yield GaugeMetricFamily(
+            "private_proxy_announcements", "live announcements",
+            value=len(proxy.announcements.announcements()),
+        )
+        yield GaugeMetricFamily(
+            "private_proxy_active_connections", "incoming connections being forwarded",
+            value=len(forwarder.active),
+        )
+        yield CounterMetricFamily(
+            "private_proxy_forwarded_connections", "incoming connections forwarded",
+            value=forwarder.forwarded,
+        )
+        yield CounterMetricFamily(
+            "private_proxy_failed_connections", "incoming connections that could not be served",
+            value=forwarder.failed,
+        )
+        yield CounterMetricFamily(
+            "private_proxy_reannounce_failures", "re-announcement calls that failed",
+            value=proxy.reannounce_failures,
+        )
+
+
+@dataclass(frozen=True)
+class PrivateProxyPorts:
+    """The listener of a started private proxy."""
+
+    jsonrpc: IListeningPort
+
+
+class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
+    """
+    A private proxy: the JSON-RPC server, the client to the own endpoint server, the
+    announcement store and the forwarder.  ``settings`` is the validated ``private``
+    section.  Like :class:`epsproxy.proxy.public.PublicProxyService`, it starts
+    asynchronously (:meth:`when_ready`) and can stop the reactor if it cannot start.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: dict[str, Any],
+        registry: CollectorRegistry | None = None,
+        *,
+        stop_reactor_on_failure: bool = False,
+        datastore_dir: Path | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.stop_reactor_on_failure = stop_reactor_on_failure
+        self.datastore_dir = datastore_dir
+        self.store: Store | None = None
+        self.client: JSONRPCClient | None = None
+        self.forwarder: Forwarder | None = None
+        self.proxy: PrivateProxy | None = None
+        self.ports: list[IListeningPort] = []
+        self._loop: LoopingCall | None = None
+        self._reannouncing: Deferred[None] | None = None
+        self.registry.register(_Collector(self))
+
+    async def _start(self) -> PrivateProxyPorts:
+        settings = self.settings
+        default_dir = self.datastore_dir if self.datastore_dir is not None else Path.cwd()
+        self.store = await open_store(
+            self.reactor, settings["datastore"],
+            default_path=default_dir / DEFAULT_PRIVATE_DATASTORE_FILE,
+        )
+        announcements = PrivateAnnouncements(self.reactor, self.store)
+        await announcements.load()
+        self.client = JSONRPCClient(self.reactor, settings["jsonrpc_client"])
+        endpoint = settings["internal_endpoint"]
+        # Raw TLS is relayed; with a tls block of its own it ends here and HTTP goes on.
+        forwarder_type = Forwarder if endpoint.get("tls") is None else TerminatingForwarder
+        self.forwarder = forwarder_type(
+            self.reactor, endpoint,
+            max_connections=settings["max_connections"],
+            connect_timeout=settings["connect_timeout"],
+            idle_timeout=settings["idle_timeout"],
+        )
+        server_settings = settings["jsonrpc_server"]
+        server_tls = server_settings.get("tls")
+        verify_caller = server_tls is not None and server_tls["verify_client"]
+        if not verify_caller:
+            self.log.warn(
+                "the JSON-RPC server does not verify client certificates: any caller that "
+                "reaches {address} can claim any _client",
+                address=server_settings["bind_address"],
+            )
+        self.proxy = PrivateProxy(
+            self.reactor, settings["name"], announcements, self.client, self.forwarder,
+            proxy_protocol=settings["internal_endpoint"]["proxy_protocol"],
+            verify_caller=verify_caller,
+            call_timeout=settings["jsonrpc_client"]["timeout"],
+        )
+        dispatcher = self.proxy.dispatcher()
+        site = jsonrpc_site(
+            dispatcher, server_settings, reactor=self.reactor,
+            metrics=RPCMetrics(self.registry, "private_proxy", dispatcher.__contains__),
+        )
+        port = await listen_jsonrpc(self.reactor, site, server_settings)
+        self.ports.append(port)
+        loop = self._loop = LoopingCall(self._reannounce)
+        loop.clock = self.reactor
+        loop.start(settings["reannounce_interval"], now=True)
+        host = port.getHost()
+        self.log.info(
+            "private proxy {name} serving: JSON-RPC on {host}:{port}{path}; incoming "
+            "connections {how} {address}",
+            name=settings["name"], host=host.host, port=host.port,
+            path=server_settings["path"],
+            how="terminated and forwarded as HTTP to" if endpoint.get("tls") is not None
+            else "relayed as raw TLS to",
+            address=endpoint["address"],
+        )
+        return PrivateProxyPorts(port)
+
+    def _reannounce(self) -> Deferred[None]:
+        # Never let an error stop the loop for good.
+        proxy = self.proxy
+        if proxy is None:
+            return succeed(None)
+        d = self._reannouncing = proxy.reannounce()
+
+        def done(result: Any) -> None:
+            self._reannouncing = None
+            if isinstance(result, Failure) and not result.check(defer.CancelledError):
+                self.log.failure("re-announcing failed", result)
+
+        return d.addBoth(done)
+
+    def _describe(self) -> str:
+        return "private proxy"
+
+    async def _close(self, grace: float = 0.0) -> None:
+        """
+        Stop re-announcing and listening, give forwarded connections up to ``grace``
+        seconds to end by themselves, then close them, the client and the store.
+        """
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._reannouncing is not None:
+            self._reannouncing.cancel()  # closes its connection to the endpoint server
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await maybeDeferred(port.stopListening)
+        if self.forwarder is not None:
+            active = len(self.forwarder.active)
+            if active and grace > 0:
+                self.log.info("draining {count} forwarded connection(s) for up to {grace:g} s",
+                              count=active, grace=grace)
+                await self.forwarder.drain(grace)
+            await self.forwarder.close()
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.close()
+        if self.store is not None:
+            store, self.store = self.store, None
+            await store.close()
+
+    async def _stop(self) -> None:
+        await self._close(self.settings["shutdown_grace"])

@@ -1,0 +1,213 @@
+"""
+Terminated forwarding for the private proxy (SPEC §14.5): with ``internal_endpoint.tls``
+an accepted ``incomingConnection`` is dialled like a raw one (token first), but TLS ends
+here: a twisted.web ``Site`` inside ``TLSMemoryBIOProtocol`` reads each HTTP request and
+forwards it to the internal server (or JSON-RPC calls at ``jsonrpc_path`` to
+``internal_endpoint.jsonrpc_client``), copying status, headers and body back; failures
+are 502.
+
+Better than the reference (SPEC §23.1 #7, #9): a terminated connection serves requests
+with keep-alive until it is idle for ``timeout`` seconds (the reference served exactly
+one), each upstream request has the same timeout, bodies are capped both ways, the
+JSON-RPC body is forwarded as received (integer ids stay integers), and the JSON-RPC
+upstream uses its configured TLS.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.resource import Resource
+
+from epsproxy.net import tls
+from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, CappedBody, QuietConnectionPool
+from epsproxy.net.jsonrpc.envelope import JSONRPCError, parse_request, response_object
+from epsproxy.net.jsonrpc.server import CappedRequest, json_body
+from epsproxy.net.token import dial_with_token, token_tag
+from epsproxy.proxy.private.forwarding import Forwarder
+from epsproxy.rules.text import shorten
+
+__all__ = ["TerminatingForwarder"]
+
+log = Logger()
+
+# Headers that belong to one HTTP connection, never forwarded (RFC 9110 §7.6.1).
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+
+
+class _Request(CappedRequest):
+    """A request whose body may not exceed the site's ``max_body_bytes`` (413 otherwise)."""
+
+    def refusal(self, limit: int) -> bytes:
+        return b'{"message":"request body too large"}'
+
+
+class _Channel(http.HTTPChannel):
+    """An HTTP channel on a terminated connection; tells the forwarder when it is gone."""
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        self.site.forwarder._terminated_lost(self)
+
+
+class _Site(server.Site):
+    """The HTTP server inside each terminated connection: every request is forwarded."""
+
+    protocol = _Channel
+    requestFactory = _Request
+    displayTracebacks = False
+
+    def __init__(
+        self, resource: Resource, forwarder: TerminatingForwarder, **kwargs: Any
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        self.forwarder = forwarder
+        self.max_body_bytes = forwarder.endpoint["max_body_bytes"]
+
+    def log(self, request: server.Request) -> None:
+        # No access log with client addresses; the forwarder logs what it forwards.
+        pass
+
+
+class _ForwardResource(Resource):
+    """Every request on a terminated connection: forwarded by the forwarder."""
+
+    isLeaf = True
+
+    def __init__(self, forwarder: TerminatingForwarder) -> None:
+        super().__init__()
+        self.forwarder = forwarder
+
+    def render(self, request: server.Request) -> int:
+        d = ensureDeferred(self.forwarder._forward_request(request))
+        d.addErrback(lambda f: log.failure("forwarding a request failed", f))
+        return server.NOT_DONE_YET
+
+
+def _reply(request: server.Request, status: int, value: Any) -> None:
+    """Answer ``request`` with the JSON ``value`` and finish it."""
+    request.write(json_body(request, status, value))
+    request.finish()
+
+
+class TerminatingForwarder(Forwarder):
+    """
+    A :class:`~epsproxy.proxy.private.forwarding.Forwarder` that terminates TLS with
+    ``endpoint["tls"]`` and forwards each HTTP request over a pool of upstream
+    connections; ``requests`` counts the forwarded requests.
+    """
+
+    terminate = True
+
+    def __init__(self, reactor: Any, endpoint: dict[str, Any], **limits: Any) -> None:
+        super().__init__(reactor, endpoint, **limits)
+        self.requests = 0
+        # Fail at start-up, not at the first connection.
+        self._server_tls = tls.server_options(endpoint["tls"])
+        self.site = _Site(
+            _ForwardResource(self), self, timeout=endpoint["timeout"], reactor=reactor
+        )
+        self._pool = QuietConnectionPool(reactor, persistent=True)
+        self._pool.cachedConnectionTimeout = int(POOL_IDLE_SECONDS)
+        # Under load every forwarded request needs an upstream connection: keep as many
+        # as may be forwarded at once instead of Twisted's 2 (make soak: 502 bursts).
+        self._pool.maxPersistentPerHost = self.max_connections
+        self._jsonrpc: dict[str, Any] | None = endpoint.get("jsonrpc_client")
+        policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS()
+        if self._jsonrpc is not None and self._jsonrpc.get("tls") is not None:
+            policy = tls.MutualTLSPolicy(self._jsonrpc["tls"], self._jsonrpc.get("server_name"))
+        self._agent = Agent(
+            reactor, contextFactory=policy, pool=self._pool, connectTimeout=self.connect_timeout
+        )
+
+    async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None) -> None:
+        """Dial with the token and run the TLS server side on the connection."""
+        channel = await dial_with_token(
+            self.reactor, endpoint, token, self.endpoint["tls"], self.site,
+            tls_client_for=None, timeout=self.connect_timeout,
+        )
+        if self._closing:
+            channel.transport.abortConnection()
+            return
+        self.forwarded += 1
+        self.active.add(channel)
+        log.info("terminating incoming connection {tag}", tag=token_tag(token))
+
+    def _terminated_lost(self, channel: Any) -> None:
+        self._forget(channel)
+
+    async def _forward_request(self, request: server.Request) -> None:
+        self.requests += 1
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        body = request.content.read()
+        if self._jsonrpc is not None:
+            if request.path != self.endpoint["jsonrpc_path"].encode("utf-8"):
+                _reply(request, 404, {"message": "not found"})
+                return
+            content_type = request.getHeader(b"content-type")
+            try:
+                parse_request(
+                    None if content_type is None else content_type.decode("latin-1"), body
+                )
+            except JSONRPCError as e:
+                _reply(request, 400, response_object(None, error=e))
+                return
+            url = self._jsonrpc["endpoint"].encode("utf-8")
+            limit = self._jsonrpc["max_response_bytes"]
+        else:
+            url = b"http://" + self.endpoint["address"].encode("ascii") + request.uri
+            limit = self.endpoint["max_response_bytes"]
+        headers = Headers()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lower = name.lower()
+            if lower in _HOP_BY_HOP or lower in (b"host", b"content-length"):
+                continue
+            headers.setRawHeaders(name, values)
+        producer = FileBodyProducer(BytesIO(body)) if body else None
+        d = self._agent.request(request.method, url, headers, producer)
+        timer = self.reactor.callLater(self.endpoint["timeout"], d.cancel)
+        try:
+            response = await d
+            collector = CappedBody(limit, response.length)
+            response.deliverBody(collector)
+            data = await collector.done
+        except Exception as e:
+            if gone:
+                return
+            log.warn("upstream request failed: {error}", error=shorten(str(e) or repr(e), 300))
+            _reply(request, 502, {"message": "bad gateway"})
+            return
+        finally:
+            if timer.active():
+                timer.cancel()
+        if gone:
+            return
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in response.headers.getAllRawHeaders():
+            lower = name.lower()
+            if lower in _HOP_BY_HOP or lower == b"content-length":
+                continue
+            request.responseHeaders.setRawHeaders(name, values)
+        request.setHeader(b"content-length", str(len(data)).encode())
+        request.write(data)
+        request.finish()
+
+    def close(self) -> Deferred[None]:
+        """Stop: refuse new forwards, close every forwarded connection and the pool."""
+        closed = super().close()
+        return defer.gatherResults(
+            [closed, self._pool.closeCachedConnections()]
+        ).addCallback(lambda _: None)

@@ -56,8 +56,10 @@ __all__ = [
     "InvalidDirectorySettings",
     "InvalidExpiry",
     "PersistFailed",
+    "NOT_AUTHORIZED",
     "CLIENT_INFO",
     "DOMAIN",
+    "OPERATOR",
     "ANNOUNCE_CONNECTIONS_PARAMS",
     "GET_ANNOUNCEMENTS_PARAMS",
     "allowed_domains",
@@ -81,6 +83,8 @@ MAX_AHEAD_SECONDS = 7 * 86400
 DEFAULT_MAX_PER_OPERATOR = 1000
 #: Times an announcement is decided again when another instance wrote to the store first.
 MAX_CONFLICT_RETRIES = 5
+#: Error code of a call that does not come from the own endpoint server (either proxy).
+NOT_AUTHORIZED = 403
 
 _EXPIRY_TEXT = "timed announcements need to expire in 7 days or less"
 
@@ -88,6 +92,11 @@ _EXPIRY_TEXT = "timed announcements need to expire in 7 days or less"
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 DOMAIN = forms.String(pattern=rf"(?:{_LABEL}\.)*{_LABEL}", min_length=1, max_length=253)
 """An announced domain: a host name (compared lower-case)."""
+
+# Dot-separated parts without white space or parentheses (SPEC §9.2).
+_OPERATOR_NAME = r"[^\s().]+(?:\.[^\s().]+)*"
+OPERATOR = forms.String(pattern=_OPERATOR_NAME, max_length=253)
+"""An operator name that makes a valid ``"<operator>.<method>"`` JSON-RPC method."""
 
 CLIENT_INFO = forms.Map(
     {
@@ -136,7 +145,7 @@ class AnnouncementError(Exception):
 class NotAuthorized(AnnouncementError):
     """The caller has no ``proxy`` settings for this proxy's operator."""
 
-    code = 403
+    code = NOT_AUTHORIZED
 
 
 class InvalidDirectorySettings(AnnouncementError):

@@ -39,6 +39,8 @@ from epsproxy.proxy.announcements import (
     CLIENT_INFO,
     DOMAIN,
     GET_ANNOUNCEMENTS_PARAMS,
+    NOT_AUTHORIZED,
+    OPERATOR,
     AnnouncementError,
     PrivateAnnouncements,
     allowed_domains,
@@ -65,16 +67,11 @@ log = Logger()
 NOT_FOUND = 404
 #: ``incomingConnection`` while ``max_connections`` connections are being forwarded.
 TOO_MANY_CONNECTIONS = 503
-#: Error code of a call that does not come from the own endpoint server.
-NOT_AUTHORIZED = 403
-
-# An operator name that makes a valid "<proxy>.announceConnections" method (SPEC §9.2).
-_OPERATOR = r"[^\s().]+(?:\.[^\s().]+)*"
 _ADDRESS_TEXT = forms.String(min_length=1, max_length=300)
 
 ANNOUNCE_CONNECTION_PARAMS = forms.Map(
     {
-        "proxy": forms.Required(forms.String(pattern=_OPERATOR, max_length=253)),
+        "proxy": forms.Required(OPERATOR),
         "domain": forms.Required(DOMAIN),
         "expires_at": forms.Optional(forms.String(max_length=64)),
         "_client": forms.Optional(CLIENT_INFO),

@@ -31,7 +31,8 @@ from epsproxy.eps import broker
 from epsproxy.eps.links import wire
 from epsproxy.eps.addresses import Address
 from epsproxy.eps.links.protocol import EPSClientFactory, EPSServerFactory
-from epsproxy.eps.peering import PeerLinks
+from epsproxy.eps.inbox import Inbox
+from epsproxy.eps.links.registry import LinkRegistry
 
 from .common import cpu_seconds, percentile
 
@@ -74,19 +75,20 @@ def _tls_block(config: dict[str, Any]) -> dict[str, Any]:
 def server_factory(reactor: Any, directory: str) -> EPSServerFactory:
     """
     hd-2's side: what an ``eps_server`` channel accepts with — links from
-    :class:`PeerLinks`, whose every request goes through the broker (directory lookups,
+    :class:`LinkRegistry`, whose every request goes through the broker (directory lookups,
     permission check, ``_client`` injection) to the echo channel.
     """
     entries = JSONDirectory(directory, SERVER, reload_interval=1.0)
-    links = PeerLinks(reactor, entries, SERVER)
-    links.broker = broker.Broker(entries, [EchoChannel(SERVER)], reactor)
+    inbox = Inbox()
+    links = LinkRegistry(reactor, entries, SERVER, inbox.serve)
+    inbox.open(broker.Broker(entries, [EchoChannel(SERVER)], reactor))
     return links.server_factory()
 
 
 def client_factory(reactor: Any, directory: str) -> EPSClientFactory:
     """hd-1's side: what an ``eps_client`` channel dials with (it has no broker to serve)."""
     entries = JSONDirectory(directory, CLIENT, reload_interval=1.0)
-    return PeerLinks(reactor, entries, CLIENT).client_factory()
+    return LinkRegistry(reactor, entries, CLIENT, Inbox().serve).client_factory()
 
 
 async def measure(

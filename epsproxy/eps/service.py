@@ -5,6 +5,7 @@ The running endpoint server: directory, channels, broker and peer links wired to
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, IO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -23,7 +24,8 @@ from epsproxy.eps.channels.gateway import JSONRPCServerChannel
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
 from epsproxy.eps.channels.peer import EPSClientChannel, EPSServerChannel
 from epsproxy.eps.links.session import PEER_REFUSAL_REASONS
-from epsproxy.eps.peering import INCOMING, OUTGOING, PeerLinks
+from epsproxy.eps.inbox import Inbox, request_connection, send_result
+from epsproxy.eps.links.registry import INCOMING, OUTGOING, LinkRegistry
 
 __all__ = ["EndpointServerService"]
 
@@ -78,7 +80,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         self.stop_reactor_on_failure = stop_reactor_on_failure
         self.stdout = stdout
         self.directory: Any = None
-        self.links: PeerLinks | None = None
+        self.links: LinkRegistry | None = None
         self.broker: Broker | None = None
         self.async_calls: AsyncCalls | None = None
         self.channels: list[Any] = []
@@ -88,9 +90,11 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
 
     async def _start(self) -> EndpointServerService:
         await self._open_directory()
-        self.links = PeerLinks(self.reactor, self.directory, self.name)
+        inbox = Inbox()
+        self.links = LinkRegistry(self.reactor, self.directory, self.name, inbox.serve)
         self.async_calls = AsyncCalls(self.reactor, self.name,
-                                      send_result=self.links.send_result)
+                                      send_result=partial(send_result, self.links))
+        self._ask = request_connection(inbox, self.name, self.directory.own_entry)
         self.channels = [self._build_channel(c) for c in self.settings["channels"]]
         self._warn_about_order()
         self._register_metrics()
@@ -98,10 +102,9 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
             self.directory, self.channels, self.reactor, version=__version__,
             observe=self._observe, on_answer=self._on_answer,
         )
-        self.links.broker = self.broker
-        self.links.async_calls = self.async_calls
+        inbox.open(self.broker, self.async_calls)
         for channel in self.channels:
-            if isinstance(channel, (JSONRPCServerChannel, EPSClientChannel)):
+            if isinstance(channel, JSONRPCServerChannel):
                 channel.broker = self.broker
             if isinstance(channel, JSONRPCClientChannel) and self.async_calls.push is None:
                 self.async_calls.push = channel.push
@@ -141,7 +144,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
             return EPSServerChannel(name, self.name, settings, self.links, self.reactor)
         if kind == "grpc_client":
             return EPSClientChannel(name, self.name, settings, self.links, self.directory,
-                                    self.reactor)
+                                    self.reactor, request_connection=self._ask)
         if kind == "jsonrpc_server":
             return JSONRPCServerChannel(name, self.name, settings, None, self.directory,
                                         self.reactor, async_calls=self.async_calls)

@@ -116,7 +116,7 @@ class EPSConnection(Protocol):
     # -- Twisted callbacks --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport: Any = self.transport
         if isinstance(transport, TLSMemoryBIOProtocol):
             # Twisted's BufferingTLSTransport delays every write to a callLater(0), one
             # more reactor turn per answer.  The session batches the lines of each read,
@@ -153,7 +153,7 @@ class EPSConnection(Protocol):
             self._receiving = False
             self._after(now)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._receiving = False
         self.session.connection_lost(
             reason.getErrorMessage() if reason is not None else "closed")
@@ -261,17 +261,22 @@ class EPSConnection(Protocol):
 
 
 class _EPSFactory(Factory):
-    """Builds :class:`EPSConnection` protocols sharing one configuration."""
+    """
+    Builds :class:`EPSConnection` protocols sharing one configuration; ``track(link)``,
+    if given, is told of every link built (the registry's bookkeeping).
+    """
 
     protocol = EPSConnection
     noisy = False  # links log their own coming and going (the registry)
 
     def __init__(self, directory: Directory, own_name: str, handler: Handler,
-                 clock: IReactorTime, **options: Any) -> None:
+                 clock: IReactorTime, *, track: Callable[[EPSConnection], Any] | None = None,
+                 **options: Any) -> None:
         self.directory = directory
         self.own_name = own_name
         self.handler = handler
         self.clock = clock
+        self.track = track
         self.options = options
 
     def buildProtocol(self, addr: Any) -> Optional[EPSConnection]:
@@ -279,6 +284,8 @@ class _EPSFactory(Factory):
             self.directory, self.own_name, self.handler, self.clock, **self.options
         )
         connection.factory = self
+        if self.track is not None:
+            self.track(connection)
         return connection
 
 

@@ -377,6 +377,21 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self.registry = registry or CollectorRegistry()
         self.stop_reactor_on_failure = stop_reactor_on_failure
         self.datastore_dir = datastore_dir
+        self._rate_limited = Counter(
+            "proxy_internal_rate_limited_connections",
+            "token connections closed by tcp_rate_limits", registry=self.registry,
+        )
+        # The internal endpoint's limiter: only connections that fail count.  One with a
+        # live token was brokered by us, and private proxies and endpoint servers send
+        # many of those from one address (an attacker's routed SNI connections must not
+        # use up their allowance): the rendezvous forgives them.
+        self._internal_limiter: ratelimit.RateLimiter | None = None
+        if settings["tcp_rate_limits"]:
+            self._internal_limiter = ratelimit.RateLimiter(
+                settings["tcp_rate_limits"], reactor,
+                on_refused=lambda reason: self._rate_limited.inc(),
+            )
+        limiter = self._internal_limiter
         self.rendezvous = Rendezvous(
             reactor,
             accept_timeout=settings["accept_timeout"],
@@ -384,12 +399,9 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             max_pending=settings["max_pending_tokens"],
             buffer_bytes=settings["splice_buffer_bytes"],
             idle_timeout=settings["idle_timeout"],
+            on_valid_token=None if limiter is None else limiter.forgive,
         )
         self.registry.register(_RendezvousCollector(self.rendezvous))
-        self._rate_limited = Counter(
-            "proxy_internal_rate_limited_connections",
-            "token connections closed by tcp_rate_limits", registry=self.registry,
-        )
         self.store: Store | None = None
         self.client: JSONRPCClient | None = None
         self.proxy: PublicProxy | None = None
@@ -495,16 +507,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
 
     async def _listen_internal(self) -> IListeningPort:
         factory: Any = self.rendezvous.factory()
-        limits = self.settings["tcp_rate_limits"]
-        if limits:
-            factory = ratelimit.rate_limited(
-                factory, limits, self.reactor,
-                on_refused=lambda reason: self._rate_limited.inc(),
-            )
-            # Only connections that fail count: one with a live token was brokered by us,
-            # and private proxies and endpoint servers send many of those from one address
-            # (an attacker's routed SNI connections must not use up their allowance).
-            self.rendezvous.on_valid_token = factory.limiter.forgive
+        if self._internal_limiter is not None:
+            factory = self._internal_limiter.wrap(factory)
         endpoint = tls.listen_endpoint(self.reactor, self.settings["internal_bind_address"], None)
         port = await endpoint.listen(factory)
         self.ports.append(port)

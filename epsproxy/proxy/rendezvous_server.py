@@ -166,6 +166,7 @@ class Rendezvous:
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         read_bytes: int = DEFAULT_READ_BYTES,
+        on_valid_token: Callable[[Any], None] | None = None,
     ) -> None:
         if max_pending < 1 or buffer_bytes < 1 or read_bytes < 1:
             raise ValueError("max_pending, buffer_bytes and read_bytes must be positive")
@@ -183,7 +184,7 @@ class Rendezvous:
         self._factory = _InternalFactory(self)
         #: Called with a party's peer address when it presents a live token (e.g. a rate
         #: limiter's ``forgive``: a brokered connection is not a flood).
-        self.on_valid_token: Callable[[Any], None] | None = None
+        self.on_valid_token = on_valid_token
         # counters since start (metrics)
         self.pairings = 0
         self.timeouts = 0

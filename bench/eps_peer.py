@@ -61,8 +61,8 @@ class EchoChannel:
     def can_deliver_to(self, address: Address) -> bool:
         return address.operator == self.own_name
 
-    def deliver(self, request: broker.Request, client_info: broker.ClientInfo
-                ) -> broker.Response:
+    def deliver(self, request: broker.Request, client_info: broker.ClientInfo,
+                address: Address | None = None) -> broker.Response:
         result = {k: v for k, v in (request.params or {}).items() if k != "_client"}
         return broker.Response(request.id, result=result)
 

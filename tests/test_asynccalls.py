@@ -458,7 +458,7 @@ class AcknowledgingChannelTests(Base):
         def can_deliver_to(self, address: Any) -> bool:
             return True
 
-        def deliver(self, request: Request, client: ClientInfo) -> Any:
+        def deliver(self, request: Request, client: ClientInfo, address: Any = None) -> Any:
             return defer.succeed(Response(request.id, self.result))
 
         def close(self) -> None:

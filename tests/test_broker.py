@@ -85,7 +85,7 @@ class FakeChannel:
         self.asked.append(address)
         return address.operator in self.accepts
 
-    def deliver(self, request: Request, client_info: ClientInfo) -> Any:
+    def deliver(self, request: Request, client_info: ClientInfo, address: Any = None) -> Any:
         self.delivered.append((request, client_info))
         return self.answer(request, client_info)
 

@@ -657,9 +657,9 @@ class AcknowledgingChannel:
         return self.channel.can_deliver_to(address)
 
     def deliver(
-        self, request: Request, client_info: ClientInfo
+        self, request: Request, client_info: ClientInfo, address: Address | None = None
     ) -> defer.Deferred[Response | None]:
-        d = defer.maybeDeferred(self.channel.deliver, request, client_info)
+        d = defer.maybeDeferred(self.channel.deliver, request, client_info, address)
 
         def noted(response: Any) -> Any:
             if isinstance(response, Response) and is_acknowledgement(response):

@@ -50,6 +50,9 @@ __all__ = [
     "ClientInfo",
     "BrokerError",
     "Channel",
+    "Startable",
+    "Closable",
+    "Submitter",
     "ConnectionRequestHandler",
     "Directory",
     "Broker",
@@ -129,10 +132,13 @@ class Directory(Protocol):
 @runtime_checkable
 class Channel(Protocol):
     """
-    A channel the broker delivers to (SPEC §12).  ``deliver`` may return a
-    :class:`Response`, None (no answer), or a Deferred of either; a failure becomes a
+    A channel the broker delivers to (SPEC §12).  ``deliver`` gets the request, its
+    caller and the address the broker parsed from the request id (channels never parse
+    it again; ``None`` only when a test or tool calls a channel directly); it may return
+    a :class:`Response`, None (no answer), or a Deferred of either; a failure becomes a
     500 error response.  A channel that brokers proxy connections (``eps_server``) also
-    implements :class:`ConnectionRequestHandler`.
+    implements :class:`ConnectionRequestHandler`; one that listens or keeps connections
+    implements :class:`Startable`.
     """
 
     name: str
@@ -141,7 +147,34 @@ class Channel(Protocol):
     def can_deliver_to(self, address: Address) -> bool: ...
 
     def deliver(
-        self, request: Request, client_info: ClientInfo
+        self, request: Request, client_info: ClientInfo, address: Address | None = None
+    ) -> defer.Deferred[Response | None]: ...
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """A channel with something to start before the node is ready (a listener, links)."""
+
+    def start(self) -> Any:
+        """Start; may return a Deferred that fires once started."""
+
+    def stop(self) -> Any:
+        """Stop what :meth:`start` started; may return a Deferred."""
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """A channel holding resources (connection pools) to release at shutdown."""
+
+    def close(self) -> Any:
+        """Release them; may return a Deferred."""
+
+
+class Submitter(Protocol):
+    """Where a channel submits the requests it takes in (the broker, or its Inbox)."""
+
+    def deliver(
+        self, request: Request, client_info: ClientInfo | None
     ) -> defer.Deferred[Response | None]: ...
 
 
@@ -381,12 +414,13 @@ class Broker:
                     f"channel {channel.name} failed to check the address: {e}"
                 ) from None
             if can:
-                return self._via_channel(channel, request, client, call)
+                return self._via_channel(channel, request, address, client, call)
         # 11. Nobody.
         raise BrokerError("no channel can deliver this request")
 
     def _via_channel(
-        self, channel: Channel, request: Request, client: ClientInfo, call: _Call
+        self, channel: Channel, request: Request, address: Address, client: ClientInfo,
+        call: _Call,
     ) -> Response | None | Failure | defer.Deferred[Response | None]:
         def checked(response: Any) -> Response | None:
             if response is None:
@@ -419,7 +453,7 @@ class Broker:
             )
 
         try:
-            answer = channel.deliver(request, client)
+            answer = channel.deliver(request, client, address)
         except BaseException:
             return failed(Failure())
         if type(answer) is CoroutineType:

@@ -6,7 +6,7 @@ The running endpoint server: directory, channels, broker and peer links wired to
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, IO
+from typing import IO, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet import defer
@@ -19,13 +19,14 @@ from epsproxy.directory import entries as _entries
 from epsproxy.directory.api import APIDirectory
 from epsproxy.directory.jsondir import JSONDirectory
 from epsproxy.eps.asynccalls import AsyncCalls, is_acknowledgement
-from epsproxy.eps.broker import Broker, Channel, Response
+from epsproxy.eps.broker import Broker, Channel, Closable, Response, Startable
 from epsproxy.eps.channels.gateway import JSONRPCServerChannel
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
 from epsproxy.eps.channels.peer import EPSClientChannel, EPSServerChannel
-from epsproxy.eps.links.session import PEER_REFUSAL_REASONS
 from epsproxy.eps.inbox import Inbox, request_connection, send_result
+from epsproxy.eps.links.dialer import RequestConnection
 from epsproxy.eps.links.registry import INCOMING, OUTGOING, LinkRegistry
+from epsproxy.eps.links.session import PEER_REFUSAL_REASONS
 
 __all__ = ["EndpointServerService"]
 
@@ -85,17 +86,33 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         self.async_calls: AsyncCalls | None = None
         self.channels: list[Any] = []
         self._known_methods: frozenset[str] = frozenset(_INTERNAL)
+        self._http_refusal: Callable[[str], None] | None = None
+        self._peer_refusal: Callable[[str], None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
     async def _start(self) -> EndpointServerService:
         await self._open_directory()
+        self._count_refusals()
+        # The wiring, in dependency order.  The broker needs the channels, and the links,
+        # the gateway and the dialer need the broker: they get the inbox, which the
+        # broker opens once it exists.  The asynchronous calls push results through the
+        # first local channel, so that one is built before them.
         inbox = Inbox()
         self.links = LinkRegistry(self.reactor, self.directory, self.name, inbox.serve)
-        self.async_calls = AsyncCalls(self.reactor, self.name,
-                                      send_result=partial(send_result, self.links))
-        self._ask = request_connection(inbox, self.name, self.directory.own_entry)
-        self.channels = [self._build_channel(c) for c in self.settings["channels"]]
+        configs = self.settings["channels"]
+        local = {i: self._local_channel(c) for i, c in enumerate(configs)
+                 if _entries.canonical_channel_type(c["type"]) == "jsonrpc_client"}
+        first_local = next(iter(local.values()), None)
+        self.async_calls = AsyncCalls(
+            self.reactor, self.name, send_result=partial(send_result, self.links),
+            push=None if first_local is None else first_local.push,
+        )
+        ask = request_connection(inbox, self.name, self.directory.own_entry)
+        self.channels = [
+            local[i] if i in local else self._build_channel(c, inbox, ask)
+            for i, c in enumerate(configs)
+        ]
         self._warn_about_order()
         self._register_metrics()
         self.broker = Broker(
@@ -104,14 +121,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         )
         inbox.open(self.broker, self.async_calls)
         for channel in self.channels:
-            if isinstance(channel, JSONRPCServerChannel):
-                channel.broker = self.broker
-            if isinstance(channel, JSONRPCClientChannel) and self.async_calls.push is None:
-                self.async_calls.push = channel.push
-        for channel in self.channels:
-            start = getattr(channel, "start", None)
-            if callable(start):
-                await defer.maybeDeferred(start)
+            if isinstance(channel, Startable):
+                await defer.maybeDeferred(channel.start)
         self._refresh_known_methods()
         add_listener = getattr(self.directory, "add_listener", None)
         if callable(add_listener):
@@ -136,29 +147,35 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
             log.warn("the directory has no entry for {name} yet ({error}); peers cannot "
                      "identify or call this node until it has", name=self.name, error=str(e))
 
-    def _build_channel(self, config: dict[str, Any]) -> Any:
+    def _build_channel(
+        self, config: dict[str, Any], inbox: Inbox, ask: RequestConnection
+    ) -> Channel:
         kind = _entries.canonical_channel_type(config["type"])
         name, settings = config["name"], config["settings"]
         assert self.links is not None
         if kind == "grpc_server":
-            return EPSServerChannel(name, self.name, settings, self.links, self.reactor)
+            return EPSServerChannel(name, self.name, settings, self.links, self.reactor,
+                                    refusals=self._peer_refusal)
         if kind == "grpc_client":
             return EPSClientChannel(name, self.name, settings, self.links, self.directory,
-                                    self.reactor, request_connection=self._ask)
+                                    self.reactor, request_connection=ask)
         if kind == "jsonrpc_server":
-            return JSONRPCServerChannel(name, self.name, settings, None, self.directory,
-                                        self.reactor, async_calls=self.async_calls)
-        if kind == "jsonrpc_client":
-            services = settings.get("services")
-            client_settings = {k: v for k, v in settings.items() if k != "services"}
-            return JSONRPCClientChannel(
-                name, self.name, client_settings, self.reactor,
-                services=frozenset(services) if services else None,
-                directory=self.directory,
-            )
+            return JSONRPCServerChannel(name, self.name, settings, inbox, self.directory,
+                                        self.reactor, async_calls=self.async_calls,
+                                        refusals=self._http_refusal)
         if kind == "stdout":
             return StdoutChannel(name, self.name, self.stdout)
         raise ValueError(f"unknown channel type {config['type']!r}")
+
+    def _local_channel(self, config: dict[str, Any]) -> JSONRPCClientChannel:
+        settings = config["settings"]
+        services = settings.get("services")
+        client_settings = {k: v for k, v in settings.items() if k != "services"}
+        return JSONRPCClientChannel(
+            config["name"], self.name, client_settings, self.reactor,
+            services=frozenset(services) if services else None,
+            directory=self.directory,
+        )
 
     def _warn_about_order(self) -> None:
         kinds = [c.type for c in self.channels]
@@ -172,20 +189,20 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         return f"endpoint server {self.name}"
 
     async def _close(self) -> None:
+        # Listeners and kept links stop first, then the links close, then the pools.
         for channel in reversed(self.channels):
-            stop = getattr(channel, "stop", None) or getattr(channel, "close", None)
-            if callable(stop):
-                try:
-                    await defer.maybeDeferred(stop)
-                except Exception:
-                    log.failure("channel {channel} did not stop cleanly", channel=channel.name)
+            try:
+                if isinstance(channel, Startable):
+                    await defer.maybeDeferred(channel.stop)
+                elif isinstance(channel, Closable):
+                    await defer.maybeDeferred(channel.close)
+            except Exception:
+                log.failure("channel {channel} did not stop cleanly", channel=channel.name)
         if self.links is not None:
             await self.links.close_all()
         for channel in self.channels:
-            close = getattr(channel, "close", None)
-            stop = getattr(channel, "stop", None)
-            if callable(close) and callable(stop):
-                await defer.maybeDeferred(close)
+            if isinstance(channel, Startable) and isinstance(channel, Closable):
+                await defer.maybeDeferred(channel.close)
         self.channels = []
         if isinstance(self.directory, APIDirectory):
             await self.directory.stop()
@@ -204,20 +221,20 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
 
     # -- metrics ------------------------------------------------------------------------
 
-    def _register_metrics(self) -> None:
-        registry = self.registry
-        http_refusals = http_refusals_counter(registry, "eps")
+    def _count_refusals(self) -> None:
+        """The refusal counters, which the listening channels get when they are built."""
+        http_refusals = http_refusals_counter(self.registry, "eps")
         peer_refusals = Counter(
             "eps_peer_refusals", "EPS peer connections refused, by reason",
-            ["reason"], registry=registry,
+            ["reason"], registry=self.registry,
         )
         for reason in PEER_REFUSAL_REASONS:
             peer_refusals.labels(reason)
-        for channel in self.channels:
-            if isinstance(channel, JSONRPCServerChannel):
-                channel.refusals = lambda reason: http_refusals.labels(reason).inc()
-            if isinstance(channel, EPSServerChannel):
-                channel.refusals = lambda reason: peer_refusals.labels(reason).inc()
+        self._http_refusal = lambda reason: http_refusals.labels(reason).inc()
+        self._peer_refusal = lambda reason: peer_refusals.labels(reason).inc()
+
+    def _register_metrics(self) -> None:
+        registry = self.registry
         self._requests = Counter(
             "eps_requests", "requests handled by the broker, by method and outcome",
             ["method", "outcome"], registry=registry,

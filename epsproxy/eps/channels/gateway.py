@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from epsproxy.rules import forms
 from epsproxy.eps.addresses import AddressError, make_address, split_method
 from epsproxy.eps.asynccalls import AsyncCalls, is_acknowledgement, parse_respond, unwrap
-from epsproxy.eps.broker import Broker, ClientInfo, Request, Response
+from epsproxy.eps.broker import ClientInfo, Request, Response, Startable, Submitter
 from epsproxy.net.jsonrpc.envelope import METHOD_NOT_FOUND, CallContext, JSONRPCError
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 
@@ -107,17 +107,17 @@ def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-class JSONRPCServerChannel:
+class JSONRPCServerChannel(Startable):
     """
     The ``jsonrpc_server`` channel (SPEC §12.1).
 
-    ``settings`` are validated :data:`GATEWAY_SETTINGS`; ``broker`` may be set after
-    construction (the broker is built from the list of channels); ``directory`` gives
-    the own entry (the caller info of every call); ``async_calls``, if given, enables
-    acknowledgements, ``Prefer: wait`` and ``respond``; ``metrics`` (an
-    :class:`epsproxy.net.metrics.RPCMetrics`) counts the calls; ``refusals(reason)``, if set
-    before :meth:`start`, counts the refused HTTP connections (see
-    :func:`epsproxy.net.jsonrpc.jsonrpc_site`).
+    ``settings`` are validated :data:`GATEWAY_SETTINGS`; ``broker`` is where requests are
+    submitted (the node's :class:`~epsproxy.eps.inbox.Inbox`, opened once the broker
+    exists; None refuses every call); ``directory`` gives the own entry (the caller info
+    of every call); ``async_calls``, if given, enables acknowledgements, ``Prefer: wait``
+    and ``respond``; ``metrics`` (an :class:`epsproxy.net.metrics.RPCMetrics`) counts the
+    calls; ``refusals(reason)``, if given, counts the refused HTTP connections (see
+    :func:`epsproxy.net.jsonrpc.server.jsonrpc_site`).
     """
 
     type = "jsonrpc_server"
@@ -127,7 +127,7 @@ class JSONRPCServerChannel:
         name: str,
         own_name: str,
         settings: dict[str, Any],
-        broker: Broker | None,
+        broker: Submitter | None,
         directory: _Directory,
         reactor: Any,
         async_calls: AsyncCalls | None = None,
@@ -152,7 +152,8 @@ class JSONRPCServerChannel:
         """Never: the gateway only takes requests in."""
         return False
 
-    def deliver(self, request: Request, client_info: ClientInfo) -> defer.Deferred[Any]:
+    def deliver(self, request: Request, client_info: ClientInfo,
+                address: Any = None) -> defer.Deferred[Any]:
         """Never called (see :meth:`can_deliver_to`); fails."""
         return defer.fail(GatewayError("the jsonrpc_server channel delivers nothing"))
 

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from epsproxy.directory import entries as _entries
 from epsproxy.eps.addresses import Address, AddressError, parse_address
-from epsproxy.eps.broker import ClientInfo, Request, Response
+from epsproxy.eps.broker import ClientInfo, Closable, Request, Response
 from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
 
@@ -54,7 +54,7 @@ def _wrapped(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"_": value}
 
 
-class JSONRPCClientChannel:
+class JSONRPCClientChannel(Closable):
     """
     The ``jsonrpc_client`` channel (SPEC §12.2): delivers requests for the own operator
     ``own_name`` to the JSON-RPC service at ``settings["endpoint"]`` (validated
@@ -95,17 +95,18 @@ class JSONRPCClientChannel:
         return service is not None and service.get("name") in self.services
 
     def deliver(
-        self, request: Request, client_info: ClientInfo
+        self, request: Request, client_info: ClientInfo, address: Address | None = None
     ) -> defer.Deferred[Response | None]:
         """
-        Post the request (method from the address, params as received, id = the full
-        EPS id) and convert the answer; fails with :class:`LocalServiceUnreachable` when
-        the service gives no usable answer.
+        Post the request (method from the broker's ``address``, params as received,
+        id = the full EPS id) and convert the answer; fails with
+        :class:`LocalServiceUnreachable` when the service gives no usable answer.
         """
-        try:
-            address = parse_address(request.id)
-        except AddressError as e:
-            return defer.fail(LocalChannelError(f"cannot deliver: {e}"))
+        if address is None:  # called directly, not by the broker
+            try:
+                address = parse_address(request.id)
+            except AddressError as e:
+                return defer.fail(LocalChannelError(f"cannot deliver: {e}"))
         params = {} if request.params is None else request.params
         d = self._client.call(address.method, params, id=request.id)
 
@@ -155,7 +156,7 @@ class StdoutChannel:
         return address.operator == self.own_name
 
     def deliver(
-        self, request: Request, client_info: ClientInfo
+        self, request: Request, client_info: ClientInfo, address: Address | None = None
     ) -> defer.Deferred[Response | None]:
         """Print the request; fires with None."""
         # Looked up per call so a replaced sys.stdout (tests, daemons) is honoured.

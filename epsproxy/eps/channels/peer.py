@@ -28,8 +28,8 @@ from epsproxy.rules import forms
 
 from epsproxy.net import ratelimit, tls
 from epsproxy.eps import inbox
-from epsproxy.eps.addresses import Address
-from epsproxy.eps.broker import ClientInfo, Request, Response
+from epsproxy.eps.addresses import Address, parse_address
+from epsproxy.eps.broker import ClientInfo, Request, Response, Startable
 from epsproxy.eps.links import wire
 from epsproxy.eps.links.dialer import SERVER_TYPES, Dialer, RequestConnection
 from epsproxy.eps.links.protocol import EPSConnection
@@ -114,7 +114,7 @@ _CONNECTION_REQUEST = forms.Map(
     strict=False,
 )
 
-class EPSServerChannel:
+class EPSServerChannel(Startable):
     """
     The ``eps_server`` channel: a mutual-TLS listener for peers (validated
     :data:`EPS_SERVER_SETTINGS`), and delivery to peers linked to us.
@@ -187,11 +187,10 @@ class EPSServerChannel:
             and self.links.link_to(address.operator, INCOMING) is not None
         )
 
-    def deliver(self, request: Request, client_info: ClientInfo) -> defer.Deferred[Response | None]:
+    def deliver(self, request: Request, client_info: ClientInfo,
+                address: Address | None = None) -> defer.Deferred[Response | None]:
         """Send the request over the peer's link; fires with its answer."""
-        from epsproxy.eps.addresses import parse_address
-
-        operator = parse_address(request.id).operator
+        operator = (address or parse_address(request.id)).operator
         link = self.links.link_to(operator, INCOMING)
         if link is None:
             return defer.fail(PeerChannelError(f"{operator} is no longer connected"))
@@ -234,7 +233,7 @@ class EPSServerChannel:
         return d.addCallbacks(lambda _: Response(id="", result={}), failed)
 
 
-class EPSClientChannel:
+class EPSClientChannel(Startable):
     """
     The ``eps_client`` channel (validated :data:`EPS_CLIENT_SETTINGS`): delivers to
     peers with a reachable server over a link from its :class:`Dialer` (an open one, or
@@ -278,11 +277,10 @@ class EPSClientChannel:
             and settings.get("proxy") != self.own_name
         )
 
-    def deliver(self, request: Request, client_info: ClientInfo) -> defer.Deferred[Response | None]:
+    def deliver(self, request: Request, client_info: ClientInfo,
+                address: Address | None = None) -> defer.Deferred[Response | None]:
         """Send the request over a link to the peer, dialling one if none is open."""
-        from epsproxy.eps.addresses import parse_address
-
-        operator = parse_address(request.id).operator
+        operator = (address or parse_address(request.id)).operator
         d = self.dialer.link_for(operator)
         return d.addCallback(self._call, request)
 

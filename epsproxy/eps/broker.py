@@ -437,7 +437,7 @@ class Broker:
                     log.failure("broker answer hook failed")
             return response
 
-        def failed(failure: Failure) -> Failure | Response:
+        def failed(failure: Failure) -> Any:  # a Failure, or the 500 Response
             if failure.check(defer.CancelledError):
                 return failure
             call.outcome = "channel_error"
@@ -452,6 +452,7 @@ class Broker:
                 },
             )
 
+        answer: Any
         try:
             answer = channel.deliver(request, client, address)
         except BaseException:
@@ -488,7 +489,7 @@ class Broker:
                 query = _DIRECTORY_QUERY.validate(
                     {} if request.params is None else request.params
                 )
-                result = {"entries": self.directory.entries(query)}
+                result = {"entries": self.directory.entries(query)}  # type: ignore[dict-item]
         except Exception as e:
             raise BrokerError(f"error handling internal request: {e}") from None
         call.outcome = "ok"

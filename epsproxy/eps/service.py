@@ -58,6 +58,10 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
+def _counter(calls: AsyncCalls | None, attribute: str) -> float:
+    return _number(getattr(calls, attribute, 0))
+
+
 class EndpointServerService(AsyncStartService["EndpointServerService"]):
     """
     One operator's EPS, from validated ``EPS_SETTINGS``.  :meth:`when_ready` fires with
@@ -248,9 +252,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         peer_links = Gauge("eps_peer_links", "open links to other EPS servers",
                            ["direction"], registry=registry)
         for direction in (INCOMING, OUTGOING):
-            peer_links.labels(direction).set_function(
-                lambda d=direction: links.count(d)
-            )
+            peer_links.labels(direction).set_function(partial(links.count, direction))
         Gauge(
             "eps_directory_age_seconds",
             "seconds since the directory was last updated from the SD (-1: never)",
@@ -262,9 +264,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         events = Gauge("eps_async_calls", "asynchronous calls by event (since start)",
                        ["event"], registry=registry)
         for event, attribute in _ASYNC_EVENTS.items():
-            events.labels(event).set_function(
-                lambda a=attribute: _number(getattr(calls, a, 0))
-            )
+            events.labels(event).set_function(partial(_counter, calls, attribute))
         pending = Gauge("eps_async_pending", "asynchronous calls waiting for a result",
                         ["side"], registry=registry)
         pending.labels("callee").set_function(

@@ -182,7 +182,7 @@ class JSONRPCServerChannel(Startable):
                     if lost is not None:
                         lost.callback(None)
 
-        site.protocol = _Tracked
+        site.protocol = _Tracked  # type: ignore[method-assign]  # Site builds its protocol class
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -200,7 +200,8 @@ class JSONRPCServerChannel(Startable):
         after :data:`CLOSE_GRACE` seconds), ones with a request in progress at once.
         """
         port, self.port = self.port, None
-        stopped = defer.maybeDeferred(port.stopListening) if port is not None else None
+        stopped: defer.Deferred[Any] | None = (
+            None if port is None else defer.maybeDeferred(port.stopListening))
         pending = list(self._connections.items())
         for protocol, _ in pending:
             if getattr(protocol, "requests", None):
@@ -209,7 +210,7 @@ class JSONRPCServerChannel(Startable):
                 protocol.transport.abortConnection()
             else:
                 protocol.transport.loseConnection()
-        waits = [lost for _, lost in pending]
+        waits: list[defer.Deferred[Any]] = [lost for _, lost in pending]
         timer = None
         if pending:
             def abort() -> None:

@@ -159,7 +159,7 @@ class EPSServerChannel(Startable):
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
-            address = port.getHost()
+            address: Any = port.getHost()
             log.info("eps_server channel {channel} listening on {host}:{port}",
                      channel=self.name, host=address.host, port=address.port)
             return port
@@ -178,7 +178,7 @@ class EPSServerChannel(Startable):
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        return defer.maybeDeferred(port.stopListening).addCallback(lambda _: None)
 
     def can_deliver_to(self, address: Address) -> bool:
         """Peers (never ourselves) that have a link to us which they opened."""

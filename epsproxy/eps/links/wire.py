@@ -33,7 +33,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import orjson
 
@@ -293,10 +293,12 @@ def _parse_res(obj: dict[str, Any]) -> Frame:
     result = obj.get("r", NO_RESULT)
     error = obj.get("e")
     # JSON null is "absent", like the Struct-less gRPC fields.
-    return Response(obj.get("id"), NO_RESULT if result is None else result, error)  # type: ignore[arg-type]
+    id: Any = obj.get("id")
+    return Response(id, NO_RESULT if result is None else result, error)
 
 
-_PARSERS = {
+# The frame classes check their fields when built: the parsers pass what came.
+_PARSERS: dict[str, Callable[[Any], Frame]] = {
     "req": _parse_req,
     "res": _parse_res,
     "ping": lambda o: Ping(o.get("n")),

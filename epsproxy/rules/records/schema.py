@@ -183,7 +183,7 @@ SIGNED_RECORD: forms.Schema = _Map(
 SIGNED_DATA: forms.Schema = _Map({"signature": _R(SIGNATURE), "data": _R(forms.AnyValue())})
 
 
-def normalise_record(record: dict) -> dict:
+def normalise_record(record: object) -> dict:
     """The validated change record (SPEC §3.2) with ``created_at`` canonicalised."""
     return CHANGE_RECORD.validate(record)
 

@@ -46,8 +46,16 @@ def _sign(digest: bytes, key: Any) -> tuple[str, str]:
     return str(r), str(s)
 
 
-def _signature_ok(signer: Signer, digest: bytes, r: str, s: str) -> bool:
+def _public_key(signer: Signer) -> ec.EllipticCurvePublicKey:
+    # load_signer fills public_key; a Signer built by hand may leave it to the certificate.
     public_key = signer.public_key or signer.certificate.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise InvalidRecord("signing certificate does not hold an ECDSA key")
+    return public_key
+
+
+def _signature_ok(signer: Signer, digest: bytes, r: str, s: str) -> bool:
+    public_key = _public_key(signer)
     try:
         signature = utils.encode_dss_signature(int(r), int(s))
         public_key.verify(signature, digest, _ALGORITHM)
@@ -69,7 +77,7 @@ def _signing_certificate(key: Any, certificate_pem: str) -> str:
         raise SigningError(e.reason) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SigningError("the signing key is not an ECDSA private key")
-    if key.public_key().public_numbers() != signer.certificate.public_key().public_numbers():
+    if key.public_key().public_numbers() != _public_key(signer).public_numbers():
         raise SigningError("the signing key does not belong to the signing certificate")
     return pem
 

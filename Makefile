@@ -46,7 +46,11 @@ os-deps:
 		fi; \
 	fi
 
+# The layer contracts (setup.cfg [importlinter]) and the type check (setup.cfg [mypy]) run
+# first: a forbidden import or a type error fails the build before the slower tests run.
 test: venv certs os-deps
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 test-trial: venv certs

@@ -477,6 +477,7 @@ class Broker:
         if address.method == "_connectionRequest":
             d = self._connection_request(request.params)
             return d.addCallback(self._internal_done, call)
+        result: dict[str, Any]
         try:
             if address.method == "_ping":
                 result = {
@@ -489,7 +490,7 @@ class Broker:
                 query = _DIRECTORY_QUERY.validate(
                     {} if request.params is None else request.params
                 )
-                result = {"entries": self.directory.entries(query)}  # type: ignore[dict-item]
+                result = {"entries": self.directory.entries(query)}
         except Exception as e:
             raise BrokerError(f"error handling internal request: {e}") from None
         call.outcome = "ok"

@@ -167,7 +167,8 @@ class JSONRPCServerChannel(Startable):
         connections = self._connections
         base = site.protocol
 
-        class _Tracked(base):  # type: ignore[misc, valid-type]
+        # The site's protocol class is only known at run time.
+        class _Tracked(base):  # type: ignore[misc, valid-type]  # a variable as base
             """The site's HTTP channel, remembered while open so ``stop`` can close it."""
 
             def connectionMade(self) -> None:

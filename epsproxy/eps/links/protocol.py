@@ -183,7 +183,8 @@ class EPSConnection(Protocol):
 
     def serve(self, request: wire.Request) -> None:
         try:
-            result = self.handler(request, self.session.peer)  # type: ignore[arg-type]
+            peer: Any = self.session.peer  # set: requests are only served on open links
+            result = self.handler(request, peer)
         except BaseException:
             result = Failure()
         # A handler that answers at once is answered at once, without a Deferred.

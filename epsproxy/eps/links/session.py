@@ -367,9 +367,11 @@ class Session:
         elif state == _CLOSED:
             return None
         else:
-            due = self._hello_deadline  # type: ignore[assignment]
+            if self._hello_deadline is None:
+                return self._deadlines[0][0] if self._deadlines else None
+            due = self._hello_deadline
         deadlines = self._deadlines
-        if deadlines and (due is None or deadlines[0][0] < due):
+        if deadlines and deadlines[0][0] < due:
             return deadlines[0][0]
         return due
 
@@ -382,26 +384,24 @@ class Session:
     # -- frames -------------------------------------------------------------------------
 
     def _handle(self, frame: wire.Frame, now: float) -> None:
-        kind = type(frame)
-        if kind is wire.ErrorFrame:
+        if isinstance(frame, wire.ErrorFrame):
             log.info("EPS peer {peer} closed with error {code}: {message}",
-                     peer=self.peer_name(), code=frame.code,  # type: ignore[union-attr]
-                     message=frame.message)  # type: ignore[union-attr]
+                     peer=self.peer_name(), code=frame.code, message=frame.message)
             self._state = _CLOSED
             self.events.disconnect(False)
         elif self._state == _HELLO:
-            if kind is wire.Hello:
-                self._hello(frame, now)  # type: ignore[arg-type]
+            if isinstance(frame, wire.Hello):
+                self._hello(frame, now)
             else:
                 self._refused("malformed")
                 self._abort(wire.ERR_PROTOCOL, "expected hello first", now)
-        elif kind is wire.Request:
-            self._serve(frame, now)  # type: ignore[arg-type]
-        elif kind is wire.Response:
-            self._answered(frame)  # type: ignore[arg-type]
-        elif kind is wire.Ping:
-            self._send(wire.Pong(frame.nonce), now)  # type: ignore[union-attr]
-        elif kind is wire.Hello:
+        elif isinstance(frame, wire.Request):
+            self._serve(frame, now)
+        elif isinstance(frame, wire.Response):
+            self._answered(frame)
+        elif isinstance(frame, wire.Ping):
+            self._send(wire.Pong(frame.nonce), now)
+        elif isinstance(frame, wire.Hello):
             self._refused("malformed")
             self._abort(wire.ERR_PROTOCOL, "second hello", now)
         # Pong: the sign of life was already counted.

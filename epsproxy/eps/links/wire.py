@@ -286,7 +286,9 @@ def frame_to_object(frame: Frame) -> dict[str, Any]:
 def _parse_req(obj: dict[str, Any]) -> Frame:
     if "p" not in obj:
         raise MalformedFrame("params missing")
-    return Request(obj.get("id"), obj.get("m"), obj["p"])  # type: ignore[arg-type]
+    id: Any = obj.get("id")
+    method: Any = obj.get("m")
+    return Request(id, method, obj["p"])  # the frame checks its fields
 
 
 def _parse_res(obj: dict[str, Any]) -> Frame:

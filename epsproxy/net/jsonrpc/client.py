@@ -9,13 +9,13 @@ problems as :class:`~epsproxy.net.jsonrpc.envelope.TransportError`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +29,7 @@ from twisted.web.client import (
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
@@ -56,7 +57,7 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 # A pooled client connection is dropped after this many idle seconds: less than the
 # server's default idle timeout, because a POST is not retried automatically when the
 # server has closed the connection just as it is reused.
-POOL_IDLE_SECONDS = 20.0
+POOL_IDLE_SECONDS = 20
 POOL_CONNECTIONS_PER_HOST = 8
 
 
@@ -111,7 +112,8 @@ class CappedBody(Protocol):
 
     def _stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            # deliverBody's transport is the response body's producer.
+            cast(IPushProducer, self.transport).stopProducing()
 
     def _too_large(self) -> None:
         self._stop()
@@ -279,8 +281,8 @@ class JSONRPCClient:
             response = await self._http.post(
                 self._url,
                 data=body,
-                headers={b"Content-Type": [b"application/json"],
-                         b"Accept": [b"application/json"]},
+                headers=Headers({b"Content-Type": [b"application/json"],
+                                 b"Accept": [b"application/json"]}),
             )
             raw: IResponse = response.original
             collector = CappedBody(self._max_response, raw.length)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
@@ -45,6 +45,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IListeningPort,
     IReactorTime,
+    ITCPTransport,
 )
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -207,7 +208,8 @@ class CappedRequest(server.Request):
     _received = 0
 
     def _limit(self) -> int:
-        return getattr(self.channel.site, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
@@ -223,7 +225,8 @@ class CappedRequest(server.Request):
         if self._received > self._limit():
             self._refuse()
             return
-        self.content.write(data)
+        if self.content is not None:
+            self.content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
@@ -235,9 +238,9 @@ class CappedRequest(server.Request):
         limit = self._limit()
         log.info("refused a request body over {limit} bytes", limit=limit)
         _count_refusal(self.channel, "body_too_large")
-        self.channel.transport.write(
-            _raw_response(b"413 Content Too Large", self.refusal(limit))
-        )
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(_raw_response(b"413 Content Too Large", self.refusal(limit)))
         self.channel.loseConnection()
 
     def refusal(self, limit: int) -> bytes:
@@ -343,13 +346,13 @@ class _Channel(http.HTTPChannel):
         self._request_timer = None
         if self._refusal is not None or self.transport is None:
             return
-        limit = getattr(self.site, "request_timeout", None)
+        limit = getattr(getattr(self, "site", None), "request_timeout", None)
         self.count_refusal("request_timeout")
         self.setTimeout(None)  # the idle timeout has nothing left to do
         if self.isSecure() and not self._handshake_done:
             log.info("closing a connection without a TLS handshake after {limit}s",
                      limit=limit)
-            self.transport.abortConnection()
+            self._abort()
             return
         log.info("closing a connection whose request took over {limit}s", limit=limit)
         self.transport.write(_raw_response(
@@ -362,7 +365,7 @@ class _Channel(http.HTTPChannel):
         self.count_refusal("idle_timeout")
         self._cancel_request_deadline()
         if self.isSecure() and not self._handshake_done:
-            self.transport.abortConnection()
+            self._abort()
             return
         self._close_within_abort_timeout()
 
@@ -375,7 +378,11 @@ class _Channel(http.HTTPChannel):
 
     def forceAbortClient(self) -> None:
         self._abortingCall = None
-        self.transport.abortConnection()
+        self._abort()
+
+    def _abort(self) -> None:
+        # Our listeners are TCP, or TLS over TCP: their transports can abort.
+        cast(ITCPTransport, self.transport).abortConnection()
 
 
 class GuardedSite(server.Site):
@@ -386,7 +393,8 @@ class GuardedSite(server.Site):
     the metrics listener: no listener of ours is left to twisted.web's idle timeout alone.
     """
 
-    protocol = _Channel
+    # HTTP/1.1 only: our channel, not Twisted's wrapper that may negotiate HTTP/2.
+    protocol = _Channel  # type: ignore[assignment]
     requestFactory = CappedRequest
     displayTracebacks = False
     max_body_bytes = DEFAULT_MAX_BODY_BYTES
@@ -437,6 +445,8 @@ class JSONRPCResource(Resource):
     def _apply_cors(self, request: server.Request) -> bool:
         """Set the CORS headers (§11.5) if the Origin is allowed; say whether it is."""
         cors = self._cors
+        if cors is None:
+            return False
         request.setHeader(b"vary", b"Origin")
         origin = request.getHeader(b"origin")
         if origin is None:
@@ -464,7 +474,7 @@ class JSONRPCResource(Resource):
         try:
             call = parse_request(
                 None if content_type is None else content_type.decode("latin-1"),
-                request.content.read(),
+                b"" if request.content is None else request.content.read(),
             )
         except JSONRPCError as e:
             self._finish(request, "-", started, response_object(None, error=e))
@@ -491,7 +501,7 @@ class JSONRPCResource(Resource):
             return response_object(call.id, result=result)
 
         def failed(failure: Failure) -> dict[str, Any]:
-            if failure.check(JSONRPCError):
+            if isinstance(failure.value, JSONRPCError):
                 return response_object(call.id, error=failure.value)
             log.failure(
                 "JSON-RPC method {method} failed", failure, level=LogLevel.error,
@@ -500,10 +510,11 @@ class JSONRPCResource(Resource):
             error = JSONRPCError(INTERNAL_ERROR, "internal error")
             return response_object(call.id, error=error)
 
-        d.addCallbacks(answered, failed)
-        d.addCallback(
-            lambda response: gone or self._finish(request, call.method, started, response)
-        )
+        def finish(response: dict[str, Any]) -> None:
+            if not gone:  # nobody is left to read the answer
+                self._finish(request, call.method, started, response)
+
+        d.addCallbacks(answered, failed).addCallback(finish)
         d.addErrback(
             lambda f: log.failure("cannot answer a JSON-RPC request", f, level=LogLevel.error)
         )
@@ -560,7 +571,7 @@ def jsonrpc_site(
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor  # type: ignore[assignment]
+        reactor = default_reactor
     resource = JSONRPCResource(handler, settings, reactor, metrics)
     # No form parsing: a JSON-RPC body is never a form, and twisted.web's Content-Type
     # parsing raised out of dataReceived on some bytes (fuzz/, tests/test_fuzz_regressions.py).

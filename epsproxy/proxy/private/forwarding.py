@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,6 +72,11 @@ def proxy_v2_header(client: str | None = None, server: str | None = None) -> byt
 # ---------------------------------------------------------------- raw forwarding
 
 
+def _abort(protocol: Protocol) -> None:
+    # Both ends of a raw forward are TCP connections: their transports can abort.
+    cast(ITCPTransport, protocol.transport).abortConnection()
+
+
 @implementer(IHalfCloseableProtocol)
 class _Hold(Protocol):
     """
@@ -86,7 +91,7 @@ class _Hold(Protocol):
         self.gone = False
 
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport: Any = self.transport  # a TCP transport, or the wrapper of one
         # Endpoints put a wrapper between the transport and us; splice() needs to take
         # the transport over from the protocol the transport talks to.
         if getattr(transport, "protocol", self) is not self:
@@ -182,12 +187,12 @@ class Forwarder:
         try:
             await self._connect(self.endpoint["address"], internal)
         except BaseException:
-            public.transport.abortConnection()
+            _abort(public)
             raise
         if public.gone or internal.gone or self._closing:
             for end in (public, internal):
                 if not end.gone:
-                    end.transport.abortConnection()
+                    _abort(end)
             raise ConnectionError("a connection was lost before it was spliced")
         s = splice(
             self.reactor, public, internal,
@@ -220,7 +225,12 @@ class Forwarder:
             return succeed(None)
         drained: Deferred[None] = Deferred()
         self._drained.append(drained)
-        timer = self.reactor.callLater(grace, lambda: drained.called or drained.callback(None))
+
+        def give_up() -> None:
+            if not drained.called:
+                drained.callback(None)
+
+        timer = self.reactor.callLater(grace, give_up)
 
         def stop_timer(result: Any) -> Any:
             if timer.active():

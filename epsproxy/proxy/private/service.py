@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -161,7 +162,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         loop = self._loop = LoopingCall(self._reannounce)
         loop.clock = self.reactor
         loop.start(settings["reannounce_interval"], now=True)
-        host = port.getHost()
+        host = cast(IPv4Address | IPv6Address, port.getHost())  # a TCP listener
         self.log.info(
             "private proxy {name} serving: JSON-RPC on {host}:{port}{path}; incoming "
             "connections {how} {address}",

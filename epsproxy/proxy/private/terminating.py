@@ -57,6 +57,8 @@ class _Request(CappedRequest):
 class _Channel(http.HTTPChannel):
     """An HTTP channel on a terminated connection; tells the forwarder when it is gone."""
 
+    site: _Site  # set by the site that builds it
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
         self.site.forwarder._terminated_lost(self)
@@ -65,7 +67,8 @@ class _Channel(http.HTTPChannel):
 class _Site(server.Site):
     """The HTTP server inside each terminated connection: every request is forwarded."""
 
-    protocol = _Channel
+    # HTTP/1.1 only: our channel, not Twisted's wrapper that may negotiate HTTP/2.
+    protocol = _Channel  # type: ignore[assignment]
     requestFactory = _Request
     displayTracebacks = False
 
@@ -76,7 +79,7 @@ class _Site(server.Site):
         self.forwarder = forwarder
         self.max_body_bytes = forwarder.endpoint["max_body_bytes"]
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         # No access log with client addresses; the forwarder logs what it forwards.
         pass
 
@@ -120,7 +123,7 @@ class TerminatingForwarder(Forwarder):
             _ForwardResource(self), self, timeout=endpoint["timeout"], reactor=reactor
         )
         self._pool = QuietConnectionPool(reactor, persistent=True)
-        self._pool.cachedConnectionTimeout = int(POOL_IDLE_SECONDS)
+        self._pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
         # Under load every forwarded request needs an upstream connection: keep as many
         # as may be forwarded at once instead of Twisted's 2 (make soak: 502 bursts).
         self._pool.maxPersistentPerHost = self.max_connections
@@ -152,7 +155,7 @@ class TerminatingForwarder(Forwarder):
         self.requests += 1
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        body = request.content.read()
+        body = b"" if request.content is None else request.content.read()
         if self._jsonrpc is not None:
             if request.path != self.endpoint["jsonrpc_path"].encode("utf-8"):
                 _reply(request, 404, {"message": "not found"})

@@ -505,11 +505,10 @@ class Broker:
     def _connection_request(self, params: dict[str, Any] | None) -> Any:
         """Offer ``_connectionRequest`` to each capable channel in order (§12.6)."""
         for channel in self.channels:
-            handler = getattr(channel, "handle_connection_request", None)
-            if not callable(handler):
+            if not isinstance(channel, ConnectionRequestHandler):
                 continue
             try:
-                response = yield defer.maybeDeferred(handler, params)
+                response = yield defer.maybeDeferred(channel.handle_connection_request, params)
             except defer.CancelledError:
                 raise
             except Exception as e:

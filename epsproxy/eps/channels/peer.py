@@ -29,7 +29,13 @@ from epsproxy.rules import forms
 from epsproxy.net import ratelimit, tls
 from epsproxy.eps import inbox
 from epsproxy.eps.addresses import Address, parse_address
-from epsproxy.eps.broker import ClientInfo, Request, Response, Startable
+from epsproxy.eps.broker import (
+    ClientInfo,
+    ConnectionRequestHandler,
+    Request,
+    Response,
+    Startable,
+)
 from epsproxy.eps.links import wire
 from epsproxy.eps.links.dialer import SERVER_TYPES, Dialer, RequestConnection
 from epsproxy.eps.links.protocol import EPSConnection
@@ -114,7 +120,7 @@ _CONNECTION_REQUEST = forms.Map(
     strict=False,
 )
 
-class EPSServerChannel(Startable):
+class EPSServerChannel(Startable, ConnectionRequestHandler):
     """
     The ``eps_server`` channel: a mutual-TLS listener for peers (validated
     :data:`EPS_SERVER_SETTINGS`), and delivery to peers linked to us.

@@ -47,6 +47,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITCPTransport,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -324,7 +325,7 @@ class _Channel(http.HTTPChannel):
         self._cancel_request_deadline()
         super().allContentReceived()
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_request_deadline()
         if self.isSecure() and not self._handshake_done:
             self.count_refusal("handshake_failed")  # (not if our deadline cut it first)
@@ -393,8 +394,7 @@ class GuardedSite(server.Site):
     the metrics listener: no listener of ours is left to twisted.web's idle timeout alone.
     """
 
-    # HTTP/1.1 only: our channel, not Twisted's wrapper that may negotiate HTTP/2.
-    protocol = _Channel  # type: ignore[assignment]
+    protocol = _Channel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 wrapper
     requestFactory = CappedRequest
     displayTracebacks = False
     max_body_bytes = DEFAULT_MAX_BODY_BYTES

@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -59,7 +60,7 @@ class _Channel(http.HTTPChannel):
 
     site: _Site  # set by the site that builds it
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.site.forwarder._terminated_lost(self)
 
@@ -67,8 +68,7 @@ class _Channel(http.HTTPChannel):
 class _Site(server.Site):
     """The HTTP server inside each terminated connection: every request is forwarded."""
 
-    # HTTP/1.1 only: our channel, not Twisted's wrapper that may negotiate HTTP/2.
-    protocol = _Channel  # type: ignore[assignment]
+    protocol = _Channel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 wrapper
     requestFactory = _Request
     displayTracebacks = False
 
@@ -109,7 +109,8 @@ class TerminatingForwarder(Forwarder):
     """
     A :class:`~epsproxy.proxy.private.forwarding.Forwarder` that terminates TLS with
     ``endpoint["tls"]`` and forwards each HTTP request over a pool of upstream
-    connections; ``requests`` counts the forwarded requests.
+    connections; ``requests`` counts the forwarded requests.  ``limits`` are the
+    keyword arguments of :class:`~epsproxy.proxy.private.forwarding.Forwarder`.
     """
 
     terminate = True

@@ -128,7 +128,7 @@ class _Party(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._rv._party_lost(self)
 
 
@@ -246,7 +246,7 @@ class Rendezvous:
             entry = self._table[token] = _Entry(token)
         elif entry.first is not None:
             raise ValueError("a connection is already waiting for this token")
-        transport = waiting.transport  # type: ignore[attr-defined]
+        transport = waiting.transport  # type: ignore[attr-defined]  # not in IProtocol
         party = _Party(self)
         retarget(transport, waiting, party)
         party.state = "waiting"

@@ -248,7 +248,7 @@ class _Client(Protocol):
         if hello is not None:
             self.front._route(self, hello)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.front._lost(self)
 
 

@@ -125,7 +125,7 @@ class _End(Protocol):
     def __init__(self, splice: Splice, name: str) -> None:
         self.splice = splice
         self.name = name
-        self.peer: _End = None  # type: ignore[assignment]
+        self.peer: _End = None  # type: ignore[assignment]  # set by Splice
         self.out: Any = None  # the other side's transport
         self.fast = False
         self.reading_done = False  # end-of-stream received from this side
@@ -213,7 +213,7 @@ class _End(Protocol):
         self.writing_done = True
         self.splice._check_finished()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.lost:
             return
         self.lost = True
@@ -263,7 +263,7 @@ class Splice:
 
     def unsent(self) -> tuple[int, int]:
         """Bytes queued unsent now towards (left, right), where measurable (else 0)."""
-        return tuple(  # type: ignore[return-value]
+        return tuple(  # type: ignore[return-value]  # always two items: one per end
             _unsent(e.transport) if _is_fd(e.transport) and not e.lost else 0
             for e in (self.left, self.right)
         )
@@ -279,7 +279,7 @@ class Splice:
     ) -> None:
         ends = (self.left, self.right)
         for end, old in zip(ends, (left, right)):
-            transport = old.transport  # type: ignore[attr-defined]
+            transport = old.transport  # type: ignore[attr-defined]  # not in IProtocol
             retarget(transport, old, end)
             if _is_fd(transport):
                 # The read size of a reactor TCP transport is its bufferSize; its own

@@ -43,12 +43,9 @@ from epsproxy.net.connectproxy import (
     parse_proxy_url,
     proxy_for,
 )
-from epsproxy.net.jsonrpc import (
-    JSONRPC_CLIENT_SETTINGS,
-    JSONRPC_SERVER_SETTINGS,
-    JSONRPCClient,
-    TransportError,
-)
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import TransportError
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
 from tests.support.connectproxy import Tinyproxy, clean_environment
 from tests.support.pki import pki
 

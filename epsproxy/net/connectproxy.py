@@ -37,7 +37,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.address import HostnameAddress
@@ -49,6 +49,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -349,7 +350,9 @@ class _TunnelProtocol(Protocol):
         self._timer = self._endpoint._reactor.callLater(
             self._endpoint._reply_timeout, self._expired
         )
-        self.transport.write(self._request)
+        transport = self.transport
+        assert transport is not None
+        transport.write(self._request)
 
     def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:  # transports that cannot be switched keep calling us
@@ -378,6 +381,7 @@ class _TunnelProtocol(Protocol):
     def _switch(self, rest: bytes) -> None:
         self._stop_timer()
         address = HostnameAddress(self._endpoint._host.encode("ascii"), self._endpoint._port)
+        failure: Failure | None
         try:
             inner = self._factory.buildProtocol(address)
         except BaseException:
@@ -387,12 +391,13 @@ class _TunnelProtocol(Protocol):
         if failure is not None:
             # Fail first: with some transports closing reports the loss straight away.
             self._result.errback(failure)
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()
             return
         log.debug("tunnel to {target} open through proxy {proxy}",
                   target=self._endpoint.target, proxy=str(self._endpoint.proxy))
+        assert inner is not None  # failure is None only when buildProtocol made one
         self._inner = inner
-        transport = self.transport
+        transport: Any = self.transport  # a TCP transport, or the wrapper of one
         if getattr(transport, "protocol", None) is not None:
             transport.protocol = inner
         inner.makeConnection(transport)
@@ -419,7 +424,7 @@ class _TunnelProtocol(Protocol):
         self._stop_timer()
         if not self._result.called:
             self._result.errback(ProxyError(message, status, reason))
-        self.transport.abortConnection()
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -429,7 +434,7 @@ class _TunnelProtocol(Protocol):
     def cancel(self) -> None:
         """The caller gave up: close the proxy connection."""
         self._stop_timer()
-        self.transport.abortConnection()
+        cast(ITCPTransport, self.transport).abortConnection()
 
 
 @implementer(IStreamClientEndpoint)

@@ -93,7 +93,7 @@ class _TokenThenTLS(Protocol):
         self.tls_protocol = tls_protocol
 
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport: Any = self.transport  # a reactor TCP transport: its protocol is switched
         transport.write(self.token)
         transport.protocol = self.tls_protocol
         self.tls_protocol.makeConnection(transport)

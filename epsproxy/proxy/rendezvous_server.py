@@ -24,10 +24,15 @@ peer addresses truncated by :func:`epsproxy.net.hostport.truncate_ip`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -117,7 +122,7 @@ class _Party(Protocol):
         elif self.state == "waiting":
             self.rest += data
             if len(self.rest) >= self._rv.buffer_bytes:
-                self.transport.pauseProducing()
+                cast(IPushProducer, self.transport).pauseProducing()
 
     def readConnectionLost(self) -> None:
         if self.state == "token":
@@ -295,9 +300,12 @@ class Rendezvous:
 
         for s in splices:
             s.done.addBoth(one_ended)
-        timer = self._clock.callLater(
-            grace, lambda: drained.called or drained.callback(None)
-        )
+
+        def grace_over() -> None:
+            if not drained.called:
+                drained.callback(None)
+
+        timer = self._clock.callLater(grace, grace_over)
 
         def stop_timer(result: Any) -> Any:
             if timer.active():
@@ -390,7 +398,9 @@ class Rendezvous:
         party.state = "closed"
         log.info("refused {peer}: {why}{tag}", peer=_peer(party.transport), why=why,
                  tag=f" (token {token_tag(token)})" if token is not None else "")
-        party.transport.loseConnection()
+        transport = party.transport
+        assert transport is not None
+        transport.loseConnection()
 
     def _presented(self, party: _Party, token: bytes, rest: bytes) -> None:
         self._stop_reading_token(party)
@@ -399,7 +409,9 @@ class Rendezvous:
             self._refuse(party, "unknown, expired or used token", token)
             return
         if self.on_valid_token is not None:
-            self.on_valid_token(party.transport.getPeer())
+            transport = party.transport
+            assert transport is not None
+            self.on_valid_token(transport.getPeer())
         if entry.first is None:
             party.state = "waiting"
             party.entry = entry
@@ -407,7 +419,7 @@ class Rendezvous:
             entry.first = party
             self._arm(entry)  # the partner gets the whole accept_timeout
             if len(rest) >= self.buffer_bytes:
-                party.transport.pauseProducing()
+                cast(IPushProducer, party.transport).pauseProducing()
             return
         del self._table[entry.token]
         self._disarm(entry)

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from twisted.internet.interfaces import IAddress, ILoggingContext, IProtocolFactory
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, ILoggingContext, IProtocol, IProtocolFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -191,7 +190,7 @@ class RateLimitedFactory:
         """The same limiter (shared counters) in front of another factory."""
         return RateLimitedFactory(factory, self.limiter)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         """The wrapped factory's protocol, or None to close a refused connection."""
         if not self.limiter.allow(addr):
             return None

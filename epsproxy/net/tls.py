@@ -140,7 +140,7 @@ def _cache_key(tls: dict[str, Any]) -> str:
     """
     files = [*tls["ca_certificate_files"]]
     files += [tls[k] for k in ("certificate_file", "key_file") if k in tls]
-    stamps = []
+    stamps: list[tuple[str, int | None, int | None, int | None]] = []
     for name in files:
         try:
             st = os.stat(name)

@@ -36,7 +36,8 @@ from typing import Any, Iterator
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,6 +45,7 @@ from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.rules import forms
 from epsproxy.net import ratelimit, tls
 from epsproxy.rules.certificates import certificate_names
+from epsproxy.rules.text import shorten
 from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import (
     INTERNAL_ERROR,
@@ -61,6 +63,8 @@ from ..store import Store, open_store
 from .announcements import (
     ANNOUNCE_CONNECTIONS_PARAMS,
     GET_ANNOUNCEMENTS_PARAMS,
+    NOT_AUTHORIZED,
+    OPERATOR,
     AnnouncementError,
     PublicAnnouncements,
 )
@@ -85,12 +89,9 @@ SERVER_CHANNELS = ("eps_server", "grpc_server")
 
 #: Error code of a ``requestConnection`` refused because the token table is full.
 TOO_MANY_PENDING = 503
-#: Error code of a call that does not come from the own endpoint server.
-NOT_AUTHORIZED = 403
-
-# An operator name that makes a valid "<to>._connectionRequest" method (SPEC §9.2):
-# dot-separated parts without white space or parentheses.
-_OPERATOR = r"[^\s().]+(?:\.[^\s().]+)*"
+# NOT_AUTHORIZED (403, a call that does not come from the own endpoint server) and
+# OPERATOR (a name that makes a valid "<to>._connectionRequest" method, SPEC §9.2) are
+# shared with the announcements.
 
 CLIENT_INFO = forms.Map(
     {
@@ -102,7 +103,7 @@ CLIENT_INFO = forms.Map(
 
 REQUEST_CONNECTION_PARAMS = forms.Map(
     {
-        "to": forms.Required(forms.String(pattern=_OPERATOR, max_length=253)),
+        "to": forms.Required(OPERATOR),
         "channel": forms.Required(forms.String(choices=SERVER_CHANNELS)),
         "_client": forms.Optional(CLIENT_INFO),
     }
@@ -113,8 +114,11 @@ REQUEST_CONNECTION_PARAMS = forms.Map(
 _FULL_LOG_INTERVAL = 60.0
 
 
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+def _host_port(address: IAddress) -> tuple[str, int | str]:
+    """Host and port of a listening address, for logs."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, address.port
+    return str(address), ""
 
 
 class PublicProxy:
@@ -203,7 +207,7 @@ class PublicProxy:
         self, token: bytes, to: str, channel: str, client: dict[str, Any]
     ) -> dict[str, str]:
         text = encode_token(token)
-        caller = _short(client["name"])
+        caller = shorten(client["name"])
         request = {
             "endpoint": self.internal_endpoint,
             "client": client,
@@ -218,14 +222,14 @@ class PublicProxy:
             self.rendezvous.cancel(token)
             log.info(
                 "{to} refused a connection from {caller}: {message} (code {code})",
-                to=_short(to), caller=caller, message=_short(e.message), code=e.code,
+                to=shorten(to), caller=caller, message=shorten(e.message), code=e.code,
             )
             raise JSONRPCError(e.code, e.message, e.data) from None
         except TransportError as e:
             self.rendezvous.cancel(token)
             log.warn(
                 "cannot ask {to} for a connection from {caller}: {error}",
-                to=_short(to), caller=caller, error=_short(str(e), 300),
+                to=shorten(to), caller=caller, error=shorten(str(e), 300),
             )
             raise JSONRPCError(
                 INTERNAL_ERROR, f"cannot reach {to} through the proxy's endpoint server"
@@ -235,7 +239,7 @@ class PublicProxy:
             raise
         log.info(
             "brokering a connection from {caller} to {to} ({channel})",
-            caller=caller, to=_short(to), channel=channel,
+            caller=caller, to=shorten(to), channel=channel,
         )
         return {"token": text, "endpoint": self.internal_endpoint}
 
@@ -258,6 +262,7 @@ class PublicProxy:
             def refused(failure: Failure) -> Failure:
                 failure.trap(AnnouncementError)
                 e = failure.value
+                assert isinstance(e, AnnouncementError)  # trap re-raised anything else
                 return Failure(JSONRPCError(e.code, e.message, e.data))
 
             return announcements.announce(client, params["connections"]).addErrback(refused)
@@ -449,14 +454,16 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         jsonrpc = await listen_jsonrpc(self.reactor, site, server_settings)
         self.ports.append(jsonrpc)
         front_port = await self._listen_tls()
-        inner, outer, front = internal.getHost(), jsonrpc.getHost(), front_port.getHost()
+        ihost, iport = _host_port(internal.getHost())
+        jhost, jport = _host_port(jsonrpc.getHost())
+        thost, tport = _host_port(front_port.getHost())
         self.log.info(
             "public proxy {name} serving: TLS passthrough on {thost}:{tport}, internal "
             "endpoint on {ihost}:{iport} (told as {endpoint}), JSON-RPC on "
             "{jhost}:{jport}{path}",
-            name=settings["name"], thost=front.host, tport=front.port, ihost=inner.host,
-            iport=inner.port, endpoint=settings["internal_endpoint"], jhost=outer.host,
-            jport=outer.port, path=server_settings["path"],
+            name=settings["name"], thost=thost, tport=tport, ihost=ihost, iport=iport,
+            endpoint=settings["internal_endpoint"], jhost=jhost, jport=jport,
+            path=server_settings["path"],
         )
         return PublicProxyPorts(internal, jsonrpc, front_port)
 

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -209,7 +209,7 @@ def _describe(address: Any) -> str:
 class _Client(Protocol):
     """One accepted client connection until it is parked (or closed)."""
 
-    def __init__(self, front: SNIFront, address: IAddress) -> None:
+    def __init__(self, front: SNIFront, address: IAddress | None) -> None:
         self.front = front
         self.address = address  # the client's, from the PROXY header when there is one
         self.header: ProxyHeaderReader | None = ProxyHeaderReader() if front.proxy_protocol else None
@@ -260,7 +260,7 @@ class _FrontFactory(Factory):
     def __init__(self, front: SNIFront) -> None:
         self.front = front
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if self.front._closing:
             return None
         return _Client(self.front, addr)
@@ -371,10 +371,11 @@ class SNIFront:
     def _close(self, client: _Client, abort: bool = False) -> None:
         self._stop_reading(client)
         client.state = "closed"
+        transport = cast(ITCPTransport, client.transport)
         if abort:
-            client.transport.abortConnection()
+            transport.abortConnection()
         else:
-            client.transport.loseConnection()
+            transport.loseConnection()
 
     def _timed_out(self, client: _Client) -> None:
         client.timer = None
@@ -425,7 +426,7 @@ class SNIFront:
             self._close(client)
             return
         tag = token_tag(token)
-        client.transport.pauseProducing()
+        cast(IPushProducer, client.transport).pauseProducing()
         try:
             self.rendezvous.park(token, client, hello.raw)
         except Exception:

@@ -25,7 +25,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 import txredisapi
 
-from epsproxy.store.redis import RedisStore, Subscription, _SubscriberProtocol
+from epsproxy.store.redis import RedisStore
+from epsproxy.store.redis_pubsub import Subscription, _SubscriberProtocol
 
 from .support.redis import RedisServer
 

@@ -21,7 +21,7 @@ from .api import sd_dispatcher
 from .directory import ServiceDirectory
 
 if TYPE_CHECKING:
-    from ..store.redis import StoreWatcher
+    from ..store.redis_pubsub import StoreWatcher
 
 __all__ = ["ServiceDirectoryService"]
 

@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.hostport import format_host_port, valid_host
+from epsproxy.net.reactor import IReactor
 
 __all__ = [
     "ProxyError",
@@ -452,7 +453,7 @@ class HTTPConnectEndpoint:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         proxy: ProxyAddress,
         host: str,
         port: int,

@@ -22,6 +22,8 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epsproxy.net.reactor import IReactor
+
 __all__ = ["AsyncStartService", "stop_reactor_soon"]
 
 T = TypeVar("T")
@@ -29,7 +31,7 @@ T = TypeVar("T")
 log = Logger()
 
 
-def stop_reactor_soon(reactor: Any) -> None:
+def stop_reactor_soon(reactor: IReactor) -> None:
     """
     Stop ``reactor`` once it runs.  Start-up can fail before twistd runs the reactor (a
     port in use fails at once, inside ``startService``), so stopping it right away would
@@ -45,7 +47,7 @@ class AsyncStartService(Service, Generic[T]):
     :meth:`_close` and :meth:`_describe`.
     """
 
-    reactor: Any  # IReactorCore and IReactorTime
+    reactor: IReactor
     stop_reactor_on_failure: bool = False
     _outcome: T | Failure | None = None
     _waiters: list[Deferred[T]]

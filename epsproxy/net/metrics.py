@@ -20,12 +20,13 @@ from prometheus_client import (
 )
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.internet.interfaces import IProtocolFactory, IReactorCore, IStreamServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from epsproxy.rules import forms
 from epsproxy.net.jsonrpc.server import REFUSAL_REASONS, GuardedSite
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.tls import listen_endpoint
 
 __all__ = [
@@ -84,7 +85,7 @@ class ListenerService(StreamServerEndpointService):
 
 
 def metrics_service(
-    reactor: IReactorCore, settings: dict, registry: CollectorRegistry
+    reactor: IReactor, settings: dict, registry: CollectorRegistry
 ) -> IService:
     """
     A service listening on ``settings["bind_address"]`` (plain HTTP) for scrapes.  It has

@@ -27,7 +27,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from twisted.internet.interfaces import IAddress, ILoggingContext, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    ILoggingContext,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -88,7 +94,7 @@ class RateLimiter:
     def __init__(
         self,
         limits: Iterable[dict[str, Any]],
-        clock: Any,
+        clock: IReactorTime,
         *,
         max_keys: int = DEFAULT_MAX_KEYS,
         on_refused: Callable[[str], None] | None = None,
@@ -214,7 +220,7 @@ class RateLimitedFactory:
 def rate_limited(
     factory: IProtocolFactory,
     limits: list[dict[str, Any]],
-    clock: Any,
+    clock: IReactorTime,
     *,
     max_keys: int = DEFAULT_MAX_KEYS,
     on_refused: Callable[[str], None] | None = None,

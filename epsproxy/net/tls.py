@@ -50,6 +50,7 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IStreamClientEndpoint,
+    IReactorTCP,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
@@ -66,6 +67,7 @@ from epsproxy.rules.certificates import (
 from epsproxy.net.connectproxy import HTTPConnectEndpoint, proxy_for
 from epsproxy.net.hostport import is_ip, parse_host_port
 from epsproxy.net.ratelimit import RateLimitedFactory
+from epsproxy.net.reactor import IReactor
 
 __all__ = [
     "TLS_SETTINGS",
@@ -324,7 +326,7 @@ class TLSServerEndpoint:
 
 
 def listen_endpoint(
-    reactor: Any,
+    reactor: IReactorTCP,
     bind_address: str,
     tls: dict[str, Any] | None,
     backlog: int = 1024,
@@ -348,7 +350,7 @@ def listen_endpoint(
 
 
 def client_endpoint(
-    reactor: Any,
+    reactor: IReactor,
     address: str,
     tls: dict[str, Any] | None,
     server_name: str | None = None,

@@ -28,6 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from epsproxy.net import tls
 from epsproxy.net.hostport import parse_host_port
+from epsproxy.net.reactor import IReactor
 
 __all__ = [
     "TOKEN_BYTES",
@@ -111,7 +112,7 @@ class _TokenFactory(Factory):
 
 
 def dial_with_token(
-    reactor: Any,
+    reactor: IReactor,
     address: str,
     token: bytes,
     tls_settings: dict[str, Any],

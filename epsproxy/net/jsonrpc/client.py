@@ -34,6 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHT
 from zope.interface import implementer
 
 from epsproxy.net import connectproxy, tls
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.jsonrpc.envelope import (
     DEFAULT_TIMEOUT,
     JSONRPCError,
@@ -167,7 +168,7 @@ class _EndpointFactory:
     over a CONNECT tunnel when :func:`epsproxy.net.connectproxy.proxy_for` names a proxy.
     """
 
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, timeout: float,
+    def __init__(self, reactor: IReactor, policy: IPolicyForHTTPS, timeout: float,
                  proxy_url: str | None) -> None:
         self._reactor = reactor
         self._policy = policy
@@ -207,7 +208,7 @@ class JSONRPCClient:
     constructor.
     """
 
-    def __init__(self, reactor: Any, settings: dict[str, Any]) -> None:
+    def __init__(self, reactor: IReactor, settings: dict[str, Any]) -> None:
         from treq.client import HTTPClient
 
         self._reactor = reactor

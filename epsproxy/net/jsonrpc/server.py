@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from epsproxy.net import ratelimit, tls
 from epsproxy.net.hostport import truncate_ip
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.jsonrpc.envelope import (
     DEFAULT_TIMEOUT,
     INTERNAL_ERROR,
@@ -588,7 +589,7 @@ def jsonrpc_site(
 
 
 def listen_jsonrpc(
-    reactor: Any, site: server.Site, settings: dict[str, Any]
+    reactor: IReactor, site: server.Site, settings: dict[str, Any]
 ) -> Deferred[IListeningPort]:
     """
     Listen on ``settings["bind_address"]``, over TLS when ``settings`` has ``tls`` (client

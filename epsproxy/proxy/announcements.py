@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epsproxy.rules import forms
@@ -277,7 +278,7 @@ class PublicAnnouncements:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         store: Store,
         name: str,
         *,
@@ -460,7 +461,7 @@ class PrivateAnnouncements:
     ``store`` (entry type 2).  Call :meth:`load` once before serving.
     """
 
-    def __init__(self, clock: Any, store: Store) -> None:
+    def __init__(self, clock: IReactorTime, store: Store) -> None:
         self.clock = clock
         self.store = store
         self._table: dict[tuple[str, str], PrivateAnnouncement] = {}

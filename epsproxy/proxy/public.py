@@ -58,6 +58,7 @@ from epsproxy.net.jsonrpc.envelope import (
 )
 from epsproxy.net.jsonrpc.server import jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import RPCMetrics
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import encode_token
 from ..store import Store, open_store
 from .announcements import (
@@ -135,7 +136,7 @@ class PublicProxy:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         name: str,
         rendezvous: Rendezvous,
         client: JSONRPCClient,
@@ -370,7 +371,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         settings: dict[str, Any],
         registry: CollectorRegistry | None = None,
         *,

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IPushProducer,
+    IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -163,7 +164,7 @@ class Rendezvous:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         *,
         accept_timeout: float = 10.0,
         read_timeout: float = 5.0,

@@ -43,7 +43,13 @@ from typing import Any, Callable, cast
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -287,7 +293,7 @@ class SNIFront:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         rendezvous: Rendezvous,
         lookup: Callable[[str], str | None],
         notify: Callable[[str, dict[str, str]], Any],

@@ -34,7 +34,12 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -232,7 +237,7 @@ class Splice:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         *,
         read_bytes: int = DEFAULT_READ_BYTES,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -373,7 +378,7 @@ class Splice:
 
 
 def splice(
-    clock: Any,
+    clock: IReactorTime,
     left: IProtocol,
     right: IProtocol,
     *,

@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from epsproxy.net import tls
 from epsproxy.net.metrics import metrics_service
+from epsproxy.net.reactor import IReactor, installed_reactor
 from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from .private.service import PrivateProxyService
 from .public import PublicProxyService
@@ -107,7 +108,7 @@ def _check_private_tls(private: dict[str, Any]) -> None:
 
 
 def makeService(
-    options: Options, reactor: Any = None, *, exit_on_failure: bool = True
+    options: Options, reactor: IReactor | None = None, *, exit_on_failure: bool = True
 ) -> MultiService:
     """
     The proxy's service tree: the public or private proxy (by ``--mode``) and, if
@@ -115,7 +116,7 @@ def makeService(
     ``exit_on_failure`` (what twistd wants) a failed start-up stops the reactor.
     """
     if reactor is None:
-        from twisted.internet import reactor  # noqa: PLC0415 (twistd installs it first)
+        reactor = installed_reactor()  # twistd installs it first
     top = MultiService()
     registry = CollectorRegistry()
     if options["mode"] == "private":

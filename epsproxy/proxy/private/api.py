@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epsproxy.net.hostport import parse_host_port
@@ -107,7 +108,7 @@ class PrivateProxy:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         name: str,
         announcements: PrivateAnnouncements,
         client: JSONRPCClient,

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.hostport import parse_host_port
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import token_tag
 from epsproxy.proxy.splice import splice
 from epsproxy.rules.text import shorten
@@ -126,7 +127,7 @@ class Forwarder:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         endpoint: dict[str, Any],
         *,
         max_connections: int = 1000,

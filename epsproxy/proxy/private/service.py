@@ -35,6 +35,7 @@ from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.server import jsonrpc_site, listen_jsonrpc
 from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.net.metrics import RPCMetrics
+from epsproxy.net.reactor import IReactor
 from epsproxy.proxy.announcements import PrivateAnnouncements
 from epsproxy.proxy.private.api import PrivateProxy
 from epsproxy.proxy.private.forwarding import Forwarder
@@ -97,7 +98,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         settings: dict[str, Any],
         registry: CollectorRegistry | None = None,
         *,

@@ -33,6 +33,7 @@ from epsproxy.net import tls
 from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, CappedBody, QuietConnectionPool
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, parse_request, response_object
 from epsproxy.net.jsonrpc.server import CappedRequest, json_body
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import dial_with_token, token_tag
 from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.rules.text import shorten
@@ -115,7 +116,7 @@ class TerminatingForwarder(Forwarder):
 
     terminate = True
 
-    def __init__(self, reactor: Any, endpoint: dict[str, Any], **limits: Any) -> None:
+    def __init__(self, reactor: IReactor, endpoint: dict[str, Any], **limits: Any) -> None:
         super().__init__(reactor, endpoint, **limits)
         self.requests = 0
         # Fail at start-up, not at the first connection.

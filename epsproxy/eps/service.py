@@ -14,11 +14,13 @@ from twisted.logger import Logger
 
 from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.net.metrics import http_refusals_counter
+from epsproxy.net.reactor import IReactor
 from epsproxy import __version__
 from epsproxy.directory import entries as _entries
 from epsproxy.directory.api import APIDirectory
 from epsproxy.directory.jsondir import JSONDirectory
-from epsproxy.eps.asynccalls import AsyncCalls, is_acknowledgement
+from epsproxy.eps.asynccalls import AsyncCalls
+from epsproxy.eps.asyncrpc import is_acknowledgement
 from epsproxy.eps.broker import Broker, Channel, Closable, Response, Startable
 from epsproxy.eps.channels.gateway import JSONRPCServerChannel
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
@@ -72,7 +74,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         settings: dict[str, Any],
         registry: CollectorRegistry | None = None,
         stop_reactor_on_failure: bool = False,
@@ -84,7 +86,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         self.registry = registry or CollectorRegistry()
         self.stop_reactor_on_failure = stop_reactor_on_failure
         self.stdout = stdout
-        self.directory: Any = None
+        self.directory: JSONDirectory | APIDirectory | None = None
         self.links: LinkRegistry | None = None
         self.broker: Broker | None = None
         self.async_calls: AsyncCalls | None = None
@@ -103,7 +105,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         # broker opens once it exists.  The asynchronous calls push results through the
         # first local channel, so that one is built before them.
         inbox = Inbox()
-        self.links = LinkRegistry(self.reactor, self.directory, self.name, inbox.serve)
+        self.links = LinkRegistry(self.reactor, self._opened_directory, self.name, inbox.serve)
         configs = self.settings["channels"]
         local = {i: self._local_channel(c) for i, c in enumerate(configs)
                  if _entries.canonical_channel_type(c["type"]) == "jsonrpc_client"}
@@ -112,7 +114,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
             self.reactor, self.name, send_result=partial(send_result, self.links),
             push=None if first_local is None else first_local.push,
         )
-        ask = request_connection(inbox, self.name, self.directory.own_entry)
+        ask = request_connection(inbox, self.name, self._opened_directory.own_entry)
         self.channels = [
             local[i] if i in local else self._build_channel(c, inbox, ask)
             for i, c in enumerate(configs)
@@ -120,7 +122,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         self._warn_about_order()
         self._register_metrics()
         self.broker = Broker(
-            self.directory, self.channels, self.reactor, version=__version__,
+            self._opened_directory, self.channels, self.reactor, version=__version__,
             observe=self._observe, on_answer=self._on_answer,
         )
         inbox.open(self.broker, self.async_calls)
@@ -134,6 +136,13 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         log.info("endpoint server {name} ready with channels {channels}", name=self.name,
                  channels=", ".join(f"{c.name} ({c.type})" for c in self.channels))
         return self
+
+    @property
+    def _opened_directory(self) -> JSONDirectory | APIDirectory:
+        """The directory, opened by :meth:`_open_directory` before anything uses it."""
+        if self.directory is None:
+            raise RuntimeError("the directory is not open")
+        return self.directory
 
     async def _open_directory(self) -> None:
         directory = self.settings["directory"]
@@ -161,11 +170,13 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
             return EPSServerChannel(name, self.name, settings, self.links, self.reactor,
                                     refusals=self._peer_refusal)
         if kind == "grpc_client":
-            return EPSClientChannel(name, self.name, settings, self.links, self.directory,
-                                    self.reactor, request_connection=ask)
+            return EPSClientChannel(name, self.name, settings, self.links,
+                                    self._opened_directory, self.reactor,
+                                    request_connection=ask)
         if kind == "jsonrpc_server":
-            return JSONRPCServerChannel(name, self.name, settings, inbox, self.directory,
-                                        self.reactor, async_calls=self.async_calls,
+            return JSONRPCServerChannel(name, self.name, settings, inbox,
+                                        self._opened_directory, self.reactor,
+                                        async_calls=self.async_calls,
                                         refusals=self._http_refusal)
         if kind == "stdout":
             return StdoutChannel(name, self.name, self.stdout)
@@ -280,7 +291,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
 
     def _directory_size(self) -> float:
         try:
-            return float(len(self.directory.entries()))
+            return float(len(self._opened_directory.entries()))
         except Exception:
             return 0.0
 
@@ -288,7 +299,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         """Method names that may become metric labels: those the directory lists."""
         known = set(_INTERNAL)
         try:
-            for entry in self.directory.entries():
+            for entry in self._opened_directory.entries():
                 for service in entry.get("services") or ():
                     for method in service.get("methods") or ():
                         if isinstance(method.get("name"), str):

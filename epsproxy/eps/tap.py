@@ -9,6 +9,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from epsproxy.net.metrics import metrics_service
+from epsproxy.net.reactor import IReactor, installed_reactor
 from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from .service import EndpointServerService
 from .settings import EPS_SETTINGS
@@ -42,14 +43,14 @@ class Options(usage.Options):
 
 
 def makeService(
-    options: Options, reactor: Any = None, *, exit_on_failure: bool = True
+    options: Options, reactor: IReactor | None = None, *, exit_on_failure: bool = True
 ) -> MultiService:
     """
     The EPS service tree: the endpoint server and, if configured, metrics.  With
     ``exit_on_failure`` (what twistd wants) a failed start-up stops the reactor.
     """
     if reactor is None:
-        from twisted.internet import reactor  # noqa: PLC0415 (twistd installs it first)
+        reactor = installed_reactor()  # taken late: twistd installs it first
     top = MultiService()
     registry = CollectorRegistry()
     EndpointServerService(

@@ -34,10 +34,12 @@ from twisted.python.failure import Failure
 
 from epsproxy.rules import forms
 from epsproxy.eps.addresses import AddressError, make_address, split_method
-from epsproxy.eps.asynccalls import AsyncCalls, is_acknowledgement, parse_respond, unwrap
+from epsproxy.eps.asynccalls import AsyncCalls
+from epsproxy.eps.asyncrpc import is_acknowledgement, parse_respond, unwrap
 from epsproxy.eps.broker import ClientInfo, Request, Response, Startable, Submitter
 from epsproxy.net.jsonrpc.envelope import METHOD_NOT_FOUND, CallContext, JSONRPCError
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
+from epsproxy.net.reactor import IReactor
 
 __all__ = [
     "GATEWAY_SETTINGS",
@@ -129,7 +131,7 @@ class JSONRPCServerChannel(Startable):
         settings: dict[str, Any],
         broker: Submitter | None,
         directory: _Directory,
-        reactor: Any,
+        reactor: IReactor,
         async_calls: AsyncCalls | None = None,
         metrics: Any = None,
         refusals: Callable[[str], None] | None = None,

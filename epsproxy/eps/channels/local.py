@@ -26,6 +26,7 @@ from epsproxy.eps.addresses import Address, AddressError, parse_address
 from epsproxy.eps.broker import ClientInfo, Closable, Request, Response
 from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
+from epsproxy.net.reactor import IReactor
 
 __all__ = [
     "LocalChannelError",
@@ -71,7 +72,7 @@ class JSONRPCClientChannel(Closable):
         name: str,
         own_name: str,
         settings: dict[str, Any],
-        reactor: Any,
+        reactor: IReactor,
         services: frozenset[str] | None = None,
         directory: _OwnEntry | None = None,
     ) -> None:

@@ -37,9 +37,10 @@ from epsproxy.eps.broker import (
     Startable,
 )
 from epsproxy.eps.links import wire
-from epsproxy.eps.links.dialer import SERVER_TYPES, Dialer, RequestConnection
+from epsproxy.eps.links.dialer import SERVER_TYPES, Dialer, Directory, RequestConnection
 from epsproxy.eps.links.protocol import EPSConnection
 from epsproxy.eps.links.registry import INCOMING, LinkRegistry, link_options
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import TokenError, decode_token, dial_with_token
 
 __all__ = [
@@ -138,7 +139,7 @@ class EPSServerChannel(Startable, ConnectionRequestHandler):
         own_name: str,
         settings: dict[str, Any],
         links: LinkRegistry,
-        reactor: Any,
+        reactor: IReactor,
         refusals: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
@@ -255,8 +256,8 @@ class EPSClientChannel(Startable):
         own_name: str,
         settings: dict[str, Any],
         links: LinkRegistry,
-        directory: Any,
-        reactor: Any,
+        directory: Directory,
+        reactor: IReactor,
         request_connection: RequestConnection | None = None,
     ) -> None:
         self.name = name

@@ -14,10 +14,11 @@ once and reused while it lives.  Asking a proxy for a connection is the
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,6 +28,7 @@ from epsproxy.eps.links import wire
 from epsproxy.eps.links.protocol import EPSConnection
 from epsproxy.eps.links.registry import OUTGOING, LinkRegistry, link_options
 from epsproxy.net import tls
+from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import dial_with_token
 
 __all__ = ["DialError", "RequestConnection", "SERVER_TYPES", "Dialer"]
@@ -45,6 +47,16 @@ class DialError(Exception):
     """No link to a peer: it is unreachable, refused us, or is not who we dialled."""
 
 
+class Directory(Protocol):
+    """What dialing needs of the directory (an ``add_listener`` method is optional)."""
+
+    def entries(self, query: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
+
+    def entry_for(self, name: str) -> dict[str, Any]: ...
+
+    def own_entry(self) -> dict[str, Any]: ...
+
+
 class _Keeper:
     """
     A persistent link to one peer: dial, and after every failure or loss dial again
@@ -53,7 +65,7 @@ class _Keeper:
     refuses us right after the handshake is not hammered.
     """
 
-    def __init__(self, name: str, address: str, endpoint: Any, factory: Any, clock: Any,
+    def __init__(self, name: str, address: str, endpoint: Any, factory: Any, clock: IReactorTime,
                  policy: Callable[[int], float], stable_after: float = 10.0) -> None:
         self.name = name
         self.address = address
@@ -159,9 +171,9 @@ class Dialer:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         registry: LinkRegistry,
-        directory: Any,
+        directory: Directory,
         own_name: str,
         settings: dict[str, Any],
         request_connection: RequestConnection | None = None,

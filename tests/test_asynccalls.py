@@ -13,7 +13,8 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from epsproxy.eps.asynccalls import (
+from epsproxy.eps.asynccalls import AsyncCalls
+from epsproxy.eps.asyncrpc import (
     AMBIGUOUS,
     BAD_RESULT,
     DELIVERY_FAILED,
@@ -21,7 +22,6 @@ from epsproxy.eps.asynccalls import (
     NOT_FOUND,
     AcknowledgingChannel,
     AsyncCallError,
-    AsyncCalls,
     is_acknowledgement,
     parse_respond,
     unwrap,

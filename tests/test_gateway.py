@@ -24,7 +24,8 @@ from zope.interface import implementer
 
 from epsproxy.net import tls
 from epsproxy.directory.jsondir import JSONDirectory
-from epsproxy.eps.asynccalls import AcknowledgingChannel, AsyncCalls
+from epsproxy.eps.asynccalls import AsyncCalls
+from epsproxy.eps.asyncrpc import AcknowledgingChannel
 from epsproxy.eps.broker import Broker
 from epsproxy.eps.channels.gateway import (
     GATEWAY_SETTINGS,

@@ -7,7 +7,7 @@ makes it work.  It keeps two tables, one for each end of a call:
 
 - *callee side* (the EPS of the service): when a local service answered the call with
   EPS id ``X`` from caller ``C`` with an acknowledgement (a result object with
-  ``"_async": true``, see :func:`is_acknowledgement`), :meth:`AsyncCalls.acknowledged`
+  ``"_async": true``, see :func:`~epsproxy.eps.asyncrpc.is_acknowledgement`), :meth:`AsyncCalls.acknowledged`
   notes ``(C, X)``.  When the service later calls ``respond`` with ``X``,
   :meth:`AsyncCalls.respond` takes the entry out (only once) and hands the result to
   ``send_result(C, {"id": X, "result"|"error": …})``, which carries it to the caller's
@@ -23,6 +23,10 @@ makes it work.  It keeps two tables, one for each end of a call:
 Entries expire after ``expire_after`` seconds and each table holds at most
 ``max_pending`` entries (the oldest is dropped, with a warning).  Results are never
 logged, only ids (cut short) and operator names.
+
+This module is the tables and what happens to a result; the JSON-RPC-facing parts (error
+codes, recognising an acknowledgement, checking ``respond`` and ``_respond`` params, the
+acknowledging channel) are in :mod:`epsproxy.eps.asyncrpc`.
 """
 
 from __future__ import annotations
@@ -36,199 +40,24 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy.eps.addresses import Address, AddressError, parse_address
-from epsproxy.eps.broker import ClientInfo, Request, Response
+from epsproxy.eps.asyncrpc import (
+    AMBIGUOUS,
+    BAD_RESULT,
+    DELIVERY_FAILED,
+    MAX_ID_LENGTH,
+    NOT_FOUND,
+    AsyncCallError,
+    check_id,
+    check_result,
+    external_outcome,
+    network_outcome,
+    short_id,
+)
 from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, NO_RESULT, JSONRPCError, id_from_internal
 
-__all__ = [
-    "ACK_KEY",
-    "MAX_ID_LENGTH",
-    "NOT_FOUND",
-    "AMBIGUOUS",
-    "BAD_RESULT",
-    "DELIVERY_FAILED",
-    "AsyncCallError",
-    "is_acknowledgement",
-    "wrap",
-    "unwrap",
-    "parse_respond",
-    "AsyncCalls",
-    "AcknowledgingChannel",
-]
+__all__ = ["AsyncCalls"]
 
 log = Logger()
-
-#: The key that marks a result as an acknowledgement: ``{"_async": true, ...}``.
-ACK_KEY = "_async"
-#: Longest EPS id accepted in ``respond`` and ``_respond`` (characters).
-MAX_ID_LENGTH = 4096
-#: Error code: no asynchronous call with this id is waiting (unknown, expired, answered).
-NOT_FOUND = 404
-#: Error code: several callers wait for the same id and ``respond`` did not say which.
-AMBIGUOUS = 409
-#: Error code of a malformed ``_respond`` message from a peer.
-BAD_RESULT = 400
-#: Error code returned to a service when its result could not be passed on (SPEC §12.1).
-DELIVERY_FAILED = 1
-
-# Largest and smallest error code accepted (a Go peer decodes it into an int64).
-_CODE_RANGE = (-(2**63), 2**63 - 1)
-_LOG_ID_LENGTH = 120
-
-
-class AsyncCallError(Exception):
-    """A ``_respond`` message from a peer is refused; ``code`` and ``message`` say why."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.message} (code {self.code})"
-
-    def as_dict(self) -> dict[str, Any]:
-        """The error object to send back to the peer."""
-        return {"code": self.code, "message": self.message}
-
-
-def is_acknowledgement(response: Response | Any) -> bool:
-    """
-    Whether ``response`` (a :class:`Response` or a bare result value) acknowledges a call
-    that will be answered later: a result object whose ``"_async"`` is ``true``.
-    """
-    if isinstance(response, Response):
-        if response.error is not None:
-            return False
-        response = response.result
-    return isinstance(response, dict) and response.get(ACK_KEY) is True
-
-
-def wrap(value: Any) -> dict[str, Any]:
-    """``value`` as an object for the EPS network: dicts stay, others become ``{"_": v}``."""
-    return value if isinstance(value, dict) else {"_": value}
-
-
-def unwrap(value: Any) -> Any:
-    """The inverse of :func:`wrap` when leaving the EPS network: ``{"_": v}`` → ``v``."""
-    if isinstance(value, dict) and len(value) == 1 and "_" in value:
-        return value["_"]
-    return value
-
-
-def _short(text: str) -> str:
-    """An id cut short enough for a log line or an error message."""
-    return text if len(text) <= _LOG_ID_LENGTH else text[:_LOG_ID_LENGTH] + "…"
-
-
-def _check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, not {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{what} must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise ValueError(f"{what} is longer than {MAX_ID_LENGTH} characters")
-    return value
-
-
-def _check_error(error: Any, data_must_be_object: bool) -> dict[str, Any]:
-    """An error object ``{code, message, data?}``; unknown keys are dropped."""
-    if not isinstance(error, dict):
-        raise ValueError(f"error must be an object, not {type(error).__name__}")
-    code = error.get("code")
-    if isinstance(code, bool) or not isinstance(code, int):
-        raise ValueError("error.code must be an integer")
-    if not _CODE_RANGE[0] <= code <= _CODE_RANGE[1]:
-        raise ValueError("error.code is out of range")
-    message = error.get("message")
-    if not isinstance(message, str):
-        raise ValueError("error.message must be a string")
-    checked: dict[str, Any] = {"code": code, "message": message}
-    data = error.get("data")
-    if data is not None:
-        if data_must_be_object and not isinstance(data, dict):
-            raise ValueError("error.data must be an object")
-        checked["data"] = wrap(data)
-    return checked
-
-
-def _network_outcome(result: Any, error: Any) -> dict[str, Any]:
-    """``{"result": obj}`` or ``{"error": {...}}`` in network form, from a service's answer."""
-    if (result is NO_RESULT) == (error is None):
-        raise ValueError("give exactly one of result and error")
-    if error is not None:
-        return {"error": _check_error(error, data_must_be_object=False)}
-    return {"result": wrap(result)}
-
-
-def _external_outcome(outcome: dict[str, Any]) -> dict[str, Any]:
-    """A network-form outcome as a JSON-RPC client should see it (values unwrapped)."""
-    if "error" in outcome:
-        error = dict(outcome["error"])
-        if "data" in error:
-            error["data"] = unwrap(error["data"])
-        return {"error": error}
-    return {"result": unwrap(outcome["result"])}
-
-
-def parse_respond(
-    params: Any, request_id: str
-) -> tuple[str, Any, dict[str, Any] | None, str | None]:
-    """
-    Read the params of a service's ``respond`` call: ``(eps_id, result, error, caller)``
-    where ``result`` is :data:`epsproxy.net.jsonrpc.NO_RESULT` when an error is given.
-
-    The id of the call being answered is ``params.id`` or else the JSON-RPC id of the
-    ``respond`` request (``request_id``, internal form).  The JSON-RPC id only counts
-    when it is an EPS address, so a service whose client library picks its own ids can
-    put the address in ``params.id``; when both are addresses they must agree.
-    ``params.client`` (optional) names the caller when several callers wait for the
-    same id.  Exactly one of ``params.result`` / ``params.error`` must be present.
-    Raises :class:`JSONRPCError` (``INVALID_PARAMS``) with a message saying what is wrong.
-    """
-
-    def refuse(message: str) -> JSONRPCError:
-        return JSONRPCError(INVALID_PARAMS, f"invalid params: {message}")
-
-    if not isinstance(params, dict):
-        raise refuse("params must be an object")
-    given = params.get("id")
-    if given is not None:
-        try:
-            given = _check_id(given, "params.id")
-        except ValueError as e:
-            raise refuse(str(e)) from None
-    external = id_from_internal(request_id) if isinstance(request_id, str) else None
-    outer: str | None = None
-    if isinstance(external, str) and external and len(external) <= MAX_ID_LENGTH:
-        try:
-            parse_address(external)
-            outer = external
-        except AddressError:
-            outer = None
-    if given is not None and outer is not None and given != outer:
-        raise refuse("params.id and the request id name different calls")
-    eps_id = given if given is not None else outer
-    if eps_id is None:
-        raise refuse(
-            "respond needs the id of the call it answers (the id the service received, "
-            "operator.method(id)) as the request id or as params.id"
-        )
-    caller = params.get("client")
-    if caller is not None and (not isinstance(caller, str) or not caller
-                               or len(caller) > MAX_ID_LENGTH):
-        raise refuse("params.client must be a non-empty operator name")
-    has_result, has_error = "result" in params, "error" in params
-    if has_result == has_error:
-        raise refuse("give exactly one of params.result and params.error")
-    if has_error:
-        try:
-            _check_error(params["error"], data_must_be_object=False)
-        except ValueError as e:
-            raise refuse(str(e)) from None
-        return eps_id, NO_RESULT, params["error"], caller
-    return eps_id, params["result"], None, caller
-
 
 # ------------------------------------------------------------------------- the tables
 
@@ -339,7 +168,7 @@ class AsyncCalls:
                 break
             self._forget_acknowledged(key)
             log.info("asynchronous call {eps_id} from {caller} expired unanswered",
-                     eps_id=_short(entry.eps_id), caller=entry.caller)
+                     eps_id=short_id(entry.eps_id), caller=entry.caller)
             count += 1
         while self._expected:
             key, expected = next(iter(self._expected.items()))
@@ -348,7 +177,7 @@ class AsyncCalls:
             self._expected.pop(key)
             self._release(expected)
             log.info("expected result for {eps_id} from {operator} never came",
-                     eps_id=_short(expected.eps_id), operator=expected.operator)
+                     eps_id=short_id(expected.eps_id), operator=expected.operator)
             count += 1
         self.expired += count
         return count
@@ -395,14 +224,14 @@ class AsyncCalls:
             self.evicted += 1
             log.warn("too many unanswered asynchronous calls ({limit}): forgot {eps_id} "
                      "from {caller}", limit=self.max_pending,
-                     eps_id=_short(dropped.eps_id), caller=dropped.caller)
+                     eps_id=short_id(dropped.eps_id), caller=dropped.caller)
         self._acknowledged[key] = _Acknowledged(
             caller, eps_id, self.clock.seconds() + self.expire_after
         )
         self._callers.setdefault(eps_id, set()).add(caller)
         self.acknowledged_count += 1
         log.debug("call {eps_id} from {caller} acknowledged, answer expected later",
-                  eps_id=_short(eps_id), caller=caller)
+                  eps_id=short_id(eps_id), caller=caller)
 
     def respond(
         self,
@@ -422,8 +251,8 @@ class AsyncCalls:
         entry is gone then: a call is answered at most once).
         """
         try:
-            _check_id(eps_id, "id")
-            outcome = _network_outcome(result, error)
+            check_id(eps_id, "id")
+            outcome = network_outcome(result, error)
         except ValueError as e:
             self.refused += 1
             return defer.fail(JSONRPCError(INVALID_PARAMS, f"invalid params: {e}"))
@@ -433,16 +262,16 @@ class AsyncCalls:
             callers = callers & {caller}
         if not callers:
             self.refused += 1
-            log.info("respond for {eps_id}: no such call is waiting", eps_id=_short(eps_id))
+            log.info("respond for {eps_id}: no such call is waiting", eps_id=short_id(eps_id))
             return defer.fail(JSONRPCError(
                 NOT_FOUND,
-                f"no asynchronous call with id {_short(eps_id)!r} is waiting for a response",
+                f"no asynchronous call with id {short_id(eps_id)!r} is waiting for a response",
             ))
         if len(callers) > 1:
             self.refused += 1
             return defer.fail(JSONRPCError(
                 AMBIGUOUS,
-                f"several callers wait for {_short(eps_id)!r}: say which in params.client "
+                f"several callers wait for {short_id(eps_id)!r}: say which in params.client "
                 "(the _client.name the call came with)",
             ))
         (target,) = callers
@@ -454,7 +283,7 @@ class AsyncCalls:
         if self.send_result is None:
             self.send_failed += 1
             log.warn("cannot send the result for {eps_id} to {caller}: no connection to "
-                     "other operators", eps_id=_short(eps_id), caller=target)
+                     "other operators", eps_id=short_id(eps_id), caller=target)
             return defer.fail(JSONRPCError(
                 DELIVERY_FAILED,
                 f"cannot send the result to {target}: no connection to other operators",
@@ -463,14 +292,14 @@ class AsyncCalls:
         def sent(_: Any) -> dict[str, Any]:
             self.sent += 1
             log.debug("result for {eps_id} sent to {caller}",
-                      eps_id=_short(eps_id), caller=target)
+                      eps_id=short_id(eps_id), caller=target)
             return {"message": "delivered"}
 
         def failed(failure: Failure) -> Failure:
             self.send_failed += 1
             reason = failure.getErrorMessage()[:300]
             log.warn("cannot send the result for {eps_id} to {caller}: {reason}",
-                     eps_id=_short(eps_id), caller=target, reason=reason)
+                     eps_id=short_id(eps_id), caller=target, reason=reason)
             return Failure(JSONRPCError(
                 DELIVERY_FAILED, f"cannot send the result to {target}: {reason}"
             ))
@@ -514,13 +343,13 @@ class AsyncCalls:
             self.evicted += 1
             log.warn("too many expected asynchronous results ({limit}): forgot {eps_id} "
                      "from {operator}", limit=self.max_pending,
-                     eps_id=_short(dropped.eps_id), operator=dropped.operator)
+                     eps_id=short_id(dropped.eps_id), operator=dropped.operator)
         self._expected[key] = _Expected(
             operator, eps_id, local_id, self.clock.seconds() + self.expire_after
         )
         self.expected_count += 1
         log.debug("expecting a result for {eps_id} from {operator}",
-                  eps_id=_short(eps_id), operator=operator)
+                  eps_id=short_id(eps_id), operator=operator)
 
     def wait(
         self, operator: str, eps_id: str, seconds: float
@@ -552,7 +381,7 @@ class AsyncCalls:
                 expected.waiter = None
             if not waiter.deferred.called:
                 log.debug("no result for {eps_id} within {seconds:g}s; it will be pushed",
-                          eps_id=_short(eps_id), seconds=seconds)
+                          eps_id=short_id(eps_id), seconds=seconds)
                 waiter.deferred.callback(None)
 
         waiter.timer = self.clock.callLater(seconds, timed_out)
@@ -569,7 +398,7 @@ class AsyncCalls:
         :data:`BAD_RESULT` or :data:`NOT_FOUND`) to refuse.
         """
         try:
-            outcome = self._checked_result(params)
+            outcome = check_result(params)
         except ValueError as e:
             self.refused += 1
             log.info("refused a malformed asynchronous result from {peer}: {reason}",
@@ -581,38 +410,24 @@ class AsyncCalls:
         if expected is None:
             self.refused += 1
             log.info("refused a result for {eps_id} from {peer}: not expected from it",
-                     eps_id=_short(eps_id), peer=str(peer_name)[:200])
+                     eps_id=short_id(eps_id), peer=str(peer_name)[:200])
             raise AsyncCallError(
                 NOT_FOUND,
-                f"no asynchronous call with id {_short(eps_id)!r} is waiting for a "
+                f"no asynchronous call with id {short_id(eps_id)!r} is waiting for a "
                 "response from you",
             )
-        external = _external_outcome(outcome)
+        external = external_outcome(outcome)
         waiter, expected.waiter = expected.waiter, None
         if waiter is not None and not waiter.deferred.called:
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
             self.delivered += 1
             log.debug("result for {eps_id} from {peer} answers the waiting request",
-                      eps_id=_short(eps_id), peer=peer_name)
+                      eps_id=short_id(eps_id), peer=peer_name)
             waiter.deferred.callback(external)
         else:
             self._push(expected, external)
         return {"message": "delivered"}
-
-    @staticmethod
-    def _checked_result(params: Any) -> dict[str, Any]:
-        if not isinstance(params, dict):
-            raise ValueError("params must be an object")
-        _check_id(params.get("id"), "id")
-        has_result, has_error = "result" in params, "error" in params
-        if has_result == has_error:
-            raise ValueError("give exactly one of result and error")
-        if has_error:
-            return {"error": _check_error(params["error"], data_must_be_object=True)}
-        if not isinstance(params["result"], dict):
-            raise ValueError("result must be an object")
-        return {"result": params["result"]}
 
     def _push(self, expected: _Expected, outcome: dict[str, Any]) -> None:
         """Hand a result nobody waits for to the own local service (``respond``)."""
@@ -621,52 +436,19 @@ class AsyncCalls:
         if push is None:
             self.dropped += 1
             log.warn("result for {eps_id} from {operator} dropped: no local service to "
-                     "push it to", eps_id=_short(eps_id), operator=expected.operator)
+                     "push it to", eps_id=short_id(eps_id), operator=expected.operator)
             return
         params = {"id": id_from_internal(expected.local_id), **outcome}
 
         def pushed(_: Any) -> None:
             self.delivered += 1
             log.debug("result for {eps_id} pushed to the local service",
-                      eps_id=_short(eps_id))
+                      eps_id=short_id(eps_id))
 
         def failed(failure: Failure) -> None:
             self.push_failed += 1
             log.warn("cannot push the result for {eps_id} to the local service: {reason}",
-                     eps_id=_short(eps_id), reason=failure.getErrorMessage()[:300])
+                     eps_id=short_id(eps_id), reason=failure.getErrorMessage()[:300])
 
         d = defer.maybeDeferred(push, method="respond", params=params, id=eps_id)
         d.addCallbacks(pushed, failed)
-
-
-class AcknowledgingChannel:
-    """
-    A channel to a local service, wrapped so that acknowledgements it returns are noted
-    in ``async_calls`` (the callee-side hook).  Wrap only channels to the own services
-    (``jsonrpc_client``): an acknowledgement passing through from another operator is
-    not ours to note.  Everything else is the wrapped channel's.
-    """
-
-    def __init__(self, channel: Any, async_calls: AsyncCalls) -> None:
-        self.channel = channel
-        self.async_calls = async_calls
-        self.name = channel.name
-        self.type = channel.type
-
-    def can_deliver_to(self, address: Address) -> bool:
-        return self.channel.can_deliver_to(address)
-
-    def deliver(
-        self, request: Request, client_info: ClientInfo, address: Address | None = None
-    ) -> defer.Deferred[Response | None]:
-        d = defer.maybeDeferred(self.channel.deliver, request, client_info, address)
-
-        def noted(response: Any) -> Any:
-            if isinstance(response, Response) and is_acknowledgement(response):
-                self.async_calls.acknowledged(client_info.name, request.id)
-            return response
-
-        return d.addCallback(noted)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.channel, name)

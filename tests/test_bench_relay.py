@@ -1,6 +1,6 @@
 """
 Smoke test of the relay benchmark (``python -m bench relay``), so it cannot rot: a tiny
-run (20 MB streams, short pairing and slow-reader phases, 50 idle pairs) of our relay and
+run (100 MB streams, short pairing and slow-reader phases, 50 idle pairs) of our relay and
 one competitor, through the real relay and load-generator processes, and the report's
 tables and goal lines.  The competitor is HAProxy, else socat, else the transit relay,
 whichever is installed; with none of them only ours runs and the competitor part is
@@ -15,7 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bench import relay
 
-SIZE = 20_000_000
+# Large enough that the relay's CPU time spans several clock ticks (/proc/<pid>/stat counts
+# in 10 ms ticks): at ~0.4 s/GB a 20 MB stream took under one tick and read as 0.
+SIZE = 100_000_000
 IDLE_PAIRS = 50
 GOALS = (
     "ours MB/s / best-tuned relay",

@@ -11,6 +11,11 @@ here: a failed start is logged as one line naming the program (the traceback onl
 debug level), the half-started service is closed, and with ``stop_reactor_on_failure``
 the reactor is stopped so ``twistd`` exits; any number of callers wait for the outcome
 with :meth:`~AsyncStartService.when_ready`.
+
+Two questions an operator asks a running service are answered here too:
+:meth:`~AsyncStartService.readiness` (what is not ready yet, by check name) and
+:meth:`~AsyncStartService.reload` (apply new, already validated settings, or refuse with
+:class:`ReloadError` without changing anything).
 """
 
 from __future__ import annotations
@@ -24,11 +29,18 @@ from twisted.python.failure import Failure
 
 from epsproxy.net.reactor import IReactor
 
-__all__ = ["AsyncStartService", "stop_reactor_soon"]
+__all__ = ["AsyncStartService", "ReloadError", "stop_reactor_soon"]
 
 T = TypeVar("T")
 
 log = Logger()
+
+
+class ReloadError(Exception):
+    """
+    New settings cannot be applied while running (a listen address changed, a service
+    that does not reload); ``str()`` says why, and nothing was changed.
+    """
 
 
 def stop_reactor_soon(reactor: IReactor) -> None:
@@ -66,13 +78,36 @@ class AsyncStartService(Service, Generic[T]):
         """The program and instance, as log lines name it (``endpoint server hd-1``)."""
         return type(self).__name__
 
+    def reload(self, settings: dict[str, Any]) -> None:
+        """
+        Apply ``settings`` (the same shape the constructor got, already validated by the
+        schema and the credential checks) or raise :class:`ReloadError` having changed
+        nothing.  By default a service does not reload.
+        """
+        raise ReloadError(f"{self._describe()} does not reload its settings")
+
+    def readiness(self) -> dict[str, str]:
+        """
+        What is not ready, as ``{check name: reason}``; empty when ready.  Subclasses add
+        their own checks to what this returns.
+        """
+        if self.__dict__.get("_stopping"):
+            return {"stop": "stopping"}
+        if self._outcome is None:
+            return {"start": "starting"}
+        if isinstance(self._outcome, Failure):
+            return {"start": self._outcome.getErrorMessage()}
+        return {}
+
     def startService(self) -> None:
+        self._stopping = False
         super().startService()
         d = ensureDeferred(self._start())
         d.addErrback(self._start_failed)
         d.addBoth(self._settle)
 
     def stopService(self) -> Deferred[None]:
+        self._stopping = True
         super().stopService()
         return ensureDeferred(self._stop())
 

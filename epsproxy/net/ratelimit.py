@@ -18,6 +18,9 @@ Differences from the reference, on purpose:
   metrics) and logged at most once per ``log_interval`` with the peer address truncated.
 - A connection that proves legitimate can be taken back (:meth:`RateLimiter.forgive`), so
   a limit can count only the failing ones (the public proxy's internal endpoint does).
+- The limits can be replaced while the listener runs (:meth:`RateLimiter.reconfigure`, on
+  a settings reload): the next connection is counted against the new limits, and a window
+  whose type is kept keeps its counts.
 
 Put the limiter in front of TLS so refused peers cost no handshake: the endpoints of
 :mod:`epsproxy.net.tls` do that by themselves when given a :class:`RateLimitedFactory`.
@@ -108,6 +111,32 @@ class RateLimiter:
         self._log_interval = log_interval
         self._last_log: float | None = None
         self._unlogged = 0
+
+    @property
+    def limits(self) -> list[dict[str, Any]]:
+        """The limits in force, as ``TCP_RATE_LIMITS`` items."""
+        return [{"type": w.type, "limit": w.limit} for w in self._windows]
+
+    def reconfigure(self, limits: Iterable[dict[str, Any]]) -> None:
+        """
+        Count against ``limits`` (``TCP_RATE_LIMITS`` items, validated here) from the next
+        connection on.  A limit whose window type was already limited keeps that window
+        and its counts (with the new number), so a reload never hands every peer a fresh
+        allowance; windows of types no longer listed are dropped.  Raises
+        :class:`epsproxy.rules.forms.FormError` on invalid limits, changing nothing.
+        """
+        rules = TCP_RATE_LIMITS(list(limits))
+        unused = list(self._windows)
+        windows: list[_Window] = []
+        for rule in rules:
+            kept = next((w for w in unused if w.type == rule["type"]), None)
+            if kept is None:
+                kept = _Window(rule["type"], rule["limit"])
+            else:
+                unused.remove(kept)
+                kept.limit = rule["limit"]
+            windows.append(kept)
+        self._windows = windows
 
     def allow(self, address: IAddress | Any) -> bool:
         """Count a connection from ``address``; False if it must be refused."""

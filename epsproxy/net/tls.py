@@ -26,6 +26,17 @@ Choices that differ from the reference, on purpose:
   treat it as an identity unless the listener verifies clients.
 - Rate limiting is applied *outside* the TLS layer (see :class:`TLSServerEndpoint`), so a
   refused peer never costs a handshake.
+
+Reloading (SIGHUP): a listener's certificate, key and CA pool live in a
+:class:`ReloadableServerOptions`, which each new connection asks for the options current
+when it arrives; :meth:`ReloadableServerOptions.replace` swaps them (live connections keep
+the TLS session they have).  Clients look their options up per connection
+(:func:`client_options`), so a rotated file is picked up by the next connection by itself;
+:func:`forget_cached` makes sure of it on a reload.
+
+Failed handshakes on a listener are logged by :class:`HandshakeFailures`: one line each
+with the blurred peer address, the listener and the reason, at most ``limit`` lines per
+minute and listener, then one summary line.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -46,15 +57,19 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
     IListeningPort,
     IProtocolFactory,
     IStreamClientEndpoint,
-    IReactorTCP,
+    IReactorTime,
     IStreamServerEndpoint,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -65,7 +80,7 @@ from epsproxy.rules.certificates import (
     load_private_key_file,
 )
 from epsproxy.net.connectproxy import HTTPConnectEndpoint, proxy_for
-from epsproxy.net.hostport import is_ip, parse_host_port
+from epsproxy.net.hostport import is_ip, parse_host_port, truncate_ip
 from epsproxy.net.ratelimit import RateLimitedFactory
 from epsproxy.net.reactor import IReactor
 
@@ -75,6 +90,10 @@ __all__ = [
     "TLSSettingsError",
     "server_options",
     "client_options",
+    "forget_cached",
+    "ReloadableServerOptions",
+    "HandshakeFailures",
+    "handshake_failure_reason",
     "peer_certificate",
     "listen_endpoint",
     "client_endpoint",
@@ -295,7 +314,179 @@ def client_options(
     return _client_options(key, name)
 
 
+def forget_cached() -> None:
+    """
+    Drop every cached server and client option set, so the next :func:`server_options`
+    or :func:`client_options` reads the files again (a reload does this: a file rewritten
+    within the same timestamp tick and size would otherwise look unchanged).
+    """
+    _server_options.cache_clear()
+    _client_options.cache_clear()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerOptions:
+    """
+    The TLS server side of a listener whose ``tls`` block can be replaced while it runs:
+    every new connection uses the options current when it is accepted; connections
+    already open are not touched.
+    """
+
+    def __init__(self, tls: dict[str, Any]) -> None:
+        self.settings = tls
+        self.options = server_options(tls)
+
+    def replace(self, tls: dict[str, Any]) -> None:
+        """
+        Use ``tls`` for the next connections.  The new options are built first: on
+        :class:`TLSSettingsError` (a missing file, a key that does not match) nothing
+        changes.
+        """
+        options = server_options(tls)
+        self.settings, self.options = tls, options
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """A connection from the current options (:class:`IOpenSSLServerConnectionCreator`)."""
+        return SSL.Connection(self.options.getContext(), None)
+
+
 # ---------------------------------------------------------------------- endpoints
+
+
+# ------------------------------------------------------------------ failed handshakes
+
+#: OpenSSL reason texts (lower case, substrings) -> the reason a log line gives.
+_HANDSHAKE_REASONS = (
+    (("peer did not return a certificate", "certificate required"), "no client certificate"),
+    (("certificate verify failed", "unknown ca", "unable to get local issuer"), "unknown CA"),
+    (("certificate expired", "certificate has expired"), "certificate expired"),
+    (("wrong version number", "http request", "unknown protocol", "packet length too long",
+      "unexpected message", "record layer failure", "wrong ssl version",
+      "unsupported protocol"), "not TLS or an unsupported TLS version"),
+    (("no shared cipher", "no suitable signature", "no shared group"), "no shared cipher"),
+)
+
+
+def handshake_failure_reason(reason: Failure | None, received: bool) -> str:
+    """
+    Why a TLS handshake failed, in a few words: from the OpenSSL error in ``reason``,
+    or how the connection ended; ``received`` says whether the peer sent anything.
+    """
+    value = None if reason is None else reason.value
+    if isinstance(value, SSL.Error):
+        texts = [
+            str(item[-1]) for item in (value.args[0] if value.args else [])
+            if isinstance(item, tuple) and item
+        ]
+        joined = "; ".join(texts).lower()
+        for needles, text in _HANDSHAKE_REASONS:
+            if any(needle in joined for needle in needles):
+                return text
+        return ("TLS error: " + "; ".join(texts))[:200] if texts else "TLS error"
+    if not received:
+        return "closed before sending anything"
+    return "closed during the handshake"
+
+
+class HandshakeFailures:
+    """
+    The log of one listener's failed TLS handshakes: one line per failure with the
+    blurred peer address, the listener's name and the reason, at most ``limit`` lines
+    per ``period`` seconds; past that, failures are only counted and one summary line
+    says how many were left out once the period ends (or the listener stops), so a flood
+    cannot fill the disk.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, listener: str, *, limit: int = 10, period: float = 60.0
+    ) -> None:
+        self.clock = clock
+        self.listener = listener
+        self.limit = limit
+        self.period = period
+        #: Failed handshakes since start (logged or not).
+        self.count = 0
+        self._window_start: float | None = None
+        self._logged = 0
+        self._suppressed = 0
+        self._timer: IDelayedCall | None = None
+
+    def failed(self, peer: str, reason: str) -> None:
+        """Record one failed handshake from ``peer`` (an address; blurred here)."""
+        self.count += 1
+        now = self.clock.seconds()
+        if self._window_start is None or now - self._window_start >= self.period:
+            self.flush()
+            self._window_start, self._logged = now, 0
+        if self._logged < self.limit:
+            self._logged += 1
+            log.info(
+                "failed TLS handshake on {listener} from {peer}: {reason}",
+                listener=self.listener, peer=truncate_ip(peer), reason=reason,
+            )
+            return
+        self._suppressed += 1
+        if self._timer is None:
+            self._timer = self.clock.callLater(
+                max(0.0, self._window_start + self.period - now), self._period_over
+            )
+
+    def _period_over(self) -> None:
+        self._timer = None
+        self.flush()
+        self._window_start = None
+
+    def flush(self) -> None:
+        """Write the summary line of the failures left out so far, if any."""
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._suppressed:
+            log.warn(
+                "failed TLS handshakes on {listener}: ... and {count} more in the last"
+                " {period:g} s (not logged one by one)",
+                listener=self.listener, count=self._suppressed, period=self.period,
+            )
+            self._suppressed = 0
+
+
+class _WatchedTLSProtocol(BufferingTLSTransport):
+    """A server-side TLS connection that reports a handshake that never completed."""
+
+    _received = False
+    factory: _WatchedTLSFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received = True
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._handshakeDone:
+            why = self._reason or reason
+            try:
+                assert self.transport is not None  # still connected to its TCP transport
+                peer = getattr(self.transport.getPeer(), "host", "")
+                self.factory.failures.failed(
+                    str(peer), handshake_failure_reason(why, self._received))
+            except Exception:
+                log.failure("logging a failed TLS handshake failed")
+        super().connectionLost(reason)
+
+
+class _WatchedTLSFactory(TLSMemoryBIOFactory):
+    """``TLSMemoryBIOFactory`` for servers whose failed handshakes are logged."""
+
+    protocol = _WatchedTLSProtocol
+
+    def __init__(
+        self, creator: Any, wrappedFactory: IProtocolFactory, failures: HandshakeFailures
+    ) -> None:
+        super().__init__(creator, False, wrappedFactory)
+        self.failures = failures
+
+    def doStop(self) -> None:
+        self.failures.flush()
+        super().doStop()
 
 
 @implementer(IStreamServerEndpoint)
@@ -304,6 +495,11 @@ class TLSServerEndpoint:
     A TCP listener whose connections are wrapped in TLS by ``TLSMemoryBIOFactory``
     (what ``SSL4ServerEndpoint`` does internally), for IPv4 and IPv6 alike.
 
+    ``options`` are the server's TLS options: a :class:`ReloadableServerOptions` (what
+    :func:`listen_endpoint` gives, so the listener's certificate can be replaced), or
+    plain ``CertificateOptions``.  Failed handshakes are logged by ``failures`` (a
+    :class:`HandshakeFailures`; by default one for the listener's ``name``).
+
     If the factory given to :meth:`listen` is a rate-limited one
     (:class:`epsproxy.net.ratelimit.RateLimitedFactory`), the limiter is moved outside the
     TLS layer: a refused peer is closed straight after accept, before any handshake.
@@ -311,30 +507,50 @@ class TLSServerEndpoint:
     handle an inner factory that returns None.)
     """
 
-    def __init__(self, tcp: IStreamServerEndpoint, options: ssl.CertificateOptions) -> None:
+    def __init__(
+        self,
+        tcp: IStreamServerEndpoint,
+        options: ssl.CertificateOptions | ReloadableServerOptions,
+        *,
+        failures: HandshakeFailures | None = None,
+        name: str = "TLS listener",
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.tcp = tcp
         self.options = options
+        if failures is None:
+            if clock is None:
+                from twisted.internet import reactor as default_reactor
+
+                clock = default_reactor
+            failures = HandshakeFailures(clock, name)
+        self.failures = failures
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """Listen with ``protocolFactory`` behind TLS (and the limiter in front)."""
         if isinstance(protocolFactory, RateLimitedFactory):
-            inner = TLSMemoryBIOFactory(self.options, False, protocolFactory.wrappedFactory)
+            inner = _WatchedTLSFactory(
+                self.options, protocolFactory.wrappedFactory, self.failures)
             outer: IProtocolFactory = protocolFactory.rewrap(inner)
         else:
-            outer = TLSMemoryBIOFactory(self.options, False, protocolFactory)
+            outer = _WatchedTLSFactory(self.options, protocolFactory, self.failures)
         return self.tcp.listen(outer)
 
 
 def listen_endpoint(
-    reactor: IReactorTCP,
+    reactor: IReactor,
     bind_address: str,
     tls: dict[str, Any] | None,
     backlog: int = 1024,
+    *,
+    name: str | None = None,
 ) -> IStreamServerEndpoint:
     """
     A server endpoint for ``bind_address`` (``host:port`` text; ``localhost`` means
     127.0.0.1, ``":port"`` all IPv4 interfaces, ``"[::]:port"`` all interfaces), with TLS
-    from :func:`server_options` when ``tls`` is given.
+    from :func:`server_options` when ``tls`` is given: then it is a
+    :class:`TLSServerEndpoint` whose ``options`` can be replaced, and whose failed
+    handshakes are logged naming the listener ``name`` (default: the address).
     """
     host, port = parse_host_port(bind_address)
     if host == "localhost":
@@ -346,7 +562,8 @@ def listen_endpoint(
         tcp = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
     if tls is None:
         return tcp
-    return TLSServerEndpoint(tcp, server_options(tls))
+    return TLSServerEndpoint(
+        tcp, ReloadableServerOptions(tls), name=name or bind_address, clock=reactor)
 
 
 def client_endpoint(

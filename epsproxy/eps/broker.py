@@ -200,6 +200,11 @@ def rfc3339nano(seconds: float) -> str:
     return text + "Z"
 
 
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters for a log line."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _normalised(response: Response) -> Response:
     """``response`` with a non-object result or error data wrapped as ``{"_": v}`` (§9.1)."""
     result, error = response.result, response.error
@@ -213,13 +218,20 @@ def _normalised(response: Response) -> Response:
 
 
 class _Call:
-    """Bookkeeping of one delivery, for the metric hook."""
+    """Bookkeeping of one delivery, for the metric hook and the call's log line."""
 
-    __slots__ = ("method", "outcome")
+    __slots__ = ("caller", "method", "target", "outcome", "reason")
 
-    def __init__(self) -> None:
+    def __init__(self, caller: str) -> None:
+        self.caller = caller
         self.method = ""
+        self.target = "-"
         self.outcome = "failed"
+        self.reason = ""
+
+
+#: Outcomes whose log line is a warning: our side failed, not the caller.
+_WARN_OUTCOMES = frozenset({"channel_error"})
 
 
 class Broker:
@@ -233,6 +245,12 @@ class Broker:
     one of ``ok``, ``error_response``, ``denied``, ``invalid``, ``channel_error``,
     ``failed``.  ``on_answer(channel, caller, request_id, response)``, if given, sees
     every response a channel gave (the hook that notices asynchronous acknowledgements).
+
+    Every delivery logs one line when it is done (:meth:`_log_call`), with the fields
+    ``caller`` (the operator the calling channel identified: the certificate's name for
+    a peer, our own name for the gateway), ``method`` (``operator.method`` from the
+    request id, ``-`` if it did not parse), ``outcome`` (as above) and ``duration``
+    (seconds); a refusal or failure adds ``reason``.
     """
 
     def __init__(
@@ -286,7 +304,7 @@ class Broker:
         Deferred, as :meth:`deliver` gives.
         """
         started = self.clock.seconds()
-        call = _Call()
+        call = _Call("-" if client_info is None else _short(client_info.name))
         if not isinstance(request.id, str):
             return self._finish(
                 Failure(BrokerError("error parsing address: invalid ID format")),
@@ -320,12 +338,28 @@ class Broker:
     def _finish(self, result: Any, call: _Call, started: float) -> Any:
         if isinstance(result, Failure):
             call.outcome = "failed"
+            call.reason = _short(result.getErrorMessage(), 500)
+        duration = self.clock.seconds() - started
         if self.observe is not None:
             try:
-                self.observe(call.method, call.outcome, self.clock.seconds() - started)
+                self.observe(call.method, call.outcome, duration)
             except Exception:
                 log.failure("broker metric hook failed")
+        self._log_call(call, duration)
         return result
+
+    @staticmethod
+    def _log_call(call: _Call, duration: float) -> None:
+        """The one log line of a delivery (info; a warning when our side failed)."""
+        emit = log.warn if call.outcome in _WARN_OUTCOMES else log.info
+        if call.reason:
+            emit("call {method} from {caller}: {outcome} in {duration:.3f}s ({reason})",
+                 method=call.target, caller=call.caller, outcome=call.outcome,
+                 duration=duration, reason=call.reason)
+        else:
+            emit("call {method} from {caller}: {outcome} in {duration:.3f}s",
+                 method=call.target, caller=call.caller, outcome=call.outcome,
+                 duration=duration)
 
     # -- steps 2-11 ---------------------------------------------------------------------
 
@@ -366,8 +400,10 @@ class Broker:
             raise BrokerError("error parsing address: invalid ID format") from None
         call.method = address.method
         expected = f"{address.operator}.{address.method}"
+        call.target = _short(expected)
         if request.method != expected:
             call.outcome = "invalid"
+            call.reason = "method does not match the request id"
             method = request.method if isinstance(request.method, str) else repr(request.method)
             return Response(
                 id=request.id,
@@ -390,8 +426,7 @@ class Broker:
             remote, own, address.method
         ):
             call.outcome = "denied"
-            log.info("permission denied for {method} and client {client}",
-                     method=address.method[:200], client=client.name[:200])
+            call.reason = "permission denied"
             return Response(
                 id=request.id,
                 error={
@@ -441,8 +476,8 @@ class Broker:
             if failure.check(defer.CancelledError):
                 return failure
             call.outcome = "channel_error"
-            log.warn("channel {channel} failed to deliver: {error}",
-                     channel=channel.name, error=str(failure.value)[:500])
+            call.reason = _short(f"channel {channel.name} failed to deliver: {failure.value}",
+                                 500)
             return Response(
                 id=request.id,
                 error={

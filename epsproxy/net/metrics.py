@@ -1,21 +1,30 @@
 """
-Prometheus metrics: a per-service registry served over plain HTTP.
+Prometheus metrics: a per-service registry served over plain HTTP, with the health
+endpoints next to it.
 
 Each program builds its own ``CollectorRegistry`` (never the global one, so tests can
-run several services in one process) and serves it with :class:`MetricsResource` on
-every path of ``metrics.bind_address``.  ``prometheus_client.twisted`` is avoided on
-purpose: it grabs the global reactor.
+run several services in one process) and serves it on ``metrics.bind_address``:
+``/metrics`` and ``/`` the exposition (:class:`MetricsResource`), ``/healthz`` and
+``/readyz`` the health answers (:mod:`epsproxy.net.health`), any other path 404 and any
+method but GET and HEAD 405 (:class:`ListenerResource`, the one routing table).
+:func:`metrics_service` also registers the process metrics and
+``<program>_build_info{version}``, and turns off the ``_created`` series.
+``prometheus_client.twisted`` is avoided on purpose: it grabs the global reactor.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Callable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from twisted.application.internet import StreamServerEndpointService
@@ -24,17 +33,27 @@ from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from epsproxy import __version__
 from epsproxy.rules import forms
-from epsproxy.net.jsonrpc.server import REFUSAL_REASONS, GuardedSite
+from epsproxy.net.health import HealthResource, Readiness, ReadinessResource
+from epsproxy.net.jsonrpc.server import (
+    REFUSAL_REASONS,
+    GuardedSite,
+    _access_log_line,
+    json_body,
+)
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.tls import listen_endpoint
 
 __all__ = [
     "METRICS_SETTINGS",
     "HTTP_REFUSAL_REASONS",
+    "ListenerResource",
     "ListenerService",
     "MetricsResource",
     "RPCMetrics",
+    "build_info",
+    "listener_resource",
     "http_refusals_counter",
     "metrics_service",
 ]
@@ -51,8 +70,14 @@ METRICS_SETTINGS = forms.Map(
 )
 
 
+#: Default ``program`` of :func:`metrics_service` (the taps pass "sd", "eps", "proxy").
+DEFAULT_PROGRAM = "epsproxy"
+
+_METRIC_PREFIX = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
 class MetricsResource(Resource):
-    """Serves the text exposition of one registry on every path (as the reference does)."""
+    """Serves the text exposition of one registry."""
 
     isLeaf = True
 
@@ -84,18 +109,80 @@ class ListenerService(StreamServerEndpointService):
         self._raiseSynchronously = fail_loudly
 
 
+class ListenerResource(Resource):
+    """
+    The metrics listener's routes: exact paths (a query string is ignored) to the
+    resources that answer them; any other path 404, any method but GET and HEAD 405.
+    Answers say ``Cache-Control: no-store``: a probe must never see a stale answer.
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: Mapping[bytes, Resource]) -> None:
+        super().__init__()
+        self.routes = dict(routes)
+
+    def render(self, request: Request) -> bytes | int:
+        request.setHeader(b"cache-control", b"no-store")
+        target = self.routes.get(request.path)
+        if target is None:
+            return json_body(request, 404, {"message": "not found"})
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return json_body(request, 405, {"message": "method not allowed, use GET"})
+        return target.render(request)
+
+
+def listener_resource(
+    registry: CollectorRegistry, readiness: Readiness | None = None
+) -> ListenerResource:
+    """The routes of the metrics listener (see :class:`ListenerResource`)."""
+    metrics = MetricsResource(registry)
+    return ListenerResource({
+        b"/": metrics,
+        b"/metrics": metrics,
+        b"/healthz": HealthResource(),
+        b"/readyz": ReadinessResource(readiness),
+    })
+
+
+def build_info(registry: CollectorRegistry, program: str) -> Gauge:
+    """``<program>_build_info{version}`` = 1, with this package's version."""
+    gauge = Gauge(f"{program}_build_info", "the running epsproxy version (always 1)",
+                  ["version"], registry=registry)
+    gauge.labels(__version__).set(1)
+    return gauge
+
+
 def metrics_service(
-    reactor: IReactor, settings: dict, registry: CollectorRegistry
+    reactor: IReactor, settings: dict, registry: CollectorRegistry, *,
+    program: str = DEFAULT_PROGRAM, readiness: Readiness | None = None,
 ) -> IService:
     """
-    A service listening on ``settings["bind_address"]`` (plain HTTP) for scrapes.  It has
-    the JSON-RPC servers' deadlines (a scrape must arrive within
-    :data:`METRICS_REQUEST_TIMEOUT` seconds, idle connections close after
-    :data:`METRICS_IDLE_TIMEOUT`) and counts what it refused in
-    ``metrics_http_refusals_total{reason}``.
+    A service listening on ``settings["bind_address"]`` (plain HTTP) for scrapes and
+    health probes (see the module docstring); ``readiness()`` says what is not ready
+    (None: ready whenever the process answers).  Registers the process metrics
+    (``process_*``: memory, open files, CPU, start time) and ``<program>_build_info``
+    into ``registry``.  The listener has the JSON-RPC servers' deadlines (a request must
+    arrive within :data:`METRICS_REQUEST_TIMEOUT` seconds, idle connections close after
+    :data:`METRICS_IDLE_TIMEOUT`), counts what it refused in
+    ``metrics_http_refusals_total{reason}``, and its access log lines carry the client
+    address cut to its network part, like every listener of ours.
+
+    :raises ValueError: ``program`` cannot prefix a metric name.
     """
+    if not _METRIC_PREFIX.match(program):
+        raise ValueError(f"program {program[:50]!r} cannot prefix a metric name")
+    # A process-wide switch of prometheus_client: without it every counter and
+    # histogram adds a ``_created`` series, which nobody reads.
+    disable_created_metrics()
+    ProcessCollector(registry=registry)
+    build_info(registry, program)
     endpoint = listen_endpoint(reactor, settings["bind_address"], None)
-    site = GuardedSite(MetricsResource(registry), timeout=METRICS_IDLE_TIMEOUT, reactor=reactor)
+    site = GuardedSite(
+        listener_resource(registry, readiness), timeout=METRICS_IDLE_TIMEOUT,
+        reactor=reactor, logFormatter=_access_log_line,
+    )
     site.noisy = False
     site.request_timeout = METRICS_REQUEST_TIMEOUT
     site.max_body_bytes = METRICS_MAX_BODY_BYTES

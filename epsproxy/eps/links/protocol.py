@@ -62,6 +62,8 @@ class EPSConnection(Protocol):
     version = property(lambda self: self.session.version)
     refusal = property(lambda self: self.session.refusal)
     is_open = property(lambda self: self.session.is_open, doc="The link carries calls.")
+    last_received = property(lambda self: self.session.last_received,
+                             doc="When the peer last sent a whole frame (clock time).")
 
     # -- owners -------------------------------------------------------------------------
 

@@ -9,13 +9,21 @@ carries calls in both directions, every link serves both ways; the channels only
 builds) and keeps a small :class:`LinkRecord` per link: direction, kept or not, last
 use.  Requests arriving on a link go to the ``serve`` callable given at construction;
 what serves them (the broker) is not known here.
+
+:meth:`LinkRegistry.collector` is the per-peer view for Prometheus:
+``eps_peer_link_up{peer, direction}`` and ``eps_peer_last_seen_seconds{peer}``.  Peers
+become label values only once a link to them completed its hellos, that is once their
+certificate matched a pin of the directory: never a name a stranger chose.  Peers whose
+links are all closed are remembered (for their last-seen time) up to
+:data:`MAX_REMEMBERED_PEERS`, the least recently seen forgotten first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -29,7 +37,15 @@ from epsproxy.eps.links.protocol import (
     Handler,
 )
 
-__all__ = ["INCOMING", "OUTGOING", "LinkRecord", "LinkRegistry", "link_options"]
+__all__ = [
+    "INCOMING",
+    "OUTGOING",
+    "MAX_REMEMBERED_PEERS",
+    "LinkRecord",
+    "LinkRegistry",
+    "PeerLinkCollector",
+    "link_options",
+]
 
 log = Logger()
 
@@ -37,6 +53,10 @@ log = Logger()
 INCOMING = "incoming"
 #: Direction of a link we dialled.
 OUTGOING = "outgoing"
+
+#: Peers without an open link whose last-seen time is kept (and reported); peers with
+#: an open link are always reported (they are in the directory, which bounds them).
+MAX_REMEMBERED_PEERS = 1000
 
 
 def link_options(settings: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +105,8 @@ class LinkRegistry:
         self._records: dict[EPSConnection, LinkRecord] = {}
         self._by_peer: dict[str, list[LinkRecord]] = {}
         self._listeners: list[Callable[[str, str, bool], None]] = []
+        # peer name -> last frame received on a link to it that is now closed
+        self._seen_before: dict[str, float] = {}
 
     # -- building and tracking links ----------------------------------------------------
 
@@ -128,6 +150,7 @@ class LinkRegistry:
             records.remove(record)
             if not records:
                 del self._by_peer[peer.name]
+            self._remember(peer.name, record.link.last_received)
             log.info("EPS link to {peer} is down ({direction})", peer=peer.name,
                      direction=record.direction)
             self._notify(peer.name, record.direction, False)
@@ -142,6 +165,14 @@ class LinkRegistry:
                 listener(name, direction, up)
             except Exception:
                 log.failure("EPS link listener failed")
+
+    def _remember(self, name: str, seen: float) -> None:
+        self._seen_before[name] = max(seen, self._seen_before.get(name, seen))
+        excess = len(self._seen_before) - MAX_REMEMBERED_PEERS
+        if excess > 0:
+            oldest = sorted(self._seen_before, key=self._seen_before.__getitem__)
+            for stale in oldest[:excess]:
+                del self._seen_before[stale]
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -170,6 +201,27 @@ class LinkRegistry:
         """How many identified links of ``direction`` are open."""
         return sum(1 for record in self.records() if record.direction == direction)
 
+    def peers(self) -> dict[str, tuple[set[str], float]]:
+        """
+        Every identified peer, with a link now or remembered: ``{name: (directions of
+        its open links, Unix time a frame was last received from it)}``.
+        """
+        peers: dict[str, tuple[set[str], float]] = {
+            name: (set(), seen) for name, seen in self._seen_before.items()
+        }
+        for record in self.records():
+            link = record.link
+            name = link.peer.name
+            directions, seen = peers.get(name, (set(), 0.0))
+            if link.is_open:
+                directions.add(record.direction)
+            peers[name] = (directions, max(seen, link.last_received))
+        return peers
+
+    def collector(self) -> PeerLinkCollector:
+        """The per-peer metrics of these links, to register in a ``CollectorRegistry``."""
+        return PeerLinkCollector(self)
+
     # -- using links --------------------------------------------------------------------
 
     def call(
@@ -193,3 +245,35 @@ class LinkRegistry:
             closing.append(link.when_closed())
             link.close()
         return defer.gatherResults(closing).addCallback(lambda _: None)
+
+
+class PeerLinkCollector:
+    """
+    A Prometheus collector reading a :class:`LinkRegistry` at each scrape:
+    ``eps_peer_link_up{peer, direction}`` (1 while a link of that direction is open,
+    else 0) and ``eps_peer_last_seen_seconds{peer}`` (Unix time of the last frame
+    received from the peer).  Register it with ``registry.register(collector)``.
+    """
+
+    def __init__(self, links: LinkRegistry) -> None:
+        self.links = links
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        up, seen = self._families()
+        for name, (directions, last) in sorted(self.links.peers().items()):
+            for direction in (INCOMING, OUTGOING):
+                up.add_metric([name, direction], 1.0 if direction in directions else 0.0)
+            seen.add_metric([name], last)
+        return [up, seen]
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("eps_peer_link_up", "1 while a link to the peer is open, "
+                              "by the side that opened it", labels=["peer", "direction"]),
+            GaugeMetricFamily("eps_peer_last_seen_seconds", "Unix time a frame was last "
+                              "received from the peer", labels=["peer"]),
+        ]

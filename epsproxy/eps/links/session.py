@@ -164,6 +164,11 @@ class Session:
         """The TLS handshake has not completed yet."""
         return self._state == _HANDSHAKE
 
+    @property
+    def last_received(self) -> float:
+        """When the peer last sent a whole frame (the connection's start before that)."""
+        return self._last_received
+
     # -- inputs -------------------------------------------------------------------------
 
     def connection_made(self, now: float) -> None:

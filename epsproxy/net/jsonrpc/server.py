@@ -7,9 +7,14 @@ limits.
   ``handle(method, params, context)`` method (usually a
   :class:`~epsproxy.net.jsonrpc.envelope.Dispatcher`); :func:`listen_jsonrpc` starts it
   with TLS (:mod:`epsproxy.net.tls`) and connection rate limits
-  (:mod:`epsproxy.net.ratelimit`).
+  (:mod:`epsproxy.net.ratelimit`); :class:`JSONRPCListener` does the same and keeps what
+  a settings reload replaces (TLS files, rate limits, timeouts, body cap, CORS).
 - :class:`GuardedSite` (with :class:`CappedRequest` and its channel) is the twisted.web
-  site every listener of ours uses, the metrics listener too.
+  site every listener of ours uses, the metrics listener too; its access log lines blur
+  the client address (:func:`epsproxy.net.hostport.truncate_ip`).
+- Every handled request is one ``info`` line with the fields ``caller`` (the client
+  certificate's CN or first DNS name, ``-`` without one), ``method``, ``outcome`` and
+  ``duration``.
 
 Where this does better than the reference (SPEC §23.2 #21-23):
 
@@ -69,6 +74,8 @@ from epsproxy.net.jsonrpc.envelope import (
     response_object,
 )
 from epsproxy.rules import forms
+from epsproxy.rules.certificates import certificate_names
+from epsproxy.rules.text import shorten
 
 __all__ = [
     "JSONRPC_SERVER_SETTINGS",
@@ -79,6 +86,8 @@ __all__ = [
     "CappedRequest",
     "GuardedSite",
     "JSONRPCResource",
+    "JSONRPCListener",
+    "caller_name",
     "jsonrpc_site",
     "listen_jsonrpc",
 ]
@@ -402,6 +411,11 @@ class GuardedSite(server.Site):
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT
     refusals: Callable[[str], None] | None = None
 
+    def __init__(self, resource: Resource, *args: Any, **kwargs: Any) -> None:
+        # Access log lines never carry a full client address, on every listener.
+        kwargs.setdefault("logFormatter", _access_log_line)
+        super().__init__(resource, *args, **kwargs)
+
 
 class JSONRPCResource(Resource):
     """The HTTP side of a JSON-RPC server: routing, methods, CORS, envelope, logging."""
@@ -418,6 +432,10 @@ class JSONRPCResource(Resource):
         self._path = settings["path"].encode("utf-8")
         self._cors = settings.get("cors")
         self._clock = clock
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """Use the CORS rules of ``settings`` (validated) from the next request on."""
+        self._cors = settings.get("cors")
 
     def render(self, request: server.Request) -> bytes | int:
         """Route one HTTP request (twisted.web entry point)."""
@@ -535,14 +553,27 @@ class JSONRPCResource(Resource):
             body = encode_json({"jsonrpc": "2.0", "error": error, "id": response["id"]})
         outcome = "ok" if error is None else f"error {error['code']}"
         duration = self._clock.seconds() - started
-        log.debug(
-            "JSON-RPC {method}: {outcome} in {duration:.3f}s",
-            method=method, outcome=outcome, duration=duration,
+        log.info(
+            "JSON-RPC {method} from {caller}: {outcome} in {duration:.3f}s",
+            method=shorten(method, 100), outcome=outcome, duration=duration,
+            caller=caller_name(request.channel.transport),
         )
         if self._metrics is not None:
             self._metrics.observe(method, outcome, duration)
         request.write(json_body(request, 200 if error is None else 400, body))
         request.finish()
+
+
+def caller_name(transport: Any) -> str:
+    """
+    The name a request log gives its caller: the client certificate's CN, else its first
+    DNS name, else ``-`` (no TLS, or no certificate).
+    """
+    certificate = tls.peer_certificate(transport)
+    if certificate is None:
+        return "-"
+    names = certificate_names(certificate)
+    return shorten(names[0], 100) if names else "-"
 
 
 def _access_log_line(timestamp: str, request: server.Request) -> str:
@@ -588,24 +619,80 @@ def jsonrpc_site(
     return site
 
 
+class JSONRPCListener:
+    """
+    The listening side of a JSON-RPC server: ``site`` (from :func:`jsonrpc_site`) on
+    ``settings["bind_address"]``, over TLS when ``settings`` has ``tls`` (client
+    certificates required unless it says otherwise; failed handshakes logged naming the
+    listener ``name``) and behind ``tcp_rate_limits`` (the connections they refuse are
+    counted as ``"rate_limited"`` by the site's ``refusals``, if it has any).
+
+    :meth:`reconfigure` applies new settings to the running listener: TLS files, rate
+    limits, idle and request timeouts, the body cap and CORS.  The address, the path and
+    whether TLS is on are fixed (a restart changes them).
+    """
+
+    def __init__(
+        self, reactor: IReactor, site: server.Site, settings: dict[str, Any],
+        *, name: str | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.site = site
+        self.settings = settings
+        self.endpoint = tls.listen_endpoint(
+            reactor, settings["bind_address"], settings.get("tls"), name=name)
+        self.limiter = ratelimit.RateLimiter(
+            settings.get("tcp_rate_limits") or [], reactor, on_refused=self._rate_limited)
+        self.port: IListeningPort | None = None
+
+    def _rate_limited(self, reason: str) -> None:
+        count = getattr(self.site, "refusals", None)
+        if count is not None:
+            count("rate_limited")
+
+    def listen(self) -> Deferred[IListeningPort]:
+        """Listen; the Deferred fails if the address cannot be bound."""
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            return port
+
+        return self.endpoint.listen(self.limiter.wrap(self.site)).addCallback(listening)
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """
+        Apply ``settings`` (validated :data:`JSONRPC_SERVER_SETTINGS`) to the next
+        connections and requests; open connections keep their TLS session.  Raises
+        :class:`ValueError` (:class:`epsproxy.net.tls.TLSSettingsError` for unusable TLS
+        files) having changed nothing.
+        """
+        for key in ("bind_address", "path"):
+            if settings[key] != self.settings[key]:
+                raise ValueError(f"{key}: changing it needs a restart")
+        if (settings.get("tls") is None) != (self.settings.get("tls") is None):
+            raise ValueError("tls: turning TLS on or off needs a restart")
+        limits = ratelimit.TCP_RATE_LIMITS(list(settings.get("tcp_rate_limits") or []))
+        options = self.endpoint.options if isinstance(self.endpoint, tls.TLSServerEndpoint) else None
+        if isinstance(options, tls.ReloadableServerOptions) and settings.get("tls") is not None:
+            options.replace(settings["tls"])  # the one step that can fail: first
+        self.limiter.reconfigure(limits)
+        site = self.site
+        site.timeOut = settings["timeout"]
+        if isinstance(site, GuardedSite):
+            site.max_body_bytes = settings["max_body_bytes"]
+            site.request_timeout = settings.get("request_timeout", DEFAULT_REQUEST_TIMEOUT)
+        resource = getattr(site, "resource", None)
+        if isinstance(resource, JSONRPCResource):
+            resource.reconfigure(settings)
+        self.settings = settings
+
+
 def listen_jsonrpc(
     reactor: IReactor, site: server.Site, settings: dict[str, Any]
 ) -> Deferred[IListeningPort]:
     """
-    Listen on ``settings["bind_address"]``, over TLS when ``settings`` has ``tls`` (client
-    certificates required unless it says otherwise) and behind ``tcp_rate_limits`` (the
-    connections they refuse are counted as ``"rate_limited"`` by the site's
-    ``refusals``, if it has any).  The Deferred fails if the address cannot be bound.
+    Listen on ``settings["bind_address"]``, over TLS when ``settings`` has ``tls`` and
+    behind ``tcp_rate_limits`` (see :class:`JSONRPCListener`, which also reloads).  The
+    Deferred fails if the address cannot be bound.
     """
-    endpoint = tls.listen_endpoint(reactor, settings["bind_address"], settings.get("tls"))
-    factory: Any = site
-    if settings.get("tcp_rate_limits"):
-        def rate_limited(reason: str) -> None:
-            count = getattr(site, "refusals", None)
-            if count is not None:
-                count("rate_limited")
-
-        factory = ratelimit.rate_limited(
-            site, settings["tcp_rate_limits"], reactor, on_refused=rate_limited
-        )
-    return endpoint.listen(factory)
+    return JSONRPCListener(reactor, site, settings).listen()

@@ -253,6 +253,9 @@ class Broker:
     (seconds); a refusal or failure adds ``reason``.
     """
 
+    #: Call lines carry the broker as their ``log_source`` (several nodes in one process).
+    _call_log = Logger()
+
     def __init__(
         self,
         directory: Directory,
@@ -348,10 +351,9 @@ class Broker:
         self._log_call(call, duration)
         return result
 
-    @staticmethod
-    def _log_call(call: _Call, duration: float) -> None:
+    def _log_call(self, call: _Call, duration: float) -> None:
         """The one log line of a delivery (info; a warning when our side failed)."""
-        emit = log.warn if call.outcome in _WARN_OUTCOMES else log.info
+        emit = self._call_log.warn if call.outcome in _WARN_OUTCOMES else self._call_log.info
         if call.reason:
             emit("call {method} from {caller}: {outcome} in {duration:.3f}s ({reason})",
                  method=call.target, caller=call.caller, outcome=call.outcome,

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from epsproxy.eps.service import EndpointServerService
@@ -102,6 +102,15 @@ class HealthEndpoints(TestCase):
         self.readiness.error = None
         answer = yield request(self.port, "/readyz")
         self.assertEqual(answer.status, 200)
+
+    @defer.inlineCallbacks
+    def test_access_log_lines_blur_the_client_address(self):
+        yield request(self.port, "/healthz")
+        lines = [formatEvent(e) for e in self.logged]
+        access = [line for line in lines if '"GET /healthz HTTP/1.1" 200' in line]
+        self.assertEqual(len(access), 1, lines)
+        self.assertIn('"127.0.x.x"', access[0])
+        self.assertNotIn("127.0.0.1", access[0])
 
     @defer.inlineCallbacks
     def test_metrics_on_metrics_and_root(self):

@@ -36,12 +36,7 @@ from twisted.web.server import Request
 from epsproxy import __version__
 from epsproxy.rules import forms
 from epsproxy.net.health import HealthResource, Readiness, ReadinessResource
-from epsproxy.net.jsonrpc.server import (
-    REFUSAL_REASONS,
-    GuardedSite,
-    _access_log_line,
-    json_body,
-)
+from epsproxy.net.jsonrpc.server import REFUSAL_REASONS, GuardedSite, json_body
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.tls import listen_endpoint
 
@@ -167,7 +162,7 @@ def metrics_service(
     arrive within :data:`METRICS_REQUEST_TIMEOUT` seconds, idle connections close after
     :data:`METRICS_IDLE_TIMEOUT`), counts what it refused in
     ``metrics_http_refusals_total{reason}``, and its access log lines carry the client
-    address cut to its network part, like every listener of ours.
+    address cut to its network part (as :class:`GuardedSite` does on every listener).
 
     :raises ValueError: ``program`` cannot prefix a metric name.
     """
@@ -180,8 +175,7 @@ def metrics_service(
     build_info(registry, program)
     endpoint = listen_endpoint(reactor, settings["bind_address"], None)
     site = GuardedSite(
-        listener_resource(registry, readiness), timeout=METRICS_IDLE_TIMEOUT,
-        reactor=reactor, logFormatter=_access_log_line,
+        listener_resource(registry, readiness), timeout=METRICS_IDLE_TIMEOUT, reactor=reactor,
     )
     site.noisy = False
     site.request_timeout = METRICS_REQUEST_TIMEOUT

@@ -42,7 +42,7 @@ from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
 from epsproxy.net.reactor import IReactor
 
-__all__ = ["APIDirectory", "APIDirectoryError", "UpdateError", "MAX_CACHE_BYTES"]
+__all__ = ["APIDirectory", "APIDirectoryError", "UpdateError", "MAX_CACHE_BYTES", "STALE_AFTER_PERIODS"]
 
 log = Logger()
 
@@ -92,6 +92,11 @@ def _make_clients(reactor: IReactor, settings: dict[str, Any]) -> list[_Client]:
     return clients
 
 
+#: The directory is stale (not ready) after this many update periods without a
+#: successful update (``cache_entries_for`` seconds each, at least 1).
+STALE_AFTER_PERIODS = 3
+
+
 class APIDirectory:
     """
     Directory entries from the SD (SPEC §7.2), verified and kept up to date.
@@ -109,6 +114,7 @@ class APIDirectory:
         clients: Sequence[_Client] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._settings = settings
         self.name = own_name
         self.period = max(1, int(settings.get("cache_entries_for", 5)))
         cache = settings.get("cache_file")
@@ -151,6 +157,39 @@ class APIDirectory:
         self._loop = None
         closes = [c.close() for c in self._clients]
         return gatherResults(closes).addCallback(lambda _: None)
+
+    def reconfigure(self, settings: dict[str, Any]) -> Deferred[None]:
+        """
+        Use ``settings`` (validated ``API_DIRECTORY_SETTINGS`` with the same endpoints and
+        CA files) from the next update on: new clients to the SD when ``jsonrpc_client``
+        changed (built first: unusable TLS files raise ``TLSSettingsError`` and nothing
+        changes), and the update period of ``cache_entries_for``.  Fires when the old
+        clients are closed.
+        """
+        old = self._settings
+        closing: list[Deferred[None]] = []
+        if settings["jsonrpc_client"] != old["jsonrpc_client"] or (
+            settings.get("server_names") != old.get("server_names")
+        ):
+            clients = _make_clients(self._reactor, settings)
+            closing = [c.close() for c in self._clients]
+            self._clients = clients
+        period = max(1, int(settings.get("cache_entries_for", 5)))
+        if period != self.period:
+            self.period = period
+            loop = self._loop
+            if loop is not None and loop.running:
+                loop.stop()
+                loop.start(period, now=False)
+        self._settings = settings
+        return gatherResults(closing).addCallback(lambda _: None)
+
+    def stale_after(self) -> float:
+        """
+        Seconds without a successful update after which the data counts as stale for
+        readiness: :data:`STALE_AFTER_PERIODS` update periods.
+        """
+        return STALE_AFTER_PERIODS * self.period
 
     def _tick(self) -> Deferred[None]:
         """One update whose errors are logged, never raised (keeps the loop alive)."""

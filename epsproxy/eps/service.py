@@ -1,6 +1,13 @@
 """
 The running endpoint server: directory, channels, broker and peer links wired together
 (SPEC §7-§13), started and stopped as one ``twisted.application`` service.
+
+A reload (:meth:`EndpointServerService.reload`, on SIGHUP) applies new TLS files, rate
+limits, timeouts, link options, CORS and body caps of the ``eps_server``, ``eps_client``
+and ``jsonrpc_server`` channels and the SD client of an ``api`` directory; live links,
+pending calls and kept links stay.  What needs a restart is :data:`RESTART_KEYS`, and
+any change to a local channel (``jsonrpc_client``, ``stdout``).  The ``signing`` block
+is read by the ``eps`` command each time it runs, never by the running server.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from epsproxy.net.lifecycle import AsyncStartService
+from epsproxy.net import tls
+from epsproxy.net.lifecycle import AsyncStartService, ReloadError
+from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.metrics import http_refusals_counter
 from epsproxy.net.reactor import IReactor
 from epsproxy import __version__
@@ -30,7 +39,28 @@ from epsproxy.eps.links.dialer import RequestConnection
 from epsproxy.eps.links.registry import INCOMING, OUTGOING, LinkRegistry
 from epsproxy.eps.links.session import PEER_REFUSAL_REASONS
 
-__all__ = ["EndpointServerService"]
+__all__ = ["EndpointServerService", "RESTART_KEYS"]
+
+#: Settings an endpoint server applies only at start (patterns of
+#: :mod:`epsproxy.net.reloading`); a local channel's settings too (:data:`_RELOADING`).
+RESTART_KEYS = (
+    "name",
+    "metrics",
+    "directory.type",
+    "directory.settings.path",
+    "directory.settings.endpoints",
+    "directory.settings.ca_certificate_files",
+    "directory.settings.ca_intermediate_certificate_files",
+    "directory.settings.cache_file",
+    "channels[*]?",
+    "channels[*].type",
+    "channels[*].settings.bind_address",
+    "channels[*].settings.path",
+    "channels[*].settings.tls?",
+)
+
+#: Channel types whose settings reload; any change to another channel needs a restart.
+_RELOADING = ("eps_server", "grpc_server", "eps_client", "grpc_client", "jsonrpc_server")
 
 log = Logger()
 
@@ -222,6 +252,91 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         if isinstance(self.directory, APIDirectory):
             await self.directory.stop()
         self.directory = None
+
+    # -- reload and readiness -----------------------------------------------------------
+
+    def reload(self, settings: dict[str, Any]) -> None:
+        """
+        Apply ``settings`` (validated ``EPS_SETTINGS``) to the running server (see the
+        module docstring), or raise :class:`ReloadError` naming the keys that need a
+        restart or the file that is unusable, having changed nothing.
+        """
+        restart = list(RESTART_KEYS) + [
+            f"channels[{c['name']}].settings" for c in self.settings["channels"]
+            if _entries.canonical_channel_type(c["type"]) not in _RELOADING
+        ]
+        refuse_restart_changes(self.settings, settings, restart)
+        tls.forget_cached()
+        configs = {c["name"]: c for c in settings["channels"]}
+        directory = settings["directory"]
+        # Everything that can fail is checked before anything changes.
+        where = "directory.settings.jsonrpc_client."
+        try:
+            for name, config in configs.items():
+                block = config["settings"].get("tls")
+                kind = _entries.canonical_channel_type(config["type"])
+                if block is None or kind not in _RELOADING:
+                    continue
+                where = f"channels[{name}].settings."
+                if kind in ("eps_client", "grpc_client"):
+                    tls.client_options(block, self.name)
+                else:
+                    tls.server_options(block)
+            if directory["type"] == "api":
+                where = "directory.settings.jsonrpc_client."
+                tls.client_options(directory["settings"]["jsonrpc_client"]["tls"], self.name)
+        except tls.TLSSettingsError as e:
+            raise ReloadError(f"{where}{e}") from None
+        for channel in self.channels:
+            config = configs[channel.name]
+            reconfigure = getattr(channel, "reconfigure", None)
+            if callable(reconfigure) and config["settings"] != getattr(channel, "settings", None):
+                try:
+                    reconfigure(config["settings"])
+                except ValueError as e:
+                    raise ReloadError(f"channels[{channel.name}].settings.{e}") from None
+        if isinstance(self.directory, APIDirectory):
+            self.directory.reconfigure(directory["settings"]).addErrback(
+                lambda f: log.warn("closing the previous SD clients failed: {reason}",
+                                   reason=f.getErrorMessage()))
+        elif isinstance(self.directory, JSONDirectory):
+            self.directory.reload_interval = directory["settings"]["reload_interval"]
+        self.settings = settings
+        log.info("endpoint server {name} reloaded its settings", name=self.name)
+
+    def readiness(self) -> dict[str, str]:
+        """
+        Start-up and stop (see the base class), then: every listener bound, and the
+        directory loaded, holding this node's entry, and (``api``) updated from the SD
+        within :meth:`APIDirectory.stale_after` seconds.
+        """
+        checks = super().readiness()
+        if checks:
+            return checks
+        for channel in self.channels:
+            if isinstance(channel, (EPSServerChannel, JSONRPCServerChannel)) and (
+                channel.port is None
+            ):
+                checks[f"listener {channel.name}"] = "not listening"
+        directory = self.directory
+        if directory is None:
+            checks["directory"] = "not loaded"
+            return checks
+        if isinstance(directory, APIDirectory):
+            limit = directory.stale_after()
+            if directory.last_success is None:
+                checks["directory"] = "no successful update from the SD yet"
+            elif (age := self.reactor.seconds() - directory.last_success) > limit:
+                checks["directory"] = (
+                    f"stale: no successful update from the SD for {age:.0f} s"
+                    f" (limit {limit:g} s)")
+            if "directory" in checks:
+                return checks
+        try:
+            directory.own_entry()
+        except Exception as e:
+            checks["directory"] = f"no entry for {self.name}: {e}"
+        return checks
 
     # -- asynchronous calls -------------------------------------------------------------
 

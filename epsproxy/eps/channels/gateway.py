@@ -38,7 +38,7 @@ from epsproxy.eps.asynccalls import AsyncCalls
 from epsproxy.eps.asyncrpc import is_acknowledgement, parse_respond, unwrap
 from epsproxy.eps.broker import ClientInfo, Request, Response, Startable, Submitter
 from epsproxy.net.jsonrpc.envelope import METHOD_NOT_FOUND, CallContext, JSONRPCError
-from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, JSONRPCListener, jsonrpc_site
 from epsproxy.net.reactor import IReactor
 
 __all__ = [
@@ -146,6 +146,7 @@ class JSONRPCServerChannel(Startable):
         self.metrics = metrics
         self.refusals = refusals
         self.port: IListeningPort | None = None
+        self.listener: JSONRPCListener | None = None
         self._connections: dict[Any, defer.Deferred[None]] = {}
 
     # -- the channel interface (never a delivery target) --------------------------------
@@ -195,7 +196,19 @@ class JSONRPCServerChannel(Startable):
                      port=getattr(host, "port", "?"))
             return port
 
-        return listen_jsonrpc(self.reactor, site, self.settings).addCallback(listening)
+        self.listener = JSONRPCListener(self.reactor, site, self.settings,
+                                        name=f"channels[{self.name}]")
+        return self.listener.listen().addCallback(listening)
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """
+        Use ``settings`` (validated :data:`GATEWAY_SETTINGS`, same address and path) for
+        the next connections and requests: TLS files, rate limits, timeouts, body cap,
+        CORS and ``async_wait_max``.  Raises :class:`ValueError` having changed nothing.
+        """
+        if self.listener is not None:
+            self.listener.reconfigure(settings)
+        self.settings = settings
 
     def stop(self) -> defer.Deferred[None]:
         """

@@ -151,18 +151,20 @@ class EPSServerChannel(Startable, ConnectionRequestHandler):
         self.port: IListeningPort | None = None
         # Fail at start-up, not at the first connection, on unusable TLS settings.
         tls.server_options(settings["tls"])
+        self._endpoint: Any = None
+        self._factory: Any = None
+        self.limiter = ratelimit.RateLimiter(
+            settings.get("tcp_rate_limits") or [], reactor,
+            on_refused=None if refusals is None else lambda _: refusals("rate_limited"),
+        )
 
     def start(self) -> defer.Deferred[IListeningPort]:
         """Listen on ``bind_address``; fires with the port."""
-        endpoint = tls.listen_endpoint(self.reactor, self.settings["bind_address"],
-                                       self.settings["tls"])
-        factory: Any = self.links.server_factory(**self._link_options())
-        if self.settings.get("tcp_rate_limits"):
-            refusals = self.refusals
-            factory = ratelimit.rate_limited(
-                factory, self.settings["tcp_rate_limits"], self.reactor,
-                on_refused=None if refusals is None else lambda _: refusals("rate_limited"),
-            )
+        endpoint = self._endpoint = tls.listen_endpoint(
+            self.reactor, self.settings["bind_address"], self.settings["tls"],
+            name=f"channels[{self.name}]")
+        self._factory = self.links.server_factory(**self._link_options())
+        factory = self.limiter.wrap(self._factory)
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -179,6 +181,26 @@ class EPSServerChannel(Startable, ConnectionRequestHandler):
         if self.refusals is not None:
             options["on_refused"] = self.refusals
         return options
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """
+        Use ``settings`` (validated :data:`EPS_SERVER_SETTINGS`, same ``bind_address``)
+        for the next connections: TLS files, rate limits, link options and timeouts.
+        Open links are kept.  Raises :class:`ValueError` (``TLSSettingsError`` for
+        unusable files) having changed nothing.
+        """
+        if settings["bind_address"] != self.settings["bind_address"]:
+            raise ValueError("bind_address: changing it needs a restart")
+        limits = ratelimit.TCP_RATE_LIMITS(list(settings.get("tcp_rate_limits") or []))
+        options = getattr(self._endpoint, "options", None)
+        if isinstance(options, tls.ReloadableServerOptions):
+            options.replace(settings["tls"])
+        else:
+            tls.server_options(settings["tls"])
+        self.limiter.reconfigure(limits)
+        self.settings = settings
+        if self._factory is not None:
+            self._factory.options.update(self._link_options())
 
     def stop(self) -> defer.Deferred[None]:
         """Stop listening (open links are closed by their owner, the registry)."""
@@ -301,6 +323,11 @@ class EPSClientChannel(Startable):
     def start(self) -> None:
         """Open the kept links now, then revise them periodically and on change."""
         self.dialer.start()
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """Dial with ``settings`` from now on (see :meth:`Dialer.reconfigure`)."""
+        self.dialer.reconfigure(settings)
+        self.settings = settings
 
     def stop(self) -> defer.Deferred[None]:
         """Stop the kept links and their maintenance."""

@@ -191,6 +191,24 @@ class Dialer:
         self._dialing: dict[str, list[defer.Deferred[EPSConnection]]] = {}
         self._loop: LoopingCall | None = None
 
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """
+        Dial with ``settings`` (validated ``eps_client`` settings) from the next dial on:
+        TLS files, proxy use, timeouts, reconnect delays (of keepers made from now on),
+        the maintenance interval and the link options.  Open links are kept.  Raises
+        :class:`epsproxy.net.tls.TLSSettingsError` on unusable TLS files, changing nothing.
+        """
+        tls.client_options(settings["tls"], self.own_name)
+        interval_changed = settings["maintenance_interval"] != self.settings["maintenance_interval"]
+        self.settings = settings
+        self.use_proxy = settings["use_proxy"] if settings.get("useProxy") is None else (
+            settings["useProxy"]
+        )
+        loop = self._loop
+        if interval_changed and loop is not None and loop.running:
+            loop.stop()
+            loop.start(settings["maintenance_interval"], now=False)
+
     # -- dialling -----------------------------------------------------------------------
 
     def server_settings(self, operator: str) -> dict[str, Any] | None:

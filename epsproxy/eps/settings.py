@@ -7,12 +7,22 @@ same role folders as ``twistd eps``, so the schema lives here, beside the server
 
 from __future__ import annotations
 
+from typing import Any
+
 from epsproxy.rules import forms
+from epsproxy.rules.credentials import FileSet, tls_file_set
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
+from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.metrics import METRICS_SETTINGS
 from epsproxy.net.tls import TLS_SETTINGS
 
-__all__ = ["EPS_SETTINGS", "API_DIRECTORY_SETTINGS", "JSON_DIRECTORY_SETTINGS", "SIGNING_SETTINGS"]
+__all__ = [
+    "EPS_SETTINGS",
+    "API_DIRECTORY_SETTINGS",
+    "JSON_DIRECTORY_SETTINGS",
+    "SIGNING_SETTINGS",
+    "eps_file_sets",
+]
 
 SD_CLIENT_SETTINGS = forms.Map(
     {
@@ -136,7 +146,9 @@ def _channels(value: list) -> list:
     for index, channel in enumerate(value):
         kind = canonical_channel_type(channel["type"])
         if kind in types:
-            raise forms.FormError("a second channel of this type", (index, "type"))
+            item = forms.Index(index, channel["name"]) if channel["name"] not in names \
+                else index
+            raise forms.FormError("a second channel of this type", (item, "type"))
         if channel["name"] in names:
             raise forms.FormError("a second channel of this name", (index, "name"))
         types.add(kind)
@@ -148,13 +160,69 @@ EPS_SETTINGS = forms.Map(
         "name": forms.Required(forms.String(min_length=1, max_length=253)),
         "directory": forms.Required(DIRECTORY_SETTINGS),
         "channels": forms.Optional(
-            forms.Check(forms.List(CHANNEL_SETTINGS), _channels), default=[]
+            forms.Check(forms.List(CHANNEL_SETTINGS, name_key="name"), _channels), default=[]
         ),
         "metrics": forms.Optional(METRICS_SETTINGS),
         "signing": forms.Optional(SIGNING_SETTINGS),
+        "log_level": LOG_LEVEL_SETTING,
     },
     strict=True,
 )
+
+#: Channel types whose certificate is the operator's identity towards other endpoint
+#: servers (peers match its names against the directory).
+_PEER_CHANNELS = ("eps_server", "grpc_server", "eps_client", "grpc_client")
+
+
+def _channel_label(index: int, channel: dict[str, Any]) -> str:
+    return forms.format_path(
+        ("channels", forms.Index(index, channel["name"])
+         if forms.element_label(channel, "name") else index)
+    )
+
+
+def eps_file_sets(settings: dict[str, Any]) -> list[FileSet]:
+    """
+    The credential files of validated endpoint-server settings: every channel's ``tls``
+    block (the peer channels' certificates must name the operator ``name``), the
+    directory client's block and the roots of signed records (``type: api``), and the
+    signing block (its certificate must carry ``iris-name://`` of ``signing.name`` or,
+    without one, of ``name``).
+    """
+    name = settings["name"]
+    sets: list[FileSet] = []
+    directory = settings["directory"]
+    if directory["type"] == "api":
+        api = directory["settings"]
+        sets.append(tls_file_set(
+            "directory.settings.jsonrpc_client.tls", api["jsonrpc_client"]["tls"]
+        ))
+        sets.append(FileSet(
+            where="directory.settings", certificate_file=None, key_file=None,
+            ca_files=tuple(api["ca_certificate_files"]),
+            intermediate_files=tuple(api["ca_intermediate_certificate_files"]),
+            kind="signing",
+        ))
+    for index, channel in enumerate(settings["channels"]):
+        tls = channel["settings"].get("tls")
+        if tls is None:
+            continue
+        operator = name if channel["type"] in _PEER_CHANNELS else None
+        where = f"{_channel_label(index, channel)}.settings.tls"
+        sets.append(tls_file_set(where, tls, operator))
+    signing = settings.get("signing")
+    if signing is not None:
+        sets.append(FileSet(
+            where="signing",
+            certificate_file=signing["certificate_file"],
+            key_file=signing["key_file"],
+            ca_files=(signing["ca_certificate_file"],),
+            intermediate_files=tuple(signing["ca_intermediate_certificate_files"]),
+            operator=signing.get("name") or name,
+            kind="signing",
+            ca_key="ca_certificate_file",
+        ))
+    return sets
 
 # JSONRPC_CLIENT_SETTINGS is re-exported for channel schemas built on this module.
 __all__ += ["JSONRPC_CLIENT_SETTINGS"]

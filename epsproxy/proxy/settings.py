@@ -17,7 +17,11 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
+from typing import Any
+
 from epsproxy.rules import forms
+from epsproxy.rules.credentials import FileSet, tls_file_set
+from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
 from epsproxy.net.metrics import METRICS_SETTINGS
@@ -33,6 +37,7 @@ __all__ = [
     "INTERNAL_ENDPOINT_SETTINGS",
     "PRIVATE_PROXY_SETTINGS",
     "PROXY_SETTINGS",
+    "proxy_file_sets",
 ]
 
 #: The embedded store's file (in the working folder) when ``datastore`` names none.
@@ -221,8 +226,41 @@ PROXY_SETTINGS = forms.Map(
         "metrics": forms.Optional(METRICS_SETTINGS),
         "public": forms.Optional(PUBLIC_PROXY_SETTINGS),
         "private": forms.Optional(PRIVATE_PROXY_SETTINGS),
+        "log_level": LOG_LEVEL_SETTING,
     },
     strict=True,
 )
 """A proxy role's settings: ``metrics``, ``public`` and ``private`` (SPEC §14)."""
 
+
+
+def _client_tls(where: str, client: dict[str, Any] | None, operator: str | None) -> list[FileSet]:
+    """A JSON-RPC client's ``tls`` block, when it is used (an ``https:`` endpoint)."""
+    if client is None or client.get("tls") is None or not client["endpoint"].startswith("https:"):
+        return []
+    return [tls_file_set(f"{where}.tls", client["tls"], operator)]
+
+
+def proxy_file_sets(settings: dict[str, Any], mode: str) -> list[FileSet]:
+    """
+    The credential files the proxy in ``mode`` (``public`` or ``private``) uses, from
+    validated settings that have that section.  The client to the proxy's own endpoint
+    server presents the proxy's operator identity, so its certificate must name the
+    section's ``name``; the servers' and the internal endpoint's certificates are not
+    tied to an operator name.
+    """
+    section = settings[mode]
+    name = section["name"]
+    sets: list[FileSet] = []
+    server_tls = section["jsonrpc_server"].get("tls")
+    if server_tls is not None:
+        sets.append(tls_file_set(f"{mode}.jsonrpc_server.tls", server_tls))
+    sets += _client_tls(f"{mode}.jsonrpc_client", section["jsonrpc_client"], name)
+    if mode == "private":
+        endpoint = section["internal_endpoint"]
+        if endpoint.get("tls") is not None:
+            sets.append(tls_file_set(f"{mode}.internal_endpoint.tls", endpoint["tls"]))
+        sets += _client_tls(
+            f"{mode}.internal_endpoint.jsonrpc_client", endpoint.get("jsonrpc_client"), None
+        )
+    return sets

@@ -8,23 +8,28 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from epsproxy.net import tls
+from epsproxy.rules.credentials import FileSet
+from epsproxy.rules.settings import SettingsError
+from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.net.metrics import metrics_service
+from epsproxy.net.program import ProgramOptions, ProgramService
 from epsproxy.net.reactor import IReactor, installed_reactor
-from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from .private.service import PrivateProxyService
 from .public import PublicProxyService
-from .settings import PROXY_SETTINGS
+from .settings import PROXY_SETTINGS, proxy_file_sets
 
 __all__ = ["MODES", "Options", "makeService"]
 
 MODES = ("public", "private")
 
 
-class Options(usage.Options):
+class Options(ProgramOptions):
     """Command line of ``twistd proxy``."""
 
-    synopsis = "--mode public|private [--settings DIR[:DIR...]]"
+    synopsis = (
+        "--mode public|private [--settings DIR[:DIR...]] [--check] [--log-level LEVEL] "
+        "[--log-format text|json]"
+    )
     longdesc = (
         "Run a proxy. --mode public brokers peer-to-peer connections between endpoint "
         "servers that cannot reach each other: its endpoint server forwards "
@@ -35,76 +40,36 @@ class Options(usage.Options):
         "terminating TLS and forwarding HTTP). Settings are the *.yml files "
         "of the folders given by --settings or PROXY_SETTINGS, e.g. "
         "PROXY_SETTINGS=conf/dev/roles/public-proxy-1; each mode needs the section "
-        "of its name ('public' or 'private')."
+        "of its name ('public' or 'private'). See docs/operating.md for --check, exit "
+        "status, logs and signals."
     )
     optParameters = [
         ["mode", "m", None, "public or private (required)."],
         ["settings", "s", None,
          "Colon-separated settings folders or files (default: $PROXY_SETTINGS)."],
     ]
+    env_var = "PROXY_SETTINGS"
+    schema = PROXY_SETTINGS
 
-    def postOptions(self) -> None:
+    def check_command_line(self) -> None:
         mode = self["mode"]
         if mode is None:
             raise usage.UsageError("--mode is required: public or private")
         if mode not in MODES:
             raise usage.UsageError(f"--mode must be public or private, not {mode!r}")
-        try:
-            paths = settings_paths(self["settings"], "PROXY_SETTINGS")
-            self.settings: dict[str, Any] = load_settings(paths, PROXY_SETTINGS)
-        except SettingsError as e:
-            raise usage.UsageError(str(e)) from None
-        public = self.settings.get(mode)
-        if public is None:
-            where = ":".join(str(p) for p in paths)
-            raise usage.UsageError(f"{where}: no '{mode}' section (needed by --mode {mode})")
-        if mode == "public":
-            _check_tls(public)
-        else:
-            _check_private_tls(public)
 
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        mode = self["mode"]
+        if settings.get(mode) is None:
+            where = ":".join(str(p) for p in self.paths)
+            raise SettingsError(f"no '{mode}' section (needed by --mode {mode})", file=where)
 
-def _check_tls(public: dict[str, Any]) -> None:
-    """Load the TLS files now, so that a wrong path is one usage error, not a failed start."""
-    server_tls = public["jsonrpc_server"].get("tls")
-    if server_tls is not None:
-        try:
-            tls.server_options(server_tls)
-        except tls.TLSSettingsError as e:
-            raise usage.UsageError(f"public.jsonrpc_server.{e}") from None
-    client = public["jsonrpc_client"]
-    if client.get("tls") is not None and client["endpoint"].startswith("https:"):
-        name = client.get("server_name") or client["tls"].get("server_name") or "localhost"
-        try:
-            tls.client_options(client["tls"], name)
-        except tls.TLSSettingsError as e:
-            raise usage.UsageError(f"public.jsonrpc_client.{e}") from None
+    def file_sets(self, settings: dict[str, Any]) -> list[FileSet]:
+        return proxy_file_sets(settings, self["mode"])
 
-
-def _check_private_tls(private: dict[str, Any]) -> None:
-    """The private section's TLS files, loaded now (one usage error, not a failed start)."""
-    checks: list[tuple[str, Any]] = []
-    server_tls = private["jsonrpc_server"].get("tls")
-    if server_tls is not None:
-        checks.append(("private.jsonrpc_server.", lambda: tls.server_options(server_tls)))
-    endpoint_tls = private["internal_endpoint"].get("tls")
-    if endpoint_tls is not None:
-        checks.append(("private.internal_endpoint.",
-                       lambda: tls.server_options(endpoint_tls)))
-    for where, client in (
-        ("private.jsonrpc_client.", private["jsonrpc_client"]),
-        ("private.internal_endpoint.jsonrpc_client.",
-         private["internal_endpoint"].get("jsonrpc_client")),
-    ):
-        if client is not None and client.get("tls") is not None and \
-                client["endpoint"].startswith("https:"):
-            name = client.get("server_name") or client["tls"].get("server_name") or "localhost"
-            checks.append((where, lambda c=client, n=name: tls.client_options(c["tls"], n)))
-    for where, check in checks:
-        try:
-            check()
-        except tls.TLSSettingsError as e:
-            raise usage.UsageError(f"{where}{e}") from None
+    def service_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        section: dict[str, Any] = settings[self["mode"]]
+        return section
 
 
 def makeService(
@@ -112,23 +77,30 @@ def makeService(
 ) -> MultiService:
     """
     The proxy's service tree: the public or private proxy (by ``--mode``) and, if
-    configured, metrics.  With
-    ``exit_on_failure`` (what twistd wants) a failed start-up stops the reactor.
+    configured, metrics.  With ``exit_on_failure`` (what twistd wants) a failed start-up
+    stops the reactor and the process exits 1, and the process handles signals
+    (:mod:`epsproxy.net.program`).
     """
     if reactor is None:
         reactor = installed_reactor()  # twistd installs it first
-    top = MultiService()
     registry = CollectorRegistry()
+    top = ProgramService(reactor, options, "proxy", registry, manage_process=exit_on_failure)
+    proxy: AsyncStartService[Any]
     if options["mode"] == "private":
-        PrivateProxyService(
+        proxy = PrivateProxyService(
             reactor, options.settings["private"], registry,
             stop_reactor_on_failure=exit_on_failure,
-        ).setServiceParent(top)
+        )
     else:
-        PublicProxyService(
+        proxy = PublicProxyService(
             reactor, options.settings["public"], registry,
             stop_reactor_on_failure=exit_on_failure,
-        ).setServiceParent(top)
+        )
+    top.add_main(proxy)
     if options.settings.get("metrics"):
-        metrics_service(reactor, options.settings["metrics"], registry).setServiceParent(top)
+        top.add_listener(
+            metrics_service(reactor, options.settings["metrics"], registry,
+                            program="proxy", readiness=proxy.readiness),
+            "metrics listener",
+        )
     return top

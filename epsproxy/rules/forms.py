@@ -37,7 +37,9 @@ __all__ = [
     "AnyMap",
     "AnyValue",
     "Check",
+    "Index",
     "MISSING",
+    "element_label",
 ]
 
 
@@ -50,12 +52,40 @@ MISSING: Any = _Missing()
 
 PathItem = str | int
 
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}")
+
+
+class Index(int):
+    """
+    A list index that also knows the element's name: equal to (and hashed as) the index,
+    so lookups by path still work, but shown as ``[name]`` in messages
+    (``channels[gateway].settings``), which is what the reader wrote.
+    """
+
+    label: str
+
+    def __new__(cls, index: int, label: str) -> "Index":
+        item = super().__new__(cls, index)
+        item.label = label
+        return item
+
+
+def element_label(value: Any, key: str) -> str | None:
+    """``value[key]`` when it can name a list element in a message (a short plain name)."""
+    if isinstance(value, dict):
+        label = value.get(key)
+        if isinstance(label, str) and _LABEL.fullmatch(label):
+            return label
+    return None
+
 
 def format_path(path: Sequence[PathItem]) -> str:
-    """Render a key path as ``a.b[2].c`` for messages."""
+    """Render a key path as ``a.b[2].c`` (or ``a.b[name].c``) for messages."""
     text = ""
     for item in path:
-        if isinstance(item, int):
+        if isinstance(item, Index):
+            text += f"[{item.label}]"
+        elif isinstance(item, int):
             text += f"[{item}]"
         else:
             text += f".{item}" if text else str(item)
@@ -205,14 +235,29 @@ class StringList(Schema):
 
 
 class List(Schema):
-    """A list whose elements all fit ``item``."""
+    """
+    A list whose elements all fit ``item``.  With ``name_key``, an element that is a
+    mapping is named in error paths by its ``name_key`` value instead of its index
+    (``channels[gateway]``), when that value is a plain name.
+    """
 
     def __init__(
-        self, item: Schema, *, min_length: int = 0, max_length: int | None = None
+        self,
+        item: Schema,
+        *,
+        min_length: int = 0,
+        max_length: int | None = None,
+        name_key: str | None = None,
     ) -> None:
         self.item = item
         self.min_length = min_length
         self.max_length = max_length
+        self.name_key = name_key
+
+    def index(self, value: Any, index: int) -> PathItem:
+        """The path item of element ``index`` (an :class:`Index` when it has a name)."""
+        label = element_label(value, self.name_key) if self.name_key else None
+        return Index(index, label) if label is not None else index
 
     def validate(self, value: Any, path: Sequence[PathItem] = ()) -> list[Any]:
         if not isinstance(value, list):
@@ -221,7 +266,7 @@ class List(Schema):
             raise FormError(f"needs at least {self.min_length} element(s)", path)
         if self.max_length is not None and len(value) > self.max_length:
             raise FormError(f"may have at most {self.max_length} elements", path)
-        return [self.item.validate(v, (*path, i)) for i, v in enumerate(value)]
+        return [self.item.validate(v, (*path, self.index(v, i))) for i, v in enumerate(value)]
 
 
 class Field:

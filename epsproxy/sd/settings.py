@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from epsproxy.rules import forms
+from epsproxy.rules.credentials import FileSet, tls_file_set
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
+from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.metrics import METRICS_SETTINGS
 from ..store import DATASTORE_SETTINGS
 
-__all__ = ["SD_SETTINGS"]
+__all__ = ["SD_SETTINGS", "sd_file_sets"]
 
 SD_DIRECTORY_SETTINGS = forms.Map(
     {
@@ -32,6 +36,26 @@ SD_SETTINGS = forms.Map(
         "jsonrpc_server": forms.Required(JSONRPC_SERVER_SETTINGS),
         "directory": forms.Required(SD_DIRECTORY_SETTINGS),
         "metrics": forms.Optional(METRICS_SETTINGS),
+        "log_level": LOG_LEVEL_SETTING,
     },
     strict=True,
 )
+
+
+def sd_file_sets(settings: dict[str, Any]) -> list[FileSet]:
+    """
+    The credential files of validated SD settings: the server's ``tls`` block and the
+    roots that verify signing certificates.  The SD has no operator name to check.
+    """
+    sets = []
+    server_tls = settings["jsonrpc_server"].get("tls")
+    if server_tls is not None:
+        sets.append(tls_file_set("jsonrpc_server.tls", server_tls))
+    directory = settings["directory"]
+    sets.append(FileSet(
+        where="directory", certificate_file=None, key_file=None,
+        ca_files=tuple(directory["ca_certificate_files"]),
+        intermediate_files=tuple(directory["ca_intermediate_certificate_files"]),
+        kind="signing",
+    ))
+    return sets

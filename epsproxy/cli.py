@@ -6,9 +6,13 @@ The ``eps`` command: development PKI, signing, and service-directory administrat
     eps verify FILE NAME                        exit 0 only if FILE is validly signed by NAME
     eps sd submit-records [--reset] FILE...     sign records, chain them onto the tip, submit
     eps sd get-entries [--name NAME]            print directory entries from the SD
+    eps check [--settings DIR]                  check a role's settings and credential files
     eps version
 
 Commands that need a role read its settings from ``--settings`` or ``EPS_SETTINGS``.
+``eps check`` works for every program: it tells from the settings which one they are for
+(a file named ``sd.yml``, ``eps.yml`` or ``proxy.yml``, else the top-level keys) and checks
+what ``twistd <program> --check`` checks (for a proxy, each mode whose section is there).
 Every failure ends with one line on stderr and exit status 1 (never a traceback, never
 the reference's exit status 0).
 """
@@ -16,6 +20,7 @@ the reference's exit status 0).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -267,6 +272,100 @@ def _run_async(
     return result[0] if result else 1
 
 
+PROGRAMS = ("sd", "eps", "proxy")
+#: Top-level keys only one program's settings have.
+_PROGRAM_KEYS = {"sd": {"jsonrpc_server"}, "eps": {"name", "channels", "signing"},
+                 "proxy": {"public", "private"}}
+
+
+class _TopLevel(forms.Map):
+    """Any mapping, kept as it is: the merged settings before a program is chosen."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+
+    def validate(self, value: Any, path: Sequence[Any] = ()) -> dict[str, Any]:
+        return dict(value) if isinstance(value, dict) else {}
+
+
+def detect_program(paths: Sequence[Path]) -> str:
+    """Which program settings at ``paths`` are for (raises :class:`CommandError`)."""
+    from epsproxy.rules.settings import SETTINGS_SUFFIXES, SettingsError, load_settings
+
+    stems: set[str] = set()
+    for path in paths:
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        stems |= {f.stem for f in files if f.suffix in SETTINGS_SUFFIXES}
+    named = stems & set(PROGRAMS)
+    if len(named) == 1:
+        return named.pop()
+    try:
+        keys = set(load_settings(paths, _TopLevel()))
+    except SettingsError as e:
+        raise CommandError(str(e)) from None
+    matches = [program for program in PROGRAMS if keys & _PROGRAM_KEYS[program]]
+    if len(matches) != 1:
+        where = ":".join(str(p) for p in paths)
+        raise CommandError(
+            f"{where}: cannot tell whether these settings are for sd, eps or proxy "
+            "(name a file sd.yml, eps.yml or proxy.yml)"
+        )
+    return matches[0]
+
+
+def _mode_file_sets(
+    file_sets: Callable[[dict, str], list], mode: str, settings: dict
+) -> list:
+    return file_sets(settings, mode)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``eps check``: what ``twistd <program> --check`` does, for the program found."""
+    from epsproxy.eps.settings import EPS_SETTINGS, eps_file_sets
+    from epsproxy.net.program import check_program_settings
+    from epsproxy.proxy.settings import PROXY_SETTINGS, proxy_file_sets
+    from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
+    from epsproxy.sd.settings import SD_SETTINGS, sd_file_sets
+
+    try:
+        paths = settings_paths(args.settings, "EPS_SETTINGS")
+    except SettingsError as e:
+        raise CommandError(str(e)) from None
+    program = detect_program(paths)
+    checks: list[tuple[str, forms.Map, Callable[[dict], list]]] = []
+    if program == "sd":
+        checks.append(("sd", SD_SETTINGS, sd_file_sets))
+    elif program == "eps":
+        checks.append(("eps", EPS_SETTINGS, eps_file_sets))
+    else:
+        try:
+            sections = load_settings(paths, PROXY_SETTINGS)
+        except SettingsError as e:
+            print(f"proxy: settings NOT OK: {e}")
+            return 1
+        modes = [mode for mode in ("public", "private") if sections.get(mode)]
+        if not modes:
+            print("proxy: settings NOT OK: no 'public' or 'private' section")
+            return 1
+        for mode in modes:
+            checks.append((f"proxy --mode {mode}", PROXY_SETTINGS,
+                           functools.partial(_mode_file_sets, proxy_file_sets, mode)))
+    status = 0
+    for label, schema, file_sets in checks:
+        try:
+            checked = check_program_settings(paths, schema, file_sets)
+        except SettingsError as e:
+            print(f"{label}: settings NOT OK: {e}")
+            status = 1
+            continue
+        print(f"{label}: {checked.summary()}")
+        for finding in checked.findings:
+            print(f"{finding.severity}: {finding}")
+        if checked.errors:
+            status = 1
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eps",
@@ -308,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     entries.add_argument("--name", help="only this operator's entry")
     entries.set_defaults(run=lambda args: _run_async(_get_entries, args))
     add_sign_commands(sd_commands)
+
+    check = commands.add_parser(
+        "check",
+        help="check settings (sd, eps or proxy: told from the files) and every certificate "
+        "and key file they name; exit 0 if usable, 1 if not",
+    )
+    check.add_argument("--settings", default=argparse.SUPPRESS,
+                       help="colon-separated settings folders or files (default: $EPS_SETTINGS)")
+    check.set_defaults(run=cmd_check)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=lambda args: print(__version__) or 0)

@@ -47,7 +47,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.service import IService, MultiService, Service
@@ -74,6 +74,7 @@ __all__ = [
     "ProgramOptions",
     "ProgramService",
     "SettingsCheck",
+    "check_program_settings",
 ]
 
 log = Logger()
@@ -103,6 +104,26 @@ class SettingsCheck:
     def summary(self) -> str:
         """``settings OK: 3 TLS file sets, 1 signing file set checked; 1 warning``."""
         return summary(self.file_sets, self.findings)
+
+
+def check_program_settings(
+    paths: Sequence[Path],
+    schema: forms.Map,
+    file_sets: Callable[[dict[str, Any]], list[FileSet]],
+    check: Callable[[dict[str, Any]], None] | None = None,
+    now: datetime | None = None,
+) -> SettingsCheck:
+    """
+    Read the settings at ``paths`` with ``schema``, run ``check`` (what the schema
+    cannot say), and check every file set ``file_sets`` finds in them.  Raises
+    :class:`SettingsError` for settings that cannot be read or validated; problems with
+    the files are the findings of the result.
+    """
+    settings = load_settings(paths, schema)
+    if check is not None:
+        check(settings)
+    sets = file_sets(settings)
+    return SettingsCheck(settings, sets, check_file_sets(sets, now or datetime.now(timezone.utc)))
 
 
 class ProgramOptions(usage.Options):
@@ -183,11 +204,7 @@ class ProgramOptions(usage.Options):
         :class:`SettingsError` for settings that cannot be read or validated; problems
         with the files are the findings of the result.
         """
-        settings = load_settings(self.paths, self.schema)
-        self.check_settings(settings)
-        sets = self.file_sets(settings)
-        findings = check_file_sets(sets, now or datetime.now(timezone.utc))
-        return SettingsCheck(settings, sets, findings)
+        return check_program_settings(self.paths, self.schema, self.file_sets, self.check_settings, now)
 
     def reread(self) -> SettingsCheck:
         """:meth:`load` again, with any credential error raised as :class:`SettingsError`."""

@@ -259,9 +259,10 @@ def _check_operator(file_set: FileSet, leaf: x509.Certificate) -> None:
         return
     names = certificate_names(leaf)
     if file_set.operator not in names:
+        shown = ", ".join(dict.fromkeys(names)) or "nobody"
         raise _SetError(
             where,
-            f"the certificate names {', '.join(names) or 'nobody'}, not the operator "
+            f"the certificate names {shown}, not the operator "
             f"{file_set.operator}",
         )
 

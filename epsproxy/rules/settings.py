@@ -120,9 +120,11 @@ def _display(path: str | os.PathLike[str]) -> str:
     text = os.fspath(path)
     try:
         relative = os.path.relpath(text)
+        # From "/" (a service's usual working folder) a relative path reads as a typo.
+        at_root = os.path.dirname(os.getcwd()) == os.getcwd()
     except (OSError, ValueError):
         return text
-    inside = not relative.startswith(os.pardir)
+    inside = not relative.startswith(os.pardir) and not at_root
     return relative if inside and len(relative) < len(text) else text
 
 

@@ -1,0 +1,173 @@
+"""
+Signals of the real twistd: SIGHUP reloads (or refuses and keeps serving), SIGTERM
+drains and exits 0, a second SIGTERM during the drain stops at once.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import yaml
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.trial import unittest
+
+from epsproxy.net.program import STOPPED_AT_ONCE
+from tests.support.proxies import FakeEPS, caller_client, public_section, write_settings
+from tests.support.sd import sd_client, write_sd_settings
+from tests.support.twistd import Twistd, spawn_twistd, stop_twistd
+
+REFUSED = "reload refused, still running with the previous settings: "
+
+
+class Party(Protocol):
+    """One end of a spliced pair: sends its token, records what arrives."""
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.received = b""
+        self.waiting: defer.Deferred[bytes] | None = None
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.token)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.callback(data)
+
+    def next_data(self) -> defer.Deferred[bytes]:
+        self.waiting = defer.Deferred()
+        return self.waiting
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed.callback(None)
+
+
+def connect(port: int, party: Party) -> defer.Deferred[Party]:
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), party)
+
+
+class SighupTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_failed_reload_keeps_serving_and_a_good_one_applies(self):
+        folder = write_sd_settings(Path(self.mktemp()).absolute())
+        settings_file = folder / "sd.yml"
+        good = yaml.safe_load(settings_file.read_text())
+        process = spawn_twistd(["sd", "--settings", str(folder)])
+        self.addCleanup(stop_twistd, process)
+        match = yield process.wait_for(r"serving \d+ verified record\(s\) at [\d.]+:(\d+)")
+        port = int(match.group(1))
+
+        # An unknown key: refused, one line naming it, still serving.
+        settings_file.write_text(yaml.safe_dump({**good, "typo": 1}))
+        process.signal("HUP")
+        line = yield process.wait_for(REFUSED + r".*\n")
+        self.assertIn("sd.yml: typo: unknown key", line.group(0))
+        # A missing certificate: refused too.
+        broken = yaml.safe_load(yaml.safe_dump(good))
+        broken["jsonrpc_server"]["tls"]["certificate_file"] = "/nonexistent/sd-1.crt"
+        settings_file.write_text(yaml.safe_dump(broken))
+        process.signal("HUP")
+        line = yield process.wait_for(REFUSED + r".*\n")
+        self.assertIn("jsonrpc_server.tls.certificate_file: no such file /nonexistent/sd-1.crt",
+                      line.group(0))
+        client = sd_client(port)
+        self.addCleanup(client.close)
+        yield client.call("getTip", {})  # still answering (an empty directory: no tip)
+
+        # Good settings again, now asking for debug lines: applied, and the level with them.
+        settings_file.write_text(yaml.safe_dump({**good, "log_level": "debug"}))
+        process.signal("HUP")
+        yield process.wait_for(r"reloaded settings from " + str(folder))
+        self.assertNotIn("#debug]", process.output)
+        process.signal("HUP")  # the next re-read logs its files at debug level
+        yield process.wait_for(r"#debug\] read settings file ")
+        yield process.wait_for(r"reloaded settings from ")
+        self.assertEqual(process.output.count("Traceback"), 0)
+        process.signal("TERM")
+        self.assertEqual((yield process.ended), 0)
+
+
+class StopTests(unittest.TestCase):
+    """SIGTERM on a public proxy carrying a spliced pair (its drain takes a while)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def start_with_a_splice(self):
+        fake = FakeEPS()
+        eps_port = yield fake.start(self)
+        folder = Path(self.mktemp()).absolute()
+        write_settings(folder, {"public": public_section(folder, eps_port, shutdown_grace=60)})
+        process = spawn_twistd(["proxy", "--mode", "public", "--settings", str(folder)])
+        self.addCleanup(stop_twistd, process)
+        match = yield process.wait_for(
+            r"internal endpoint on 127\.0\.0\.1:(\d+) .*JSON-RPC on 127\.0\.0\.1:(\d+)")
+        internal, jsonrpc = int(match.group(1)), int(match.group(2))
+        parties: list[Party] = []
+
+        def answer(params):  # the fake EPS plays B: it dials with the token
+            party = Party(base64.b64decode(params["token"]))
+            parties.append(party)
+            return connect(internal, party).addCallback(lambda _: {})
+
+        fake.answer = answer
+        client = caller_client(jsonrpc)
+        self.addCleanup(client.close)
+        reply = yield client.call("requestConnection", {
+            "to": "hd-2", "channel": "eps_server",
+            "_client": {"name": "hd-1", "entry": {"name": "hd-1", "channels": []}}})
+        a = Party(base64.b64decode(reply["token"]))
+        yield connect(internal, a)
+        [b] = parties
+        for party in (a, b):
+            self.addCleanup(lambda p=party: p.transport.abortConnection())
+        arrived = b.next_data()
+        a.transport.write(b"across")
+        self.assertEqual((yield arrived), b"across")
+        return process, a, b
+
+    @defer.inlineCallbacks
+    def drain(self, process: Twistd, a: Party, b: Party):
+        process.signal("TERM")
+        yield process.wait_for(r"stopping on SIGTERM: draining \(a second SIGTERM stops at once\)")
+        yield process.wait_for(r"draining 1 spliced connection\(s\)")
+        # Still relaying during the drain.
+        arrived = a.next_data()
+        b.transport.write(b"still here")
+        self.assertEqual((yield arrived), b"still here")
+
+    @defer.inlineCallbacks
+    def test_sigterm_drains_then_exits_0(self):
+        process, a, b = yield self.start_with_a_splice()
+        yield self.drain(process, a, b)
+        self.assertFalse(process.ended.called)
+        a.transport.loseConnection()
+        self.assertEqual((yield process.ended), 0, process.output)
+        self.assertNotIn("Traceback", process.output)
+
+    @defer.inlineCallbacks
+    def test_second_sigterm_stops_at_once(self):
+        process, a, b = yield self.start_with_a_splice()
+        yield self.drain(process, a, b)
+        process.signal("TERM")
+        status = yield process.ended
+        self.assertEqual(status, STOPPED_AT_ONCE, process.output)
+        self.assertIn("stopping at once on a second SIGTERM", process.output)
+        yield b.closed
+
+    @defer.inlineCallbacks
+    def test_sigint_then_sigterm_stops_at_once(self):
+        process, a, b = yield self.start_with_a_splice()
+        process.signal("INT")
+        yield process.wait_for(r"stopping on SIGINT: draining")
+        yield process.wait_for(r"draining 1 spliced connection\(s\)")
+        process.signal("TERM")
+        self.assertEqual((yield process.ended), STOPPED_AT_ONCE, process.output)

@@ -158,20 +158,54 @@ def _address(text: str) -> str:
     return text
 
 
-def _no_sentinel(name: str) -> str:
-    raise ValueError("Redis Sentinel is not supported; remove master_name")
-
-
 EMBEDDED_SETTINGS = forms.Map(
     {"path": forms.Optional(forms.String(), doc="SQLite file; default: the role's own")},
     strict=True,
 )
 
-REDIS_SETTINGS = forms.Map(
+class _RedisMap(forms.Map):
+    """REDIS_SETTINGS: the keys, then the rules that tie them together."""
+
+    def validate(self, value: Any, path: Sequence[forms.PathItem] = ()) -> dict[str, Any]:
+        result = super().validate(value, path)
+        sentinels = "sentinels" in result
+        if sentinels and "addresses" in result:
+            raise forms.FormError(
+                "give either addresses (one Redis server) or sentinels (Redis Sentinel),"
+                " not both", (*path, "sentinels"))
+        if not sentinels and "addresses" not in result:
+            raise forms.FormError("is required (or sentinels and master_name)",
+                                  (*path, "addresses"))
+        if sentinels and "master_name" not in result:
+            raise forms.FormError("is required with sentinels", (*path, "master_name"))
+        if not sentinels and "master_name" in result:
+            raise forms.FormError("needs sentinels (Redis Sentinel)", (*path, "master_name"))
+        return result
+
+
+REDIS_SETTINGS: forms.Map = _RedisMap(
     {
-        "addresses": forms.Required(
+        "addresses": forms.Optional(
             forms.List(forms.Check(forms.String(), _address), min_length=1),
-            doc="host:port list; only the first is used (no cluster support)",
+            doc="host:port list; only the first is used (no cluster support);"
+            " give this or sentinels",
+        ),
+        "sentinels": forms.Optional(
+            forms.List(forms.Check(forms.String(), _address), min_length=1),
+            doc="host:port of Redis Sentinels, asked in order where master_name is",
+        ),
+        # An empty master_name counts as absent, so that reference settings with
+        # ``master_name: ""`` and plain addresses still load.
+        "master_name": forms.Optional(
+            forms.String(), doc="the master's name in the sentinels' configuration"
+        ),
+        "sentinel_password": forms.Optional(
+            forms.String(), doc='AUTH password of the sentinels; absent or "" = none'
+        ),
+        "wait_replicas": forms.Optional(
+            forms.Integer(min=0, max=16),
+            doc="replicas that must confirm a write (WAIT) before it counts as done, as"
+            " far as the master has that many connected; default 1 with sentinels, else 0",
         ),
         "key": forms.Optional(forms.String(), default="entries", doc="Redis list key"),
         "database": forms.Optional(forms.Integer(min=0), default=0),
@@ -179,8 +213,6 @@ REDIS_SETTINGS = forms.Map(
         "timeout": forms.Optional(
             forms.Float(min=0.001, max=3600), default=1.0, doc="seconds per command"
         ),
-        # Accepted so that reference settings with ``master_name: ""`` still load.
-        "master_name": forms.Optional(forms.Check(forms.String(), _no_sentinel)),
     },
     strict=True,
 )

@@ -4,8 +4,25 @@ The ``redis`` datastore: serialised data entries in one Redis list (SPEC §8.5).
 Append is ``RPUSH key <entry>``; reading is incremental with ``LRANGE``.  Differences from
 the reference, each on purpose:
 
-- Only the first of ``addresses`` is used (no cluster or Sentinel support); a warning
-  is logged when more are given.
+- ``addresses`` names one Redis server: only the first address is used (no cluster
+  support; a warning is logged when more are given).  For a Redis that survives losing
+  its master, give ``sentinels`` and ``master_name`` instead (Redis Sentinel, issue 15):
+  every connection, the store's and the subscriptions', then goes to the master the
+  sentinels name, checked with ``ROLE`` (:mod:`epsproxy.store.redis_sentinel`), and
+  follows a failover: a lost connection is re-established at the new master, and a
+  ``READONLY`` reply (the master was demoted) drops the connection so that it is.
+  Commands during the failover fail with StoreUnavailable like any outage.
+- Replicated writes (``wait_replicas``, default 1 with sentinels): after an append the
+  store asks the master (on the same connection) how many replicas are connected and,
+  if any, ``WAIT``s until ``min(wait_replicas, connected)`` of them confirmed it, for at
+  most half the ``timeout``.  Only then is the append acknowledged; otherwise it fails
+  with StoreUnavailable (the entry may still be there, like after a timeout).  Redis
+  replication is asynchronous, so without this an append acknowledged by a master that
+  dies the next instant is lost by the failover, and the compare-and-append alone cannot
+  help: the promoted replica simply never saw it.  A master with no replica connected
+  acknowledges alone (there is nothing a failover could promote that has the write
+  missing, except a replica that was disconnected; Sentinel does not promote one that
+  was away long, and ``min-replicas-to-write`` on the Redis side makes that strict).
 - Every command, and the connection at open, is bounded by ``timeout`` and fails with
   :class:`~epsproxy.store.StoreUnavailable` instead of hanging.  An append that times
   out may still have been applied by Redis; callers that care read back (the SD does).
@@ -49,6 +66,7 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -62,6 +80,7 @@ from epsproxy.store import (
     parse_address,
     serialise,
 )
+from epsproxy.store.redis_sentinel import MasterEndpoint, MasterLocator
 from epsproxy.store.redis_pubsub import (
     RECONNECT_INITIAL_DELAY,
     RECONNECT_MAX_DELAY,
@@ -109,8 +128,16 @@ class RedisStore:
         *,
         database: int = 0,
         password: str | None = None,
+        endpoint: Callable[[], IStreamClientEndpoint] | None = None,
+        wait_replicas: int = 0,
     ) -> None:
         self.address = address
+        self.wait_replicas = wait_replicas
+        if endpoint is None:
+            host, port = parse_address(address)
+            endpoint = lambda: HostnameEndpoint(reactor, host, port, timeout=timeout)  # noqa: E731
+        #: Makes the endpoint of each new connection (the subscriptions').
+        self._endpoint = endpoint
         self.key = key
         self.timeout = timeout
         self.database = database
@@ -135,22 +162,38 @@ class RedisStore:
         authenticate if a password is set, and PING.  Fails with StoreUnavailable naming
         the address when any step fails or takes longer than ``timeout``.
         """
-        addresses = settings["addresses"]
-        address = addresses[0]
-        if len(addresses) > 1:
-            log.warn(
-                "redis datastore: using only {address} of {count} addresses",
-                address=address,
-                count=len(addresses),
-            )
-        host, port = parse_address(address)
         timeout = settings.get("timeout", 1.0)
+        password = settings.get("password") or None
+        endpoint: Callable[[], IStreamClientEndpoint]
+        if settings.get("sentinels"):
+            locator = MasterLocator(
+                reactor, settings["sentinels"], settings["master_name"], timeout=timeout,
+                password=settings.get("sentinel_password") or None,
+            )
+            address = locator.description
+            # Ask now, so that an unknown name, unreachable sentinels or garbage answers
+            # fail the open with their own error instead of a silent retry loop.
+            yield locator.locate()
+            endpoint = lambda: MasterEndpoint(reactor, locator, password=password)  # noqa: E731
+            wait_replicas = settings.get("wait_replicas", 1)
+        else:
+            addresses = settings["addresses"]
+            address = addresses[0]
+            if len(addresses) > 1:
+                log.warn(
+                    "redis datastore: using only {address} of {count} addresses",
+                    address=address,
+                    count=len(addresses),
+                )
+            host, port = parse_address(address)
+            endpoint = lambda: HostnameEndpoint(reactor, host, port, timeout=timeout)  # noqa: E731
+            wait_replicas = settings.get("wait_replicas", 0)
         factory = txredisapi.RedisFactory(
             address,
             settings.get("database", 0),
             1,
             charset=None,  # entries are bytes
-            password=settings.get("password") or None,
+            password=password,
             replyTimeout=timeout,  # also drops a connection that stopped answering
             convertNumbers=False,
         )
@@ -158,13 +201,14 @@ class RedisStore:
         # Come back quickly after a Redis restart (txredisapi: 1 s growing to 10 s).
         factory.initialDelay = RECONNECT_INITIAL_DELAY
         factory.maxDelay = RECONNECT_MAX_DELAY
-        factory.startConnecting(HostnameEndpoint(reactor, host, port, timeout=timeout))
+        first = endpoint()
+        factory.startConnecting(first)
         try:
             connection = yield ready.addTimeout(timeout, reactor)
             store = cls(
                 reactor, connection, address, settings.get("key", "entries"), timeout,
                 database=settings.get("database", 0),
-                password=settings.get("password") or None,
+                password=password, endpoint=endpoint, wait_replicas=wait_replicas,
             )
             reply = yield store._command("PING", lambda c: c.ping())
         except Exception as e:
@@ -176,6 +220,9 @@ class RedisStore:
                 if isinstance(e, defer.TimeoutError)
                 else describe(e)
             )
+            last_error = getattr(first, "last_error", None)
+            if last_error:
+                reason += f" ({last_error})"
             raise StoreUnavailable(f"cannot connect to redis at {address}: {reason}") from e
         if reply not in (b"PONG", "PONG"):
             yield factory.disconnect()
@@ -199,6 +246,8 @@ class RedisStore:
         d.addBoth(self._landed, d)
 
         def failed(failure: Failure) -> NoReturn:
+            if failure.check(txredisapi.ResponseError) and "READONLY" in str(failure.value):
+                self._demoted()
             if failure.check(defer.TimeoutError, txredisapi.TimeoutError):
                 raise StoreUnavailable(
                     f"redis timeout after {self.timeout:g}s: {name} at {self.address}"
@@ -208,6 +257,16 @@ class RedisStore:
             )
 
         return d.addErrback(failed)
+
+    def _demoted(self) -> None:
+        """
+        A write met ``READONLY``: this connection's server is a replica now (a failover
+        demoted it).  Drop the connection; it is re-established wherever the master is.
+        """
+        log.warn("redis {address} refused a write as a read-only replica; reconnecting"
+                 " to the master", address=self.address)
+        for conn in list(self._connection._factory.pool):
+            conn.transport.loseConnection()
 
     @property
     def channel(self) -> str:
@@ -228,7 +287,7 @@ class RedisStore:
         """
         args = [self.channel.encode("utf-8"), serialise(entry)]
         return self._command(
-            "RPUSH", lambda c: c.eval(_APPEND, [self._key], args)
+            "RPUSH", lambda c: self._replicated(c, _APPEND, args)
         ).addCallback(lambda _: None)
 
     def append_if_unchanged(self, entries: Sequence[StoredEntry]) -> Deferred[None]:
@@ -247,12 +306,43 @@ class RedisStore:
         last = self._last if self._last is not None else b""
         args = [self.channel.encode("utf-8"), str(seen).encode("ascii"), last, *data]
         length = yield self._command(
-            "RPUSH", lambda c: c.eval(_APPEND_IF_UNCHANGED, [self._key], args)
+            "RPUSH", lambda c: self._replicated(c, _APPEND_IF_UNCHANGED, args)
         )
         if int(length) < 0:
             raise AppendConflict(
                 f"redis list {self.key} at {self.address} changed since it was last read"
             )
+
+    @inlineCallbacks
+    def _replicated(
+        self, handler: Any, script: bytes, args: list[bytes]
+    ) -> Generator[Deferred[Any], Any, Any]:
+        """
+        Run the append ``script``; with ``wait_replicas``, then ``ROLE`` and ``WAIT`` on
+        the same connection (a WAIT on another connection, or on a new master after a
+        reconnect, would confirm nothing), so that the append is acknowledged only once
+        the replicas have it (see the module doc).  Returns the script's reply.
+        """
+        if not self.wait_replicas:
+            result = yield handler.eval(script, [self._key], args)
+            return result
+        conn = yield handler._factory.getConnection(peek=True)
+        result = yield conn.eval(script, [self._key], args)
+        if int(result) < 0:
+            return result  # nothing written
+        role = yield conn.role()
+        connected = len(role[2]) if isinstance(role, list) and len(role) > 2 else 0
+        wanted = min(self.wait_replicas, connected)
+        if wanted:
+            milliseconds = max(1, int(self.timeout * 500))
+            confirmed = yield conn.execute_command("WAIT", wanted, milliseconds)
+            if int(confirmed) < wanted:
+                raise StoreUnavailable(
+                    f"redis write at {self.address} confirmed by {int(confirmed)} of"
+                    f" {wanted} replica(s) within {milliseconds} ms; it may not survive"
+                    " a failover"
+                )
+        return result
 
     def watch(
         self, callback: Callable[[], Any], *, interval: float | None = 30.0
@@ -283,6 +373,7 @@ class RedisStore:
         subscription = Subscription(
             self._reactor, self.address, channel, on_message, on_subscribed,
             password=self._password, timeout=self.timeout, keepalive=keepalive,
+            endpoint=self._endpoint(),
         )
         subscription.start()
         return subscription

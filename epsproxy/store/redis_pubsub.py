@@ -16,7 +16,7 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -84,7 +84,8 @@ class Subscription:
     """
     A subscription to one Redis pub/sub ``channel`` that survives Redis restarts: its
     connection is re-established with a short backoff (0.1 s growing to 1 s) and
-    resubscribed.  ``on_message(bytes)`` gets each message; ``on_subscribed()`` runs
+    resubscribed (with Redis Sentinel, at whichever server is the master by then).
+    ``on_message(bytes)`` gets each message; ``on_subscribed()`` runs
     after each successful (re)subscription, so the owner can catch up with what was
     published while it was away (pub/sub keeps nothing).  Build it with
     :meth:`RedisStore.subscribe`.
@@ -110,6 +111,7 @@ class Subscription:
         password: str | None = None,
         timeout: float = 1.0,
         keepalive: float | None = 5.0,
+        endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
         if keepalive is not None and not keepalive > 0:
             raise ValueError(f"keepalive must be a positive number of seconds or None,"
@@ -132,6 +134,9 @@ class Subscription:
         self._on_message = on_message
         self._on_subscribed = on_subscribed
         self._factory = _SubscriberFactory(self, password, timeout)
+        # Where each (re)connection goes: ``address`` (None), or with Redis Sentinel
+        # wherever the master is now (epsproxy.store.redis_sentinel.MasterEndpoint).
+        self._endpoint = endpoint
         self._protocol: _SubscriberProtocol | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []
         self._stopped = False
@@ -144,10 +149,11 @@ class Subscription:
 
     def start(self) -> None:
         """Start connecting (in the background; see :meth:`when_subscribed`)."""
-        host, port = parse_address(self.address)
-        self._factory.startConnecting(
-            HostnameEndpoint(self._reactor, host, port, timeout=self.timeout)
-        )
+        endpoint = self._endpoint
+        if endpoint is None:
+            host, port = parse_address(self.address)
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self.timeout)
+        self._factory.startConnecting(endpoint)
 
     def when_subscribed(self, count: int = 1) -> Deferred[None]:
         """Fires once :attr:`subscriptions` has reached ``count``."""

@@ -25,7 +25,7 @@ from epsproxy.rules import forms
 from epsproxy.sd.api import STORE_UNAVAILABLE
 from epsproxy.sd.directory import STALE
 from epsproxy.store import DATASTORE_SETTINGS, StoredEntry, StoreUnavailable, open_store, parse
-from epsproxy.store.redis_sentinel import MASTER_NAME_SETTING, SENTINELS_SETTING
+from epsproxy.store.redis_sentinel import MASTER_NAME_SETTING, SENTINELS_SETTING, ask
 from epsproxy.store.resp import (
     MAX_DEPTH,
     MAX_REPLY_BYTES,
@@ -259,6 +259,38 @@ class ReplicatedWrites(TestCase):
         self.assertEqual(RedisClient(replica.port).command("LLEN", "waited"), 3)
 
 
+    @inlineCallbacks
+    def test_manual_failover_with_the_old_master_alive(self) -> Any:
+        """
+        SENTINEL FAILOVER: the old master lives on, still a master until the sentinels
+        get round to demoting it (their 10 s INFO period).  A write it takes cannot be
+        confirmed by a replica (its replica was promoted), so it is not acknowledged; the
+        store then reconnects, finds the new master, and its subscription follows.
+        """
+        store = yield open_store(reactor, self.redis.datastore(key="moved", timeout=0.5))
+        self.addCleanup(store.close)
+        watcher = store.watch(lambda: None, interval=None)
+        assert watcher.subscription is not None
+        yield watcher.subscription.when_subscribed()
+        yield store.append(StoredEntry(1, b"one", b"before"))
+        (answer,) = yield ask(reactor, self.redis.sentinels[0].address,
+                              [("SENTINEL", "FAILOVER", self.redis.master_name)], timeout=1)
+        self.assertEqual(answer, b"OK")
+        new_master = yield self.redis.wait_for_failover()
+        with self.assertRaises(StoreUnavailable) as caught:
+            yield store.append(StoredEntry(1, b"two", b"during"))
+        self.assertIn("replica(s)", str(caught.exception))
+        # the subscription moved to the new master, and so does the store's connection
+        yield watcher.subscription.when_subscribed(2)
+        with self.assertRaises(StoreUnavailable):
+            yield store.append(StoredEntry(1, b"three", b"during"))
+        new = RedisClient(int(new_master.rsplit(":", 1)[1]))
+        clients = new.command("CLIENT", "LIST").decode()
+        self.assertIn("cmd=subscribe", clients)
+        self.assertIn("cmd=wait", clients)  # the store's own connection (its last command)
+        self.assertEqual(new.command("LRANGE", "moved", 0, -1)[0][-6:], b"before")
+
+
 # -- the failover ----------------------------------------------------------------------
 
 
@@ -301,6 +333,7 @@ class Failover(TestCase):
         unavailable = 0
         after_failover = 0
         killed_at: float | None = None
+        restarted: Any = None
         recovered_at: float | None = None
         deadline = reactor.seconds() + 30
         for round_ in range(1000):
@@ -308,6 +341,10 @@ class Failover(TestCase):
             if round_ == 3:
                 yield self.redis.master.kill()
                 killed_at = reactor.seconds()
+                # its supervisor restarts it once the sentinels have failed over; until it
+                # is a replica of the new master, writes cannot be confirmed (WAIT 1)
+                restarted = self.redis.wait_for_failover().addCallback(
+                    lambda _: self.redis.restart_old_master())
             competing = [
                 sign_chain([change("hd-2", "groups", [f"{side}-{round_}"])], parent_hash=parent)
                 for side in ("a", "b")
@@ -346,7 +383,9 @@ class Failover(TestCase):
                     parent = stale[0].data["tip"]
         self.assertGreater(unavailable, 0, "no submission failed during the failover")
         assert killed_at is not None and recovered_at is not None
+        yield restarted
         new_master = yield self.redis.wait_for_failover(deadline=10)
+        self.assertEqual(new_master, self.redis.replica.address)
 
         # Every acknowledged record is on the new master, and the list is one chain.
         port = int(new_master.rsplit(":", 1)[1])

@@ -204,8 +204,8 @@ REDIS_SETTINGS: forms.Map = _RedisMap(
         ),
         "wait_replicas": forms.Optional(
             forms.Integer(min=0, max=16),
-            doc="replicas that must confirm a write (WAIT) before it counts as done, as"
-            " far as the master has that many connected; default 1 with sentinels, else 0",
+            doc="replicas that must confirm a write (WAIT) before it is acknowledged;"
+            " default 1 with sentinels, else 0",
         ),
         "key": forms.Optional(forms.String(), default="entries", doc="Redis list key"),
         "database": forms.Optional(forms.Integer(min=0), default=0),

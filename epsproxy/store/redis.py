@@ -12,29 +12,19 @@ the reference, each on purpose:
   follows a failover: a lost connection is re-established at the new master, and a
   ``READONLY`` reply (the master was demoted) drops the connection so that it is.
   Commands during the failover fail with StoreUnavailable like any outage.
-- Replicated writes (``wait_replicas``, default 1 with sentinels): after an append the
-  store asks the master (on the same connection) how many replicas are connected and,
-  if any, ``WAIT``s until ``min(wait_replicas, connected)`` of them confirmed it, for at
-  most half the ``timeout``.  Only then is the append acknowledged; otherwise it fails
-  with StoreUnavailable (the entry may still be there, like after a timeout).  Redis
-  replication is asynchronous, so without this an append acknowledged by a master that
-  dies the next instant is lost by the failover, and the compare-and-append alone cannot
-  help: the promoted replica simply never saw it.  A master with no replica connected
-  acknowledges alone (there is nothing a failover could promote that has the write
-  missing, except a replica that was disconnected; Sentinel does not promote one that
-  was away long, and ``min-replicas-to-write`` on the Redis side makes that strict).
-- Every command, and the connection at open, is bounded by ``timeout`` and fails with
-  :class:`~epsproxy.store.StoreUnavailable` instead of hanging.  An append that times
-  out may still have been applied by Redis; callers that care read back (the SD does).
-  While Redis is down the client keeps reconnecting in the background (txredisapi's
-  backoff), so the store recovers by itself when Redis is back.
-- The read index notices a list that was trimmed or recreated (SPEC §23.3 #32): each
-  read also fetches the last element already seen and compares it.  If it changed or
-  vanished, a warning is logged and the whole list is read again from index 0, so the
-  caller gets entries it has seen before.  The SD tolerates that (records are keyed by
-  hash).  A list replaced by one whose element at that index is byte-identical goes
-  unnoticed; entries carry random ids, so that needs a deliberate copy.
-- An element that does not parse as an entry is skipped with a logged error.
+- Replicated writes (``wait_replicas``, default 1 with sentinels, else 0): after an append
+  the store ``WAIT``s, on the same connection, until ``wait_replicas`` replicas confirmed
+  it, for at most half the ``timeout``.  Only then is the append acknowledged; otherwise
+  it fails with StoreUnavailable (the entry may still be there, like after a timeout) and
+  the connection is re-established (with sentinels: wherever the master is by then).
+  Redis replication is asynchronous, so without this an append acknowledged by a master
+  that dies the next instant is lost by the failover, and the compare-and-append alone
+  cannot help: the promoted replica simply never saw it.  The count is not lowered to
+  the replicas connected at the time: during a failover the old master has none left
+  (its replica was just promoted) and would acknowledge alone a write that the new master
+  never gets (tests/test_sentinel.py shows both).  The price: with one master and one
+  replica, writes fail from the loss of either until the lost server is back as a replica
+  (``wait_replicas: 0`` trades that for the loss window).
 
 "Acknowledged" means Redis holds the entry in memory; surviving a Redis restart depends on
 the server's persistence settings (``appendonly yes`` + ``appendfsync always`` for the
@@ -113,6 +103,16 @@ for i = 4, #ARGV do n = redis.call('RPUSH', KEYS[1], ARGV[i]) end
 redis.call('PUBLISH', ARGV[1], n)
 return n
 """
+
+
+def _drop(conn: Any) -> None:
+    """
+    Close a txredisapi connection so that no further command goes to it: the close
+    itself lands a reactor turn later, and meanwhile txredisapi would hand the connection
+    to the next command unless it is marked dead (its own mark, checked by getConnection).
+    """
+    conn.connected = 0
+    conn.transport.abortConnection()
 
 
 class RedisStore:
@@ -266,7 +266,7 @@ class RedisStore:
         log.warn("redis {address} refused a write as a read-only replica; reconnecting"
                  " to the master", address=self.address)
         for conn in list(self._connection._factory.pool):
-            conn.transport.loseConnection()
+            _drop(conn)
 
     @property
     def channel(self) -> str:
@@ -318,8 +318,8 @@ class RedisStore:
         self, handler: Any, script: bytes, args: list[bytes]
     ) -> Generator[Deferred[Any], Any, Any]:
         """
-        Run the append ``script``; with ``wait_replicas``, then ``ROLE`` and ``WAIT`` on
-        the same connection (a WAIT on another connection, or on a new master after a
+        Run the append ``script``; with ``wait_replicas``, then ``WAIT`` on the same
+        connection (a WAIT on another connection, or on a new master after a
         reconnect, would confirm nothing), so that the append is acknowledged only once
         the replicas have it (see the module doc).  Returns the script's reply.
         """
@@ -330,18 +330,17 @@ class RedisStore:
         result = yield conn.eval(script, [self._key], args)
         if int(result) < 0:
             return result  # nothing written
-        role = yield conn.role()
-        connected = len(role[2]) if isinstance(role, list) and len(role) > 2 else 0
-        wanted = min(self.wait_replicas, connected)
-        if wanted:
-            milliseconds = max(1, int(self.timeout * 500))
-            confirmed = yield conn.execute_command("WAIT", wanted, milliseconds)
-            if int(confirmed) < wanted:
-                raise StoreUnavailable(
-                    f"redis write at {self.address} confirmed by {int(confirmed)} of"
-                    f" {wanted} replica(s) within {milliseconds} ms; it may not survive"
-                    " a failover"
-                )
+        milliseconds = max(1, int(self.timeout * 500))
+        confirmed = yield conn.execute_command("WAIT", self.wait_replicas, milliseconds)
+        if int(confirmed) < self.wait_replicas:
+            # A master that lost its replicas is often one being replaced (its replica
+            # was just promoted): reconnect, so the next command asks the sentinels again.
+            _drop(conn)
+            raise StoreUnavailable(
+                f"redis write at {self.address} confirmed by {int(confirmed)} of"
+                f" {self.wait_replicas} replica(s) within {milliseconds} ms; it may not"
+                " survive a failover"
+            )
         return result
 
     def watch(

@@ -265,6 +265,7 @@ class SentinelSetup:
         self.master = RedisServer(reactor, extra_args=self._quick_sync)
         self.replica: RedisServer | None = None
         self.sentinels: list[RedisSentinel] = []
+        self.restarted: list[RedisServer] = []
         self.count = count
 
     @property
@@ -354,8 +355,23 @@ class SentinelSetup:
         return self.replica.address
 
     @defer.inlineCallbacks
+    def restart_old_master(self) -> Any:
+        """
+        Start a server again (empty: no persistence) on the killed master's port, as its
+        supervisor would; the sentinels turn it into a replica of the new master.  Only
+        after the failover: an empty master back before it would be followed by its
+        replica, emptied (the Redis documentation's warning about restarting masters
+        without persistence).
+        """
+        again = RedisServer(self.reactor, port=self.master.port, extra_args=self._quick_sync)
+        self.restarted.append(again)
+        yield again.start()
+        return again
+
+    @defer.inlineCallbacks
     def cleanup(self) -> Any:
-        for server in [*self.sentinels, self.master, *([self.replica] if self.replica else [])]:
+        replicas = [self.replica] if self.replica else []
+        for server in [*self.sentinels, self.master, *replicas, *self.restarted]:
             yield server.cleanup()
 
 

@@ -31,9 +31,9 @@ $(DEV_CERTS)/root.crt: | $(STAMP)
 $(TEST_CERTS)/root.crt: | $(STAMP)
 	$(BIN)/eps certs $(TEST_CERTS) --directory conf/test/directory
 
-# The tests use real peers: redis-server, openssl and curl.  Install them when missing
+# The tests use real peers: redis-server, redis-sentinel, openssl and curl.  Install them when missing
 # and we can (root with apt-get); otherwise say what is needed.
-OS_TOOLS := redis-server openssl curl tinyproxy haproxy socat
+OS_TOOLS := redis-server redis-sentinel openssl curl tinyproxy haproxy socat
 # What make bench measures beside ours (never needed by make test).
 BENCH_TOOLS := haproxy socat
 os-deps:

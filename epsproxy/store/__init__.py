@@ -13,6 +13,8 @@ Two back-ends sit behind the one small :class:`Store` interface:
   handling were wrong (SPEC §23.3 #31).
 - ``redis`` (:mod:`epsproxy.store.redis`): one Redis list, as in the reference, but with
   bounded commands and a read index that notices a trimmed or recreated list (§23.3 #32).
+  Either one server (``addresses``: the first is used) or Redis Sentinel (``sentinels`` +
+  ``master_name``, :mod:`epsproxy.store.redis_sentinel`), which follows a failover.
 
 This module holds what both share: the entry type and its byte layout (the reference's
 ``ToBytes``), the settings schema and :func:`open_store`.

@@ -158,9 +158,11 @@ class RedisStore:
         cls, reactor: IReactor, settings: dict[str, Any]
     ) -> Generator[Deferred[Any], Any, RedisStore]:
         """
-        Connect to the first address of validated ``REDIS_SETTINGS``, select the database,
-        authenticate if a password is set, and PING.  Fails with StoreUnavailable naming
-        the address when any step fails or takes longer than ``timeout``.
+        Connect to the first address of validated ``REDIS_SETTINGS`` (or, with
+        ``sentinels``, to the master they name, after checking that they name one),
+        select the database, authenticate if a password is set, and PING.  Fails with
+        StoreUnavailable naming the address (or the settings key) when any step fails or
+        takes longer than ``timeout`` (per sentinel asked, with sentinels).
         """
         timeout = settings.get("timeout", 1.0)
         password = settings.get("password") or None
@@ -176,6 +178,8 @@ class RedisStore:
             yield locator.locate()
             endpoint = lambda: MasterEndpoint(reactor, locator, password=password)  # noqa: E731
             wait_replicas = settings.get("wait_replicas", 1)
+            # a connection asks the sentinels in turn, then connects and asks ROLE
+            open_deadline = timeout * (len(settings["sentinels"]) + 2)
         else:
             addresses = settings["addresses"]
             address = addresses[0]
@@ -188,6 +192,7 @@ class RedisStore:
             host, port = parse_address(address)
             endpoint = lambda: HostnameEndpoint(reactor, host, port, timeout=timeout)  # noqa: E731
             wait_replicas = settings.get("wait_replicas", 0)
+            open_deadline = timeout
         factory = txredisapi.RedisFactory(
             address,
             settings.get("database", 0),
@@ -204,7 +209,7 @@ class RedisStore:
         first = endpoint()
         factory.startConnecting(first)
         try:
-            connection = yield ready.addTimeout(timeout, reactor)
+            connection = yield ready.addTimeout(open_deadline, reactor)
             store = cls(
                 reactor, connection, address, settings.get("key", "entries"), timeout,
                 database=settings.get("database", 0),
@@ -216,7 +221,7 @@ class RedisStore:
             if isinstance(e, StoreUnavailable):
                 raise
             reason = (
-                f"no connection within {timeout:g}s"
+                f"no connection within {open_deadline:g}s"
                 if isinstance(e, defer.TimeoutError)
                 else describe(e)
             )

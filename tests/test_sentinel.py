@@ -225,6 +225,28 @@ class Errors(TestCase):
         self.assertLess(took, 3)
 
 
+    @inlineCallbacks
+    def test_master_with_a_password(self) -> Any:
+        """AUTH goes before ROLE on the checked connection; a wrong password is named."""
+        master = RedisServer(reactor, extra_args=["--requirepass", "sesame"])
+        self.addCleanup(master.cleanup)
+        yield master.start()
+        host, port = master.address.rsplit(":", 1)
+        # a stand-in sentinel that names this master (to every question)
+        sentinel = self.listen(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            len(host), host.encode(), len(port), port.encode()))
+        settings = {"sentinels": [sentinel], "master_name": "m", "wait_replicas": 0,
+                    "timeout": 0.5}
+        store = yield open_store(reactor, {"type": "redis",
+                                           "settings": {**settings, "password": "sesame"}})
+        self.addCleanup(store.close)
+        yield store.append(StoredEntry(1, b"id", b"data"))
+        self.assertEqual([e.data for e in (yield store.read_new())], [b"data"])
+        message, took = yield self.open_failure({**settings, "password": "wrong"})
+        self.assertIn(f"{master.address} refused AUTH", message)
+        self.assertLess(took, 3)
+
+
 class ReplicatedWrites(TestCase):
     timeout = 30
 

@@ -151,6 +151,10 @@ class RedisStore:
         self._last: bytes | None = None  # that element, to notice a rewritten list
         self._reading = defer.DeferredLock()
         self._closed = False
+        #: Times :meth:`read_new` found the list trimmed or replaced (a failover to a
+        #: replica that missed unacknowledged appends, say) and read it from the start: a
+        #: reader holding state built from earlier reads should rebuild it then.
+        self.resets = 0
 
     @classmethod
     @inlineCallbacks
@@ -399,6 +403,7 @@ class RedisStore:
                     address=self.address,
                 )
                 self._index, self._last, start = -1, None, 0
+                self.resets += 1
                 items = yield self._command("LRANGE", lambda c: c.lrange(self._key, 0, -1))
             else:
                 items = items[1:]

@@ -23,6 +23,11 @@ faults include kill -9 of Redis, and two streams write to the stores:
 - ``ann``   1/s ``private-proxy-1.ga.announceConnection`` of one domain with a later
   expiry each time (written to the private and then the public proxy's store).
 
+With ``--store redis-sentinel`` the same, but that ``redis-server`` is the master of a
+replica and three ``redis-sentinel`` (quorum 2), the roles' settings name the sentinels,
+and the Redis fault is the master's death: a failover, with the old master restarted (its
+data kept) and turned into a replica by the sentinels (issue 15).
+
 The network's logs and pid files are in ``--run-dir`` (default ``run/chaos``); the roles'
 own data (SD records, directory caches, announcement stores) are where their settings put
 them (``run/<role>/``).  Exit status 0 only if every fault recovered and nothing
@@ -63,6 +68,7 @@ from .store import (
     RedisClient,
     RedisError,
     RedisProcess,
+    SentinelGroup,
     write_overlays,
 )
 from .traffic import CallFailed, GatewayClient, Outcome, Stream, Traffic, client_context, https_get
@@ -82,7 +88,7 @@ class Workload:
         self._lock = threading.Lock()
         self.run_tag = f"{int(time.time())}"
         #: Signs and submits SD records (``--store redis``: the ``rec`` stream and probes).
-        self.writer = RecordWriter() if store == "redis" else None
+        self.writer = RecordWriter() if store != "embedded" else None
         self._expiry_base = int(time.time()) + 86400
         #: The latest ``expires_at`` of an acknowledged ``ann`` call.
         self.ann_acked: str | None = None
@@ -289,6 +295,12 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
         r.lost = "-"
 
     redis: RedisProcess | None = network.extra.get("redis")
+    sentinels: SentinelGroup | None = network.extra.get("sentinels")
+
+    def redis_client() -> RedisClient:
+        """The Redis that is the master now (with sentinels: whichever they name)."""
+        assert redis is not None
+        return RedisClient(sentinels.master_port() if sentinels else redis.port)
 
     def seen_at_hd1(tag: str) -> float | None:
         return wait_until(lambda: any(
@@ -301,7 +313,8 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
         state["tip"] = sd_tip()
         state["public"] = public_announcements()
         state["private"] = private_announcements()
-        client = RedisClient(redis.port)
+        client = redis_client()
+        state["master"] = client.port
         state["lists"] = {}
         for role, (_, key) in STORE_ROLES.items():
             length = client.command("LLEN", key)
@@ -346,8 +359,15 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
                               else "NOT seen at hd-1 within 30 s"))
             if seen is None:
                 r.recovered = False
-        # What Redis held before the kill is still there, byte for byte.
-        client = RedisClient(redis.port)
+        # What Redis held before the kill is still there, byte for byte (with sentinels:
+        # on the replica that took over).
+        client = redis_client()
+        if sentinels is not None:
+            r.notes.append(f"the sentinels moved the master from port {state['master']} to "
+                           f"{client.port}" if client.port != state["master"]
+                           else "NO FAILOVER: the sentinels still name the restarted master")
+            if client.port == state["master"]:
+                r.recovered = False
         for key, (length, digest) in state["lists"].items():
             now = client.command("LLEN", key)
             if now < length or client.digest(key, length) != digest:
@@ -395,9 +415,11 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
                   f"{len(workload.writer.acked)} acked records in Redis)"
                   if not problems else "LOST/CORRUPT: " + "; ".join(problems))
 
+    redis_name = ("redis master under Sentinel (store of SD and proxies)" if sentinels
+                  else "redis (store of SD and proxies)")
     redis_faults = [
-        Fault("redis (store of SD and proxies)", ("redis",), before=redis_before,
-              during=redis_during, after=redis_after),
+        Fault(redis_name, ("redis",), before=redis_before, during=redis_during,
+              after=redis_after),
     ] if redis is not None else []
 
     return redis_faults + [
@@ -481,16 +503,28 @@ def run(run_dir: Path, down: float, baseline: float, only: list[str] | None,
     demo.stop(run_dir)
     redis = RedisProcess(run_dir)
     redis.clean()
+    group = SentinelGroup(run_dir, redis)
+    group.clean()
     demo.check_ports_free()
     overlays: dict[str, Path] = {}
     extra: dict[str, Any] = {}
     store_line = "Store: embedded SQLite for every role (conf/dev)."
-    if store == "redis":
+    if store in ("redis", "redis-sentinel"):
+        if store == "redis-sentinel":
+            redis.extra_args = SentinelGroup.QUICK_SYNC
         redis.start()
-        overlays = write_overlays(run_dir, redis.address)
+        sentinel_line = ""
+        if store == "redis-sentinel":
+            took = group.start()
+            extra["sentinels"] = group
+            sentinel_line = (f", the master of the replica {group.replica.address}, watched "
+                             f"by redis-sentinel {', '.join(group.addresses)} (quorum 2, down "
+                             f"after 1 s; ready in {took:.1f} s),")
+        overlays = write_overlays(run_dir, redis.address,
+                                  group.addresses if store == "redis-sentinel" else None)
         extra["redis"] = redis
         store_line = (f"Store: redis-server {redis.address} (`--appendonly yes --appendfsync "
-                      f"always`, data in {redis.data}) for "
+                      f"always`, data in {redis.data}){sentinel_line} for "
                       + ", ".join(f"{role} (key `{key}`)" for role, (_, key) in STORE_ROLES.items())
                       + f"; settings overlays in {run_dir / 'settings'}.")
         print(store_line, flush=True)
@@ -570,10 +604,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of steady traffic before each fault (default 4)")
     parser.add_argument("--only", action="append",
                         help="run only faults whose name contains this (repeatable)")
-    parser.add_argument("--store", choices=("embedded", "redis"), default="embedded",
+    parser.add_argument("--store", choices=("embedded", "redis", "redis-sentinel"),
+                        default="embedded",
                         help="datastore of sd-1, public-proxy-1 and private-proxy-1: the "
-                             "dev roles' embedded SQLite (default) or a redis-server started "
-                             "for the run (adds the fault 'redis')")
+                             "dev roles' embedded SQLite (default), a redis-server started "
+                             "for the run (adds the fault 'redis'), or that server as the "
+                             "master of a replica under three sentinels (adds the fault "
+                             "'redis master under Sentinel')")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     try:
@@ -585,7 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         demo.stop(run_dir)
-        RedisProcess(run_dir).stop()
+        redis = RedisProcess(run_dir)
+        SentinelGroup(run_dir, redis).stop()
+        redis.stop()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ Redis as the datastore of the chaos run (``python -m chaos --store redis``, issu
 - :class:`RedisClient` — a few synchronous commands (``LLEN``, ``LRANGE``) to look at
   what Redis holds;
 - :class:`RecordWriter` — signs change records as hd-1 and submits them to the SD in this
-  process (the ``rec`` stream and the probes), remembering every acknowledged one.
+  process (the ``rec`` stream and the probes), remembering every acknowledged one;
+- :class:`SentinelGroup` — with ``--store redis-sentinel`` (issue 15): a replica of that
+  ``redis-server`` and three ``redis-sentinel`` (quorum 2) watching it as
+  :data:`MASTER_NAME`, so that killing the master is a failover, not an outage.
 
 Plain threads and sockets, like the rest of the chaos package.
 """
@@ -41,8 +44,13 @@ __all__ = [
     "RedisClient",
     "RedisError",
     "RedisProcess",
+    "SentinelGroup",
+    "SentinelProcess",
     "write_overlays",
 ]
+
+#: The master's name in the sentinels' configuration (``--store redis-sentinel``).
+MASTER_NAME = "chaos"
 
 #: The roles that keep state in a datastore, the settings section holding it, and their key.
 STORE_ROLES = {
@@ -65,7 +73,8 @@ def free_port() -> int:
 
 def _is_redis(pid: int) -> bool:
     try:
-        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"redis-server" in cmdline or b"redis-sentinel" in cmdline
     except OSError:
         return False
 
@@ -77,14 +86,24 @@ class RedisProcess:
     ``run_dir/redis-data``.
     """
 
-    name = "redis"
+    executable = "redis-server"
 
-    def __init__(self, run_dir: Path, port: int = 0) -> None:
+    def __init__(self, run_dir: Path, port: int = 0, *, name: str = "redis",
+                 extra_args: list[str] | None = None) -> None:
         self.run_dir = run_dir
         self.port = port
-        self.data = run_dir / "redis-data"
+        self.name = name
+        #: Appended to the command line (a replica's ``--replicaof``).
+        self.extra_args = list(extra_args or [])
+        self.data = run_dir / f"{name}-data"
         self.pid_file = run_dir / f"{self.name}.pid"
+        self.output = run_dir / f"{self.name}.out"
         self.process: subprocess.Popen[bytes] | None = None
+
+    def command_line(self, executable: str) -> list[str]:
+        return [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.data), "--appendonly", "yes", "--appendfsync", "always",
+                *self.extra_args]
 
     @property
     def address(self) -> str:
@@ -97,32 +116,34 @@ class RedisProcess:
 
     def start(self, seconds: float = 20) -> float:
         """Start (on :attr:`port`, or a free one first); seconds until it answers PING."""
-        executable = shutil.which("redis-server")
+        executable = shutil.which(self.executable)
         if executable is None:
-            raise RedisError("redis-server is not installed (apt-get install redis-server)")
+            raise RedisError(f"{self.executable} is not installed"
+                             f" (apt-get install {self.executable})")
         if not self.port:
             self.port = free_port()
         self.data.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.data), "--appendonly", "yes", "--appendfsync", "always"],
-            stdin=subprocess.DEVNULL, stdout=open(self.run_dir / "redis.out", "ab"),
+            self.command_line(executable),
+            stdin=subprocess.DEVNULL, stdout=open(self.output, "ab"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.pid_file.write_text(f"{self.process.pid}\n")
         client = RedisClient(self.port, timeout=1)
         while time.monotonic() - started < seconds:
             if self.process.poll() is not None:
-                tail = (self.run_dir / "redis.out").read_text(errors="replace")[-2000:]
-                raise RedisError(f"redis-server exited with {self.process.returncode}: {tail}")
+                tail = self.output.read_text(errors="replace")[-2000:]
+                raise RedisError(f"{self.executable} exited with {self.process.returncode}:"
+                                 f" {tail}")
             try:
                 if client.command("PING") == "PONG":
                     return time.monotonic() - started
             except (OSError, RedisError):
                 pass
             time.sleep(0.05)
-        raise RedisError(f"redis-server did not answer PING on {self.address} in {seconds:.0f} s")
+        raise RedisError(f"{self.executable} did not answer PING on {self.address}"
+                         f" in {seconds:.0f} s")
 
     def stop(self) -> None:
         """SIGTERM (Redis flushes its AOF), SIGKILL after 10 s; only our own redis-server."""
@@ -138,8 +159,95 @@ class RedisProcess:
             if not demo._wait_gone(pid, 10):
                 os.killpg(pid, signal.SIGKILL)
                 demo._wait_gone(pid, 5)
-            print(f"stopped redis-server (pid {pid})")
+            print(f"stopped {self.name} (pid {pid})")
         self.pid_file.unlink()
+
+
+class SentinelProcess(RedisProcess):
+    """One ``redis-sentinel`` watching ``master`` as :data:`MASTER_NAME` (quorum 2)."""
+
+    executable = "redis-sentinel"
+
+    def __init__(self, run_dir: Path, name: str, master: RedisProcess) -> None:
+        super().__init__(run_dir, name=name)
+        self.master = master
+
+    def command_line(self, executable: str) -> list[str]:
+        config = self.data / "sentinel.conf"  # Sentinel rewrites it: one per process
+        if not config.exists():
+            config.write_text("\n".join([
+                f"port {self.port}",
+                "bind 127.0.0.1",
+                f"dir {self.data}",
+                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 2",
+                f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
+                f"sentinel failover-timeout {MASTER_NAME} 5000",
+            ]) + "\n")
+        return [executable, str(config)]
+
+
+class SentinelGroup:
+    """
+    A replica of ``master`` and three sentinels watching it (``--store redis-sentinel``).
+    The master itself stays the run's ``redis`` process, the one the fault kills; its
+    restart comes back with its data and the sentinels make it a replica of the new master.
+    """
+
+    #: Redis 7 waits 5 s before a diskless full sync; the master needs this too.
+    QUICK_SYNC = ["--repl-diskless-sync-delay", "0"]
+
+    def __init__(self, run_dir: Path, master: RedisProcess) -> None:
+        self.master = master
+        self.replica = RedisProcess(run_dir, name="redis-replica")
+        self.sentinels = [SentinelProcess(run_dir, f"redis-sentinel-{i}", master)
+                          for i in (1, 2, 3)]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [sentinel.address for sentinel in self.sentinels]
+
+    def clean(self) -> None:
+        for process in (self.replica, *self.sentinels):
+            process.clean()
+
+    def stop(self) -> None:
+        for process in (*self.sentinels, self.replica):
+            process.stop()
+
+    def start(self, seconds: float = 30) -> float:
+        """Start the replica and the sentinels; seconds until they all see each other."""
+        started = time.monotonic()
+        self.replica.extra_args = ["--replicaof", "127.0.0.1", str(self.master.port),
+                                   *self.QUICK_SYNC]
+        self.replica.start()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        while time.monotonic() - started < seconds:
+            if all(self._ready(sentinel) for sentinel in self.sentinels):
+                return time.monotonic() - started
+            time.sleep(0.2)
+        raise RedisError(f"the sentinels did not see the replica and each other in {seconds} s")
+
+    def _ready(self, sentinel: SentinelProcess) -> bool:
+        try:
+            reply = RedisClient(sentinel.port, timeout=1).command("SENTINEL", "MASTER",
+                                                                  MASTER_NAME)
+        except (OSError, RedisError):
+            return False
+        state = dict(zip(reply[::2], reply[1::2]))
+        return (state.get(b"num-slaves") == b"1" and state.get(b"num-other-sentinels") == b"2"
+                and state.get(b"flags") == b"master")
+
+    def master_port(self) -> int:
+        """The master's port as the first sentinel that answers names it."""
+        for sentinel in self.sentinels:
+            try:
+                host, port = RedisClient(sentinel.port, timeout=1).command(
+                    "SENTINEL", "get-master-addr-by-name", MASTER_NAME)
+                return int(port)
+            except (OSError, RedisError, TypeError, ValueError):
+                continue
+        raise RedisError("no sentinel named the master")
 
 
 class RedisClient:
@@ -187,17 +295,21 @@ class RedisClient:
         return h.hexdigest()
 
 
-def write_overlays(run_dir: Path, address: str) -> dict[str, Path]:
+def write_overlays(run_dir: Path, address: str,
+                   sentinels: list[str] | None = None) -> dict[str, Path]:
     """
     One settings folder per store role under ``run_dir/settings`` that replaces the
-    role's ``datastore`` with its own key in the Redis at ``address``; returns
+    role's ``datastore`` with its own key in the Redis at ``address`` (or, given
+    ``sentinels``, in the master they name :data:`MASTER_NAME`); returns
     ``{role: folder}`` for :func:`epsproxy.dev.demo.start`.
     """
     overlays = {}
     for role, (section, key) in STORE_ROLES.items():
         folder = run_dir / "settings" / role
         folder.mkdir(parents=True, exist_ok=True)
-        datastore = {"type": "redis", "settings": {"addresses": [address], "key": key}}
+        where: dict[str, Any] = ({"sentinels": sentinels, "master_name": MASTER_NAME}
+                                 if sentinels else {"addresses": [address]})
+        datastore = {"type": "redis", "settings": {**where, "key": key}}
         (folder / "zz-chaos-redis.json").write_text(
             json.dumps({section: {"datastore!": datastore}}, indent=2) + "\n")
         overlays[role] = folder

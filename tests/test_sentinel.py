@@ -137,6 +137,26 @@ class Settings(SynchronousTestCase):
             self.assertIn(words, error.message)
 
 
+    def test_chaos_overlays_with_sentinels(self) -> None:
+        """``python -m chaos --store redis-sentinel`` gives each store role valid settings."""
+        from chaos.store import MASTER_NAME, STORE_ROLES, write_overlays
+        from epsproxy.dev.demo import CONF
+        from epsproxy.proxy.settings import PROXY_SETTINGS
+        from epsproxy.rules.settings import load_settings
+        from epsproxy.sd.settings import SD_SETTINGS
+
+        sentinels = ["127.0.0.1:26379", "127.0.0.1:26380", "127.0.0.1:26381"]
+        overlays = write_overlays(Path(self.mktemp()), "127.0.0.1:6390", sentinels)
+        schemas = {"sd-1": SD_SETTINGS, "public-proxy-1": PROXY_SETTINGS,
+                   "private-proxy-1": PROXY_SETTINGS}
+        for role, (section, key) in STORE_ROLES.items():
+            loaded = load_settings([CONF / "roles" / role, overlays[role]], schemas[role])
+            store = loaded[section]["datastore"]["settings"]
+            self.assertEqual((store["sentinels"], store["master_name"], store["key"]),
+                             (sentinels, MASTER_NAME, key))
+            self.assertNotIn("addresses", store)
+
+
 # -- errors against real and fake sentinels ---------------------------------------------
 
 

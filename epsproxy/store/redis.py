@@ -255,6 +255,8 @@ class RedisStore:
         d.addBoth(self._landed, d)
 
         def failed(failure: Failure) -> NoReturn:
+            if failure.check(StoreUnavailable):
+                failure.raiseException()  # already says what and where
             if failure.check(txredisapi.ResponseError) and "READONLY" in str(failure.value):
                 self._demoted()
             if failure.check(defer.TimeoutError, txredisapi.TimeoutError):

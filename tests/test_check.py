@@ -153,3 +153,25 @@ def test_eps_check_hostile_settings(tmp_path, capsys):
     assert status == 1
     assert lines[0].startswith("sd: settings NOT OK: ")
     assert "aliases" in lines[0]
+
+
+def test_certificate_expiry_gauge(tmp_path):
+    from prometheus_client import generate_latest
+    from twisted.internet import reactor
+
+    from epsproxy.eps.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--settings", str(write_eps_settings(tmp_path / "eps"))])
+    top = makeService(options, reactor, exit_on_failure=False)
+    text = generate_latest(top.registry).decode()
+    expiry = pki_expiry()
+    assert (f'eps_certificate_expiry_seconds{{where="channels[peers].settings.tls"}} '
+            f'{expiry:.9e}') in text
+    assert 'where="channels[gateway].settings.tls"' in text
+
+
+def pki_expiry() -> float:
+    from epsproxy.rules.certificates import load_certificate_file
+
+    return load_certificate_file(pki().tls("hd-1")[0]).not_valid_after_utc.timestamp()

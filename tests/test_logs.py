@@ -125,3 +125,15 @@ def test_twistd_log_level_option_wins_over_the_settings(tmp_path):
     assert "read settings file" not in output
     assert "#debug]" not in output
     assert output.startswith("20")  # the text format: twistd's own lines
+
+
+def test_log_output_rotates_its_file(tmp_path):
+    path = tmp_path / "out.log"
+    output = LogOutput("info", "text", logfile=str(path), nodaemon=True)
+    log = Logger(namespace="epsproxy.test", observer=output.observer())
+    log.info("before")
+    output.rotate()
+    log.info("after")
+    assert "before" in (tmp_path / "out.log.1").read_text()
+    assert "after" in path.read_text() and "before" not in path.read_text()
+    LogOutput("info").rotate()  # stdout: nothing to rotate

@@ -156,11 +156,17 @@ class LogOutput:
         self.nodaemon = nodaemon
         self.syslog = syslog
         self.syslog_prefix = syslog_prefix
+        self._file: IO[str] | LogFile | None = None
 
     def set_level(self, level: str) -> None:
         """Log from ``level`` on (one of :data:`LOG_LEVELS`) from now on."""
         self.predicate.setLogLevelForNamespace("", log_level(level))
         self.level = level
+
+    def rotate(self) -> None:
+        """Rotate the log file (SIGUSR1, as twistd does), if the log goes to one."""
+        if isinstance(self._file, LogFile):
+            self._file.rotate()
 
     def observer(self) -> ILogObserver:
         """The filtered observer writing in this format to this output."""
@@ -171,7 +177,7 @@ class LogOutput:
             legacy = syslog.SyslogObserver(self.syslog_prefix).emit
             target = LegacyLogObserverWrapper(legacy)  # type: ignore[arg-type]  # a legacy observer is what it wraps
         else:
-            out = _output_file(self.logfile, self.nodaemon)
+            out = self._file = _output_file(self.logfile, self.nodaemon)
             if self.format == "json":
                 target = FileLogObserver(out, json_line)  # type: ignore[arg-type]  # LogFile is file-like
             else:

@@ -32,6 +32,7 @@ replace):
   ``reloaded settings from <paths>`` or ``reload refused, still running with the
   previous settings: <reason>``.  The log level (``log_level``) is reloaded too, unless
   ``--log-level`` was given.
+- SIGUSR1 rotates the log file (``--logfile``), as twistd does.
 - SIGTERM and SIGINT stop the reactor: services drain (the proxies give live
   connections ``shutdown_grace`` seconds), and the process exits 0.  A second SIGTERM or
   SIGINT during the drain stops at once with status :data:`STOPPED_AT_ONCE`.
@@ -364,6 +365,7 @@ class ProgramService(MultiService):
         signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, number: int, frame: FrameType | None) -> None:
         # Signal handlers run between two bytecodes of whatever was running: hand the
@@ -371,6 +373,8 @@ class ProgramService(MultiService):
         name = signal.Signals(number).name
         if number == signal.SIGHUP:
             self.reactor.callFromThread(self.reload)
+        elif number == signal.SIGUSR1:
+            self.reactor.callFromThread(self.options.log_output.rotate)
         else:
             self.reactor.callFromThread(self.stop_on, name)
 

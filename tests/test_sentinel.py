@@ -251,10 +251,8 @@ class Errors(TestCase):
         master = RedisServer(reactor, extra_args=["--requirepass", "sesame"])
         self.addCleanup(master.cleanup)
         yield master.start()
-        host, port = master.address.rsplit(":", 1)
         # a stand-in sentinel that names this master (to every question)
-        sentinel = self.listen(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            len(host), host.encode(), len(port), port.encode()))
+        sentinel = self.listen(_address_reply(master.address))
         settings = {"sentinels": [sentinel], "master_name": "m", "wait_replicas": 0,
                     "timeout": 0.5}
         store = yield open_store(reactor, {"type": "redis",
@@ -265,6 +263,51 @@ class Errors(TestCase):
         message, took = yield self.open_failure({**settings, "password": "wrong"})
         self.assertIn(f"{master.address} refused AUTH", message)
         self.assertLess(took, 3)
+
+
+class Demoted(TestCase):
+    """A master demoted behind the store's back: READONLY, and the store moves on."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_readonly_reply_sends_the_store_to_the_new_master(self) -> Any:
+        old, new = RedisServer(reactor), RedisServer(reactor)
+        for server in (old, new):
+            self.addCleanup(server.cleanup)
+            yield server.start()
+        factory = protocol.Factory.forProtocol(_Garbage)
+        factory.answer = _address_reply(old.address)  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        store = yield open_store(reactor, {"type": "redis", "settings": {
+            "sentinels": [f"127.0.0.1:{port.getHost().port}"], "master_name": "m",
+            "wait_replicas": 0, "key": "k"}})
+        self.addCleanup(store.close)
+        yield store.append(StoredEntry(1, b"a", b"on the old master"))
+
+        # the "failover": the old master follows the new one, the sentinel names the new
+        RedisClient(old.port).command("REPLICAOF", "127.0.0.1", new.port)
+        factory.answer = _address_reply(new.address)  # type: ignore[attr-defined]
+        with self.assertRaises(StoreUnavailable) as caught:
+            yield store.append(StoredEntry(1, b"b", b"refused"))
+        self.assertIn("READONLY", str(caught.exception))
+        limit = reactor.seconds() + 10
+        while True:
+            try:
+                yield store.append(StoredEntry(1, b"c", b"on the new master"))
+                break
+            except StoreUnavailable as e:
+                self.assertLess(reactor.seconds(), limit, str(e))
+                yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(RedisClient(new.port).command("LRANGE", "k", 0, -1)[-1][-17:],
+                         b"on the new master")
+
+
+def _address_reply(address: str) -> bytes:
+    host, port = address.rsplit(":", 1)
+    return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(host), host.encode(), len(port), port.encode())
 
 
 class ReplicatedWrites(TestCase):

@@ -100,6 +100,9 @@ class _Conversation(Protocol):
         self._reader = RespReader()
         self._got: list[Reply] = []
         self._inner: IProtocol | None = None
+        self._early = b""
+        #: Whether the connection is gone.
+        self.closed = False
         self.replies: Deferred[list[Reply]] = Deferred(lambda d: self._abort())
 
     @property
@@ -120,6 +123,7 @@ class _Conversation(Protocol):
             self._inner.dataReceived(data)
             return
         if self.replies.called:
+            self._early += data  # after the replies, before hand_over: the inner protocol's
             return
         try:
             self._got += self._reader.feed(data)
@@ -135,10 +139,12 @@ class _Conversation(Protocol):
     def hand_over(self, inner: IProtocol) -> None:
         self._inner = inner
         inner.makeConnection(self.tcp)
-        if self._reader.rest:
-            inner.dataReceived(self._reader.rest)
+        early, self._early = self._reader.rest + self._early, b""
+        if early:
+            inner.dataReceived(early)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
         if self._on_closed is not None:
             self._on_closed(self)
         if self._inner is not None:
@@ -380,6 +386,8 @@ class MasterEndpoint:
                          description=self._locator.description, error=reason)
             self.last_error = reason
             raise
+        if gate.closed:  # between the ROLE reply and now
+            raise StoreUnavailable(f"redis at {_label(master)} closed the connection")
         self.last_error = None
         self._locator.verified(master)
         peer: IAddress = gate.tcp.getPeer()

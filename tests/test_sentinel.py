@@ -25,7 +25,12 @@ from epsproxy.rules import forms
 from epsproxy.sd.api import STORE_UNAVAILABLE
 from epsproxy.sd.directory import STALE
 from epsproxy.store import DATASTORE_SETTINGS, StoredEntry, StoreUnavailable, open_store, parse
-from epsproxy.store.redis_sentinel import MASTER_NAME_SETTING, SENTINELS_SETTING, ask
+from epsproxy.store.redis_sentinel import (
+    MASTER_NAME_SETTING,
+    SENTINELS_SETTING,
+    MasterLocator,
+    ask,
+)
 from epsproxy.store.resp import (
     MAX_DEPTH,
     MAX_REPLY_BYTES,
@@ -244,6 +249,16 @@ class Errors(TestCase):
         self.assertIn("answered ROLE with b'slave'", message)
         self.assertLess(took, 3)
 
+
+    @inlineCallbacks
+    def test_the_sentinel_that_answered_is_asked_first(self) -> Any:
+        dead = f"127.0.0.1:{_closed_port()}"
+        unknown = self.listen(b"*-1\r\n")
+        knows = self.listen(_address_reply("127.0.0.1:7000"))
+        locator = MasterLocator(reactor, [dead, unknown, knows], "m", timeout=0.5)
+        self.assertEqual((yield locator.locate()), ("127.0.0.1", 7000))
+        self.assertTrue(locator.description.startswith("master m via sentinels"))
+        self.assertEqual(locator._order, [knows, dead, unknown])
 
     @inlineCallbacks
     def test_master_with_a_password(self) -> Any:

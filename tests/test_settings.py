@@ -548,3 +548,37 @@ class HostileTests(_Folders, SynchronousTestCase):
             load_settings([role], SCHEMA, environ={"1": "2"})
         except SettingsError as e:
             self.assertNotIn("\n", str(e))
+
+
+class NamedElementTests(_Folders, SynchronousTestCase):
+    """A list element is named by its name in messages, and still traced to its file."""
+
+    CHANNELS = Map({"channels": Required(forms.List(
+        Map({"name": Required(forms.String()), "port": Required(forms.Integer(min=1))},
+            strict=True),
+        name_key="name",
+    ))}, strict=True)
+
+    def test_error_names_the_element_and_its_file(self) -> None:
+        text = self.error({
+            "1.yml": "channels:\n  - {name: peers, port: 1}\n",
+            "2.yml": "channels:\n  - {name: gateway, port: 0}\n",
+        }, self.CHANNELS)
+        self.assertEqual(text, f"{self.role / '2.yml'}: channels[gateway].port: must be at least 1")
+
+    def test_unusable_names_fall_back_to_the_index(self) -> None:
+        for name in ("", "a b", "x" * 80, "[0]", "1", "null"):
+            with self.subTest(name=name):
+                text = self.error(
+                    {"1.yml": json.dumps({"channels": [{"name": name, "port": 0}]})},
+                    self.CHANNELS)
+                expected = "channels[null].port" if name == "null" else "channels[0].port"
+                self.assertIn(expected, text)
+        text = self.error({"1.yml": "channels:\n  - {name: [x], port: 1}\n"}, self.CHANNELS)
+        self.assertIn("channels[0].name: expected a string", text)
+
+    def test_index_is_its_number(self) -> None:
+        index = forms.Index(2, "gateway")
+        self.assertEqual(index, 2)
+        self.assertEqual({2: "x"}[index], "x")
+        self.assertEqual(forms.format_path(("channels", index, "tls")), "channels[gateway].tls")

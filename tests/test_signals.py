@@ -171,3 +171,44 @@ class StopTests(unittest.TestCase):
         yield process.wait_for(r"draining 1 spliced connection\(s\)")
         process.signal("TERM")
         self.assertEqual((yield process.ended), STOPPED_AT_ONCE, process.output)
+
+
+class LifecycleDefaults(unittest.TestCase):
+    """What every service answers before B's overrides: readiness by phase, no reload."""
+
+    def test_readiness_follows_start_and_stop(self):
+        from epsproxy.net.lifecycle import AsyncStartService, ReloadError
+
+        started: defer.Deferred[str] = defer.Deferred()
+
+        class Service(AsyncStartService[str]):
+            reactor = reactor
+
+            async def _start(self) -> str:
+                return await started
+
+        service = Service()
+        self.assertEqual(service.readiness(), {"start": "starting"})
+        service.startService()
+        self.assertEqual(service.readiness(), {"start": "starting"})
+        started.callback("up")
+        self.assertEqual(service.readiness(), {})
+        with self.assertRaises(ReloadError) as caught:
+            service.reload({})
+        self.assertEqual(str(caught.exception), "Service does not reload its settings")
+        service.stopService()
+        self.assertEqual(service.readiness(), {"stop": "stopping"})
+
+    def test_readiness_after_a_failed_start(self):
+        from epsproxy.net.lifecycle import AsyncStartService
+
+        class Service(AsyncStartService[str]):
+            reactor = reactor
+
+            async def _start(self) -> str:
+                raise OSError("the store cannot open")
+
+        service = Service()
+        service.startService()
+        self.assertEqual(service.readiness(), {"start": "the store cannot open"})
+        self.failureResultOf(service.when_ready(), OSError)

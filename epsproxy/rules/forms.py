@@ -52,7 +52,7 @@ MISSING: Any = _Missing()
 
 PathItem = str | int
 
-_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}")
+_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,62}")  # never a number: [1] is an index
 
 
 class Index(int):

@@ -50,6 +50,7 @@ injected reactor bounds our own timeouts and makes the connection.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Generator, NoReturn, Sequence
 
 import txredisapi
@@ -135,7 +136,7 @@ class RedisStore:
         self.wait_replicas = wait_replicas
         if endpoint is None:
             host, port = parse_address(address)
-            endpoint = lambda: HostnameEndpoint(reactor, host, port, timeout=timeout)  # noqa: E731
+            endpoint = partial(HostnameEndpoint, reactor, host, port, timeout=timeout)
         #: Makes the endpoint of each new connection (the subscriptions').
         self._endpoint = endpoint
         self.key = key
@@ -180,7 +181,7 @@ class RedisStore:
             # Ask now, so that an unknown name, unreachable sentinels or garbage answers
             # fail the open with their own error instead of a silent retry loop.
             yield locator.locate()
-            endpoint = lambda: MasterEndpoint(reactor, locator, password=password)  # noqa: E731
+            endpoint = partial(MasterEndpoint, reactor, locator, password=password)
             wait_replicas = settings.get("wait_replicas", 1)
             # a connection asks the sentinels in turn, then connects and asks ROLE
             open_deadline = timeout * (len(settings["sentinels"]) + 2)
@@ -194,7 +195,7 @@ class RedisStore:
                     count=len(addresses),
                 )
             host, port = parse_address(address)
-            endpoint = lambda: HostnameEndpoint(reactor, host, port, timeout=timeout)  # noqa: E731
+            endpoint = partial(HostnameEndpoint, reactor, host, port, timeout=timeout)
             wait_replicas = settings.get("wait_replicas", 0)
             open_deadline = timeout
         factory = txredisapi.RedisFactory(
@@ -276,7 +277,7 @@ class RedisStore:
         """
         log.warn("redis {address} refused a write as a read-only replica; reconnecting"
                  " to the master", address=self.address)
-        for conn in list(self._connection._factory.pool):
+        for conn in list(self._connection._factory.pool):  # the handler's pool (txredisapi)
             _drop(conn)
 
     @property

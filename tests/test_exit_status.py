@@ -183,3 +183,10 @@ class ExitStatusTests(unittest.TestCase):
     def test_missing_settings_folder(self):
         yield self.assertFails(["sd", "--settings", "/nonexistent/sd"],
                                "/nonexistent/sd: no such file or folder")
+
+    @inlineCallbacks
+    def test_sd_store_that_cannot_open(self):
+        folder = write_sd_settings(self.folder(), datastore={
+            "type": "embedded", "settings": {"path": "/proc/no-such-folder/records.sqlite"}})
+        output = yield self.assertFails(["sd", "--settings", str(folder)], "could not start: ")
+        self.assertIn("records.sqlite", output)

@@ -78,6 +78,14 @@ class SighupTests(unittest.TestCase):
         line = yield process.wait_for(REFUSED + r".*\n")
         self.assertIn("jsonrpc_server.tls.certificate_file: no such file /nonexistent/sd-1.crt",
                       line.group(0))
+        # Valid settings the service cannot apply live (a new listen address): refused
+        # by the service itself (ReloadError).
+        moved = yaml.safe_load(yaml.safe_dump(good))
+        moved["jsonrpc_server"]["bind_address"] = "127.0.0.1:1"
+        settings_file.write_text(yaml.safe_dump(moved))
+        process.signal("HUP")
+        line = yield process.wait_for(REFUSED + r".*\n")
+        self.assertIn("bind_address", line.group(0))
         client = sd_client(port)
         self.addCleanup(client.close)
         yield client.call("getTip", {})  # still answering (an empty directory: no tip)

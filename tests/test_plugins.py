@@ -75,8 +75,10 @@ class TwistdSmokeTests(unittest.TestCase):
             TWISTD, ["-n", "--pidfile=", "sd", "--settings", str(folder)],
             env=dict(os.environ), path="/", reactor=reactor,
         )
-        self.assertNotEqual(code, 0)
+        self.assertEqual(code, 1)
         text = (out + err).decode()
         self.assertNotIn("Traceback", text)
+        self.assertNotIn("Usage:", text)  # a settings error is not a command-line mistake
+        self.assertEqual(len(text.splitlines()), 1, text)
         self.assertIn("sd.yml", text)
         self.assertIn("jsonrpc_server", text)

@@ -21,6 +21,7 @@ proxy = ServiceMaker(
     "epsproxy proxy",
     "epsproxy.proxy.tap",
     "A proxy: --mode public brokers peer-to-peer connections between endpoint servers "
-    "and splices them by one-time token, never seeing plaintext.",
+    "and splices them by one-time token, never seeing plaintext; --mode private relays "
+    "TLS connections for announced domains to an internal server.",
     "proxy",
 )

@@ -25,6 +25,13 @@ Better than the reference (SPEC §23.1):
 - Listeners that cannot bind fail the start, and the internal listener is closed on
   stop (#10).
 - Logs never carry tokens, and client addresses only truncated (#11).
+
+A reload (SIGHUP) applies the JSON-RPC server's TLS files, rate limits, timeouts, caps
+and CORS, a new client to the own endpoint server, the ``tcp_rate_limits`` of the
+internal and TLS listeners, the token, splice and ClientHello timeouts and limits, and
+the internal endpoint told to the parties; pending tokens, splices and announcements are
+kept.  What needs a restart is :data:`PUBLIC_RESTART_KEYS`.  (The domains an operator
+may announce come from its directory entry, not from the settings: nothing to reload.)
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from epsproxy.net.lifecycle import AsyncStartService
+from epsproxy.net.lifecycle import AsyncStartService, ReloadError
+from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.rules import forms
 from epsproxy.net import ratelimit, tls
 from epsproxy.rules.certificates import certificate_names
@@ -56,7 +64,7 @@ from epsproxy.net.jsonrpc.envelope import (
     TransportError,
     random_id,
 )
-from epsproxy.net.jsonrpc.server import jsonrpc_site, listen_jsonrpc
+from epsproxy.net.jsonrpc.server import JSONRPCListener, jsonrpc_site
 from epsproxy.net.metrics import RPCMetrics
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import encode_token
@@ -69,11 +77,13 @@ from .announcements import (
     AnnouncementError,
     PublicAnnouncements,
 )
+from .reachability import RetiredClients, TrackedClient
 from .rendezvous_server import Rendezvous, RendezvousFull
 from .sni import SNIFront
 from .settings import DEFAULT_DATASTORE_FILE
 
 __all__ = [
+    "PUBLIC_RESTART_KEYS",
     "SERVER_CHANNELS",
     "TOO_MANY_PENDING",
     "NOT_AUTHORIZED",
@@ -110,6 +120,19 @@ REQUEST_CONNECTION_PARAMS = forms.Map(
     }
 )
 """Params of ``requestConnection`` (SPEC §14.4); ``_client`` is checked by the handler."""
+
+#: Settings of the ``public`` section applied only at start (patterns of
+#: :mod:`epsproxy.net.reloading`).
+PUBLIC_RESTART_KEYS = (
+    "name",
+    "datastore",
+    "tls_bind_address",
+    "internal_bind_address",
+    "proxy_protocol",
+    "jsonrpc_server.bind_address",
+    "jsonrpc_server.path",
+    "jsonrpc_server.tls?",
+)
 
 # Refusals because of a full token table are logged at most this often (seconds).
 _FULL_LOG_INTERVAL = 60.0
@@ -391,12 +414,12 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         # live token was brokered by us, and private proxies and endpoint servers send
         # many of those from one address (an attacker's routed SNI connections must not
         # use up their allowance): the rendezvous forgives them.
-        self._internal_limiter: ratelimit.RateLimiter | None = None
-        if settings["tcp_rate_limits"]:
-            self._internal_limiter = ratelimit.RateLimiter(
-                settings["tcp_rate_limits"], reactor,
-                on_refused=lambda reason: self._rate_limited.inc(),
-            )
+        # Limiters exist without limits too, so a reload can add some.
+        self._internal_limiter = ratelimit.RateLimiter(
+            settings["tcp_rate_limits"], reactor,
+            on_refused=lambda reason: self._rate_limited.inc(),
+        )
+        self._front_limiter: ratelimit.RateLimiter | None = None
         limiter = self._internal_limiter
         self.rendezvous = Rendezvous(
             reactor,
@@ -405,11 +428,13 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             max_pending=settings["max_pending_tokens"],
             buffer_bytes=settings["splice_buffer_bytes"],
             idle_timeout=settings["idle_timeout"],
-            on_valid_token=None if limiter is None else limiter.forgive,
+            on_valid_token=limiter.forgive,
         )
         self.registry.register(_RendezvousCollector(self.rendezvous))
         self.store: Store | None = None
         self.client: JSONRPCClient | None = None
+        self.listener: JSONRPCListener | None = None
+        self._retired = RetiredClients(reactor)
         self.proxy: PublicProxy | None = None
         self.announcements: PublicAnnouncements | None = None
         self.front: SNIFront | None = None
@@ -428,7 +453,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         await self.announcements.load()
         # Scale-out (issue 6): follow what other instances on the same Redis announce.
         self.announcements.watch()
-        self.client = JSONRPCClient(self.reactor, settings["jsonrpc_client"])
+        self.client = TrackedClient(self.reactor, settings["jsonrpc_client"])
         server_settings = settings["jsonrpc_server"]
         server_tls = server_settings.get("tls")
         verify_caller = server_tls is not None and server_tls["verify_client"]
@@ -452,7 +477,9 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             dispatcher, server_settings, reactor=self.reactor,
             metrics=RPCMetrics(self.registry, "proxy", dispatcher.__contains__),
         )
-        jsonrpc = await listen_jsonrpc(self.reactor, site, server_settings)
+        self.listener = JSONRPCListener(self.reactor, site, server_settings,
+                                        name="public.jsonrpc_server")
+        jsonrpc = await self.listener.listen()
         self.ports.append(jsonrpc)
         front_port = await self._listen_tls()
         ihost, iport = _host_port(internal.getHost())
@@ -482,11 +509,15 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         """The SNI listener: ClientHello read whole, routed by live announcements."""
         settings = self.settings
         limits = settings["tcp_rate_limits"]
-        limiter = None
-        if limits and settings["proxy_protocol"]:
-            # Behind a load balancer the client's address is in the PROXY header: the
-            # front applies the limits itself, per real client.
-            limiter = ratelimit.RateLimiter(limits, self.reactor)
+        front = None
+
+        def refused(reason: str) -> None:
+            # Closed before the front saw them: counted with its own refusals.
+            if front is not None and not settings["proxy_protocol"]:
+                front.rate_limited += 1
+
+        limiter = self._front_limiter = ratelimit.RateLimiter(
+            limits, self.reactor, on_refused=refused)
         assert self.announcements is not None
         announcements = self.announcements
         self.front = SNIFront(
@@ -497,26 +528,21 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             hello_timeout=settings["hello_timeout"],
             internal_endpoint=settings["internal_endpoint"],
             proxy_protocol=settings["proxy_protocol"],
-            rate_limiter=limiter,
+            # Behind a load balancer the client's address is in the PROXY header: the
+            # front applies the limits itself, per real client.
+            rate_limiter=limiter if settings["proxy_protocol"] else None,
         )
+        front = self.front
         factory: Any = self.front.factory()
-        if limits and not settings["proxy_protocol"]:
-            front = self.front
-
-            def refused(reason: str) -> None:
-                # Closed before the front saw them: counted with its own refusals.
-                front.rate_limited += 1
-
-            factory = ratelimit.rate_limited(factory, limits, self.reactor, on_refused=refused)
+        if not settings["proxy_protocol"]:
+            factory = limiter.wrap(factory)
         endpoint = tls.listen_endpoint(self.reactor, settings["tls_bind_address"], None)
         port = await endpoint.listen(factory)
         self.ports.append(port)
         return port
 
     async def _listen_internal(self) -> IListeningPort:
-        factory: Any = self.rendezvous.factory()
-        if self._internal_limiter is not None:
-            factory = self._internal_limiter.wrap(factory)
+        factory: Any = self._internal_limiter.wrap(self.rendezvous.factory())
         endpoint = tls.listen_endpoint(self.reactor, self.settings["internal_bind_address"], None)
         port = await endpoint.listen(factory)
         self.ports.append(port)
@@ -524,6 +550,70 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
 
     def _describe(self) -> str:
         return "public proxy"
+
+    # -- reload and readiness -------------------------------------------------------------
+
+    def reload(self, settings: dict[str, Any]) -> None:
+        """
+        Apply ``settings`` (the validated ``public`` section; see the module docstring)
+        or raise :class:`ReloadError` naming the keys that need a restart or the file
+        that is unusable, having changed nothing.
+        """
+        refuse_restart_changes(self.settings, settings, PUBLIC_RESTART_KEYS)
+        tls.forget_cached()
+        client: JSONRPCClient | None = None
+        where = "tcp_rate_limits"
+        try:
+            limits = ratelimit.TCP_RATE_LIMITS(list(settings["tcp_rate_limits"]))
+            where = "jsonrpc_client."
+            if self.proxy is not None and settings["jsonrpc_client"] != self.settings["jsonrpc_client"]:
+                client = TrackedClient(self.reactor, settings["jsonrpc_client"])
+            where = "jsonrpc_server."
+            if self.listener is not None:
+                self.listener.reconfigure(settings["jsonrpc_server"])  # the last that can fail
+        except (ValueError, forms.FormError) as e:
+            if client is not None:
+                client.close()
+            raise ReloadError(f"{where}{e}") from None
+        self._internal_limiter.reconfigure(limits)
+        if self._front_limiter is not None:
+            self._front_limiter.reconfigure(limits)
+        r = self.rendezvous
+        r.accept_timeout, r.read_timeout = settings["accept_timeout"], settings["read_timeout"]
+        r.max_pending, r.buffer_bytes = settings["max_pending_tokens"], settings["splice_buffer_bytes"]
+        r.idle_timeout = settings["idle_timeout"]
+        if self.front is not None:
+            self.front.max_hello_bytes = settings["max_hello_bytes"]
+            self.front.hello_timeout = settings["hello_timeout"]
+            self.front.internal_endpoint = settings["internal_endpoint"]
+        if self.proxy is not None:
+            if client is not None and self.client is not None:
+                self._retired.retire(self.client, self.settings["jsonrpc_client"]["timeout"])
+                self.proxy.client = self.client = client
+            self.proxy.internal_endpoint = settings["internal_endpoint"]
+            self.proxy.call_timeout = min(settings["jsonrpc_client"]["timeout"],
+                                          settings["accept_timeout"])
+        self.settings = settings
+        self.log.info("public proxy {name} reloaded its settings", name=settings["name"])
+
+    def readiness(self) -> dict[str, str]:
+        """
+        Start-up and stop (see the base class), then: the three listeners bound, the
+        store open, and the own endpoint server answering (its last call got an answer;
+        no call yet counts as answering).
+        """
+        checks = super().readiness()
+        if checks:
+            return checks
+        if len(self.ports) < 3:
+            checks["listeners"] = f"{3 - len(self.ports)} of 3 listeners not bound"
+        if self.store is None:
+            checks["store"] = "not open"
+        client = self.proxy.client if self.proxy is not None else self.client
+        reason = getattr(client, "unreachable", None)
+        if reason is not None:
+            checks["endpoint_server"] = f"the last call got no answer: {reason}"
+        return checks
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -549,6 +639,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         if self.client is not None:
             client, self.client = self.client, None
             await client.close()
+        await self._retired.close_all()
+        self.listener = None
         if self.announcements is not None:
             await self.announcements.stop()  # scale-out watcher (issue 6)
         if self.store is not None:

@@ -145,6 +145,19 @@ class Forwarder:
         self._closing = False
         self._drained: list[Deferred[None]] = []
 
+    def reconfigure(
+        self, endpoint: dict[str, Any], *, max_connections: int, connect_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        """
+        Forward the next connections with ``endpoint`` (validated ``internal_endpoint``)
+        and these limits; connections being forwarded keep going.
+        """
+        self.endpoint = endpoint
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+
     @property
     def busy(self) -> bool:
         """Whether no further connection may be forwarded now."""

@@ -13,6 +13,11 @@ receives TLS connections for its announced domains through a public proxy.
   (:class:`~epsproxy.proxy.private.terminating.TerminatingForwarder`);
 - the announcement table (:class:`epsproxy.proxy.announcements.PrivateAnnouncements`),
   kept in the datastore, and the loop that re-announces it.
+
+A reload (SIGHUP) applies the JSON-RPC server's TLS files, rate limits, timeouts, caps
+and CORS, a new client to the own endpoint server, the forwarder's limits, address and
+TLS files, and the re-announce interval; what needs a restart is
+:data:`PRIVATE_RESTART_KEYS`.  Announcements and forwarded connections are kept.
 """
 
 from __future__ import annotations
@@ -31,19 +36,35 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epsproxy.net import tls
 from epsproxy.net.jsonrpc.client import JSONRPCClient
-from epsproxy.net.jsonrpc.server import jsonrpc_site, listen_jsonrpc
-from epsproxy.net.lifecycle import AsyncStartService
+from epsproxy.net.jsonrpc.server import JSONRPCListener, jsonrpc_site
+from epsproxy.net.lifecycle import AsyncStartService, ReloadError
+from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.metrics import RPCMetrics
 from epsproxy.net.reactor import IReactor
 from epsproxy.proxy.announcements import PrivateAnnouncements
 from epsproxy.proxy.private.api import PrivateProxy
 from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.proxy.private.terminating import TerminatingForwarder
+from epsproxy.proxy.reachability import RetiredClients, TrackedClient
 from epsproxy.proxy.settings import DEFAULT_PRIVATE_DATASTORE_FILE
 from epsproxy.store import Store, open_store
 
-__all__ = ["PrivateProxyPorts", "PrivateProxyService"]
+__all__ = ["PRIVATE_RESTART_KEYS", "PrivateProxyPorts", "PrivateProxyService"]
+
+#: Settings of the ``private`` section applied only at start (patterns of
+#: :mod:`epsproxy.net.reloading`).
+PRIVATE_RESTART_KEYS = (
+    "name",
+    "datastore",
+    "jsonrpc_server.bind_address",
+    "jsonrpc_server.path",
+    "jsonrpc_server.tls?",
+    "internal_endpoint.tls?",
+    "internal_endpoint.jsonrpc_client",
+    "internal_endpoint.proxy_protocol",
+)
 
 
 class _Collector:
@@ -112,6 +133,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         self.datastore_dir = datastore_dir
         self.store: Store | None = None
         self.client: JSONRPCClient | None = None
+        self.listener: JSONRPCListener | None = None
+        self._retired = RetiredClients(reactor)
         self.forwarder: Forwarder | None = None
         self.proxy: PrivateProxy | None = None
         self.ports: list[IListeningPort] = []
@@ -128,7 +151,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         )
         announcements = PrivateAnnouncements(self.reactor, self.store)
         await announcements.load()
-        self.client = JSONRPCClient(self.reactor, settings["jsonrpc_client"])
+        self.client = TrackedClient(self.reactor, settings["jsonrpc_client"])
         endpoint = settings["internal_endpoint"]
         # Raw TLS is relayed; with a tls block of its own it ends here and HTTP goes on.
         forwarder_type = Forwarder if endpoint.get("tls") is None else TerminatingForwarder
@@ -158,7 +181,9 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
             dispatcher, server_settings, reactor=self.reactor,
             metrics=RPCMetrics(self.registry, "private_proxy", dispatcher.__contains__),
         )
-        port = await listen_jsonrpc(self.reactor, site, server_settings)
+        self.listener = JSONRPCListener(self.reactor, site, server_settings,
+                                        name="private.jsonrpc_server")
+        port = await self.listener.listen()
         self.ports.append(port)
         loop = self._loop = LoopingCall(self._reannounce)
         loop.clock = self.reactor
@@ -192,6 +217,70 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
     def _describe(self) -> str:
         return "private proxy"
 
+    # -- reload and readiness -------------------------------------------------------------
+
+    def reload(self, settings: dict[str, Any]) -> None:
+        """
+        Apply ``settings`` (the validated ``private`` section; see the module docstring)
+        or raise :class:`ReloadError` naming the keys that need a restart or the file
+        that is unusable, having changed nothing.
+        """
+        refuse_restart_changes(self.settings, settings, PRIVATE_RESTART_KEYS)
+        tls.forget_cached()
+        endpoint = settings["internal_endpoint"]
+        client: JSONRPCClient | None = None
+        try:
+            where = "internal_endpoint."
+            if endpoint.get("tls") is not None:
+                tls.server_options(endpoint["tls"])
+            where = "jsonrpc_client."
+            if self.proxy is not None and settings["jsonrpc_client"] != self.settings["jsonrpc_client"]:
+                client = TrackedClient(self.reactor, settings["jsonrpc_client"])
+            where = "jsonrpc_server."
+            if self.listener is not None:
+                self.listener.reconfigure(settings["jsonrpc_server"])  # the last that can fail
+        except ValueError as e:
+            if client is not None:
+                client.close()
+            raise ReloadError(f"{where}{e}") from None
+        if self.forwarder is not None:
+            self.forwarder.reconfigure(
+                endpoint, max_connections=settings["max_connections"],
+                connect_timeout=settings["connect_timeout"],
+                idle_timeout=settings["idle_timeout"],
+            )
+        if self.proxy is not None:
+            if client is not None and self.client is not None:
+                self._retired.retire(self.client, self.settings["jsonrpc_client"]["timeout"])
+                self.proxy.client = self.client = client
+            self.proxy.call_timeout = settings["jsonrpc_client"]["timeout"]
+        loop = self._loop
+        interval = settings["reannounce_interval"]
+        if loop is not None and loop.running and loop.interval != interval:
+            loop.stop()
+            loop.start(interval, now=False)
+        self.settings = settings
+        self.log.info("private proxy {name} reloaded its settings", name=settings["name"])
+
+    def readiness(self) -> dict[str, str]:
+        """
+        Start-up and stop (see the base class), then: the JSON-RPC server listening, the
+        store open, and the own endpoint server answering (its last call, the periodic
+        re-announcement included, got an answer).
+        """
+        checks = super().readiness()
+        if checks:
+            return checks
+        if not self.ports:
+            checks["listener"] = "jsonrpc_server is not listening"
+        if self.store is None:
+            checks["store"] = "not open"
+        client = self.proxy.client if self.proxy is not None else self.client
+        reason = getattr(client, "unreachable", None)
+        if reason is not None:
+            checks["endpoint_server"] = f"the last call got no answer: {reason}"
+        return checks
+
     async def _close(self, grace: float = 0.0) -> None:
         """
         Stop re-announcing and listening, give forwarded connections up to ``grace``
@@ -215,6 +304,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         if self.client is not None:
             client, self.client = self.client, None
             await client.close()
+        await self._retired.close_all()
+        self.listener = None
         if self.store is not None:
             store, self.store = self.store, None
             await store.close()

@@ -137,6 +137,21 @@ class TerminatingForwarder(Forwarder):
             reactor, contextFactory=policy, pool=self._pool, connectTimeout=self.connect_timeout
         )
 
+    def reconfigure(
+        self, endpoint: dict[str, Any], *, max_connections: int, connect_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        """
+        As :meth:`Forwarder.reconfigure`, checking the new ``tls`` files first (raises
+        :class:`epsproxy.net.tls.TLSSettingsError` having changed nothing); the upstream
+        ``jsonrpc_client`` is fixed at start.
+        """
+        server_tls = tls.server_options(endpoint["tls"])
+        super().reconfigure(endpoint, max_connections=max_connections,
+                            connect_timeout=connect_timeout, idle_timeout=idle_timeout)
+        self._server_tls = server_tls
+        self.site.timeOut = endpoint["timeout"]
+
     async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None) -> None:
         """Dial with the token and run the TLS server side on the connection."""
         channel = await dial_with_token(

@@ -290,7 +290,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         for channel in self.channels:
             config = configs[channel.name]
             reconfigure = getattr(channel, "reconfigure", None)
-            if callable(reconfigure) and config["settings"] != getattr(channel, "settings", None):
+            # Also with unchanged settings: files at the same paths may have been rotated.
+            if callable(reconfigure):
                 try:
                     reconfigure(config["settings"])
                 except ValueError as e:

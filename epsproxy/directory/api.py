@@ -151,12 +151,20 @@ class APIDirectory:
         self._loop.start(self.period, now=False)
 
     def stop(self) -> Deferred[None]:
-        """Stop updating and close the connections to the SD."""
+        """
+        Stop updating and close the connections to the SD, once an update in progress
+        is over (it ends within the client timeout).
+        """
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        closes = [c.close() for c in self._clients]
-        return gatherResults(closes).addCallback(lambda _: None)
+
+        def close(_: object) -> Deferred[None]:
+            closes = [c.close() for c in self._clients]
+            return gatherResults(closes).addCallback(lambda _: None)
+
+        # The lock is free once no update is running: take and release it, then close.
+        return self._lock.run(lambda: None).addCallback(close)
 
     def reconfigure(self, settings: dict[str, Any]) -> Deferred[None]:
         """

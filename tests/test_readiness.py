@@ -85,6 +85,28 @@ class SDReadiness(TestCase):
         self.assertEqual(sd.readiness(), {"stop": "stopping"})
 
 
+    @defer.inlineCallbacks
+    def test_newest_record_age_metric(self):
+        sd = yield start_sd(write_sd_settings(Path(self.mktemp()).absolute()))
+        self.addCleanup(sd.stop)
+        registry = sd.sd.registry
+        self.assertEqual(registry.get_sample_value("sd_newest_record_age_seconds"), -1.0)
+        fingerprints = pki().fingerprints("hd-1")
+        records = sign_chain([
+            change("hd-1", "certificates", [
+                {"fingerprint": fingerprints["signing"], "key_usage": "signing"},
+            ], created_at="2025-01-01T10:00:00Z"),
+            change("hd-1", "groups", ["health-departments"],
+                   created_at="2025-01-02T10:00:00Z"),
+        ])
+        submitter = sd_client(sd.port_number)
+        self.addCleanup(submitter.close)
+        yield submitter.call("submitRecords", {"records": records})
+        newest = 1735812000.0  # 2025-01-02T10:00:00Z
+        age = registry.get_sample_value("sd_newest_record_age_seconds")
+        self.assertLess(abs(age - (reactor.seconds() - newest)), 5)
+
+
 class EPSReadiness(TestCase):
     timeout = 60
 

@@ -298,3 +298,59 @@ class ListenerReload(TestCase):
         # Nothing changed: a body over 10 bytes is still accepted.
         result = yield self.client(tls_on=False).call("echo", {"text": "x" * 100})
         self.assertEqual(result, {"text": "x" * 100})
+
+
+class RestartKeys(TestCase):
+    """Which changed settings need a restart (epsproxy.net.reloading), on plain values."""
+
+    OLD = {
+        "name": "hd-1",
+        "server": {"bind_address": "127.0.0.1:1", "tls": {"key_file": "a", "ca": ["x"]},
+                   "limits": [{"type": "second", "limit": 1}]},
+        "channels": [{"name": "gw", "type": "t", "settings": {"bind_address": "b"}}],
+    }
+    RESTART = ("name", "server.bind_address", "server.tls?", "channels[*]?",
+               "channels[*].settings.bind_address")
+
+    def changed(self, edit: Any) -> list[str]:
+        from epsproxy.net.reloading import restart_keys
+
+        new = copy.deepcopy(self.OLD)
+        edit(new)
+        return restart_keys(self.OLD, new, self.RESTART)
+
+    def test_reloadable_changes_are_not_restart_keys(self):
+        def edit(s: dict[str, Any]) -> None:
+            s["server"]["tls"]["key_file"] = "b"
+            s["server"]["tls"]["ca"].append("y")
+            s["server"]["limits"][0]["limit"] = 5
+            s["server"]["limits"].append({"type": "hour", "limit": 9})
+
+        self.assertEqual(self.changed(edit), [])
+
+    def test_restart_keys_are_named(self):
+        def edit(s: dict[str, Any]) -> None:
+            s["name"] = "hd-2"
+            del s["server"]["tls"]
+            s["channels"][0]["settings"]["bind_address"] = "c"
+            s["channels"].append({"name": "new", "type": "t"})
+
+        self.assertEqual(self.changed(edit), [
+            "channels[gw].settings.bind_address", "channels[new]", "name", "server.tls"])
+
+    def test_odd_names_and_shapes(self):
+        from epsproxy.net.lifecycle import ReloadError
+        from epsproxy.net.reloading import changed_keys, flatten, refuse_restart_changes
+
+        # Names with pattern characters are literal; duplicate names fall back to indexes.
+        old = {"channels": [{"name": "a.*[x]", "v": 1}, {"name": "a.*[x]", "v": 2}]}
+        new = {"channels": [{"name": "a.*[x]", "v": 1}, {"name": "a.*[x]", "v": 3}]}
+        self.assertEqual(changed_keys(old, new), ["channels[1].v"])
+        self.assertEqual(flatten({"list": [1, "a"], "empty": []}),
+                         {"list": [1, "a"], "empty": []})
+        # A value replaced by a block of another type is a change of that key.
+        self.assertEqual(changed_keys({"a": 1}, {"a": {"b": 1}}), ["a", "a.b"])
+        with self.assertRaises(ReloadError) as caught:
+            refuse_restart_changes({"a": 1}, {"a": {"b": 1}}, ["a"])
+        self.assertEqual(str(caught.exception), "a: changing it needs a restart")
+        refuse_restart_changes(self.OLD, copy.deepcopy(self.OLD), self.RESTART)

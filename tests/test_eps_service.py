@@ -228,7 +228,7 @@ class TwistdEPS(TestCase):
         text = (out + err).decode()
         self.assertNotEqual(code, 0)
         self.assertNotIn("Traceback", text)
-        self.assertIn("channels[0].settings.bind_adress: unknown key", text)
+        self.assertIn("channels[x].settings.bind_adress: unknown key", text)
 
     @defer.inlineCallbacks
     def test_unknown_channel_type(self):

@@ -23,7 +23,6 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.python import usage
 from twisted.trial import unittest
 
 from epsproxy.dev.examples import internal_server
@@ -148,15 +147,16 @@ class SettingsTests(unittest.SynchronousTestCase):
         self.assertEqual(options.settings["private"]["name"], NAME)
         empty = write_settings(Path(self.mktemp()).absolute(), {"metrics": {
             "bind_address": "127.0.0.1:0"}})
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(SystemExit) as caught:
             Options().parseOptions(["--mode", "private", "--settings", str(empty)])
-        self.assertIn("no 'private' section", str(caught.exception))
+        self.assertIn("no 'private' section", str(caught.exception.code))
         bad = private_section(Path("/x"), 1, internal_endpoint={"tls": {
             "ca_certificate_files": ["/nonexistent.pem"]}})
         folder = write_settings(Path(self.mktemp()).absolute(), {"private": bad})
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(SystemExit) as caught:
             Options().parseOptions(["--mode", "private", "--settings", str(folder)])
-        self.assertIn("private.internal_endpoint.", str(caught.exception))
+        self.assertIn("private.internal_endpoint.tls.ca_certificate_files[0]: no such file",
+                      str(caught.exception.code))
 
     def test_proxy_v2_header(self) -> None:
         signature = b"\r\n\r\n\x00\r\nQUIT\n"

@@ -21,7 +21,7 @@ from tests.support.proxies import PRIVATE_PROXY, private_section, public_section
 from tests.support.sd import write_sd_settings
 from tests.support.tls import tls_block
 from tests.support.twistd import issue_certificate, run_twistd
-from tests.test_exit_status import write_eps_settings
+from tests.support.eps import write_eps_settings
 
 
 class TwistdCheckTests(unittest.TestCase):

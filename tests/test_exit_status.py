@@ -5,7 +5,6 @@ listener or the settings key: no traceback, no usage text (issue 12, item 1).
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
+from tests.support.eps import write_eps_settings
 from tests.support.pki import pki
 from tests.support.proxies import public_section, write_settings
 from tests.support.sd import write_sd_settings
@@ -21,26 +21,6 @@ from tests.support.tls import tls_block
 from tests.support.twistd import busy_port, issue_certificate, run_twistd
 
 BUSY = "[Errno 98] Address already in use."
-
-
-def write_eps_settings(folder: Path, *, peers: int = 0, gateway: int = 0, metrics: int = 0,
-                       peer_tls: dict[str, Any] | None = None) -> Path:
-    """An endpoint server hd-1 with a json directory, peer and gateway channels, metrics."""
-    (folder / "directory").mkdir(parents=True, exist_ok=True)
-    (folder / "directory" / "001.json").write_text(json.dumps({"records": []}))
-    settings = {
-        "name": "hd-1",
-        "directory": {"type": "json", "settings": {"path": str(folder / "directory")}},
-        "channels": [
-            {"name": "peers", "type": "eps_server", "settings": {
-                "bind_address": f"127.0.0.1:{peers}", "tls": peer_tls or tls_block("hd-1")}},
-            {"name": "gateway", "type": "jsonrpc_server", "settings": {
-                "bind_address": f"127.0.0.1:{gateway}", "tls": tls_block("hd-1")}},
-        ],
-        "metrics": {"bind_address": f"127.0.0.1:{metrics}"},
-    }
-    (folder / "eps.yml").write_text(yaml.safe_dump(settings))
-    return folder
 
 
 class ExitStatusTests(unittest.TestCase):

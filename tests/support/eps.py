@@ -15,6 +15,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+import yaml
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
@@ -154,3 +155,23 @@ def gateway_client(test: TestCase, url: str, name: str = "hd-1") -> JSONRPCClien
     }))
     test.addCleanup(client.close)
     return client
+
+
+def write_eps_settings(folder: Path, *, peers: int = 0, gateway: int = 0, metrics: int = 0,
+                       peer_tls: dict[str, Any] | None = None) -> Path:
+    """An endpoint server hd-1 with a json directory, peer and gateway channels, metrics."""
+    (folder / "directory").mkdir(parents=True, exist_ok=True)
+    (folder / "directory" / "001.json").write_text(json.dumps({"records": []}))
+    settings = {
+        "name": "hd-1",
+        "directory": {"type": "json", "settings": {"path": str(folder / "directory")}},
+        "channels": [
+            {"name": "peers", "type": "eps_server", "settings": {
+                "bind_address": f"127.0.0.1:{peers}", "tls": peer_tls or tls_block("hd-1")}},
+            {"name": "gateway", "type": "jsonrpc_server", "settings": {
+                "bind_address": f"127.0.0.1:{gateway}", "tls": tls_block("hd-1")}},
+        ],
+        "metrics": {"bind_address": f"127.0.0.1:{metrics}"},
+    }
+    (folder / "eps.yml").write_text(yaml.safe_dump(settings))
+    return folder

@@ -380,6 +380,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
                            ["direction"], registry=registry)
         for direction in (INCOMING, OUTGOING):
             peer_links.labels(direction).set_function(partial(links.count, direction))
+        registry.register(links.collector())
         Gauge(
             "eps_directory_age_seconds",
             "seconds since the directory was last updated from the SD (-1: never)",

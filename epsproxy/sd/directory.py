@@ -61,7 +61,14 @@ class ServiceDirectory:
     @inlineCallbacks
     def refresh(self) -> Generator[Deferred[Any], Any, int]:
         """Read entries appended to the store since the last read; returns their number."""
+        resets = getattr(self.store, "resets", 0)
         entries: list[StoredEntry] = yield self.store.read_new()
+        if getattr(self.store, "resets", 0) != resets:
+            # The store was read again from its start (a Redis list replaced behind our
+            # back, e.g. by a failover to a replica that had not seen every append):
+            # what it returned is the whole log, so the record log starts over with it.
+            self.log.warn("store was read again from its start; rebuilding the record log")
+            self.record_log = RecordLog(self.trust)
         decoded = []
         for entry in entries:
             if entry.type != RECORD_ENTRY_TYPE:

@@ -9,7 +9,7 @@ DEV_CERTS := conf/dev/certs
 TEST_CERTS := conf/test/certs
 RUN := run
 
-.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench chaos chaos-redis fuzz soak attack clean
+.PHONY: all venv certs os-deps bench-deps test test-trial demo stop sd-setup bench chaos chaos-redis chaos-sentinel fuzz soak attack clean
 
 all: venv certs
 
@@ -91,6 +91,11 @@ chaos: venv certs
 # itself killed -9 and restarted as one more fault (~4 min; needs redis-server).
 chaos-redis: venv certs os-deps
 	$(BIN)/python -m chaos --store redis --run-dir $(RUN)/chaos-redis
+
+# The same with two redis-server (master, replica) under three redis-sentinel: the master
+# killed -9 is a fault the SD and proxies must follow through a failover (~4 min).
+chaos-sentinel: venv certs os-deps
+	$(BIN)/python -m chaos --store redis-sentinel --run-dir $(RUN)/chaos-sentinel
 
 # Coverage-guided fuzzing (atheris) of the ClientHello reader, the line decoder, JSON-RPC
 # request handling and record verification; FUZZ_RUNS executions per target.

@@ -11,8 +11,10 @@ Deliberate differences from the reference:
 
 * every key is ECDSA P-256, also the CA and TLS keys the reference makes RSA 2048: TLS
   handshakes are much cheaper, which keeps the test suite and the demo fast;
-* TLS leaves carry keyUsage digitalSignature (critical), EKU serverAuth + clientAuth,
-  basicConstraints CA:FALSE and key identifiers, so strict TLS stacks accept them;
+* leaves carry the extensions of the production profile
+  (:mod:`epsproxy.rules.certificate_profile`, what ``eps csr`` asks a real CA for): TLS
+  leaves keyUsage digitalSignature (critical), EKU serverAuth + clientAuth,
+  basicConstraints CA:FALSE, plus key identifiers, so strict TLS stacks accept them;
 * a signing certificate for a name without groups carries no ``iris-group://`` URI at all
   (the reference writes one with an empty authority, which means the same);
 * key files are created mode 0600 from the start, and nothing is overwritten unless asked.
@@ -34,9 +36,18 @@ from typing import Iterable, Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
+from epsproxy.rules.certificate_profile import (
+    SIGNING_KIND,
+    TLS_KIND,
+    certificates_record,
+    key_pem,
+    key_usage,
+    signing_extensions,
+    tls_extensions,
+)
 from epsproxy.rules.certificates import CertificateError, fingerprint, load_certificate_file
 
 __all__ = [
@@ -145,20 +156,6 @@ def _subject(common_name: str) -> x509.Name:
     )
 
 
-def _key_usage(*, digital_signature: bool = False, ca: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 @dataclass(frozen=True)
 class _Identity:
     """A key and the certificate for it, as made in memory before anything is written."""
@@ -206,7 +203,7 @@ def _root(now: datetime) -> _Identity:
         now,
         [
             (x509.BasicConstraints(ca=True, path_length=None), True),
-            (_key_usage(ca=True), True),
+            (key_usage(ca=True), True),
         ],
     )
 
@@ -219,50 +216,20 @@ def _intermediate(root: _Identity, now: datetime) -> _Identity:
         now,
         [
             (x509.BasicConstraints(ca=True, path_length=0), True),
-            (_key_usage(digital_signature=True, ca=True), True),
+            (key_usage(digital_signature=True, ca=True), True),
         ],
     )
 
 
 def _tls_leaf(name: str, issuer: _Identity, now: datetime) -> _Identity:
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName(name), x509.DNSName(f"*.{name}.local")]
-    )
-    return _issue(
-        name,
-        issuer,
-        LEAF_DAYS,
-        now,
-        [
-            (san, False),
-            (x509.BasicConstraints(ca=False, path_length=None), True),
-            (_key_usage(digital_signature=True), True),
-            (
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                False,
-            ),
-        ],
-    )
+    # The production profile, plus *.<name>.local for the SNI passthrough demo.
+    return _issue(name, issuer, LEAF_DAYS, now, tls_extensions(name, [f"*.{name}.local"]))
 
 
 def _signing_leaf(
     name: str, groups: Iterable[str], issuer: _Identity, now: datetime
 ) -> _Identity:
-    # No EKU: the records verifier (SPEC §5.3) needs "absent or codeSigning".
-    san = x509.SubjectAlternativeName(
-        [x509.UniformResourceIdentifier(f"iris-name://{name}")]
-        + [x509.UniformResourceIdentifier(f"iris-group://{g}") for g in groups]
-        + [x509.DNSName(name)]
-    )
-    return _issue(
-        name,
-        issuer,
-        LEAF_DAYS,
-        now,
-        [(san, False), (_key_usage(digital_signature=True), False)],
-    )
+    return _issue(name, issuer, LEAF_DAYS, now, signing_extensions(name, groups))
 
 
 def _cert_pem(*certificates: x509.Certificate) -> bytes:
@@ -270,12 +237,8 @@ def _cert_pem(*certificates: x509.Certificate) -> bytes:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey, sec1: bool = False) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        # The reference's signing keys are SEC 1 "EC PRIVATE KEY" blocks (SPEC §5.1).
-        serialization.PrivateFormat.TraditionalOpenSSL if sec1 else serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    # The reference's signing keys are SEC 1 "EC PRIVATE KEY" blocks (SPEC §5.1).
+    return key_pem(key, SIGNING_KIND if sec1 else TLS_KIND)
 
 
 def _local_time(now: datetime) -> str:
@@ -284,15 +247,7 @@ def _local_time(now: datetime) -> str:
 
 
 def _certificates_record(name: str, fingerprints: Mapping[str, str], created_at: str) -> dict:
-    return {
-        "section": "certificates",
-        "created_at": created_at,
-        "name": name,
-        "data": [
-            {"fingerprint": fingerprints["signing"], "key_usage": "signing"},
-            {"fingerprint": fingerprints["encryption"], "key_usage": "encryption"},
-        ],
-    }
+    return certificates_record(name, fingerprints, created_at)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -37,19 +37,9 @@ from tests.support.proxies import (
 )
 from tests.support.sd import change, sd_client, sign_chain, start_sd, write_sd_settings
 from tests.support.tls import tls_block
+from tests.support.waiting import until
 
 HD = ("health-departments",)
-
-
-@defer.inlineCallbacks
-def until(check: Any, limit: float = 15.0, step: float = 0.1) -> Any:
-    """Wait until ``check()`` is true (time is what the test waits for), at most ``limit`` s."""
-    waited = 0.0
-    while not check():
-        if waited > limit:
-            raise AssertionError("condition not met in time")
-        yield task.deferLater(reactor, step, lambda: None)
-        waited += step
 
 
 @defer.inlineCallbacks

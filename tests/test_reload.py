@@ -21,10 +21,7 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from epsproxy.net import tls
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
@@ -45,7 +42,7 @@ from tests.support.eps import (
 )
 from tests.support.pki import pki
 from tests.support.proxies import public_section, write_settings
-from tests.support.tls import tls_block
+from tests.support.tls import server_certificate, tls_block
 
 PROXY = "public-proxy-1.ga"
 HD = ("health-departments",)
@@ -53,31 +50,6 @@ HD = ("health-departments",)
 
 def _fingerprint(path: str | Path) -> str:
     return fingerprint(load_certificates_file(str(path))[0])
-
-
-@implementer(IHandshakeListener)
-class _PeerCertificate(Protocol):
-    """Records the server's certificate after the handshake, then hangs up."""
-
-    def __init__(self) -> None:
-        self.certificate: defer.Deferred[Any] = defer.Deferred()
-
-    def handshakeCompleted(self) -> None:
-        self.certificate.callback(tls.peer_certificate(self.transport))
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Any) -> None:
-        if not self.certificate.called:
-            self.certificate.errback(reason)
-
-
-@defer.inlineCallbacks
-def server_certificate(address: str, client_name: str, server_name: str) -> Any:
-    """The certificate the TLS server at ``address`` presents to ``client_name``."""
-    endpoint = tls.client_endpoint(reactor, address, tls_block(client_name), server_name)
-    protocol = yield endpoint.connect(Factory.forProtocol(_PeerCertificate))
-    certificate = yield protocol.certificate
-    return certificate
 
 
 class CertificateRotation(TestCase):

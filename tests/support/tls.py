@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
@@ -81,3 +81,28 @@ class ClientProtocol(Protocol):
     def connectionLost(self, reason) -> None:
         self.reason = reason
         self.lost.callback(None)
+
+
+@implementer(IHandshakeListener)
+class PeerCertificate(Protocol):
+    """Records the server's certificate after the handshake, then hangs up."""
+
+    def __init__(self) -> None:
+        self.certificate: defer.Deferred[Any] = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.certificate.callback(tls.peer_certificate(self.transport))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.certificate.called:
+            self.certificate.errback(reason)
+
+
+@defer.inlineCallbacks
+def server_certificate(address: str, client_name: str, server_name: str) -> Any:
+    """The certificate the TLS server at ``address`` presents to ``client_name``."""
+    endpoint = tls.client_endpoint(reactor, address, tls_block(client_name), server_name)
+    protocol = yield endpoint.connect(Factory.forProtocol(PeerCertificate))
+    certificate = yield protocol.certificate
+    return certificate

@@ -10,6 +10,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -20,11 +21,13 @@ from epsproxy.eps.service import EndpointServerService
 from epsproxy.eps.settings import EPS_SETTINGS
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import JSONRPCError
+from epsproxy.net.metrics import metrics_service
 from epsproxy.proxy.tap import Options as ProxyOptions
 from epsproxy.proxy.tap import makeService as make_proxy
 from epsproxy.sd.tap import Options as SDOptions
 from epsproxy.sd.tap import makeService as make_sd
 from tests.support.eps import Network, gateway_channel, server_channel, service
+from tests.support.metrics import request, start_listener
 from tests.support.pki import pki
 from tests.support.proxies import (
     PUBLIC_PROXY,
@@ -126,8 +129,20 @@ class EPSReadiness(TestCase):
             }},
             "channels": [server_channel("hd-1")],
         })
-        node = EndpointServerService(reactor, settings)
+        registry = CollectorRegistry()
+        node = EndpointServerService(reactor, settings, registry)
         self.assertEqual(node.readiness(), {"start": "starting"})
+        # /readyz of the node's metrics listener says the same at every step.
+        port = yield start_listener(self, metrics_service(
+            reactor, {"bind_address": "127.0.0.1:0"}, registry, program="eps",
+            readiness=node.readiness))
+
+        @defer.inlineCallbacks
+        def readyz() -> Any:
+            answer = yield request(port, "/readyz")
+            return answer.status, answer.json()["checks"]
+
+        self.assertEqual((yield readyz()), (503, {"start": "starting"}))
         node.startService()
         self.addCleanup(lambda: node.running and node.stopService())
         yield node.when_ready()
@@ -146,6 +161,7 @@ class EPSReadiness(TestCase):
         self.assertEqual((yield submitter.call("submitRecords", {"records": records})), "ok")
         yield node.directory.update()
         self.assertEqual(node.readiness(), {})
+        self.assertEqual((yield readyz()), (200, {}))
         # The SD goes away: after STALE_AFTER_PERIODS update periods, not ready.  (A
         # stopped SD still answers on connections open before; a reload of the SD
         # client settings replaces the clients, and with them those connections.)
@@ -158,6 +174,9 @@ class EPSReadiness(TestCase):
         reason = node.readiness()["directory"]
         self.assertIn("stale: no successful update from the SD for", reason)
         self.assertIn(f"(limit {limit:g} s)", reason)
+        status, checks = yield readyz()
+        self.assertEqual(status, 503)
+        self.assertIn("stale: no successful update from the SD for", checks["directory"])
         yield node.stopService()
         self.assertEqual(node.readiness(), {"stop": "stopping"})
 

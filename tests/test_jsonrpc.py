@@ -40,11 +40,18 @@ from epsproxy.net.jsonrpc.envelope import (
     TransportError,
     id_from_internal,
     id_to_internal,
+    RPCRequest,
+    parse_body,
     parse_request,
     random_id,
     response_object,
 )
-from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
+from epsproxy.net.jsonrpc.server import (
+    JSONRPC_SERVER_SETTINGS,
+    JSONRPCListener,
+    jsonrpc_site,
+    listen_jsonrpc,
+)
 from tests.support.connections import ConnectionTracker
 from tests.support.pki import pki
 
@@ -153,9 +160,29 @@ class ParseRequestTests(SynchronousTestCase):
                 error = self.assertCode(INVALID_REQUEST, "application/json", body(value))
                 self.assertTrue(error.message.startswith("invalid request: "), error.message)
                 self.assertEqual(error.data["path"], key)
-        missing = request()
+
+    def test_params_may_be_left_out(self) -> None:
+        missing = request(id=2)
         del missing["params"]
-        self.assertCode(INVALID_REQUEST, "application/json", body(missing))
+        call = parse_request("application/json", body(missing))
+        self.assertEqual((call.method, call.params, call.id, call.notification),
+                         ("echo", {}, "n:2", False))
+        # Present, it must still be an object (by-position arrays stay refused).
+        for bad in ([], [1], None, "", 0):
+            error = self.assertCode(INVALID_REQUEST, "application/json",
+                                    body(request(params=bad)))
+            self.assertEqual(error.data["path"], "params")
+
+    def test_notifications(self) -> None:
+        value = request()
+        del value["id"]
+        call = parse_request("application/json", body(value))
+        self.assertTrue(call.notification)
+        self.assertRegex(call.id, HEX32)
+        # A null id is an id: answered (with a random id), as in the reference.
+        for raw_id in (None, "", 0, "x"):
+            self.assertFalse(parse_request("application/json",
+                                           body(request(id=raw_id))).notification)
 
     def test_limits_are_inclusive(self) -> None:
         parse_request("application/json", body(request(method="m" * 100, id="x" * 1024)))
@@ -174,6 +201,90 @@ class ParseRequestTests(SynchronousTestCase):
             parse_request("application/json", data)
         except JSONRPCError as e:
             self.assertIn(e.code, (PARSE_ERROR, INVALID_REQUEST))
+
+
+class ParseBodyTests(SynchronousTestCase):
+    """JSON-RPC 2.0 batches (§6), read without sockets: items in order, the caps."""
+
+    def parse(self, value: Any, max_batch: int = 32) -> Any:
+        return parse_body("application/json", body(value), max_batch)
+
+    def assertRefused(self, code: int, data: bytes, max_batch: int = 32) -> JSONRPCError:
+        error = self.assertRaises(JSONRPCError, parse_body, "application/json", data,
+                                  max_batch)
+        self.assertEqual(error.code, code)
+        return error
+
+    def test_single_request_as_parse_request(self) -> None:
+        call = self.parse(request(id=3))
+        self.assertIsInstance(call, RPCRequest)
+        self.assertEqual((call.method, call.id), ("echo", "n:3"))
+        self.assertRefused(INVALID_REQUEST, body(request(params=[1])))
+        for data in (b"1", b'"x"', b"null", b"{", b""):
+            self.assertRefused(PARSE_ERROR, data)
+        error = self.assertRaises(JSONRPCError, parse_body, "text/plain", b"[]")
+        self.assertEqual((error.code, error.message), (PARSE_ERROR, "JSON required"))
+
+    def test_batch_items_in_order(self) -> None:
+        notification = request(method="note")
+        del notification["id"]
+        items = self.parse([request(id=1), notification, 5, [request()], request(id=2**31),
+                            {"method": "x"}, request(id="last", params=None)])
+        self.assertEqual(len(items), 7)
+        self.assertEqual((items[0].id, items[0].notification), ("n:1", False))
+        self.assertEqual((items[1].method, items[1].notification), ("note", True))
+        for index, path in ((2, "(top level)"), (3, "(top level)"), (4, "id"), (5, "jsonrpc"), (6, "params")):
+            error = items[index]
+            self.assertIsInstance(error, JSONRPCError, index)
+            self.assertEqual(error.code, INVALID_REQUEST, index)
+            self.assertTrue(error.message.startswith("invalid request: "), error.message)
+            self.assertEqual(error.data["path"], path, index)
+
+    def test_empty_batch(self) -> None:
+        error = self.assertRefused(INVALID_REQUEST, b"[]")
+        self.assertEqual(error.message, "invalid request: empty batch")
+        self.assertRefused(INVALID_REQUEST, b" [ ] trailing")
+
+    def test_batch_cap(self) -> None:
+        self.assertEqual(len(self.parse([request()] * 3, max_batch=3)), 3)
+        error = self.assertRefused(INVALID_REQUEST, body([request()] * 4), max_batch=3)
+        self.assertEqual(error.message,
+                         "invalid request: a batch of 4 requests, over the limit of 3")
+        self.assertEqual(error.data, {"max_batch": 3})
+        # Counted before any item is read: a huge batch of junk costs one len().
+        error = self.assertRefused(INVALID_REQUEST, b"[" + b"0," * 200000 + b"0]")
+        self.assertIn("200001 requests", error.message)
+
+    def test_hostile_bodies(self) -> None:
+        # Nested too deeply for the parser: not JSON as far as we are concerned.
+        self.assertRefused(PARSE_ERROR, b"[" * 100000 + b"]" * 100000)
+        # Nested arrays, huge numbers, odd values inside a batch: one error each.
+        items = self.parse([[[[]]], 1e308, {"id": 10**30}, request(id=10**30),
+                            request(id=1.5), request(method="m" * 101),
+                            request(params={"deep": [[[]]]})])
+        self.assertEqual([getattr(i, "code", None) for i in items[:6]], [INVALID_REQUEST] * 6)
+        self.assertEqual(items[6].params, {"deep": [[[]]]})
+        for data in (b'[{"jsonrpc": "2.0", "method": "x", "id": ' + b"9" * 5000 + b"}]",
+                     b'[{"a": NaN}]', b"[1, 2", b'["\\ud800"'):
+            self.assertRefused(PARSE_ERROR, data)
+
+    @hsettings(deadline=None, max_examples=150)
+    @given(st.lists(st.one_of(st.none(), st.integers(), st.text(max_size=5),
+                              st.dictionaries(st.sampled_from(["jsonrpc", "method", "params",
+                                                               "id"]),
+                                              st.one_of(st.just("2.0"), st.text(max_size=3),
+                                                        st.integers(), st.none(),
+                                                        st.just({}))),
+                              st.just(request())),
+                    min_size=1, max_size=10))
+    def test_arbitrary_batches(self, value: list) -> None:
+        items = self.parse(value)
+        self.assertEqual(len(items), len(value))
+        for item in items:
+            if isinstance(item, JSONRPCError):
+                self.assertEqual(item.code, INVALID_REQUEST)
+            else:
+                self.assertIsInstance(item.params, dict)
 
 
 class ResponseObjectTests(SynchronousTestCase):
@@ -229,11 +340,18 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(value["max_body_bytes"], 4 * 1024 * 1024)
         self.assertEqual(value["timeout"], 30.0)
         self.assertEqual(value["tcp_rate_limits"], [])
+        self.assertEqual(value["max_batch"], 32)
+        self.assertEqual(JSONRPC_SERVER_SETTINGS.validate(
+            {"bind_address": ":0", "max_batch": 1000})["max_batch"], 1000)
 
     def test_server_refusals(self) -> None:
         for bad in ({}, {"bind_address": ":0", "typo": 1},
                     {"bind_address": ":0", "path": "jsonrpc"},
                     {"bind_address": ":0", "max_body_bytes": 0},
+                    {"bind_address": ":0", "max_batch": 0},
+                    {"bind_address": ":0", "max_batch": 1001},
+                    {"bind_address": ":0", "max_batch": "32"},
+                    {"bind_address": ":0", "max_batch": 2.5},
                     {"bind_address": ":0", "cors": {"allowed_hosts": ["("]}},
                     {"bind_address": ":0", "cors": {"allowed_methods": ["TRACE"]}},
                     {"bind_address": ":0", "tls": {"validate_client": True}}):
@@ -322,10 +440,14 @@ class Echo:
 
     def __init__(self) -> None:
         self.contexts: list[CallContext] = []
+        self.methods: list[str] = []
         self.pending: list[Deferred] = []
+        #: Fired (and replaced) at each call of ``later``: the test knows it started.
+        self.later_called: Deferred = Deferred()
 
     def handle(self, method: str, params: dict, context: CallContext) -> Any:
         self.contexts.append(context)
+        self.methods.append(method)
         if method == "echo":
             return params
         if method == "context":
@@ -347,6 +469,8 @@ class Echo:
         if method == "later":
             d: Deferred = Deferred()
             self.pending.append(d)
+            called, self.later_called = self.later_called, Deferred()
+            called.callback(None)
             return d
         if method == "never":
             return Deferred()
@@ -467,8 +591,9 @@ class ServerTests(NetworkTestCase):
     @defer.inlineCallbacks
     def test_early_errors(self):
         _, port = yield defer.ensureDeferred(self.serve())
-        for data, headers in [(b"[" + body(request()) + b"]", {}),
-                              (body(request()), {"Content-Type": "text/plain"}),
+        for data, headers in [(body(request()), {"Content-Type": "text/plain"}),
+                              (b"[" + body(request()), {}),
+                              (b"7", {}),
                               (body(request()), {"Content-Type": None}),
                               (b'{"jsonrpc": "2.0", "method": "echo", "par', {})]:
             status, _, reply = yield defer.ensureDeferred(
@@ -481,6 +606,139 @@ class ServerTests(NetworkTestCase):
         self.assertEqual((status, reply["jsonrpc"], reply["id"]), (400, "2.0", None))
         self.assertEqual(reply["error"]["code"], INVALID_REQUEST)
         self.assertEqual(reply["error"]["data"]["path"], "params")
+
+    async def post(self, port: int, value: Any) -> tuple[int, dict, Any]:
+        data = value if isinstance(value, bytes) else body(value)
+        return await self.exchange(port, http_request(data=data))
+
+    @defer.inlineCallbacks
+    def test_params_left_out(self):
+        _, port = yield defer.ensureDeferred(self.serve())
+        status, _, reply = yield defer.ensureDeferred(
+            self.post(port, {"jsonrpc": "2.0", "method": "echo", "id": 1}))
+        self.assertEqual((status, reply), (200, {"jsonrpc": "2.0", "result": {}, "id": 1}))
+
+    @defer.inlineCallbacks
+    def test_notifications_get_no_reply(self):
+        _, port = yield defer.ensureDeferred(self.serve())
+        for method in ("echo", "refuse", "crash", "unknown", "nothing"):
+            status, headers, reply = yield defer.ensureDeferred(
+                self.post(port, {"jsonrpc": "2.0", "method": method, "params": {"n": 1}}))
+            self.assertEqual((status, reply), (204, None), method)
+            self.assertNotIn("content-type", headers)
+        self.assertEqual(self.handler.methods, ["echo", "refuse", "crash", "unknown", "nothing"])
+        self.assertRegex(self.handler.contexts[0].request_id, HEX32)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # crash: still logged
+        # An invalid notification is not a notification: it is refused as today.
+        status, _, reply = yield defer.ensureDeferred(
+            self.post(port, {"jsonrpc": "2.0", "method": "echo", "params": [1]}))
+        self.assertEqual((status, reply["error"]["code"], reply["id"]),
+                         (400, INVALID_REQUEST, None))
+
+    @defer.inlineCallbacks
+    def test_batch_replies_in_request_order(self):
+        _, port = yield defer.ensureDeferred(self.serve())
+        note = {"jsonrpc": "2.0", "method": "echo", "params": {"note": 1}}
+        status, headers, reply = yield defer.ensureDeferred(self.post(port, [
+            request(id=1, params={"first": 1}), note, 5, request(method="refuse", id="r"),
+            request(method="nothing", id="n:2"), {"jsonrpc": "2.0", "method": "echo", "id": 3},
+            [request()], request(method="crash", id=4),
+        ]))
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "application/json; charset=utf-8")
+        self.assertEqual([r["id"] for r in reply], [1, None, "r", "n:2", 3, None, 4])
+        self.assertEqual(reply[0], {"jsonrpc": "2.0", "result": {"first": 1}, "id": 1})
+        self.assertEqual(reply[1]["error"]["code"], INVALID_REQUEST)
+        self.assertEqual(reply[2]["error"], {"code": 404, "message": "not found",
+                                             "data": {"why": None}})
+        self.assertEqual(reply[3], {"jsonrpc": "2.0", "id": "n:2"})
+        self.assertEqual(reply[4]["result"], {})
+        self.assertEqual(reply[5]["error"]["code"], INVALID_REQUEST)
+        self.assertEqual(reply[6]["error"]["code"], INTERNAL_ERROR)
+        self.assertEqual(self.handler.methods, ["echo", "echo", "refuse", "nothing", "echo",
+                                                "crash"])
+        self.assertEqual([c.request_id for c in self.handler.contexts][3], "nn:2")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    @defer.inlineCallbacks
+    def test_batch_of_notifications_and_refused_batches(self):
+        _, port = yield defer.ensureDeferred(self.serve(max_batch=3))
+        note = {"jsonrpc": "2.0", "method": "echo", "params": {}}
+        status, _, reply = yield defer.ensureDeferred(self.post(port, [note, note, note]))
+        self.assertEqual((status, reply), (204, None))
+        self.assertEqual(len(self.handler.contexts), 3)
+        status, _, reply = yield defer.ensureDeferred(self.post(port, b" [ ] "))
+        self.assertEqual((status, reply), (400, {"jsonrpc": "2.0", "error": {
+            "code": INVALID_REQUEST, "message": "invalid request: empty batch"}, "id": None}))
+        status, _, reply = yield defer.ensureDeferred(self.post(port, [request()] * 4))
+        self.assertEqual((status, reply["id"]), (400, None))
+        self.assertEqual(reply["error"], {
+            "code": INVALID_REQUEST, "data": {"max_batch": 3},
+            "message": "invalid request: a batch of 4 requests, over the limit of 3"})
+        self.assertEqual(len(self.handler.contexts), 3)  # nothing of it ran
+        # One item that is not an object: a batch of one error, not a parse error.
+        status, _, reply = yield defer.ensureDeferred(self.post(port, [[]]))
+        self.assertEqual((status, len(reply), reply[0]["error"]["code"]),
+                         (200, 1, INVALID_REQUEST))
+
+    @defer.inlineCallbacks
+    def test_batch_items_run_one_after_another(self):
+        _, port = yield defer.ensureDeferred(self.serve())
+        started = self.handler.later_called
+        answer = defer.ensureDeferred(self.post(port, [
+            request(method="later", id=1), request(method="echo", id=2)]))
+        yield started
+        self.assertEqual(self.handler.methods, ["later"])  # echo waits for later
+        self.handler.pending[0].callback("done")
+        status, _, reply = yield answer
+        self.assertEqual([r.get("result") for r in reply], ["done", {"a": 1}])
+        self.assertEqual(self.handler.methods, ["later", "echo"])
+
+    @defer.inlineCallbacks
+    def test_batch_dropped_when_the_client_goes_away(self):
+        _, port = yield defer.ensureDeferred(self.serve())
+        started = self.handler.later_called
+        endpoint = tls.client_endpoint(reactor, f"127.0.0.1:{port}", client_tls(),
+                                       server_name="sd-1")
+        collector = Collector(http_request(data=body([
+            request(method="later", id=1), request(method="echo", id=2)])))
+        yield connectProtocol(endpoint, collector)
+        yield started
+        lost = self.handler.contexts[0].connection_lost
+        collector.transport.abortConnection()
+        yield lost  # the handler is told, as for a single request
+        yield collector.lost
+        self.handler.pending[0].callback("too late")
+        self.assertEqual(self.handler.methods, ["later"])
+
+    @defer.inlineCallbacks
+    def test_one_log_line_per_batch_item(self):
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, port = yield defer.ensureDeferred(self.serve())
+        note = {"jsonrpc": "2.0", "method": "refuse", "params": {}}
+        yield defer.ensureDeferred(self.post(port, [request(id=1), note, 7]))
+        lines = [(e["method"], e["caller"], e["outcome"], e["notification"]) for e in events
+                 if e.get("log_format", "").startswith("JSON-RPC {method} from")]
+        self.assertEqual(lines, [("echo", "hd-1", "ok", False),
+                                 ("refuse", "hd-1", "error 404", True),
+                                 ("-", "hd-1", "error -32600", False)])
+
+    @defer.inlineCallbacks
+    def test_batch_cap_reloads(self):
+        settings = JSONRPC_SERVER_SETTINGS.validate(
+            {"bind_address": "127.0.0.1:0", "tls": server_tls(), "max_batch": 1})
+        site = self.track(jsonrpc_site(self.handler, settings, reactor=reactor))
+        listener = JSONRPCListener(reactor, site, settings)
+        port = (yield listener.listen()).getHost().port
+        self.addCleanup(listener.port.stopListening)
+        self.addCleanup(self.tracker.close_all)
+        status, _, reply = yield defer.ensureDeferred(self.post(port, [request()] * 2))
+        self.assertIn("over the limit of 1", reply["error"]["message"])
+        listener.reconfigure(JSONRPC_SERVER_SETTINGS.validate({**settings, "max_batch": 2}))
+        status, _, reply = yield defer.ensureDeferred(self.post(port, [request()] * 2))
+        self.assertEqual((status, len(reply)), (200, 2))
 
     @defer.inlineCallbacks
     def test_paths_and_methods(self):

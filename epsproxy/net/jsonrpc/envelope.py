@@ -5,14 +5,20 @@ like, the error codes and types, the id conversion, and the dispatcher a server 
 - :func:`parse_request` / :func:`response_object` are the envelope rules (§11.2, §11.3):
   content type, the request schema, and the id conversion that keeps ids strings inside
   the program while clients get back exactly the id they sent (:func:`id_to_internal`,
-  :func:`id_from_internal`, §22.6).
+  :func:`id_from_internal`, §22.6).  :func:`parse_body` reads what a server receives:
+  one request or a batch of them (JSON-RPC 2.0 §6).
 - :class:`Dispatcher` is the usual :class:`Handler`: method name → params schema +
   handler (§11.4); :class:`CallContext` is what a handler knows about a call.
 - :class:`JSONRPCError` is an error object (raised by handlers, and by the client for
   remote errors); :class:`TransportError` is the client's "no usable response".
 
 Kept from the reference on purpose: only the first JSON value of a body is read (trailing
-bytes are ignored).  The HTTP server is :mod:`epsproxy.net.jsonrpc.server`, the client
+bytes are ignored).  Where this follows JSON-RPC 2.0 and the reference did not (so that
+generic client libraries work): ``params`` may be left out (read as ``{}``), a request
+without an ``id`` member is a notification (:attr:`RPCRequest.notification`: the server
+answers nothing), and a JSON array is a batch (:func:`parse_body`).
+
+The HTTP server is :mod:`epsproxy.net.jsonrpc.server`, the client
 :mod:`epsproxy.net.jsonrpc.client`.
 """
 
@@ -40,7 +46,9 @@ __all__ = [
     "INTERNAL_ERROR",
     "NO_RESULT",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_MAX_BATCH",
     "RPCRequest",
+    "BatchItem",
     "CallContext",
     "Handler",
     "MethodHandler",
@@ -49,6 +57,8 @@ __all__ = [
     "id_to_internal",
     "id_from_internal",
     "parse_request",
+    "read_request",
+    "parse_body",
     "response_object",
     "first_json_value",
     "encode_json",
@@ -62,6 +72,9 @@ INTERNAL_ERROR = -32603
 
 #: Seconds: a client's whole call, and a server connection's idle time, by default.
 DEFAULT_TIMEOUT = 30.0
+
+#: The most requests one batch may hold, by default (a server's ``max_batch``).
+DEFAULT_MAX_BATCH = 32
 
 
 # ----------------------------------------------------------------------------- errors
@@ -168,7 +181,7 @@ REQUEST_SCHEMA = forms.Map(
     {
         "jsonrpc": forms.Required(forms.String(choices=["2.0"])),
         "method": forms.Required(forms.String(min_length=1, max_length=100)),
-        "params": forms.Required(forms.AnyMap()),
+        "params": forms.Required(forms.AnyMap()),  # an absent one is {} (read_request)
         "id": forms.Optional(_RequestId()),
     }
 )
@@ -177,11 +190,21 @@ REQUEST_SCHEMA = forms.Map(
 
 @dataclass(frozen=True)
 class RPCRequest:
-    """A parsed request; ``id`` is the internal id string (see :func:`id_to_internal`)."""
+    """
+    A parsed request; ``id`` is the internal id string (see :func:`id_to_internal`).
+    ``notification``: the request had no ``id`` member, so nothing is answered (its id
+    is a random one, as for an absent id in the reference).  ``"id": null`` is not a
+    notification: it is answered, with a random id.
+    """
 
     method: str
     params: dict[str, Any]
     id: str
+    notification: bool = False
+
+
+BatchItem = RPCRequest | JSONRPCError
+"""One item of a batch: a request, or the -32600 error that answers an invalid item."""
 
 
 def _refuse_constant(name: str) -> Any:
@@ -202,25 +225,80 @@ def first_json_value(body: bytes) -> Any:
     return value
 
 
+def _json_body(content_type: str | None, body: bytes) -> Any:
+    """The first JSON value of a body sent as JSON; else PARSE_ERROR "JSON required"."""
+    if content_type is None or not _CONTENT_TYPE.fullmatch(content_type):
+        raise JSONRPCError(PARSE_ERROR, "JSON required")
+    try:
+        return first_json_value(body)
+    except ValueError:  # also UnicodeDecodeError and json.JSONDecodeError
+        raise JSONRPCError(PARSE_ERROR, "JSON required") from None
+
+
+def read_request(value: Any) -> RPCRequest:
+    """
+    One decoded request object (SPEC §11.2 step 2-3; a missing ``params`` is ``{}``,
+    a missing ``id`` makes a notification).  Raises :class:`JSONRPCError`
+    (:data:`INVALID_REQUEST`, with the validation error as ``data``) for anything else,
+    a value that is not an object included.
+    """
+    if isinstance(value, dict) and "params" not in value:
+        value = {**value, "params": {}}
+    try:
+        request = REQUEST_SCHEMA.validate(value)
+    except forms.FormError as e:
+        raise JSONRPCError(INVALID_REQUEST, f"invalid request: {e}", e.as_data()) from None
+    return RPCRequest(
+        request["method"], request["params"], id_to_internal(request.get("id")),
+        notification="id" not in value,
+    )
+
+
 def parse_request(content_type: str | None, body: bytes) -> RPCRequest:
     """
     Read one JSON-RPC request (SPEC §11.2).  Raises :class:`JSONRPCError` with
     :data:`PARSE_ERROR` ("JSON required") for a wrong content type or a body that is not
     a JSON object, and :data:`INVALID_REQUEST` for an object that is not a request.
     """
-    if content_type is None or not _CONTENT_TYPE.fullmatch(content_type):
-        raise JSONRPCError(PARSE_ERROR, "JSON required")
-    try:
-        value = first_json_value(body)
-    except ValueError:  # also UnicodeDecodeError and json.JSONDecodeError
-        raise JSONRPCError(PARSE_ERROR, "JSON required") from None
+    value = _json_body(content_type, body)
     if not isinstance(value, dict):
         raise JSONRPCError(PARSE_ERROR, "JSON required")
+    return read_request(value)
+
+
+def parse_body(
+    content_type: str | None, body: bytes, max_batch: int = DEFAULT_MAX_BATCH
+) -> RPCRequest | list[BatchItem]:
+    """
+    What a server received: one request (as :func:`parse_request`), or a batch, a JSON
+    array of at most ``max_batch`` items, read as a list with, for each item in order,
+    its :class:`RPCRequest` or the :class:`JSONRPCError` (:data:`INVALID_REQUEST`) that
+    answers it.  Raises :class:`JSONRPCError` for the body as a whole: PARSE_ERROR as
+    :func:`parse_request`, INVALID_REQUEST for an invalid single request, an empty batch
+    or one over ``max_batch`` (checked before any item is read).
+    """
+    value = _json_body(content_type, body)
+    if isinstance(value, list):
+        if not value:
+            raise JSONRPCError(INVALID_REQUEST, "invalid request: empty batch")
+        if len(value) > max_batch:
+            raise JSONRPCError(
+                INVALID_REQUEST,
+                f"invalid request: a batch of {len(value)} requests, over the limit of "
+                f"{max_batch}",
+                {"max_batch": max_batch},
+            )
+        return [_batch_item(item) for item in value]
+    if not isinstance(value, dict):
+        raise JSONRPCError(PARSE_ERROR, "JSON required")
+    return read_request(value)
+
+
+def _batch_item(value: Any) -> BatchItem:
     try:
-        request = REQUEST_SCHEMA.validate(value)
-    except forms.FormError as e:
-        raise JSONRPCError(INVALID_REQUEST, f"invalid request: {e}", e.as_data()) from None
-    return RPCRequest(request["method"], request["params"], id_to_internal(request.get("id")))
+        return read_request(value)
+    except JSONRPCError as e:
+        return e
 
 
 def response_object(

@@ -8,13 +8,22 @@ limits.
   :class:`~epsproxy.net.jsonrpc.envelope.Dispatcher`); :func:`listen_jsonrpc` starts it
   with TLS (:mod:`epsproxy.net.tls`) and connection rate limits
   (:mod:`epsproxy.net.ratelimit`); :class:`JSONRPCListener` does the same and keeps what
-  a settings reload replaces (TLS files, rate limits, timeouts, body cap, CORS).
+  a settings reload replaces (TLS files, rate limits, timeouts, body and batch caps, CORS).
 - :class:`GuardedSite` (with :class:`CappedRequest` and its channel) is the twisted.web
   site every listener of ours uses, the metrics listener too; its access log lines blur
   the client address (:func:`epsproxy.net.hostport.truncate_ip`).
 - Every handled request is one ``info`` line with the fields ``caller`` (the client
   certificate's CN or first DNS name, ``-`` without one), ``method``, ``outcome`` and
-  ``duration``.
+  ``duration`` (one line per item of a batch, and for notifications too).
+- JSON-RPC 2.0 as generic clients speak it (the envelope: the
+  :func:`~epsproxy.net.jsonrpc.envelope.parse_body` rules): a
+  notification is handled and answered ``204 No Content``; a batch (at most
+  ``max_batch`` items) is handled item after item, in order, and answered with an array
+  of the replies in request order (200), notifications left out (204 if none is left).
+  The items run one after another, as the same requests sent one after another on one
+  connection would: a later item sees what an earlier one did, and one connection never
+  runs more than one call at a time.  If the client goes away, the items not started
+  yet are dropped.
 
 Where this does better than the reference (SPEC §23.2 #21-23):
 
@@ -41,9 +50,11 @@ regex).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Callable, cast
 
+from cryptography import x509
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -63,14 +74,17 @@ from epsproxy.net import ratelimit, tls
 from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.jsonrpc.envelope import (
+    DEFAULT_MAX_BATCH,
     DEFAULT_TIMEOUT,
     INTERNAL_ERROR,
     INVALID_REQUEST,
+    BatchItem,
     CallContext,
     Handler,
     JSONRPCError,
+    RPCRequest,
     encode_json,
-    parse_request,
+    parse_body,
     response_object,
 )
 from epsproxy.rules import forms
@@ -98,6 +112,9 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT = 10.0
 
 CORS_METHODS = ("GET", "POST", "PATCH", "PUT", "DELETE", "OPTIONS")
+
+#: The highest ``max_batch`` a server accepts (the body cap bounds a batch anyway).
+MAX_BATCH_LIMIT = 1000
 
 
 # ---------------------------------------------------------------------------- settings
@@ -150,12 +167,16 @@ JSONRPC_SERVER_SETTINGS = forms.Map(
             forms.Float(min=0.001), default=DEFAULT_REQUEST_TIMEOUT,
             doc="seconds from a request's first byte (or the connection) to its last",
         ),
+        "max_batch": forms.Optional(
+            forms.Integer(min=1, max=MAX_BATCH_LIMIT), default=DEFAULT_MAX_BATCH,
+            doc="most requests in one JSON-RPC batch",
+        ),
     },
     strict=True,
 )
 """
-Settings of a JSON-RPC server (SPEC §11.1 plus ``max_body_bytes``, ``timeout`` and
-``request_timeout``).
+Settings of a JSON-RPC server (SPEC §11.1 plus ``max_body_bytes``, ``timeout``,
+``request_timeout`` and ``max_batch``).
 """
 
 
@@ -417,6 +438,15 @@ class GuardedSite(server.Site):
         super().__init__(resource, *args, **kwargs)
 
 
+@dataclass(frozen=True)
+class _Peer:
+    """Who sent an HTTP request, read once for all the calls it holds."""
+
+    caller: str
+    certificate: x509.Certificate | None
+    host: str | None
+
+
 class JSONRPCResource(Resource):
     """The HTTP side of a JSON-RPC server: routing, methods, CORS, envelope, logging."""
 
@@ -431,11 +461,13 @@ class JSONRPCResource(Resource):
         self._metrics = metrics
         self._path = settings["path"].encode("utf-8")
         self._cors = settings.get("cors")
+        self._max_batch: int = settings.get("max_batch", DEFAULT_MAX_BATCH)
         self._clock = clock
 
     def reconfigure(self, settings: dict[str, Any]) -> None:
-        """Use the CORS rules of ``settings`` (validated) from the next request on."""
+        """Use the CORS rules and batch cap of ``settings`` (validated) from the next request on."""
         self._cors = settings.get("cors")
+        self._max_batch = settings.get("max_batch", DEFAULT_MAX_BATCH)
 
     def render(self, request: server.Request) -> bytes | int:
         """Route one HTTP request (twisted.web entry point)."""
@@ -489,58 +521,99 @@ class JSONRPCResource(Resource):
 
     def _call(self, request: server.Request) -> None:
         started = self._clock.seconds()
+        # Read now: once the client has gone, the request has no channel any more.
+        transport = request.channel.transport
+        caller = caller_name(transport)
         content_type = request.getHeader(b"content-type")
         try:
-            call = parse_request(
+            parsed = parse_body(
                 None if content_type is None else content_type.decode("latin-1"),
                 b"" if request.content is None else request.content.read(),
+                self._max_batch,
             )
         except JSONRPCError as e:
-            self._finish(request, "-", started, response_object(None, error=e))
+            encoded, _ = self._record(caller, "-", started, response_object(None, error=e))
+            self._reply(request, 400, encoded)
             return
+        batch = isinstance(parsed, list)
+        items: list[BatchItem] = parsed if isinstance(parsed, list) else [parsed]
         address = request.getClientAddress()
-        lost: Deferred[None] = Deferred()
-        context = CallContext(
-            request_id=call.id,
-            peer_certificate=tls.peer_certificate(request.channel.transport),
-            peer_host=getattr(address, "host", None),
-            headers=request.requestHeaders,
-            connection_lost=lost,
-        )
+        peer = _Peer(caller, tls.peer_certificate(transport), getattr(address, "host", None))
         gone: list[Failure] = []
+        waiting: list[Deferred[None]] = []
 
         def went_away(failure: Failure) -> None:
             gone.append(failure)
-            lost.callback(None)
+            for lost in waiting:
+                if not lost.called:
+                    lost.callback(None)
 
         request.notifyFinish().addErrback(went_away)
-        d = maybeDeferred(self._handler.handle, call.method, call.params, context)
 
-        def answered(result: Any) -> dict[str, Any]:
-            return response_object(call.id, result=result)
+        async def run() -> None:
+            answers: list[tuple[bytes, bool]] = []
+            for item in items:
+                if gone:
+                    log.info("client went away: {count} JSON-RPC batch items not run",
+                             count=len(items) - len(answers))
+                    return
+                lost: Deferred[None] = Deferred()
+                waiting.append(lost)
+                answer = await self._run_item(request, peer, item, lost)
+                if answer is not None:
+                    answers.append(answer)
+            if gone:  # nobody is left to read the answer
+                return
+            if not answers:
+                self._reply(request, 204, None)
+            elif batch:
+                body = b"[" + b",".join(encoded for encoded, _ in answers) + b"]"
+                self._reply(request, 200, body)
+            else:
+                encoded, failed = answers[0]
+                self._reply(request, 400 if failed else 200, encoded)
 
-        def failed(failure: Failure) -> dict[str, Any]:
-            if isinstance(failure.value, JSONRPCError):
-                return response_object(call.id, error=failure.value)
-            log.failure(
-                "JSON-RPC method {method} failed", failure, level=LogLevel.error,
-                method=call.method,
-            )
-            error = JSONRPCError(INTERNAL_ERROR, "internal error")
-            return response_object(call.id, error=error)
-
-        def finish(response: dict[str, Any]) -> None:
-            if not gone:  # nobody is left to read the answer
-                self._finish(request, call.method, started, response)
-
-        d.addCallbacks(answered, failed).addCallback(finish)
-        d.addErrback(
+        Deferred.fromCoroutine(run()).addErrback(
             lambda f: log.failure("cannot answer a JSON-RPC request", f, level=LogLevel.error)
         )
 
-    def _finish(
-        self, request: server.Request, method: str, started: float, response: dict[str, Any]
-    ) -> None:
+    async def _run_item(
+        self, request: server.Request, peer: _Peer, item: BatchItem, lost: Deferred[None]
+    ) -> tuple[bytes, bool] | None:
+        """
+        Handle one request (or answer an invalid batch item) and log it; returns the
+        encoded response and whether it is an error, or None for a notification.
+        """
+        started = self._clock.seconds()
+        if not isinstance(item, RPCRequest):
+            return self._record(peer.caller, "-", started, response_object(None, error=item))
+        context = CallContext(
+            request_id=item.id,
+            peer_certificate=peer.certificate,
+            peer_host=peer.host,
+            headers=request.requestHeaders,
+            connection_lost=lost,
+        )
+        try:
+            result = await maybeDeferred(self._handler.handle, item.method, item.params, context)
+            response = response_object(item.id, result=result)
+        except JSONRPCError as e:
+            response = response_object(item.id, error=e)
+        except Exception:
+            log.failure(
+                "JSON-RPC method {method} failed", Failure(), level=LogLevel.error,
+                method=item.method,
+            )
+            error = JSONRPCError(INTERNAL_ERROR, "internal error")
+            response = response_object(item.id, error=error)
+        answer = self._record(peer.caller, item.method, started, response, item.notification)
+        return None if item.notification else answer
+
+    def _record(
+        self, caller: str, method: str, started: float, response: dict[str, Any],
+        notification: bool = False,
+    ) -> tuple[bytes, bool]:
+        """Encode ``response``, log its line and count it; (encoded, is an error)."""
         error = response.get("error")
         try:
             body = encode_json(response)
@@ -556,11 +629,19 @@ class JSONRPCResource(Resource):
         log.info(
             "JSON-RPC {method} from {caller}: {outcome} in {duration:.3f}s",
             method=shorten(method, 100), outcome=outcome, duration=duration,
-            caller=caller_name(request.channel.transport),
+            caller=caller, notification=notification,
         )
         if self._metrics is not None:
             self._metrics.observe(method, outcome, duration)
-        request.write(json_body(request, 200 if error is None else 400, body))
+        return body, error is not None
+
+    @staticmethod
+    def _reply(request: server.Request, status: int, body: bytes | None) -> None:
+        """Write the answer: a JSON body, or nothing at all (``None``: 204 No Content)."""
+        if body is None:
+            request.setResponseCode(status)
+        else:
+            request.write(json_body(request, status, body))
         request.finish()
 
 
@@ -628,7 +709,7 @@ class JSONRPCListener:
     counted as ``"rate_limited"`` by the site's ``refusals``, if it has any).
 
     :meth:`reconfigure` applies new settings to the running listener: TLS files, rate
-    limits, idle and request timeouts, the body cap and CORS.  The address, the path and
+    limits, idle and request timeouts, the body and batch caps and CORS.  The address, the path and
     whether TLS is on are fixed (a restart changes them).
     """
 

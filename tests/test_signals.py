@@ -103,6 +103,32 @@ class SighupTests(unittest.TestCase):
         self.assertEqual((yield process.ended), 0)
 
 
+    @defer.inlineCallbacks
+    def test_a_proxy_refuses_a_changed_metrics_listener(self):
+        # A proxy's service sees only its section: the program refuses the top-level
+        # metrics change itself rather than pretend it applied it.
+        fake = FakeEPS()
+        eps_port = yield fake.start(self)
+        folder = Path(self.mktemp()).absolute()
+        section = public_section(folder, eps_port)
+        write_settings(folder, {"public": section,
+                                "metrics": {"bind_address": "127.0.0.1:0"}})
+        process = spawn_twistd(["proxy", "--mode", "public", "--settings", str(folder)])
+        self.addCleanup(stop_twistd, process)
+        yield process.wait_for(r"internal endpoint on 127\.0\.0\.1:(\d+)")
+        write_settings(folder, {"public": section,
+                                "metrics": {"bind_address": "127.0.0.1:1"}})
+        process.signal("HUP")
+        line = yield process.wait_for(REFUSED + r".*\n")
+        self.assertIn("metrics.bind_address: changing it needs a restart", line.group(0))
+        write_settings(folder, {"public": section,
+                                "metrics": {"bind_address": "127.0.0.1:0"}})
+        process.signal("HUP")
+        yield process.wait_for(r"reloaded settings from " + str(folder))
+        process.signal("TERM")
+        self.assertEqual((yield process.ended), 0)
+
+
 class StopTests(unittest.TestCase):
     """SIGTERM on a public proxy carrying a spliced pair (its drain takes a while)."""
 

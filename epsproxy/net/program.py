@@ -66,6 +66,7 @@ from epsproxy.rules.credentials import (
 )
 from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from epsproxy.net.lifecycle import AsyncStartService, ReloadError, stop_reactor_soon
+from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.logs import LOG_FORMATS, LOG_LEVELS, LogOutput
 from epsproxy.net.reactor import IReactor
 
@@ -82,6 +83,10 @@ log = Logger()
 
 #: The exit status after a second SIGTERM/SIGINT cut the drain short.
 STOPPED_AT_ONCE = 1
+
+#: Top-level settings of every program that only a restart applies (patterns of
+#: :mod:`epsproxy.net.reloading`): the metrics listener is opened by the program.
+PROGRAM_RESTART_KEYS = ("metrics",)
 
 
 class SettingsCheck:
@@ -395,6 +400,9 @@ class ProgramService(MultiService):
         paths = ":".join(str(p) for p in self.options.paths)
         try:
             checked = self.options.reread()
+            # The metrics listener belongs to the program, not to its service (a proxy's
+            # service sees only its section): a change to it is refused here.
+            refuse_restart_changes(self.options.settings, checked.settings, PROGRAM_RESTART_KEYS)
             if self.main is not None:
                 self.main.reload(self.options.service_settings(checked.settings))
         except (SettingsError, ReloadError) as e:

@@ -1,15 +1,20 @@
 """
-The ``eps`` command: development PKI, signing, and service-directory administration.
+The ``eps`` command: certificates, signing, example settings and service-directory
+administration.
 
-    eps certs DIR [--directory DIR] [--force]   make a dev PKI (SPEC §21.1)
+    eps csr --name NAME --kind tls|signing      a key (0600) and a CSR for a real CA
+    eps fingerprint [--name NAME] CERT...       what goes in a ``certificates`` record
+    eps example-settings PROGRAM DIR            annotated settings of sd, eps, proxy-*
+    eps certs DIR [--names a,b] [--directory D] a development PKI (SPEC §21.1; never production)
     eps sign FILE                               sign a JSON value with the role's signing key
     eps verify FILE NAME                        exit 0 only if FILE is validly signed by NAME
     eps sd submit-records [--reset] FILE...     sign records, chain them onto the tip, submit
     eps sd get-entries [--name NAME]            print directory entries from the SD
     eps check [--settings DIR]                  check a role's settings and credential files
-    eps version
+    eps --version
 
-Commands that need a role read its settings from ``--settings`` or ``EPS_SETTINGS``.
+Commands that need a role read its settings from ``--settings`` (before or after the
+command) or ``EPS_SETTINGS``.
 ``eps check`` works for every program: it tells from the settings which one they are for
 (a file named ``sd.yml``, ``eps.yml`` or ``proxy.yml``, else the top-level keys) and checks
 what ``twistd <program> --check`` checks (for a proxy, each mode whose section is there).
@@ -99,16 +104,106 @@ class Signing:
             )
 
 
-def cmd_certs(args: argparse.Namespace) -> int:
-    from epsproxy.dev.pki import PKIError, create_pki
+def _names_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise CommandError("--names: a comma-separated list of names, none empty")
+    return names
 
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from epsproxy.dev.pki import DEV_GROUPS, DEV_NAMES, PKIError, create_pki
+    from epsproxy.rules.certificate_profile import ProfileError, check_name
+
+    names: tuple[str, ...] = DEV_NAMES
+    groups: dict[str, tuple[str, ...]] = dict(DEV_GROUPS)
+    if args.names is not None:
+        names = tuple(_names_list(args.names))
+        admin = args.sd_admin or names[0]
+        if admin not in names:
+            raise CommandError(f"--sd-admin {admin!r} is not one of --names")
+        groups = {admin: ("sd-admin",)}
+    elif args.sd_admin is not None:
+        raise CommandError("--sd-admin needs --names (the dev set's sd-admin is hd-1)")
     try:
-        pki = create_pki(Path(args.dir), directory_dir=args.directory, force=args.force)
-    except PKIError as e:
+        for name in names:
+            check_name(name)
+        pki = create_pki(Path(args.dir), directory_dir=args.directory, names=names,
+                         groups=groups, force=args.force)
+    except (PKIError, ProfileError) as e:
         raise CommandError(str(e)) from None
-    print(f"dev PKI written to {pki.cert_dir}", file=sys.stderr)
+    print(f"development PKI (not for production) written to {pki.cert_dir}", file=sys.stderr)
     if pki.directory_file is not None:
         print(f"directory record file written to {pki.directory_file}", file=sys.stderr)
+    return 0
+
+
+def cmd_csr(args: argparse.Namespace) -> int:
+    """``eps csr``: a new key and a CSR with the extensions of the production profile."""
+    from epsproxy.rules.certificate_profile import ProfileError, make_request, write_request
+
+    try:
+        request = make_request(args.name, args.kind, tuple(args.group), tuple(args.dns),
+                               organization=args.organization)
+        key_path, csr_path = write_request(request, args.out, args.stem, force=args.force)
+    except ProfileError as e:
+        raise CommandError(str(e)) from None
+    print(f"key written to {key_path} (keep it here, mode 0600)", file=sys.stderr)
+    print(f"certificate signing request written to {csr_path}: send it to your CA",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    """``eps fingerprint``: the pins of leaf certificates, or a whole certificates record."""
+    from epsproxy.rules.certificate_profile import (
+        ProfileError,
+        certificates_record,
+        check_name,
+        fingerprints_of,
+    )
+
+    leaves = []
+    for path in args.certificates:
+        try:
+            leaves.append(load_certificates_file(path)[0])
+        except CertificateError as e:
+            raise CommandError(str(e)) from None
+    try:
+        pins = fingerprints_of(leaves)
+        if args.name is None:
+            print(json.dumps(certificates_record("", pins)["data"], indent=2))
+            return 0
+        check_name(args.name)
+    except ProfileError as e:
+        raise CommandError(str(e)) from None
+    print(json.dumps({"records": [certificates_record(args.name, pins)]}, indent=2))
+    return 0
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def cmd_example_settings(args: argparse.Namespace) -> int:
+    """``eps example-settings``: write a program's annotated example settings."""
+    from epsproxy.examples import ExampleError, example_text, example_values, write_example
+
+    values = dict(args.set)
+    try:
+        if args.dir is None:
+            print(example_text(args.program), end="")
+            return 0
+        written = write_example(args.program, args.dir, values, force=args.force)
+        shown = example_values(written.read_text("utf-8"))
+    except ExampleError as e:
+        raise CommandError(str(e)) from None
+    print(f"example settings written to {written}", file=sys.stderr)
+    for name, value in shown.items():
+        print(f"  {name} = {value}", file=sys.stderr)
     return 0
 
 
@@ -366,47 +461,136 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _settings_option(parser: argparse.ArgumentParser) -> None:
+    """``--settings`` after the command too (``eps sd get-entries --settings X``)."""
+    parser.add_argument(
+        "--settings", default=argparse.SUPPRESS,
+        help="colon-separated settings folders of the role (default: $EPS_SETTINGS)",
+    )
+
+
+def _add_sign_commands(group: Any) -> None:
+    sign = group.add_parser(
+        "sign", help="sign a JSON file with the role's signing key; prints {signature, data}",
+        description="Sign the JSON value of FILE with the role's signing key and "
+        "certificate (settings 'signing'); print the signed form on stdout.",
+    )
+    sign.add_argument("file", help="JSON file to sign")
+    _settings_option(sign)
+    sign.set_defaults(run=cmd_sign)
+    verify = group.add_parser(
+        "verify", help="verify a signed JSON file; exit 0 only if NAME signed it",
+        description="Verify that FILE (as printed by 'eps sign') is validly signed by "
+        "operator NAME, with a certificate chaining to the role's signing CA files.",
+    )
+    verify.add_argument("file", help="signed JSON file ({signature, data})")
+    verify.add_argument("name", help="the operator the signature must come from")
+    _settings_option(verify)
+    verify.set_defaults(run=cmd_verify)
+
+
+def add_sd_commands(sd_commands: Any) -> None:
+    """The ``eps sd`` subcommands; add new ones here, each with a help line."""
+    submit = sd_commands.add_parser(
+        "submit-records", help="sign records from FILE(s), chain them onto the tip, submit",
+        description="Sign the records of each FILE ({\"records\": [...]}) with the role's "
+        "signing key, stamp them with the current time, chain them onto the directory's "
+        "tip (or start a new chain with --reset) and submit them in one call.",
+    )
+    submit.add_argument("--reset", action="store_true",
+                        help="start a new chain (a new root record) instead of appending")
+    submit.add_argument("files", nargs="+", metavar="FILE", help='{"records": [...]} file')
+    _settings_option(submit)
+    submit.set_defaults(run=lambda args: _run_async(_submit, args))
+    entries = sd_commands.add_parser(
+        "get-entries", help="print directory entries as JSON",
+        description="Print the directory's entries (or one operator's) as JSON.",
+    )
+    entries.add_argument("--name", help="only this operator's entry")
+    _settings_option(entries)
+    entries.set_defaults(run=lambda args: _run_async(_get_entries, args))
+    _add_sign_commands(sd_commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eps",
-        description="epsproxy tools: dev PKI, signing, service-directory administration.",
+        description="epsproxy tools: certificates for a real CA, example settings, "
+        "signing, service-directory administration, and a development PKI.",
     )
+    parser.add_argument("--version", action="version", version=f"eps {__version__}")
     parser.add_argument(
         "--settings",
         help="colon-separated settings folders of the role (default: $EPS_SETTINGS)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    certs = commands.add_parser("certs", help="create a development PKI (never for production)")
+    csr = commands.add_parser(
+        "csr", help="write a new key (0600) and a certificate signing request for your CA",
+        description="Write NAME's new ECDSA P-256 key and a CSR asking for exactly the "
+        "extensions a production certificate needs (docs/operators.md): --kind tls for "
+        "mutual TLS, --kind signing for signing directory records.",
+    )
+    csr.add_argument("--name", required=True, help="the operator name the certificate names")
+    csr.add_argument("--kind", required=True, choices=("tls", "signing"),
+                     help="tls (TLS links, gateway, SD) or signing (directory records)")
+    csr.add_argument("--group", action="append", default=[], metavar="GROUP",
+                     help="signing only: an iris-group:// the certificate carries "
+                     "(repeat; sd-admin may write to the directory)")
+    csr.add_argument("--dns", action="append", default=[], metavar="DNS_NAME",
+                     help="tls only: another DNS subjectAltName, e.g. the host name (repeat)")
+    csr.add_argument("--organization", help="O= of the subject (CN= is the name)")
+    csr.add_argument("--out", default=".", help="folder for the files (default: .)")
+    csr.add_argument("--stem", help="file names STEM.key and STEM.csr (default: the kind, "
+                     "the names the example settings expect)")
+    csr.add_argument("--force", action="store_true", help="replace existing files")
+    csr.set_defaults(run=cmd_csr)
+
+    fingerprint = commands.add_parser(
+        "fingerprint", help="print the SHA-256 pins of certificates for a certificates record",
+        description="Print what a 'certificates' directory record pins for these leaf "
+        "certificates (a signing one, a TLS one): with --name the whole record file for "
+        "'eps sd submit-records', else the data items.",
+    )
+    fingerprint.add_argument("certificates", nargs="+", metavar="CERT",
+                             help="PEM file whose first certificate is the leaf")
+    fingerprint.add_argument("--name", help="print a records file for this operator")
+    fingerprint.set_defaults(run=cmd_fingerprint)
+
+    example = commands.add_parser(
+        "example-settings", help="write a program's annotated example settings into DIR",
+        description="Write the annotated example settings of PROGRAM into DIR (paths are "
+        "relative to DIR, certificates expected in DIR/certs); without DIR print them.",
+    )
+    from epsproxy.examples import PROGRAMS as EXAMPLES
+
+    example.add_argument("program", choices=tuple(EXAMPLES), help="which program")
+    example.add_argument("dir", nargs="?", help="settings folder to write (made if missing)")
+    example.add_argument("--set", action="append", default=[], type=_setting,
+                         metavar="NAME=VALUE", help="a value of the example's vars (repeat)")
+    example.add_argument("--force", action="store_true", help="replace an existing file")
+    example.set_defaults(run=cmd_example_settings)
+
+    certs = commands.add_parser(
+        "certs", help="create a DEVELOPMENT PKI (test CA and keys; never for production)",
+        description="Create a development PKI: a root and an intermediate CA whose keys "
+        "sit beside the certificates, and TLS and signing identities for each name. For "
+        "development and tests only; for production use 'eps csr' and your CA.",
+    )
     certs.add_argument("dir", help="folder for certificates and keys")
+    certs.add_argument("--names", help="comma-separated names instead of the dev set")
+    certs.add_argument("--sd-admin", help="with --names: the name in group sd-admin "
+                       "(default: the first)")
     certs.add_argument("--directory", help="also write 002_certificates.json into this folder")
     certs.add_argument("--force", action="store_true", help="replace an existing PKI")
     certs.set_defaults(run=cmd_certs)
 
-    def add_sign_commands(group: Any) -> None:
-        sign = group.add_parser("sign", help="sign a JSON file; prints {signature, data}")
-        sign.add_argument("file")
-        sign.set_defaults(run=cmd_sign)
-        verify = group.add_parser("verify", help="verify a signed JSON file against NAME")
-        verify.add_argument("file")
-        verify.add_argument("name", help="the operator the signature must come from")
-        verify.set_defaults(run=cmd_verify)
+    _add_sign_commands(commands)
 
-    add_sign_commands(commands)
-
-    sd = commands.add_parser("sd", help="service-directory administration")
+    sd = commands.add_parser("sd", help="service-directory administration",
+                             description="Service-directory administration.")
     sd_commands = sd.add_subparsers(dest="sd_command", metavar="SUBCOMMAND", required=True)
-    submit = sd_commands.add_parser(
-        "submit-records", help="sign records from FILE(s), chain them onto the tip, submit"
-    )
-    submit.add_argument("--reset", action="store_true",
-                        help="start a new chain (a new root record) instead of appending")
-    submit.add_argument("files", nargs="+", metavar="FILE")
-    submit.set_defaults(run=lambda args: _run_async(_submit, args))
-    entries = sd_commands.add_parser("get-entries", help="print directory entries as JSON")
-    entries.add_argument("--name", help="only this operator's entry")
-    entries.set_defaults(run=lambda args: _run_async(_get_entries, args))
-    add_sign_commands(sd_commands)
+    add_sd_commands(sd_commands)
 
     check = commands.add_parser(
         "check",
@@ -417,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="colon-separated settings folders or files (default: $EPS_SETTINGS)")
     check.set_defaults(run=cmd_check)
 
-    version = commands.add_parser("version", help="print the version")
+    version = commands.add_parser("version", help="print the version (also: eps --version)")
     version.set_defaults(run=lambda args: print(__version__) or 0)
     return parser
 

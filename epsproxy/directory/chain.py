@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from twisted.logger import Logger
 
-from epsproxy.rules import forms, records
+from epsproxy.rules import checkpoint as _checkpoint, forms, records
 from epsproxy.directory import entries as _entries
 
 __all__ = [
@@ -107,14 +107,17 @@ class VerifiedChain:
     """
     Linked, verified records in chain order and the entries they build.
 
-    ``records`` (signed records), ``entries`` (name -> entry, SPEC §2.1) and ``pins``
-    (the signing-key pins after the last record) are read-only for callers; change the
+    ``records`` (signed records), ``entries`` (name -> entry, SPEC §2.1), ``pins``
+    (the signing-key pins after the last record) and ``heads`` (the chain head after
+    each record, :func:`epsproxy.rules.checkpoint.chain_head`: what a checkpoint of the
+    first ``n`` records states is ``heads[n - 1]``) are read-only for callers; change the
     chain only with :meth:`extend`.
     """
 
     def __init__(self, trust: records.TrustStore) -> None:
         self.trust = trust
         self.records: list[dict] = []
+        self.heads: list[bytes] = []
         self.entries: dict[str, dict] = {}
         self.pins = records.Pins()
         self._index: dict[str, int] = {}
@@ -131,6 +134,17 @@ class VerifiedChain:
     def tip_hash(self) -> str:
         """The hash of the last record, ``""`` for an empty chain."""
         return self.records[-1]["hash"] if self.records else ""
+
+    @property
+    def head(self) -> bytes:
+        """The chain head of the whole chain (32 zero bytes for an empty chain)."""
+        return self.heads[-1] if self.heads else _checkpoint.ZERO_HEAD
+
+    def head_at(self, size: int) -> bytes | None:
+        """The chain head of the first ``size`` records, None beyond the chain."""
+        if size == 0:
+            return _checkpoint.ZERO_HEAD
+        return self.heads[size - 1] if 0 < size <= len(self.heads) else None
 
     @property
     def root_created_at(self) -> str | None:
@@ -186,6 +200,7 @@ class VerifiedChain:
         """Append a record that is known to link and verify (used by RecordLog)."""
         _entries.integrate(self.entries, signed)
         self._index[signed["hash"]] = len(self.records)
+        self.heads.append(_checkpoint.chain_head(self.head, signed["hash"]))
         self.records.append(signed)
         self.pins = pins_after
 

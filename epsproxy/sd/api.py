@@ -21,7 +21,8 @@ from epsproxy.rules import forms
 from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, CallContext, Dispatcher, JSONRPCError
 from epsproxy.rules.records import SIGNED_RECORD
 from ..store import StoreError
-from .directory import ServiceDirectory, SubmitError
+from .checkpoints import CosignatureRefused
+from .directory import INVALID, ServiceDirectory, SubmitError
 
 __all__ = ["sd_dispatcher", "MAX_RECORDS_PER_SUBMIT", "STORE_UNAVAILABLE"]
 
@@ -45,7 +46,19 @@ SUBMIT_PARAMS = forms.Map(
     }
 )
 GET_RECORDS_PARAMS = forms.Map(
-    {"after": forms.Optional(HASH_OR_EMPTY), "since": forms.Optional(HASH_OR_EMPTY)}
+    {
+        "after": forms.Optional(HASH_OR_EMPTY),
+        "since": forms.Optional(HASH_OR_EMPTY),
+        # Ours, not the reference's: ask for {"records", "checkpoint", "certificates"}
+        # instead of the bare list (a reference client never sends it).
+        "checkpoint": forms.Optional(forms.Boolean(), default=False),
+    }
+)
+COSIGNATURE_PARAMS = forms.Map(
+    {
+        "checkpoint": forms.Required(forms.String(min_length=1, max_length=16384)),
+        "certificate": forms.Required(forms.String(min_length=1, max_length=65536)),
+    }
 )
 NO_PARAMS = forms.Map({})
 GET_ENTRY_PARAMS = forms.Map({"name": forms.Required(forms.String(min_length=1, max_length=253))})
@@ -69,8 +82,29 @@ def sd_dispatcher(directory: ServiceDirectory) -> Dispatcher:
     def get_tip(params: dict, context: CallContext) -> dict | None:
         return directory.tip()
 
-    def get_records(params: dict, context: CallContext) -> list[dict]:
-        return directory.records_after(params.get("after") or params.get("since") or "")
+    def get_records(params: dict, context: CallContext) -> list[dict] | dict:
+        after = params.get("after") or params.get("since") or ""
+        if params.get("checkpoint"):
+            return directory.records_with_checkpoint(after)
+        return directory.records_after(after)
+
+    def get_checkpoint(params: dict, context: CallContext) -> dict:
+        served = directory.checkpoint()
+        if served is None:
+            raise JSONRPCError(404, "this service directory signs no checkpoints")
+        return served
+
+    def submit_cosignature(params: dict, context: CallContext) -> dict:
+        signer = directory.checkpoints
+        if signer is None:
+            raise JSONRPCError(404, "this service directory signs no checkpoints")
+        try:
+            witnesses = signer.add_cosignature(
+                directory.record_log.selected, params["checkpoint"], params["certificate"],
+                directory.trust)
+        except CosignatureRefused as e:
+            raise JSONRPCError(INVALID, f"cosignature refused: {e}") from None
+        return {"witnesses": witnesses}
 
     def get_entries(params: dict, context: CallContext) -> list[dict]:
         return directory.entries()
@@ -85,6 +119,8 @@ def sd_dispatcher(directory: ServiceDirectory) -> Dispatcher:
     dispatcher.register("getTip", NO_PARAMS, get_tip)
     dispatcher.register("tip", NO_PARAMS, get_tip)
     dispatcher.register("getRecords", GET_RECORDS_PARAMS, get_records)
+    dispatcher.register("getCheckpoint", NO_PARAMS, get_checkpoint)
+    dispatcher.register("submitCosignature", COSIGNATURE_PARAMS, submit_cosignature)
     dispatcher.register("getEntries", NO_PARAMS, get_entries)
     dispatcher.register("getEntry", GET_ENTRY_PARAMS, get_entry)
     return dispatcher

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from epsproxy.rules import records as records_mod
 from ..directory.chain import RecordLog, StaleAppend
 from ..store import AppendConflict, Store, StoredEntry
+from .checkpoints import CheckpointSigner
 
 __all__ = ["RECORD_ENTRY_TYPE", "ServiceDirectory", "SubmitError"]
 
@@ -50,9 +51,12 @@ class ServiceDirectory:
 
     log = Logger()
 
-    def __init__(self, store: Store, trust: records_mod.TrustStore) -> None:
+    def __init__(self, store: Store, trust: records_mod.TrustStore,
+                 checkpoints: CheckpointSigner | None = None) -> None:
         self.store = store
         self.trust = trust
+        #: Signs checkpoints of the selected chain (None: this SD signs none).
+        self.checkpoints = checkpoints
         self.record_log = RecordLog(trust)
         self._lock = DeferredLock()
 
@@ -90,6 +94,27 @@ class ServiceDirectory:
     def records_after(self, after: str) -> list[dict]:
         """Records after the one with hash ``after``; all if ``after`` is empty or unknown."""
         return self.record_log.selected.records_after(after)
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """
+        The signed checkpoint of the selected chain as served (``{"checkpoint": note,
+        "certificates": [PEM, ...]}``), None if this SD signs no checkpoints.
+        """
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.served(self.record_log.selected)
+
+    def records_with_checkpoint(self, after: str) -> dict[str, Any]:
+        """
+        ``{"records": ..., "checkpoint": ..., "certificates": ...}``: the records after
+        ``after`` and the checkpoint of the chain they end, taken from the same chain
+        object so that the two always agree.
+        """
+        chain = self.record_log.selected
+        reply: dict[str, Any] = {"records": chain.records_after(after)}
+        if self.checkpoints is not None:
+            reply.update(self.checkpoints.served(chain))
+        return reply
 
     def entries(self) -> list[dict]:
         """All directory entries, ordered by name."""

@@ -28,6 +28,7 @@ from epsproxy.net.reactor import IReactor
 from epsproxy.rules.records import TrustStore, timestamp_ns
 from ..store import Store, open_store
 from .api import sd_dispatcher
+from .checkpoints import CheckpointSigner
 from .directory import ServiceDirectory
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ RESTART_KEYS = (
     "directory.ca_certificate_files",
     "directory.ca_intermediate_certificate_files",
     "metrics",
+    "checkpoint",
 )
 
 
@@ -83,7 +85,10 @@ class ServiceDirectoryService(AsyncStartService[IListeningPort]):
     async def _start(self) -> IListeningPort:
         directory_settings = self.settings["directory"]
         self.store = await open_store(self.reactor, directory_settings["datastore"])
-        self.directory = ServiceDirectory(self.store, self.trust)
+        checkpoint = self.settings.get("checkpoint")
+        signer = None if checkpoint is None else (
+            CheckpointSigner.from_settings(checkpoint, self.reactor.seconds))
+        self.directory = ServiceDirectory(self.store, self.trust, signer)
         await self.directory.refresh()
         self._store_error = None
         records = len(self.directory.record_log.selected.records)

@@ -10,6 +10,7 @@ from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
 from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.metrics import METRICS_SETTINGS
 from ..store import DATASTORE_SETTINGS
+from .checkpoints import CHECKPOINT_SETTINGS
 
 __all__ = ["SD_SETTINGS", "sd_file_sets"]
 
@@ -36,6 +37,9 @@ SD_SETTINGS = forms.Map(
         "jsonrpc_server": forms.Required(JSONRPC_SERVER_SETTINGS),
         "directory": forms.Required(SD_DIRECTORY_SETTINGS),
         "metrics": forms.Optional(METRICS_SETTINGS),
+        "checkpoint": forms.Optional(
+            CHECKPOINT_SETTINGS, doc="the key that signs checkpoints (docs/checkpoints.md)"
+        ),
         "log_level": LOG_LEVEL_SETTING,
     },
     strict=True,
@@ -44,8 +48,9 @@ SD_SETTINGS = forms.Map(
 
 def sd_file_sets(settings: dict[str, Any]) -> list[FileSet]:
     """
-    The credential files of validated SD settings: the server's ``tls`` block and the
-    roots that verify signing certificates.  The SD has no operator name to check.
+    The credential files of validated SD settings: the server's ``tls`` block, the
+    roots that verify signing certificates, and the checkpoint key (its certificate
+    must name ``checkpoint.name`` and chain to the directory's roots).
     """
     sets = []
     server_tls = settings["jsonrpc_server"].get("tls")
@@ -58,4 +63,15 @@ def sd_file_sets(settings: dict[str, Any]) -> list[FileSet]:
         intermediate_files=tuple(directory["ca_intermediate_certificate_files"]),
         kind="signing",
     ))
+    checkpoint = settings.get("checkpoint")
+    if checkpoint is not None:
+        sets.append(FileSet(
+            where="checkpoint", certificate_file=checkpoint["certificate_file"],
+            key_file=checkpoint["key_file"],
+            ca_files=tuple(directory["ca_certificate_files"]),
+            intermediate_files=tuple(directory["ca_intermediate_certificate_files"]),
+            operator=checkpoint["name"], kind="signing",
+            ca_key="directory.ca_certificate_files",
+            intermediate_key="directory.ca_intermediate_certificate_files",
+        ))
     return sets

@@ -22,8 +22,12 @@ def write_sd_settings(
     folder: Path,
     datastore: dict[str, Any] | None = None,
     jsonrpc_server: dict[str, Any] | None = None,
+    checkpoint: bool = False,
 ) -> Path:
-    """Write an SD role folder for the test PKI, listening on 127.0.0.1:0."""
+    """
+    Write an SD role folder for the test PKI, listening on 127.0.0.1:0; ``checkpoint``
+    signs checkpoints with sd-1's signing key (pin it with :func:`checkpoint_pin`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     p = pki()
     crt, key = p.tls("sd-1")
@@ -45,8 +49,19 @@ def write_sd_settings(
             "ca_intermediate_certificate_files": [str(p.intermediate)],
         },
     }
+    if checkpoint:
+        sign_crt, sign_key = p.signing("sd-1")
+        settings["checkpoint"] = {"name": "sd-1", "certificate_file": str(sign_crt),
+                                  "key_file": str(sign_key)}
     (folder / "sd.yml").write_text(yaml.safe_dump(settings))
     return folder
+
+
+def checkpoint_pin(name: str = "sd-1", created_at: str = "2025-01-01T10:00:00Z") -> dict:
+    """The certificates change that pins ``name``'s signing key (a checkpoint signer's)."""
+    return change(name, "certificates", [
+        {"fingerprint": pki().fingerprints(name)["signing"], "key_usage": "signing"}],
+        created_at)
 
 
 class RunningSD:

@@ -5,6 +5,10 @@ listener or the settings key: no traceback, no usage text (issue 12, item 1).
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from tests.support.pki import pki
 from tests.support.proxies import public_section, write_settings
 from tests.support.sd import write_sd_settings
 from tests.support.tls import tls_block
-from tests.support.twistd import busy_port, issue_certificate, run_twistd
+from tests.support.twistd import busy_port, issue_certificate, run_daemon_twistd, run_twistd
 
 BUSY = "[Errno 98] Address already in use."
 
@@ -170,3 +174,50 @@ class ExitStatusTests(unittest.TestCase):
             "type": "embedded", "settings": {"path": "/proc/no-such-folder/records.sqlite"}})
         output = yield self.assertFails(["sd", "--settings", str(folder)], "could not start: ")
         self.assertIn("records.sqlite", output)
+
+
+class DaemonizingExitStatus(unittest.TestCase):
+    """
+    twistd without ``-n``: its parent exits with the start's real outcome, after the
+    listeners were bound or failed, not as soon as the services' startService returned.
+    """
+
+    timeout = 60
+
+    def run_dir(self) -> Path:
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir(parents=True)
+        return folder
+
+    @inlineCallbacks
+    def test_a_busy_port_is_a_failed_exit_of_the_parent(self):
+        port = busy_port(self)
+        run = self.run_dir()
+        folder = write_eps_settings(run / "eps", peers=port)
+        status, output = yield run_daemon_twistd(["eps", "--settings", str(folder)], run)
+        self.assertEqual(status, 1, output)
+        self.assertIn("endpoint server hd-1 could not start: Couldn't listen on", output)
+        self.assertNotIn("Traceback", output)
+
+    @inlineCallbacks
+    def test_a_started_daemon_is_serving_when_the_parent_exits_0(self):
+        run = self.run_dir()
+        folder = write_sd_settings(run / "sd")
+        status, output = yield run_daemon_twistd(["sd", "--settings", str(folder)], run)
+        pid = int((run / "twistd.pid").read_text())
+        self.addCleanup(_kill, pid)
+        self.assertEqual((status, output), (0, ""))
+        # Serving already: the log has the line and the port accepts connections.
+        match = re.search(r"serving \d+ verified record\(s\) at [\d.]+:(\d+)",
+                          (run / "twistd.log").read_text())
+        self.assertIsNotNone(match)
+        assert match is not None
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5):
+            pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

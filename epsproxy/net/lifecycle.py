@@ -78,6 +78,10 @@ class AsyncStartService(Service, Generic[T]):
         """The program and instance, as log lines name it (``endpoint server hd-1``)."""
         return type(self).__name__
 
+    def describe(self) -> str:
+        """The program and instance, as log lines name it (``endpoint server hd-1``)."""
+        return self._describe()
+
     def reload(self, settings: dict[str, Any]) -> None:
         """
         Apply ``settings`` (the same shape the constructor got, already validated by the

@@ -76,6 +76,7 @@ __all__ = [
     "ProgramOptions",
     "ProgramService",
     "SettingsCheck",
+    "StartupReport",
     "check_program_settings",
 ]
 
@@ -266,6 +267,42 @@ def end_now(status: int) -> None:
     os._exit(status)
 
 
+class StartupReport:
+    """
+    The answer a daemonizing twistd's parent waits for (twistd's status pipe).
+
+    twistd without ``-n`` forks; the parent reads one message from a pipe and exits 0 on
+    ``0``, else 1 after printing the message.  twistd itself writes ``0`` as soon as the
+    services' ``startService`` returned, before any listener was bound; a program takes
+    the pipe over (:meth:`take`) and answers once its main service is really serving or
+    could not start, so the parent's exit status is the start's outcome.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    @classmethod
+    def take(cls, options: Any) -> "StartupReport":
+        """Take the status pipe from twistd's options (the parent of ``options``)."""
+        parent = getattr(options, "parent", None)
+        fd = parent.pop("statusPipe", None) if isinstance(parent, dict) else None
+        return cls(fd if isinstance(fd, int) else None)
+
+    def report(self, error: str | None = None) -> None:
+        """Tell the parent: started (``error`` None) or not, with one line; only once."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        # twistd's parent prints what follows the first two bytes, at most 100 in all.
+        message = b"0" if error is None else ("1 " + error).encode("ascii", "backslashreplace")
+        try:
+            os.write(fd, message[:100])
+        except OSError as e:
+            log.warn("could not tell the daemonizing parent: {error}", error=str(e))
+        finally:
+            os.close(fd)
+
+
 class _GuardedStart(Service):
     """
     Starts ``inner`` (a listener that raises out of ``startService`` when it cannot
@@ -273,7 +310,7 @@ class _GuardedStart(Service):
     exit, instead of a traceback out of twistd.
     """
 
-    def __init__(self, inner: IService, what: str, failed: Callable[[], None]) -> None:
+    def __init__(self, inner: IService, what: str, failed: Callable[[str], None]) -> None:
         self.inner = inner
         self.what = what
         self.failed = failed
@@ -284,7 +321,7 @@ class _GuardedStart(Service):
             self.inner.startService()
         except Exception as e:
             log.error("{what} could not start: {reason}", what=self.what, reason=str(e))
-            self.failed()
+            self.failed(f"{self.what} could not start: {e}")
 
     def stopService(self) -> Any:
         super().stopService()
@@ -318,6 +355,7 @@ class ProgramService(MultiService):
         self.exit = ProcessExit()
         self.main: AsyncStartService[Any] | None = None
         self._stopping_on: str | None = None
+        self.startup = StartupReport(None)
         self.expiry = Gauge(
             f"{program}_certificate_expiry_seconds",
             "Unix time at which each configured certificate expires (notAfter)",
@@ -356,14 +394,29 @@ class ProgramService(MultiService):
     def startService(self) -> None:
         for finding in self.options.checked.warnings:
             log.warn("{finding}", finding=str(finding))
+        if self.manage_process:
+            # twistd has daemonized (unless -n) just before starting the services.
+            self.startup = StartupReport.take(self.options)
         super().startService()
         if self.main is not None:
-            self.main.when_ready().addErrback(lambda _: self.exit.fail())
+            self.main.when_ready().addCallbacks(self._started, self._start_failed)
+        elif self.running:
+            self.startup.report()
         if self.manage_process:
             self.reactor.callWhenRunning(self._install_signals)
 
-    def _failed(self) -> None:
+    def _started(self, result: Any) -> Any:
+        self.startup.report()
+        return result
+
+    def _start_failed(self, failure: Any) -> None:
         self.exit.fail()
+        what = self.main.describe() if self.main is not None else self.program
+        self.startup.report(f"{what} could not start: {failure.getErrorMessage()}")
+
+    def _failed(self, reason: str) -> None:
+        self.exit.fail()
+        self.startup.report(reason)
         stop_reactor_soon(self.reactor)
 
     def _install_signals(self) -> None:

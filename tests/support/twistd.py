@@ -107,6 +107,23 @@ def spawn_twistd(args: list[str], env: dict[str, str] | None = None) -> Twistd:
     return process
 
 
+def run_daemon_twistd(
+    args: list[str], run_dir: Path, env: dict[str, str] | None = None,
+) -> Deferred[tuple[int | None, str]]:
+    """
+    Run ``twistd --pidfile=RUN/twistd.pid --logfile=RUN/twistd.log ARGS`` (daemonizing):
+    fires with the parent's exit status and output once the parent has exited.
+    """
+    process = Twistd()
+    reactor.spawnProcess(
+        process, TWISTD,
+        [TWISTD, f"--pidfile={run_dir / 'twistd.pid'}", f"--logfile={run_dir / 'twistd.log'}",
+         *args],
+        env=dict(os.environ, **(env or {})), path="/",
+    )
+    return process.ended.addCallback(lambda status: (status, process.output))
+
+
 def stop_twistd(process: Twistd) -> Deferred[int | None]:
     """Cleanup: SIGKILL the process if it still runs, and wait for it."""
     if not process.ended.called:

@@ -33,11 +33,12 @@ $(TEST_CERTS)/root.crt: | $(STAMP)
 
 # The tests use real peers: redis-server, redis-sentinel, openssl and curl.  Install them when missing
 # and we can (root with apt-get); otherwise say what is needed.
-OS_TOOLS := redis-server redis-sentinel openssl curl tinyproxy haproxy socat
+# A tool whose Debian package has another name is written binary:package.
+OS_TOOLS := redis-server redis-sentinel openssl curl tinyproxy haproxy socat systemd-analyze:systemd promtool:prometheus
 # What make bench measures beside ours (never needed by make test).
 BENCH_TOOLS := haproxy socat
 os-deps:
-	@missing=""; for tool in $(OS_TOOLS); do command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in $(OS_TOOLS); do command -v $${tool%%:*} >/dev/null || [ -x /usr/sbin/$${tool%%:*} ] || missing="$$missing $${tool#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 			echo "installing$$missing"; apt-get update -qq && apt-get install -y -qq$$missing >/dev/null; \

@@ -113,12 +113,36 @@ class HealthEndpoints(TestCase):
         self.assertNotIn("127.0.0.1", access[0])
 
     @defer.inlineCallbacks
-    def test_metrics_on_metrics_and_root(self):
-        for path in ("/metrics", "/"):
-            answer = yield request(self.port, path)
-            self.assertEqual(answer.status, 200, path)
-            self.assertTrue(answer.header(b"content-type").startswith("text/plain"), path)
-            self.assertIn(b"eps_build_info", answer.body)
+    def test_metrics_on_metrics_and_a_status_page_at_the_root(self):
+        answer = yield request(self.port, "/metrics")
+        self.assertEqual(answer.status, 200)
+        self.assertTrue(answer.header(b"content-type").startswith("text/plain"))
+        self.assertIn(b"eps_build_info", answer.body)
+        self.readiness.checks = {"start": "starting"}
+        answer = yield request(self.port, "/")
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(answer.header(b"content-type"), "text/html; charset=utf-8")
+        self.assertEqual(answer.header(b"cache-control"), "no-store")
+        self.assertIn("default-src 'none'", answer.header(b"content-security-policy"))
+        self.assertTrue(answer.body.startswith(b"<!DOCTYPE html>"))
+        self.assertIn(b"eps status", answer.body)
+        self.assertIn(b"not ready", answer.body)  # the readiness, asked afresh
+        self.assertIn(b"starting", answer.body)
+        self.assertNotIn(b"eps_build_info", answer.body)
+
+    @defer.inlineCallbacks
+    def test_bad_page_parameters_are_400(self):
+        for query in ("refresh=x", "refresh=-1", "refresh=3601", "refresh=1&refresh=2",
+                      "nosuch=1", "refresh=", "refresh=99999999999", "refresh=" + "1" * 300,
+                      "%3Cscript%3E=1"):
+            answer = yield request(self.port, "/?" + query)
+            self.assertEqual(answer.status, 400, query)
+            self.assertEqual(answer.header(b"content-type"), "text/plain; charset=utf-8")
+            self.assertTrue(answer.body.startswith(b"bad page parameter: ")
+                            or b"query string longer" in answer.body, query)
+        answer = yield request(self.port, "/?refresh=10")
+        self.assertEqual(answer.status, 200)
+        self.assertIn(b'<meta http-equiv="refresh" content="10"', answer.body)
 
     @defer.inlineCallbacks
     def test_other_paths_are_404(self):

@@ -4,9 +4,12 @@ endpoints next to it.
 
 Each program builds its own ``CollectorRegistry`` (never the global one, so tests can
 run several services in one process) and serves it on ``metrics.bind_address``:
-``/metrics`` and ``/`` the exposition (:class:`MetricsResource`), ``/healthz`` and
-``/readyz`` the health answers (:mod:`epsproxy.net.health`), any other path 404 and any
-method but GET and HEAD 405 (:class:`ListenerResource`, the one routing table).
+``/metrics`` the exposition (:class:`MetricsResource`), ``/`` the program's read-only
+status page (:mod:`epsproxy.net.pages`), ``/healthz`` and ``/readyz`` the health answers
+(:mod:`epsproxy.net.health`), any other path 404 and any method but GET and HEAD 405
+(:class:`ListenerResource`, the one routing table).  The listener is plain HTTP on a
+loopback address; bound anywhere else it needs a ``tls`` block and then requires a
+verified client certificate (mutual TLS), or the settings are refused.
 :func:`metrics_service` also registers the process metrics and
 ``<program>_build_info{version}``, and turns off the ``_created`` series.
 ``prometheus_client.twisted`` is avoided on purpose: it grabs the global reactor.
@@ -14,8 +17,9 @@ method but GET and HEAD 405 (:class:`ListenerResource`, the one routing table).
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +33,7 @@ from prometheus_client import (
 )
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -36,9 +41,11 @@ from twisted.web.server import Request
 from epsproxy import __version__
 from epsproxy.rules import forms
 from epsproxy.net.health import HealthResource, Readiness, ReadinessResource
+from epsproxy.net.hostport import parse_host_port
 from epsproxy.net.jsonrpc.server import REFUSAL_REASONS, GuardedSite, json_body
+from epsproxy.net.pages import IntParameter, PageResource, Sampler, StatusPage, key_values, section
 from epsproxy.net.reactor import IReactor
-from epsproxy.net.tls import listen_endpoint
+from epsproxy.net.tls import TLS_SETTINGS, listen_endpoint
 
 __all__ = [
     "METRICS_SETTINGS",
@@ -46,10 +53,12 @@ __all__ = [
     "ListenerResource",
     "ListenerService",
     "MetricsResource",
+    "PlainPage",
     "RPCMetrics",
     "build_info",
     "listener_resource",
     "http_refusals_counter",
+    "is_loopback",
     "metrics_service",
 ]
 
@@ -60,9 +69,47 @@ METRICS_IDLE_TIMEOUT = 60.0
 #: Scrapes are GETs: any body over this is refused.
 METRICS_MAX_BODY_BYTES = 4096
 
-METRICS_SETTINGS = forms.Map(
-    {"bind_address": forms.Required(forms.String(min_length=1))}, strict=True
-)
+
+def is_loopback(bind_address: str) -> bool:
+    """Whether ``bind_address`` (``host:port``) listens on a loopback address only."""
+    host, _ = parse_host_port(bind_address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # all interfaces (""), or a name: not loopback
+
+
+def _check_metrics(settings: dict[str, Any]) -> dict[str, Any]:
+    try:
+        loopback = is_loopback(settings["bind_address"])
+    except ValueError as e:
+        raise forms.FormError(str(e), ("bind_address",)) from None
+    tls = settings.get("tls")
+    if tls is not None and not tls["verify_client"]:
+        raise forms.FormError("the metrics listener requires client certificates "
+                              "(verify_client must stay true)", ("tls", "verify_client"))
+    if not loopback and tls is None:
+        raise forms.FormError(
+            f"{settings['bind_address']!r} is not a loopback address: add a tls block "
+            "(the status page and metrics then require a client certificate)",
+            ("bind_address",))
+    return settings
+
+
+METRICS_SETTINGS = forms.Check(forms.Map(
+    {
+        "bind_address": forms.Required(
+            forms.String(min_length=1),
+            doc="host:port of the metrics, health and status page listener (loopback "
+                "unless tls is given)"),
+        "tls": forms.Optional(
+            TLS_SETTINGS,
+            doc="serve over mutual TLS (required when bind_address is not loopback)"),
+    },
+    strict=True,
+), _check_metrics)
 
 
 #: Default ``program`` of :func:`metrics_service` (the taps pass "sd", "eps", "proxy").
@@ -98,10 +145,23 @@ class ListenerService(StreamServerEndpointService):
 
     def __init__(
         self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, *,
-        fail_loudly: bool = True,
+        fail_loudly: bool = True, companions: Sequence[IService] = (),
     ) -> None:
         super().__init__(endpoint, factory)
         self._raiseSynchronously = fail_loudly
+        #: Services living as long as the listener (the status page's sampler).
+        self.companions = tuple(companions)
+
+    def startService(self) -> None:
+        super().startService()
+        for companion in self.companions:
+            companion.startService()
+
+    def stopService(self) -> Deferred[None]:
+        for companion in self.companions:
+            if companion.running:
+                companion.stopService()
+        return super().stopService()
 
 
 class ListenerResource(Resource):
@@ -128,13 +188,35 @@ class ListenerResource(Resource):
         return target.render(request)
 
 
+class PlainPage:
+    """The status page of a program that has none of its own: where to look instead."""
+
+    parameters: Sequence[IntParameter] = ()
+    sampler: Sampler | None = None
+
+    def __init__(self, program: str) -> None:
+        self.title = f"{program} status"
+
+    def sections(self, parameters: Mapping[str, int]) -> list[Any]:
+        return [section("This process", key_values([
+            ("version", __version__), ("metrics", "/metrics (Prometheus text)")]))]
+
+
 def listener_resource(
-    registry: CollectorRegistry, readiness: Readiness | None = None
+    registry: CollectorRegistry, readiness: Readiness | None = None,
+    page: StatusPage | None = None, *, reactor: IReactor | None = None,
+    program: str = DEFAULT_PROGRAM,
 ) -> ListenerResource:
-    """The routes of the metrics listener (see :class:`ListenerResource`)."""
+    """
+    The routes of the metrics listener (see :class:`ListenerResource`); ``page`` is the
+    program's status page at ``/`` (:class:`PlainPage` if None), ``reactor`` its clock.
+    """
+    clock: Any = reactor
+    if clock is None:
+        from twisted.internet import reactor as clock  # the installed one (tests)
     metrics = MetricsResource(registry)
     return ListenerResource({
-        b"/": metrics,
+        b"/": PageResource(page or PlainPage(program), clock, readiness),
         b"/metrics": metrics,
         b"/healthz": HealthResource(),
         b"/readyz": ReadinessResource(readiness),
@@ -152,11 +234,13 @@ def build_info(registry: CollectorRegistry, program: str) -> Gauge:
 def metrics_service(
     reactor: IReactor, settings: dict, registry: CollectorRegistry, *,
     program: str = DEFAULT_PROGRAM, readiness: Readiness | None = None,
+    page: StatusPage | None = None,
 ) -> IService:
     """
-    A service listening on ``settings["bind_address"]`` (plain HTTP) for scrapes and
-    health probes (see the module docstring); ``readiness()`` says what is not ready
-    (None: ready whenever the process answers).  Registers the process metrics
+    A service listening on ``settings["bind_address"]`` (plain HTTP, or mutual TLS with a
+    ``tls`` block) for scrapes, health probes and the status page ``page`` (see the
+    module docstring; its sampler runs while the listener does); ``readiness()`` says
+    what is not ready (None: ready whenever the process answers).  Registers the process metrics
     (``process_*``: memory, open files, CPU, start time) and ``<program>_build_info``
     into ``registry``.  The listener has the JSON-RPC servers' deadlines (a request must
     arrive within :data:`METRICS_REQUEST_TIMEOUT` seconds, idle connections close after
@@ -173,16 +257,19 @@ def metrics_service(
     disable_created_metrics()
     ProcessCollector(registry=registry)
     build_info(registry, program)
-    endpoint = listen_endpoint(reactor, settings["bind_address"], None)
+    endpoint = listen_endpoint(reactor, settings["bind_address"], settings.get("tls"),
+                               name="metrics listener")
     site = GuardedSite(
-        listener_resource(registry, readiness), timeout=METRICS_IDLE_TIMEOUT, reactor=reactor,
+        listener_resource(registry, readiness, page, reactor=reactor, program=program),
+        timeout=METRICS_IDLE_TIMEOUT, reactor=reactor,
     )
     site.noisy = False
     site.request_timeout = METRICS_REQUEST_TIMEOUT
     site.max_body_bytes = METRICS_MAX_BODY_BYTES
     refusals = http_refusals_counter(registry, "metrics")
     site.refusals = lambda reason: refusals.labels(reason).inc()
-    return ListenerService(endpoint, site)
+    sampler = None if page is None else page.sampler
+    return ListenerService(endpoint, site, companions=() if sampler is None else (sampler,))
 
 
 #: The ``reason`` label values of ``<prefix>_http_refusals_total`` (see

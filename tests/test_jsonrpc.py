@@ -233,7 +233,8 @@ class ParseBodyTests(SynchronousTestCase):
         self.assertEqual(len(items), 7)
         self.assertEqual((items[0].id, items[0].notification), ("n:1", False))
         self.assertEqual((items[1].method, items[1].notification), ("note", True))
-        for index, path in ((2, "(top level)"), (3, "(top level)"), (4, "id"), (5, "jsonrpc"), (6, "params")):
+        top = "(top level)"
+        for index, path in ((2, top), (3, top), (4, "id"), (5, "jsonrpc"), (6, "params")):
             error = items[index]
             self.assertIsInstance(error, JSONRPCError, index)
             self.assertEqual(error.code, INVALID_REQUEST, index)

@@ -21,12 +21,14 @@ links are all closed are remembered (for their last-seen time) up to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from epsproxy.eps.links import wire
 from epsproxy.eps.links.peers import Directory, PeerIdentity
@@ -43,6 +45,7 @@ __all__ = [
     "MAX_REMEMBERED_PEERS",
     "LinkRecord",
     "LinkRegistry",
+    "PeerActivity",
     "PeerLinkCollector",
     "link_options",
 ]
@@ -77,6 +80,18 @@ class LinkRecord:
     direction: str
     kept: bool
     last_used: float
+    #: When its hellos completed (None until then).
+    up_since: float | None = None
+
+
+@dataclass
+class PeerActivity:
+    """Calls over the links to one identified peer since start, and the last failure."""
+
+    calls_in: int = 0
+    calls_out: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
 
 
 class LinkRegistry:
@@ -107,20 +122,22 @@ class LinkRegistry:
         self._listeners: list[Callable[[str, str, bool], None]] = []
         # peer name -> last frame received on a link to it that is now closed
         self._seen_before: dict[str, float] = {}
+        # peer name -> calls and last error (identified peers only: bounded like above)
+        self._activity: dict[str, PeerActivity] = {}
 
     # -- building and tracking links ----------------------------------------------------
 
     def server_factory(self, **options: Any) -> EPSServerFactory:
         """A factory for links we accept (listener, or rendezvous as TLS server)."""
         return EPSServerFactory(
-            self.directory, self.own_name, self.serve, self.clock,
+            self.directory, self.own_name, self._serve, self.clock,
             track=lambda link: self.track(link, INCOMING), **{**self.options, **options},
         )
 
     def client_factory(self, kept: bool = False, **options: Any) -> EPSClientFactory:
         """A factory for links we dial; ``kept`` marks persistent ones (never idle-closed)."""
         return EPSClientFactory(
-            self.directory, self.own_name, self.serve, self.clock,
+            self.directory, self.own_name, self._serve, self.clock,
             track=lambda link: self.track(link, OUTGOING, kept), **{**self.options, **options},
         )
 
@@ -135,6 +152,7 @@ class LinkRegistry:
     def _register(self, record: LinkRecord, peer: PeerIdentity) -> None:
         if record.link not in self._records:
             return
+        record.up_since = self.clock.seconds()
         self._by_peer.setdefault(peer.name, []).append(record)
         log.info("EPS link to {peer} is up ({direction})", peer=peer.name,
                  direction=record.direction)
@@ -173,6 +191,22 @@ class LinkRegistry:
             oldest = sorted(self._seen_before, key=self._seen_before.__getitem__)
             for stale in oldest[:excess]:
                 del self._seen_before[stale]
+                if stale not in self._by_peer:
+                    self._activity.pop(stale, None)
+
+    def _serve(self, request: wire.Request, peer: PeerIdentity) -> Any:
+        self._activity.setdefault(peer.name, PeerActivity()).calls_in += 1
+        return self.serve(request, peer)
+
+    def _failed(self, name: str, failure: Failure) -> Failure:
+        activity = self._activity.setdefault(name, PeerActivity())
+        activity.last_error = failure.getErrorMessage()[:300]
+        activity.last_error_at = self.clock.seconds()
+        return failure
+
+    def activity(self, name: str) -> PeerActivity:
+        """Calls to and from peer ``name`` since start, and its last failed call."""
+        return self._activity.get(name) or PeerActivity()
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -236,7 +270,11 @@ class LinkRegistry:
         record = self._records.get(link)
         if record is not None:
             record.last_used = self.clock.seconds()
-        return link.call(method, params, id=id, timeout=timeout)
+        d = link.call(method, params, id=id, timeout=timeout)
+        if link.peer is not None:
+            self._activity.setdefault(link.peer.name, PeerActivity()).calls_out += 1
+            d.addErrback(partial(self._failed, link.peer.name))
+        return d
 
     def close_all(self) -> defer.Deferred[None]:
         """Close every link (shutdown); fires when all are closed."""

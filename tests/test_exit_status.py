@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from tests.support.eps import write_eps_settings
 from tests.support.pki import pki
-from tests.support.proxies import public_section, write_settings
+from tests.support.proxies import PUBLIC_PROXY, private_section, public_section, write_settings
 from tests.support.sd import write_sd_settings
 from tests.support.tls import tls_block
 from tests.support.twistd import busy_port, issue_certificate, run_daemon_twistd, run_twistd
@@ -90,10 +90,12 @@ class ExitStatusTests(unittest.TestCase):
                                f"127.0.0.1:{port}: {BUSY}")
 
     @inlineCallbacks
-    def public_proxy_fails(self, **listeners: str):
+    def public_proxy_fails(self, **listeners: Any):
         folder = self.folder()
         write_settings(folder, {"public": public_section(folder, 1, **listeners)})
-        port = next(iter(listeners.values())).rsplit(":", 1)[1]
+        listener = next(iter(listeners.values()))
+        address = listener["bind_address"] if isinstance(listener, dict) else listener
+        port = address.rsplit(":", 1)[1]
         output = yield self.assertFails(["proxy", "--mode", "public", "--settings", str(folder)],
                                         f"127.0.0.1:{port}: {BUSY}")
         self.assertIn("public proxy could not start: Couldn't listen on", output)
@@ -103,6 +105,31 @@ class ExitStatusTests(unittest.TestCase):
 
     def test_public_proxy_busy_internal_port(self):
         return self.public_proxy_fails(internal_bind_address=f"127.0.0.1:{busy_port(self)}")
+
+    def test_public_proxy_busy_jsonrpc_port(self):
+        return self.public_proxy_fails(jsonrpc_server={
+            "bind_address": f"127.0.0.1:{busy_port(self)}", "tls": tls_block(PUBLIC_PROXY)})
+
+    @inlineCallbacks
+    def test_private_proxy_busy_jsonrpc_port(self):
+        port = busy_port(self)
+        folder = self.folder()
+        write_settings(folder, {"private": private_section(
+            folder, 1, jsonrpc_server={"bind_address": f"127.0.0.1:{port}"})})
+        output = yield self.assertFails(
+            ["proxy", "--mode", "private", "--settings", str(folder)],
+            f"127.0.0.1:{port}: {BUSY}")
+        self.assertIn("could not start: Couldn't listen on", output)
+
+    @inlineCallbacks
+    def test_proxy_busy_metrics_port(self):
+        port = busy_port(self)
+        folder = self.folder()
+        write_settings(folder, {"public": public_section(folder, 1),
+                                "metrics": {"bind_address": f"127.0.0.1:{port}"}})
+        yield self.assertFails(["proxy", "--mode", "public", "--settings", str(folder)],
+                               f"metrics listener could not start: Couldn't listen on "
+                               f"127.0.0.1:{port}: {BUSY}")
 
     # -- files and settings: refused before anything opens --------------------------------
 

@@ -31,6 +31,8 @@ from epsproxy.net.jsonrpc.envelope import (
 )
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.proxy.tap import Options as ProxyOptions, makeService as make_proxy
+from epsproxy.rules.forms import FormError
+from epsproxy.sd.settings import SD_SETTINGS
 from tests.support.eps import Network, gateway_channel, local_channel, service
 from tests.support.pki import pki
 from tests.support.proxies import (
@@ -224,6 +226,7 @@ class ServiceDirectory(StandardChecks, TestCase):
         folder = write_sd_settings(Path(self.mktemp()).absolute(), jsonrpc_server=CAPS)
         sd = yield start_sd(folder)
         self.addCleanup(sd.stop)
+        self.service = sd.sd
         self.rpc = self.client(f"https://127.0.0.1:{sd.port_number}/jsonrpc", "sd-1", "hd-1")
         self.records = sign_chain(base_changes())
 
@@ -246,6 +249,18 @@ class ServiceDirectory(StandardChecks, TestCase):
         self.assertEqual((status, replies[0].code, replies[0].id),
                          (200, INVALID_PARAMS, bad["id"]))
         self.assertEqual(replies[1].result, [])
+
+
+    @defer.inlineCallbacks
+    def test_batch_cap_reloads(self):
+        current = self.service.settings
+        self.service.reload(SD_SETTINGS.validate(
+            {**current, "jsonrpc_server": {**current["jsonrpc_server"], "max_batch": 5}}))
+        status, text = yield self.rpc.post([request("getTip") for _ in range(5)])
+        self.assertEqual((status, len(json.loads(text))), (200, 5))
+        with self.assertRaises(FormError):
+            SD_SETTINGS.validate({**current, "jsonrpc_server": {
+                **current["jsonrpc_server"], "max_batch": 0}})
 
 
 class Gateway(StandardChecks, TestCase):

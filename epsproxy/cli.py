@@ -156,12 +156,7 @@ def cmd_csr(args: argparse.Namespace) -> int:
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     """``eps fingerprint``: the pins of leaf certificates, or a whole certificates record."""
-    from epsproxy.rules.certificate_profile import (
-        ProfileError,
-        certificates_record,
-        check_name,
-        fingerprints_of,
-    )
+    from epsproxy.rules.certificate_profile import ProfileError, check_name, pins_of
 
     leaves = []
     for path in args.certificates:
@@ -170,14 +165,15 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
         except CertificateError as e:
             raise CommandError(str(e)) from None
     try:
-        pins = fingerprints_of(leaves)
+        pins = pins_of(leaves)
         if args.name is None:
-            print(json.dumps(certificates_record("", pins)["data"], indent=2))
+            print(json.dumps(pins, indent=2))
             return 0
         check_name(args.name)
     except ProfileError as e:
         raise CommandError(str(e)) from None
-    print(json.dumps({"records": [certificates_record(args.name, pins)]}, indent=2))
+    record = {"section": "certificates", "name": args.name, "data": pins}
+    print(json.dumps({"records": [record]}, indent=2))
     return 0
 
 

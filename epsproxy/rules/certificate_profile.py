@@ -49,7 +49,7 @@ __all__ = [
     "certificate_kind",
     "certificates_record",
     "check_name",
-    "fingerprints_of",
+    "pins_of",
     "key_pem",
     "key_usage",
     "make_request",
@@ -286,12 +286,16 @@ def write_request(
     return key_path, csr_path
 
 
-def fingerprints_of(certificates: Iterable[x509.Certificate]) -> dict[str, str]:
-    """``{"signing": …, "encryption": …}`` of the given leaves, each by its kind."""
-    found: dict[str, str] = {}
+def pins_of(certificates: Iterable[x509.Certificate]) -> list[dict[str, str]]:
+    """
+    The ``data`` items of a ``certificates`` record pinning the given leaves, each by its
+    kind (signing ones first; several of a kind, e.g. old and new during a rotation, are
+    fine; the same certificate twice is not).
+    """
+    items: list[dict[str, str]] = []
     for certificate in certificates:
-        kind = certificate_kind(certificate)
-        if kind in found:
-            raise ProfileError(f"two {kind} certificates given; a record pins one of each")
-        found[kind] = fingerprint(certificate)
-    return found
+        pin = {"fingerprint": fingerprint(certificate), "key_usage": certificate_kind(certificate)}
+        if pin in items:
+            raise ProfileError(f"certificate {pin['fingerprint']} is given twice")
+        items.append(pin)
+    return sorted(items, key=lambda pin: pin["key_usage"] != "signing")

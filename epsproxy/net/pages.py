@@ -22,6 +22,7 @@ few refusals (bounded).  The helpers :func:`table`, :func:`key_values`, :func:`s
 from __future__ import annotations
 
 import time
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -33,11 +34,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from prometheus_client import CollectorRegistry
 from twisted.web.template import Element, Tag, TagLoader, flattenString, renderer, tags
 
 from epsproxy.net.health import Readiness, readiness_report
+from epsproxy.rules.certificates import (
+    CertificateError,
+    certificate_names,
+    fingerprint,
+    load_certificates_file,
+)
+from epsproxy.rules.credentials import FileSet
 
 __all__ = [
+    "CertificateShelf",
     "IntParameter",
     "PageError",
     "PageElement",
@@ -48,6 +58,8 @@ __all__ = [
     "Sampler",
     "Series",
     "StatusPage",
+    "counter_by",
+    "counter_total",
     "format_age",
     "format_time",
     "key_values",
@@ -337,6 +349,91 @@ def sparkline(values: Sequence[float], *, width: int = 240, height: int = 40,
         for i, v in enumerate(values)
     )
     return svg(baseline, Tag("polyline", attributes={"points": points, "class": "line"}))
+
+
+# -- numbers of the process's own registry -----------------------------------------------
+
+
+def _samples(registry: CollectorRegistry, family: str) -> Iterable[Any]:
+    for metric in registry.restricted_registry([family]).collect():
+        if metric.name == family.removesuffix("_total"):
+            yield from (s for s in metric.samples if s.name == family)
+
+
+def counter_total(
+    registry: CollectorRegistry, family: str,
+    where: Callable[[Mapping[str, str]], bool] = lambda labels: True,
+) -> float:
+    """The sum of the samples named ``family`` (``eps_requests_total``) whose labels fit."""
+    return sum(s.value for s in _samples(registry, family) if where(s.labels))
+
+
+def counter_by(registry: CollectorRegistry, family: str, label: str) -> dict[str, float]:
+    """The samples named ``family`` summed by the value of ``label``."""
+    found: dict[str, float] = {}
+    for sample in _samples(registry, family):
+        key = sample.labels.get(label, "")
+        found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+# -- the process's own certificates -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Read:
+    stamp: tuple[int, int]
+    rows: tuple[tuple[str, str, str, float | None], ...]
+    error: str | None
+
+
+class CertificateShelf:
+    """
+    The certificates a program's settings name (its credential file sets), read again
+    only when a file changes (size or time), for the "Certificates" section.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._read: dict[str, _Read] = {}
+
+    def _load(self, path: str) -> _Read:
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            return _Read((0, 0), (), f"cannot read: {e.strerror}")
+        stamp = (info.st_mtime_ns, info.st_size)
+        cached = self._read.get(path)
+        if cached is not None and cached.stamp == stamp:
+            return cached
+        try:
+            leaf = load_certificates_file(path)[0]
+            names = ", ".join(certificate_names(leaf)) or leaf.subject.rfc4514_string()
+            read = _Read(stamp, ((leaf.subject.rfc4514_string(), names, fingerprint(leaf),
+                                  leaf.not_valid_after_utc.timestamp()),), None)
+        except (CertificateError, OSError, ValueError) as e:
+            read = _Read(stamp, (), str(e))
+        self._read[path] = read
+        return read
+
+    def section(self, file_sets: Iterable[FileSet]) -> Tag:
+        """Every own certificate: where, subject, names, SHA-256 fingerprint, expiry."""
+        now = self.clock.seconds()
+        rows: list[Sequence[Any]] = []
+        for file_set in file_sets:
+            if not file_set.certificate_file:
+                continue
+            read = self._load(file_set.certificate_file)
+            if read.error is not None:
+                rows.append((file_set.where, file_set.kind, read.error, "-", "-"))
+            for subject, names, fp, expires in read.rows:
+                left = None if expires is None else expires - now
+                when = "expired" if left is not None and left < 0 else f"{format_age(left)} left"
+                rows.append((file_set.where, file_set.kind, f"{subject} ({names})",
+                             tags.code(fp), f"{format_time(expires)} ({when})"))
+        return section("Certificates", table(
+            ("settings", "kind", "subject (names)", "SHA-256 fingerprint", "expires"), rows,
+            empty="no certificate files in the settings"))
 
 
 # -- the page ----------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""
+A small network brokering hd-1 <-> hd-2 through a real public proxy on loopback (the
+network of the peer-to-peer tests, SPEC §15): the proxy, its endpoint server
+``public-proxy-1.ga``, and hd-1 and hd-2 published behind it, each keeping a link to
+the proxy's endpoint server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.proxy.tap import Options, makeService
+from tests.support.eps import (
+    Network,
+    client_channel,
+    gateway_channel,
+    gateway_client,
+    local_channel,
+    server_channel,
+    service,
+)
+from tests.support.proxies import public_section, write_settings
+from tests.support.tls import tls_block
+
+PROXY = "public-proxy-1.ga"
+HD = ("health-departments",)
+
+
+@dataclass
+class P2PNetwork:
+    """The running network: nodes by name in ``net``, the public proxy service, clients."""
+
+    net: Network
+    proxy: Any
+    hd1: JSONRPCClient
+    hd2: JSONRPCClient
+
+
+@defer.inlineCallbacks
+def start_p2p_network(test: Any, folder: Path, *, extra_hd1_services: list[Any] = ()) -> Any:  # type: ignore[assignment]
+    """Start the network (cleaned up with ``test``); fires with a :class:`P2PNetwork`."""
+    net = Network(test)
+    net.operator(PROXY, ["proxy-providers"], [service("hd-proxy", HD, "requestConnection")])
+    for name in ("hd-1", "hd-2"):
+        net.operator(name, ["health-departments"], [
+            service("internals", HD, "_ping"),
+            service("connection-requests", ("proxy-providers",), "_connectionRequest"),
+            *(extra_hd1_services if name == "hd-1" else ()),
+        ])
+    options = Options()
+    options.parseOptions(["--mode", "public", "--settings", str(write_settings(
+        folder, {"public": public_section(folder, 1)}))])
+    top = makeService(options, reactor, exit_on_failure=False)
+    proxy = top.services[0]
+    top.startService()
+    test.addCleanup(top.stopService)
+    ports = yield proxy.when_ready()
+    proxy.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
+    yield net.start(PROXY, [
+        server_channel(PROXY), client_channel(PROXY), gateway_channel(PROXY),
+        local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
+                      tls=tls_block(PROXY), server_name=PROXY),
+    ])
+    net.channels(PROXY, {"type": "eps_server",
+                         "settings": {"address": net.server_address(PROXY)}})
+    yield proxy.proxy.client.close()
+    proxy.proxy.client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
+        "endpoint": net.gateway_url(PROXY), "server_name": PROXY, "timeout": 5,
+        "tls": tls_block(PROXY)}))
+    test.addCleanup(proxy.proxy.client.close)
+    for name in ("hd-2", "hd-1"):
+        net.channels(name, {"type": "eps_server",
+                            "settings": {"address": "127.0.0.1:1", "proxy": PROXY}},
+                     {"type": "eps_client"})
+        yield net.start(name, [
+            server_channel(name),
+            client_channel(name, reconnect_initial_delay=0.05, reconnect_max_delay=0.2),
+            gateway_channel(name),
+        ])
+        link = yield net.channel(name, "eps_client").keeper_ready(PROXY)
+        yield link.when_ready()
+    return P2PNetwork(net, proxy, gateway_client(test, net.gateway_url("hd-1")),
+                      gateway_client(test, net.gateway_url("hd-2"), "hd-2"))

@@ -149,7 +149,7 @@ class RealSDTests(unittest.TestCase):
         calls = self.spy(d)
         self.assertIsNone(d.last_success)
         self.assertTrue((yield d.update()))
-        self.assertEqual(calls[0][:2], ("getRecords", {"after": ""}))
+        self.assertEqual(calls[0][:2], ("getRecords", {"after": "", "checkpoint": True}))
         self.assertEqual(d.tip_hash, chain[-1]["hash"])
         self.assertEqual(d.own_entry()["name"], "hd-1")
         self.assertEqual(d.entry_for("hd-2")["channels"][0]["type"], "eps_server")
@@ -175,8 +175,8 @@ class RealSDTests(unittest.TestCase):
         yield self.submit(more)
         self.assertTrue((yield d.update()))
         method, params, result = calls[-1]
-        self.assertEqual(params, {"after": chain[-1]["hash"]})
-        self.assertEqual([r["hash"] for r in result], [more[0]["hash"]])
+        self.assertEqual(params, {"after": chain[-1]["hash"], "checkpoint": True})
+        self.assertEqual([r["hash"] for r in result["records"]], [more[0]["hash"]])
         self.assertEqual(d.entry_for("hd-3")["groups"], ["labs"])
         self.assertEqual(d.tip_hash, more[0]["hash"])
         # Nothing new: no change.
@@ -414,7 +414,7 @@ class FakeSDTests(unittest.TestCase):
         self.assertEqual(len(client.calls), 1)
         pending[0].callback(self.chain)
         self.assertTrue(self.successResultOf(first))
-        self.assertEqual(client.calls[1], ("getRecords", {"after": self.chain[-1]["hash"]}))
+        self.assertEqual(client.calls[1], ("getRecords", {"after": self.chain[-1]["hash"], "checkpoint": True}))
         pending[1].callback([])
         self.assertFalse(self.successResultOf(second))
 
@@ -510,7 +510,7 @@ class FakeSDTests(unittest.TestCase):
         loaded = []
         d.add_listener(lambda: loaded.append(d.tip_hash))
         self.successResultOf(d.start())
-        self.assertEqual(client.calls[0], ("getRecords", {"after": self.chain[1]["hash"]}))
+        self.assertEqual(client.calls[0], ("getRecords", {"after": self.chain[1]["hash"], "checkpoint": True}))
         self.assertEqual(loaded, [self.chain[1]["hash"], self.chain[-1]["hash"]])
         self.assertEqual(len(json.loads(path.read_text())["records"]), len(self.chain))
         self.successResultOf(d.stop())

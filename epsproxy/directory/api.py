@@ -18,7 +18,11 @@ Better than the reference (SPEC §23.3 #28):
 - a failed update keeps the previous data in service; the data going stale is warned
   about once and its recovery logged;
 - the verified records can be kept in a cache file (written atomically, mode 0600) and
-  are re-verified in full when loaded, so an EPS can start while the SD is down.
+  are re-verified in full when loaded, so an EPS can start while the SD is down;
+- it never goes back (issue 15): each view comes with the SD's signed checkpoint, and a
+  view that does not extend the last checkpoint verified (kept in the cache file too) is
+  refused, counted (``eps_directory_views_refused_total``) and kept in :attr:`refusal`
+  while the verified data stays in service (:mod:`epsproxy.directory.checkpoints`).
 """
 
 from __future__ import annotations
@@ -30,13 +34,18 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Protocol, Sequence
 from urllib.parse import urlsplit
 
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.rules import forms, records
+from epsproxy.rules import checkpoint as cp
 from epsproxy.directory.chain import ChainError, VerifiedChain, created_at_key
+from epsproxy.directory.checkpoints import (
+    CheckpointGuard, Verified, View, ViewRefused, short, signers_for,
+)
 from epsproxy.directory.jsondir import DirectoryError, answer_query
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, TransportError
@@ -103,7 +112,8 @@ class APIDirectory:
 
     ``settings`` are validated ``API_DIRECTORY_SETTINGS``; ``own_name`` is our operator
     name.  ``clients`` (one JSON-RPC client per endpoint, with ``call`` and ``close``)
-    replaces the real clients in tests.  Call :meth:`start` once, :meth:`stop` at the end.
+    replaces the real clients in tests; ``registry`` gets the refusal counter.  Call
+    :meth:`start` once, :meth:`stop` at the end.
     """
 
     def __init__(
@@ -112,6 +122,7 @@ class APIDirectory:
         settings: dict[str, Any],
         own_name: str,
         clients: Sequence[_Client] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._reactor = reactor
         self._settings = settings
@@ -132,6 +143,19 @@ class APIDirectory:
         self._started_at: float | None = None
         self._stale_warned = False
         self.last_success: float | None = None
+        witnesses = settings.get("witnesses") or {}
+        self.guard = CheckpointGuard(
+            settings.get("checkpoints", "optional"),
+            signers_for(settings, (urlsplit(u).hostname or "" for u in self._endpoints)),
+            self._trust,
+            witnesses.get("names", []), witnesses.get("required", 0),
+        )
+        self._cached_note: str | None = None
+        #: Why the last view the SD served was refused (None: the last one was accepted).
+        self.refusal: str | None = None
+        self._refused = Counter(
+            "eps_directory_views_refused", "views of the directory refused (by reason)",
+            ["reason"], registry=registry if registry is not None else CollectorRegistry())
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -239,6 +263,24 @@ class APIDirectory:
         """The hash of the last verified record, ``""`` if none."""
         return self._chain.tip_hash
 
+    @property
+    def checkpoint(self) -> Verified | None:
+        """The last checkpoint verified (None: none yet)."""
+        return self.guard.verified
+
+    def head_at(self, size: int) -> bytes | None:
+        """The chain head of the first ``size`` verified records (None beyond them)."""
+        return self._chain.head_at(size)
+
+    def pinned(self, name: str) -> str | None:
+        """The signing fingerprint the verified chain pins for ``name``."""
+        return self._chain.pins.pinned(name)
+
+    @property
+    def records(self) -> list[dict]:
+        """The verified records in chain order (read only)."""
+        return self._chain.records
+
     def is_stale(self, max_age: float) -> bool:
         """Whether the last successful update is more than ``max_age`` seconds old (or none)."""
         if self.last_success is None:
@@ -300,16 +342,28 @@ class APIDirectory:
 
     @inlineCallbacks
     def _update(self) -> Generator[Deferred[Any], Any, bool]:
-        def must_be_list(result: Any) -> None:
+        def must_be_records(result: Any) -> None:
+            if isinstance(result, dict):
+                result = result.get("records")
             if not isinstance(result, list):
-                raise APIDirectoryError("getRecords did not return a list")
+                raise APIDirectoryError("getRecords did not return a list of records")
 
         tip_hash = self._chain.tip_hash
-        fetched = yield self._call("getRecords", {"after": tip_hash}, fail_over=True,
-                                   check=must_be_list)
-        changed = False
-        if fetched:
-            changed = self._apply(fetched, tip_hash)
+        reply = yield self._call("getRecords", {"after": tip_hash, "checkpoint": True},
+                                 fail_over=True, check=must_be_records)
+        fetched, served = (reply["records"], reply) if isinstance(reply, dict) else (reply, None)
+        try:
+            changed = self._apply(fetched, tip_hash, served)
+        except ViewRefused as e:
+            self._refused.labels(e.kind).inc()
+            if self.refusal != e.reason:
+                log.error("refused the SD's view of the directory ({kind}): {reason}; "
+                          "serving the verified data", kind=e.kind, reason=e.reason)
+            self.refusal = e.reason
+            raise UpdateError(f"refused the SD's view: {e.reason}") from None
+        if self.refusal is not None:
+            log.info("the SD's view of the directory is accepted again")
+            self.refusal = None
         self.last_success = self._reactor.seconds()
         if changed:
             log.info("directory updated: {count} records, tip {tip}",
@@ -318,29 +372,71 @@ class APIDirectory:
             self._notify()
         return changed
 
-    def _apply(self, fetched: list[Any], tip_hash: str) -> bool:
-        first = fetched[0]
+    def _apply(self, fetched: list[Any], tip_hash: str, served: Any) -> bool:
+        """
+        Check the view (the records after ``tip_hash`` and the checkpoint ``served``
+        with them) and, if it may replace ours, take it.  Returns whether the chain
+        changed; raises :class:`ViewRefused` or :class:`UpdateError`, changing nothing.
+        """
+        chain = self._chain
+        first = fetched[0] if fetched else None
         parent = first.get("parent_hash") if isinstance(first, dict) else None
         try:
-            if parent == tip_hash:
-                self._chain.extend(fetched)
-                return True
+            if not fetched or parent == tip_hash:
+                view = self._extension_view(chain, fetched)
+                verified = self.guard.check(view, served)
+                chain.extend(fetched)
+                self.guard.accept(verified)
+                return bool(fetched) or self._new_checkpoint(verified)
             if parent == "":
                 fresh = VerifiedChain(self._trust)
                 fresh.extend(fetched)
-                current = self._chain.root_created_at
-                if current is not None and (
+                # A new root is a reset; the same root again is this chain served whole
+                # (the SD does not know our tip: a rollback or a fork, or a new SD).
+                root = fresh.records[0]
+                same_root = bool(chain.records) and chain.records[0]["hash"] == root["hash"]
+                view = View(len(fresh), fresh.head_at, fresh.pins.pinned,
+                            None if same_root else root)
+                verified = self.guard.check(view, served)
+                current = chain.root_created_at
+                if self.guard.verified is None and current is not None and (
                     created_at_key(fresh.root_created_at or "") < created_at_key(current)
                 ):
                     raise UpdateError(
                         "server tried to provide an outdated service directory"
                     )
-                log.info("the SD was reset: rebuilding the directory from a new root")
+                if fresh.head_at(len(chain)) != chain.head:
+                    log.info("the SD was reset: rebuilding the directory from a new root")
+                self.guard.accept(verified)
                 self._chain = fresh
                 return True
         except ChainError as e:
             raise UpdateError(f"refused records from the SD: {e}") from None
         raise UpdateError("records do not continue the local chain")
+
+    def _new_checkpoint(self, verified: Verified | None) -> bool:
+        # Same records, newer signature (or cosignatures): worth writing to the cache.
+        return verified is not None and verified.signed.text != self._cached_note
+
+    @staticmethod
+    def _extension_view(chain: VerifiedChain, fetched: list[Any]) -> View:
+        """The view ``chain`` + ``fetched`` (checked, not applied: extend checks records)."""
+        try:
+            hashes = [r["hash"] for r in fetched]
+            heads = cp.chain_heads(hashes, chain.head)
+        except (KeyError, TypeError, cp.CheckpointError):
+            raise ViewRefused("mismatch", "the records served have malformed hashes") from None
+        pins = chain.pins.copy()
+        for signed in fetched:
+            pins.observe(signed)
+        size = len(chain)
+
+        def head_at(n: int) -> bytes | None:
+            if n <= size:
+                return chain.head_at(n)
+            return heads[n - size - 1] if n - size <= len(heads) else None
+
+        return View(size + len(heads), head_at, pins.pinned)
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
@@ -390,9 +486,19 @@ class APIDirectory:
                 chain.extend(content["records"])
             except ChainError as e:
                 raise APIDirectoryError(str(e)) from None
+            try:
+                verified = self.guard.check(
+                    View(len(chain), chain.head_at, chain.pins.pinned), content.get("checkpoint"))
+            except ViewRefused as e:
+                raise APIDirectoryError(f"its checkpoint: {e}") from None
         except APIDirectoryError as e:
             log.warn("ignoring directory cache {path}: {error}", path=str(path), error=str(e))
             return
+        self.guard.accept(verified)
+        if verified is not None:
+            self._cached_note = verified.signed.text
+            log.info("directory cache holds checkpoint {checkpoint}",
+                     checkpoint=short(verified.checkpoint))
         self._chain = chain
         log.info("directory loaded {count} records from cache", count=len(chain))
         if len(chain):
@@ -402,7 +508,12 @@ class APIDirectory:
         if self.cache_file is None:
             return
         path = self.cache_file
-        body = json.dumps({"records": self._chain.records}, separators=(",", ":")).encode()
+        content: dict[str, Any] = {"records": self._chain.records}
+        verified = self.guard.verified
+        if verified is not None:
+            content["checkpoint"] = verified.as_json()
+            self._cached_note = verified.signed.text
+        body = json.dumps(content, separators=(",", ":")).encode()
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

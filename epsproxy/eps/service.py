@@ -52,6 +52,9 @@ RESTART_KEYS = (
     "directory.settings.ca_certificate_files",
     "directory.settings.ca_intermediate_certificate_files",
     "directory.settings.cache_file",
+    "directory.settings.checkpoints",
+    "directory.settings.checkpoint_signers",
+    "directory.settings.witnesses",
     "channels[*]?",
     "channels[*].type",
     "channels[*].settings.bind_address",
@@ -182,7 +185,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
                 reload_interval=directory["settings"]["reload_interval"],
             )
         else:
-            self.directory = APIDirectory(self.reactor, directory["settings"], self.name)
+            self.directory = APIDirectory(self.reactor, directory["settings"], self.name,
+                                          registry=self.registry)
             await self.directory.start()
         try:
             self.directory.own_entry()
@@ -331,6 +335,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
                 checks["directory"] = (
                     f"stale: no successful update from the SD for {age:.0f} s"
                     f" (limit {limit:g} s)")
+            if directory.refusal is not None:
+                checks["checkpoint"] = f"degraded: refused the SD's view: {directory.refusal}"
             if "directory" in checks:
                 return checks
         try:

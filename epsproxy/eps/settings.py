@@ -44,6 +44,24 @@ API_DIRECTORY_SETTINGS = forms.Map(
         "ca_certificate_files": forms.Required(forms.StringList()),
         "ca_intermediate_certificate_files": forms.Optional(forms.StringList(), default=[]),
         "cache_file": forms.Optional(forms.String()),
+        "checkpoints": forms.Optional(
+            forms.String(choices=("required", "optional")), default="optional",
+            doc="required: refuse views without a valid signed checkpoint; optional: "
+            "accept unsigned views until the first checkpoint verified (docs/checkpoints.md)",
+        ),
+        "checkpoint_signers": forms.Optional(
+            forms.StringList(), default=[],
+            doc="names whose signature makes a checkpoint the SD's (default: server_names)",
+        ),
+        "witnesses": forms.Optional(forms.Map(
+            {
+                "names": forms.Required(forms.StringList()),
+                "required": forms.Optional(forms.Integer(min=0, max=32), default=1),
+                "cosign": forms.Optional(forms.Boolean(), default=False,
+                                         doc="cosign the checkpoints this node verified"),
+            },
+            strict=True,
+        )),
     },
     strict=True,
 )

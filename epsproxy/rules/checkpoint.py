@@ -53,6 +53,9 @@ __all__ = [
     "sign",
     "cosign",
     "verify",
+    "RESET_KEY",
+    "reset_change",
+    "replaced_by",
 ]
 
 #: Largest note accepted (bytes of UTF-8).
@@ -290,10 +293,10 @@ def verify(
     by_key: dict[tuple[str, bytes], Signer] = {}
     for pem in list(certificates)[:MAX_SIGNATURES]:
         try:
-            signer = load_signer(pem)
+            loaded = load_signer(pem)
         except InvalidRecord:
             continue
-        by_key.setdefault((signer.name, _key_id(signer)), signer)
+        by_key.setdefault((loaded.name, _key_id(loaded)), loaded)
     body = signed.checkpoint.body().encode("utf-8")
     good: list[str] = []
     for line in signed.signatures:
@@ -319,3 +322,51 @@ def verify(
         if line.name not in good:
             good.append(line.name)
     return good
+
+
+# ------------------------------------------------------------------ resets
+
+#: The key, in a ``settings`` record's item, of the checkpoint a reset replaces.
+RESET_KEY = "replaces_checkpoint"
+
+
+def reset_change(name: str, replaced: Checkpoint, created_at: str) -> dict:
+    """
+    The change record that starts a reset: a ``settings`` record of ``name`` (the
+    sd-admin signing the reset) naming the checkpoint it replaces.  Sign it as the root
+    of the new chain (``parent_hash`` ``""``); endpoint servers that verified
+    ``replaced`` accept the new chain only because of it.
+    """
+    return {
+        "name": name,
+        "section": "settings",
+        "data": [{"settings": {RESET_KEY: {
+            "origin": replaced.origin,
+            "size": replaced.size,
+            "head": base64.b64encode(replaced.head).decode("ascii"),
+        }}}],
+        "created_at": created_at,
+    }
+
+
+def replaced_by(record: Any) -> tuple[str, int, bytes] | None:
+    """(origin, size, head) of the checkpoint a reset's root ``record`` names, if any."""
+    if not isinstance(record, dict) or record.get("section") != "settings":
+        return None
+    data = record.get("data")
+    for item in data if isinstance(data, list) else []:
+        settings = item.get("settings") if isinstance(item, dict) else None
+        named = settings.get(RESET_KEY) if isinstance(settings, dict) else None
+        if not isinstance(named, dict):
+            continue
+        origin, size, head = named.get("origin"), named.get("size"), named.get("head")
+        if not (isinstance(origin, str) and isinstance(size, int)
+                and not isinstance(size, bool) and isinstance(head, str)):
+            continue
+        try:
+            head_bytes = _b64(head, "head")
+        except CheckpointError:
+            continue
+        if len(head_bytes) == 32:
+            return origin, size, head_bytes
+    return None

@@ -65,6 +65,7 @@ from epsproxy.rules.credentials import (
     summary,
 )
 from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
+from epsproxy.net import admission
 from epsproxy.net.lifecycle import AsyncStartService, ReloadError, stop_reactor_soon
 from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.logs import LOG_FORMATS, LOG_LEVELS, LogOutput
@@ -364,6 +365,9 @@ class ProgramService(MultiService):
         self._set_expiries(options.checked.file_sets)
         if manage_process:
             self.exit.install()
+            # Listeners stop at their caps well before this limit (net/admission.py).
+            admission.raise_descriptor_limit()
+        registry.register(admission.AdmissionCollector(program))
 
     # -- building -----------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ from epsproxy.rules.certificates import (
     load_private_key_file,
 )
 from epsproxy.net.connectproxy import HTTPConnectEndpoint, proxy_for
+from epsproxy.net.admission import Admission, AdmissionEndpoint
 from epsproxy.net.hostport import is_ip, parse_host_port, truncate_ip
 from epsproxy.net.ratelimit import RateLimitedFactory
 from epsproxy.net.reactor import IReactor
@@ -544,6 +545,7 @@ def listen_endpoint(
     backlog: int = 1024,
     *,
     name: str | None = None,
+    admission: Admission | None = None,
 ) -> IStreamServerEndpoint:
     """
     A server endpoint for ``bind_address`` (``host:port`` text; ``localhost`` means
@@ -551,12 +553,17 @@ def listen_endpoint(
     from :func:`server_options` when ``tls`` is given: then it is a
     :class:`TLSServerEndpoint` whose ``options`` can be replaced, and whose failed
     handshakes are logged naming the listener ``name`` (default: the address).
+
+    With ``admission`` the listener is capped (:mod:`epsproxy.net.admission`): it stops
+    accepting at the cap, and closes connections over the per-address cap before TLS.
     """
     host, port = parse_host_port(bind_address)
     if host == "localhost":
         host = "127.0.0.1"
     tcp: IStreamServerEndpoint
-    if ":" in host:
+    if admission is not None:
+        tcp = AdmissionEndpoint(reactor, port, admission, backlog=backlog, interface=host)
+    elif ":" in host:
         tcp = TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host)
     else:
         tcp = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)

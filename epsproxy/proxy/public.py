@@ -49,9 +49,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.net.lifecycle import AsyncStartService, ReloadError
+from epsproxy.net.pages import RecentEvents
 from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.rules import forms
-from epsproxy.net import ratelimit, tls
+from epsproxy.net import admission, ratelimit, tls
 from epsproxy.rules.certificates import certificate_names
 from epsproxy.rules.text import shorten
 from epsproxy.net.jsonrpc.client import JSONRPCClient
@@ -348,7 +349,7 @@ class _SNICollector:
 
     COUNTERS = ("accepted", "routed", "notified", "notify_failed", "no_sni", "malformed",
                 "timeouts", "no_route", "full", "abandoned", "bad_proxy_header",
-                "rate_limited")
+                "rate_limited", "untrusted_proxy_source")
 
     def __init__(self, service: PublicProxyService) -> None:
         self.service = service
@@ -420,6 +421,14 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             on_refused=lambda reason: self._rate_limited.inc(),
         )
         self._front_limiter: ratelimit.RateLimiter | None = None
+        # Connection caps (epsproxy.net.admission): at the cap a listener stops accepting.
+        # Behind load balancers (proxy_protocol) their addresses carry many clients: no
+        # per-address cap for them at accept.
+        self._trusted = admission.parse_networks(settings["proxy_protocol_trusted"])
+        self.tls_admission = admission.listener_admission(
+            "public.tls", settings, prefix="tls_", exempt=self._lb_sources(settings))
+        self.internal_admission = admission.listener_admission(
+            "public.internal", settings, prefix="internal_")
         limiter = self._internal_limiter
         self.rendezvous = Rendezvous(
             reactor,
@@ -436,6 +445,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self.listener: JSONRPCListener | None = None
         self._retired = RetiredClients(reactor)
         self.proxy: PublicProxy | None = None
+        #: The last server names the TLS listener had no announcement for (status page).
+        self.refused_names = RecentEvents(reactor)
         self.announcements: PublicAnnouncements | None = None
         self.front: SNIFront | None = None
         self.registry.register(_SNICollector(self))
@@ -522,12 +533,14 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         announcements = self.announcements
         self.front = SNIFront(
             self.reactor, self.rendezvous,
-            lookup=announcements.operator_for,
+            lookup=self._operator_for,
             notify=self._incoming_connection,
             max_hello_bytes=settings["max_hello_bytes"],
             hello_timeout=settings["hello_timeout"],
             internal_endpoint=settings["internal_endpoint"],
             proxy_protocol=settings["proxy_protocol"],
+            proxy_trusted=self._trusted,
+            proxy_untrusted=settings["proxy_protocol_untrusted"],
             # Behind a load balancer the client's address is in the PROXY header: the
             # front applies the limits itself, per real client.
             rate_limiter=limiter if settings["proxy_protocol"] else None,
@@ -536,17 +549,30 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         factory: Any = self.front.factory()
         if not settings["proxy_protocol"]:
             factory = limiter.wrap(factory)
-        endpoint = tls.listen_endpoint(self.reactor, settings["tls_bind_address"], None)
+        endpoint = tls.listen_endpoint(self.reactor, settings["tls_bind_address"], None,
+                                       admission=self.tls_admission)
         port = await endpoint.listen(factory)
         self.ports.append(port)
         return port
 
     async def _listen_internal(self) -> IListeningPort:
         factory: Any = self._internal_limiter.wrap(self.rendezvous.factory())
-        endpoint = tls.listen_endpoint(self.reactor, self.settings["internal_bind_address"], None)
+        endpoint = tls.listen_endpoint(self.reactor, self.settings["internal_bind_address"], None,
+                                       admission=self.internal_admission)
         port = await endpoint.listen(factory)
         self.ports.append(port)
         return port
+
+    def _lb_sources(self, settings: dict[str, Any]) -> tuple[Any, ...]:
+        return self._trusted if settings["proxy_protocol"] else ()
+
+    def _operator_for(self, domain: str) -> str | None:
+        """The operator that announced ``domain``; a name nobody announced is remembered."""
+        assert self.announcements is not None
+        operator = self.announcements.operator_for(domain)
+        if operator is None:
+            self.refused_names.add(domain)
+        return operator
 
     def _describe(self) -> str:
         return "public proxy"
@@ -565,6 +591,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         where = "tcp_rate_limits"
         try:
             limits = ratelimit.TCP_RATE_LIMITS(list(settings["tcp_rate_limits"]))
+            where = "proxy_protocol_trusted"
+            trusted = admission.parse_networks(settings["proxy_protocol_trusted"])
             where = "jsonrpc_client."
             if self.proxy is not None and settings["jsonrpc_client"] != self.settings["jsonrpc_client"]:
                 client = TrackedClient(self.reactor, settings["jsonrpc_client"])
@@ -576,6 +604,11 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
                 client.close()
             raise ReloadError(f"{where}{e}") from None
         self._internal_limiter.reconfigure(limits)
+        self._trusted = trusted
+        self.tls_admission.reconfigure(
+            settings.get("tls_max_connections"), settings.get("tls_max_connections_per_address"),
+            exempt=self._lb_sources(settings))
+        admission.reconfigure_from(self.internal_admission, settings, prefix="internal_")
         if self._front_limiter is not None:
             self._front_limiter.reconfigure(limits)
         r = self.rendezvous
@@ -586,6 +619,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             self.front.max_hello_bytes = settings["max_hello_bytes"]
             self.front.hello_timeout = settings["hello_timeout"]
             self.front.internal_endpoint = settings["internal_endpoint"]
+            self.front.proxy_trusted = trusted
+            self.front.proxy_untrusted = settings["proxy_protocol_untrusted"]
         if self.proxy is not None:
             if client is not None and self.client is not None:
                 self._retired.retire(self.client, self.settings["jsonrpc_client"]["timeout"])

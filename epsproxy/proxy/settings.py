@@ -21,6 +21,7 @@ from typing import Any
 
 from epsproxy.rules import forms
 from epsproxy.rules.credentials import FileSet, tls_file_set
+from epsproxy.net.admission import LISTENER_LIMIT_FIELDS, parse_networks
 from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
@@ -54,6 +55,15 @@ def _address(text: str) -> str:
 def _listen_address(text: str) -> str:
     parse_host_port(text)
     return text
+
+
+def _networks(items: list[str]) -> list[str]:
+    parse_networks(items)  # parsed again, once, by the service: this only checks
+    return items
+
+
+def _prefixed(prefix: str, fields: dict[str, forms.Field]) -> dict[str, forms.Field]:
+    return {prefix + key: field for key, field in fields.items()}
 
 
 _ADDRESS = forms.Check(forms.String(min_length=1), _address)
@@ -123,6 +133,18 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             forms.Boolean(), default=False,
             doc="the TLS listener expects a PROXY v1/v2 header (behind a load balancer)",
         ),
+        "proxy_protocol_trusted": forms.Optional(
+            forms.Check(forms.StringList(), _networks), default=["127.0.0.1", "::1"],
+            doc="with proxy_protocol: the addresses or networks (10.0.0.0/8) whose PROXY "
+                "header is believed (the load balancers)",
+        ),
+        "proxy_protocol_untrusted": forms.Optional(
+            forms.String(choices=("refuse", "data")), default="refuse",
+            doc="with proxy_protocol, a connection from any other address: refuse (close "
+                "it) or data (no header expected: its bytes are the ClientHello)",
+        ),
+        **_prefixed("tls_", LISTENER_LIMIT_FIELDS),
+        **_prefixed("internal_", LISTENER_LIMIT_FIELDS),
         "shutdown_grace": forms.Optional(
             forms.Float(min=0, max=3600), default=30.0,
             doc="on SIGTERM, seconds spliced connections may go on before they are cut",

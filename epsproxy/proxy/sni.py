@@ -31,15 +31,19 @@ done here rather than with Twisted's ``haproxy:`` endpoint
 that arrives in pieces of fewer than 8/16 bytes, has no deadline of its own, builds the
 inner protocol (and so would run a rate limiter) with the load balancer's address, and
 puts a wrapper transport under the splice, which then loses its fast path.
-Turn it on only behind a load balancer that always sends the header: whoever can reach
-the port can claim any address.
+Only the sources in ``proxy_trusted`` (the load balancers' addresses or networks,
+parsed once with :mod:`ipaddress`) may send a header: a connection from anywhere else
+is closed at accept (``proxy_untrusted="refuse"``, the default) or read as a plain
+client with its own address (``"data"``), and counted (``untrusted_proxy_source``), so
+whoever reaches the port directly cannot claim another client's address.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any, Callable, Iterable, cast
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -54,6 +58,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epsproxy.net.admission import address_in
 from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.ratelimit import RateLimiter
 from epsproxy.net.token import encode_token, token_tag
@@ -218,7 +223,8 @@ class _Client(Protocol):
     def __init__(self, front: SNIFront, address: IAddress | None) -> None:
         self.front = front
         self.address = address  # the client's, from the PROXY header when there is one
-        self.header: ProxyHeaderReader | None = ProxyHeaderReader() if front.proxy_protocol else None
+        self.header: ProxyHeaderReader | None = (
+            ProxyHeaderReader() if front.expects_header(address) else None)
         self.reader = ClientHelloReader(front.max_hello_bytes)
         self.state = "reading"  # -> "routing" -> "parked", or "closed"
         self.timer: Any = None
@@ -286,7 +292,9 @@ class SNIFront:
 
     Counters since start: ``accepted``, ``no_sni``, ``malformed``, ``timeouts``,
     ``no_route``, ``full`` (rendezvous table full), ``abandoned`` (client left before
-    its hello was complete), ``bad_proxy_header``, ``rate_limited``, ``routed``
+    its hello was complete), ``bad_proxy_header``, ``untrusted_proxy_source`` (with
+    ``proxy_protocol``: connections from a source not in ``proxy_trusted``, refused or
+    read without a header as ``proxy_untrusted`` says), ``rate_limited``, ``routed``
     (parked and notify sent), ``notified`` (notify succeeded), ``notify_failed``;
     gauge :attr:`reading` (connections still reading their hello).
     """
@@ -302,6 +310,8 @@ class SNIFront:
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         internal_endpoint: str,
         proxy_protocol: bool = False,
+        proxy_trusted: Iterable[IPv4Network | IPv6Network] = (),
+        proxy_untrusted: str = "refuse",
         rate_limiter: RateLimiter | None = None,
     ) -> None:
         ClientHelloReader(max_hello_bytes)  # validates the cap
@@ -313,6 +323,8 @@ class SNIFront:
         self.hello_timeout = hello_timeout
         self.internal_endpoint = internal_endpoint
         self.proxy_protocol = proxy_protocol
+        self.proxy_trusted = tuple(proxy_trusted)
+        self.proxy_untrusted = proxy_untrusted
         self.rate_limiter = rate_limiter
         self._reading: set[_Client] = set()
         self._closing = False
@@ -325,6 +337,7 @@ class SNIFront:
         self.full = 0
         self.abandoned = 0
         self.bad_proxy_header = 0
+        self.untrusted_proxy_source = 0
         self.rate_limited = 0
         self.routed = 0
         self.notified = 0
@@ -354,8 +367,25 @@ class SNIFront:
 
     # -- internals
 
+    def expects_header(self, address: IAddress | None) -> bool:
+        """
+        Whether a connection from ``address`` must begin with a PROXY header: with
+        ``proxy_protocol`` on, one from a trusted source (``proxy_trusted``) must; from
+        any other, ``proxy_untrusted`` says: ``"refuse"`` (closed at accept) or
+        ``"data"`` (no header read: its first bytes are the ClientHello).
+        """
+        return self.proxy_protocol and address_in(address, self.proxy_trusted)
+
     def _accepted(self, client: _Client) -> None:
         self.accepted += 1
+        if self.proxy_protocol and client.header is None:
+            self.untrusted_proxy_source += 1
+            if self.proxy_untrusted == "refuse":
+                log.info("closing {peer}: not a trusted PROXY protocol source",
+                         peer=_describe(client.address))
+                client.state = "closed"
+                cast(ITCPTransport, client.transport).abortConnection()
+                return
         self._reading.add(client)
         client.timer = self.clock.callLater(self.hello_timeout, self._timed_out, client)
         if client.header is None:

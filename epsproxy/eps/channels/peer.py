@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from epsproxy.rules import forms
 
-from epsproxy.net import ratelimit, tls
+from epsproxy.net import admission, ratelimit, tls
 from epsproxy.eps import inbox
 from epsproxy.eps.addresses import Address, parse_address
 from epsproxy.eps.broker import (
@@ -83,6 +83,7 @@ EPS_SERVER_SETTINGS = forms.Map(
         "bind_address": forms.Optional(forms.String(min_length=1), default="localhost:4444"),
         "tls": forms.Required(tls.TLS_SETTINGS),
         "tcp_rate_limits": forms.Optional(ratelimit.TCP_RATE_LIMITS),
+        **admission.LISTENER_LIMIT_FIELDS,
         **LINK_SETTINGS,
     },
     strict=True,
@@ -157,12 +158,13 @@ class EPSServerChannel(Startable, ConnectionRequestHandler):
             settings.get("tcp_rate_limits") or [], reactor,
             on_refused=None if refusals is None else lambda _: refusals("rate_limited"),
         )
+        self.admission = admission.listener_admission(f"channels[{name}]", settings)
 
     def start(self) -> defer.Deferred[IListeningPort]:
         """Listen on ``bind_address``; fires with the port."""
         endpoint = self._endpoint = tls.listen_endpoint(
             self.reactor, self.settings["bind_address"], self.settings["tls"],
-            name=f"channels[{self.name}]")
+            name=f"channels[{self.name}]", admission=self.admission)
         self._factory = self.links.server_factory(**self._link_options())
         factory = self.limiter.wrap(self._factory)
 
@@ -198,6 +200,7 @@ class EPSServerChannel(Startable, ConnectionRequestHandler):
         else:
             tls.server_options(settings["tls"])
         self.limiter.reconfigure(limits)
+        admission.reconfigure_from(self.admission, settings)
         self.settings = settings
         if self._factory is not None:
             self._factory.options.update(self._link_options())

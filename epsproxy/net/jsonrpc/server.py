@@ -70,7 +70,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from epsproxy.net import ratelimit, tls
+from epsproxy.net import admission, ratelimit, tls
 from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.jsonrpc.envelope import (
@@ -157,6 +157,7 @@ JSONRPC_SERVER_SETTINGS = forms.Map(
         "cors": forms.Optional(CORS_SETTINGS),
         "tls": forms.Optional(tls.TLS_SETTINGS),
         "tcp_rate_limits": forms.Optional(ratelimit.TCP_RATE_LIMITS, default=[]),
+        **admission.LISTENER_LIMIT_FIELDS,
         "max_body_bytes": forms.Optional(
             forms.Integer(min=1), default=DEFAULT_MAX_BODY_BYTES
         ),
@@ -720,8 +721,11 @@ class JSONRPCListener:
         self.reactor = reactor
         self.site = site
         self.settings = settings
+        # Capped (max_connections*, epsproxy.net.admission): at the cap it stops accepting.
+        self.admission = admission.listener_admission(name or settings["bind_address"], settings)
         self.endpoint = tls.listen_endpoint(
-            reactor, settings["bind_address"], settings.get("tls"), name=name)
+            reactor, settings["bind_address"], settings.get("tls"), name=name,
+            admission=self.admission)
         self.limiter = ratelimit.RateLimiter(
             settings.get("tcp_rate_limits") or [], reactor, on_refused=self._rate_limited)
         self.port: IListeningPort | None = None
@@ -757,6 +761,7 @@ class JSONRPCListener:
         if isinstance(options, tls.ReloadableServerOptions) and settings.get("tls") is not None:
             options.replace(settings["tls"])  # the one step that can fail: first
         self.limiter.reconfigure(limits)
+        admission.reconfigure_from(self.admission, settings)
         site = self.site
         site.timeOut = settings["timeout"]
         if isinstance(site, GuardedSite):

@@ -1,0 +1,599 @@
+"""
+Connection caps for listeners, a process-wide cap, and the descriptor headroom they keep.
+
+A listener that accepts whatever arrives runs out of file descriptors under a flood of
+slow connections from many addresses, and then ``accept()`` fails with ``EMFILE`` for
+everyone: the node's operators and peers too.  As HAProxy does (``maxconn`` per frontend
+and global, the kernel backlog as the queue beyond it), a listener here *stops accepting*
+at its cap and resumes once a connection below it closes; the connections beyond wait in
+the backlog (or time out there) and cost the process nothing.
+
+- :class:`ProcessBudget` is the process-wide cap: the soft ``RLIMIT_NOFILE`` minus
+  :func:`reserved_for` descriptors, kept for what must work while public listeners are
+  full (established peer links, the node's own outgoing dials, its store, the metrics
+  listener, log files).  Those are never counted, so they always find descriptors.
+  :data:`PROCESS` is the process's budget (a process has one descriptor table).
+- :class:`Admission` is one listener's cap, sans-IO: connections in, ``accept`` or
+  ``refuse`` and pause/resume out (through the :class:`Gate` it is attached to).  It
+  also caps concurrent connections per client address (an IPv6 client per /64, as the
+  rate limits count them), so that one address cannot hold the whole cap; a connection
+  over it is closed at once.
+- :class:`AdmissionEndpoint` is the thin part: a TCP listener whose port asks the
+  admission before each ``accept()`` and stops reading its socket at the cap.
+- :func:`raise_descriptor_limit` lifts the soft ``RLIMIT_NOFILE`` towards the hard one at
+  start (twistd does it through :mod:`epsproxy.net.program`), logging before and after.
+- :class:`AdmissionCollector` exports the figures (current, cap, times the cap was
+  reached, per-address refusals, accept errors such as ``EMFILE``).
+
+Settings: :data:`LISTENER_LIMIT_FIELDS` (``max_connections``,
+``max_connections_per_address``) go into each listener's settings; when left out they
+are derived from the descriptor limit (:func:`default_listener_cap`,
+:func:`default_per_address_cap`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import resource
+from typing import Any, Iterable, Iterator, Protocol as TypingProtocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    ILoggingContext,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IStreamServerEndpoint,
+)
+from twisted.logger import ILogObserver, Logger, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from epsproxy.net.hostport import peer_key
+from epsproxy.rules import forms
+
+__all__ = [
+    "LISTENER_LIMIT_FIELDS",
+    "PROCESS",
+    "address_in",
+    "Admission",
+    "AdmissionCollector",
+    "AdmissionEndpoint",
+    "Gate",
+    "ProcessBudget",
+    "default_listener_cap",
+    "default_per_address_cap",
+    "descriptor_limit",
+    "listener_admission",
+    "parse_networks",
+    "raise_descriptor_limit",
+    "reconfigure_from",
+    "reserved_for",
+]
+
+log = Logger()
+
+#: Fewest descriptors kept out of the process-wide cap, whatever the limit.
+MIN_RESERVED = 64
+#: Highest soft limit :func:`raise_descriptor_limit` asks for when the hard one is
+#: unlimited (select/poll costs and kernel memory grow with it).
+MAX_RAISED_LIMIT = 1 << 20
+
+LISTENER_LIMIT_FIELDS: dict[str, forms.Field] = {
+    "max_connections": forms.Optional(
+        forms.Integer(min=1),
+        doc="most connections open at once on this listener; at the cap it stops "
+            "accepting (new ones wait in the backlog). Default: half the process-wide "
+            "cap (the descriptor limit less the reserved headroom)",
+    ),
+    "max_connections_per_address": forms.Optional(
+        forms.Integer(min=1),
+        doc="most connections open at once from one client address (IPv6: per /64); "
+            "more are closed at once. Default: a tenth of max_connections (at least 8)",
+    ),
+}
+"""The per-listener connection caps, for a listener's settings schema."""
+
+
+# ------------------------------------------------------------------ descriptor limits
+
+
+def descriptor_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` (descriptors this process may hold)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_RAISED_LIMIT if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def raise_descriptor_limit(ceiling: int = MAX_RAISED_LIMIT) -> tuple[int, int]:
+    """
+    Raise the soft ``RLIMIT_NOFILE`` to the hard limit (at most ``ceiling``); log the
+    limit before and after.  Returns ``(before, after)``; never lowers it, and a refusal
+    by the system is logged and leaves the limit as it was.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(int(hard), ceiling)
+    before = int(soft) if soft != resource.RLIM_INFINITY else ceiling
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the descriptor limit from {before} to {target}: {why}",
+                     before=before, target=target, why=str(e))
+            return before, before
+    after = descriptor_limit()
+    log.info("descriptor limit (RLIMIT_NOFILE): {before} before, {after} after "
+             "(hard limit {hard})", before=before, after=after,
+             hard="unlimited" if hard == resource.RLIM_INFINITY else hard)
+    return before, after
+
+
+def reserved_for(limit: int) -> int:
+    """Descriptors kept out of the process-wide cap: a tenth, at least :data:`MIN_RESERVED`."""
+    return max(MIN_RESERVED, limit // 10)
+
+
+def default_listener_cap(process_cap: int) -> int:
+    """A listener's default cap: half the process-wide one, so two floods cannot starve a third."""
+    return max(1, process_cap // 2)
+
+
+def default_per_address_cap(listener_cap: int) -> int:
+    """Default concurrent connections per address: a tenth of the listener's cap, at least 8."""
+    return max(8, listener_cap // 10)
+
+
+def parse_networks(items: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """
+    Addresses and networks (``"10.0.0.0/8"``, ``"127.0.0.1"``, ``"::1"``) parsed once;
+    raises ``ValueError`` naming the first bad one.
+    """
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item[:60]!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def address_in(address: Any, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether ``address`` (an ``IAddress`` or host text) lies in one of ``networks``."""
+    host = getattr(address, "host", address)
+    if not isinstance(host, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+# ------------------------------------------------------------------ sans-IO caps
+
+
+class Gate(TypingProtocol):
+    """What an :class:`Admission` pauses and resumes: a listening port's reading."""
+
+    def stopReading(self) -> None: ...
+
+    def startReading(self) -> None: ...
+
+
+class ProcessBudget:
+    """
+    The process-wide cap on connections accepted by capped listeners: ``cap`` when
+    given, else the soft descriptor limit less :func:`reserved_for` it (read when asked,
+    so a raised limit counts).  ``reached`` counts the times it filled up;
+    ``accept_errors`` counts ``accept()`` failures by errno name (``EMFILE``...).
+    """
+
+    def __init__(self, cap: int | None = None, reserved: int | None = None) -> None:
+        self.configured_cap = cap
+        self.configured_reserved = reserved
+        self.current = 0
+        self.reached = 0
+        self.accept_errors: dict[str, int] = {}
+        self.listeners: list[Admission] = []
+
+    @property
+    def limit(self) -> int:
+        """The soft descriptor limit."""
+        return descriptor_limit()
+
+    @property
+    def reserved(self) -> int:
+        """Descriptors left out of the cap for links, dials, the store and metrics."""
+        if self.configured_reserved is not None:
+            return self.configured_reserved
+        return reserved_for(self.limit)
+
+    @property
+    def cap(self) -> int:
+        """Connections the capped listeners may hold together."""
+        if self.configured_cap is not None:
+            return self.configured_cap
+        return max(1, self.limit - self.reserved)
+
+    def configure(self, cap: int | None = None, reserved: int | None = None) -> None:
+        """Set (or, with None, derive again) the cap and the reserve; listeners re-check."""
+        self.configured_cap = cap
+        self.configured_reserved = reserved
+        self._changed()
+
+    def room(self) -> int:
+        return self.cap - self.current
+
+    def take(self) -> None:
+        self.current += 1
+        if self.current == self.cap:
+            self.reached += 1
+            log.warn("process-wide connection cap reached ({cap}): listeners stop "
+                     "accepting until connections close", cap=self.cap)
+            self._changed()
+
+    def give(self) -> None:
+        self.current -= 1
+        if any(listener.paused for listener in self.listeners):
+            self._changed()
+
+    def accept_failed(self, name: str) -> None:
+        self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener.update()
+
+
+PROCESS = ProcessBudget()
+"""This process's budget (one descriptor table per process)."""
+
+
+class Admission:
+    """
+    One listener's caps (sans-IO): at most ``max_connections`` open at once (None: the
+    default from the process budget's cap), at most ``per_address`` from one client
+    address (None: derived from the cap).  Addresses in ``exempt`` (networks) have no
+    per-address cap (a trusted load balancer carries many clients).
+
+    :meth:`admit` is asked before a connection is served: False means close it (over the
+    per-address cap); True counts it until :meth:`release`.  When no room is left (this
+    cap or the process-wide one) the attached :class:`Gate` is stopped, and started
+    again when a connection closes.  Counters: ``current``, ``reached`` (times the
+    listener stopped accepting), ``refused_per_address``, ``admitted``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        max_connections: int | None = None,
+        per_address: int | None = None,
+        *,
+        budget: ProcessBudget = PROCESS,
+        exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    ) -> None:
+        self.name = name
+        self.budget = budget
+        self.configured_cap = max_connections
+        self.configured_per_address = per_address
+        self.exempt = tuple(exempt)
+        self.current = 0
+        self.admitted = 0
+        self.reached = 0
+        self.refused_per_address = 0
+        self.by_address: dict[str, int] = {}
+        self.gate: Gate | None = None
+        self.paused = False
+
+    @property
+    def cap(self) -> int:
+        """The listener's cap in force."""
+        if self.configured_cap is not None:
+            return self.configured_cap
+        return default_listener_cap(self.budget.cap)
+
+    @property
+    def per_address(self) -> int:
+        """The per-address cap in force."""
+        if self.configured_per_address is not None:
+            return self.configured_per_address
+        return default_per_address_cap(self.cap)
+
+    def room(self) -> int:
+        """Connections that may still be accepted now."""
+        return max(0, min(self.cap - self.current, self.budget.room()))
+
+    def reconfigure(
+        self, max_connections: int | None, per_address: int | None,
+        exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+    ) -> None:
+        """New caps for the next connections (open ones are kept, even over a lower cap)."""
+        self.configured_cap = max_connections
+        self.configured_per_address = per_address
+        if exempt is not None:
+            self.exempt = tuple(exempt)
+        self.update()
+
+    def attach(self, gate: Gate) -> None:
+        """Pause and resume ``gate`` from now on (and count in the process budget's list)."""
+        self.gate = gate
+        if self not in self.budget.listeners:
+            self.budget.listeners.append(self)
+        self.update()
+
+    def detach(self) -> None:
+        """The listener stopped: nothing to pause any more."""
+        self.gate = None
+        if self in self.budget.listeners:
+            self.budget.listeners.remove(self)
+
+    def key(self, address: IAddress | Any) -> str | None:
+        """The per-address key of ``address``, or None when it is exempt."""
+        if self.exempt and address_in(address, self.exempt):
+            return None
+        return peer_key(address)
+
+    def admit(self, address: IAddress | Any) -> bool:
+        """Count a new connection from ``address``; False if it must be closed."""
+        key = self.key(address)
+        if key is not None:
+            count = self.by_address.get(key, 0)
+            if count >= self.per_address:
+                self.refused_per_address += 1
+                return False
+            self.by_address[key] = count + 1
+        self.current += 1
+        self.admitted += 1
+        self.budget.take()
+        self.update()
+        return True
+
+    def release(self, address: IAddress | Any) -> None:
+        """A connection counted by :meth:`admit` closed."""
+        key = self.key(address)
+        if key is not None:
+            count = self.by_address.get(key, 0) - 1
+            if count > 0:
+                self.by_address[key] = count
+            else:
+                self.by_address.pop(key, None)
+        self.current -= 1
+        self.budget.give()
+        self.update()
+
+    def update(self) -> None:
+        """Stop or start the gate as the room left says."""
+        full = self.room() <= 0
+        if full and not self.paused:
+            self.paused = True
+            self.reached += 1
+            log.info("listener {name} at its cap ({current} open, cap {cap}, process "
+                     "{total} of {total_cap}): not accepting", name=self.name,
+                     current=self.current, cap=self.cap, total=self.budget.current,
+                     total_cap=self.budget.cap)
+            if self.gate is not None:
+                self.gate.stopReading()
+        elif not full and self.paused:
+            self.paused = False
+            log.info("listener {name} below its cap again ({current} open): accepting",
+                     name=self.name, current=self.current)
+            if self.gate is not None:
+                self.gate.startReading()
+
+
+def listener_admission(
+    name: str,
+    settings: dict[str, Any],
+    *,
+    budget: ProcessBudget = PROCESS,
+    prefix: str = "",
+    exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+) -> Admission:
+    """An :class:`Admission` for a listener from its settings' ``<prefix>max_connections*`` keys."""
+    return Admission(
+        name, settings.get(f"{prefix}max_connections"),
+        settings.get(f"{prefix}max_connections_per_address"), budget=budget, exempt=exempt,
+    )
+
+
+def reconfigure_from(admission: Admission, settings: dict[str, Any], prefix: str = "") -> None:
+    """Apply a reloaded listener's ``<prefix>max_connections*`` settings to ``admission``."""
+    admission.reconfigure(settings.get(f"{prefix}max_connections"),
+                          settings.get(f"{prefix}max_connections_per_address"))
+
+
+# ------------------------------------------------------------------ the thin part
+
+
+class _AdmittedServer(tcp.Server):
+    """A connection of an :class:`_AdmittedPort`: gives its slot back when it closes."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The slot is free before the protocol hears of the close (nothing is accepted
+        # before the reactor's next turn anyway).
+        port: Any = self.server
+        port.admission.release(self.getPeer())
+        super().connectionLost(reason)
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class _AdmittedFactory:
+    """Asks the admission before the wrapped factory builds a protocol (None: closed)."""
+
+    def __init__(self, wrapped: IProtocolFactory, admission: Admission) -> None:
+        self.wrappedFactory = wrapped
+        self.admission = admission
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        if not self.admission.admit(addr):
+            return None
+        try:
+            protocol = self.wrappedFactory.buildProtocol(addr)
+        except BaseException:
+            self.admission.release(addr)
+            raise
+        if protocol is None:
+            self.admission.release(addr)
+        return protocol
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+
+    def logPrefix(self) -> str:
+        if ILoggingContext.providedBy(self.wrappedFactory):
+            return str(self.wrappedFactory.logPrefix())
+        return self.wrappedFactory.__class__.__name__
+
+
+_ACCEPT_ERROR_FORMATS = ("EMFILE encountered", "Could not accept new connection")
+
+
+@implementer(ILogObserver)
+class _AcceptErrors:
+    """Counts accept() failures a port logs (then passes the event on)."""
+
+    def __init__(self, budget: ProcessBudget) -> None:
+        self.budget = budget
+
+    def __call__(self, event: LogEvent) -> None:
+        text = str(event.get("log_format") or "")
+        if text.startswith(_ACCEPT_ERROR_FORMATS[0]):
+            self.budget.accept_failed("EMFILE")
+        elif text.startswith(_ACCEPT_ERROR_FORMATS[1]):
+            self.budget.accept_failed(str(event.get("acceptError", "other")))
+        globalLogPublisher(event)
+
+
+class _AdmittedPort(tcp.Port):
+    """
+    A TCP port that accepts only while its admission has room: ``doRead`` accepts at
+    most that many, and the admission stops and starts its reading (the rest wait in
+    the kernel backlog).
+    """
+
+    transport = _AdmittedServer
+
+    def __init__(self, port: int, factory: IProtocolFactory, backlog: int, interface: str,
+                 reactor: Any, admission: Admission) -> None:
+        super().__init__(port, _AdmittedFactory(factory, admission), backlog, interface, reactor)
+        self.admission = admission
+        self._logger = Logger(namespace=self._logger.namespace,
+                              observer=_AcceptErrors(admission.budget))
+
+    def startListening(self) -> None:
+        super().startListening()
+        self.admission.attach(self)
+
+    def startReading(self) -> None:
+        # The admission resumes only a port that still listens.
+        if self.connected and not self.disconnecting:
+            super().startReading()
+
+    def doRead(self) -> None:
+        room = self.admission.room()
+        if room <= 0:
+            self.admission.update()
+            self.stopReading()
+            return
+        self.numberAccepts = max(1, min(self.numberAccepts, room))
+        super().doRead()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.admission.detach()
+        super().connectionLost(reason)
+
+
+@implementer(IStreamServerEndpoint)
+class AdmissionEndpoint:
+    """
+    A TCP server endpoint (IPv4 or IPv6 by ``interface``) whose listener is capped by
+    ``admission``; with a reactor that is not a real one (tests' memory reactors) it
+    listens plainly.
+    """
+
+    def __init__(self, reactor: IReactorTCP, port: int, admission: Admission, *,
+                 backlog: int = 50, interface: str = "") -> None:
+        self.reactor = reactor
+        self.port = port
+        self.admission = admission
+        self.backlog = backlog
+        self.interface = interface
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        from twisted.internet.posixbase import PosixReactorBase
+
+        if not isinstance(self.reactor, PosixReactorBase):
+            try:
+                factory: Any = protocolFactory  # any factory will do; typed narrowly
+                return succeed(self.reactor.listenTCP(
+                    self.port, factory, self.backlog, self.interface))
+            except Exception:
+                return fail()
+        try:
+            port = _AdmittedPort(self.port, protocolFactory, self.backlog, self.interface,
+                                 self.reactor, self.admission)
+            port.startListening()
+        except Exception:
+            return fail()
+        return succeed(port)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class AdmissionCollector(Collector):
+    """
+    ``<prefix>_listener_connections{listener}``, ``..._max_connections{listener}``,
+    ``..._cap_reached_total{listener}``, ``..._per_address_refused_total{listener}``;
+    ``<prefix>_connections`` / ``_max_connections`` / ``_cap_reached_total`` for the
+    process, ``<prefix>_descriptor_limit``, ``<prefix>_reserved_descriptors`` and
+    ``<prefix>_accept_errors_total{error}`` (``EMFILE`` among them, at 0 from the start).
+    """
+
+    def __init__(self, prefix: str, budget: ProcessBudget = PROCESS) -> None:
+        self.prefix = prefix
+        self.budget = budget
+
+    def collect(self) -> Iterator[Any]:
+        p, b = self.prefix, self.budget
+        current = GaugeMetricFamily(f"{p}_listener_connections",
+                                    "connections open on a capped listener", labels=["listener"])
+        cap = GaugeMetricFamily(f"{p}_listener_max_connections",
+                                "a listener's connection cap", labels=["listener"])
+        reached = CounterMetricFamily(f"{p}_listener_cap_reached",
+                                      "times a listener stopped accepting at its cap",
+                                      labels=["listener"])
+        per_address = CounterMetricFamily(
+            f"{p}_listener_per_address_refused",
+            "connections closed over the per-address concurrency cap", labels=["listener"])
+        for a in b.listeners:
+            current.add_metric([a.name], a.current)
+            cap.add_metric([a.name], a.cap)
+            reached.add_metric([a.name], a.reached)
+            per_address.add_metric([a.name], a.refused_per_address)
+        yield from (current, cap, reached, per_address)
+        yield GaugeMetricFamily(f"{p}_connections", "connections open on capped listeners",
+                                value=b.current)
+        yield GaugeMetricFamily(f"{p}_max_connections", "the process-wide connection cap",
+                                value=b.cap)
+        yield CounterMetricFamily(f"{p}_cap_reached", "times the process-wide cap was reached",
+                                  value=b.reached)
+        yield GaugeMetricFamily(f"{p}_descriptor_limit", "soft RLIMIT_NOFILE", value=b.limit)
+        yield GaugeMetricFamily(f"{p}_reserved_descriptors",
+                                "descriptors kept out of the process-wide cap", value=b.reserved)
+        errors = CounterMetricFamily(f"{p}_accept_errors", "accept() failures by errno",
+                                     labels=["error"])
+        counts = {"EMFILE": 0, **b.accept_errors}
+        for name, count in sorted(counts.items()):
+            errors.add_metric([name], count)
+        yield errors
+

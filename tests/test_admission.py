@@ -1,0 +1,244 @@
+"""
+Connection caps (epsproxy.net.admission): the sans-IO counter with a recording gate, then
+real loopback listeners that stop accepting at their cap and resume below it, the
+per-address concurrency cap, the descriptor headroom that keeps a peer link working while
+a public listener is full, the metrics, and the descriptor limit raised by twistd.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.protocol import Factory
+from twisted.trial import unittest
+
+from epsproxy.net import admission, tls
+from epsproxy.net.admission import Admission, AdmissionCollector, ProcessBudget
+from tests.support.admission import Client, HeldFactory, IdleTLS, connect_from, spawn_attacker
+from tests.support.proxies import FakeEPS, public_section, write_settings
+from tests.support.tls import ClientProtocol, ServerFactory, tls_block
+from tests.support.twistd import TWISTD, Twistd, stop_twistd
+
+
+class Gate:
+    """Records what an admission does to its listener."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stopReading(self) -> None:
+        self.calls.append("stop")
+
+    def startReading(self) -> None:
+        self.calls.append("start")
+
+
+class Addr:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+class AdmissionRules(unittest.SynchronousTestCase):
+    """The counter without sockets."""
+
+    def test_stops_at_the_cap_and_starts_below_it(self):
+        budget = ProcessBudget(cap=100)
+        a = Admission("l", 2, 10, budget=budget)
+        gate = Gate()
+        a.attach(gate)
+        self.assertTrue(a.admit(Addr("10.0.0.1")))
+        self.assertEqual(gate.calls, [])
+        self.assertTrue(a.admit(Addr("10.0.0.2")))
+        self.assertEqual(gate.calls, ["stop"])
+        self.assertTrue(a.paused)
+        self.assertEqual((a.current, a.reached, budget.current), (2, 1, 2))
+        a.release(Addr("10.0.0.1"))
+        self.assertEqual(gate.calls, ["stop", "start"])
+        self.assertFalse(a.paused)
+        self.assertEqual(a.room(), 1)
+
+    def test_per_address_cap_counts_ipv6_per_64_and_spares_exempt_sources(self):
+        a = Admission("l", 100, 2, budget=ProcessBudget(cap=100),
+                      exempt=admission.parse_networks(["10.0.0.0/8"]))
+        self.assertTrue(a.admit(Addr("2001:db8::1")))
+        self.assertTrue(a.admit(Addr("2001:db8::2")))
+        self.assertFalse(a.admit(Addr("2001:db8::ffff:3")))  # the same /64
+        self.assertTrue(a.admit(Addr("2001:db8:0:1::1")))  # another /64
+        self.assertEqual(a.refused_per_address, 1)
+        for _ in range(5):
+            self.assertTrue(a.admit(Addr("10.1.2.3")))  # a trusted load balancer
+        self.assertTrue(a.admit(Addr("192.0.2.1")))
+        self.assertTrue(a.admit(Addr("::ffff:192.0.2.1")))  # the same IPv4 client
+        self.assertFalse(a.admit(Addr("192.0.2.1")))
+        a.release(Addr("2001:db8::1"))
+        self.assertTrue(a.admit(Addr("2001:db8::3")))
+        self.assertEqual(a.current, 10)
+
+    def test_the_process_cap_stops_every_listener(self):
+        budget = ProcessBudget(cap=3)
+        one, two = Admission("one", 10, 10, budget=budget), Admission("two", 10, 10, budget=budget)
+        g1, g2 = Gate(), Gate()
+        one.attach(g1)
+        two.attach(g2)
+        one.admit(Addr("10.0.0.1"))
+        one.admit(Addr("10.0.0.2"))
+        two.admit(Addr("10.0.0.3"))
+        self.assertEqual((g1.calls, g2.calls), (["stop"], ["stop"]))
+        self.assertEqual(budget.reached, 1)
+        one.release(Addr("10.0.0.1"))
+        self.assertEqual((g1.calls, g2.calls), (["stop", "start"], ["stop", "start"]))
+
+    def test_reconfigure_applies_to_the_next_connections(self):
+        a = Admission("l", 3, 10, budget=ProcessBudget(cap=100))
+        gate = Gate()
+        a.attach(gate)
+        a.admit(Addr("10.0.0.1"))
+        a.admit(Addr("10.0.0.2"))
+        a.reconfigure(2, 1)
+        self.assertEqual(gate.calls, ["stop"])
+        a.reconfigure(5, 1)
+        self.assertEqual(gate.calls, ["stop", "start"])
+        self.assertFalse(a.admit(Addr("10.0.0.1")))
+
+    def test_defaults_follow_the_descriptor_limit(self):
+        budget = ProcessBudget()
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(budget.limit, limit)
+        self.assertEqual(budget.reserved, max(admission.MIN_RESERVED, limit // 10))
+        self.assertEqual(budget.cap, limit - budget.reserved)
+        a = Admission("l", budget=budget)
+        self.assertEqual(a.cap, budget.cap // 2)
+        self.assertEqual(a.per_address, max(8, a.cap // 10))
+
+    def test_networks_are_checked(self):
+        self.assertEqual(len(admission.parse_networks(["127.0.0.1", "10.0.0.0/8", "::1"])), 3)
+        for bad in ["10.0.0.0/33", "example.org", "", "1.2.3.4/8/8", "x" * 10_000]:
+            with self.assertRaises(ValueError):
+                admission.parse_networks([bad])
+        self.assertFalse(admission.address_in(Addr("not an ip"), admission.parse_networks(["0.0.0.0/0"])))
+        self.assertFalse(admission.address_in(object(), admission.parse_networks(["0.0.0.0/0"])))
+
+    def test_metrics(self):
+        budget = ProcessBudget(cap=10)
+        a = Admission("public.tls", 1, 1, budget=budget)
+        a.attach(Gate())
+        a.admit(Addr("10.0.0.1"))
+        budget.accept_failed("ENFILE")
+        registry = CollectorRegistry()
+        registry.register(AdmissionCollector("proxy", budget))
+        text = generate_latest(registry).decode()
+        for line in [
+            'proxy_listener_connections{listener="public.tls"} 1.0',
+            'proxy_listener_max_connections{listener="public.tls"} 1.0',
+            'proxy_listener_cap_reached_total{listener="public.tls"} 1.0',
+            'proxy_listener_per_address_refused_total{listener="public.tls"} 0.0',
+            "proxy_connections 1.0", "proxy_max_connections 10.0",
+            'proxy_accept_errors_total{error="EMFILE"} 0.0',
+            'proxy_accept_errors_total{error="ENFILE"} 1.0',
+        ]:
+            self.assertIn(line, text)
+
+
+class CappedListener(unittest.TestCase):
+    """Real loopback listeners behind an admission."""
+
+    @inlineCallbacks
+    def listen(self, a: Admission, tls_block_: dict[str, Any] | None = None) -> Any:
+        factory = HeldFactory()
+        port = yield tls.listen_endpoint(reactor, "127.0.0.1:0", tls_block_,
+                                         admission=a).listen(factory)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.abort_all)
+        return factory, port
+
+    def client(self, c: Client) -> Client:
+        self.addCleanup(lambda: c.transport.abortConnection())
+        return c
+
+    @inlineCallbacks
+    def test_stops_accepting_at_the_cap_and_resumes_below_it(self):
+        a = Admission("capped", 3, 10, budget=ProcessBudget(cap=100))
+        factory, port = yield self.listen(a)
+        number = port.getHost().port
+        clients = yield gatherResults([connect_from(f"127.0.0.{i + 1}", number) for i in range(5)])
+        for c in clients:
+            self.client(c)
+        for _ in range(3):
+            yield factory.accepted.get()
+        # A round trip on an accepted connection: the reactor went round several times.
+        first = factory.open[0]
+        echoer = next(c for c in clients if c.transport.getHost().port == first.transport.getPeer().port)
+        self.assertEqual((yield echoer.echo(b"ping")), b"ping")
+        self.assertEqual(factory.built, 3)
+        self.assertTrue(a.paused)
+        self.assertNotIn(port, reactor.getReaders())
+        self.assertEqual((a.current, a.reached), (3, 1))
+        # The two others wait in the backlog, still connected.
+        self.assertEqual(sum(1 for c in clients if c.lost.called), 0)
+
+        echoer.transport.loseConnection()
+        yield factory.accepted.get()
+        self.assertEqual(factory.built, 4)
+        self.assertEqual((a.current, a.reached), (3, 2))
+        second = factory.open[0]
+        second.transport.loseConnection()
+        yield factory.accepted.get()
+        self.assertEqual(factory.built, 5)
+        self.assertEqual((a.current, a.reached), (3, 3))
+        del factory.closed.pending[:]  # the two closed above
+        factory.open[0].transport.loseConnection()
+        yield factory.closed.get()
+        self.assertFalse(a.paused)  # 2 open, nobody waiting: reading again
+        self.assertIn(port, reactor.getReaders())
+
+    @inlineCallbacks
+    def test_per_address_concurrency_cap_holds(self):
+        a = Admission("capped", 50, 2, budget=ProcessBudget(cap=100))
+        factory, port = yield self.listen(a)
+        number = port.getHost().port
+        c1 = self.client((yield connect_from("127.0.0.2", number)))
+        c2 = self.client((yield connect_from("127.0.0.2", number)))
+        yield factory.accepted.get()
+        yield factory.accepted.get()
+        c3 = self.client((yield connect_from("127.0.0.2", number)))
+        yield c3.lost  # closed at once, nothing served
+        self.assertEqual(factory.built, 2)
+        self.assertEqual(a.refused_per_address, 1)
+        other = self.client((yield connect_from("127.0.0.3", number)))
+        yield factory.accepted.get()
+        self.assertEqual((yield other.echo(b"hi")), b"hi")
+        c1.transport.loseConnection()
+        yield factory.closed.get()
+        self.assertEqual(a.by_address["127.0.0.2"], 1)
+        c4 = self.client((yield connect_from("127.0.0.2", number)))
+        yield factory.accepted.get()
+        self.assertEqual((yield c4.echo(b"ok")), b"ok")
+        self.assertEqual((yield c2.echo(b"ok")), b"ok")
+        self.assertEqual(a.refused_per_address, 1)
+
+    @inlineCallbacks
+    def test_a_tls_listener_is_capped_before_tls(self):
+        a = Admission("tls", 1, 10, budget=ProcessBudget(cap=100))
+        factory = ServerFactory()
+        port = yield tls.listen_endpoint(
+            reactor, "127.0.0.1:0", tls_block("hd-2"), admission=a).listen(factory)
+        self.addCleanup(port.stopListening)
+        address = f"127.0.0.1:{port.getHost().port}"
+        endpoint = tls.client_endpoint(reactor, address, tls_block("hd-1"), "hd-2")
+        idle = yield endpoint.connect(Factory.forProtocol(IdleTLS))
+        yield idle.handshaken
+        first = yield endpoint.connect(Factory.forProtocol(ClientProtocol))
+        # Waits in the backlog while the idle one holds the only slot...
+        self.assertTrue(a.paused)
+        idle.transport.loseConnection()
+        # ...and is served as soon as it leaves.
+        yield first.lost
+        self.assertEqual(first.received, b"welcome")
+        self.assertEqual(a.admitted, 2)

@@ -37,6 +37,7 @@ class P2PNetwork:
 
     net: Network
     proxy: Any
+    proxy_ports: Any
     hd1: JSONRPCClient
     hd2: JSONRPCClient
 
@@ -84,5 +85,5 @@ def start_p2p_network(test: Any, folder: Path, *, extra_hd1_services: list[Any] 
         ])
         link = yield net.channel(name, "eps_client").keeper_ready(PROXY)
         yield link.when_ready()
-    return P2PNetwork(net, proxy, gateway_client(test, net.gateway_url("hd-1")),
+    return P2PNetwork(net, proxy, ports, gateway_client(test, net.gateway_url("hd-1")),
                       gateway_client(test, net.gateway_url("hd-2"), "hd-2"))

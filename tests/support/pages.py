@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor, utils
 from twisted.trial.unittest import SkipTest
 
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.metrics import metrics_service
 from tests.support.metrics import start_listener
 
@@ -62,3 +63,26 @@ def screenshot(test: Any, url: str, path: str, size: str = "1000,1400") -> Any:
     if code != 0 or not os.path.exists(path):
         raise AssertionError(f"chromium failed ({code}): {err.decode(errors='replace')[-500:]}")
     return os.path.getsize(path)
+
+
+class AnsweringEPS:
+    """
+    A private proxy's own endpoint server over plain HTTP that accepts every
+    announcement (``announceConnections`` answers one None per connection) and counts them.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.port: Any = None
+
+    def handle(self, method: str, params: dict[str, Any], context: Any) -> Any:
+        self.calls += 1
+        return [None] * len(params.get("connections") or [])
+
+    @defer.inlineCallbacks
+    def start(self, test: Any) -> Any:
+        settings = JSONRPC_SERVER_SETTINGS.validate({"bind_address": "127.0.0.1:0"})
+        self.port = yield listen_jsonrpc(reactor, jsonrpc_site(self, settings, reactor=reactor),
+                                         settings)
+        test.addCleanup(self.port.stopListening)
+        return self.port.getHost().port

@@ -135,6 +135,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         self.client: JSONRPCClient | None = None
         self.listener: JSONRPCListener | None = None
         self._retired = RetiredClients(reactor)
+        #: When a round of re-announcing last ended (None: not yet), for the status page.
+        self.reannounced_at: float | None = None
         self.forwarder: Forwarder | None = None
         self.proxy: PrivateProxy | None = None
         self.ports: list[IListeningPort] = []
@@ -211,6 +213,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
             self._reannouncing = None
             if isinstance(result, Failure) and not result.check(defer.CancelledError):
                 self.log.failure("re-announcing failed", result)
+            elif not isinstance(result, Failure):
+                self.reannounced_at = self.reactor.seconds()
 
         return d.addBoth(done)
 

@@ -697,12 +697,16 @@ class ServerTests(NetworkTestCase):
 
     @defer.inlineCallbacks
     def test_batch_dropped_when_the_client_goes_away(self):
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         _, port = yield defer.ensureDeferred(self.serve())
         started = self.handler.later_called
         endpoint = tls.client_endpoint(reactor, f"127.0.0.1:{port}", client_tls(),
                                        server_name="sd-1")
+        note = {"jsonrpc": "2.0", "method": "echo"}
         collector = Collector(http_request(data=body([
-            request(method="later", id=1), request(method="echo", id=2)])))
+            request(method="later", id=1), note, request(method="echo", id=2)])))
         yield connectProtocol(endpoint, collector)
         yield started
         lost = self.handler.contexts[0].connection_lost
@@ -711,6 +715,8 @@ class ServerTests(NetworkTestCase):
         yield collector.lost
         self.handler.pending[0].callback("too late")
         self.assertEqual(self.handler.methods, ["later"])
+        dropped = [e["count"] for e in events if "items not run" in e.get("log_format", "")]
+        self.assertEqual(dropped, [2])
 
     @defer.inlineCallbacks
     def test_one_log_line_per_batch_item(self):

@@ -124,7 +124,7 @@ class StandardChecks:
 
     def client(self, url: str, server_name: str, client_name: str) -> StandardClient:
         client = StandardClient(url, server_name, client_name)
-        self.addCleanup(client.close)  # type: ignore[attr-defined]
+        self.addCleanup(client.close)  # type: ignore[attr-defined]  # mixed into a TestCase
         return client
 
     @defer.inlineCallbacks

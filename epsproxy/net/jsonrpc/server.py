@@ -553,10 +553,10 @@ class JSONRPCResource(Resource):
 
         async def run() -> None:
             answers: list[tuple[bytes, bool]] = []
-            for item in items:
+            for index, item in enumerate(items):
                 if gone:
                     log.info("client went away: {count} JSON-RPC batch items not run",
-                             count=len(items) - len(answers))
+                             count=len(items) - index)
                     return
                 lost: Deferred[None] = Deferred()
                 waiting.append(lost)

@@ -242,3 +242,98 @@ class CappedListener(unittest.TestCase):
         yield first.lost
         self.assertEqual(first.received, b"welcome")
         self.assertEqual(a.admitted, 2)
+
+
+def lower_descriptor_limit(test: unittest.TestCase, free: int) -> None:
+    """Set the soft RLIMIT_NOFILE so that exactly ``free`` more descriptors can be opened."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    limit = 0
+    while limit - sum(1 for fd in used if fd < limit) < free:
+        limit += 1
+    test.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+class Headroom(unittest.TestCase):
+    """Descriptors left out of the caps keep what matters working."""
+
+    @inlineCallbacks
+    def test_a_peer_link_keeps_working_while_a_public_listener_is_full(self):
+        cap = 20
+        budget = ProcessBudget(cap=cap)  # explicit: this test process holds many descriptors
+        public = Admission("public", cap, cap, budget=budget)
+        held = HeldFactory()
+        public_port = yield tls.listen_endpoint(
+            reactor, "127.0.0.1:0", None, admission=public).listen(held)
+        self.addCleanup(public_port.stopListening)
+        self.addCleanup(held.abort_all)
+        # The peer (another node, so not counted here) and an established link to it.
+        peer = HeldFactory()
+        peer_port = yield tls.listen_endpoint(
+            reactor, "127.0.0.1:0", tls_block("hd-2")).listen(peer)
+        self.addCleanup(peer_port.stopListening)
+        self.addCleanup(peer.abort_all)
+        endpoint = tls.client_endpoint(
+            reactor, f"127.0.0.1:{peer_port.getHost().port}", tls_block("hd-1"), "hd-2")
+        link = yield endpoint.connect(Factory.forProtocol(Client))
+        self.addCleanup(lambda: link.transport.abortConnection())
+        self.assertEqual((yield link.echo(b"before")), b"before")
+
+        attacker = spawn_attacker(public_port.getHost().port, 3 * cap)
+        self.addCleanup(attacker.stop)
+        # Room for the public cap and a few more: the reserve of this test.  Without the
+        # cap the listener would accept the whole flood and the dial below would fail
+        # with EMFILE.
+        lower_descriptor_limit(self, cap + 6)
+        attacker.go()
+        yield attacker.ready  # 60 connections made: 20 served, 40 in the backlog
+        while held.built < cap:
+            yield held.accepted.get()
+        self.assertTrue(public.paused)
+        self.assertEqual(public.current, cap)
+
+        self.assertEqual((yield link.echo(b"during")), b"beforeduring")
+        dialed = yield endpoint.connect(Factory.forProtocol(Client))
+        self.addCleanup(lambda: dialed.transport.abortConnection())
+        self.assertEqual((yield dialed.echo(b"a new link")), b"a new link")
+        self.assertEqual(held.built, cap)
+        self.assertEqual(budget.accept_errors, {})
+
+
+WRAPPER = (
+    "import os, resource, sys\n"
+    "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+class RaisedLimit(unittest.TestCase):
+    @inlineCallbacks
+    def test_twistd_raises_the_soft_descriptor_limit(self):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard <= 256:
+            raise unittest.SkipTest("the hard descriptor limit is too low to raise anything")
+        fake = FakeEPS()
+        eps_port = yield fake.start(self)
+        folder = Path(self.mktemp()).absolute()
+        write_settings(folder, {"public": public_section(folder, eps_port)})
+        process = Twistd()
+        reactor.spawnProcess(
+            process, sys.executable,
+            [sys.executable, "-c", WRAPPER, TWISTD, "-n", "--pidfile=", "proxy",
+             "--mode", "public"],
+            env=dict(os.environ, PROXY_SETTINGS=str(folder)), path="/")
+        self.addCleanup(stop_twistd, process)
+        match = yield process.wait_for(
+            r"descriptor limit \(RLIMIT_NOFILE\): (\d+) before, (\d+) after")
+        expected = min(hard, admission.MAX_RAISED_LIMIT) if hard != resource.RLIM_INFINITY \
+            else admission.MAX_RAISED_LIMIT
+        self.assertEqual((int(match.group(1)), int(match.group(2))), (256, expected))
+        yield process.wait_for(r"public proxy \S+ serving")
+        limits = Path(f"/proc/{process.transport.pid}/limits").read_text()
+        [line] = [ln for ln in limits.splitlines() if ln.startswith("Max open files")]
+        self.assertEqual(int(line.split()[3]), expected)
+        process.signal("TERM")
+        self.assertEqual((yield process.ended), 0)

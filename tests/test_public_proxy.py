@@ -27,6 +27,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
+from epsproxy.net import admission
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, JSONRPCError
 from epsproxy.proxy.public import NOT_AUTHORIZED, TOO_MANY_PENDING
@@ -34,6 +35,7 @@ from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
+from .support.clienthello import openssl_hello
 from .support.proxies import FakeEPS, caller_client, public_section, write_settings
 from .support.twistd import TWISTD, TwistdProcess
 
@@ -239,6 +241,12 @@ class Party(Protocol):
 
 def connect_party(port: int, party: Party) -> Deferred[Party]:
     return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), party)
+
+
+def connect_party_from(source: str, port: int, party: Party) -> Deferred[Party]:
+    """``party`` connected from loopback address ``source``."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    return connectProtocol(endpoint, party)
 
 
 def client_info(name: str = "hd-1") -> dict[str, Any]:
@@ -500,6 +508,78 @@ class ServiceTests(unittest.TestCase):
         metrics = generate_latest(self.proxy.registry).decode()
         self.assertIn('proxy_tls_connections_total{outcome="rate_limited"} 2.0', metrics)
         self.assertIn('proxy_tls_connections_total{outcome="accepted"} 1.0', metrics)
+
+    @inlineCallbacks
+    def test_untrusted_proxy_headers_are_refused_and_counted_trusted_ones_read(self):
+        yield self.start_proxy(proxy_protocol=True, proxy_protocol_trusted=["127.0.0.2/32"])
+        tls_port = (yield self.proxy.when_ready()).tls.getHost().port
+        front = self.proxy.front
+        header = b"PROXY TCP4 198.51.100.7 203.0.113.1 40000 443\r\n"
+        hello = openssl_hello(b"nobody.example")
+        stranger = Party(header + hello)  # claims another client's address
+        yield connect_party_from("127.0.0.3", tls_port, stranger)
+        yield stranger.lost
+        self.assertEqual((front.untrusted_proxy_source, front.no_route), (1, 0))
+        balancer = Party(header + hello)
+        yield connect_party_from("127.0.0.2", tls_port, balancer)
+        yield balancer.lost  # header read, hello read, no announcement for the name
+        self.assertEqual((front.untrusted_proxy_source, front.no_route), (1, 1))
+        self.assertEqual(front.bad_proxy_header, 0)
+        metrics = generate_latest(self.proxy.registry).decode()
+        self.assertIn('proxy_tls_connections_total{outcome="untrusted_proxy_source"} 1.0',
+                      metrics)
+
+        # "data": the untrusted connection is read as a plain client (no header).
+        changed = dict(self.proxy.settings, proxy_protocol_untrusted="data")
+        self.proxy.reload(PROXY_SETTINGS.validate({"public": changed})["public"])
+        direct = Party(hello)
+        yield connect_party_from("127.0.0.3", tls_port, direct)
+        yield direct.lost
+        self.assertEqual((front.untrusted_proxy_source, front.no_route), (2, 2))
+        claimed = Party(header + hello)  # a header from it is just bad data now
+        yield connect_party_from("127.0.0.3", tls_port, claimed)
+        yield claimed.lost
+        self.assertEqual((front.untrusted_proxy_source, front.malformed), (3, 1))
+
+    def test_bad_trusted_sources_are_refused(self):
+        folder = Path(self.mktemp()).absolute()
+        for bad in (["10.0.0.0/33"], ["example.org"], "10.0.0.0/8", [""]):
+            with self.assertRaises(Exception) as caught:
+                PROXY_SETTINGS.validate({"public": public_section(
+                    folder, 1, proxy_protocol_trusted=bad)})
+            self.assertIn("proxy_protocol_trusted", str(caught.exception))
+        with self.assertRaises(Exception):
+            PROXY_SETTINGS.validate({"public": public_section(
+                folder, 1, proxy_protocol_untrusted="ignore")})
+
+    @inlineCallbacks
+    def test_connection_caps_from_settings_reload_and_metrics(self):
+        yield self.start_proxy(tls_max_connections=5, tls_max_connections_per_address=1,
+                               internal_max_connections=7)
+        tls_port = (yield self.proxy.when_ready()).tls.getHost().port
+        tls_cap, internal = self.proxy.tls_admission, self.proxy.internal_admission
+        self.assertEqual((tls_cap.cap, tls_cap.per_address, internal.cap), (5, 1, 7))
+        # One address holds one connection at a time on the TLS listener.
+        first, second = Party(b""), Party(b"")
+        yield connect_party_from("127.0.0.4", tls_port, first)
+        yield connect_party_from("127.0.0.4", tls_port, second)
+        yield DeferredList([first.lost, second.lost], fireOnOneCallback=True)
+        self.assertEqual(tls_cap.refused_per_address, 1)
+        self.assertEqual(int(first.lost.called) + int(second.lost.called), 1)
+        metrics = generate_latest(self.proxy.registry).decode()
+        self.assertIn('proxy_listener_max_connections{listener="public.tls"} 5.0', metrics)
+        self.assertIn('proxy_listener_per_address_refused_total{listener="public.tls"} 1.0',
+                      metrics)
+        for party in (first, second):
+            if party.transport is not None and not party.lost.called:
+                party.transport.loseConnection()
+                yield party.lost
+        changed = dict(self.proxy.settings, tls_max_connections=9,
+                       tls_max_connections_per_address=3)
+        del changed["internal_max_connections"]  # back to the default
+        self.proxy.reload(PROXY_SETTINGS.validate({"public": changed})["public"])
+        self.assertEqual((tls_cap.cap, tls_cap.per_address), (9, 3))
+        self.assertEqual(internal.cap, admission.default_listener_cap(internal.budget.cap))
 
     @inlineCallbacks
     def test_a_port_in_use_fails_the_start(self):

@@ -310,7 +310,7 @@ class SNIFront:
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         internal_endpoint: str,
         proxy_protocol: bool = False,
-        proxy_trusted: Iterable[IPv4Network | IPv6Network] = (),
+        proxy_trusted: Iterable[IPv4Network | IPv6Network] | None = None,
         proxy_untrusted: str = "refuse",
         rate_limiter: RateLimiter | None = None,
     ) -> None:
@@ -323,7 +323,7 @@ class SNIFront:
         self.hello_timeout = hello_timeout
         self.internal_endpoint = internal_endpoint
         self.proxy_protocol = proxy_protocol
-        self.proxy_trusted = tuple(proxy_trusted)
+        self.proxy_trusted = None if proxy_trusted is None else tuple(proxy_trusted)
         self.proxy_untrusted = proxy_untrusted
         self.rate_limiter = rate_limiter
         self._reading: set[_Client] = set()
@@ -372,9 +372,13 @@ class SNIFront:
         Whether a connection from ``address`` must begin with a PROXY header: with
         ``proxy_protocol`` on, one from a trusted source (``proxy_trusted``) must; from
         any other, ``proxy_untrusted`` says: ``"refuse"`` (closed at accept) or
-        ``"data"`` (no header read: its first bytes are the ClientHello).
+        ``"data"`` (no header read: its first bytes are the ClientHello).  With
+        ``proxy_trusted`` None every source is trusted: the service always passes the
+        configured list (``public.proxy_protocol_trusted``, loopback by default).
         """
-        return self.proxy_protocol and address_in(address, self.proxy_trusted)
+        if not self.proxy_protocol:
+            return False
+        return self.proxy_trusted is None or address_in(address, self.proxy_trusted)
 
     def _accepted(self, client: _Client) -> None:
         self.accepted += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -32,6 +33,7 @@ from epsproxy.rules.certificates import (
     load_private_key_file,
 )
 from epsproxy.rules.records.trust import load_signer
+from epsproxy.rules import forms
 from epsproxy.rules.settings import load_settings
 
 from .support.pki import pki
@@ -557,3 +559,39 @@ class CertsNamesTests(unittest.TestCase):
             self.assertEqual(code, 1, args)
             self.assertIn(b"eps: error:", err, args)
             self.assertFalse((target / "root.crt").exists())
+
+
+def _keys(schema: forms.Schema) -> set[str]:
+    """Every key name of a settings schema, nested maps included (list items too)."""
+    while isinstance(schema, forms.Check):
+        schema = schema.inner
+    if isinstance(schema, forms.List):
+        return _keys(schema.item)
+    if not isinstance(schema, forms.Map):
+        return set()
+    found = set(schema.fields)
+    for field in schema.fields.values():
+        found |= _keys(field.schema)
+    return found
+
+
+class EndpointServerReferenceTests(unittest.TestCase):
+    def test_every_key_is_documented(self):
+        """docs/eps.md names every key of the endpoint server's settings."""
+        from epsproxy.eps.settings import (
+            API_DIRECTORY_SETTINGS,
+            JSON_DIRECTORY_SETTINGS,
+            channel_schemas,
+        )
+
+        keys = _keys(EPS_SETTINGS) | _keys(API_DIRECTORY_SETTINGS) | \
+            _keys(JSON_DIRECTORY_SETTINGS)
+        for schema in channel_schemas().values():
+            keys |= _keys(schema)
+        reference = (Path(__file__).parent.parent / "docs" / "eps.md").read_text()
+        reference = re.sub(r"^```.*?^```", "", reference, flags=re.MULTILINE | re.DOTALL)
+        named = {token for span in re.findall(r"`([^`\n]+)`", reference)
+                 for token in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", span)}
+        missing = sorted(keys - named)
+        self.assertEqual(missing, [])
+        self.assertIn("`tls`", reference)

@@ -680,3 +680,106 @@ class MutualTLSTests(unittest.TestCase):
         received = yield self.connect(port, self.foreign)
         self.assertEqual(received, b"")
         self.assertEqual(server.peers, [])
+
+
+class CertificateProfileTests(unittest.SynchronousTestCase):
+    """
+    The production profile (``epsproxy.rules.certificate_profile``) is the one place the
+    leaves' extensions are defined: the dev PKI's leaves carry exactly them, and a
+    certificate made from an ``eps csr`` request passes the checks the programs apply.
+    """
+
+    def _without_key_ids(self, certificate: x509.Certificate) -> list:
+        ids = (x509.SubjectKeyIdentifier, x509.AuthorityKeyIdentifier)
+        return [(e.value, e.critical) for e in certificate.extensions
+                if not isinstance(e.value, ids)]
+
+    def test_dev_leaves_carry_the_profile(self):
+        from epsproxy.rules.certificate_profile import signing_extensions, tls_extensions
+
+        made = _shared("main")
+        leaf = load_certificates_file(made.tls("hd-2")[0])[0]
+        self.assertEqual(self._without_key_ids(leaf),
+                         tls_extensions("hd-2", ["*.hd-2.local"]))
+        leaf = load_certificates_file(made.signing("hd-1")[0])[0]
+        self.assertEqual(self._without_key_ids(leaf), signing_extensions("hd-1", ["sd-admin"]))
+
+    def test_requests_issued_pass_the_credential_checks(self):
+        """A CA that copies the requested extensions issues certificates the checks accept."""
+        from cryptography.hazmat.primitives import hashes
+
+        from epsproxy.rules.certificate_profile import make_request, write_request
+        from epsproxy.rules.credentials import FileSet, check_file_sets
+
+        made = create_pki(Path(self.mktemp()) / "ca", names=["unused"])
+        issuer = load_certificates_file(made.intermediate)[0]
+        issuer_key = load_private_key_file(made.cert_dir / "intermediate.key")
+        folder = Path(self.mktemp())
+        now = datetime.now(timezone.utc)
+        sets = []
+        for kind, groups in (("tls", ()), ("signing", ("sd-admin",))):
+            request = make_request("clinic-a", kind, groups)
+            key_path, _ = write_request(request, folder)
+            builder = (x509.CertificateBuilder().subject_name(request.csr.subject)
+                       .issuer_name(issuer.subject).public_key(request.csr.public_key())
+                       .serial_number(x509.random_serial_number())
+                       .not_valid_before(now - timedelta(minutes=5))
+                       .not_valid_after(now + timedelta(days=90))
+                       .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                           request.csr.public_key()), False)
+                       .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                           issuer_key.public_key()), False))
+            for extension in request.csr.extensions:
+                builder = builder.add_extension(extension.value, extension.critical)
+            leaf = builder.sign(issuer_key, hashes.SHA256())
+            crt = folder / f"{kind}.crt"
+            crt.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)
+                            + made.intermediate.read_bytes())
+            sets.append(FileSet(where=kind, certificate_file=str(crt), key_file=str(key_path),
+                                ca_files=(str(made.root),), operator="clinic-a",
+                                kind=kind))
+        self.assertEqual(check_file_sets(sets, now), [])
+
+    def test_request_validation(self):
+        from epsproxy.rules.certificate_profile import ProfileError, check_name, make_request
+
+        for name in ("", "a/b", "a b", "x" * 254, "-a", "a.", ".a", "a..b", "iris-name://a",
+                     "a@b", "a:1", "a?b", "a#b", "é", "*.a"):
+            self.assertRaises(ProfileError, check_name, name)
+        for name in ("a", "hd-1", "public-proxy-1.ga", "A_b.c-d", "x" * 63):
+            self.assertEqual(check_name(name), name)
+        self.assertEqual(check_name("*.a.b", wildcard=True), "*.a.b")
+        self.assertRaises(ProfileError, make_request, "a", "rsa")
+        self.assertRaises(ProfileError, make_request, "a", "tls", groups=("g",))
+        self.assertRaises(ProfileError, make_request, "a", "signing", extra_dns=("a.b",))
+        self.assertRaises(ProfileError, make_request, "a", "signing", groups=("g", "g"))
+
+    def test_write_request_keeps_existing_files(self):
+        from epsproxy.rules.certificate_profile import ProfileError, make_request, write_request
+
+        folder = Path(self.mktemp())
+        key_path, csr_path = write_request(make_request("a", "tls"), folder)
+        self.assertEqual(stat.S_IMODE(key_path.stat().st_mode), 0o600)
+        before = key_path.read_bytes()
+        self.assertRaises(ProfileError, write_request, make_request("a", "tls"), folder)
+        self.assertEqual(key_path.read_bytes(), before)
+        self.assertEqual(sorted(p.name for p in folder.iterdir()), ["tls.csr", "tls.key"])
+        for stem in ("../x", ".hidden", "a/b"):
+            self.assertRaises(ProfileError, write_request, make_request("a", "tls"), folder,
+                              stem)
+
+    def test_certificate_kind_and_pins(self):
+        from epsproxy.rules.certificate_profile import ProfileError, certificate_kind, pins_of
+
+        made = _shared("main")
+        tls = load_certificates_file(made.tls("op-1")[0])[0]
+        signing = load_certificates_file(made.signing("op-1")[0])[0]
+        root = load_certificates_file(made.root)[0]
+        self.assertEqual(certificate_kind(tls), "encryption")
+        self.assertEqual(certificate_kind(signing), "signing")
+        self.assertEqual(certificate_kind(root), "encryption")
+        self.assertEqual(pins_of([tls, signing]), [
+            {"fingerprint": fingerprint(signing), "key_usage": "signing"},
+            {"fingerprint": fingerprint(tls), "key_usage": "encryption"},
+        ])
+        self.assertRaises(ProfileError, pins_of, [tls, tls])

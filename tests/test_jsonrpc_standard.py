@@ -2,8 +2,8 @@
 JSON-RPC 2.0 as generic clients speak it (issue 13), checked with a client that is not
 ours: ``jsonrpcclient`` builds the requests and reads the replies, ``httpx`` carries them
 over mutual TLS with the test PKI's certificates (in a thread: it blocks).  The same
-checks run against a real service directory, a real endpoint server's gateway and a real
-public proxy's JSON-RPC API: a call without params, a notification (204, and the method
+checks run against a real service directory, a real endpoint server's gateway and the real public
+and private proxies' JSON-RPC APIs: a call without params, a notification (204, and the method
 ran), a batch mixing calls, notifications and invalid items, a batch of notifications
 only, an empty batch, a batch over ``max_batch``, hostile items and bodies.
 """
@@ -36,9 +36,11 @@ from epsproxy.sd.settings import SD_SETTINGS
 from tests.support.eps import Network, gateway_channel, local_channel, service
 from tests.support.pki import pki
 from tests.support.proxies import (
+    PRIVATE_PROXY,
     PUBLIC_PROXY,
     FakeEPS,
     client as client_info,
+    private_section,
     public_section,
     write_settings,
 )
@@ -342,3 +344,50 @@ class PublicProxy(StandardChecks, TestCase):
         listing = yield self.rpc.call("getAnnouncements")
         self.assertEqual([(a["operator"], a["domain"]) for a in listing.result],
                          [("private-proxy-1.ga", self.DOMAIN)])
+
+
+class PrivateProxy(StandardChecks, TestCase):
+    """A real private proxy's JSON-RPC API over mutual TLS (its own EPS is a stand-in)."""
+
+    NO_PARAMS = "getAnnouncements"
+    UNKNOWN = ("noSuchMethod", METHOD_NOT_FOUND)
+    DOMAIN = "app.internal-server.local"
+
+    @defer.inlineCallbacks
+    def start(self):
+        self.fake = FakeEPS()  # answers the forwarded announcements, one result each
+        self.fake.answer = lambda params: [None] * len(params.get("connections", []))
+        eps_port = yield self.fake.start(self)
+        folder = Path(self.mktemp()).absolute()
+        section = private_section(
+            folder, eps_port,
+            jsonrpc_server={"bind_address": "127.0.0.1:0", "tls": tls_block(PRIVATE_PROXY),
+                            **CAPS},
+            jsonrpc_client={"endpoint": f"https://127.0.0.1:{eps_port}/jsonrpc",
+                            "server_name": PUBLIC_PROXY, "timeout": 5,
+                            "tls": tls_block(PRIVATE_PROXY)})
+        options = ProxyOptions()
+        options.parseOptions(["--mode", "private", "--settings",
+                              str(write_settings(folder, {"private": section}))])
+        top = make_proxy(options, reactor, exit_on_failure=False)
+        top.startService()
+        self.addCleanup(top.stopService)
+        ports = yield top.services[0].when_ready()
+        self.rpc = self.client(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
+                               PRIVATE_PROXY, PRIVATE_PROXY)
+
+    def check_no_params_result(self, result: Any) -> None:
+        self.assertIsInstance(result, list)
+
+    def notification_with_effect(self) -> dict[str, Any]:
+        return notification("announceConnection", {
+            "proxy": PUBLIC_PROXY, "domain": self.DOMAIN, "_client": client_info()})
+
+    @defer.inlineCallbacks
+    def check_effect(self):
+        listing = yield self.rpc.call("getAnnouncements")
+        self.assertEqual([(a["proxy"], a["domain"]) for a in listing.result],
+                         [(PUBLIC_PROXY, self.DOMAIN)])
+        forwarded = [params["connections"] for method, params, _ in self.fake.calls
+                     if method == f"{PUBLIC_PROXY}.announceConnections"]
+        self.assertIn([{"domain": self.DOMAIN}], forwarded)

@@ -68,7 +68,7 @@ CHANNEL_ERROR = 500
 #: Error code of a request whose ``method`` field disagrees with its id (§23.2 #18).
 INVALID_REQUEST = 400
 
-_INTERNAL_METHODS = ("_ping", "_directory", "_connectionRequest")
+_INTERNAL_METHODS = ("_ping", "_directory", "_connectionRequest", "_checkpoint")
 
 _DIRECTORY_QUERY = forms.Map(
     {
@@ -245,6 +245,8 @@ class Broker:
     one of ``ok``, ``error_response``, ``denied``, ``invalid``, ``channel_error``,
     ``failed``.  ``on_answer(channel, caller, request_id, response)``, if given, sees
     every response a channel gave (the hook that notices asynchronous acknowledgements).
+    ``checkpoints(params, caller)``, if given, answers ``_checkpoint`` (checkpoint gossip,
+    :mod:`epsproxy.eps.gossip`).
 
     Every delivery logs one line when it is done (:meth:`_log_call`), with the fields
     ``caller`` (the operator the calling channel identified: the certificate's name for
@@ -264,6 +266,7 @@ class Broker:
         version: str = "development",
         observe: Callable[[str, str, float], None] | None = None,
         on_answer: Callable[[Channel, str, str, Response], None] | None = None,
+        checkpoints: Callable[[dict[str, Any] | None, str], dict[str, Any]] | None = None,
     ) -> None:
         seen: set[str] = set()
         for channel in channels:
@@ -277,6 +280,8 @@ class Broker:
         self.version = version
         self.observe = observe
         self.on_answer = on_answer
+        #: Answers ``_checkpoint`` (checkpoint gossip: params and the caller's name).
+        self.checkpoints = checkpoints
         self._in_transit: set[tuple[str | None, str]] = set()
 
     # -- the entry point ----------------------------------------------------------------
@@ -523,6 +528,10 @@ class Broker:
                     "params": request.params,
                     "serverInfo": own,
                 }
+            elif address.method == "_checkpoint":
+                if self.checkpoints is None:
+                    raise BrokerError("this endpoint server gossips no checkpoints")
+                result = self.checkpoints(request.params, call.caller)
             else:  # _directory
                 query = _DIRECTORY_QUERY.validate(
                     {} if request.params is None else request.params

@@ -13,6 +13,7 @@ is read by the ``eps`` command each time it runs, never by the running server.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import IO, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -34,10 +35,12 @@ from epsproxy.eps.broker import Broker, Channel, Closable, Response, Startable
 from epsproxy.eps.channels.gateway import JSONRPCServerChannel
 from epsproxy.eps.channels.local import JSONRPCClientChannel, StdoutChannel
 from epsproxy.eps.channels.peer import EPSClientChannel, EPSServerChannel
+from epsproxy.eps.gossip import Gossip
 from epsproxy.eps.inbox import Inbox, request_connection, send_result
 from epsproxy.eps.links.dialer import RequestConnection
 from epsproxy.eps.links.registry import INCOMING, OUTGOING, LinkRegistry
 from epsproxy.eps.links.session import PEER_REFUSAL_REASONS
+from epsproxy.eps.settings import GOSSIP_SETTINGS
 
 __all__ = ["EndpointServerService", "RESTART_KEYS"]
 
@@ -55,6 +58,7 @@ RESTART_KEYS = (
     "directory.settings.checkpoints",
     "directory.settings.checkpoint_signers",
     "directory.settings.witnesses",
+    "gossip",
     "channels[*]?",
     "channels[*].type",
     "channels[*].settings.bind_address",
@@ -67,7 +71,7 @@ _RELOADING = ("eps_server", "grpc_server", "eps_client", "grpc_client", "jsonrpc
 
 log = Logger()
 
-_INTERNAL = ("_ping", "_directory", "_connectionRequest", "respond")
+_INTERNAL = ("_ping", "_directory", "_connectionRequest", "_checkpoint", "respond")
 _LATENCY_BUCKETS = (
     0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10, 60,
 )
@@ -123,6 +127,7 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         self.links: LinkRegistry | None = None
         self.broker: Broker | None = None
         self.async_calls: AsyncCalls | None = None
+        self.gossip: Gossip | None = None
         self.channels: list[Any] = []
         self._known_methods: frozenset[str] = frozenset(_INTERNAL)
         self._http_refusal: Callable[[str], None] | None = None
@@ -154,21 +159,43 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         ]
         self._warn_about_order()
         self._register_metrics()
+        self.gossip = self._build_gossip(inbox)
         self.broker = Broker(
             self._opened_directory, self.channels, self.reactor, version=__version__,
             observe=self._observe, on_answer=self._on_answer,
+            checkpoints=None if self.gossip is None else self.gossip.receive,
         )
         inbox.open(self.broker, self.async_calls)
         for channel in self.channels:
             if isinstance(channel, Startable):
                 await defer.maybeDeferred(channel.start)
         self._refresh_known_methods()
+        if self.gossip is not None:
+            self.gossip.start()
         add_listener = getattr(self.directory, "add_listener", None)
         if callable(add_listener):
             add_listener(self._refresh_known_methods)
         log.info("endpoint server {name} ready with channels {channels}", name=self.name,
                  channels=", ".join(f"{c.name} ({c.type})" for c in self.channels))
         return self
+
+    def _build_gossip(self, inbox: Inbox) -> Gossip | None:
+        """Checkpoint gossip over the open links (api directories only)."""
+        directory = self.directory
+        settings = self.settings.get("gossip") or GOSSIP_SETTINGS.validate({})
+        if not isinstance(directory, APIDirectory) or not settings["enabled"]:
+            return None
+        evidence = settings.get("evidence_dir")
+        if evidence is None and directory.cache_file is not None:
+            evidence = str(directory.cache_file.parent / "evidence")
+        links = self.links
+        assert links is not None
+        return Gossip(
+            self.reactor, directory, self.name, inbox.deliver,
+            lambda: [name for name, (open_, _) in links.peers().items() if open_],
+            None if evidence is None else Path(evidence), settings["interval"],
+            registry=self.registry,
+        )
 
     @property
     def _opened_directory(self) -> JSONDirectory | APIDirectory:
@@ -238,6 +265,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         return f"endpoint server {self.name}"
 
     async def _close(self) -> None:
+        if self.gossip is not None:
+            self.gossip.stop()
         # Listeners and kept links stop first, then the links close, then the pools.
         for channel in reversed(self.channels):
             try:
@@ -337,6 +366,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
                     f" (limit {limit:g} s)")
             if directory.refusal is not None:
                 checks["checkpoint"] = f"degraded: refused the SD's view: {directory.refusal}"
+            if self.gossip is not None and self.gossip.alarm is not None:
+                checks["gossip"] = self.gossip.alarm
             if "directory" in checks:
                 return checks
         try:

@@ -20,6 +20,7 @@ __all__ = [
     "EPS_SETTINGS",
     "API_DIRECTORY_SETTINGS",
     "JSON_DIRECTORY_SETTINGS",
+    "GOSSIP_SETTINGS",
     "SIGNING_SETTINGS",
     "eps_file_sets",
 ]
@@ -62,6 +63,23 @@ API_DIRECTORY_SETTINGS = forms.Map(
             },
             strict=True,
         )),
+    },
+    strict=True,
+)
+
+GOSSIP_SETTINGS = forms.Map(
+    {
+        "enabled": forms.Optional(forms.Boolean(), default=True,
+                                  doc="gossip checkpoints (api directory only)"),
+        "interval": forms.Optional(
+            forms.Float(min=0.05, max=86400), default=60.0,
+            doc="seconds between two rounds of checkpoint gossip with the linked peers",
+        ),
+        "evidence_dir": forms.Optional(
+            forms.String(min_length=1),
+            doc="where evidence of a split view is saved (default: evidence/ beside "
+            "the directory's cache_file)",
+        ),
     },
     strict=True,
 )
@@ -182,6 +200,7 @@ EPS_SETTINGS = forms.Map(
         ),
         "metrics": forms.Optional(METRICS_SETTINGS),
         "signing": forms.Optional(SIGNING_SETTINGS),
+        "gossip": forms.Optional(GOSSIP_SETTINGS, doc="checkpoint gossip (docs/checkpoints.md)"),
         "log_level": LOG_LEVEL_SETTING,
     },
     strict=True,

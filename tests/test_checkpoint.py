@@ -133,3 +133,27 @@ class CheckpointFormatTests(TestCase):
         self.assertRaises(cp.CheckpointError, cp.Checkpoint, "sd-1", -1, HEAD, 0)
         self.assertRaises(cp.CheckpointError, cp.Checkpoint, "sd-1", 1, b"short", 0)
         self.assertRaises(cp.CheckpointError, cp.Checkpoint, "sd-1", 1, HEAD, -5)
+
+
+class ResetRecordTests(TestCase):
+    def test_reset_change_round_trip(self) -> None:
+        c = cp.Checkpoint("sd-1", 7, HEAD, 0)
+        record = cp.reset_change("hd-1", c, "2025-01-01T00:00:00Z")
+        self.assertEqual(cp.replaced_by(record), ("sd-1", 7, HEAD))
+
+    def test_records_that_name_nothing(self) -> None:
+        good = cp.reset_change("hd-1", cp.Checkpoint("sd-1", 7, HEAD, 0), "x")
+        named = good["data"][0]["settings"][cp.RESET_KEY]
+        for bad in [None, [], {"section": "groups", "data": good["data"]},
+                    {"section": "settings", "data": "x"},
+                    {"section": "settings", "data": [1, {"settings": 2}]},
+                    {"section": "settings", "data": [{"settings": {cp.RESET_KEY: "x"}}]},
+                    {"section": "settings", "data": [{"settings": {cp.RESET_KEY: dict(
+                        named, size=True)}}]},
+                    {"section": "settings", "data": [{"settings": {cp.RESET_KEY: dict(
+                        named, head="!!")}}]},
+                    {"section": "settings", "data": [{"settings": {cp.RESET_KEY: dict(
+                        named, head="AAAA")}}]}]:
+            self.assertIsNone(cp.replaced_by(bad), bad)
+        self.assertRaises(cp.CheckpointError, cp.reset_root, {"checkpoint": 3}, "hd-1", "x")
+        self.assertRaises(cp.CheckpointError, cp.reset_root, {"checkpoint": "x\n"}, "hd-1", "x")

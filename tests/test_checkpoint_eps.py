@@ -165,8 +165,13 @@ class NoRollbackTests(unittest.TestCase):
         self.point_at(unnamed)
         yield self.assertRefused(d, "reset", "does not name the checkpoint")
         # A reset by the sd-admin hd-1 naming it: accepted.
-        named_chain = sign_chain([cp.reset_change("hd-1", old, T1), checkpoint_pin(created_at=T1),
-                                  *base_changes(T1)])
+        # (made as `eps sd submit-records --reset` makes it, from the SD's getCheckpoint)
+        admin = sd_client(self.good.port_number)
+        self.addCleanup(admin.close)
+        root = cp.reset_root((yield admin.call("getCheckpoint", {})), "hd-1", T1)
+        self.assertEqual(cp.replaced_by(root), (old.origin, old.size, old.head))
+        self.assertIsNone(cp.reset_root(None, "hd-1", T1))
+        named_chain = sign_chain([root, checkpoint_pin(created_at=T1), *base_changes(T1)])
         named = yield sd_with(self, named_chain)
         self.point_at(named)
         self.assertTrue((yield d.update()))

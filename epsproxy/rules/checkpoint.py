@@ -55,6 +55,7 @@ __all__ = [
     "verify",
     "RESET_KEY",
     "reset_change",
+    "reset_root",
     "replaced_by",
 ]
 
@@ -347,6 +348,19 @@ def reset_change(name: str, replaced: Checkpoint, created_at: str) -> dict:
         }}}],
         "created_at": created_at,
     }
+
+
+def reset_root(served: Any, name: str, created_at: str) -> dict | None:
+    """
+    The root change record of a reset by ``name``, naming the checkpoint in ``served``
+    (an SD's ``getCheckpoint`` answer), or None when there is none to name (an SD that
+    signs no checkpoints).  Raises :class:`CheckpointError` for a malformed answer.
+    """
+    if served is None:
+        return None
+    if not isinstance(served, dict) or not isinstance(served.get("checkpoint"), str):
+        raise CheckpointError("the SD's checkpoint is not a note")
+    return reset_change(name, parse(served["checkpoint"]).checkpoint, created_at)
 
 
 def replaced_by(record: Any) -> tuple[str, int, bytes] | None:

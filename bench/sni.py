@@ -1,0 +1,328 @@
+"""
+SNI benchmark (issue 14, item 4): new TLS connections through our public and private
+proxies beside an HAProxy chain, in one run with interleaved rounds.
+
+One TLS server, Debian's nginx (:mod:`bench.sni_network` says why and how), reached:
+
+- **direct**: the load client's own ceiling;
+- **ours, raw forward**: public proxy (TLS port, SNI routing, brokering over the EPS
+  network) -> private proxy forwarding the TLS bytes -> nginx's HTTPS port;
+- **ours, terminating**: the same, but the private proxy terminates TLS (same
+  certificate) and forwards HTTP to nginx's plain port;
+- **HAProxy chain**: an ``req.ssl_sni`` router -> a TCP hop -> nginx's HTTPS port, with
+  default buffers and with ``tune.bufsize 1048576``.
+
+All programs run as real processes (ours under ``twistd``) with settings written for the
+run under ``run/bench-sni/`` and free ports.  Measured, per path:
+
+1. **memory per idle connection**: RSS growth of the path's proxy processes (ours: the
+   public + the private proxy; HAProxy: router + hop) while ``BENCH_SNI_IDLE`` (1,000)
+   idle TLS connections are open through it, divided by that number.  Measured first,
+   right after start and a 20-connection warm-up, so that no earlier load's freed heap
+   hides growth.
+2. **new TLS connections per second** at 1 and 16 concurrent clients
+   (:mod:`bench.sni_client`: separate processes, each connection a TCP connect and a full
+   verified TLS handshake with SNI, then close), ``BENCH_SNI_SECONDS`` (5) counted after
+   a warm-up; p50/p99 of connect + handshake.
+3. **one-stream throughput**: curl downloads ``BENCH_SNI_BYTES`` (1e9) from nginx through
+   the path; MB/s from the first byte to the last.  The terminating private proxy holds
+   each response whole in memory (``max_response_bytes``), so it is given at most
+   :data:`TERM_STREAM_CAP` bytes.
+
+``BENCH_ROUNDS`` (3) rounds, the paths rotated each round; medians (min-max) and medians
+of per-round ratios to the better HAProxy chain of the same round.  The public proxy's
+``tcp_rate_limits`` are set far above the load (and the refusals counted), so that they
+are not what is measured.  ``BENCH_SNI_QUICK=1`` (or ``python -m bench.sni --quick``)
+makes a run of seconds; ``BENCH_SNI_ONLY=direct,ours-raw,haproxy`` limits the paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .common import rss_bytes, table
+from .relay import _cell, _goal, _haproxy, _median, _ratios, _rotations, step
+from .sni_network import (
+    CERTS, RATE_LIMITS, RAW_DOMAIN, TERM_DOMAIN, Network, missing_tools,
+)
+
+__all__ = ["PATHS", "SniPath", "run", "report", "main"]
+
+#: Goals of issue 14, against the better HAProxy chain of the same round.
+RATE_GOAL = 0.8        # ours / chain, new TLS connections per second, at least
+P99_GOAL = 1.5         # ours / chain, p99 connect + handshake, at most
+THROUGHPUT_GOAL = 1.0  # ours / chain, one stream MB/s, at least
+MEMORY_GOAL = 2.0      # ours / chain, RSS per idle connection, at most
+CLIENTS = (1, 16)
+#: Largest stream through the terminating private proxy (it buffers whole responses).
+TERM_STREAM_CAP = 100_000_000
+IDLE_WARMUP = 20
+
+
+@dataclass(frozen=True)
+class SniPath:
+    """One way from the client to nginx: its key, the label of its row and the name asked."""
+
+    key: str
+    label: str
+    domain: str = RAW_DOMAIN
+
+
+PATHS = (
+    SniPath("direct", "direct to nginx (client ceiling)"),
+    SniPath("ours-raw", "ours: public + private proxy, raw forward"),
+    SniPath("ours-term", "ours: public + private proxy, terminating", TERM_DOMAIN),
+    SniPath("haproxy", "HAProxy chain (SNI router + TCP hop), default buffers"),
+    SniPath("haproxy-1m", "HAProxy chain, tune.bufsize 1048576"),
+)
+BY_KEY = {path.key: path for path in PATHS}
+CHAINS = ("haproxy", "haproxy-1m")
+OURS = ("ours-raw", "ours-term")
+
+
+def _client(mode: str, config: dict[str, Any], **kwargs: Any) -> subprocess.Popen:
+    config = dict(config, cafile=str(CERTS / "root.crt"))
+    return subprocess.Popen([sys.executable, "-m", "bench.sni_client", mode, json.dumps(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def rate(net: Network, path: SniPath, clients: int, seconds: float,
+         warmup: float) -> dict[str, Any]:
+    """New TLS connections per second through ``path`` with ``clients`` clients."""
+    process = _client("rate", {"port": net.port(path.key), "sni": path.domain,
+                               "clients": clients, "seconds": seconds, "warmup": warmup})
+    out, err = process.communicate(timeout=120 + 3 * (seconds + warmup))
+    if process.returncode != 0:
+        raise RuntimeError(f"{path.key} load client failed:\n{err.decode()[-3000:]}")
+    result = json.loads(out.splitlines()[-1])
+    if not result["connections"]:
+        raise RuntimeError(f"{path.key}: no connection completed ({result['error']})")
+    return result
+
+
+def stream(net: Network, path: SniPath, size: int) -> dict[str, Any]:
+    """One download of ``size`` bytes through ``path`` with curl: MB/s first byte to last."""
+    port = net.port(path.key)
+    name = "stream-term" if path.key == "ours-term" else "stream"
+    done = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "--max-time", str(120 + size / 20e6),
+         "--cacert", str(CERTS / "root.crt"), "--resolve", f"{path.domain}:{port}:127.0.0.1",
+         "-w", "%{size_download} %{time_starttransfer} %{time_total}",
+         f"https://{path.domain}:{port}/{name}"],
+        capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{path.key}: curl failed ({done.returncode}): {done.stderr}")
+    received, first, total = done.stdout.split()
+    if int(received) != size:
+        raise RuntimeError(f"{path.key}: received {received} bytes, not {size}")
+    return {"bytes": size, "seconds": max(float(total) - float(first), 1e-6)}
+
+
+def idle(net: Network, path: SniPath, count: int) -> dict[str, Any]:
+    """RSS growth of ``path``'s proxies holding ``count`` idle TLS connections."""
+    pids = net.pids(path.key)
+    result: dict[str, Any] = {}
+    for phase, n in (("warmup", IDLE_WARMUP), ("measured", count)):
+        before = sum(rss_bytes(pid) for pid in pids)
+        holder = _client("idle", {"port": net.port(path.key), "sni": path.domain, "count": n},
+                         stdin=subprocess.PIPE)
+        assert holder.stdin is not None and holder.stdout is not None
+        line = holder.stdout.readline().decode().strip()
+        held = sum(rss_bytes(pid) for pid in pids)
+        holder.stdin.write(b"close\n")
+        holder.stdin.flush()
+        _out, err = holder.communicate(timeout=60)
+        if line != "ready":
+            raise RuntimeError(f"{path.key}: {n} idle connections: {line!r}\n"
+                               f"{err.decode()[-3000:]}")
+        result = {"before": before, "held": held, "count": n}
+    return result
+
+
+def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000,
+        idle_count: int = 1000, only: Sequence[str] | None = None,
+        clients: Sequence[int] = CLIENTS) -> dict[str, Any]:
+    """
+    Every measurement for the paths of ``only`` (default: all).  Returns
+    ``{"settings": {...}, "rate": {clients: {key: [round, ...]}}, "stream": {key: [...]},
+    "idle": {key: result}, "rate_limited": n}``.
+    """
+    missing = missing_tools()
+    if missing:
+        raise RuntimeError(f"the SNI benchmark needs {', '.join(missing)}")
+    paths = [BY_KEY[k] for k in only] if only else list(PATHS)
+    if _haproxy() is None:
+        print("skipping the HAProxy chains: haproxy not installed (apt-get install haproxy)",
+              flush=True)
+        paths = [p for p in paths if p.key not in CHAINS]
+    term_bytes = min(stream_bytes, TERM_STREAM_CAP)
+    results: dict[str, Any] = {
+        "settings": {"rounds": rounds, "seconds": seconds, "stream_bytes": stream_bytes,
+                     "term_stream_bytes": term_bytes, "idle": idle_count,
+                     "clients": list(clients), "paths": [p.key for p in paths]},
+        "rate": {str(c): {} for c in clients}, "stream": {}, "idle": {}}
+    warmup = min(1.0, seconds / 4)
+    net = Network(stream_bytes, term_bytes)
+    try:
+        net.start([p.key for p in paths])
+        for path in paths:
+            if path.key != "direct":
+                step(f"{idle_count} idle connections: {path.key}")
+                results["idle"][path.key] = idle(net, path, idle_count)
+        for index, order in enumerate(_rotations(paths, rounds)):
+            for path in order:
+                for n in clients:
+                    step(f"round {index + 1}/{rounds}: {path.key}, {n} client(s)")
+                    results["rate"][str(n)].setdefault(path.key, []).append(
+                        rate(net, path, n, seconds, warmup))
+                size = term_bytes if path.key == "ours-term" else stream_bytes
+                step(f"round {index + 1}/{rounds}: {path.key}, one stream of {size:,} bytes")
+                results["stream"].setdefault(path.key, []).append(stream(net, path, size))
+        if any(p.key in OURS for p in paths):
+            results["rate_limited"] = net.metric(
+                'proxy_tls_connections_total{outcome="rate_limited"}') + net.metric(
+                "proxy_internal_rate_limited_connections_total")
+        return results
+    finally:
+        net.stop()
+
+
+# -- the report ------------------------------------------------------------------------
+
+def _best_chain(values: dict[str, list[float]], better: Callable[..., float]) -> list[float]:
+    """Per round, the better HAProxy chain's value (``better`` is ``max`` or ``min``)."""
+    chains = [values[k] for k in CHAINS if k in values]
+    return [better(v) for v in zip(*chains)] if chains else []
+
+
+def report(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    keys = [k for k in s["paths"]]
+    rates = {n: {k: [r["connections"] / r["seconds"] for r in v] for k, v in by.items()}
+             for n, by in results["rate"].items()}
+    p50 = {n: {k: [r["p50_ms"] for r in v] for k, v in by.items()}
+           for n, by in results["rate"].items()}
+    p99 = {n: {k: [r["p99_ms"] for r in v] for k, v in by.items()}
+           for n, by in results["rate"].items()}
+    mbps = {k: [r["bytes"] / r["seconds"] / 1e6 for r in v] for k, v in results["stream"].items()}
+    per_conn = {k: (r["held"] - r["before"]) / r["count"] for k, r in results["idle"].items()}
+    chain_rate = {n: _best_chain(by, max) for n, by in rates.items()}
+    chain_p99 = {n: _best_chain(by, min) for n, by in p99.items()}
+    chain_mbps = _best_chain(mbps, max)
+    chain_mem = min((per_conn[k] for k in CHAINS if k in per_conn), default=None)
+
+    def vs(mine: list[float], theirs: list[float], key: str) -> str:
+        if key in CHAINS or key == "direct" or not theirs:
+            return "-"
+        return _cell(_ratios(mine, theirs), ".2f") + "x"
+
+    rows = []
+    for key in keys:
+        row: list[str] = [BY_KEY[key].label]
+        for n in s["clients"]:
+            mine = rates[str(n)].get(key, [])
+            row += [_cell(mine), vs(mine, chain_rate[str(n)], key),
+                    f"{_median(p50[str(n)].get(key, [])):.2f} / "
+                    f"{_median(p99[str(n)].get(key, [])):.2f}"]
+        cpu = [r["cpu"] / r["seconds"] for r in results["rate"][str(s["clients"][-1])].get(key, [])]
+        row.append(f"{_median(cpu) * 100:.0f}%" if cpu else "-")
+        row += [_cell(mbps.get(key, [])), vs(mbps.get(key, []), chain_mbps, key)]
+        if key in per_conn:
+            mem = f"{per_conn[key] / 1e3:.1f}"
+            if key not in CHAINS and chain_mem:
+                mem += f" ({per_conn[key] / chain_mem:.2f}x)"
+        else:
+            mem = "-"
+        row.append(mem)
+        rows.append(row)
+    headers = ["path"]
+    for n in s["clients"]:
+        headers += [f"conn/s @{n}", "x HAProxy", f"p50 / p99 ms @{n}"]
+    headers += [f"client CPU % wall @{s['clients'][-1]}", "MB/s, one stream", "x HAProxy",
+                "KB per idle conn"]
+    out = [f"{s['rounds']} interleaved round(s), paths rotated; {s['seconds']:g} s per "
+           f"connection-rate run; one stream of {s['stream_bytes']:,} bytes "
+           f"({s['term_stream_bytes']:,} through the terminating proxy, which holds each "
+           f"response whole); {s['idle']:,} idle connections for memory.  Medians (min-max); "
+           "'x HAProxy' = median of the per-round ratios to the better HAProxy chain of "
+           "that round.\n", table(headers, rows), ""]
+
+    goals = []
+    for key in OURS:
+        if key not in keys:
+            continue
+        short = "raw" if key == "ours-raw" else "terminating"
+        for n in s["clients"]:
+            goals.append(_goal(f"{short}: conn/s @{n} / HAProxy chain's",
+                               _ratios(rates[str(n)].get(key, []), chain_rate[str(n)]),
+                               f">= {RATE_GOAL:g}x", lambda v: v >= RATE_GOAL))
+        for n in s["clients"]:
+            goals.append(_goal(f"{short}: p99 connect+handshake @{n} / HAProxy chain's",
+                               _ratios(p99[str(n)].get(key, []), chain_p99[str(n)]),
+                               f"<= {P99_GOAL:g}x", lambda v: v <= P99_GOAL))
+        goals.append(_goal(f"{short}: one-stream MB/s / HAProxy chain's",
+                           _ratios(mbps.get(key, []), chain_mbps),
+                           f">= {THROUGHPUT_GOAL:g}x", lambda v: v >= THROUGHPUT_GOAL))
+        goals.append(_goal(f"{short}: RSS per idle connection / HAProxy chain's",
+                           [per_conn[key] / chain_mem] if key in per_conn and chain_mem else [],
+                           f"<= {MEMORY_GOAL:g}x", lambda v: v <= MEMORY_GOAL))
+    direct = {n: _median(rates[str(n)]["direct"]) for n in s["clients"]
+              if "direct" in rates[str(n)]}
+    fastest = {n: max((_median(v) for k, v in rates[str(n)].items() if k != "direct"),
+                      default=0.0) for n in direct}
+    if direct and all(fastest.values()):
+        out.append("The load client's own ceiling (direct to nginx) is "
+                   + ", ".join(f"{direct[n] / fastest[n]:.1f}x at {n} client(s)" for n in direct)
+                   + " the fastest proxied path's rate: "
+                   + ("the client is not what limits the proxied rates.\n"
+                      if all(direct[n] / fastest[n] >= 1.2 for n in direct) else
+                      "too close for comfort: the client may be part of the limit.\n"))
+    if goals:
+        out.append(table(["goal (issue 14)", "median (min-max over rounds)", "target",
+                          "result"], [[g[0], g[1], g[2], "met" if g[3] == "PASS" else
+                                       "not met" if g[3] == "MISS" else g[3]] for g in goals]))
+    if "rate_limited" in results:
+        limits = ", ".join(f"{r['limit']:,} a {r['type']}" for r in RATE_LIMITS)
+        out.append(f"\nThe public proxy's tcp_rate_limits for this run: {limits} per "
+                   f"address (the dev role allows 1,000 a minute); connections refused by "
+                   f"rate limits during the run: {results['rate_limited']:.0f}.")
+    return "\n".join(out)
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    env = os.environ.get
+    quick = quick or env("BENCH_SNI_QUICK", "") not in ("", "0")
+    return {
+        "rounds": int(env("BENCH_ROUNDS", "1" if quick else "3")),
+        "seconds": float(env("BENCH_SNI_SECONDS", "1" if quick else "5")),
+        "stream_bytes": int(float(env("BENCH_SNI_BYTES", "2e8" if quick else "1e9"))),
+        "idle_count": int(env("BENCH_SNI_IDLE", "300" if quick else "1000")),
+    }
+
+
+def main(quick: bool = False) -> None:
+    """Run the benchmark as configured by the environment (``quick``: a run of seconds)."""
+    settings = _settings(quick)
+    only = [k for k in os.environ.get("BENCH_SNI_ONLY", "").split(",") if k]
+    unknown = [k for k in only if k not in BY_KEY]
+    if unknown:
+        raise SystemExit(f"BENCH_SNI_ONLY: unknown path(s) {unknown}; known: {list(BY_KEY)}")
+    busy = os.getloadavg()[0]
+    print(f"load average before the run: {busy:.2f} on {os.cpu_count()} CPUs"
+          + (" -- other work is running: rates will read worse than on an idle machine"
+             if busy > 0.5 else ""), flush=True)
+    started = time.monotonic()
+    results = run(only=only or None, **settings)
+    print(report(results))
+    print(f"load average after the run: {os.getloadavg()[0]:.2f}; "
+          f"{time.monotonic() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main("--quick" in sys.argv[1:])

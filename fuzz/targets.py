@@ -392,6 +392,15 @@ def _parse_http_response(raw: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
 
 def _check_rpc_body(body: bytes) -> None:
     value = json.loads(body)
+    if isinstance(value, list):  # a batch: a reply per request that is not a notification
+        assert value, "an empty array answers nothing"
+        for item in value:
+            _check_rpc_object(item)
+        return
+    _check_rpc_object(value)
+
+
+def _check_rpc_object(value: Any) -> None:
     assert isinstance(value, dict) and value.get("jsonrpc") == "2.0", value
     assert "id" in value
     assert isinstance(value["id"], (str, int, type(None))) and not isinstance(value["id"], bool)
@@ -451,9 +460,12 @@ def _check_http(fdp: Any, content_type: str | None) -> None:
         if method == b"OPTIONS" and status == 200:
             assert cors and origin == b"https://ok.example" and payload == b""
             return
-        assert status in (200, 400, 403, 405, 413), status
-        if status == 200:
+        assert status in (200, 204, 400, 403, 405, 413), status
+        if status in (200, 204):
             assert method == b"POST", method
+        if status == 204:  # notifications only: nothing is answered
+            assert payload == b"", payload
+            return
         _check_rpc_body(payload)
     finally:
         protocol.connectionLost(Failure(ConnectionDone()))

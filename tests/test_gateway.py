@@ -184,7 +184,7 @@ class GatewayTestCase(unittest.TestCase):
         all_headers = {b"Content-Type": [b"application/json"], **(headers or {})}
         response = yield (client or self.http()).post(url, data=data, headers=all_headers)
         content = yield response.content()
-        return response.code, json.loads(content)
+        return response.code, json.loads(content) if content else None
 
     def call(self, url: str, method: str, params: Any = None, id: Any = 1,
              **kw: Any) -> defer.Deferred[Any]:
@@ -213,7 +213,9 @@ class GatewayTests(GatewayTestCase):
             status, reply = yield self.call(url, "hd-1.add", {"a": 1, "b": 1}, id=sent)
             self.assertEqual((status, reply["id"], reply["result"]), (200, sent, 2))
             self.assertEqual(self.service.seen[-1][2], f"hd-1.add({inner})")
-        status, reply = yield self.call(url, "hd-1.add", {"a": 1, "b": 1}, id=None)
+        # A null id is answered with a random one (leaving "id" out is a notification).
+        status, reply = yield self.post(url, {"jsonrpc": "2.0", "method": "hd-1.add",
+                                              "params": {"a": 1, "b": 1}, "id": None})
         self.assertEqual(self.service.seen[-1][2], f"hd-1.add({reply['id']})")
         self.assertRegex(reply["id"], r"^[0-9a-f]{32}$")
 
@@ -288,7 +290,7 @@ class GatewayTests(GatewayTestCase):
         url = yield self.start_eps()
         status, reply = yield self.post(url, b"{not json")
         self.assertEqual((status, reply["error"]["code"]), (400, -32700))
-        status, reply = yield self.post(url, [{"jsonrpc": "2.0", "method": "hd-1.add"}])
+        status, reply = yield self.post(url, b'[{"jsonrpc": "2.0", "method": "hd-1.add"}')
         self.assertEqual(reply["error"]["code"], -32700)
         status, reply = yield self.post(url, {"jsonrpc": "2.0", "method": "hd-1.add",
                                               "params": [1, 2], "id": 1})
@@ -416,7 +418,9 @@ class RespondTests(GatewayTestCase):
         self.assertEqual(reply["result"], {"_async": True, "message": "later"})
         eps_id = self.service.seen[-1][2]
         pushed = self.service.push_arrived
-        yield self.call(url, "respond", {"id": eps_id, "result": "fine"}, id=None)
+        status, reply = yield self.call(url, "respond", {"id": eps_id, "result": "fine"},
+                                        id=None)
+        self.assertEqual((status, reply), (204, None))  # a notification: run, not answered
         params = yield pushed
         self.assertEqual(params, {"id": "slow", "result": "fine"})
 

@@ -99,9 +99,13 @@ class IntParameter:
 REFRESH = IntParameter("refresh", 0, 3600, 0, "seconds between automatic reloads (0: off)")
 
 
+_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
 def _show(raw: bytes, limit: int = 40) -> str:
-    text = raw.decode("utf-8", "replace")
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+    """A client's bytes quoted for a message: anything but letters, digits, ``._-`` as \\xNN."""
+    text = "".join(chr(b) if b in _SAFE else f"\\x{b:02x}" for b in raw[:limit])
+    return f"'{text}{'...' if len(raw) > limit else ''}'"
 
 
 def parse_parameters(

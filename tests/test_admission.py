@@ -114,7 +114,7 @@ class AdmissionRules(unittest.SynchronousTestCase):
         self.assertEqual(budget.reserved, max(admission.MIN_RESERVED, limit // 10))
         self.assertEqual(budget.cap, limit - budget.reserved)
         a = Admission("l", budget=budget)
-        self.assertEqual(a.cap, budget.cap // 2)
+        self.assertEqual(a.cap, budget.cap // 4)
         self.assertEqual(a.per_address, max(8, a.cap // 10))
 
     def test_networks_are_checked(self):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from typing import Any, Iterable, Iterator, Protocol as TypingProtocol
+from typing import Any, Callable, Iterable, Iterator, Protocol as TypingProtocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.hostport import peer_key
+from epsproxy.net.ratelimit import RateLimitedFactory
 from epsproxy.rules import forms
 
 __all__ = [
@@ -88,8 +89,8 @@ LISTENER_LIMIT_FIELDS: dict[str, forms.Field] = {
     "max_connections": forms.Optional(
         forms.Integer(min=1),
         doc="most connections open at once on this listener; at the cap it stops "
-            "accepting (new ones wait in the backlog). Default: half the process-wide "
-            "cap (the descriptor limit less the reserved headroom)",
+            "accepting (new ones wait in the backlog). Default: a quarter of the "
+            "process-wide cap (the descriptor limit less the reserved headroom)",
     ),
     "max_connections_per_address": forms.Optional(
         forms.Integer(min=1),
@@ -138,8 +139,12 @@ def reserved_for(limit: int) -> int:
 
 
 def default_listener_cap(process_cap: int) -> int:
-    """A listener's default cap: half the process-wide one, so two floods cannot starve a third."""
-    return max(1, process_cap // 2)
+    """
+    A listener's default cap: a quarter of the process-wide one.  A program has at most
+    three listeners that accept from outside, so floods on all of them together stay
+    under the process cap and never stop the others.
+    """
+    return max(1, process_cap // 4)
 
 
 def default_per_address_cap(listener_cap: int) -> int:
@@ -267,6 +272,10 @@ class Admission:
     cap or the process-wide one) the attached :class:`Gate` is stopped, and started
     again when a connection closes.  Counters: ``current``, ``reached`` (times the
     listener stopped accepting), ``refused_per_address``, ``admitted``.
+
+    ``on_full`` (optional) is called each time the listener stops accepting: a protocol
+    that can tell idle connections from busy ones closes idle ones there (the SNI
+    listener does), so the backlog moves on.
     """
 
     def __init__(
@@ -277,8 +286,10 @@ class Admission:
         *,
         budget: ProcessBudget = PROCESS,
         exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        on_full: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_full = on_full
         self.budget = budget
         self.configured_cap = max_connections
         self.configured_per_address = per_address
@@ -379,6 +390,11 @@ class Admission:
                      total_cap=self.budget.cap)
             if self.gate is not None:
                 self.gate.stopReading()
+            if self.on_full is not None:
+                try:
+                    self.on_full()
+                except Exception:
+                    log.failure("listener {name}: relief at the cap failed", name=self.name)
         elif not full and self.paused:
             self.paused = False
             log.info("listener {name} below its cap again ({current} open): accepting",
@@ -394,11 +410,13 @@ def listener_admission(
     budget: ProcessBudget = PROCESS,
     prefix: str = "",
     exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    on_full: Callable[[], None] | None = None,
 ) -> Admission:
     """An :class:`Admission` for a listener from its settings' ``<prefix>max_connections*`` keys."""
     return Admission(
         name, settings.get(f"{prefix}max_connections"),
         settings.get(f"{prefix}max_connections_per_address"), budget=budget, exempt=exempt,
+        on_full=on_full,
     )
 
 
@@ -477,14 +495,15 @@ class _AdmittedPort(tcp.Port):
     """
     A TCP port that accepts only while its admission has room: ``doRead`` accepts at
     most that many, and the admission stops and starts its reading (the rest wait in
-    the kernel backlog).
+    the kernel backlog).  ``factory`` asks the admission first (an ``_AdmittedFactory``,
+    possibly behind a rate limiter).
     """
 
     transport = _AdmittedServer
 
     def __init__(self, port: int, factory: IProtocolFactory, backlog: int, interface: str,
                  reactor: Any, admission: Admission) -> None:
-        super().__init__(port, _AdmittedFactory(factory, admission), backlog, interface, reactor)
+        super().__init__(port, factory, backlog, interface, reactor)
         self.admission = admission
         self._logger = Logger(namespace=self._logger.namespace,
                               observer=_AcceptErrors(admission.budget))
@@ -533,13 +552,20 @@ class AdmissionEndpoint:
 
         if not isinstance(self.reactor, PosixReactorBase):
             try:
-                factory: Any = protocolFactory  # any factory will do; typed narrowly
+                plain: Any = protocolFactory  # any factory will do; typed narrowly
                 return succeed(self.reactor.listenTCP(
-                    self.port, factory, self.backlog, self.interface))
+                    self.port, plain, self.backlog, self.interface))
             except Exception:
                 return fail()
+        # Rate limits first: an attempt over them costs no slot (and is counted there).
+        factory: IProtocolFactory
+        if isinstance(protocolFactory, RateLimitedFactory):
+            factory = protocolFactory.rewrap(
+                _AdmittedFactory(protocolFactory.wrappedFactory, self.admission))
+        else:
+            factory = _AdmittedFactory(protocolFactory, self.admission)
         try:
-            port = _AdmittedPort(self.port, protocolFactory, self.backlog, self.interface,
+            port = _AdmittedPort(self.port, factory, self.backlog, self.interface,
                                  self.reactor, self.admission)
             port.startListening()
         except Exception:

@@ -349,7 +349,7 @@ class _SNICollector:
 
     COUNTERS = ("accepted", "routed", "notified", "notify_failed", "no_sni", "malformed",
                 "timeouts", "no_route", "full", "abandoned", "bad_proxy_header",
-                "rate_limited", "untrusted_proxy_source")
+                "rate_limited", "untrusted_proxy_source", "evicted")
 
     def __init__(self, service: PublicProxyService) -> None:
         self.service = service
@@ -426,7 +426,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         # per-address cap for them at accept.
         self._trusted = admission.parse_networks(settings["proxy_protocol_trusted"])
         self.tls_admission = admission.listener_admission(
-            "public.tls", settings, prefix="tls_", exempt=self._lb_sources(settings))
+            "public.tls", settings, prefix="tls_", exempt=self._lb_sources(settings),
+            on_full=self._tls_full)
         self.internal_admission = admission.listener_admission(
             "public.internal", settings, prefix="internal_")
         limiter = self._internal_limiter
@@ -541,6 +542,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             proxy_protocol=settings["proxy_protocol"],
             proxy_trusted=self._trusted,
             proxy_untrusted=settings["proxy_protocol_untrusted"],
+            hello_timeout_at_cap=settings["hello_timeout_at_cap"],
+            at_cap=lambda: self.tls_admission.paused,
             # Behind a load balancer the client's address is in the PROXY header: the
             # front applies the limits itself, per real client.
             rate_limiter=limiter if settings["proxy_protocol"] else None,
@@ -562,6 +565,11 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         port = await endpoint.listen(factory)
         self.ports.append(port)
         return port
+
+    def _tls_full(self) -> None:
+        # At its cap the TLS listener's slots go to clients that send their hello.
+        if self.front is not None:
+            self.front.relieve()
 
     def _lb_sources(self, settings: dict[str, Any]) -> tuple[Any, ...]:
         return self._trusted if settings["proxy_protocol"] else ()
@@ -618,6 +626,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         if self.front is not None:
             self.front.max_hello_bytes = settings["max_hello_bytes"]
             self.front.hello_timeout = settings["hello_timeout"]
+            self.front.hello_timeout_at_cap = settings["hello_timeout_at_cap"]
             self.front.internal_endpoint = settings["internal_endpoint"]
             self.front.proxy_trusted = trusted
             self.front.proxy_untrusted = settings["proxy_protocol_untrusted"]

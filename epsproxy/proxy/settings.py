@@ -129,6 +129,11 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             forms.Float(min=0.001, max=600), default=5.0,
             doc="seconds a TLS client has to send its whole ClientHello",
         ),
+        "hello_timeout_at_cap": forms.Optional(
+            forms.Float(min=0.001, max=600), default=1.0,
+            doc="while the TLS listener is at tls_max_connections: seconds after which a "
+                "connection still without its ClientHello is closed for one waiting",
+        ),
         "proxy_protocol": forms.Optional(
             forms.Boolean(), default=False,
             doc="the TLS listener expects a PROXY v1/v2 header (behind a load balancer)",

@@ -289,3 +289,13 @@ class MutualTLSListener(TestCase):
     def test_no_client_certificate_gets_nothing(self):
         received = yield self.get(tls_block(None))
         self.assertEqual(received, b"")
+
+
+class DemoURLs(TestCase):
+    def test_every_dev_role_has_its_page_url(self):
+        from epsproxy.dev.demo import page_urls
+
+        urls = dict(page_urls())
+        self.assertEqual(urls["hd-1"], "http://localhost:2112/")
+        self.assertEqual(urls["sd-1"], "http://localhost:2111/")
+        self.assertEqual(len(urls), 8)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "dev"
 CERTS = CONF / "certs"
@@ -373,6 +375,29 @@ def sni_passthrough() -> None:
     )
 
 
+def page_urls() -> list[tuple[str, str]]:
+    """(role, URL) of each role's status page: ``/`` of the metrics listener its settings name."""
+    urls = []
+    for role in ROLES:
+        if not role.plugin:
+            continue
+        try:
+            settings = yaml.safe_load((role.settings / f"{role.plugin}.yml").read_text())
+            address = settings["metrics"]["bind_address"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        urls.append((role.name, f"http://{address}/"))
+    return urls
+
+
+def status_pages() -> None:
+    """Where to look: each role's read-only status page (the SD's is its directory browser)."""
+    print("\nStatus pages (read-only; /metrics beside each for Prometheus):")
+    for name, url in page_urls():
+        what = "directory browser" if name.startswith("sd-") else "status page"
+        print(f"  {name:<20} {what:<18} {url}")
+
+
 def start(run_dir: Path, overlays: Mapping[str, Path] | None = None) -> None:
     """Start the dev network (``overlays``: extra settings folders by role, see _start_role)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,6 +412,7 @@ def start(run_dir: Path, overlays: Mapping[str, Path] | None = None) -> None:
     getting_started()
     peer_to_peer()
     sni_passthrough()
+    status_pages()
     print(f"\nLogs and pids are in {run_dir}/; `make stop` stops the network.")
 
 

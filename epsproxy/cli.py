@@ -186,12 +186,18 @@ def _setting(text: str) -> tuple[str, str]:
 
 def cmd_example_settings(args: argparse.Namespace) -> int:
     """``eps example-settings``: write a program's annotated example settings."""
-    from epsproxy.examples import ExampleError, example_text, example_values, write_example
+    from epsproxy.examples import (
+        ExampleError,
+        example_text,
+        example_values,
+        render,
+        write_example,
+    )
 
     values = dict(args.set)
     try:
         if args.dir is None:
-            print(example_text(args.program), end="")
+            print(render(example_text(args.program), values), end="")
             return 0
         written = write_example(args.program, args.dir, values, force=args.force)
         shown = example_values(written.read_text("utf-8"))

@@ -138,12 +138,16 @@ class Process:
         assert self.popen is not None
         return self.popen.pid
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+
+    def stop(self, seconds: float = 15) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return
-        os.killpg(self.popen.pid, signal.SIGTERM)
+        self.terminate()
         try:
-            self.popen.wait(timeout=15)
+            self.popen.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait()
@@ -478,5 +482,11 @@ http {{
                    if line.startswith(name) and not line.startswith("#"))
 
     def stop(self) -> None:
-        for process in reversed(list(self.processes.values())):
+        """SIGTERM to all at once (each drains in parallel), then wait for each."""
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            started = time.monotonic()
             process.stop()
+            if time.monotonic() - started > 2:
+                step(f"{process.name} took {time.monotonic() - started:.1f} s to stop")

@@ -1,0 +1,79 @@
+"""
+Smoke test of the SNI benchmark (``python -m bench sni``), so it cannot rot: a tiny run
+(one round, a fraction of a second per connection-rate run, 10 MB streams, 20 idle
+connections) of every path -- nginx directly, our public + private proxies (raw forward
+and terminating, real ``twistd`` processes) and the HAProxy chain -- through the real load
+client, and the report's table and goal lines.  nginx is Debian's (``make bench``
+installs it); without it the test is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench import sni
+from bench.sni_network import missing_tools
+
+STREAM = 10_000_000
+IDLE = 20
+CLIENTS = (1, 4)
+PATHS = ("direct", "ours-raw", "ours-term", "haproxy")
+
+
+class BenchSniSmokeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        missing = missing_tools()
+        if missing:
+            self.skipTest(f"the SNI benchmark needs {', '.join(missing)} "
+                          "(apt-get install nginx; make certs)")
+
+    def test_tiny_run_of_every_path(self) -> None:
+        results = sni.run(rounds=1, seconds=0.3, stream_bytes=STREAM, idle_count=IDLE,
+                          only=PATHS, clients=CLIENTS)
+        paths = list(results["settings"]["paths"])
+        self.assertIn("direct", paths)
+        self.assertIn("ours-raw", paths)
+        self.assertIn("ours-term", paths)
+        for n in CLIENTS:
+            for key in paths:
+                [one] = results["rate"][str(n)][key]
+                self.assertGreater(one["connections"], 0, (key, n))
+                self.assertEqual(one["errors"], 0, (key, n, one["error"]))
+                self.assertGreater(one["p99_ms"], 0, (key, n))
+                self.assertGreaterEqual(one["p99_ms"], one["p50_ms"], (key, n))
+        for key in paths:
+            [stream] = results["stream"][key]
+            self.assertEqual(stream["bytes"], STREAM, key)
+            self.assertGreater(stream["seconds"], 0, key)
+        for key in paths:
+            if key == "direct":
+                self.assertNotIn(key, results["idle"])
+                continue
+            idle = results["idle"][key]
+            self.assertEqual(idle["count"], IDLE, key)
+            self.assertGreater(idle["held"], 0, key)
+        # The rate limits were set for the run and refused nothing.
+        self.assertEqual(results["rate_limited"], 0)
+
+        text = sni.report(results)
+        lines = text.splitlines()
+        for key in paths:
+            [row] = [line for line in lines if line.startswith(f"| {sni.BY_KEY[key].label} ")]
+            self.assertEqual(len(row.strip("|").split("|")), 1 + 3 * len(CLIENTS) + 4, row)
+        goals = [line for line in lines if line.startswith(("| raw:", "| terminating:"))]
+        if "haproxy" in paths:
+            self.assertEqual(len(goals), 2 * (2 * len(CLIENTS) + 2))
+            for row in goals:
+                self.assertRegex(row, r"\| (met|not met) +\|$")
+        self.assertIn("tcp_rate_limits for this run", text)
+        self.assertIn("load client's own ceiling", text)
+
+    def test_unknown_path_is_refused(self) -> None:
+        done = subprocess.run([sys.executable, "-m", "bench.sni"], capture_output=True,
+                              text=True, env={"BENCH_SNI_ONLY": "direct,nonsense",
+                                              "PATH": "/usr/bin:/bin"}, timeout=60)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("unknown path(s) ['nonsense']", done.stderr)

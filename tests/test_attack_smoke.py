@@ -89,3 +89,54 @@ class DeltaTests(unittest.TestCase):
                         'eps_peer_refusals_created{reason="identity"}': 99.0}}
         self.assertEqual(deltas(before, after),
                          {2113: {'eps_peer_refusals_total{reason="identity"}': 2.0}})
+
+
+class SwarmTests(unittest.TestCase):
+    """The distributed attacker against a real capped listener (a short run)."""
+
+    timeout = 60
+
+    def test_many_addresses_overrun_a_capped_listener_that_holds(self):
+        import json
+        import sys
+        from pathlib import Path
+
+        from twisted.internet import reactor, utils
+        from twisted.internet.defer import ensureDeferred
+
+        from epsproxy.net import tls
+        from epsproxy.net.admission import Admission, ProcessBudget
+        from tests.support.admission import HeldFactory
+
+        async def run() -> None:
+            a = Admission("swarmed", 20, 5, budget=ProcessBudget(cap=100))
+            peak = []
+            admit = a.admit
+
+            def counting(address: object) -> bool:
+                allowed = admit(address)
+                peak.append(a.current)
+                return allowed
+
+            a.admit = counting  # type: ignore[method-assign]  # records the peak
+            factory = HeldFactory()
+            port = await tls.listen_endpoint(reactor, "127.0.0.1:0", None,
+                                             admission=a).listen(factory)
+            self.addCleanup(port.stopListening)
+            self.addCleanup(factory.abort_all)
+            config = {"seconds": 2, "targets": [{
+                "name": "t", "port": port.getHost().port, "payload": b"slow".hex(),
+                "addresses": 30, "per_address": 2, "greedy": 10, "first": "127.20.0.1",
+                "interval": 0.2}]}
+            out = await utils.getProcessOutput(
+                sys.executable, ["-m", "attack.swarm", json.dumps(config)],
+                env=None, path=str(Path(__file__).resolve().parent.parent), reactor=reactor)
+            [target] = json.loads(out.decode().strip().splitlines()[-1])["targets"]
+            self.assertEqual(target["sources"], 31)
+            self.assertGreaterEqual(target["max_open"], 60)  # 20 served, the rest waiting
+            self.assertGreaterEqual(target["attempts"], 70)
+            self.assertLessEqual(max(peak), 20)
+            self.assertGreaterEqual(a.reached, 1)
+            self.assertLessEqual(a.by_address.get("127.20.0.31", 0), 5)  # the greedy one
+
+        return ensureDeferred(run())

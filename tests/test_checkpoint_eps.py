@@ -20,6 +20,7 @@ from epsproxy.rules import checkpoint as cp
 
 from .support.checkpoints import SwitchClient, api_settings, sd_with, url, validated_api_settings
 from .support.eps import gateway_channel
+from .support.pki import pki
 from .support.sd import base_changes, change, checkpoint_pin, sd_client, sign_chain, signer
 
 T0 = "2025-01-01T10:00:00Z"
@@ -267,3 +268,42 @@ class ReadinessTests(unittest.TestCase):
         self.assertEqual(registry.get_sample_value(
             "eps_directory_views_refused_total", {"reason": "rollback"}), 1)
         self.assertEqual(node.directory.own_entry()["name"], "hd-1")
+
+
+class WitnessTests(unittest.TestCase):
+    """An endpoint server that cosigns; another that requires its cosignature."""
+
+    @inlineCallbacks
+    def test_witness_cosigns_and_is_required(self):
+        chain = full_chain()
+        sd = yield sd_with(self, chain)
+        p = pki()
+        crt, key = p.signing("hd-2")
+        settings = EPS_SETTINGS.validate({
+            "name": "hd-2",
+            "directory": {"type": "api", "settings": api_settings(
+                [url(sd.port_number)], checkpoints="required", cache_entries_for=3600,
+                witnesses={"names": [], "required": 0, "cosign": True})},
+            "channels": [gateway_channel("hd-2")],
+            "signing": {"certificate_file": str(crt), "key_file": str(key),
+                        "ca_certificate_file": str(p.root),
+                        "ca_intermediate_certificate_files": [str(p.intermediate)]},
+        })
+        witness = EndpointServerService(reactor, settings)
+        witness.startService()
+        self.addCleanup(witness.stopService)
+        yield witness.when_ready()  # its first update verified and cosigned the checkpoint
+        strict = APIDirectory(reactor, validated_api_settings(
+            [url(sd.port_number)], checkpoints="required",
+            witnesses={"names": ["hd-2"], "required": 1}), "hd-1")
+        self.addCleanup(strict.stop)
+        yield strict.update()
+        self.assertEqual([s.name for s in strict.checkpoint.signed.signatures], ["sd-1", "hd-2"])
+        # Requiring a witness that never cosigned: refused.
+        stricter = APIDirectory(reactor, validated_api_settings(
+            [url(sd.port_number)], checkpoints="required",
+            witnesses={"names": ["hd-2", "ls-1"], "required": 2}), "hd-1")
+        self.addCleanup(stricter.stop)
+        with self.assertRaises(UpdateError):
+            yield stricter.update()
+        self.assertIn("1 of the 2 witness cosignatures", stricter.refusal)

@@ -112,8 +112,10 @@ class APIDirectory:
 
     ``settings`` are validated ``API_DIRECTORY_SETTINGS``; ``own_name`` is our operator
     name.  ``clients`` (one JSON-RPC client per endpoint, with ``call`` and ``close``)
-    replaces the real clients in tests; ``registry`` gets the refusal counter.  Call
-    :meth:`start` once, :meth:`stop` at the end.
+    replaces the real clients in tests; ``registry`` gets the refusal counter;
+    ``witness`` (our signing key and certificate PEM) makes this node cosign each new
+    checkpoint it verified and send the cosignature to the SD (``submitCosignature``).
+    Call :meth:`start` once, :meth:`stop` at the end.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class APIDirectory:
         own_name: str,
         clients: Sequence[_Client] | None = None,
         registry: CollectorRegistry | None = None,
+        witness: tuple[Any, str] | None = None,
     ) -> None:
         self._reactor = reactor
         self._settings = settings
@@ -151,6 +154,8 @@ class APIDirectory:
             witnesses.get("names", []), witnesses.get("required", 0),
         )
         self._cached_note: str | None = None
+        self._witness = witness
+        self._cosigned: cp.Checkpoint | None = None
         #: Why the last view the SD served was refused (None: the last one was accepted).
         self.refusal: str | None = None
         self._refused = Counter(
@@ -365,6 +370,8 @@ class APIDirectory:
             log.info("the SD's view of the directory is accepted again")
             self.refusal = None
         self.last_success = self._reactor.seconds()
+        if self._witness is not None:
+            yield self._cosign()
         if changed:
             log.info("directory updated: {count} records, tip {tip}",
                      count=len(self._chain), tip=self._chain.tip_hash[:16])
@@ -413,6 +420,29 @@ class APIDirectory:
         except ChainError as e:
             raise UpdateError(f"refused records from the SD: {e}") from None
         raise UpdateError("records do not continue the local chain")
+
+    @inlineCallbacks
+    def _cosign(self) -> Generator[Deferred[Any], Any, None]:
+        """As a witness: cosign the checkpoint just verified, once; failures are logged."""
+        verified = self.guard.verified
+        assert self._witness is not None
+        if verified is None or verified.checkpoint == self._cosigned:
+            return
+        if any(s.name == self.name for s in verified.signed.signatures):
+            self._cosigned = verified.checkpoint
+            return
+        key, certificate_pem = self._witness
+        try:
+            note = cp.cosign(verified.signed, self.name, key, certificate_pem)
+            yield self._call("submitCosignature",
+                             {"checkpoint": note.text, "certificate": certificate_pem},
+                             fail_over=True)
+        except (cp.CheckpointError, UpdateError) as e:
+            log.warn("could not cosign checkpoint {checkpoint}: {error}",
+                     checkpoint=short(verified.checkpoint), error=str(e))
+            return
+        self._cosigned = verified.checkpoint
+        log.info("cosigned checkpoint {checkpoint}", checkpoint=short(verified.checkpoint))
 
     def _new_checkpoint(self, verified: Verified | None) -> bool:
         # Same records, newer signature (or cosignatures): worth writing to the cache.
@@ -486,6 +516,8 @@ class APIDirectory:
                 chain.extend(content["records"])
             except ChainError as e:
                 raise APIDirectoryError(str(e)) from None
+            if content.get("checkpoint") is None and self.guard.mode == "required":
+                raise APIDirectoryError("it holds no checkpoint (checkpoints: required)")
             try:
                 verified = self.guard.check(
                     View(len(chain), chain.head_at, chain.pins.pinned), content.get("checkpoint"))

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from epsproxy.net import tls
+from epsproxy.rules.certificates import load_certificates_file, load_private_key_file, to_pem
 from epsproxy.net.lifecycle import AsyncStartService, ReloadError
 from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.metrics import http_refusals_counter
@@ -179,6 +180,18 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
                  channels=", ".join(f"{c.name} ({c.type})" for c in self.channels))
         return self
 
+    def _witness_key(self, settings: dict[str, Any]) -> tuple[Any, str] | None:
+        """(key, certificate PEM) of the ``signing`` block when this node cosigns."""
+        witnesses = settings.get("witnesses") or {}
+        signing = self.settings.get("signing")
+        if not witnesses.get("cosign"):
+            return None
+        if signing is None:
+            raise ValueError("directory.settings.witnesses.cosign needs a signing block "
+                             "(the key that cosigns)")
+        certificate = load_certificates_file(signing["certificate_file"])[0]
+        return load_private_key_file(signing["key_file"]), to_pem(certificate)
+
     def _build_gossip(self, inbox: Inbox) -> Gossip | None:
         """Checkpoint gossip over the open links (api directories only)."""
         directory = self.directory
@@ -213,7 +226,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
             )
         else:
             self.directory = APIDirectory(self.reactor, directory["settings"], self.name,
-                                          registry=self.registry)
+                                          registry=self.registry,
+                                          witness=self._witness_key(directory["settings"]))
             await self.directory.start()
         try:
             self.directory.own_entry()

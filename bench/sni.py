@@ -215,7 +215,9 @@ def report(results: dict[str, Any]) -> str:
     chain_rate = {n: _best_chain(by, max) for n, by in rates.items()}
     chain_p99 = {n: _best_chain(by, min) for n, by in p99.items()}
     chain_mbps = _best_chain(mbps, max)
-    chain_mem = min((per_conn[k] for k in CHAINS if k in per_conn), default=None)
+    # Below a page per connection, too few idle connections were held to tell growth.
+    chain_mem = min((per_conn[k] for k in CHAINS if k in per_conn), default=0.0)
+    chain_mem = chain_mem if chain_mem > 0 else None
 
     def vs(mine: list[float], theirs: list[float], key: str) -> str:
         if key in CHAINS or key == "direct" or not theirs:

@@ -67,7 +67,11 @@ class BenchSniSmokeTests(SynchronousTestCase):
         if "haproxy" in paths:
             self.assertEqual(len(goals), 2 * (2 * len(CLIENTS) + 2))
             for row in goals:
-                self.assertRegex(row, r"\| (met|not met) +\|$")
+                if "RSS per idle connection" in row:
+                    # 20 connections may grow HAProxy by less than a page: no ratio then.
+                    self.assertRegex(row, r"\| (met|not met) +\|$|n/a")
+                else:
+                    self.assertRegex(row, r"\| (met|not met) +\|$")
         self.assertIn("tcp_rate_limits for this run", text)
         self.assertIn("load client's own ceiling", text)
 

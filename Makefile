@@ -36,7 +36,7 @@ $(TEST_CERTS)/root.crt: | $(STAMP)
 # A tool whose Debian package has another name is written binary:package.
 OS_TOOLS := redis-server redis-sentinel openssl curl tinyproxy haproxy socat systemd-analyze:systemd promtool:prometheus chromium
 # What make bench measures beside ours (never needed by make test).
-BENCH_TOOLS := haproxy socat
+BENCH_TOOLS := haproxy socat nginx
 os-deps:
 	@missing=""; for tool in $(OS_TOOLS); do command -v $${tool%%:*} >/dev/null || [ -x /usr/sbin/$${tool%%:*} ] || missing="$$missing $${tool#*:}"; done; \
 	if [ -n "$$missing" ]; then \

@@ -127,12 +127,12 @@ class EndpointServerPage:
         own = self._own_entry()
         return [
             self._identity(own),
-            self.certificates.section(eps_file_sets(self.service.settings)),
             self._peers(own),
             self._directory(),
             self._refused(),
             self._async(),
             section("Last hour", self.sampler.sparklines()) if self.sampler else tags.p(),
+            self.certificates.section(eps_file_sets(self.service.settings)),
         ]
 
     def _identity(self, own: Mapping[str, Any] | None) -> Tag:

@@ -236,7 +236,8 @@ class Sampler(Service):
         figures = []
         for name, series in self.series.items():
             values = self.values(name)
-            last = f"{values[-1]:.3g}" if values else "no sample yet"
+            last = (f"{values[-1]:.3g} (peak {max(values):.3g})" if values
+                    else "no sample yet")
             unit = f" {series.unit}" if series.unit and values else ""
             figures.append(tags.figure(
                 sparkline(values, label=name),
@@ -423,17 +424,22 @@ class CertificateShelf:
     def section(self, file_sets: Iterable[FileSet]) -> Tag:
         """Every own certificate: where, subject, names, SHA-256 fingerprint, expiry."""
         now = self.clock.seconds()
-        rows: list[Sequence[Any]] = []
+        # One row per certificate file, naming every settings block that uses it.
+        by_file: dict[tuple[str, str], list[str]] = {}
         for file_set in file_sets:
-            if not file_set.certificate_file:
-                continue
-            read = self._load(file_set.certificate_file)
+            if file_set.certificate_file:
+                by_file.setdefault((file_set.certificate_file, file_set.kind), []).append(
+                    file_set.where)
+        rows: list[Sequence[Any]] = []
+        for (path, kind), where in by_file.items():
+            read = self._load(path)
+            blocks = ", ".join(where)
             if read.error is not None:
-                rows.append((file_set.where, file_set.kind, read.error, "-", "-"))
+                rows.append((blocks, kind, read.error, "-", "-"))
             for subject, names, fp, expires in read.rows:
                 left = None if expires is None else expires - now
                 when = "expired" if left is not None and left < 0 else f"{format_age(left)} left"
-                rows.append((file_set.where, file_set.kind, f"{subject} ({names})",
+                rows.append((blocks, kind, f"{subject} ({names})",
                              tags.code(fp), f"{format_time(expires)} ({when})"))
         return section("Certificates", table(
             ("settings", "kind", "subject (names)", "SHA-256 fingerprint", "expires"), rows,

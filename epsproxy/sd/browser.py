@@ -175,9 +175,9 @@ class DirectoryBrowser:
         entries: Mapping[str, Mapping[str, Any]] = chain.entries
         return [
             self._operators(entries),
+            self._signers(chain.records),
             self._permissions(entries),
             self._fingerprints(entries),
-            self._signers(chain.records),
             self._chain(chain.records, parameters["page"]),
             self._checkpoint(directory),
             section("Last hour", self.sampler.sparklines()) if self.sampler else tags.p(),

@@ -573,3 +573,39 @@ class ScaleTests(SynchronousTestCase):
         self.assertEqual(len(log2.selected), 400)
         self.assertLess(one_by_one, 10)
         self.assertLess(reversed_batch, 10)
+
+
+class ChainHeadTests(SynchronousTestCase):
+    """The chain heads that checkpoints state, kept by both kinds of chain."""
+
+    def test_heads_follow_the_records(self) -> None:
+        from epsproxy.rules import checkpoint as cp
+
+        chain = VerifiedChain(trust())
+        self.assertEqual(chain.head, cp.ZERO_HEAD)
+        self.assertEqual(chain.head_at(0), cp.ZERO_HEAD)
+        self.assertIsNone(chain.head_at(1))
+        records_ = list(linear_chain())
+        chain.extend(records_[:2])
+        chain.extend(records_[2:])
+        expected = cp.chain_heads(r["hash"] for r in records_)
+        self.assertEqual(chain.heads, expected)
+        self.assertEqual(chain.head, expected[-1])
+        self.assertEqual(chain.head_at(3), expected[2])
+        self.assertIsNone(chain.head_at(7))
+        self.assertIsNone(chain.head_at(-1))
+        # A failed extension leaves the heads alone.
+        with self.assertRaises(ChainError):
+            chain.extend([make(records_[-1]["hash"], at=50), make("ab" * 32, at=51)])
+        self.assertEqual(chain.heads, expected)
+
+    def test_record_log_rebuilds_heads_on_reselection(self) -> None:
+        from epsproxy.rules import checkpoint as cp
+
+        log = RecordLog(trust())
+        old = chain_of(3, start=0)
+        log.add(old)
+        self.assertEqual(log.selected.heads, cp.chain_heads(r["hash"] for r in old))
+        reset = chain_of(2, start=1000)  # a newer root wins
+        log.add(reset)
+        self.assertEqual(log.selected.heads, cp.chain_heads(r["hash"] for r in reset))

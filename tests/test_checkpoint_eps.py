@@ -307,3 +307,36 @@ class WitnessTests(unittest.TestCase):
         with self.assertRaises(UpdateError):
             yield stricter.update()
         self.assertIn("1 of the 2 witness cosignatures", stricter.refusal)
+
+
+class RestartTests(unittest.TestCase):
+    """A real endpoint server restarted against a rolled-back SD keeps its checkpoint."""
+
+    @inlineCallbacks
+    def start(self, sd, cache: Path):
+        settings = EPS_SETTINGS.validate({
+            "name": "hd-1",
+            "directory": {"type": "api", "settings": api_settings(
+                [url(sd.port_number)], checkpoints="required", cache_entries_for=3600,
+                cache_file=str(cache))},
+            "channels": [gateway_channel("hd-1")],
+        })
+        node = EndpointServerService(reactor, settings)
+        node.startService()
+        yield node.when_ready()
+        return node
+
+    @inlineCallbacks
+    def test_restart_keeps_the_checkpoint(self):
+        chain = full_chain()
+        good = yield sd_with(self, chain)
+        cache = Path(self.mktemp()) / "cache.json"
+        node = yield self.start(good, cache)
+        self.assertEqual(node.readiness(), {})
+        yield node.stopService()
+        shorter = yield sd_with(self, chain[:-1])
+        node = yield self.start(shorter, cache)
+        self.addCleanup(node.stopService)
+        self.assertEqual(node.directory.checkpoint.checkpoint.size, len(chain))
+        self.assertEqual(node.directory.entry_for("hd-3")["groups"], ["labs"])
+        self.assertIn("degraded", node.readiness()["checkpoint"])

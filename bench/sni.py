@@ -222,7 +222,11 @@ def report(results: dict[str, Any]) -> str:
     def vs(mine: list[float], theirs: list[float], key: str) -> str:
         if key in CHAINS or key == "direct" or not theirs:
             return "-"
-        return _cell(_ratios(mine, theirs), ".2f") + "x"
+        ratios = _ratios(mine, theirs)
+        if not ratios:
+            return "-"
+        text = f"{_median(ratios):.2f}x"
+        return text + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
 
     rows = []
     for key in keys:
@@ -248,10 +252,11 @@ def report(results: dict[str, Any]) -> str:
         headers += [f"conn/s @{n}", "x HAProxy", f"p50 / p99 ms @{n}"]
     headers += [f"client CPU % wall @{s['clients'][-1]}", "MB/s, one stream", "x HAProxy",
                 "KB per idle conn"]
+    term = (f" ({s['term_stream_bytes']:,} through the terminating proxy, which holds each "
+            "response whole)") if "ours-term" in keys else ""
     out = [f"{s['rounds']} interleaved round(s), paths rotated; {s['seconds']:g} s per "
-           f"connection-rate run; one stream of {s['stream_bytes']:,} bytes "
-           f"({s['term_stream_bytes']:,} through the terminating proxy, which holds each "
-           f"response whole); {s['idle']:,} idle connections for memory.  Medians (min-max); "
+           f"connection-rate run; one stream of {s['stream_bytes']:,} bytes{term}; "
+           f"{s['idle']:,} idle connections for memory.  Medians (min-max); "
            "'x HAProxy' = median of the per-round ratios to the better HAProxy chain of "
            "that round.\n", table(headers, rows), ""]
 
@@ -279,12 +284,19 @@ def report(results: dict[str, Any]) -> str:
     fastest = {n: max((_median(v) for k, v in rates[str(n)].items() if k != "direct"),
                       default=0.0) for n in direct}
     if direct and all(fastest.values()):
-        out.append("The load client's own ceiling (direct to nginx) is "
-                   + ", ".join(f"{direct[n] / fastest[n]:.1f}x at {n} client(s)" for n in direct)
-                   + " the fastest proxied path's rate: "
-                   + ("the client is not what limits the proxied rates.\n"
-                      if all(direct[n] / fastest[n] >= 1.2 for n in direct) else
-                      "too close for comfort: the client may be part of the limit.\n"))
+        top = max(direct)
+        out.append("The load client's own ceiling (direct to nginx): "
+                   + ", ".join(f"{direct[n]:,.0f} conn/s at {n} client{'s' if n > 1 else ''}"
+                               for n in direct)
+                   + "; the fastest proxied path reaches "
+                   + ", ".join(f"{fastest[n] / direct[n]:.2f}" for n in direct)
+                   + " of it.  At 1 client every path runs one handshake after another, so "
+                     "the client's own time per handshake is in every path's latency alike; "
+                   + (f"at {top} clients the proxied paths stay well below the ceiling: the "
+                      "client is not what limits them.\n"
+                      if fastest[top] / direct[top] <= 0.8 else
+                      f"at {top} clients a proxied path comes close to the ceiling: the client "
+                      "may be part of the limit (see its CPU % wall).\n"))
     if goals:
         out.append(table(["goal (issue 14)", "median (min-max over rounds)", "target",
                           "result"], [[g[0], g[1], g[2], "met" if g[3] == "PASS" else

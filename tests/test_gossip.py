@@ -7,6 +7,7 @@ split view, both raise the alarm, and the evidence saved verifies offline.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -16,6 +17,7 @@ from twisted.trial import unittest
 from epsproxy.eps.evidence import FORMAT, check_evidence, EvidenceError, verify_evidence
 from epsproxy.eps.service import EndpointServerService
 from epsproxy.eps.settings import EPS_SETTINGS
+from epsproxy.rules import checkpoint as cp
 
 from .support.checkpoints import api_settings, sd_with, url
 from .support.eps import client_channel, server_channel, service
@@ -126,12 +128,14 @@ class GossipTests(unittest.TestCase):
     def test_same_size_split_view(self):
         yield self.fork([change("hd-3", "groups", ["a"], T0)],
                         [change("hd-3", "groups", ["b"], T0)])
-        found = yield self.nodes["hd-1"].gossip.exchange("hd-2")
-        self.assertIn("same size", found)
+        yield self.nodes["hd-1"].gossip.exchange("hd-2")
+        # A side whose checkpoint is the older one updates before it believes the conflict.
+        for node in self.nodes.values():
+            yield defer.gatherResults(node.gossip.rechecks)
         for name in ("hd-1", "hd-2"):
             node = self.nodes[name]
             self.assertEqual(self.conflicts(name), 1)
-            self.assertIn("split view", node.readiness()["gossip"])
+            self.assertIn("same size", node.readiness()["gossip"])
             [path] = node.gossip.evidence
             ok, message = verify_evidence(path)
             self.assertTrue(ok, message)
@@ -164,6 +168,34 @@ class GossipTests(unittest.TestCase):
         self.assertTrue(ok, message)
         self.assertIn("not a prefix", message)
         self.assertIn("reports", self.nodes["hd-1"].readiness()["gossip"])
+
+    @defer.inlineCallbacks
+    def test_a_reset_is_not_a_split_view(self):
+        for node in self.nodes.values():
+            yield node.directory.update()
+        old = self.nodes["hd-1"].directory.checkpoint.checkpoint
+        # A named reset of the same size on both SDs, seen so far by hd-1 only.
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        reset = sign_chain([
+            cp.reset_change("hd-1", old, now), checkpoint_pin(created_at=now),
+            *[dict(c, created_at=now) for c in operator_changes("hd-1")],
+            *[dict(c, created_at=now) for c in operator_changes("hd-2")[:2]],
+            *[dict(r["record"], created_at=now) for r in self.common[-2:]]])
+        self.assertEqual(len(reset), old.size)
+        yield self.submit(self.sd_a, reset)
+        yield self.submit(self.sd_b, reset)
+        yield self.nodes["hd-1"].directory.update()
+        self.assertEqual(self.nodes["hd-1"].directory.tip_hash, reset[-1]["hash"])
+        # hd-1 finds hd-2's checkpoint older than its reset; hd-2 finds hd-1's newer, and
+        # updates before believing anything: it gets the reset too.
+        found = yield self.nodes["hd-1"].gossip.exchange("hd-2")
+        self.assertIsNone(found)
+        for node in self.nodes.values():
+            yield defer.gatherResults(node.gossip.rechecks)
+        self.assertEqual(self.nodes["hd-2"].directory.tip_hash, reset[-1]["hash"])
+        for name in ("hd-1", "hd-2"):
+            self.assertEqual(self.conflicts(name), 0)
+            self.assertIsNone(self.nodes[name].gossip.alarm)
 
     @defer.inlineCallbacks
     def test_gossip_needs_permission(self):

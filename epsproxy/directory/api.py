@@ -282,6 +282,17 @@ class APIDirectory:
         return self._chain.pins.pinned(name)
 
     @property
+    def reset_at(self) -> float | None:
+        """
+        POSIX time of the reset the verified chain starts with (its root names the
+        checkpoint it replaced), None if it starts with no such reset.
+        """
+        records_ = self._chain.records
+        if not records_ or cp.replaced_by(records_[0]["record"]) is None:
+            return None
+        return created_at_key(records_[0]["record"]["created_at"]) / 1e9
+
+    @property
     def records(self) -> list[dict]:
         """The verified records in chain order (read only)."""
         return self._chain.records

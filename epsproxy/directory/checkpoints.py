@@ -185,12 +185,16 @@ class CheckpointGuard:
             self.verified = verified
 
     def conflict(self, other: Any, heads: Callable[[int], bytes | None],
-                 pinned: Callable[[str], str | None]) -> tuple[Verified, str] | None:
+                 pinned: Callable[[str], str | None], reset_at: float | None = None,
+                 ) -> tuple[Verified, str] | None:
         """
         Compare a checkpoint a peer gossiped (``{"checkpoint", "certificates"}``) with
         the local chain: returns (its verified form, why both cannot be true) or None when
-        they agree as far as the local chain can tell.  Raises :class:`ViewRefused` for a
-        checkpoint that does not verify (not evidence of anything).
+        they agree as far as the local chain can tell.  ``reset_at`` is the time of the
+        reset our chain starts with, if it starts with one: a checkpoint signed before it
+        is of the chain that reset replaced (a peer that has not seen the reset yet), not
+        a split view.  Raises :class:`ViewRefused` for a checkpoint that does not verify
+        (not evidence of anything).
         """
         theirs = self.verify_note(other, pinned)
         ours = self.verified
@@ -198,6 +202,8 @@ class CheckpointGuard:
             return None
         a, b = ours.checkpoint, theirs.checkpoint
         if a.origin != b.origin:
+            return None
+        if reset_at is not None and b.time < reset_at:
             return None
         if a.size == b.size and a.head != b.head:
             return theirs, f"same size {a.size}, different heads ({short(a)} vs {short(b)})"

@@ -10,7 +10,9 @@ that cannot both be true raise the alarm: an error log line, the counter
 ``eps_checkpoint_conflicts_total``, a readiness check (:attr:`Gossip.alarm`) and an
 evidence file (:mod:`epsproxy.eps.evidence`).  The side that can prove the conflict
 tells the other in its answer (``conflict``) or with one more ``_checkpoint`` call, so
-both sides raise the alarm.
+both sides raise the alarm.  A checkpoint older than the reset our chain starts with is
+ignored, and a conflict with a checkpoint as new as ours or newer counts only once an
+update from our SD has not resolved it (we may just be behind a reset).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class Gossip:
         #: The evidence files written.
         self.evidence: list[Path] = []
         self._seen: set[tuple[str, str]] = set()
+        #: Comparisons waiting for a directory update (Deferreds firing with the result).
+        self.rechecks: list[defer.Deferred[Any]] = []
         self._listeners: list[Callable[[str], None]] = []
         self._loop: LoopingCall | None = None
         self._conflicts = Counter(
@@ -168,14 +172,19 @@ class Gossip:
 
     # -- comparing ----------------------------------------------------------------------
 
-    def _compare(self, peer: str, message: dict[str, Any]) -> str | None:
-        """The conflict between ``message`` and our chain, alarm raised; None if none."""
+    def _compare(self, peer: str, message: dict[str, Any], recheck: bool = True) -> str | None:
+        """
+        The conflict between ``message`` and our chain, alarm raised; None if none (or
+        not yet: a conflict with a newer checkpoint is checked again after an update,
+        in :attr:`rechecks`).
+        """
         directory = self.directory
         ours = directory.checkpoint
         if ours is None:
             return None
         try:
-            found = directory.guard.conflict(message, directory.head_at, directory.pinned)
+            found = directory.guard.conflict(message, directory.head_at, directory.pinned,
+                                             directory.reset_at)
         except ViewRefused as e:
             log.warn("{peer} gossiped a checkpoint that does not verify: {reason}",
                      peer=peer, reason=str(e))
@@ -186,9 +195,32 @@ class Gossip:
                 return self._claimed(peer, message, claim)
             return None
         theirs, reason = found
+        known = (ours.signed.text, theirs.signed.text) in self._seen
+        if recheck and not known and theirs.checkpoint.time >= ours.checkpoint.time:
+            # Theirs is as new or newer: we may only be behind (a reset not fetched yet).
+            # Update from our SD first; the conflict counts only if it remains.
+            self.rechecks = [d for d in self.rechecks if not d.called]
+            if not self.rechecks:
+                self.rechecks.append(directory.update().addBoth(
+                    lambda _: self._confirm(peer, message)))
+            return None
         # Our chain is the longer (or as long): its records prove the conflict.
         chain = directory.records[: ours.checkpoint.size]
         self._raise(peer, reason, ours, theirs, chain)
+        return reason
+
+    def _confirm(self, peer: str, message: dict[str, Any]) -> str | None:
+        """Compare again after an update; tell the peer if the conflict remains."""
+        reason = self._compare(peer, message, recheck=False)
+        notice = None if reason is None else self._message(reason)
+        if notice is not None:
+            try:
+                self._call(peer, notice).addErrback(
+                    lambda f: log.warn("could not tell {peer} about the conflict: {error}",
+                                       peer=peer, error=f.getErrorMessage()))
+            except Exception as e:
+                log.warn("could not tell {peer} about the conflict: {error}",
+                         peer=peer, error=str(e))
         return reason
 
     def _claimed(self, peer: str, message: dict[str, Any], claim: str) -> str | None:

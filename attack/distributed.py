@@ -8,7 +8,7 @@ The targets' descriptor limit is first lowered to :data:`LIMIT` with ``prlimit``
 operator's tool; the processes read their limit live), so that the caps *derived from
 it* (no cap is configured in conf/dev) are small enough for one attacking process to
 overrun on a shared machine: process cap = limit - max(64, limit/10), a listener a
-quarter of that, an address a tenth of a listener's.
+quarter of that, an address a quarter of a listener's.
 
 Measured: what the attacker held and how fast it could reconnect (its own ceiling), the
 listeners' connection gauges (sampled each second), whether any process ever hit
@@ -42,7 +42,7 @@ LIMIT = 2048
 ADDRESSES = 250
 PER_ADDRESS = 4
 #: One more address per target opens this many: over the per-address cap.
-GREEDY = 100
+GREEDY = 200
 REST_SECONDS = 20.0
 ATTACK_SECONDS = 45.0
 RECOVERY_SECONDS = 20.0

@@ -45,6 +45,12 @@ class Addr:
         self.host = host
 
 
+class Peer(Addr):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host)
+        self.port = port
+
+
 class AdmissionRules(unittest.SynchronousTestCase):
     """The counter without sockets."""
 
@@ -81,6 +87,22 @@ class AdmissionRules(unittest.SynchronousTestCase):
         self.assertTrue(a.admit(Addr("2001:db8::3")))
         self.assertEqual(a.current, 10)
 
+    def test_a_forgiven_connection_no_longer_counts_against_its_address(self):
+        a = Admission("l", 100, 1, budget=ProcessBudget(cap=100))
+        first, second = Peer("10.0.0.1", 1000), Peer("10.0.0.1", 1001)
+        self.assertTrue(a.admit(first))
+        self.assertFalse(a.admit(second))
+        a.forgive(first)
+        a.forgive(first)  # once is all it takes (and all it gives)
+        self.assertTrue(a.admit(second))
+        self.assertFalse(a.admit(Peer("10.0.0.1", 1002)))
+        a.release(first)  # forgiven: the address keeps its one counted connection
+        self.assertEqual(a.by_address, {"10.0.0.1": 1})
+        a.release(second)
+        self.assertEqual((a.by_address, a.current), ({}, 0))
+        a.forgive(Peer("10.0.0.9", 1))  # nothing open from it: nothing to forgive
+        self.assertTrue(a.admit(Peer("10.0.0.9", 2)))
+
     def test_the_process_cap_stops_every_listener(self):
         budget = ProcessBudget(cap=3)
         one, two = Admission("one", 10, 10, budget=budget), Admission("two", 10, 10, budget=budget)
@@ -115,7 +137,7 @@ class AdmissionRules(unittest.SynchronousTestCase):
         self.assertEqual(budget.cap, limit - budget.reserved)
         a = Admission("l", budget=budget)
         self.assertEqual(a.cap, budget.cap // 4)
-        self.assertEqual(a.per_address, max(8, a.cap // 10))
+        self.assertEqual(a.per_address, max(8, a.cap // 4))
 
     def test_networks_are_checked(self):
         self.assertEqual(len(admission.parse_networks(["127.0.0.1", "10.0.0.0/8", "::1"])), 3)

@@ -541,6 +541,28 @@ class ServiceTests(unittest.TestCase):
         yield claimed.lost
         self.assertEqual((front.untrusted_proxy_source, front.malformed), (3, 1))
 
+    @inlineCallbacks
+    def test_brokered_connections_do_not_count_against_their_address(self):
+        """One connection per address at the internal endpoint, yet both parties from
+        127.0.0.1 pair: a live token forgives its connection."""
+        yield self.start_proxy(internal_max_connections_per_address=1)
+        b_side = self.play_b(send=b"from B")
+        answer = yield self.request(to="hd-2", channel="grpc_server")
+        a = Party(base64.b64decode(answer["token"]), b"from A")
+        self.addCleanup(lambda: a.transport and a.transport.abortConnection())
+        yield connect_party(self.internal_port, a)
+        self.assertEqual((yield a.wait_for(6)), b"from B")
+        [b] = b_side
+        self.assertEqual((yield b.wait_for(6)), b"from A")
+        cap = self.proxy.internal_admission
+        self.assertEqual((cap.current, cap.refused_per_address), (2, 0))
+        stranger = Party(b"")  # silent, not forgiven: one is all 127.0.0.1 may hold
+        holder = Party(b"")
+        yield connect_party(self.internal_port, holder)
+        yield connect_party(self.internal_port, stranger)
+        yield DeferredList([holder.lost, stranger.lost], fireOnOneCallback=True)
+        self.assertEqual(cap.refused_per_address, 1)
+
     def test_bad_trusted_sources_are_refused(self):
         folder = Path(self.mktemp()).absolute()
         for bad in (["10.0.0.0/33"], ["example.org"], "10.0.0.0/8", [""]):

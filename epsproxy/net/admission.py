@@ -95,7 +95,7 @@ LISTENER_LIMIT_FIELDS: dict[str, forms.Field] = {
     "max_connections_per_address": forms.Optional(
         forms.Integer(min=1),
         doc="most connections open at once from one client address (IPv6: per /64); "
-            "more are closed at once. Default: a tenth of max_connections (at least 8)",
+            "more are closed at once. Default: a quarter of max_connections (at least 8)",
     ),
 }
 """The per-listener connection caps, for a listener's settings schema."""
@@ -148,8 +148,12 @@ def default_listener_cap(process_cap: int) -> int:
 
 
 def default_per_address_cap(listener_cap: int) -> int:
-    """Default concurrent connections per address: a tenth of the listener's cap, at least 8."""
-    return max(8, listener_cap // 10)
+    """
+    Default concurrent connections per address: a quarter of the listener's cap, at
+    least 8 (many legitimate clients can share an address: a NAT, the local applications
+    of a gateway), so that at least four addresses are needed to fill a listener.
+    """
+    return max(8, listener_cap // 4)
 
 
 def parse_networks(items: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -299,6 +303,7 @@ class Admission:
         self.reached = 0
         self.refused_per_address = 0
         self.by_address: dict[str, int] = {}
+        self._forgiven: set[tuple[Any, Any]] = set()
         self.gate: Gate | None = None
         self.paused = False
 
@@ -365,15 +370,35 @@ class Admission:
         self.update()
         return True
 
+    def forgive(self, address: IAddress | Any) -> None:
+        """
+        The open connection from ``address`` (host and port) proved legitimate (a live
+        token, a routed ClientHello): it no longer counts against its address's cap
+        (it keeps its slot under the listener's).  A private proxy relaying many clients
+        from one address is then limited only by the listener's cap.
+        """
+        key = self.key(address)
+        ident = (getattr(address, "host", None), getattr(address, "port", None))
+        if key is None or ident in self._forgiven or not self.by_address.get(key):
+            return
+        self._forgiven.add(ident)
+        self._decrement(key)
+
+    def _decrement(self, key: str) -> None:
+        count = self.by_address.get(key, 0) - 1
+        if count > 0:
+            self.by_address[key] = count
+        else:
+            self.by_address.pop(key, None)
+
     def release(self, address: IAddress | Any) -> None:
         """A connection counted by :meth:`admit` closed."""
         key = self.key(address)
-        if key is not None:
-            count = self.by_address.get(key, 0) - 1
-            if count > 0:
-                self.by_address[key] = count
-            else:
-                self.by_address.pop(key, None)
+        ident = (getattr(address, "host", None), getattr(address, "port", None))
+        if ident in self._forgiven:
+            self._forgiven.discard(ident)
+        elif key is not None:
+            self._decrement(key)
         self.current -= 1
         self.budget.give()
         self.update()

@@ -430,7 +430,6 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             on_full=self._tls_full)
         self.internal_admission = admission.listener_admission(
             "public.internal", settings, prefix="internal_")
-        limiter = self._internal_limiter
         self.rendezvous = Rendezvous(
             reactor,
             accept_timeout=settings["accept_timeout"],
@@ -438,7 +437,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             max_pending=settings["max_pending_tokens"],
             buffer_bytes=settings["splice_buffer_bytes"],
             idle_timeout=settings["idle_timeout"],
-            on_valid_token=limiter.forgive,
+            on_valid_token=self._valid_token,
         )
         self.registry.register(_RendezvousCollector(self.rendezvous))
         self.store: Store | None = None
@@ -544,6 +543,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             proxy_untrusted=settings["proxy_protocol_untrusted"],
             hello_timeout_at_cap=settings["hello_timeout_at_cap"],
             at_cap=lambda: self.tls_admission.paused,
+            on_routed=self.tls_admission.forgive,
             # Behind a load balancer the client's address is in the PROXY header: the
             # front applies the limits itself, per real client.
             rate_limiter=limiter if settings["proxy_protocol"] else None,
@@ -565,6 +565,12 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         port = await endpoint.listen(factory)
         self.ports.append(port)
         return port
+
+    def _valid_token(self, peer: Any) -> None:
+        # Brokered by us: counts neither against its peer's rate limit nor its address's
+        # connection cap (a private proxy relays many clients from one address).
+        self._internal_limiter.forgive(peer)
+        self.internal_admission.forgive(peer)
 
     def _tls_full(self) -> None:
         # At its cap the TLS listener's slots go to clients that send their hello.

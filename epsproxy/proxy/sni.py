@@ -291,7 +291,9 @@ class SNIFront:
     covers the (normalised, lower-case) host name.  ``notify(operator, params)`` tells
     it, with ``params = {"domain", "token" (standard base64), "endpoint"}``, and returns
     a Deferred (or a value); a failure cancels the token, which closes the client.
-    ``rate_limiter`` (optional) is asked about each client's address — after the PROXY
+    ``on_routed(peer)`` (optional) is told the TCP peer of each connection routed (the
+    listener's per-address cap forgives it).  ``rate_limiter`` (optional) is asked about
+    each client's address — after the PROXY
     header when ``proxy_protocol`` is on; without it, wrapping :meth:`factory` with
     :func:`epsproxy.net.ratelimit.rate_limited` does the same.
 
@@ -321,6 +323,7 @@ class SNIFront:
         rate_limiter: RateLimiter | None = None,
         hello_timeout_at_cap: float = DEFAULT_HELLO_TIMEOUT_AT_CAP,
         at_cap: Callable[[], bool] = lambda: False,
+        on_routed: Callable[[IAddress], None] | None = None,
     ) -> None:
         ClientHelloReader(max_hello_bytes)  # validates the cap
         self.clock = clock
@@ -336,6 +339,7 @@ class SNIFront:
         self.rate_limiter = rate_limiter
         self.hello_timeout_at_cap = hello_timeout_at_cap
         self.at_cap = at_cap
+        self.on_routed = on_routed
         # In accept order (oldest first): relieve() evicts from the front.
         self._reading: dict[_Client, float] = {}
         self._relief: Any = None
@@ -529,6 +533,10 @@ class SNIFront:
             return
         client.state = "parked"
         self.routed += 1
+        if self.on_routed is not None:
+            # A routed client proved itself (the connection's own peer, not a PROXY
+            # header's): it stops counting against its address's connection cap.
+            self.on_routed(cast(ITCPTransport, client.transport).getPeer())
         log.info("{name} from {peer}: asking {operator} to collect it (token {tag})",
                  name=name, peer=peer, operator=operator, tag=tag)
         params = {

@@ -359,3 +359,39 @@ class RaisedLimit(unittest.TestCase):
         self.assertEqual(int(line.split()[3]), expected)
         process.signal("TERM")
         self.assertEqual((yield process.ended), 0)
+
+
+class ListenerSettings(unittest.TestCase):
+    """A JSON-RPC server's caps come from its settings and change on reload."""
+
+    @inlineCallbacks
+    def test_jsonrpc_listener_caps_reload(self):
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, JSONRPCListener
+        from epsproxy.rules import forms
+
+        settings = JSONRPC_SERVER_SETTINGS.validate(
+            {"bind_address": "127.0.0.1:0", "max_connections": 2,
+             "max_connections_per_address": 1})
+        listener = JSONRPCListener(reactor, Site(Resource()), settings, name="rpc")
+        port = yield listener.listen()
+        self.addCleanup(port.stopListening)
+        self.assertEqual((listener.admission.cap, listener.admission.per_address), (2, 1))
+        first = yield connect_from("127.0.2.1", port.getHost().port)
+        self.addCleanup(lambda: first.transport.abortConnection())
+        second = yield connect_from("127.0.2.1", port.getHost().port)
+        yield second.lost  # over the per-address cap: closed at once
+        self.assertEqual(listener.admission.refused_per_address, 1)
+        listener.reconfigure(dict(settings, max_connections=7, max_connections_per_address=3))
+        self.assertEqual((listener.admission.cap, listener.admission.per_address), (7, 3))
+        third = yield connect_from("127.0.2.1", port.getHost().port)
+        third.transport.write(b"GET / HTTP/1.0\r\n\r\n")
+        yield third.lost  # served (an answer, then closed), not refused
+        self.assertTrue(third.received.startswith(b"HTTP/1.0 404"), third.received[:40])
+        self.assertEqual(listener.admission.refused_per_address, 1)
+        for bad in (0, -1, "many", 1.5):
+            with self.assertRaises(forms.FormError):
+                JSONRPC_SERVER_SETTINGS.validate({"bind_address": "127.0.0.1:0",
+                                                  "max_connections": bad})

@@ -366,7 +366,7 @@ class ListenerSettings(unittest.TestCase):
 
     @inlineCallbacks
     def test_jsonrpc_listener_caps_reload(self):
-        from twisted.web.resource import Resource
+        from twisted.web.pages import notFound
         from twisted.web.server import Site
 
         from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, JSONRPCListener
@@ -375,7 +375,7 @@ class ListenerSettings(unittest.TestCase):
         settings = JSONRPC_SERVER_SETTINGS.validate(
             {"bind_address": "127.0.0.1:0", "max_connections": 2,
              "max_connections_per_address": 1})
-        listener = JSONRPCListener(reactor, Site(Resource()), settings, name="rpc")
+        listener = JSONRPCListener(reactor, Site(notFound()), settings, name="rpc")
         port = yield listener.listen()
         self.addCleanup(port.stopListening)
         self.assertEqual((listener.admission.cap, listener.admission.per_address), (2, 1))

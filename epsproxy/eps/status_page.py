@@ -202,15 +202,15 @@ class EndpointServerPage:
 
     def _refused(self) -> Tag:
         registry = self.registry
-        rows: list[tuple[str, str, float]] = []
+        rows: list[tuple[str, str, int]] = []
         for outcome, count in sorted(counter_by(registry, "eps_requests_total", "outcome").items()):
             if outcome != "ok" and count:
-                rows.append(("call", outcome, count))
+                rows.append(("call", outcome, int(count)))
         for family, what in (("eps_peer_refusals_total", "peer link"),
                              ("eps_http_refusals_total", "HTTP connection")):
             for reason, count in sorted(counter_by(registry, family, "reason").items()):
                 if count:
-                    rows.append((what, reason, count))
+                    rows.append((what, reason, int(count)))
         return section("Refused and failed since start", table(
             ("what", "reason", "count"), rows, empty="nothing refused"))
 

@@ -10,6 +10,7 @@ administration.
     eps verify FILE NAME                        exit 0 only if FILE is validly signed by NAME
     eps sd submit-records [--reset] FILE...     sign records, chain them onto the tip, submit
     eps sd get-entries [--name NAME]            print directory entries from the SD
+    eps sd verify-evidence FILE                 exit 0 only if FILE proves a split view
     eps check [--settings DIR]                  check a role's settings and credential files
     eps --version
 
@@ -307,6 +308,35 @@ async def _call_sd(client: JSONRPCClient, calls: Awaitable[T]) -> T:
         await client.close()
 
 
+async def _reset_root(client: JSONRPCClient, signing: Signing) -> list[dict]:
+    """The signed root record of a reset naming the SD's current checkpoint ([] if none)."""
+    from epsproxy.net.jsonrpc.envelope import JSONRPCError
+    from epsproxy.rules import checkpoint
+
+    try:
+        served = await client.call("getCheckpoint", {})
+    except JSONRPCError as e:
+        if e.code not in (404, -32601):  # 404/-32601: an SD that signs no checkpoints
+            raise
+        return []
+    try:
+        root = checkpoint.reset_root(served, signing.name, now_rfc3339())
+    except checkpoint.CheckpointError as e:
+        raise CommandError(f"the service directory's checkpoint: {e}") from None
+    if root is None:
+        return []
+    return [records_mod.sign_record(root, "", signing.key, signing.certificate_pem)]
+
+
+def cmd_verify_evidence(args: argparse.Namespace) -> int:
+    """``eps sd verify-evidence FILE``: exit 0 only if FILE proves a split view."""
+    from epsproxy.eps.evidence import verify_evidence
+
+    ok, message = verify_evidence(args.file)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
 async def _submit(reactor: IReactor, args: argparse.Namespace) -> int:
     role = _load_role(args.settings)
     signing = Signing(role)
@@ -314,10 +344,15 @@ async def _submit(reactor: IReactor, args: argparse.Namespace) -> int:
 
     async def calls() -> list[dict]:
         parent = ""
+        first: list[dict] = []
         if not args.reset:
             tip = await client.call("getTip", {})
             parent = tip["hash"] if tip else ""
-        batch = prepare_records(args.files, signing, parent)
+        else:
+            # A reset names the checkpoint it replaces, or endpoint servers refuse it.
+            first = await _reset_root(client, signing)
+            parent = first[0]["hash"] if first else ""
+        batch = first + prepare_records(args.files, signing, parent)
         if not batch:
             raise CommandError("no records to submit")
         await client.call("submitRecords", {"records": batch})
@@ -511,6 +546,13 @@ def add_sd_commands(sd_commands: Any) -> None:
     entries.add_argument("--name", help="only this operator's entry")
     _settings_option(entries)
     entries.set_defaults(run=lambda args: _run_async(_get_entries, args))
+    evidence = sd_commands.add_parser(
+        "verify-evidence", help="check a split-view evidence file offline",
+        description="Check an evidence file saved by checkpoint gossip (docs/checkpoints.md) "
+        "with nothing but the file; exit 0 and say what it proves, or 1 and why not.",
+    )
+    evidence.add_argument("file", metavar="FILE", help="evidence-*.json")
+    evidence.set_defaults(run=cmd_verify_evidence)
     _add_sign_commands(sd_commands)
 
 

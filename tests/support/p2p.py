@@ -43,7 +43,7 @@ class P2PNetwork:
 
 
 @defer.inlineCallbacks
-def start_p2p_network(test: Any, folder: Path, *, extra_hd1_services: list[Any] = ()) -> Any:  # type: ignore[assignment]
+def start_p2p_network(test: Any, folder: Path) -> Any:
     """Start the network (cleaned up with ``test``); fires with a :class:`P2PNetwork`."""
     net = Network(test)
     net.operator(PROXY, ["proxy-providers"], [service("hd-proxy", HD, "requestConnection")])
@@ -51,7 +51,6 @@ def start_p2p_network(test: Any, folder: Path, *, extra_hd1_services: list[Any] 
         net.operator(name, ["health-departments"], [
             service("internals", HD, "_ping"),
             service("connection-requests", ("proxy-providers",), "_connectionRequest"),
-            *(extra_hd1_services if name == "hd-1" else ()),
         ])
     options = Options()
     options.parseOptions(["--mode", "public", "--settings", str(write_settings(

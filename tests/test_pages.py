@@ -299,3 +299,33 @@ class DemoURLs(TestCase):
         self.assertEqual(urls["hd-1"], "http://localhost:2112/")
         self.assertEqual(urls["sd-1"], "http://localhost:2111/")
         self.assertEqual(len(urls), 8)
+
+
+class _Sampled:
+    title = "sampled"
+    parameters = ()
+
+    def __init__(self) -> None:
+        self.sampler = Sampler(reactor, [Series("n", lambda: 1.0)], interval=3600)
+
+    def sections(self, parameters: Mapping[str, int]) -> list[Any]:
+        return [self.sampler.sparklines()]
+
+
+class SamplerLivesWithTheListener(TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_started_and_stopped_with_the_metrics_listener(self):
+        page = _Sampled()
+        service = metrics_service(reactor, {"bind_address": "127.0.0.1:0"},
+                                  CollectorRegistry(), page=page)
+        self.assertFalse(page.sampler.running)
+        port = yield start_listener(self, service)
+        self.assertTrue(page.sampler.running)
+        self.assertEqual(page.sampler.values("n"), [1.0])  # sampled at start
+        answer = yield request(port, "/")
+        self.assertIn(b"n: 1 (peak 1)", answer.body)
+        yield service.stopService()
+        self.assertFalse(page.sampler.running)
+        self.assertIsNone(page.sampler._loop)

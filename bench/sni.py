@@ -44,12 +44,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .common import rss_bytes, table
 from .relay import _cell, _goal, _haproxy, _median, _ratios, _rotations, step
 from .sni_network import (
-    CERTS, RATE_LIMITS, RAW_DOMAIN, TERM_DOMAIN, Network, missing_tools,
+    CERTS, RATE_LIMITS, RAW_DOMAIN, RUN_DIR, TERM_DOMAIN, Network, missing_tools,
 )
 
 __all__ = ["PATHS", "SniPath", "run", "report", "main"]
@@ -151,11 +152,12 @@ def idle(net: Network, path: SniPath, count: int) -> dict[str, Any]:
 
 def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000,
         idle_count: int = 1000, only: Sequence[str] | None = None,
-        clients: Sequence[int] = CLIENTS) -> dict[str, Any]:
+        clients: Sequence[int] = CLIENTS, folder: Path = RUN_DIR) -> dict[str, Any]:
     """
     Every measurement for the paths of ``only`` (default: all).  Returns
     ``{"settings": {...}, "rate": {clients: {key: [round, ...]}}, "stream": {key: [...]},
-    "idle": {key: result}, "rate_limited": n}``.
+    "idle": {key: result}, "rate_limited": n}``.  Settings, logs and data go to ``folder``
+    (emptied first).
     """
     missing = missing_tools()
     if missing:
@@ -172,7 +174,7 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
                      "clients": list(clients), "paths": [p.key for p in paths]},
         "rate": {str(c): {} for c in clients}, "stream": {}, "idle": {}}
     warmup = min(1.0, seconds / 4)
-    net = Network(stream_bytes, term_bytes)
+    net = Network(stream_bytes, term_bytes, folder)
     try:
         net.start([p.key for p in paths])
         for path in paths:
@@ -315,15 +317,30 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+#: The knobs: (environment variable, default, quick default, smallest, largest).
+KNOBS = {
+    "rounds": ("BENCH_ROUNDS", "3", "1", 1, 100),
+    "seconds": ("BENCH_SNI_SECONDS", "5", "1", 0.1, 600),
+    "stream_bytes": ("BENCH_SNI_BYTES", "1e9", "2e8", 1e6, 1e11),
+    # HAProxy's maxconn for the run is 8,000: each idle connection is two there.
+    "idle_count": ("BENCH_SNI_IDLE", "1000", "300", 1, 4000),
+}
+
+
 def _settings(quick: bool) -> dict[str, Any]:
-    env = os.environ.get
-    quick = quick or env("BENCH_SNI_QUICK", "") not in ("", "0")
-    return {
-        "rounds": int(env("BENCH_ROUNDS", "1" if quick else "3")),
-        "seconds": float(env("BENCH_SNI_SECONDS", "1" if quick else "5")),
-        "stream_bytes": int(float(env("BENCH_SNI_BYTES", "2e8" if quick else "1e9"))),
-        "idle_count": int(env("BENCH_SNI_IDLE", "300" if quick else "1000")),
-    }
+    """The run's settings from the environment; a bad value stops with its name."""
+    quick = quick or os.environ.get("BENCH_SNI_QUICK", "") not in ("", "0")
+    settings: dict[str, Any] = {}
+    for key, (name, default, short, low, high) in KNOBS.items():
+        text = os.environ.get(name, short if quick else default)
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # also false for nan
+            raise SystemExit(f"{name}: {text[:40]!r} is not a number from {low:g} to {high:g}")
+        settings[key] = value if key == "seconds" else int(value)
+    return settings
 
 
 def main(quick: bool = False) -> None:

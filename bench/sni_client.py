@@ -133,14 +133,27 @@ def idle(config: dict[str, Any]) -> None:
     print("closed", flush=True)
 
 
+#: The keys each mode's config must have.
+REQUIRED = {"rate": ("cafile", "port", "sni", "clients", "seconds", "warmup"),
+            "idle": ("cafile", "port", "sni", "count")}
+
+
 def main(argv: list[str]) -> int:
-    mode, config = argv[0], json.loads(argv[1])
+    if len(argv) != 2 or argv[0] not in REQUIRED:
+        raise SystemExit(f"usage: python -m bench.sni_client {{{'|'.join(REQUIRED)}}} "
+                         "CONFIG_JSON")
+    mode = argv[0]
+    try:
+        config = json.loads(argv[1])
+    except ValueError as e:
+        raise SystemExit(f"CONFIG_JSON is not JSON: {e}") from None
+    missing = [k for k in REQUIRED[mode] if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise SystemExit(f"CONFIG_JSON lacks {', '.join(missing)}")
     if mode == "rate":
         print(json.dumps(rate(config)), flush=True)
-    elif mode == "idle":
-        idle(config)
     else:
-        raise SystemExit(f"unknown mode {mode!r}: rate or idle")
+        idle(config)
     return 0
 
 

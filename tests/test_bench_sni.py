@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench import sni
-from bench.sni_network import missing_tools
+from bench.sni_network import Network, missing_tools
 
 STREAM = 10_000_000
 IDLE = 20
@@ -32,7 +33,7 @@ class BenchSniSmokeTests(SynchronousTestCase):
 
     def test_tiny_run_of_every_path(self) -> None:
         results = sni.run(rounds=1, seconds=0.3, stream_bytes=STREAM, idle_count=IDLE,
-                          only=PATHS, clients=CLIENTS)
+                          only=PATHS, clients=CLIENTS, folder=Path(self.mktemp()).absolute())
         paths = list(results["settings"]["paths"])
         self.assertIn("direct", paths)
         self.assertIn("ours-raw", paths)
@@ -75,9 +76,57 @@ class BenchSniSmokeTests(SynchronousTestCase):
         self.assertIn("tcp_rate_limits for this run", text)
         self.assertIn("load client's own ceiling", text)
 
+    def nginx(self, stream_bytes: int = 1_000_000) -> Network:
+        net = Network(stream_bytes, stream_bytes, Path(self.mktemp()).absolute())
+        self.addCleanup(net.stop)
+        net.start(["direct"])
+        return net
+
+    def test_a_certificate_for_another_name_counts_as_errors(self) -> None:
+        # The client verifies the name it asks for: nginx's certificate does not cover it.
+        net = self.nginx()
+        hostile = sni.SniPath("direct", "direct", "evil.example.org")
+        with self.assertRaises(RuntimeError) as e:
+            sni.rate(net, hostile, 2, 0.2, 0.05)
+        self.assertIn("no connection completed", str(e.exception))
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", str(e.exception))
+
+    def test_a_truncated_stream_is_an_error(self) -> None:
+        net = self.nginx(stream_bytes=1_000_000)
+        with self.assertRaises(RuntimeError) as e:
+            sni.stream(net, sni.BY_KEY["direct"], 2_000_000)
+        self.assertIn("received 1000000 bytes, not 2000000", str(e.exception))
+
+
+class BenchSniArgumentTests(SynchronousTestCase):
+    """Bad knobs and bad load-client arguments stop with a message naming them."""
+
+    def run_module(self, module: str, *args: str, **env: str) -> str:
+        done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                              text=True, env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        return done.stderr.strip().splitlines()[-1]
+
     def test_unknown_path_is_refused(self) -> None:
-        done = subprocess.run([sys.executable, "-m", "bench.sni"], capture_output=True,
-                              text=True, env={"BENCH_SNI_ONLY": "direct,nonsense",
-                                              "PATH": "/usr/bin:/bin"}, timeout=60)
-        self.assertNotEqual(done.returncode, 0)
-        self.assertIn("unknown path(s) ['nonsense']", done.stderr)
+        self.assertIn("unknown path(s) ['nonsense']",
+                      self.run_module("bench.sni", BENCH_SNI_ONLY="direct,nonsense"))
+
+    def test_bad_knob_values_are_refused(self) -> None:
+        for name, value in (("BENCH_SNI_IDLE", "abc"), ("BENCH_SNI_SECONDS", "-1"),
+                            ("BENCH_ROUNDS", "1e400"), ("BENCH_SNI_BYTES", "nan"),
+                            ("BENCH_SNI_IDLE", "99999"), ("BENCH_SNI_SECONDS", "9" * 5000)):
+            line = self.run_module("bench.sni", **{name: value})
+            self.assertTrue(line.startswith(f"{name}: "), line)
+            self.assertIn("is not a number from", line)
+            self.assertLess(len(line), 200, "the value is shortened in the message")
+
+    def test_bad_client_arguments_are_refused(self) -> None:
+        cases = (
+            (("rate",), "usage:"),
+            (("bogus", "{}"), "usage:"),
+            (("rate", '{"port":'), "CONFIG_JSON is not JSON"),
+            (("rate", "[]"), "CONFIG_JSON lacks cafile"),
+            (("idle", '{"port": 1}'), "CONFIG_JSON lacks cafile, sni, count"),
+        )
+        for args, expected in cases:
+            self.assertIn(expected, self.run_module("bench.sni_client", *args), args)

@@ -1,7 +1,8 @@
 """
-The public proxy's TLS listener at its connection cap, over real sockets: connections
-that have not sent a ClientHello within ``hello_timeout_at_cap`` make room for the ones
-waiting in the backlog; below the cap they keep the whole ``hello_timeout``.
+Eviction at the cap: the counter with a clock, then the public proxy's listeners over
+real sockets: connections that have not sent a ClientHello within
+``hello_timeout_at_cap`` (or a live token within ``read_timeout_at_cap``) make room for
+the ones waiting in the backlog; below the cap they keep their whole deadline.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -41,31 +42,58 @@ def connect(source: str, port: int, protocol: Sender) -> Deferred[Sender]:
     return connectProtocol(endpoint, protocol)
 
 
-class OnFull(unittest.SynchronousTestCase):
-    def test_on_full_is_called_each_time_the_listener_stops(self):
-        calls = []
-        a = Admission("l", 1, 5, budget=ProcessBudget(cap=10), on_full=lambda: calls.append(1))
+class Peer:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
 
-        class Addr:
-            host = "10.0.0.1"
 
-        a.admit(Addr())
-        a.release(Addr())
-        a.admit(Addr())
-        self.assertEqual(len(calls), 2)
+class Eviction(unittest.SynchronousTestCase):
+    """Evicting connections that proved nothing, with a clock and no sockets."""
 
-    def test_a_failing_relief_does_not_break_the_count(self):
-        def broken() -> None:
-            raise RuntimeError("boom")
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.closed: list[int] = []
+        self.a = Admission("l", 3, 10, budget=ProcessBudget(cap=100), evict_after=1.0,
+                           clock=self.clock)
 
-        a = Admission("l", 1, 5, budget=ProcessBudget(cap=10), on_full=broken)
+    def open(self, port: int) -> Peer:
+        peer = Peer("10.0.0.1", port)
+        self.assertTrue(self.a.admit(peer))
+        self.a.opened(peer, lambda: self.closed.append(port))
+        return peer
 
-        class Addr:
-            host = "10.0.0.1"
+    def test_at_the_cap_old_unproved_connections_are_closed(self):
+        first = self.open(1)
+        self.clock.advance(0.5)
+        second = self.open(2)
+        self.a.forgive(second)  # proved: never evicted
+        self.clock.advance(0.6)
+        self.open(3)  # full: 1 is 1.1 s old, 3 is new
+        self.assertEqual(self.closed, [1])
+        self.a.release(first)  # the close completes: room again
+        self.assertFalse(self.a.paused)
+        self.clock.advance(0.5)
+        self.open(4)  # full again: 3 and 4 are young; looked at again when 3 is 1 s old
+        self.assertEqual(self.closed, [1])
+        self.clock.advance(0.5)
+        self.assertEqual(self.closed, [1, 3])
+        self.assertEqual(self.a.evicted, 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # for 4, still full
 
-        self.assertTrue(a.admit(Addr()))
-        self.assertTrue(a.paused)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+    def test_below_the_cap_nothing_is_evicted(self):
+        self.open(1)
+        self.clock.advance(100)
+        self.open(2)
+        self.assertEqual(self.closed, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_the_timer_goes_when_the_listener_stops(self):
+        self.open(1)
+        self.open(2)
+        self.open(3)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.a.detach()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class AtTheCap(unittest.TestCase):
@@ -99,7 +127,7 @@ class AtTheCap(unittest.TestCase):
         yield client.lost
         front = proxy.front
         self.assertEqual(front.no_route, 1)
-        self.assertGreaterEqual(front.evicted, 1)
+        self.assertGreaterEqual(proxy.tls_admission.evicted, 1)
         self.assertGreaterEqual(proxy.tls_admission.reached, 1)
         for protocol in silent:
             if not protocol.lost.called:
@@ -116,4 +144,34 @@ class AtTheCap(unittest.TestCase):
         yield connect("127.0.1.2", port, client)
         yield client.lost
         yield silent.lost  # by hello_timeout, not evicted
-        self.assertEqual((proxy.front.evicted, proxy.front.timeouts), (0, 1))
+        self.assertEqual((proxy.tls_admission.evicted, proxy.front.timeouts), (0, 1))
+
+    @inlineCallbacks
+    def test_the_internal_endpoint_evicts_connections_without_a_token(self):
+        import os
+
+        fake = FakeEPS()
+        eps_port = yield fake.start(self)
+        folder = Path(self.mktemp()).absolute()
+        options = Options()
+        options.parseOptions(["--mode", "public", "--settings", str(write_settings(
+            folder, {"public": public_section(
+                folder, eps_port, internal_max_connections=2, read_timeout=60,
+                read_timeout_at_cap=0.2)}))])
+        top = makeService(options, reactor, exit_on_failure=False)
+        top.startService()
+        self.addCleanup(top.stopService)
+        proxy = top.services[0]
+        port = (yield proxy.when_ready()).internal.getHost().port
+        silent = [Sender(), Sender()]
+        for index, protocol in enumerate(silent):
+            yield connect(f"127.0.2.{index + 1}", port, protocol)
+        late = Sender(os.urandom(32))  # an unknown token: refused once it is read
+        yield connect("127.0.2.9", port, late)
+        yield late.lost
+        self.assertGreaterEqual(proxy.internal_admission.evicted, 1)
+        self.assertEqual(proxy.rendezvous.refused, 1)
+        for protocol in silent:
+            if not protocol.lost.called:
+                protocol.transport.abortConnection()
+            yield protocol.lost

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from typing import Any, Callable, Iterable, Iterator, Protocol as TypingProtocol
+import socket
+from typing import Any, Callable, Iterable, Iterator, Protocol as TypingProtocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -43,11 +44,14 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IListeningPort,
     ILoggingContext,
     IProtocol,
     IProtocolFactory,
+    IReactorFDSet,
     IReactorTCP,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.logger import ILogObserver, Logger, LogEvent, globalLogPublisher
@@ -81,6 +85,8 @@ log = Logger()
 
 #: Fewest descriptors kept out of the process-wide cap, whatever the limit.
 MIN_RESERVED = 64
+#: Seconds between two log lines of one kind about one listener.
+LOG_INTERVAL = 60.0
 #: Highest soft limit :func:`raise_descriptor_limit` asks for when the hard one is
 #: unlimited (select/poll costs and kernel memory grow with it).
 MAX_RAISED_LIMIT = 1 << 20
@@ -274,12 +280,19 @@ class Admission:
     :meth:`admit` is asked before a connection is served: False means close it (over the
     per-address cap); True counts it until :meth:`release`.  When no room is left (this
     cap or the process-wide one) the attached :class:`Gate` is stopped, and started
-    again when a connection closes.  Counters: ``current``, ``reached`` (times the
-    listener stopped accepting), ``refused_per_address``, ``admitted``.
+    again when a connection closes.
 
-    ``on_full`` (optional) is called each time the listener stops accepting: a protocol
-    that can tell idle connections from busy ones closes idle ones there (the SNI
-    listener does), so the backlog moves on.
+    A connection that proves legitimate (a live token, a routed ClientHello: the
+    protocol calls :meth:`forgive`) stops counting against its address.  With
+    ``evict_after`` (seconds), a listener at its cap also closes the connections that
+    have not proved themselves that long after accept (:meth:`opened` registers how to
+    close one), oldest first, so that the connections waiting in the backlog get their
+    slots: slow and silent clients cannot hold a full listener for the whole deadline
+    of their protocol.
+
+    Counters: ``current``, ``admitted``, ``reached`` (times the listener stopped
+    accepting), ``refused_per_address``, ``evicted``.  ``clock`` (the reactor) times
+    evictions and the log lines (at most one a minute per listener and kind).
     """
 
     def __init__(
@@ -290,20 +303,32 @@ class Admission:
         *,
         budget: ProcessBudget = PROCESS,
         exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-        on_full: Callable[[], None] | None = None,
+        evict_after: float | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as default_reactor
+
+            clock = cast(IReactorTime, default_reactor)
         self.name = name
-        self.on_full = on_full
+        self.clock = clock
         self.budget = budget
         self.configured_cap = max_connections
         self.configured_per_address = per_address
         self.exempt = tuple(exempt)
+        self.evict_after = evict_after
         self.current = 0
         self.admitted = 0
         self.reached = 0
         self.refused_per_address = 0
+        self.evicted = 0
         self.by_address: dict[str, int] = {}
         self._forgiven: set[tuple[Any, Any]] = set()
+        # Connections not proved yet, oldest first: identity -> (accepted at, close).
+        self._unproven: dict[tuple[Any, Any], tuple[float, Callable[[], None]]] = {}
+        self._eviction: IDelayedCall | None = None
+        self._logged: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
         self.gate: Gate | None = None
         self.paused = False
 
@@ -328,12 +353,15 @@ class Admission:
     def reconfigure(
         self, max_connections: int | None, per_address: int | None,
         exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+        evict_after: float | None = None,
     ) -> None:
         """New caps for the next connections (open ones are kept, even over a lower cap)."""
         self.configured_cap = max_connections
         self.configured_per_address = per_address
         if exempt is not None:
             self.exempt = tuple(exempt)
+        if evict_after is not None:
+            self.evict_after = evict_after
         self.update()
 
     def attach(self, gate: Gate) -> None:
@@ -344,8 +372,9 @@ class Admission:
         self.update()
 
     def detach(self) -> None:
-        """The listener stopped: nothing to pause any more."""
+        """The listener stopped: nothing to pause or evict any more."""
         self.gate = None
+        self._cancel_eviction()
         if self in self.budget.listeners:
             self.budget.listeners.remove(self)
 
@@ -362,6 +391,8 @@ class Admission:
             count = self.by_address.get(key, 0)
             if count >= self.per_address:
                 self.refused_per_address += 1
+                self._log("per_address", "listener {name}: closed {count} connection(s) over "
+                          "the per-address cap ({cap})", cap=self.per_address)
                 return False
             self.by_address[key] = count + 1
         self.current += 1
@@ -370,15 +401,21 @@ class Admission:
         self.update()
         return True
 
+    def opened(self, address: IAddress | Any, close: Callable[[], None]) -> None:
+        """The admitted connection from ``address`` is open; ``close()`` evicts it."""
+        if self.evict_after is not None:
+            self._unproven[_identity(address)] = (self.clock.seconds(), close)
+
     def forgive(self, address: IAddress | Any) -> None:
         """
         The open connection from ``address`` (host and port) proved legitimate (a live
-        token, a routed ClientHello): it no longer counts against its address's cap
-        (it keeps its slot under the listener's).  A private proxy relaying many clients
-        from one address is then limited only by the listener's cap.
+        token, a routed ClientHello): it is never evicted, and no longer counts against
+        its address's cap (it keeps its slot under the listener's).  A private proxy
+        relaying many clients from one address is then limited only by the listener's cap.
         """
+        ident = _identity(address)
+        self._unproven.pop(ident, None)
         key = self.key(address)
-        ident = (getattr(address, "host", None), getattr(address, "port", None))
         if key is None or ident in self._forgiven or not self.by_address.get(key):
             return
         self._forgiven.add(ident)
@@ -393,39 +430,80 @@ class Admission:
 
     def release(self, address: IAddress | Any) -> None:
         """A connection counted by :meth:`admit` closed."""
-        key = self.key(address)
-        ident = (getattr(address, "host", None), getattr(address, "port", None))
+        ident = _identity(address)
+        self._unproven.pop(ident, None)
         if ident in self._forgiven:
             self._forgiven.discard(ident)
-        elif key is not None:
-            self._decrement(key)
+        else:
+            key = self.key(address)
+            if key is not None:
+                self._decrement(key)
         self.current -= 1
         self.budget.give()
         self.update()
 
     def update(self) -> None:
-        """Stop or start the gate as the room left says."""
+        """Stop or start the gate as the room left says; at the cap, evict."""
         full = self.room() <= 0
         if full and not self.paused:
             self.paused = True
             self.reached += 1
-            log.info("listener {name} at its cap ({current} open, cap {cap}, process "
-                     "{total} of {total_cap}): not accepting", name=self.name,
-                     current=self.current, cap=self.cap, total=self.budget.current,
-                     total_cap=self.budget.cap)
+            self._log("full", "listener {name} at its cap {count} time(s) ({current} open, "
+                      "cap {cap}, process {total} of {total_cap}): waiting in the backlog",
+                      current=self.current, cap=self.cap, total=self.budget.current,
+                      total_cap=self.budget.cap)
             if self.gate is not None:
                 self.gate.stopReading()
-            if self.on_full is not None:
-                try:
-                    self.on_full()
-                except Exception:
-                    log.failure("listener {name}: relief at the cap failed", name=self.name)
+            self._evict()
         elif not full and self.paused:
             self.paused = False
-            log.info("listener {name} below its cap again ({current} open): accepting",
-                     name=self.name, current=self.current)
             if self.gate is not None:
                 self.gate.startReading()
+
+    def _evict(self) -> None:
+        self._cancel_eviction()
+        if self.evict_after is None or not self._unproven:
+            return
+        now = self.clock.seconds()
+        limit = now - self.evict_after
+        victims = []
+        for ident, (since, close) in self._unproven.items():
+            if since > limit:
+                # The oldest left: look again when it is old enough, if still full.
+                self._eviction = self.clock.callLater(since - limit, self._evict_if_full)
+                break
+            victims.append((ident, close))
+        for ident, close in victims:
+            del self._unproven[ident]
+            self.evicted += 1
+            close()  # released when the close completes
+        if victims:
+            self._log("evicted", "listener {name} at its cap: closed {count} connection(s) "
+                      "that proved nothing within {seconds:g}s", seconds=self.evict_after)
+
+    def _evict_if_full(self) -> None:
+        self._eviction = None
+        if self.paused:
+            self._evict()
+
+    def _cancel_eviction(self) -> None:
+        if self._eviction is not None and self._eviction.active():
+            self._eviction.cancel()
+        self._eviction = None
+
+    def _log(self, kind: str, text: str, **fields: Any) -> None:
+        self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+        now = self.clock.seconds()
+        last = self._logged.get(kind)
+        if last is not None and now - last < LOG_INTERVAL:
+            return
+        self._logged[kind] = now
+        count, self._unlogged[kind] = self._unlogged[kind], 0
+        log.info(text, name=self.name, count=count, **fields)
+
+
+def _identity(address: IAddress | Any) -> tuple[Any, Any]:
+    return (getattr(address, "host", None), getattr(address, "port", None))
 
 
 def listener_admission(
@@ -435,13 +513,14 @@ def listener_admission(
     budget: ProcessBudget = PROCESS,
     prefix: str = "",
     exempt: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-    on_full: Callable[[], None] | None = None,
+    evict_after: float | None = None,
+    clock: IReactorTime | None = None,
 ) -> Admission:
     """An :class:`Admission` for a listener from its settings' ``<prefix>max_connections*`` keys."""
     return Admission(
         name, settings.get(f"{prefix}max_connections"),
         settings.get(f"{prefix}max_connections_per_address"), budget=budget, exempt=exempt,
-        on_full=on_full,
+        evict_after=evict_after, clock=clock,
     )
 
 
@@ -455,7 +534,16 @@ def reconfigure_from(admission: Admission, settings: dict[str, Any], prefix: str
 
 
 class _AdmittedServer(tcp.Server):
-    """A connection of an :class:`_AdmittedPort`: gives its slot back when it closes."""
+    """
+    A connection of an :class:`_AdmittedPort`: tells the admission how to close it (for
+    evictions) and gives its slot back when it closes.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: IProtocol, client: tuple[object, ...],
+                 server: tcp.Port, sessionno: int, reactor: IReactorFDSet) -> None:
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+        port: Any = self.server
+        port.admission.opened(self.getPeer(), self.abortConnection)
 
     def connectionLost(self, reason: Failure) -> None:
         # The slot is free before the protocol hears of the close (nothing is accepted
@@ -604,7 +692,8 @@ class AdmissionEndpoint:
 class AdmissionCollector(Collector):
     """
     ``<prefix>_listener_connections{listener}``, ``..._max_connections{listener}``,
-    ``..._cap_reached_total{listener}``, ``..._per_address_refused_total{listener}``;
+    ``..._cap_reached_total{listener}``, ``..._per_address_refused_total{listener}``,
+    ``..._evicted_total{listener}``;
     ``<prefix>_connections`` / ``_max_connections`` / ``_cap_reached_total`` for the
     process, ``<prefix>_descriptor_limit``, ``<prefix>_reserved_descriptors`` and
     ``<prefix>_accept_errors_total{error}`` (``EMFILE`` among them, at 0 from the start).
@@ -626,12 +715,16 @@ class AdmissionCollector(Collector):
         per_address = CounterMetricFamily(
             f"{p}_listener_per_address_refused",
             "connections closed over the per-address concurrency cap", labels=["listener"])
+        evicted = CounterMetricFamily(
+            f"{p}_listener_evicted",
+            "connections closed at the cap for proving nothing in time", labels=["listener"])
         for a in b.listeners:
             current.add_metric([a.name], a.current)
             cap.add_metric([a.name], a.cap)
             reached.add_metric([a.name], a.reached)
             per_address.add_metric([a.name], a.refused_per_address)
-        yield from (current, cap, reached, per_address)
+            evicted.add_metric([a.name], a.evicted)
+        yield from (current, cap, reached, per_address, evicted)
         yield GaugeMetricFamily(f"{p}_connections", "connections open on capped listeners",
                                 value=b.current)
         yield GaugeMetricFamily(f"{p}_max_connections", "the process-wide connection cap",

@@ -349,7 +349,7 @@ class _SNICollector:
 
     COUNTERS = ("accepted", "routed", "notified", "notify_failed", "no_sni", "malformed",
                 "timeouts", "no_route", "full", "abandoned", "bad_proxy_header",
-                "rate_limited", "untrusted_proxy_source", "evicted")
+                "rate_limited", "untrusted_proxy_source")
 
     def __init__(self, service: PublicProxyService) -> None:
         self.service = service
@@ -427,9 +427,10 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self._trusted = admission.parse_networks(settings["proxy_protocol_trusted"])
         self.tls_admission = admission.listener_admission(
             "public.tls", settings, prefix="tls_", exempt=self._lb_sources(settings),
-            on_full=self._tls_full)
+            evict_after=settings["hello_timeout_at_cap"], clock=reactor)
         self.internal_admission = admission.listener_admission(
-            "public.internal", settings, prefix="internal_")
+            "public.internal", settings, prefix="internal_",
+            evict_after=settings["read_timeout_at_cap"], clock=reactor)
         self.rendezvous = Rendezvous(
             reactor,
             accept_timeout=settings["accept_timeout"],
@@ -541,8 +542,6 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             proxy_protocol=settings["proxy_protocol"],
             proxy_trusted=self._trusted,
             proxy_untrusted=settings["proxy_protocol_untrusted"],
-            hello_timeout_at_cap=settings["hello_timeout_at_cap"],
-            at_cap=lambda: self.tls_admission.paused,
             on_routed=self.tls_admission.forgive,
             # Behind a load balancer the client's address is in the PROXY header: the
             # front applies the limits itself, per real client.
@@ -571,11 +570,6 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         # connection cap (a private proxy relays many clients from one address).
         self._internal_limiter.forgive(peer)
         self.internal_admission.forgive(peer)
-
-    def _tls_full(self) -> None:
-        # At its cap the TLS listener's slots go to clients that send their hello.
-        if self.front is not None:
-            self.front.relieve()
 
     def _lb_sources(self, settings: dict[str, Any]) -> tuple[Any, ...]:
         return self._trusted if settings["proxy_protocol"] else ()
@@ -621,8 +615,11 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self._trusted = trusted
         self.tls_admission.reconfigure(
             settings.get("tls_max_connections"), settings.get("tls_max_connections_per_address"),
-            exempt=self._lb_sources(settings))
-        admission.reconfigure_from(self.internal_admission, settings, prefix="internal_")
+            exempt=self._lb_sources(settings), evict_after=settings["hello_timeout_at_cap"])
+        self.internal_admission.reconfigure(
+            settings.get("internal_max_connections"),
+            settings.get("internal_max_connections_per_address"),
+            evict_after=settings["read_timeout_at_cap"])
         if self._front_limiter is not None:
             self._front_limiter.reconfigure(limits)
         r = self.rendezvous
@@ -632,7 +629,6 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         if self.front is not None:
             self.front.max_hello_bytes = settings["max_hello_bytes"]
             self.front.hello_timeout = settings["hello_timeout"]
-            self.front.hello_timeout_at_cap = settings["hello_timeout_at_cap"]
             self.front.internal_endpoint = settings["internal_endpoint"]
             self.front.proxy_trusted = trusted
             self.front.proxy_untrusted = settings["proxy_protocol_untrusted"]

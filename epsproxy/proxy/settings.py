@@ -134,6 +134,12 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             doc="while the TLS listener is at tls_max_connections: seconds after which a "
                 "connection still without its ClientHello is closed for one waiting",
         ),
+        "read_timeout_at_cap": forms.Optional(
+            forms.Float(min=0.001, max=600), default=1.0,
+            doc="while the internal listener is at internal_max_connections: seconds "
+                "after which a connection that has not presented a live token is closed "
+                "for one waiting",
+        ),
         "proxy_protocol": forms.Optional(
             forms.Boolean(), default=False,
             doc="the TLS listener expects a PROXY v1/v2 header (behind a load balancer)",

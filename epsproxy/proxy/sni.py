@@ -68,7 +68,6 @@ from .rendezvous_server import Rendezvous, RendezvousFull
 
 __all__ = [
     "DEFAULT_HELLO_TIMEOUT",
-    "DEFAULT_HELLO_TIMEOUT_AT_CAP",
     "MAX_PROXY_HEADER",
     "ProxyHeader",
     "ProxyHeaderError",
@@ -80,10 +79,6 @@ log = Logger()
 
 #: Default seconds from accept for the whole ClientHello (and PROXY header).
 DEFAULT_HELLO_TIMEOUT = 5.0
-
-#: Default seconds a connection may go without a whole ClientHello while the listener
-#: is at its connection cap (see :meth:`SNIFront.relieve`).
-DEFAULT_HELLO_TIMEOUT_AT_CAP = 1.0
 
 #: Largest PROXY v2 header accepted (address block and TLVs included); v1 has 107.
 MAX_PROXY_HEADER = 4096
@@ -299,8 +294,7 @@ class SNIFront:
 
     Counters since start: ``accepted``, ``no_sni``, ``malformed``, ``timeouts``,
     ``no_route``, ``full`` (rendezvous table full), ``abandoned`` (client left before
-    its hello was complete), ``evicted`` (closed by :meth:`relieve`, the listener being
-    at its cap), ``bad_proxy_header``, ``untrusted_proxy_source`` (with
+    its hello was complete), ``bad_proxy_header``, ``untrusted_proxy_source`` (with
     ``proxy_protocol``: connections from a source not in ``proxy_trusted``, refused or
     read without a header as ``proxy_untrusted`` says), ``rate_limited``, ``routed``
     (parked and notify sent), ``notified`` (notify succeeded), ``notify_failed``;
@@ -321,8 +315,6 @@ class SNIFront:
         proxy_trusted: Iterable[IPv4Network | IPv6Network] | None = None,
         proxy_untrusted: str = "refuse",
         rate_limiter: RateLimiter | None = None,
-        hello_timeout_at_cap: float = DEFAULT_HELLO_TIMEOUT_AT_CAP,
-        at_cap: Callable[[], bool] = lambda: False,
         on_routed: Callable[[IAddress], None] | None = None,
     ) -> None:
         ClientHelloReader(max_hello_bytes)  # validates the cap
@@ -337,12 +329,8 @@ class SNIFront:
         self.proxy_trusted = None if proxy_trusted is None else tuple(proxy_trusted)
         self.proxy_untrusted = proxy_untrusted
         self.rate_limiter = rate_limiter
-        self.hello_timeout_at_cap = hello_timeout_at_cap
-        self.at_cap = at_cap
         self.on_routed = on_routed
-        # In accept order (oldest first): relieve() evicts from the front.
-        self._reading: dict[_Client, float] = {}
-        self._relief: Any = None
+        self._reading: set[_Client] = set()
         self._closing = False
         self._factory = _FrontFactory(self)
         self.accepted = 0
@@ -354,7 +342,6 @@ class SNIFront:
         self.abandoned = 0
         self.bad_proxy_header = 0
         self.untrusted_proxy_source = 0
-        self.evicted = 0
         self.rate_limited = 0
         self.routed = 0
         self.notified = 0
@@ -375,52 +362,12 @@ class SNIFront:
         hello (parked and spliced ones belong to the rendezvous: close it too).
         """
         self._closing = True
-        if self._relief is not None and self._relief.active():
-            self._relief.cancel()
-        self._relief = None
         waits: list[defer.Deferred[None]] = []
         for client in list(self._reading):
             client.lost = defer.Deferred()
             waits.append(client.lost)
             self._close(client, abort=True)
         return defer.gatherResults(waits).addCallback(lambda _: None)
-
-    def relieve(self) -> None:
-        """
-        The listener is at its connection cap (``at_cap()`` says so): close every
-        connection that has been reading its ClientHello for ``hello_timeout_at_cap``
-        seconds or more (a client sends its hello right after connecting; one that has
-        not by then is slow or hostile), so the slots go to the connections waiting in
-        the backlog.  While still at the cap, it runs again when the oldest remaining
-        connection reaches that age.
-        """
-        if self._relief is not None and self._relief.active():
-            self._relief.cancel()
-        self._relief = None
-        now = self.clock.seconds()
-        limit = now - self.hello_timeout_at_cap
-        victims = []
-        oldest = None
-        for client, since in self._reading.items():
-            if since > limit:
-                oldest = since
-                break
-            victims.append(client)
-        for client in victims:
-            self.evicted += 1
-            self._close(client, abort=True)
-        if victims:
-            log.info("at the connection cap: closed {count} connection(s) still without "
-                     "a ClientHello after {seconds:g}s", count=len(victims),
-                     seconds=self.hello_timeout_at_cap)
-        if oldest is not None and not self._closing:
-            self._relief = self.clock.callLater(
-                max(0.0, oldest - limit), self._relieve_if_at_cap)
-
-    def _relieve_if_at_cap(self) -> None:
-        self._relief = None
-        if self.at_cap():
-            self.relieve()
 
     # -- internals
 
@@ -447,7 +394,7 @@ class SNIFront:
                 client.state = "closed"
                 cast(ITCPTransport, client.transport).abortConnection()
                 return
-        self._reading[client] = self.clock.seconds()
+        self._reading.add(client)
         client.timer = self.clock.callLater(self.hello_timeout, self._timed_out, client)
         if client.header is None:
             self._admit(client)
@@ -460,7 +407,7 @@ class SNIFront:
         return False
 
     def _stop_reading(self, client: _Client) -> None:
-        self._reading.pop(client, None)
+        self._reading.discard(client)
         if client.timer is not None and client.timer.active():
             client.timer.cancel()
         client.timer = None
@@ -535,7 +482,7 @@ class SNIFront:
         self.routed += 1
         if self.on_routed is not None:
             # A routed client proved itself (the connection's own peer, not a PROXY
-            # header's): it stops counting against its address's connection cap.
+            # header's): never evicted at the cap, no longer counted against its address.
             self.on_routed(cast(ITCPTransport, client.transport).getPeer())
         log.info("{name} from {peer}: asking {operator} to collect it (token {tag})",
                  name=name, peer=peer, operator=operator, tag=tag)

@@ -58,6 +58,17 @@ class EndpointServerPageInBrowser(TestCase):
         self.assertIn("none", _row(dom, "checkpoint"))  # a json directory has none
 
     @defer.inlineCallbacks
+    def test_refused_calls_are_listed_with_their_method_escaped(self):
+        method = "hd-2.<b>bold</b>"
+        with self.assertRaises(Exception):
+            yield self.p2p.hd1.call(method, {}, id="1")
+        dom = yield dump_dom(self, f"http://127.0.0.1:{self.port}/")
+        self.assertIn("<title>Endpoint server hd-1</title>", dom)
+        self.assertNotIn("<b>", dom)
+        self.assertIn("<td>&lt;b&gt;bold&lt;/b&gt;</td>", dom)
+        self.assertRegex(dom, r"<td>call</td><td>(failed|error_response)</td><td>1</td>")
+
+    @defer.inlineCallbacks
     def test_a_failed_call_is_the_peers_last_error(self):
         node = self.p2p.net.nodes["hd-1"]
         yield self.p2p.hd1.call("hd-2._ping", {}, id="1")

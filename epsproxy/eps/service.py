@@ -25,6 +25,7 @@ from epsproxy.rules.certificates import load_certificates_file, load_private_key
 from epsproxy.net.lifecycle import AsyncStartService, ReloadError
 from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.metrics import http_refusals_counter
+from epsproxy.net.pages import RecentEvents
 from epsproxy.net.reactor import IReactor
 from epsproxy import __version__
 from epsproxy.directory import entries as _entries
@@ -133,6 +134,8 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         self._known_methods: frozenset[str] = frozenset(_INTERNAL)
         self._http_refusal: Callable[[str], None] | None = None
         self._peer_refusal: Callable[[str], None] | None = None
+        #: The last calls the broker did not answer ok (outcome, method), for the status page.
+        self.recent_failures = RecentEvents(reactor)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -480,3 +483,5 @@ class EndpointServerService(AsyncStartService["EndpointServerService"]):
         label = method if method in self._known_methods else "other"
         self._requests.labels(label, outcome).inc()
         self._latency.labels(outcome).observe(seconds)
+        if outcome != "ok":
+            self.recent_failures.add(outcome, method)

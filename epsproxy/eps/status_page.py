@@ -211,8 +211,15 @@ class EndpointServerPage:
             for reason, count in sorted(counter_by(registry, family, "reason").items()):
                 if count:
                     rows.append((what, reason, int(count)))
+        now = self.reactor.seconds()
+        recent = getattr(self.service, "recent_failures", None)
+        last = [] if recent is None else [
+            (f"{format_time(e.at)} ({format_age(now - e.at)} ago)", e.what, e.detail)
+            for e in recent.newest_first()]
         return section("Refused and failed since start", table(
-            ("what", "reason", "count"), rows, empty="nothing refused"))
+            ("what", "reason", "count"), rows, empty="nothing refused"),
+            tags.h3("Last calls not answered ok"),
+            table(("when", "outcome", "method"), last, empty="none"))
 
     def _async(self) -> Tag:
         calls = self.service.async_calls

@@ -34,6 +34,8 @@ of per-round ratios to the better HAProxy chain of the same round.  The public p
 ``tcp_rate_limits`` are set far above the load (and the refusals counted), so that they
 are not what is measured.  ``BENCH_SNI_QUICK=1`` (or ``python -m bench.sni --quick``)
 makes a run of seconds; ``BENCH_SNI_ONLY=direct,ours-raw,haproxy`` limits the paths.
+The raw results are kept in ``run/bench-sni/results.json``; ``python -m bench.sni
+--report FILE`` prints the tables from such a file again.
 """
 
 from __future__ import annotations
@@ -194,6 +196,8 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
             results["rate_limited"] = net.metric(
                 'proxy_tls_connections_total{outcome="rate_limited"}') + net.metric(
                 "proxy_internal_rate_limited_connections_total")
+        # Kept with the run's logs, for `python -m bench.sni --report FILE`.
+        (folder / "results.json").write_text(json.dumps(results, indent=1))
         return results
     finally:
         net.stop()
@@ -362,4 +366,8 @@ def main(quick: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv[1:])
+    if sys.argv[1:2] == ["--report"] and len(sys.argv) == 3:
+        # The tables again from a run's results.json (run/bench-sni/results.json).
+        print(report(json.loads(Path(sys.argv[2]).read_text())))
+    else:
+        main("--quick" in sys.argv[1:])

@@ -32,8 +32,9 @@ class BenchSniSmokeTests(SynchronousTestCase):
                           "(apt-get install nginx; make certs)")
 
     def test_tiny_run_of_every_path(self) -> None:
+        folder = Path(self.mktemp()).absolute()
         results = sni.run(rounds=1, seconds=0.3, stream_bytes=STREAM, idle_count=IDLE,
-                          only=PATHS, clients=CLIENTS, folder=Path(self.mktemp()).absolute())
+                          only=PATHS, clients=CLIENTS, folder=folder)
         paths = list(results["settings"]["paths"])
         self.assertIn("direct", paths)
         self.assertIn("ours-raw", paths)
@@ -75,6 +76,11 @@ class BenchSniSmokeTests(SynchronousTestCase):
                     self.assertRegex(row, r"\| (met|not met) +\|$")
         self.assertIn("tcp_rate_limits for this run", text)
         self.assertIn("load client's own ceiling", text)
+        # The same tables again from the results kept with the run.
+        again = subprocess.run([sys.executable, "-m", "bench.sni", "--report",
+                                str(folder / "results.json")], capture_output=True, text=True,
+                               timeout=60)
+        self.assertEqual(again.stdout.strip(), text.strip(), again.stderr)
 
     def nginx(self, stream_bytes: int = 1_000_000) -> Network:
         net = Network(stream_bytes, stream_bytes, Path(self.mktemp()).absolute())

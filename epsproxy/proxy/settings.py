@@ -130,12 +130,12 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             doc="seconds a TLS client has to send its whole ClientHello",
         ),
         "hello_timeout_at_cap": forms.Optional(
-            forms.Float(min=0.001, max=600), default=1.0,
+            forms.Float(min=0.001, max=600), default=0.5,
             doc="while the TLS listener is at tls_max_connections: seconds after which a "
                 "connection still without its ClientHello is closed for one waiting",
         ),
         "read_timeout_at_cap": forms.Optional(
-            forms.Float(min=0.001, max=600), default=1.0,
+            forms.Float(min=0.001, max=600), default=0.5,
             doc="while the internal listener is at internal_max_connections: seconds "
                 "after which a connection that has not presented a live token is closed "
                 "for one waiting",

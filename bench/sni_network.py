@@ -164,6 +164,18 @@ def _twistd(name: str, plugin: str, folder: Path, *args: str) -> list[str]:
             plugin, *args, "--settings", str(folder / name)]
 
 
+class _Gateway(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1:``port`` checking the certificate for ``name`` (the operator)."""
+
+    def __init__(self, name: str, port: int, context: ssl.SSLContext) -> None:
+        super().__init__(name, port, context=context, timeout=15)
+        self._tls = context
+
+    def connect(self) -> None:
+        raw = socket.create_connection(("127.0.0.1", self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+
+
 @dataclass
 class Ports:
     """Every port of the run, chosen free at its start."""
@@ -404,25 +416,21 @@ http {{
         context.load_cert_chain(str(crt), str(key))
         body = json.dumps({"jsonrpc": "2.0", "id": 1,
                            "method": f"{operator}.announceConnection",
-                           "params": {"proxy": PUBLIC, "domain": domain}}).encode()
+                           "params": {"proxy": PUBLIC, "domain": domain}})
         deadline = time.monotonic() + seconds
         last: Any = None
         while time.monotonic() < deadline:
+            connection = _Gateway(operator, gateway, context)
             try:
-                # The gateway's certificate names the operator: checked as that name.
-                with socket.create_connection(("127.0.0.1", gateway), timeout=15) as raw, \
-                        context.wrap_socket(raw, server_hostname=operator) as sock:
-                    sock.sendall(b"POST /jsonrpc HTTP/1.0\r\nHost: " + operator.encode()
-                                 + b"\r\nContent-Type: application/json\r\n"
-                                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                    reply = b""
-                    while chunk := sock.recv(65536):
-                        reply += chunk
-                last = json.loads(reply.partition(b"\r\n\r\n")[2])
-                if last.get("result") == "ok":
+                connection.request("POST", "/jsonrpc", body,
+                                   {"Content-Type": "application/json"})
+                last = json.loads(connection.getresponse().read())
+                if isinstance(last, dict) and last.get("result") == "ok":
                     return
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 last = e
+            finally:
+                connection.close()
             time.sleep(0.2)
         raise RuntimeError(f"{operator} could not announce {domain}: {last}")
 

@@ -288,8 +288,8 @@ class SNIFront:
     a Deferred (or a value); a failure cancels the token, which closes the client.
     ``on_routed(peer)`` (optional) is told the TCP peer of each connection routed (the
     listener's per-address cap forgives it).  ``rate_limiter`` (optional) is asked about
-    each client's address — after the PROXY
-    header when ``proxy_protocol`` is on; without it, wrapping :meth:`factory` with
+    each client's address — after the PROXY header when ``proxy_protocol`` is on;
+    without it, wrapping :meth:`factory` with
     :func:`epsproxy.net.ratelimit.rate_limited` does the same.
 
     Counters since start: ``accepted``, ``no_sni``, ``malformed``, ``timeouts``,
@@ -389,7 +389,7 @@ class SNIFront:
         if self.proxy_protocol and client.header is None:
             self.untrusted_proxy_source += 1
             if self.proxy_untrusted == "refuse":
-                log.info("closing {peer}: not a trusted PROXY protocol source",
+                log.debug("closing {peer}: not a trusted PROXY protocol source",
                          peer=_describe(client.address))
                 client.state = "closed"
                 cast(ITCPTransport, client.transport).abortConnection()

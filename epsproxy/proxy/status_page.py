@@ -112,8 +112,8 @@ class PublicProxyPage:
                     if front is not None]
         refusals += [("token_refused", "unknown, used or expired token", rendezvous.refused),
                      ("token_timeouts", "no partner or token in time", rendezvous.timeouts)]
-        refused_names = [(f"{format_time(e.at)} ({format_age(now - e.at)} ago)", e.what)
-                         for e in service.refused_names.newest_first()]
+        refused_names = [(f"{format_time(e.at)} ({format_age(now - e.at)} ago)", e.what,
+                          e.detail or "-") for e in service.refused_names.newest_first()]
         return [
             section("Announcements", table(
                 ("domain", "operator", "expires"),
@@ -134,7 +134,7 @@ class PublicProxyPage:
                 ("reason", "meaning", "count"), [r for r in refusals if r[2]],
                 empty="nothing refused")),
             section("Last refused server names", table(
-                ("when", "server name"), refused_names,
+                ("when", "server name", "client (blurred)"), refused_names,
                 empty="no server name refused")),
             section("Last hour", self.sampler.sparklines()) if self.sampler else tags.p(),
             self.certificates.section(proxy_file_sets({"public": service.settings}, "public")),

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .common import rss_bytes, table
+from .common import cpu_seconds, rss_bytes, table
 from .relay import _cell, _goal, _haproxy, _median, _ratios, _rotations, step
 from .sni_network import (
     CERTS, RATE_LIMITS, RAW_DOMAIN, RUN_DIR, TERM_DOMAIN, Network, missing_tools,
@@ -97,15 +97,24 @@ def _client(mode: str, config: dict[str, Any], **kwargs: Any) -> subprocess.Pope
 
 def rate(net: Network, path: SniPath, clients: int, seconds: float,
          warmup: float) -> dict[str, Any]:
-    """New TLS connections per second through ``path`` with ``clients`` clients."""
+    """
+    New TLS connections per second through ``path`` with ``clients`` clients, and the CPU
+    seconds its proxies (``proxy_cpu``) and, for ours, the two endpoint servers that broker
+    each connection (``broker_cpu``) used meanwhile.
+    """
+    proxies = net.pids(path.key)
+    brokers = [pid for pid in net.pids(path.key, brokering=True) if pid not in proxies]
+    before = [sum(cpu_seconds(pid) for pid in pids) for pids in (proxies, brokers)]
     process = _client("rate", {"port": net.port(path.key), "sni": path.domain,
                                "clients": clients, "seconds": seconds, "warmup": warmup})
     out, err = process.communicate(timeout=120 + 3 * (seconds + warmup))
+    after = [sum(cpu_seconds(pid) for pid in pids) for pids in (proxies, brokers)]
     if process.returncode != 0:
         raise RuntimeError(f"{path.key} load client failed:\n{err.decode()[-3000:]}")
     result = json.loads(out.splitlines()[-1])
     if not result["connections"]:
         raise RuntimeError(f"{path.key}: no connection completed ({result['error']})")
+    result["proxy_cpu"], result["broker_cpu"] = (b - a for a, b in zip(before, after))
     return result
 
 
@@ -246,8 +255,15 @@ def report(results: dict[str, Any]) -> str:
             row += [_cell(mine), vs(mine, chain_rate[str(n)], key),
                     f"{_median(p50[str(n)].get(key, [])):.2f} / "
                     f"{_median(p99[str(n)].get(key, [])):.2f}"]
-        cpu = [r["cpu"] / r["seconds"] for r in results["rate"][str(s["clients"][-1])].get(key, [])]
+        busiest = results["rate"][str(s["clients"][-1])].get(key, [])
+        cpu = [r["cpu"] / r["seconds"] for r in busiest]
         row.append(f"{_median(cpu) * 100:.0f}%" if cpu else "-")
+        if key == "direct" or not busiest:
+            row.append("-")
+        else:
+            per = _median([r["proxy_cpu"] / r["completed"] * 1e6 for r in busiest])
+            brokering = _median([r["broker_cpu"] / r["completed"] * 1e6 for r in busiest])
+            row.append(f"{per:,.0f}" + (f" + {brokering:,.0f}" if key in OURS else ""))
         row += [_cell(mbps.get(key, [])), vs(mbps.get(key, []), chain_mbps, key)]
         if key in per_conn:
             mem = f"{per_conn[key] / 1e3:.1f}"
@@ -260,8 +276,9 @@ def report(results: dict[str, Any]) -> str:
     headers = ["path"]
     for n in s["clients"]:
         headers += [f"conn/s @{n}", "x HAProxy", f"p50 / p99 ms @{n}"]
-    headers += [f"client CPU % wall @{s['clients'][-1]}", "MB/s, one stream", "x HAProxy",
-                "KB per idle conn"]
+    headers += [f"client CPU % wall @{s['clients'][-1]}",
+                f"proxies' CPU µs/conn @{s['clients'][-1]} (ours: + both EPS)",
+                "MB/s, one stream", "x HAProxy", "KB per idle conn"]
     term = (f" ({s['term_stream_bytes']:,} through the terminating proxy, which holds each "
             "response whole)") if "ours-term" in keys else ""
     out = [f"{s['rounds']} interleaved round(s), paths rotated; {s['seconds']:g} s per "

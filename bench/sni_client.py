@@ -7,7 +7,8 @@ verifies the server's certificate for that name against the dev root, and close,
 over for ``warmup`` + ``seconds``.  Only connections started after the warm-up and done
 before the end count.  Prints one JSON line: ``connections``, ``errors``, ``seconds``,
 ``p50_ms``, ``p99_ms`` (connect + handshake), ``cpu`` (the workers' CPU seconds in the
-counted window) and the first error seen.
+counted window), ``completed`` (connections done, warm-up included) and the first error
+seen.
 
 ``idle``: opens ``count`` such connections (8 at a time) and keeps them open, silent;
 prints ``ready`` (or ``failed <error>``), closes them all when a line arrives on stdin,
@@ -55,7 +56,7 @@ def _worker(config: dict[str, Any], start: float, pipe: Connection) -> None:
     counted_from = start + config["warmup"]
     end = counted_from + config["seconds"]
     latencies: list[float] = []
-    errors = 0
+    errors = completed = 0
     first_error = ""
     cpu_start: float | None = None
     now = time.monotonic()
@@ -76,10 +77,12 @@ def _worker(config: dict[str, Any], start: float, pipe: Connection) -> None:
                 first_error = first_error or repr(e)
             continue
         done = time.monotonic()
+        completed += 1
         if began >= counted_from and done <= end:
             latencies.append(done - began)
     cpu = time.process_time() - cpu_start if cpu_start is not None else 0.0
-    pipe.send({"latencies": latencies, "errors": errors, "error": first_error, "cpu": cpu})
+    pipe.send({"latencies": latencies, "errors": errors, "error": first_error, "cpu": cpu,
+               "completed": completed})
     pipe.close()
 
 
@@ -111,6 +114,7 @@ def rate(config: dict[str, Any]) -> dict[str, Any]:
             "seconds": config["seconds"], "p50_ms": _percentile(latencies, 0.50) * 1e3,
             "p99_ms": _percentile(latencies, 0.99) * 1e3,
             "cpu": sum(r["cpu"] for r in results),
+            "completed": sum(r["completed"] for r in results),
             "error": next((r["error"] for r in results if r["error"]), "")}
 
 

@@ -457,12 +457,17 @@ http {{
         if "ours-term" in paths:
             self.announce(TERM_OPERATOR, TERM_DOMAIN)
 
-    def pids(self, key: str) -> list[int]:
-        """The processes whose memory counts for path ``key``."""
-        if key == "ours-raw":
-            names = ["public-proxy", f"private-proxy-{RAW_OPERATOR}"]
-        elif key == "ours-term":
-            names = ["public-proxy", f"private-proxy-{TERM_OPERATOR}"]
+    def pids(self, key: str, brokering: bool = False) -> list[int]:
+        """
+        The proxy processes of path ``key`` (ours: public + private proxy; HAProxy: router
+        + hop); with ``brokering``, ours adds the two endpoint servers that carry each new
+        connection's brokering calls.
+        """
+        if key.startswith("ours"):
+            operator = RAW_OPERATOR if key == "ours-raw" else TERM_OPERATOR
+            names = ["public-proxy", f"private-proxy-{operator}"]
+            if brokering:
+                names += [f"eps-{PUBLIC}", f"eps-{operator}"]
         elif key.startswith("haproxy"):
             names = [f"{key}-router", f"{key}-hop"]
         else:

@@ -46,6 +46,12 @@ class BenchSniSmokeTests(SynchronousTestCase):
                 self.assertEqual(one["errors"], 0, (key, n, one["error"]))
                 self.assertGreater(one["p99_ms"], 0, (key, n))
                 self.assertGreaterEqual(one["p99_ms"], one["p50_ms"], (key, n))
+                self.assertGreaterEqual(one["completed"], one["connections"], (key, n))
+                if key != "direct":
+                    # /proc counts in 10 ms ticks: a short run may show none.
+                    self.assertGreaterEqual(one["proxy_cpu"], 0, (key, n))
+                if key.startswith("ours"):
+                    self.assertGreaterEqual(one["broker_cpu"], 0, (key, n))
         for key in paths:
             [stream] = results["stream"][key]
             self.assertEqual(stream["bytes"], STREAM, key)
@@ -64,7 +70,7 @@ class BenchSniSmokeTests(SynchronousTestCase):
         lines = text.splitlines()
         for key in paths:
             [row] = [line for line in lines if line.startswith(f"| {sni.BY_KEY[key].label} ")]
-            self.assertEqual(len(row.strip("|").split("|")), 1 + 3 * len(CLIENTS) + 4, row)
+            self.assertEqual(len(row.strip("|").split("|")), 1 + 3 * len(CLIENTS) + 5, row)
         goals = [line for line in lines if line.startswith(("| raw:", "| terminating:"))]
         if "haproxy" in paths:
             self.assertEqual(len(goals), 2 * (2 * len(CLIENTS) + 2))

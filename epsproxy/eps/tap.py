@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 
 from epsproxy.rules.credentials import FileSet
+from epsproxy.eps.status_page import EndpointServerPage
 from epsproxy.net.metrics import metrics_service
 from epsproxy.net.program import ProgramOptions, ProgramService
 from epsproxy.net.reactor import IReactor, installed_reactor
@@ -60,7 +61,8 @@ def makeService(
     if options.settings.get("metrics"):
         top.add_listener(
             metrics_service(reactor, options.settings["metrics"], registry,
-                            program="eps", readiness=eps.readiness),
+                            program="eps", readiness=eps.readiness,
+                            page=EndpointServerPage(eps, reactor, registry)),
             "metrics listener",
         )
     return top

@@ -12,6 +12,7 @@ from epsproxy.rules.credentials import FileSet
 from epsproxy.rules.settings import SettingsError
 from epsproxy.net.lifecycle import AsyncStartService
 from epsproxy.net.metrics import metrics_service
+from epsproxy.proxy.status_page import PrivateProxyPage, PublicProxyPage
 from epsproxy.net.program import ProgramOptions, ProgramService
 from epsproxy.net.reactor import IReactor, installed_reactor
 from .private.service import PrivateProxyService
@@ -98,9 +99,11 @@ def makeService(
         )
     top.add_main(proxy)
     if options.settings.get("metrics"):
+        page = (PrivateProxyPage if options["mode"] == "private" else PublicProxyPage)(
+            proxy, reactor)
         top.add_listener(
             metrics_service(reactor, options.settings["metrics"], registry,
-                            program="proxy", readiness=proxy.readiness),
+                            program="proxy", readiness=proxy.readiness, page=page),
             "metrics listener",
         )
     return top

@@ -10,6 +10,7 @@ from twisted.application.service import MultiService
 from epsproxy.rules.certificates import CertificateError
 from epsproxy.rules.credentials import FileSet
 from epsproxy.net.metrics import metrics_service
+from epsproxy.sd.browser import DirectoryBrowser
 from epsproxy.net.program import ProgramOptions, ProgramService
 from epsproxy.net.reactor import IReactor, installed_reactor
 from epsproxy.rules.records import TrustStore
@@ -72,7 +73,8 @@ def makeService(
     if options.settings.get("metrics"):
         top.add_listener(
             metrics_service(reactor, options.settings["metrics"], registry,
-                            program="sd", readiness=sd.readiness),
+                            program="sd", readiness=sd.readiness,
+                            page=DirectoryBrowser(sd, reactor)),
             "metrics listener",
         )
     return top

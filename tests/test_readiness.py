@@ -27,7 +27,7 @@ from epsproxy.proxy.tap import makeService as make_proxy
 from epsproxy.sd.tap import Options as SDOptions
 from epsproxy.sd.tap import makeService as make_sd
 from tests.support.eps import Network, gateway_channel, server_channel, service
-from tests.support.metrics import request, start_listener
+from tests.support.metrics import request, samples, start_listener
 from tests.support.pki import pki
 from tests.support.proxies import (
     PUBLIC_PROXY,
@@ -140,6 +140,10 @@ class EPSReadiness(TestCase):
         @defer.inlineCallbacks
         def readyz() -> Any:
             answer = yield request(port, "/readyz")
+            scrape = yield request(port, "/metrics")
+            # eps_ready says the same as /readyz, for alert rules.
+            ready = samples(scrape.body)[("eps_ready", ())]
+            self.assertEqual(ready, 1.0 if answer.status == 200 else 0.0)
             return answer.status, answer.json()["checks"]
 
         self.assertEqual((yield readyz()), (503, {"start": "starting"}))

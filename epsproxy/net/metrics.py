@@ -40,7 +40,7 @@ from twisted.web.server import Request
 
 from epsproxy import __version__
 from epsproxy.rules import forms
-from epsproxy.net.health import HealthResource, Readiness, ReadinessResource
+from epsproxy.net.health import HealthResource, Readiness, ReadinessResource, readiness_report
 from epsproxy.net.hostport import parse_host_port
 from epsproxy.net.jsonrpc.server import REFUSAL_REASONS, GuardedSite, json_body
 from epsproxy.net.pages import IntParameter, PageResource, Sampler, StatusPage, key_values, section
@@ -231,6 +231,15 @@ def build_info(registry: CollectorRegistry, program: str) -> Gauge:
     return gauge
 
 
+def ready_gauge(registry: CollectorRegistry, program: str,
+                readiness: Readiness | None) -> Gauge:
+    """``<program>_ready``: 1 while ``/readyz`` would answer 200, else 0 (read at scrape)."""
+    gauge = Gauge(f"{program}_ready", "1 while /readyz answers 200 (ready), else 0",
+                  registry=registry)
+    gauge.set_function(lambda: 1.0 if readiness_report(readiness)[0] == 200 else 0.0)
+    return gauge
+
+
 def metrics_service(
     reactor: IReactor, settings: dict, registry: CollectorRegistry, *,
     program: str = DEFAULT_PROGRAM, readiness: Readiness | None = None,
@@ -257,6 +266,7 @@ def metrics_service(
     disable_created_metrics()
     ProcessCollector(registry=registry)
     build_info(registry, program)
+    ready_gauge(registry, program, readiness)
     endpoint = listen_endpoint(reactor, settings["bind_address"], settings.get("tls"),
                                name="metrics listener")
     site = GuardedSite(

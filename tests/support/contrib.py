@@ -25,9 +25,8 @@ MONITORING_DOC = ROOT / "docs" / "monitoring.md"
 #: Where the shipped units expect the virtualenv (their comment headers say so).
 SHIPPED_TWISTD = "/opt/epsproxy/bin/twistd"
 
-#: Series that Prometheus makes (``up``, per scrape) or the blackbox exporter's probe of
-#: ``/readyz`` exports (``probe_success``): no program exports them.
-NOT_EXPORTED = frozenset({"up", "probe_success"})
+#: Series that Prometheus makes (``up``, per scrape): no program exports them.
+NOT_EXPORTED = frozenset({"up"})
 
 #: Which Debian package brings each tool (Makefile OS_TOOLS, .ci/run).
 TOOL_PACKAGES = {"systemd-analyze": "systemd", "systemd-sysusers": "systemd",

@@ -66,6 +66,21 @@ class TwistdCheckTests(unittest.TestCase):
         ]
 
     @defer.inlineCallbacks
+    def test_the_metrics_listeners_tls_files_are_checked(self):
+        tmp_path = Path(self.mktemp()).absolute()
+        folder = write_eps_settings(tmp_path / "eps")
+        settings = yaml.safe_load((folder / "eps.yml").read_text())
+        settings["metrics"] = {"bind_address": "127.0.0.1:0",
+                               "tls": tls_block("hd-1", key_file="/nonexistent-metrics.key")}
+        (folder / "eps.yml").write_text(yaml.safe_dump(settings))
+        status, output = yield run_twistd(["eps", "--settings", str(folder), "--check"])
+        assert status == 1, output
+        assert output.splitlines() == [
+            "settings NOT OK: 3 TLS file sets, 0 signing file sets checked; 1 error",
+            "error: metrics.tls.key_file: no such file /nonexistent-metrics.key",
+        ]
+
+    @defer.inlineCallbacks
     def test_twistd_proxy_check(self):
         tmp_path = Path(self.mktemp()).absolute()
         folder = write_settings(tmp_path / "proxy", {

@@ -63,6 +63,7 @@ from epsproxy.rules.credentials import (
     certificate_expiries,
     check_file_sets,
     summary,
+    tls_file_set,
 )
 from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
 from epsproxy.net import admission
@@ -114,6 +115,12 @@ class SettingsCheck:
         return summary(self.file_sets, self.findings)
 
 
+def metrics_file_sets(settings: dict[str, Any]) -> list[FileSet]:
+    """The metrics listener's TLS files (``metrics.tls``), the same for every program."""
+    tls = (settings.get("metrics") or {}).get("tls")
+    return [] if tls is None else [tls_file_set("metrics.tls", tls)]
+
+
 def check_program_settings(
     paths: Sequence[Path],
     schema: forms.Map,
@@ -130,7 +137,7 @@ def check_program_settings(
     settings = load_settings(paths, schema)
     if check is not None:
         check(settings)
-    sets = file_sets(settings)
+    sets = file_sets(settings) + metrics_file_sets(settings)
     return SettingsCheck(settings, sets, check_file_sets(sets, now or datetime.now(timezone.utc)))
 
 

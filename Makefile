@@ -34,7 +34,7 @@ $(TEST_CERTS)/root.crt: | $(STAMP)
 # The tests use real peers: redis-server, redis-sentinel, openssl and curl.  Install them when missing
 # and we can (root with apt-get); otherwise say what is needed.
 # A tool whose Debian package has another name is written binary:package.
-OS_TOOLS := redis-server redis-sentinel openssl curl tinyproxy haproxy socat systemd-analyze:systemd promtool:prometheus chromium
+OS_TOOLS := redis-server redis-sentinel openssl curl tinyproxy haproxy socat systemd-analyze:systemd promtool:prometheus chromium nginx
 # What make bench measures beside ours (never needed by make test).
 BENCH_TOOLS := haproxy socat nginx
 os-deps:

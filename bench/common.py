@@ -1,10 +1,15 @@
-"""Helpers shared by the benchmarks: tables, percentiles, process CPU."""
+"""Helpers shared by the benchmarks: tables, medians and goals, percentiles, process CPU,
+free ports, progress lines, finding HAProxy."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import statistics
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 
 def cpu_seconds(pid: int) -> float:
@@ -39,3 +44,62 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
               for row in cells[1:]]
     return "\n".join(lines)
+
+
+def step(text: str) -> None:
+    print(f"  ... {text}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (without connecting to it)."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as lines:
+        return any(f[1] == wanted and f[3] == "0A"
+                   for f in (line.split() for line in lines) if len(f) > 3)
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
+        None)
+
+
+def rotations(relays: Sequence[Any], rounds: int) -> list[list[Any]]:
+    """``rounds`` orders of ``relays``, each shifted by one, so none always runs first."""
+    if not relays:
+        return []
+    return [list(relays[i % len(relays):]) + list(relays[:i % len(relays)])
+            for i in range(rounds)]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def cell(values: Sequence[float], fmt: str = ",.0f", spread: bool = True) -> str:
+    if not values:
+        return "n/a"
+    text = format(median(values), fmt)
+    if spread and len(values) > 1:
+        text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return text
+
+
+def ratios(mine: Sequence[float], theirs: Sequence[float]) -> list[float]:
+    return [a / b for a, b in zip(mine, theirs) if b]
+
+
+def goal(label: str, values: list[float], target: str, met: Callable[[float], bool],
+          fmt: str = ".2f", unit: str = "x") -> list[str]:
+    if not values:
+        return [label, "n/a (not measured)", target, ""]
+    text = f"{format(median(values), fmt)}{unit}"
+    if len(values) > 1:
+        text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return [label, text, target, "PASS" if met(median(values)) else "MISS"]

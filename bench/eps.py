@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any, Sequence
 
 from epsproxy.dev.pki import create_pki
 
-from .common import table
+from .common import cell, median, step, table
 
 __all__ = ["VARIANTS", "grpc_available", "run", "report", "main"]
 
@@ -66,9 +65,6 @@ def grpc_available() -> bool:
     """Whether grpcio and protobuf are installed (the ``bench`` extra)."""
     return all(importlib.util.find_spec(m) is not None for m in ("grpc", "google.protobuf"))
 
-
-def step(text: str) -> None:
-    print(f"  ... {text}", file=sys.stderr, flush=True)
 
 
 def make_directory(folder: Path) -> None:
@@ -191,10 +187,6 @@ def run(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def _metrics(phases: dict[str, Any]) -> dict[str, float]:
     one, many = phases["1"], phases[str(IN_FLIGHT[-1])]
     return {
@@ -206,18 +198,10 @@ def _metrics(phases: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _cell(values: list[float], spread: bool = False) -> str:
-    """The median of ``values``; with ``spread``, and their range when there are several."""
-    text = f"{_median(values):,.0f}"
-    if spread and len(values) > 1:
-        text += f" ({min(values):,.0f}-{max(values):,.0f})"
-    return text
-
-
 def _ratio_row(label: str, ratios: list[float], goal: str, met: bool | None) -> list[str]:
     if not ratios:
         return [label, "n/a (gRPC not measured)", goal, ""]
-    text = f"{_median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    text = f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
     return [label, text, goal, "PASS" if met else "MISS"]
 
 
@@ -231,11 +215,11 @@ def report(results: dict[str, list[dict[str, Any]]]) -> str:
         m = metrics[variant.key]
         rows.append([
             variant.label,
-            _cell([x["rate1"] for x in m]),
-            _cell([x["rate64"] for x in m], spread=True),
-            _cell([x["p50"] for x in m]),
-            _cell([x["p99"] for x in m], spread=True),
-            _cell([x["cpu64"] for x in m]),
+            cell([x["rate1"] for x in m], spread=False),
+            cell([x["rate64"] for x in m], spread=True),
+            cell([x["p50"] for x in m], spread=False),
+            cell([x["p99"] for x in m], spread=True),
+            cell([x["cpu64"] for x in m], spread=False),
         ])
     rounds = len(next(iter(results.values()), []))
     out = [f"{rounds} round(s); medians (min-max); loopback, one mutual-TLS connection each\n",
@@ -250,9 +234,9 @@ def report(results: dict[str, list[dict[str, Any]]]) -> str:
             p99_ratios.append(ours["p99"] / unary["p99"])
     out.append(table(["goal", "median ratio (min-max over rounds)", "target", "result"], [
         _ratio_row("ours calls/s @64 / better gRPC variant", rate_ratios, f">= {RATE_GOAL:g}x",
-                   bool(rate_ratios) and _median(rate_ratios) >= RATE_GOAL),
+                   bool(rate_ratios) and median(rate_ratios) >= RATE_GOAL),
         _ratio_row("ours p99 @1 / gRPC unary p99 @1", p99_ratios, f"<= {P99_GOAL:g}x",
-                   bool(p99_ratios) and _median(p99_ratios) <= P99_GOAL),
+                   bool(p99_ratios) and median(p99_ratios) <= P99_GOAL),
     ]))
     return "\n".join(out)
 

@@ -34,8 +34,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .common import rss_bytes, table
+from .common import (
+    cell,
+    free_port,
+    goal,
+    haproxy_binary,
+    listening,
+    median,
+    ratios,
+    rotations,
+    rss_bytes,
+    step,
+    table,
+)
 from .relay_peer import TRANSIT_OK, ControlClient, transit_hello
 
 __all__ = ["RELAYS", "Relay", "RelayProcess", "available", "run", "report", "main"]
@@ -86,15 +96,9 @@ BY_KEY = {relay.key: relay for relay in RELAYS}
 BEST_TUNED = ("haproxy-1m", "socat-1m")
 
 
-def _haproxy() -> str | None:
-    return shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
-        None)
-
-
 def available(relay: Relay) -> str | None:
     """``None`` when ``relay`` can run here, else what to install."""
-    if relay.key.startswith("haproxy") and _haproxy() is None:
+    if relay.key.startswith("haproxy") and haproxy_binary() is None:
         return "haproxy not installed (apt-get install haproxy)"
     if relay.key.startswith("socat") and shutil.which("socat") is None:
         return "socat not installed (apt-get install socat)"
@@ -110,24 +114,6 @@ def available(relay: Relay) -> str | None:
         if not found:
             return f"{module} not found"
     return None
-
-
-def step(text: str) -> None:
-    print(f"  ... {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:``port`` (without connecting to it)."""
-    wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as lines:
-        return any(f[1] == wanted and f[3] == "0A"
-                   for f in (line.split() for line in lines) if len(f) > 3)
 
 
 def _stat(pid: int) -> list[str]:
@@ -188,7 +174,7 @@ class RelayProcess:
                 "backend target",
                 f"    server target 127.0.0.1:{self.dst}",
                 ""]))
-            self._spawn([_haproxy(), "-f", str(config), "-db"])
+            self._spawn([haproxy_binary(), "-f", str(config), "-db"])
         elif relay.key.startswith("socat"):
             self.dst = free_port()
             self._spawn(["socat", "-b", relay.option,
@@ -201,7 +187,7 @@ class RelayProcess:
                          "transitrelay",
                          f"--port=tcp:{self.port}:interface=127.0.0.1:backlog=1024"])
         deadline = time.monotonic() + 30
-        while not _listening(self.port):
+        while not listening(self.port):
             assert self.process is not None
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self._died("did not listen")
@@ -455,14 +441,6 @@ def _relays(only: Sequence[str] | None) -> list[Relay]:
     return out
 
 
-def _rotations(relays: Sequence[Any], rounds: int) -> list[list[Any]]:
-    """``rounds`` orders of ``relays``, each shifted by one, so none always runs first."""
-    if not relays:
-        return []
-    return [list(relays[i % len(relays):]) + list(relays[:i % len(relays)])
-            for i in range(rounds)]
-
-
 def run(size: int = 2_000_000_000, rounds: int = 3, pair_seconds: float = 3.0,
         idle_pairs_count: int = 1000, slow_seconds: float = 2.0,
         only: Sequence[str] | None = None, slow_streams: int = SLOW_STREAMS,
@@ -496,14 +474,14 @@ def run(size: int = 2_000_000_000, rounds: int = 3, pair_seconds: float = 3.0,
             for process in running:
                 step(f"throughput warm-up: {process.relay.key}")
                 transfer(process, max(size // 10, 1 << 20))
-            for index, order in enumerate(_rotations(running, rounds)):
+            for index, order in enumerate(rotations(running, rounds)):
                 for process in order:
                     step(f"throughput round {index + 1}/{rounds}: {process.relay.key}")
                     results["throughput"].setdefault(process.relay.key, []).append(
                         transfer(process, size))
             # 2. Pairings: ours against the transit relay.
             pairing = [p for p in running if p.relay.kind in ("ours", "transit")]
-            for index, order in enumerate(_rotations(pairing, rounds)):
+            for index, order in enumerate(rotations(pairing, rounds)):
                 for process in order:
                     step(f"pairings round {index + 1}/{rounds}: {process.relay.key}")
                     results["pairings"].setdefault(process.relay.key, []).append(
@@ -521,7 +499,7 @@ def run(size: int = 2_000_000_000, rounds: int = 3, pair_seconds: float = 3.0,
                     relay, lambda p: idle_pairs(p, idle_pairs_count))
         slow_size = int(SLOW_RATE * slow_seconds)
         slow = [r for r in relays if r.key in ("ours", "haproxy", "haproxy-1m")]
-        for index, order in enumerate(_rotations(slow, rounds)):
+        for index, order in enumerate(rotations(slow, rounds)):
             for relay in order:
                 step(f"slow readers round {index + 1}/{rounds}: {relay.key}, one at 200 MB/s")
                 one = fresh(relay, lambda p: transfer(p, slow_size, rate=SLOW_RATE, peak=True))
@@ -539,33 +517,6 @@ def run(size: int = 2_000_000_000, rounds: int = 3, pair_seconds: float = 3.0,
 
 # -- the report ------------------------------------------------------------------------
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _cell(values: Sequence[float], fmt: str = ",.0f", spread: bool = True) -> str:
-    if not values:
-        return "n/a"
-    text = format(_median(values), fmt)
-    if spread and len(values) > 1:
-        text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
-    return text
-
-
-def _ratios(mine: Sequence[float], theirs: Sequence[float]) -> list[float]:
-    return [a / b for a, b in zip(mine, theirs) if b]
-
-
-def _goal(label: str, values: list[float], target: str, met: Callable[[float], bool],
-          fmt: str = ".2f", unit: str = "x") -> list[str]:
-    if not values:
-        return [label, "n/a (not measured)", target, ""]
-    text = f"{format(_median(values), fmt)}{unit}"
-    if len(values) > 1:
-        text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
-    return [label, text, target, "PASS" if met(_median(values)) else "MISS"]
-
-
 def report(results: dict[str, Any]) -> str:
     """The tables (medians over rounds, min-max) and the goal lines of issue 4."""
     s = results["settings"]
@@ -578,15 +529,15 @@ def report(results: dict[str, Any]) -> str:
         if relay.key not in tp:
             continue
         runs = tp[relay.key]
-        vs_ours = _ratios(mbps.get("ours", []), mbps[relay.key])
+        vs_ours = ratios(mbps.get("ours", []), mbps[relay.key])
         rows.append([
-            relay.label, _cell(mbps[relay.key]),
+            relay.label, cell(mbps[relay.key]),
             "-" if relay.key in ("ours", "direct") or not vs_ours
-            else _cell(vs_ours, ".2f"),
-            "-" if relay.kind == "direct" else _cell(cpu_gb[relay.key], ".2f"),
+            else cell(vs_ours, ".2f"),
+            "-" if relay.kind == "direct" else cell(cpu_gb[relay.key], ".2f"),
             "-" if relay.kind == "direct" else
-            f"{_median([r['relay_cpu'] / r['seconds'] for r in runs]) * 100:.0f}%",
-            _cell([r["generator_cpu"] / (r["bytes"] / GB) for r in runs], ".2f", False),
+            f"{median([r['relay_cpu'] / r['seconds'] for r in runs]) * 100:.0f}%",
+            cell([r["generator_cpu"] / (r["bytes"] / GB) for r in runs], ".2f", False),
         ])
     out += [f"Throughput: one stream of {s['size']:,} bytes, {s['rounds']} interleaved "
             "round(s); medians (min-max)\n",
@@ -600,13 +551,13 @@ def report(results: dict[str, Any]) -> str:
             continue
         runs = pr[key]
         rows.append([BY_KEY[key].label,
-                     _cell([r["pairs"] / r["seconds"] for r in runs]),
-                     f"{_median([r['p50_ms'] for r in runs]):.2f} / "
-                     f"{_median([r['p99_ms'] for r in runs]):.2f}",
-                     _cell([r["relay_cpu"] / r["pairs"] * 1e6 for r in runs if r["pairs"]],
+                     cell([r["pairs"] / r["seconds"] for r in runs]),
+                     f"{median([r['p50_ms'] for r in runs]):.2f} / "
+                     f"{median([r['p99_ms'] for r in runs]):.2f}",
+                     cell([r["relay_cpu"] / r["pairs"] * 1e6 for r in runs if r["pairs"]],
                            ",.0f", False),
-                     f"{_median([r['relay_cpu'] / r['seconds'] for r in runs]) * 100:.0f}%",
-                     f"{_median([r['cpu'] / r['seconds'] for r in runs]) * 100:.0f}%",
+                     f"{median([r['relay_cpu'] / r['seconds'] for r in runs]) * 100:.0f}%",
+                     f"{median([r['cpu'] / r['seconds'] for r in runs]) * 100:.0f}%",
                      str(sum(r["errors"] for r in runs))])
     if rows:
         out += [f"Pairings at the internal endpoint, {IN_FLIGHT} in flight, "
@@ -625,9 +576,9 @@ def report(results: dict[str, Any]) -> str:
         slow_cells = []
         for runs in (slow1, slow50):
             slow_cells += [
-                _cell([r["bytes"] / r["seconds"] / 1e6 for r in runs], ",.0f", False)
+                cell([r["bytes"] / r["seconds"] / 1e6 for r in runs], ",.0f", False)
                 if runs else "-",
-                _cell([r["rss_growth"] / 1e6 for r in runs], ".1f") if runs else "-"]
+                cell([r["rss_growth"] / 1e6 for r in runs], ".1f") if runs else "-"]
         rows.append([
             relay.label,
             f"{idle['before'] / 1e6:.1f} -> {idle['held'] / 1e6:.1f}" if idle else "-",
@@ -647,9 +598,9 @@ def report(results: dict[str, Any]) -> str:
     # Goals.
     best = [max(vals) for vals in zip(*[mbps[k] for k in BEST_TUNED if k in mbps])] \
         if any(k in mbps for k in BEST_TUNED) else []
-    through = _ratios(mbps.get("ours", []), best) if best else []
+    through = ratios(mbps.get("ours", []), best) if best else []
     ours_cpu = cpu_gb.get("ours", [])
-    pair_ratio = _ratios([r["pairs"] / r["seconds"] for r in pr.get("ours", [])],
+    pair_ratio = ratios([r["pairs"] / r["seconds"] for r in pr.get("ours", [])],
                          [r["pairs"] / r["seconds"] for r in pr.get("transit", [])])
     idle = results["idle"].get("ours")
     idle_values = [(idle["held"] - idle["before"]) / idle["pairs"]] if idle else []
@@ -657,15 +608,15 @@ def report(results: dict[str, Any]) -> str:
     slow_values = [a["rss_growth"] / 1e6 - b["rss_growth"] / 1e6
                    for a, b in zip(slow.get("ours", []), slow.get("haproxy", []))]
     out.append(table(["goal", "median (min-max over rounds)", "target", "result"], [
-        _goal("ours MB/s / best-tuned relay (HAProxy 1 MiB, socat -b 1 MiB) per round",
+        goal("ours MB/s / best-tuned relay (HAProxy 1 MiB, socat -b 1 MiB) per round",
               through, f">= {THROUGHPUT_GOAL:g}x", lambda v: v >= THROUGHPUT_GOAL),
-        _goal("ours relay CPU s/GB", ours_cpu, f"<= {CPU_GOAL:g}", lambda v: v <= CPU_GOAL,
+        goal("ours relay CPU s/GB", ours_cpu, f"<= {CPU_GOAL:g}", lambda v: v <= CPU_GOAL,
               unit=""),
-        _goal("ours pairings/s / transit relay's (per round)", pair_ratio,
+        goal("ours pairings/s / transit relay's (per round)", pair_ratio,
               f">= {PAIRING_GOAL:g}x", lambda v: v >= PAIRING_GOAL),
-        _goal("ours RSS per idle pair", [v / 1e3 for v in idle_values],
+        goal("ours RSS per idle pair", [v / 1e3 for v in idle_values],
               f"<= {IDLE_GOAL / 1e3:g} KB", lambda v: v <= IDLE_GOAL / 1e3, ".1f", " KB"),
-        _goal(f"ours peak RSS growth - HAProxy's, {s['slow_streams']} slow receivers",
+        goal(f"ours peak RSS growth - HAProxy's, {s['slow_streams']} slow receivers",
               slow_values, "<= 0 MB", lambda v: v <= 0, ".1f", " MB"),
     ]))
     return "\n".join(out)

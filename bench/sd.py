@@ -30,7 +30,7 @@ from epsproxy.rules.certificates import load_certificates_file, load_private_key
 from epsproxy.directory.chain import RecordLog, VerifiedChain
 from epsproxy.dev.pki import create_pki
 
-from .common import cpu_seconds, percentile, table
+from .common import cpu_seconds, percentile, step, table
 
 RECORDS = int(os.environ.get("BENCH_RECORDS", "10000"))
 DURATION = float(os.environ.get("BENCH_DURATION", "5"))
@@ -163,9 +163,6 @@ def load(pki, port: int, params: dict) -> tuple[float, float, float]:
     return data["calls"] / data["seconds"], percentile(latencies, 0.5) * 1e3, \
         percentile(latencies, 0.99) * 1e3
 
-
-def step(text: str) -> None:
-    print(f"  ... {text}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -49,8 +49,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .common import cpu_seconds, rss_bytes, table
-from .relay import _cell, _goal, _haproxy, _median, _ratios, _rotations, step
+from .common import (
+    cell,
+    cpu_seconds,
+    goal,
+    haproxy_binary,
+    median,
+    ratios,
+    rotations,
+    rss_bytes,
+    step,
+    table,
+)
 from .sni_network import (
     CERTS, RATE_LIMITS, RAW_DOMAIN, RUN_DIR, TERM_DOMAIN, Network, missing_tools,
 )
@@ -174,7 +184,7 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
     if missing:
         raise RuntimeError(f"the SNI benchmark needs {', '.join(missing)}")
     paths = [BY_KEY[k] for k in only] if only else list(PATHS)
-    if _haproxy() is None:
+    if haproxy_binary() is None:
         print("skipping the HAProxy chains: haproxy not installed (apt-get install haproxy)",
               flush=True)
         paths = [p for p in paths if p.key not in CHAINS]
@@ -192,7 +202,7 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
             if path.key != "direct":
                 step(f"{idle_count} idle connections: {path.key}")
                 results["idle"][path.key] = idle(net, path, idle_count)
-        for index, order in enumerate(_rotations(paths, rounds)):
+        for index, order in enumerate(rotations(paths, rounds)):
             for path in order:
                 for n in clients:
                     step(f"round {index + 1}/{rounds}: {path.key}, {n} client(s)")
@@ -241,30 +251,30 @@ def report(results: dict[str, Any]) -> str:
     def vs(mine: list[float], theirs: list[float], key: str) -> str:
         if key in CHAINS or key == "direct" or not theirs:
             return "-"
-        ratios = _ratios(mine, theirs)
-        if not ratios:
+        found = ratios(mine, theirs)
+        if not found:
             return "-"
-        text = f"{_median(ratios):.2f}x"
-        return text + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
+        text = f"{median(found):.2f}x"
+        return text + (f" ({min(found):.2f}-{max(found):.2f})" if len(found) > 1 else "")
 
     rows = []
     for key in keys:
         row: list[str] = [BY_KEY[key].label]
         for n in s["clients"]:
             mine = rates[str(n)].get(key, [])
-            row += [_cell(mine), vs(mine, chain_rate[str(n)], key),
-                    f"{_median(p50[str(n)].get(key, [])):.2f} / "
-                    f"{_median(p99[str(n)].get(key, [])):.2f}"]
+            row += [cell(mine), vs(mine, chain_rate[str(n)], key),
+                    f"{median(p50[str(n)].get(key, [])):.2f} / "
+                    f"{median(p99[str(n)].get(key, [])):.2f}"]
         busiest = results["rate"][str(s["clients"][-1])].get(key, [])
         cpu = [r["cpu"] / r["seconds"] for r in busiest]
-        row.append(f"{_median(cpu) * 100:.0f}%" if cpu else "-")
+        row.append(f"{median(cpu) * 100:.0f}%" if cpu else "-")
         if key == "direct" or not busiest:
             row.append("-")
         else:
-            per = _median([r["proxy_cpu"] / r["completed"] * 1e6 for r in busiest])
-            brokering = _median([r["broker_cpu"] / r["completed"] * 1e6 for r in busiest])
+            per = median([r["proxy_cpu"] / r["completed"] * 1e6 for r in busiest])
+            brokering = median([r["broker_cpu"] / r["completed"] * 1e6 for r in busiest])
             row.append(f"{per:,.0f}" + (f" + {brokering:,.0f}" if key in OURS else ""))
-        row += [_cell(mbps.get(key, [])), vs(mbps.get(key, []), chain_mbps, key)]
+        row += [cell(mbps.get(key, [])), vs(mbps.get(key, []), chain_mbps, key)]
         if key in per_conn:
             mem = f"{per_conn[key] / 1e3:.1f}"
             if key not in CHAINS and chain_mem:
@@ -293,17 +303,17 @@ def report(results: dict[str, Any]) -> str:
             continue
         short = "raw" if key == "ours-raw" else "terminating"
         for n in s["clients"]:
-            goals.append(_goal(f"{short}: conn/s @{n} / HAProxy chain's",
-                               _ratios(rates[str(n)].get(key, []), chain_rate[str(n)]),
+            goals.append(goal(f"{short}: conn/s @{n} / HAProxy chain's",
+                               ratios(rates[str(n)].get(key, []), chain_rate[str(n)]),
                                f">= {RATE_GOAL:g}x", lambda v: v >= RATE_GOAL))
         for n in s["clients"]:
-            goals.append(_goal(f"{short}: p99 connect+handshake @{n} / HAProxy chain's",
-                               _ratios(p99[str(n)].get(key, []), chain_p99[str(n)]),
+            goals.append(goal(f"{short}: p99 connect+handshake @{n} / HAProxy chain's",
+                               ratios(p99[str(n)].get(key, []), chain_p99[str(n)]),
                                f"<= {P99_GOAL:g}x", lambda v: v <= P99_GOAL))
-        goals.append(_goal(f"{short}: one-stream MB/s / HAProxy chain's",
-                           _ratios(mbps.get(key, []), chain_mbps),
+        goals.append(goal(f"{short}: one-stream MB/s / HAProxy chain's",
+                           ratios(mbps.get(key, []), chain_mbps),
                            f">= {THROUGHPUT_GOAL:g}x", lambda v: v >= THROUGHPUT_GOAL))
-        goals.append(_goal(f"{short}: RSS per idle connection / HAProxy chain's",
+        goals.append(goal(f"{short}: RSS per idle connection / HAProxy chain's",
                            [per_conn[key] / chain_mem] if key in per_conn and chain_mem else [],
                            f"<= {MEMORY_GOAL:g}x", lambda v: v <= MEMORY_GOAL))
     # Best rounds on both sides: on a busy machine one slow direct round must not read as

@@ -39,7 +39,7 @@ import yaml
 
 from epsproxy.dev.pki import DevPKI
 
-from .relay import _haproxy, _listening, free_port as _one_free_port, step
+from .common import free_port as _one_free_port, haproxy_binary, listening, step
 
 __all__ = [
     "CERTS", "RAW_DOMAIN", "TERM_DOMAIN", "RATE_LIMITS", "Process", "Network", "nginx_path",
@@ -126,7 +126,7 @@ class Process:
 
     def wait_listening(self, seconds: float = 60) -> None:
         deadline = time.monotonic() + seconds
-        while not all(_listening(port) for port in self.ports):
+        while not all(listening(port) for port in self.ports):
             assert self.popen is not None
             if self.popen.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start (status {self.popen.poll()}):\n"
@@ -281,7 +281,7 @@ http {{
             "backend server",
             f"    server nginx 127.0.0.1:{self.ports.nginx_tls}",
             ""]))
-        binary = _haproxy() or "haproxy"
+        binary = haproxy_binary() or "haproxy"
         return [Process(f"{key}-router", [binary, "-f", str(router_cfg), "-db"],
                         self.folder / f"{key}-router.log", (router,)),
                 Process(f"{key}-hop", [binary, "-f", str(hop_cfg), "-db"],

@@ -9,26 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import JSONRPCError
-from epsproxy.proxy.tap import Options, makeService
-from tests.support.eps import (
-    Network,
-    client_channel,
-    gateway_channel,
-    gateway_client,
-    local_channel,
-    server_channel,
-    service,
-)
-from tests.support.proxies import public_section, write_settings
-from tests.support.tls import tls_block
-
-PROXY = "public-proxy-1.ga"
-HD = ("health-departments",)
+from tests.support.p2p import PROXY, start_p2p_network
 
 
 class PeerToPeer(TestCase):
@@ -36,50 +21,10 @@ class PeerToPeer(TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        net = self.net = Network(self)
-        net.operator(PROXY, ["proxy-providers"], [service("hd-proxy", HD, "requestConnection")])
-        for name in ("hd-1", "hd-2"):
-            net.operator(name, ["health-departments"], [
-                service("internals", HD, "_ping"),
-                service("connection-requests", ("proxy-providers",), "_connectionRequest"),
-            ])
-        # The proxy, then its endpoint server PE; each calls the other's JSON-RPC server.
-        folder = Path(self.mktemp()).absolute()
-        options = Options()
-        options.parseOptions(["--mode", "public", "--settings", str(write_settings(
-            folder, {"public": public_section(folder, 1)}))])
-        top = makeService(options, reactor, exit_on_failure=False)
-        self.proxy = top.services[0]
-        top.startService()
-        self.addCleanup(top.stopService)
-        ports = yield self.proxy.when_ready()
-        self.proxy.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
-        yield net.start(PROXY, [
-            server_channel(PROXY), client_channel(PROXY), gateway_channel(PROXY),
-            local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
-                          tls=tls_block(PROXY), server_name=PROXY),
-        ])
-        net.channels(PROXY, {"type": "eps_server",
-                             "settings": {"address": net.server_address(PROXY)}})
-        yield self.proxy.proxy.client.close()
-        self.proxy.proxy.client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
-            "endpoint": net.gateway_url(PROXY), "server_name": PROXY, "timeout": 5,
-            "tls": tls_block(PROXY)}))
-        self.addCleanup(self.proxy.proxy.client.close)
-        # hd-1 and hd-2: servers behind the proxy; both keep a link to PE.
-        for name in ("hd-2", "hd-1"):
-            net.channels(name, {"type": "eps_server",
-                                "settings": {"address": "127.0.0.1:1", "proxy": PROXY}},
-                         {"type": "eps_client"})
-            yield net.start(name, [
-                server_channel(name),
-                client_channel(name, reconnect_initial_delay=0.05, reconnect_max_delay=0.2),
-                gateway_channel(name),
-            ])
-            link = yield net.channel(name, "eps_client").keeper_ready(PROXY)
-            yield link.when_ready()
-        self.hd1 = gateway_client(self, net.gateway_url("hd-1"))
-        self.hd2 = gateway_client(self, net.gateway_url("hd-2"), "hd-2")
+        # The proxy and its endpoint server PE; hd-1 and hd-2 published behind the proxy,
+        # both keeping a link to PE.
+        p2p = yield start_p2p_network(self, Path(self.mktemp()).absolute())
+        self.net, self.proxy, self.hd1, self.hd2 = p2p.net, p2p.proxy, p2p.hd1, p2p.hd2
 
     @property
     def rendezvous(self):

@@ -28,24 +28,11 @@ from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import Dispatcher, TransportError
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, JSONRPCListener, jsonrpc_site
 from epsproxy.net.lifecycle import ReloadError
-from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.certificates import fingerprint, load_certificates_file
-from tests.support.eps import (
-    Network,
-    client_channel,
-    gateway_channel,
-    gateway_client,
-    local_channel,
-    record,
-    server_channel,
-    service,
-)
+from tests.support.eps import record
+from tests.support.p2p import start_p2p_network
 from tests.support.pki import pki
-from tests.support.proxies import public_section, write_settings
 from tests.support.tls import server_certificate, tls_block
-
-PROXY = "public-proxy-1.ga"
-HD = ("health-departments",)
 
 
 def _fingerprint(path: str | Path) -> str:
@@ -69,51 +56,10 @@ class CertificateRotation(TestCase):
         self.old_fingerprint = _fingerprint(crt)
         self.new_fingerprint = _fingerprint(pki().tls("hd-1", alt=True)[0])
 
-        net = self.net = Network(self)
-        net.operator(PROXY, ["proxy-providers"], [service("hd-proxy", HD, "requestConnection")])
-        for name in ("hd-1", "hd-2"):
-            net.operator(name, ["health-departments"], [
-                service("internals", HD, "_ping"),
-                service("connection-requests", ("proxy-providers",), "_connectionRequest"),
-            ])
-        folder = Path(self.mktemp()).absolute()
-        options = Options()
-        options.parseOptions(["--mode", "public", "--settings", str(write_settings(
-            folder, {"public": public_section(folder, 1)}))])
-        top = makeService(options, reactor, exit_on_failure=False)
-        self.proxy = top.services[0]
-        top.startService()
-        self.addCleanup(top.stopService)
-        ports = yield self.proxy.when_ready()
-        self.proxy.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
-        yield net.start(PROXY, [
-            server_channel(PROXY), client_channel(PROXY), gateway_channel(PROXY),
-            local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
-                          tls=tls_block(PROXY), server_name=PROXY),
-        ])
-        net.channels(PROXY, {"type": "eps_server",
-                             "settings": {"address": net.server_address(PROXY)}})
-        yield self.proxy.proxy.client.close()
-        self.proxy.proxy.client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
-            "endpoint": net.gateway_url(PROXY), "server_name": PROXY, "timeout": 5,
-            "tls": tls_block(PROXY)}))
-        self.addCleanup(self.proxy.proxy.client.close)
-        own = {"certificate_file": str(self.crt), "key_file": str(self.key)}
-        for name in ("hd-2", "hd-1"):
-            net.channels(name, {"type": "eps_server",
-                                "settings": {"address": "127.0.0.1:1", "proxy": PROXY}},
-                         {"type": "eps_client"})
-            extra = own if name == "hd-1" else {}
-            yield net.start(name, [
-                server_channel(name, tls=tls_block(name, **extra)),
-                client_channel(name, tls=tls_block(name, **extra),
-                               reconnect_initial_delay=0.05, reconnect_max_delay=0.2),
-                gateway_channel(name),
-            ])
-            link = yield net.channel(name, "eps_client").keeper_ready(PROXY)
-            yield link.when_ready()
-        self.hd1 = gateway_client(self, net.gateway_url("hd-1"))
-        self.node = net.nodes["hd-1"]
+        p2p = yield start_p2p_network(self, Path(self.mktemp()).absolute(), tls={
+            "hd-1": tls_block("hd-1", certificate_file=str(self.crt), key_file=str(self.key))})
+        self.net, self.proxy, self.hd1 = p2p.net, p2p.proxy, p2p.hd1
+        self.node = self.net.nodes["hd-1"]
 
     def incoming_from_hd1(self) -> Any:
         link = self.net.nodes["hd-2"].links.link_to("hd-1", "incoming")

@@ -28,25 +28,24 @@ from twisted.trial.unittest import TestCase
 from epsproxy.eps.service import EndpointServerService
 from epsproxy.eps.settings import EPS_SETTINGS
 from epsproxy.net import tls
-from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
-from epsproxy.proxy.tap import Options, makeService
+from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.rules.certificates import fingerprint, load_certificates_file
-from tests.support.eps import (
-    client_channel,
-    gateway_channel,
-    gateway_client,
-    local_channel,
-    server_channel,
-    service,
+from tests.support.eps import gateway_client, service
+from tests.support.p2p import (
+    HD,
+    HD_DIRECTORY_CHANNELS,
+    HD_SERVICES,
+    PROXY,
+    answer_through,
+    hd_channels,
+    proxy_channels,
+    start_public_proxy,
 )
 from tests.support.pki import pki
-from tests.support.proxies import public_section, write_settings
 from tests.support.sd import change, sd_client, sign_chain, start_sd, write_sd_settings
 from tests.support.tls import server_certificate, tls_block
 from tests.support.twistd import spawn_twistd, stop_twistd
 
-PROXY = "public-proxy-1.ga"
-HD = ("health-departments",)
 RELOADED = r"reloaded settings from "
 REFUSED = r"reload refused, still running with the previous settings: (.*)\n"
 
@@ -119,26 +118,9 @@ class RotationUnderTraffic(TestCase):
         self.tip = ""
 
         # The public proxy and its operator's endpoint server (in this process).
-        folder = base / "proxy"
-        options = Options()
-        options.parseOptions(["--mode", "public", "--settings", str(write_settings(
-            folder, {"public": public_section(folder, 1)}))])
-        top = makeService(options, reactor, exit_on_failure=False)
-        self.proxy = top.services[0]
-        top.startService()
-        self.addCleanup(top.stopService)
-        ports = yield self.proxy.when_ready()
-        self.proxy.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
-        proxy_eps = yield self.node(PROXY, [
-            server_channel(PROXY), client_channel(PROXY), gateway_channel(PROXY),
-            local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
-                          tls=tls_block(PROXY), server_name=PROXY),
-        ])
-        yield self.proxy.proxy.client.close()
-        self.proxy.proxy.client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
-            "endpoint": self.gateway_url(proxy_eps), "server_name": PROXY, "timeout": 5,
-            "tls": tls_block(PROXY)}))
-        self.addCleanup(self.proxy.proxy.client.close)
+        self.proxy, ports = yield start_public_proxy(self, base / "proxy")
+        proxy_eps = yield self.node(PROXY, proxy_channels(ports))
+        yield answer_through(self, self.proxy, self.gateway_url(proxy_eps))
 
         # The directory, signed by hd-1 (the sd-admin of the test PKI).
         p = pki()
@@ -157,20 +139,13 @@ class RotationUnderTraffic(TestCase):
                     {"fingerprint": fingerprints["signing"], "key_usage": "signing"},
                     {"fingerprint": fingerprints["encryption"], "key_usage": "encryption"}]),
                 change(name, "groups", list(HD)),
-                change(name, "services", [
-                    service("internals", HD, "_ping"),
-                    service("connection-requests", ("proxy-providers",), "_connectionRequest"),
-                ]),
-                change(name, "channels", [
-                    {"type": "eps_server", "settings": {"address": "127.0.0.1:1", "proxy": PROXY}},
-                    {"type": "eps_client"},
-                ]),
+                change(name, "services", HD_SERVICES),
+                change(name, "channels", list(HD_DIRECTORY_CHANNELS)),
             ]
         yield self.submit(changes)
         yield proxy_eps.directory.update()
 
-        self.hd2 = yield self.node("hd-2", [
-            server_channel("hd-2"), client_channel("hd-2"), gateway_channel("hd-2")])
+        self.hd2 = yield self.node("hd-2", hd_channels("hd-2"))
 
         # hd-1: a real twistd, its peer TLS from the copied files.
         own = tls_block("hd-1", certificate_file=str(self.crt), key_file=str(self.key))
@@ -180,12 +155,7 @@ class RotationUnderTraffic(TestCase):
         (self.hd1_settings / "eps.yml").write_text(json.dumps({
             "name": "hd-1",
             "directory": self.api_directory("hd-1"),
-            "channels": [
-                server_channel("hd-1", tls=own),
-                client_channel("hd-1", tls=own, reconnect_initial_delay=0.05,
-                               reconnect_max_delay=0.2),
-                gateway_channel("hd-1"),
-            ],
+            "channels": hd_channels("hd-1", own),
         }))
         self.hd1 = spawn_twistd(["eps", "--settings", str(self.hd1_settings)])
         self.addCleanup(stop_twistd, self.hd1)

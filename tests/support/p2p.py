@@ -30,6 +30,18 @@ from tests.support.tls import tls_block
 PROXY = "public-proxy-1.ga"
 HD = ("health-departments",)
 
+#: What hd-1 and hd-2 offer: a ping to health departments, connection requests to proxies.
+HD_SERVICES = [
+    service("internals", HD, "_ping"),
+    service("connection-requests", ("proxy-providers",), "_connectionRequest"),
+]
+
+#: hd-1's and hd-2's directory channels: a server reached only through the proxy.
+HD_DIRECTORY_CHANNELS = (
+    {"type": "eps_server", "settings": {"address": "127.0.0.1:1", "proxy": PROXY}},
+    {"type": "eps_client"},
+)
+
 
 @dataclass
 class P2PNetwork:
@@ -43,15 +55,12 @@ class P2PNetwork:
 
 
 @defer.inlineCallbacks
-def start_p2p_network(test: Any, folder: Path) -> Any:
-    """Start the network (cleaned up with ``test``); fires with a :class:`P2PNetwork`."""
-    net = Network(test)
-    net.operator(PROXY, ["proxy-providers"], [service("hd-proxy", HD, "requestConnection")])
-    for name in ("hd-1", "hd-2"):
-        net.operator(name, ["health-departments"], [
-            service("internals", HD, "_ping"),
-            service("connection-requests", ("proxy-providers",), "_connectionRequest"),
-        ])
+def start_public_proxy(test: Any, folder: Path) -> Any:
+    """
+    The public proxy of :data:`PROXY`, built as twistd builds it from settings written to
+    ``folder`` (cleaned up with ``test``), its internal endpoint told its real port;
+    fires with ``(service, ports)``.
+    """
     options = Options()
     options.parseOptions(["--mode", "public", "--settings", str(write_settings(
         folder, {"public": public_section(folder, 1)}))])
@@ -61,27 +70,58 @@ def start_p2p_network(test: Any, folder: Path) -> Any:
     test.addCleanup(top.stopService)
     ports = yield proxy.when_ready()
     proxy.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
-    yield net.start(PROXY, [
+    return proxy, ports
+
+
+def proxy_channels(ports: Any) -> list[dict[str, Any]]:
+    """The channels of the proxy operator's endpoint server (a local one to the proxy)."""
+    return [
         server_channel(PROXY), client_channel(PROXY), gateway_channel(PROXY),
         local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
                       tls=tls_block(PROXY), server_name=PROXY),
-    ])
-    net.channels(PROXY, {"type": "eps_server",
-                         "settings": {"address": net.server_address(PROXY)}})
+    ]
+
+
+@defer.inlineCallbacks
+def answer_through(test: Any, proxy: Any, gateway_url: str) -> Any:
+    """Make ``proxy`` call its operator's endpoint server at ``gateway_url``."""
     yield proxy.proxy.client.close()
     proxy.proxy.client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
-        "endpoint": net.gateway_url(PROXY), "server_name": PROXY, "timeout": 5,
+        "endpoint": gateway_url, "server_name": PROXY, "timeout": 5,
         "tls": tls_block(PROXY)}))
     test.addCleanup(proxy.proxy.client.close)
+
+
+def hd_channels(name: str, tls: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """hd-1's or hd-2's channels: its server, a client keeping links, its gateway."""
+    own = {} if tls is None else {"tls": tls}
+    return [
+        server_channel(name, **own),
+        client_channel(name, reconnect_initial_delay=0.05, reconnect_max_delay=0.2, **own),
+        gateway_channel(name),
+    ]
+
+
+@defer.inlineCallbacks
+def start_p2p_network(test: Any, folder: Path,
+                      tls: dict[str, dict[str, Any]] | None = None) -> Any:
+    """
+    Start the network (cleaned up with ``test``); fires with a :class:`P2PNetwork`.
+    ``tls`` replaces the peer TLS block of a node by name (e.g. hd-1's from files the test
+    rotates).
+    """
+    net = Network(test)
+    net.operator(PROXY, ["proxy-providers"], [service("hd-proxy", HD, "requestConnection")])
+    for name in ("hd-1", "hd-2"):
+        net.operator(name, ["health-departments"], HD_SERVICES)
+    proxy, ports = yield start_public_proxy(test, folder)
+    yield net.start(PROXY, proxy_channels(ports))
+    net.channels(PROXY, {"type": "eps_server",
+                         "settings": {"address": net.server_address(PROXY)}})
+    yield answer_through(test, proxy, net.gateway_url(PROXY))
     for name in ("hd-2", "hd-1"):
-        net.channels(name, {"type": "eps_server",
-                            "settings": {"address": "127.0.0.1:1", "proxy": PROXY}},
-                     {"type": "eps_client"})
-        yield net.start(name, [
-            server_channel(name),
-            client_channel(name, reconnect_initial_delay=0.05, reconnect_max_delay=0.2),
-            gateway_channel(name),
-        ])
+        net.channels(name, *HD_DIRECTORY_CHANNELS)
+        yield net.start(name, hd_channels(name, (tls or {}).get(name)))
         link = yield net.channel(name, "eps_client").keeper_ready(PROXY)
         yield link.when_ready()
     return P2PNetwork(net, proxy, ports, gateway_client(test, net.gateway_url("hd-1")),

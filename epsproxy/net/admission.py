@@ -212,6 +212,7 @@ class ProcessBudget:
     def __init__(self, cap: int | None = None, reserved: int | None = None) -> None:
         self.configured_cap = cap
         self.configured_reserved = reserved
+        self._cap = self._compute_cap()
         self.current = 0
         self.reached = 0
         self.accept_errors: dict[str, int] = {}
@@ -231,7 +232,13 @@ class ProcessBudget:
 
     @property
     def cap(self) -> int:
-        """Connections the capped listeners may hold together."""
+        """
+        Connections the capped listeners may hold together (the limit is read again at
+        each new connection, so a lowered or raised limit is followed live).
+        """
+        return self._cap
+
+    def _compute_cap(self) -> int:
         if self.configured_cap is not None:
             return self.configured_cap
         return max(1, self.limit - self.reserved)
@@ -240,12 +247,14 @@ class ProcessBudget:
         """Set (or, with None, derive again) the cap and the reserve; listeners re-check."""
         self.configured_cap = cap
         self.configured_reserved = reserved
+        self._cap = self._compute_cap()
         self._changed()
 
     def room(self) -> int:
         return self.cap - self.current
 
     def take(self) -> None:
+        self._cap = self._compute_cap()
         self.current += 1
         if self.current == self.cap:
             self.reached += 1
@@ -324,6 +333,7 @@ class Admission:
         self.evicted = 0
         self.by_address: dict[str, int] = {}
         self._forgiven: set[tuple[Any, Any]] = set()
+        self._keys: dict[tuple[Any, Any], str | None] = {}  # of the open connections
         # Connections not proved yet, oldest first: identity -> (accepted at, close).
         self._unproven: dict[tuple[Any, Any], tuple[float, Callable[[], None]]] = {}
         self._eviction: IDelayedCall | None = None
@@ -387,6 +397,7 @@ class Admission:
     def admit(self, address: IAddress | Any) -> bool:
         """Count a new connection from ``address``; False if it must be closed."""
         key = self.key(address)
+        ident = _identity(address)
         if key is not None:
             count = self.by_address.get(key, 0)
             if count >= self.per_address:
@@ -395,6 +406,7 @@ class Admission:
                           "the per-address cap ({cap})", cap=self.per_address)
                 return False
             self.by_address[key] = count + 1
+        self._keys[ident] = key
         self.current += 1
         self.admitted += 1
         self.budget.take()
@@ -415,7 +427,7 @@ class Admission:
         """
         ident = _identity(address)
         self._unproven.pop(ident, None)
-        key = self.key(address)
+        key = self._keys.get(ident)
         if key is None or ident in self._forgiven or not self.by_address.get(key):
             return
         self._forgiven.add(ident)
@@ -432,12 +444,11 @@ class Admission:
         """A connection counted by :meth:`admit` closed."""
         ident = _identity(address)
         self._unproven.pop(ident, None)
+        key = self._keys.pop(ident, None) if ident in self._keys else self.key(address)
         if ident in self._forgiven:
             self._forgiven.discard(ident)
-        else:
-            key = self.key(address)
-            if key is not None:
-                self._decrement(key)
+        elif key is not None:
+            self._decrement(key)
         self.current -= 1
         self.budget.give()
         self.update()

@@ -62,6 +62,7 @@ from .faults import (
     submit_probe,
     wait_until,
 )
+from .fork import ForkedHistory, ForkedSD
 from .store import (
     STORE_ROLES,
     RecordWriter,
@@ -182,7 +183,8 @@ class Workload:
         return len(lost), len(items), lost[:5]
 
 
-def _faults(network: Network, workload: Workload) -> list[Fault]:
+def _faults(network: Network, workload: Workload, fork: ForkedSD,
+            traffic: Traffic) -> list[Fault]:
     state: dict[str, Any] = {}
 
     def sd_before(r: FaultResult) -> None:
@@ -348,7 +350,11 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
         problems = []
         # The first write accepted after the restart (the store's own recovery).
         tag = f"chaos-{time.time_ns()}-after"
-        took = wait_until(lambda: workload.submit(tag) is None, 30)
+        def accepted() -> bool:
+            workload.submit(tag)
+            return True
+
+        took = wait_until(accepted, 30)
         if took is None:
             r.recovered = False
             r.notes.append("no record accepted within 30 s of the restart")
@@ -400,11 +406,11 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
         domain = f"chaos-after-{time.time_ns()}.internal-server.local"
         try:
             workload.announce_domain(domain)
-            listed = wait_until(lambda: domain in public_announcements(), 10)
+            shown = wait_until(lambda: domain in public_announcements(), 10)
             r.notes.append("new announcement after recovery "
-                           + (f"listed by the public proxy {listed:.1f} s later"
-                              if listed is not None else "NOT listed by the public proxy"))
-            if listed is None:
+                           + (f"listed by the public proxy {shown:.1f} s later"
+                              if shown is not None else "NOT listed by the public proxy"))
+            if shown is None:
                 r.recovered = False
         except Exception as e:
             r.recovered = False
@@ -434,6 +440,8 @@ def _faults(network: Network, workload: Workload) -> list[Fault]:
               before=drain_before, during=drain_during, after=drain_after),
         Fault("drain private proxy", ("private-proxy-1",), signal=signal.SIGTERM,
               before=drain_before, during=drain_during, after=drain_after),
+        ForkedHistory(network, fork, workload.submit,
+                      lambda since, until: traffic.window(since, until)).fault(),
     ]
 
 
@@ -538,6 +546,7 @@ def run(run_dir: Path, down: float, baseline: float, only: list[str] | None,
         raise
     print(f"network up in {time.monotonic() - started:.0f} s", flush=True)
     network = Network(run_dir, overlays, extra)
+    fork = ForkedSD(run_dir)
     workload = Workload(store)
     traffic = Traffic(workload.streams())
     traffic.start()
@@ -545,7 +554,7 @@ def run(run_dir: Path, down: float, baseline: float, only: list[str] | None,
     results: list[FaultResult] = []
     try:
         time.sleep(baseline)
-        for fault in _faults(network, workload):
+        for fault in _faults(network, workload, fork, traffic):
             if only and not any(word in fault.name for word in only):
                 continue
             results.append(run_fault(network, traffic, fault, baseline=baseline, down=down))
@@ -553,6 +562,7 @@ def run(run_dir: Path, down: float, baseline: float, only: list[str] | None,
         t_first = min((r.t_signal for r in results), default=time.monotonic())
     finally:
         traffic.stop()
+        fork.stop()
     lost, checked, examples = workload.lost_adds()
     written = []
     if workload.writer is not None:
@@ -621,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        ForkedSD(run_dir).stop()
         demo.stop(run_dir)
         redis = RedisProcess(run_dir)
         SentinelGroup(run_dir, redis).stop()

@@ -324,32 +324,35 @@ class RecordWriter:
     race each other for the tip.  :attr:`acked` holds the hash of every acknowledged one.
     """
 
-    def __init__(self, timeout: float = 5.0) -> None:
+    def __init__(self, timeout: float = 5.0, port: int = 3322) -> None:
         from epsproxy.cli import Signing, _load_role
 
         self.signing = Signing(_load_role(str(demo.CONF / "roles" / "hd-1")))
-        self.client = GatewayClient(3322, "sd-1", client_context(demo.CERTS, "hd-1"),
+        self.client = GatewayClient(port, "sd-1", client_context(demo.CERTS, "hd-1"),
                                     timeout=timeout, keepalive=False)
         self.acked: list[str] = []
         self._lock = threading.Lock()
 
     def submit(self, tag: str, name: str = "chaos-probe") -> str:
         """Submit one record; its hash once acknowledged (raises otherwise)."""
-        from epsproxy.rules import records as records_mod
-        from epsproxy.cli import now_rfc3339
-
-        record = records_mod.normalise_record(
-            {"name": name, "section": "groups", "data": [tag],
-             "created_at": now_rfc3339()})
         with self._lock:
             tip = self.client.call("getTip", {})
-            signed = records_mod.sign_record(record, tip["hash"] if tip else "",
-                                             self.signing.key, self.signing.certificate_pem)
+            signed = self.sign(tag, tip["hash"] if tip else "", name)
             result = self.client.call("submitRecords", {"records": [signed]})
             if result != "ok":
                 raise CallFailed(f"submitRecords: {result!r}")
             self.acked.append(signed["hash"])
         return str(signed["hash"])
+
+    def sign(self, tag: str, parent: str, name: str = "chaos-probe") -> dict[str, Any]:
+        """A record (operator ``name``'s ``groups`` set to ``tag``) signed as hd-1 on ``parent``."""
+        from epsproxy.cli import now_rfc3339
+        from epsproxy.rules import records as records_mod
+
+        record = records_mod.normalise_record(
+            {"name": name, "section": "groups", "data": [tag], "created_at": now_rfc3339()})
+        return dict(records_mod.sign_record(record, parent, self.signing.key,
+                                            self.signing.certificate_pem))
 
     def chain(self) -> list[str]:
         """The hashes of the SD's selected chain, in order."""

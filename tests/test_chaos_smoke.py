@@ -7,11 +7,17 @@ skips ticks instead of queueing them, and the report table marks what did not re
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from twisted.trial import unittest
 
 from chaos.__main__ import table
 from chaos.faults import FaultResult
+from chaos.fork import GOSSIP_INTERVAL, ForkedSD
+from epsproxy.dev import demo
+from epsproxy.eps.settings import EPS_SETTINGS
+from epsproxy.rules.settings import load_settings
+from epsproxy.sd.settings import SD_SETTINGS
 from chaos.traffic import CallFailed, Stream, Traffic
 
 
@@ -97,3 +103,31 @@ class TableTests(unittest.TestCase):
         self.assertIn("p2p never", rows[3])
         self.assertIn("**NOT RECOVERED**", rows[3])
         self.assertIsNone(bad.worst_recovery)
+
+
+class ForkOverlayTests(unittest.TestCase):
+    """The forked-history fault's settings overlays, merged the way the roles load them."""
+
+    def setUp(self) -> None:
+        self.fork = ForkedSD(Path(self.mktemp()))
+
+    def test_endpoint_server_uses_only_the_forked_sd(self) -> None:
+        """Lists append when settings merge: the overlay must replace the endpoints."""
+        settings = load_settings([demo.CONF / "roles" / "hd-2", self.fork.endpoint_overlay()],
+                                 EPS_SETTINGS)
+        self.assertEqual(settings["directory"]["settings"]["endpoints"], [self.fork.url])
+        self.assertEqual(settings["gossip"]["interval"], GOSSIP_INTERVAL)
+        self.assertEqual(settings["name"], "hd-2")
+
+    def test_forked_sd_has_its_own_ports_and_store(self) -> None:
+        settings = load_settings([demo.CONF / "roles" / "sd-1", self.fork.sd_overlay()],
+                                 SD_SETTINGS)
+        self.assertEqual(settings["jsonrpc_server"]["bind_address"],
+                         f"localhost:{self.fork.port}")
+        self.assertEqual(settings["metrics"]["bind_address"],
+                         f"localhost:{self.fork.metrics_port}")
+        store = settings["directory"]["datastore"]
+        self.assertEqual(store["type"], "embedded")
+        self.assertTrue(store["settings"]["path"].startswith(str(self.fork.folder)))
+        # The same signing key as sd-1: only the history it serves tells it apart.
+        self.assertEqual(settings["checkpoint"]["name"], "sd-1")

@@ -246,6 +246,31 @@ class CappedListener(unittest.TestCase):
         self.assertEqual(a.refused_per_address, 1)
 
     @inlineCallbacks
+    def test_an_ipv6_listener_counts_per_64(self):
+        import socket
+
+        if not socket.has_ipv6:
+            raise unittest.SkipTest("no IPv6")
+        a = Admission("v6", 10, 1, budget=ProcessBudget(cap=100))
+        factory = HeldFactory()
+        try:
+            port = yield tls.listen_endpoint(reactor, "[::1]:0", None,
+                                             admission=a).listen(factory)
+        except Exception as e:  # a host without ::1
+            raise unittest.SkipTest(f"cannot listen on ::1: {e}")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.abort_all)
+        from twisted.internet.endpoints import TCP6ClientEndpoint, connectProtocol
+
+        endpoint = TCP6ClientEndpoint(reactor, "::1", port.getHost().port)
+        first = self.client((yield connectProtocol(endpoint, Client())))
+        yield factory.accepted.get()
+        second = self.client((yield connectProtocol(endpoint, Client())))
+        yield second.lost  # the same /64: over its cap of 1
+        self.assertEqual((a.by_address, a.refused_per_address), ({"::/64": 1}, 1))
+        self.assertEqual((yield first.echo(b"v6")), b"v6")
+
+    @inlineCallbacks
     def test_a_tls_listener_is_capped_before_tls(self):
         a = Admission("tls", 1, 10, budget=ProcessBudget(cap=100))
         factory = ServerFactory()

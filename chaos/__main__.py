@@ -28,6 +28,10 @@ replica and three ``redis-sentinel`` (quorum 2), the roles' settings name the se
 and the Redis fault is the master's death: a failover, with the old master restarted (its
 data kept) and turned into a replica by the sentinels (issue 15).
 
+The last fault of every run (``--only fork``) is an SD that serves a forked history to
+hd-2 (:mod:`chaos.fork`): hd-2's own refusal, the gossip alarm on hd-1 and hd-2, the
+evidence, and what getting every node ready again takes.
+
 The network's logs and pid files are in ``--run-dir`` (default ``run/chaos``); the roles'
 own data (SD records, directory caches, announcement stores) are where their settings put
 them (``run/<role>/``).  Exit status 0 only if every fault recovered and nothing

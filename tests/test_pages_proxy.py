@@ -79,6 +79,8 @@ class PublicProxyPageInBrowser(TestCase):
         self.assertRegex(dom, r"active splices</th><td>1</td>")
         self.assertRegex(dom, r"pairings since start</th><td>1</td>")
         self.assertIn("nobody-announced.example", dom)
+        # ... with the client's address blurred, as in the logs.
+        self.assertRegex(dom, r"nobody-announced\.example</td><td>127\.0\.x\.x</td>")
         self.assertIn("no announcement for the name", dom)
         self.assertIn("pairings/s", dom)
 

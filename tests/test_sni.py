@@ -33,6 +33,7 @@ from zope.interface import implementer
 from epsproxy.net import tls
 from epsproxy.net.token import token_tag
 from epsproxy.proxy.rendezvous_server import Rendezvous
+from epsproxy.net.admission import parse_networks
 from epsproxy.proxy.sni import (
     MAX_PROXY_HEADER,
     ProxyHeaderError,
@@ -317,6 +318,28 @@ class WithClock(TestCase):
         p.dataReceived(v1(source="192.0.2.11") + data)
         self.assertEqual(self.counts(front),
                          {"accepted": 4, "routed": 3, "rate_limited": 1})
+
+    def test_proxy_headers_only_from_trusted_sources(self):
+        data = openssl_hello(NAME.encode())
+        trusted = parse_networks(["10.0.0.1/32"])
+        front = self.make(proxy_protocol=True, proxy_trusted=trusted)
+        p, t = self.client(front, host="10.0.0.1")  # the load balancer: its header is read
+        p.dataReceived(v1() + data)
+        self.assertEqual(p.address, IPv4Address("TCP", "192.0.2.10", 40001))
+        p, t = self.client(front, host="203.0.113.9")  # anyone else: closed at accept
+        self.assertTrue(t.disconnecting)
+        self.assertEqual((front.untrusted_proxy_source, front.routed), (1, 1))
+        # "data": the untrusted connection is a plain client with its own address, and a
+        # header it sends is not a header (here: not a ClientHello either).
+        front = self.make(proxy_protocol=True, proxy_trusted=trusted, proxy_untrusted="data")
+        p, t = self.client(front, host="203.0.113.9")
+        p.dataReceived(data)
+        self.assertEqual(p.address.host, "203.0.113.9")
+        p, t = self.client(front, host="203.0.113.9")
+        p.dataReceived(v1() + data)
+        self.assertTrue(t.disconnecting)
+        self.assertEqual((front.untrusted_proxy_source, front.routed, front.malformed),
+                         (2, 1, 1))
 
     def test_proxy_local_unknown_bad_and_missing_headers(self):
         front = self.make(proxy_protocol=True)

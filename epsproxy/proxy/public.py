@@ -534,7 +534,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         announcements = self.announcements
         self.front = SNIFront(
             self.reactor, self.rendezvous,
-            lookup=self._operator_for,
+            lookup=announcements.operator_for,
             notify=self._incoming_connection,
             max_hello_bytes=settings["max_hello_bytes"],
             hello_timeout=settings["hello_timeout"],
@@ -543,6 +543,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             proxy_trusted=self._trusted,
             proxy_untrusted=settings["proxy_protocol_untrusted"],
             on_routed=self.tls_admission.forgive,
+            on_no_route=self.refused_names.add,
             # Behind a load balancer the client's address is in the PROXY header: the
             # front applies the limits itself, per real client.
             rate_limiter=limiter if settings["proxy_protocol"] else None,
@@ -573,14 +574,6 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
 
     def _lb_sources(self, settings: dict[str, Any]) -> tuple[Any, ...]:
         return self._trusted if settings["proxy_protocol"] else ()
-
-    def _operator_for(self, domain: str) -> str | None:
-        """The operator that announced ``domain``; a name nobody announced is remembered."""
-        assert self.announcements is not None
-        operator = self.announcements.operator_for(domain)
-        if operator is None:
-            self.refused_names.add(domain)
-        return operator
 
     def _describe(self) -> str:
         return "public proxy"

@@ -287,7 +287,9 @@ class SNIFront:
     it, with ``params = {"domain", "token" (standard base64), "endpoint"}``, and returns
     a Deferred (or a value); a failure cancels the token, which closes the client.
     ``on_routed(peer)`` (optional) is told the TCP peer of each connection routed (the
-    listener's per-address cap forgives it).  ``rate_limiter`` (optional) is asked about
+    listener's per-address cap forgives it); ``on_no_route(name, peer)`` (optional) of
+    each server name nobody announced, with the client's blurred address.
+    ``rate_limiter`` (optional) is asked about
     each client's address — after the PROXY header when ``proxy_protocol`` is on;
     without it, wrapping :meth:`factory` with
     :func:`epsproxy.net.ratelimit.rate_limited` does the same.
@@ -316,6 +318,7 @@ class SNIFront:
         proxy_untrusted: str = "refuse",
         rate_limiter: RateLimiter | None = None,
         on_routed: Callable[[IAddress], None] | None = None,
+        on_no_route: Callable[[str, str], None] | None = None,
     ) -> None:
         ClientHelloReader(max_hello_bytes)  # validates the cap
         self.clock = clock
@@ -330,6 +333,7 @@ class SNIFront:
         self.proxy_untrusted = proxy_untrusted
         self.rate_limiter = rate_limiter
         self.on_routed = on_routed
+        self.on_no_route = on_no_route
         self._reading: set[_Client] = set()
         self._closing = False
         self._factory = _FrontFactory(self)
@@ -460,6 +464,8 @@ class SNIFront:
         if operator is None:
             self.no_route += 1
             log.info("no announcement for {name} (client {peer}), closing", name=name, peer=peer)
+            if self.on_no_route is not None:
+                self.on_no_route(name, peer)  # the name as sent, the client blurred
             self._close(client)
             return
         try:

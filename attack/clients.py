@@ -160,15 +160,25 @@ class FloodResult:
 
 
 def flood(attempt: Callable[[], str], *, seconds: float, workers: int,
-          limit: int | None = None) -> FloodResult:
-    """Run ``attempt`` (returns its outcome's name) from ``workers`` threads for ``seconds``."""
+          limit: int | None = None, at_least: int = 0,
+          max_seconds: float | None = None) -> FloodResult:
+    """
+    Run ``attempt`` (returns its outcome's name) from ``workers`` threads for ``seconds``,
+    and past them until ``at_least`` attempts were made (at most ``max_seconds`` in all):
+    a flood that must cross a rate limit does so on a slow or busy machine too.
+    """
     result = FloodResult()
     lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
     started = time.monotonic()
+    stop_at = started + seconds
+    give_up_at = started + max(seconds, max_seconds or seconds)
+
+    def running() -> bool:
+        now = time.monotonic()
+        return now < stop_at or (result.attempts < at_least and now < give_up_at)
 
     def work() -> None:
-        while time.monotonic() < stop_at:
+        while running():
             with lock:
                 if limit is not None and result.attempts >= limit:
                     return

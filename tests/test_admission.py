@@ -13,18 +13,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from epsproxy.net import admission, tls
 from epsproxy.net.admission import Admission, AdmissionCollector, ProcessBudget
 from tests.support.admission import Client, HeldFactory, IdleTLS, connect_from, spawn_attacker
+from tests.support.metrics import request, samples
 from tests.support.proxies import FakeEPS, public_section, write_settings
+from tests.support.sd import write_sd_settings
 from tests.support.tls import ClientProtocol, ServerFactory, tls_block
-from tests.support.twistd import TWISTD, Twistd, stop_twistd
+from tests.support.twistd import TWISTD, Twistd, spawn_twistd, stop_twistd
 
 
 class Gate:
@@ -166,6 +169,18 @@ class AdmissionRules(unittest.SynchronousTestCase):
             'proxy_accept_errors_total{error="ENFILE"} 1.0',
         ]:
             self.assertIn(line, text)
+
+
+class ProcessCapRules(unittest.SynchronousTestCase):
+    def test_the_setting_lowers_the_derived_cap_but_never_raises_it(self):
+        budget = ProcessBudget(reserved=10)
+        derived = budget.limit - 10
+        budget.apply_setting(5)
+        self.assertEqual(budget.cap, 5)
+        budget.apply_setting(derived + 1000)  # would eat into the reserve
+        self.assertEqual(budget.cap, derived)
+        budget.apply_setting(None)
+        self.assertEqual(budget.cap, derived)
 
 
 class CappedListener(unittest.TestCase):
@@ -420,3 +435,45 @@ class ListenerSettings(unittest.TestCase):
             with self.assertRaises(forms.FormError):
                 JSONRPC_SERVER_SETTINGS.validate({"bind_address": "127.0.0.1:0",
                                                   "max_connections": bad})
+
+
+class ProcessCapSetting(unittest.TestCase):
+    """The top-level ``max_connections`` of a real twistd, set at start and on SIGHUP."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_the_process_cap_follows_the_setting(self):
+        folder = write_sd_settings(Path(self.mktemp()).absolute())
+        settings_file = folder / "sd.yml"
+        settings = yaml.safe_load(settings_file.read_text())
+        settings.update(max_connections=50, metrics={"bind_address": "127.0.0.1:0"})
+        settings_file.write_text(yaml.safe_dump(settings))
+        process = spawn_twistd(["sd", "--settings", str(folder)])
+        self.addCleanup(stop_twistd, process)
+        match = yield process.wait_for(r"sd metrics listener on [\d.]+:(\d+)")
+        port = int(match.group(1))
+        yield process.wait_for(r"serving \d+ verified record\(s\)")
+
+        @inlineCallbacks
+        def process_cap() -> Any:
+            answer = yield request(port, "/metrics")
+            return samples(answer.body)[("sd_max_connections", ())]
+
+        self.assertEqual((yield process_cap()), 50)
+        settings_file.write_text(yaml.safe_dump({**settings, "max_connections": 70}))
+        process.signal("HUP")
+        yield process.wait_for(r"reloaded settings from ")
+        self.assertEqual((yield process_cap()), 70)
+        # Without the setting: derived from the descriptor limit, less the reserve.
+        settings_file.write_text(yaml.safe_dump({k: v for k, v in settings.items()
+                                                 if k != "max_connections"}))
+        process.signal("HUP")
+        yield process.wait_for(r"reloaded settings from ")
+        answer = yield request(port, "/metrics")
+        found = samples(answer.body)
+        self.assertEqual(found[("sd_max_connections", ())],
+                         found[("sd_descriptor_limit", ())]
+                         - found[("sd_reserved_descriptors", ())])
+        process.signal("TERM")
+        self.assertEqual((yield process.ended), 0)

@@ -12,6 +12,7 @@ from typing import Any
 from epsproxy.rules import forms
 from epsproxy.rules.credentials import FileSet, tls_file_set
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
+from epsproxy.net.admission import PROCESS_MAX_CONNECTIONS_SETTING
 from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.metrics import METRICS_SETTINGS
 from epsproxy.net.tls import TLS_SETTINGS
@@ -202,6 +203,7 @@ EPS_SETTINGS = forms.Map(
         "signing": forms.Optional(SIGNING_SETTINGS),
         "gossip": forms.Optional(GOSSIP_SETTINGS, doc="checkpoint gossip (docs/checkpoints.md)"),
         "log_level": LOG_LEVEL_SETTING,
+        "max_connections": PROCESS_MAX_CONNECTIONS_SETTING,
     },
     strict=True,
 )

@@ -65,6 +65,7 @@ from epsproxy.rules import forms
 __all__ = [
     "LISTENER_LIMIT_FIELDS",
     "PROCESS",
+    "PROCESS_MAX_CONNECTIONS_SETTING",
     "address_in",
     "Admission",
     "AdmissionCollector",
@@ -105,6 +106,14 @@ LISTENER_LIMIT_FIELDS: dict[str, forms.Field] = {
     ),
 }
 """The per-listener connection caps, for a listener's settings schema."""
+
+PROCESS_MAX_CONNECTIONS_SETTING = forms.Optional(
+    forms.Integer(min=1),
+    doc="most connections the capped listeners of this process hold together (never "
+        "more than the descriptor limit less the reserved headroom); reloaded on SIGHUP. "
+        "Default: the descriptor limit less the reserve",
+)
+"""The top-level ``max_connections`` key every program's settings have."""
 
 
 # ------------------------------------------------------------------ descriptor limits
@@ -212,6 +221,7 @@ class ProcessBudget:
     def __init__(self, cap: int | None = None, reserved: int | None = None) -> None:
         self.configured_cap = cap
         self.configured_reserved = reserved
+        self.setting_cap: int | None = None
         self._cap = self._compute_cap()
         self.current = 0
         self.reached = 0
@@ -241,12 +251,21 @@ class ProcessBudget:
     def _compute_cap(self) -> int:
         if self.configured_cap is not None:
             return self.configured_cap
-        return max(1, self.limit - self.reserved)
+        derived = max(1, self.limit - self.reserved)
+        # The settings' max_connections may lower the derived cap, never eat into the
+        # reserve.
+        return derived if self.setting_cap is None else min(self.setting_cap, derived)
 
     def configure(self, cap: int | None = None, reserved: int | None = None) -> None:
         """Set (or, with None, derive again) the cap and the reserve; listeners re-check."""
         self.configured_cap = cap
         self.configured_reserved = reserved
+        self._cap = self._compute_cap()
+        self._changed()
+
+    def apply_setting(self, cap: int | None) -> None:
+        """The top-level ``max_connections`` setting (None: derived from the limit alone)."""
+        self.setting_cap = cap
         self._cap = self._compute_cap()
         self._changed()
 

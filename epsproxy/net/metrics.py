@@ -35,8 +35,10 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from epsproxy import __version__
 from epsproxy.rules import forms
@@ -46,6 +48,8 @@ from epsproxy.net.jsonrpc.server import REFUSAL_REASONS, GuardedSite, json_body
 from epsproxy.net.pages import IntParameter, PageResource, Sampler, StatusPage, key_values, section
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.tls import TLS_SETTINGS, listen_endpoint
+
+log = Logger()
 
 __all__ = [
     "METRICS_SETTINGS",
@@ -132,6 +136,24 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
     render_HEAD = render_GET
+
+
+@implementer(IStreamServerEndpoint)
+class _Announced:
+    """An endpoint that logs where the metrics listener listens once it does."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, program: str) -> None:
+        self.endpoint = endpoint
+        self.program = program
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[Any]:
+        def listening(port: Any) -> Any:
+            address = port.getHost()
+            log.info("{program} metrics listener on {host}:{port} (/, /metrics, /healthz,"
+                     " /readyz)", program=self.program, host=address.host, port=address.port)
+            return port
+
+        return self.endpoint.listen(factory).addCallback(listening)
 
 
 class ListenerService(StreamServerEndpointService):
@@ -267,8 +289,8 @@ def metrics_service(
     ProcessCollector(registry=registry)
     build_info(registry, program)
     ready_gauge(registry, program, readiness)
-    endpoint = listen_endpoint(reactor, settings["bind_address"], settings.get("tls"),
-                               name="metrics listener")
+    endpoint = _Announced(listen_endpoint(reactor, settings["bind_address"], settings.get("tls"),
+                                          name="metrics listener"), program)
     site = GuardedSite(
         listener_resource(registry, readiness, page, reactor=reactor, program=program),
         timeout=METRICS_IDLE_TIMEOUT, reactor=reactor,

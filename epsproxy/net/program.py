@@ -374,6 +374,7 @@ class ProgramService(MultiService):
             self.exit.install()
             # Listeners stop at their caps well before this limit (net/admission.py).
             admission.raise_descriptor_limit()
+            admission.PROCESS.apply_setting(options.settings.get("max_connections"))
         registry.register(admission.AdmissionCollector(program))
 
     # -- building -----------------------------------------------------------------------
@@ -482,6 +483,8 @@ class ProgramService(MultiService):
         self.options.checked = checked
         self._set_expiries(checked.file_sets)
         self.options.log_output.set_level(self.options.log_level(checked.settings))
+        if self.manage_process:
+            admission.PROCESS.apply_setting(checked.settings.get("max_connections"))
         for finding in checked.warnings:
             log.warn("{finding}", finding=str(finding))
         log.info("reloaded settings from {paths}", paths=paths)

@@ -22,6 +22,7 @@ from typing import Any
 from epsproxy.rules import forms
 from epsproxy.rules.credentials import FileSet, tls_file_set
 from epsproxy.net.admission import LISTENER_LIMIT_FIELDS, parse_networks
+from epsproxy.net.admission import PROCESS_MAX_CONNECTIONS_SETTING
 from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
@@ -260,6 +261,7 @@ PROXY_SETTINGS = forms.Map(
         "public": forms.Optional(PUBLIC_PROXY_SETTINGS),
         "private": forms.Optional(PRIVATE_PROXY_SETTINGS),
         "log_level": LOG_LEVEL_SETTING,
+        "max_connections": PROCESS_MAX_CONNECTIONS_SETTING,
     },
     strict=True,
 )

@@ -7,6 +7,7 @@ from typing import Any
 from epsproxy.rules import forms
 from epsproxy.rules.credentials import FileSet, tls_file_set
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS
+from epsproxy.net.admission import PROCESS_MAX_CONNECTIONS_SETTING
 from epsproxy.net.logs import LOG_LEVEL_SETTING
 from epsproxy.net.metrics import METRICS_SETTINGS
 from ..store import DATASTORE_SETTINGS
@@ -41,6 +42,7 @@ SD_SETTINGS = forms.Map(
             CHECKPOINT_SETTINGS, doc="the key that signs checkpoints (docs/checkpoints.md)"
         ),
         "log_level": LOG_LEVEL_SETTING,
+        "max_connections": PROCESS_MAX_CONNECTIONS_SETTING,
     },
     strict=True,
 )

@@ -327,9 +327,10 @@ class NamedMetricsExist(TestCase):
     def setUp(self):
         folder = temp_dir(self)
         self.expositions: dict[str, bytes] = {}
+        sd = yield start_sd_program(self, folder / "sd")
         programs = [
-            (yield start_sd_program(self, folder / "sd")),
-            (yield start_eps_program(self, folder / "eps")),
+            sd,
+            (yield start_eps_program(self, folder / "eps", sd)),
             (yield start_proxy_program(self, folder / "public", "public")),
             (yield start_proxy_program(self, folder / "private", "private")),
         ]

@@ -415,6 +415,11 @@ class ProgramService(MultiService):
         elif self.running:
             self.startup.report()
         if self.manage_process:
+            # SIGHUP and SIGUSR1 at once (Twisted never sets them; a SIGHUP before the
+            # reactor runs must not end the process), SIGTERM and SIGINT once the reactor
+            # runs (it installs its own handlers for them when it starts).
+            signal.signal(signal.SIGHUP, self._on_signal)
+            signal.signal(signal.SIGUSR1, self._on_signal)
             self.reactor.callWhenRunning(self._install_signals)
 
     def _started(self, result: Any) -> Any:
@@ -432,10 +437,8 @@ class ProgramService(MultiService):
         stop_reactor_soon(self.reactor)
 
     def _install_signals(self) -> None:
-        signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, number: int, frame: FrameType | None) -> None:
         # Signal handlers run between two bytecodes of whatever was running: hand the

@@ -25,7 +25,9 @@ from tests.support.proxies import (
     public_section,
     write_settings,
 )
+from tests.support.pki import pki
 from tests.support.sd import write_sd_settings
+from tests.support.tls import tls_block
 
 #: The loopback metrics listener every program here gets.
 METRICS = {"bind_address": "127.0.0.1:0"}
@@ -88,11 +90,28 @@ def start_sd_program(test: TestCase, folder: Path) -> Any:
 
 
 @defer.inlineCallbacks
-def start_eps_program(test: TestCase, folder: Path) -> Any:
-    """``twistd eps`` as hd-1 (json directory, peer and gateway listeners, metrics)."""
+def start_eps_program(test: TestCase, folder: Path, sd: RunningProgram | None = None) -> Any:
+    """
+    ``twistd eps`` as hd-1 (peer and gateway listeners, metrics); its directory from the
+    running ``sd`` (an ``api`` directory, as in production: checkpoints and gossip too),
+    else a json directory.
+    """
     from epsproxy.eps import tap
 
     write_eps_settings(folder, metrics=0)
+    if sd is not None:
+        settings_file = folder / "eps.yml"
+        settings = yaml.safe_load(settings_file.read_text())
+        sd_port = sd.service.main.port.getHost().port
+        settings["directory"] = {"type": "api", "settings": {
+            "endpoints": [f"https://127.0.0.1:{sd_port}/jsonrpc"],
+            "server_names": ["sd-1"],
+            "jsonrpc_client": {"tls": tls_block("hd-1"), "timeout": 5},
+            "ca_certificate_files": [str(pki().root)],
+            "ca_intermediate_certificate_files": [str(pki().intermediate)],
+            "cache_file": str(folder / "directory-cache.json"),
+        }}
+        settings_file.write_text(yaml.safe_dump(settings))
     program = yield start_program(test, "eps", tap, ["--settings", str(folder)])
     return program
 

@@ -66,7 +66,7 @@ from .faults import (
     submit_probe,
     wait_until,
 )
-from .fork import ForkedHistory, ForkedSD
+from .fork import ForkedHistory, ForkedSD, forget_directory_caches
 from .store import (
     STORE_ROLES,
     RecordWriter,
@@ -540,6 +540,10 @@ def run(run_dir: Path, down: float, baseline: float, only: list[str] | None,
                       + ", ".join(f"{role} (key `{key}`)" for role, (_, key) in STORE_ROLES.items())
                       + f"; settings overlays in {run_dir / 'settings'}.")
         print(store_line, flush=True)
+    forgotten = forget_directory_caches()
+    if forgotten:
+        print(f"deleted the directory caches of {', '.join(forgotten)} (the SD of this run "
+              "may hold another history than the one they verified)", flush=True)
     print(f"starting the dev network in {run_dir} (output in {run_dir / 'start.out'})",
           flush=True)
     try:

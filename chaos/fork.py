@@ -47,7 +47,7 @@ from .faults import Fault, FaultResult, Network, wait_until
 from .store import RecordWriter, free_port
 from .traffic import GatewayClient, Outcome, client_context
 
-__all__ = ["ForkedHistory", "ForkedSD", "FORK_FAULT", "readiness"]
+__all__ = ["ForkedHistory", "ForkedSD", "FORK_FAULT", "forget_directory_caches", "readiness"]
 
 #: The fault's name (``--only fork``).
 FORK_FAULT = "forked SD for hd-2"
@@ -76,6 +76,25 @@ class _FolderRole(demo.Role):
 def role_data(role: str) -> Path:
     """The folder of a dev role's own data (its settings put it in ``run/<role>/``)."""
     return demo.ROOT / "run" / role
+
+
+def forget_directory_caches() -> list[str]:
+    """
+    Delete the endpoint servers' directory caches (``run/<role>/directory-cache.json``)
+    before a run: each holds the last checkpoint its server verified, and the SD a run
+    starts may hold another history (``--store redis`` starts from an empty Redis, a run
+    on SQLite after a Redis run finds the SQLite chain).  The dev network loads its
+    directory with a reset that names only the SD's own last checkpoint, so a cache of
+    another history would make that server refuse the directory for the whole run (an
+    unsigned reset, as it must).  Returns the roles whose cache was deleted.
+    """
+    gone = []
+    for role in METRICS:
+        cache = role_data(role) / "directory-cache.json"
+        if cache.exists():
+            cache.unlink()
+            gone.append(role)
+    return gone
 
 
 def readiness(role: str) -> tuple[int, dict[str, str]]:

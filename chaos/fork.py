@@ -60,6 +60,11 @@ METRICS = {"hd-1": 2112, "hd-2": 2113, "public-proxy-eps-1": 2115,
 #: only starts one interval after the start, so detection with the default takes up to
 #: one interval more than measured here).
 GOSSIP_INTERVAL = 1.0
+#: Records of the fork in phase 1 (after the common prefix).
+PHASE1_LENGTH = 20
+#: The reasons of ``eps_directory_views_refused_total`` (docs/checkpoints.md).
+REFUSALS = ("fork", "rollback", "reset", "mismatch", "unsigned", "bad_checkpoint",
+            "witnesses", "origin")
 
 
 @dataclass(frozen=True)
@@ -236,9 +241,19 @@ class ForkedHistory:
     def _sd1_chain(self) -> list[dict[str, Any]]:
         return list(self.sd1.call("getRecords", {}))
 
-    def _fork_of(self, prefix: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
-        """``prefix`` and then one record of hd-1's that sd-1 never saw."""
-        return prefix + [self.signer.sign(tag, prefix[-1]["hash"], name="chaos-fork")]
+    def _fork_of(self, prefix: list[dict[str, Any]], tag: str,
+                 length: int = 1) -> list[dict[str, Any]]:
+        """``prefix`` and then ``length`` records of hd-1's that sd-1 never saw."""
+        chain = list(prefix)
+        for n in range(length):
+            chain.append(self.signer.sign(f"{tag}-{n}", chain[-1]["hash"], name="chaos-fork"))
+        return chain
+
+    def _refusals(self) -> dict[str, float]:
+        """hd-2's refused views since its start, by reason."""
+        counts = {reason: metric(VICTIM, "eps_directory_views_refused_total",
+                                 f'reason="{reason}"') for reason in REFUSALS}
+        return {reason: count for reason, count in counts.items() if count}
 
     def _verified(self, role: str) -> int:
         return len(cached_chain(role))
@@ -249,13 +264,16 @@ class ForkedHistory:
         """Phase 1 set-up: the forked SD holds B at N+1; sd-1 gets A there, hd-2 verifies it."""
         prefix = self._sd1_chain()
         n = len(prefix)
-        took = self.fork.start(self._fork_of(prefix, f"{self.tag}-b1"))
+        # Longer than anything hd-2 can verify before its kill (the rec stream moves sd-1
+        # on 0.5 records/s), so that the refusal is for the different record at n+1.
+        took = self.fork.start(self._fork_of(prefix, f"{self.tag}-b1", PHASE1_LENGTH))
         self.submit_legit(f"{self.tag}-a1")
         seen = wait_until(lambda: self._verified(VICTIM) > n, 30)
         if seen is None:
             raise RuntimeError(f"{VICTIM} did not verify record {n + 1} of sd-1 within 30 s")
         r.notes.append(f"forked SD (port {self.fork.port}, sd-1's settings and keys) up with "
-                       f"records 1-{n} of sd-1 and a different record {n + 1} in {took:.1f} s; "
+                       f"records 1-{n} of sd-1 and {PHASE1_LENGTH} different ones from "
+                       f"{n + 1} on in {took:.1f} s; "
                        f"{VICTIM} verified sd-1's record {n + 1} in {seen:.1f} s")
 
     def during(self, r: FaultResult) -> None:
@@ -276,8 +294,8 @@ class ForkedHistory:
 
     def _direct(self, r: FaultResult) -> None:
         """hd-2 restarted onto the forked SD must refuse it (a different record N+1)."""
-        took = wait_until(lambda: metric(VICTIM, "eps_directory_views_refused_total",
-                                         'reason="fork"') > 0, 30)
+        took = wait_until(lambda: bool(self._refusals()), 30)
+        refusals = self._refusals()
         status, checks = readiness(VICTIM)
         if took is None:
             r.recovered = False
@@ -285,8 +303,9 @@ class ForkedHistory:
                            f"(/readyz {status} {checks})")
             return
         degraded = "checkpoint" in checks and status == 503
+        reasons = ", ".join(sorted(refusals))
         r.notes.append(f"PHASE 1 (direct): {VICTIM} restarted onto the forked SD refused its "
-                       f"view (reason fork) by {took + r.ready:.1f} s after its start (its "
+                       f"view (reason {reasons}) by {took + r.ready:.1f} s after its start (its "
                        "first update, which it runs before it answers), /readyz "
                        f"{status}" + (" `checkpoint: degraded`" if degraded
                                       else f" (checks: {checks})")
@@ -385,8 +404,7 @@ class ForkedHistory:
         else:
             self.network.overlays[VICTIM] = self.previous_overlay
         up = self._restart(VICTIM)
-        refused = wait_until(lambda: metric(VICTIM, "eps_directory_views_refused_total",
-                                            'reason="fork"') > 0, 15)
+        refused = wait_until(lambda: bool(self._refusals()), 15)
         status, checks = readiness(VICTIM)
         if refused is not None:
             cache = role_data(VICTIM) / "directory-cache.json"

@@ -83,8 +83,9 @@ bench-deps:
 		fi; \
 	fi
 
-# Kill -9 and restart each part of the dev network under checked traffic (~3 min;
-# fixed ports: not while `make demo` runs).
+# Kill -9 and restart each part of the dev network under checked traffic, one at a
+# time, and an SD serving hd-2 a forked history (~3 min; fixed ports: not while
+# `make demo` runs).
 chaos: venv certs
 	$(BIN)/python -m chaos --run-dir $(RUN)/chaos
 

@@ -404,6 +404,11 @@ def start(run_dir: Path, overlays: Mapping[str, Path] | None = None) -> None:
     stop(run_dir)
     for role in SD_ROLES:
         _wait_ready(run_dir, role, _start_role(run_dir, role, overlays))
+    if call(3322, "sd-1", "getTip", {}).get("result") is None:
+        # An empty SD starts a new history: the endpoint servers' cached checkpoints of an
+        # older one (its store deleted) would make them refuse it, rightly.
+        for role in EPS_ROLES:
+            (ROOT / "run" / role.name / "directory-cache.json").unlink(missing_ok=True)
     sd_setup()
     show_directory()
     print()

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from twisted.application.service import Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,7 +50,16 @@ def stop_reactor_soon(reactor: IReactor) -> None:
     port in use fails at once, inside ``startService``), so stopping it right away would
     do nothing and leave the process idling.
     """
-    reactor.callWhenRunning(reactor.callLater, 0, reactor.stop)
+    reactor.callWhenRunning(reactor.callLater, 0, _stop, reactor)
+
+
+def _stop(reactor: IReactor) -> None:
+    # Several failures (the main service and a listener; a signal during the failed
+    # start) may each ask; only the first stop counts.
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 class AsyncStartService(Service, Generic[T]):

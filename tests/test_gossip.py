@@ -212,6 +212,18 @@ class GossipTests(unittest.TestCase):
         found = yield gossip.exchange("hd-2")
         self.assertIsNone(found)
         self.assertEqual(self.conflicts("hd-2"), 0)
+        # A round does not even ask a peer that does not offer it (a service operator, a
+        # proxy): no refused calls pile up on either side, once a minute.
+        self.assertFalse(gossip.may_gossip_with("hd-2"))
+        self.assertTrue(self.nodes["hd-2"].gossip.may_gossip_with("hd-1"))
+        self.assertFalse(gossip.may_gossip_with("nobody"))
+        denied = {"method": "_checkpoint", "outcome": "denied"}
+        before = self.registries["hd-2"].get_sample_value("eps_requests_total", denied)
+        self.assertEqual(before, 2)  # the two calls above
+        self.assertIsNotNone(self.nodes["hd-1"].links.link_to("hd-2", "outgoing"))
+        yield gossip.round()  # over the open link: hd-2 is not asked
+        self.assertEqual(
+            self.registries["hd-2"].get_sample_value("eps_requests_total", denied), before)
 
 
 class EvidenceTests(unittest.TestCase):

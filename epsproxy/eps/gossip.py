@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from epsproxy.directory.api import APIDirectory
 from epsproxy.directory.checkpoints import Verified, ViewRefused, short
+from epsproxy.directory.entries import can_call
 from epsproxy.eps.broker import ClientInfo, Request, Response
 from epsproxy.eps.evidence import evidence, write_evidence
 from epsproxy.net.reactor import IReactor
@@ -109,8 +110,20 @@ class Gossip:
     def round(self) -> defer.Deferred[None]:
         """One exchange with each linked peer; errors are logged, never raised."""
         exchanges = [self.exchange(peer) for peer in sorted(set(self._peers()))
-                     if peer != self.name]
+                     if peer != self.name and self.may_gossip_with(peer)]
         return defer.DeferredList(exchanges, consumeErrors=True).addCallback(lambda _: None)
+
+    def may_gossip_with(self, peer: str) -> bool:
+        """
+        Whether the directory lets us call ``peer``'s ``_checkpoint``: peers that do not
+        offer it (a service operator, a proxy) are not asked, so a round leaves no
+        refused calls on either side.
+        """
+        try:
+            return can_call(self.directory.own_entry(), self.directory.entry_for(peer),
+                            CHECKPOINT_METHOD)
+        except Exception:  # no entry (yet) for us or for it
+            return False
 
     def _message(self, conflict: str | None = None) -> dict[str, Any] | None:
         verified = self.directory.checkpoint

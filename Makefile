@@ -31,8 +31,9 @@ $(DEV_CERTS)/root.crt: | $(STAMP)
 $(TEST_CERTS)/root.crt: | $(STAMP)
 	$(BIN)/eps certs $(TEST_CERTS) --directory conf/test/directory
 
-# The tests use real peers: redis-server, redis-sentinel, openssl and curl.  Install them when missing
-# and we can (root with apt-get); otherwise say what is needed.
+# The tests use real tools as peers and checkers (Redis and its sentinels, tinyproxy,
+# openssl, curl, HAProxy, socat, nginx, Chromium, systemd-analyze, promtool).  Install them
+# when missing and we can (root with apt-get); otherwise say what is needed.
 # A tool whose Debian package has another name is written binary:package.
 OS_TOOLS := redis-server redis-sentinel openssl curl tinyproxy haproxy socat systemd-analyze:systemd promtool:prometheus chromium nginx
 # What make bench measures beside ours (never needed by make test).

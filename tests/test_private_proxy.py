@@ -24,6 +24,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrap
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from epsproxy.dev.examples import internal_server
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
@@ -215,6 +217,43 @@ def http_body(raw: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
     lines = head.split(b"\r\n")
     headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
     return int(lines[0].split()[1]), headers, body
+
+
+class Held(Resource):
+    """An upstream answering ``first``, then ``rest`` once ``release`` fires."""
+
+    isLeaf = True
+
+    def __init__(self, first: bytes, rest: bytes, length: int | None = None) -> None:
+        super().__init__()
+        self.first, self.rest, self.length = first, rest, length
+        self.release: Deferred[None] = Deferred()
+
+    def render_GET(self, request: Any) -> Any:
+        if self.length is not None:
+            request.setHeader(b"content-length", str(self.length).encode())
+        request.write(self.first)
+
+        def rest(_: Any) -> None:
+            request.write(self.rest)
+            request.finish()
+
+        self.release.addCallback(rest)
+        return NOT_DONE_YET
+
+
+class Watch(Collect):
+    """:class:`Collect` that also fires ``seen`` once ``marker`` has arrived."""
+
+    def __init__(self, send: bytes, marker: bytes) -> None:
+        super().__init__(send)
+        self.marker = marker
+        self.seen: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.marker in self.received and not self.seen.called:
+            self.seen.callback(None)
 
 
 class ServiceTests(unittest.TestCase):
@@ -416,6 +455,63 @@ class ServiceTests(unittest.TestCase):
             port, self.post(b"/echo", b"not json"))))
         self.assertEqual(status, 400)
         self.assertEqual(self.service.forwarder.requests, 3)
+
+    def held_upstream(self, resource: Resource) -> str:
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"127.0.0.1:{port.getHost().port}"
+
+    def watch(self, port: int, marker: bytes) -> Watch:
+        root = Certificate.loadPEM(Path(pki().root).read_bytes())
+        endpoint = wrapClientTLS(optionsForClientTLS(DOMAIN, trustRoot=root),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        watch = Watch(self.get(b"/stream"), marker)
+        connectProtocol(endpoint, watch)
+        return watch
+
+    @inlineCallbacks
+    def test_terminated_responses_stream_as_they_arrive(self):
+        first, rest = b"A" * 300_000 + b"<first>", b"B" * 300_000 + b"<rest>"
+        upstream = Held(first, rest)
+        port = yield self.start_chain(internal_tls=False, tls=tls_block(
+            "internal-server", verify_client=False),
+            address=self.held_upstream(upstream))
+        watch = self.watch(port, b"<first>")
+        # The first part reaches the client while the upstream still holds the rest:
+        # nothing waits for the whole response.
+        yield watch.seen
+        self.assertNotIn(b"<rest>", watch.received)
+        upstream.release.callback(None)
+        raw = yield watch.done
+        status, headers, body = http_body(raw)
+        self.assertEqual((status, headers[b"transfer-encoding"]), (200, b"chunked"))
+        self.assertTrue(body.endswith(b"0\r\n\r\n"))  # the chunked body ended properly
+        self.assertEqual(body.count(b"A"), 300_000)
+        self.assertIn(b"<rest>", body)
+
+    @inlineCallbacks
+    def test_a_declared_length_over_the_cap_is_502(self):
+        upstream = Held(b"x" * 100, b"", length=2000)
+        port = yield self.start_chain(internal_tls=False, tls=tls_block(
+            "internal-server", verify_client=False), max_response_bytes=1000,
+            address=self.held_upstream(upstream))
+        status, _, body = http_body((yield self.tls_request(port, self.get(b"/stream"))))
+        self.assertEqual((status, json.loads(body)), (502, {"message": "bad gateway"}))
+
+    @inlineCallbacks
+    def test_a_body_growing_over_the_cap_is_cut_not_completed(self):
+        upstream = Held(b"x" * 600 + b"<first>", b"y" * 600)
+        port = yield self.start_chain(internal_tls=False, tls=tls_block(
+            "internal-server", verify_client=False), max_response_bytes=1000,
+            address=self.held_upstream(upstream))
+        watch = self.watch(port, b"<first>")
+        yield watch.seen
+        upstream.release.callback(None)
+        raw = yield watch.done
+        status, _, body = http_body(raw)
+        self.assertEqual(status, 200)  # the head went out before the body grew too large
+        self.assertNotIn(b"y", body)
+        self.assertFalse(body.endswith(b"0\r\n\r\n"))  # aborted: it does not look complete
 
     @inlineCallbacks
     def test_terminated_upstream_down_is_502(self):

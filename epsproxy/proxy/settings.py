@@ -201,7 +201,8 @@ INTERNAL_ENDPOINT_SETTINGS = forms.Map(
         ),
         "max_response_bytes": forms.Optional(
             forms.Integer(min=1), default=16 * 1024 * 1024,
-            doc="largest upstream response body forwarded (502 beyond)",
+            doc="largest upstream response body forwarded (502 when declared larger; a body "
+                "growing beyond is cut off)",
         ),
     },
     strict=True,

@@ -10,27 +10,33 @@ Better than the reference (SPEC §23.1 #7, #9): a terminated connection serves r
 with keep-alive until it is idle for ``timeout`` seconds (the reference served exactly
 one), each upstream request has the same timeout, bodies are capped both ways, the
 JSON-RPC body is forwarded as received (integer ids stay integers), and the JSON-RPC
-upstream uses its configured TLS.
+upstream uses its configured TLS.  A response body streams to the client as it arrives
+(the upstream paused while the client's side is full), so memory stays one read per
+request however large the response; over ``max_response_bytes`` it is 502 when the
+upstream declares it, else the client's connection is cut (never a body that looks
+complete).
 """
 
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 
 from epsproxy.net import tls
-from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, CappedBody, QuietConnectionPool
+from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, QuietConnectionPool
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, parse_request, response_object
 from epsproxy.net.jsonrpc.server import CappedRequest, json_body
 from epsproxy.net.reactor import IReactor
@@ -104,6 +110,51 @@ def _reply(request: server.Request, status: int, value: Any) -> None:
     """Answer ``request`` with the JSON ``value`` and finish it."""
     request.write(json_body(request, status, value))
     request.finish()
+
+
+class _RelayedBody(Protocol):
+    """
+    Writes an upstream response body (``response.deliverBody``) to the client's
+    ``request`` as it arrives, the upstream registered as the request's streaming
+    producer (paused while the client's transport is full); ``done`` fires at the end,
+    or fails when the body is cut off or grows over ``limit`` bytes.
+    """
+
+    def __init__(self, request: server.Request, limit: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.size = 0
+        self.done: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.done.errback(ValueError(f"response over max_response_bytes ({self.limit})"))
+            cast(IPushProducer, self.transport).stopProducing()
+            return
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.request.producer is not None:
+            self.request.unregisterProducer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(ValueError(f"body cut off after {self.size} bytes"))
+
+
+class _Dropped(Protocol):
+    """Reads no response body: closes the upstream connection at once."""
+
+    def connectionMade(self) -> None:
+        cast(IPushProducer, self.transport).stopProducing()
 
 
 class TerminatingForwarder(Forwarder):
@@ -200,20 +251,23 @@ class TerminatingForwarder(Forwarder):
         d = self._agent.request(request.method, url, headers, producer)
         timer = self.reactor.callLater(self.endpoint["timeout"], d.cancel)
         try:
-            response = await d
-            collector = CappedBody(limit, response.length)
-            response.deliverBody(collector)
-            data = await collector.done
+            response = await d  # the timeout bounds the wait for the response's head
         except Exception as e:
-            if gone:
-                return
-            log.warn("upstream request failed: {error}", error=shorten(str(e) or repr(e), 300))
-            _reply(request, 502, {"message": "bad gateway"})
+            if not gone:
+                log.warn("upstream request failed: {error}",
+                         error=shorten(str(e) or repr(e), 300))
+                _reply(request, 502, {"message": "bad gateway"})
             return
         finally:
             if timer.active():
                 timer.cancel()
-        if gone:
+        declared = response.length if isinstance(response.length, int) else None
+        if gone or (declared is not None and declared > limit):
+            response.deliverBody(_Dropped())
+            if not gone:
+                log.warn("upstream response of {size} bytes is over max_response_bytes",
+                         size=declared)
+                _reply(request, 502, {"message": "bad gateway"})
             return
         request.setResponseCode(response.code, response.phrase)
         for name, values in response.headers.getAllRawHeaders():
@@ -221,9 +275,25 @@ class TerminatingForwarder(Forwarder):
             if lower in _HOP_BY_HOP or lower == b"content-length":
                 continue
             request.responseHeaders.setRawHeaders(name, values)
-        request.setHeader(b"content-length", str(len(data)).encode())
-        request.write(data)
-        request.finish()
+        if declared is not None:
+            request.setHeader(b"content-length", str(declared).encode())
+        # The body goes to the client as it arrives (no length known: chunked), the
+        # upstream paused while the client's side has bytes waiting: memory stays one
+        # read per request, however large the response.
+        relay = _RelayedBody(request, limit)
+        response.deliverBody(relay)
+        try:
+            await relay.done
+        except Exception as e:
+            if gone:  # the client left: the upstream was stopped with it
+                return
+            log.warn("upstream response cut off: {error}", error=shorten(str(e), 300))
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()  # a cut body must not look complete
+            return
+        if not gone:
+            request.finish()
 
     def close(self) -> Deferred[None]:
         """Stop: refuse new forwards, close every forwarded connection and the pool."""

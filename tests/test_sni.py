@@ -14,9 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 import struct
-import tempfile
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -43,6 +41,7 @@ from epsproxy.proxy.sni import (
 from epsproxy.net.ratelimit import RateLimiter
 from tests.support.clienthello import ext, hello_message, openssl_hello, records, sni_ext
 from tests.support.pki import pki
+from tests.support.haproxy import start_haproxy
 from tests.support.splice import fake_connection
 from tests.support.tls import tls_block
 
@@ -150,8 +149,11 @@ class WithClock(TestCase):
         self.assertEqual(self.r.looked_up, [NAME])
         [(operator, params)] = self.r.calls
         self.assertEqual(operator, OPERATOR)
-        self.assertEqual(sorted(params), ["domain", "endpoint", "token"])
+        self.assertEqual(sorted(params), ["client_address", "domain", "endpoint",
+                                          "server_address", "token"])
         self.assertEqual((params["domain"], params["endpoint"]), (NAME, ENDPOINT))
+        # The client's own address travels on (the private proxy's PROXY v2 header).
+        self.assertEqual(params["client_address"], "203.0.113.77:40000")
         token = base64.b64decode(params["token"], validate=True)
         self.assertEqual(len(token), 32)
         self.assertEqual(t.producerState, "paused")
@@ -306,6 +308,12 @@ class WithClock(TestCase):
         p, t = self.client(front, host="10.0.0.1")
         p.dataReceived(v2() + data)  # header and hello in one read
         self.assertEqual(p.address, IPv6Address("TCP", "2001:db8:1:2::7", 40002))
+        # The address the header named travels on to the private proxy, in brackets;
+        # the load balancer's own connection is not the client's, so no server address.
+        params = self.r.calls[-1][1]
+        self.assertEqual(params["client_address"], "[2001:db8:1:2::7]:40002")
+        self.assertNotIn("server_address", params)
+        self.assertEqual(self.r.calls[0][1]["client_address"], "192.0.2.10:40001")
         self.assertEqual(self.counts(front), {"accepted": 2, "routed": 2})
         self.assertIn("192.0.x.x", events.peers())
         self.assertIn("2001:db8::/32", events.peers())
@@ -621,54 +629,17 @@ class RealSockets(TestCase):
 
     @defer.inlineCallbacks
     def test_real_haproxy_in_front_with_send_proxy_v2(self):
-        haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists(
-            "/usr/sbin/haproxy") else None)
-        if haproxy is None:
-            raise SkipTest("haproxy is not installed")
         events = Events(self)
         front, port = self.listen_front(proxy_protocol=True)
-        # HAProxy listens on a socket we bound to port 0 and pass down (bind fd@3).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        self.addCleanup(sock.close)
-        folder = tempfile.mkdtemp(prefix="sni-haproxy-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        config = os.path.join(folder, "haproxy.cfg")
-        with open(config, "w") as f:
-            f.write(
-                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s\n"
-                "  timeout server 10s\n"
-                "frontend tls\n  bind fd@3\n  default_backend sni\n"
-                f"backend sni\n  server front 127.0.0.1:{port} send-proxy-v2\n"
-            )
-        ended: defer.Deferred[None] = defer.Deferred()
-
-        class HAProxy(protocol.ProcessProtocol):
-            output = b""
-
-            def errReceived(self, data):
-                self.output += data
-
-            def processEnded(self, reason):
-                ended.callback(None)
-
-        hp = HAProxy()
-        process = reactor.spawnProcess(
-            hp, haproxy, [haproxy, "-db", "-f", config], env=dict(os.environ),
-            childFDs={0: "w", 1: "r", 2: "r", 3: sock.fileno()},
-        )
-
-        def stop():
-            if process.pid is not None:
-                process.signalProcess("KILL")
-            return ended
-
-        self.addCleanup(stop)
+        haproxy = start_haproxy(self, (
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s\n"
+            "  timeout server 10s\n"
+            "frontend tls\n  bind fd@3\n  default_backend sni\n"
+            f"backend sni\n  server front 127.0.0.1:{port} send-proxy-v2\n"))
         client = HTTPClient()
-        yield self.tls_client(sock.getsockname()[1], client)
+        yield self.tls_client(haproxy.port, client)
         answer = yield client.done
-        self.assertTrue(answer.endswith(b'{"message": "success"}'), hp.output[-500:])
+        self.assertTrue(answer.endswith(b'{"message": "success"}'), haproxy.output[-500:])
         # HAProxy's header named the real client (loopback here), and it was used.
         self.assertIn("127.0.x.x", events.peers())
         self.assertEqual((front.notified, front.bad_proxy_header), (1, 0))

@@ -31,6 +31,7 @@ from tests.support.eps import (
     server_channel,
     service,
 )
+from tests.support.haproxy import start_haproxy
 from tests.support.pki import pki
 from tests.support.proxies import public_section, write_settings
 from tests.support.tls import tls_block
@@ -54,6 +55,9 @@ class Passthrough:
 
     timeout = 60
     internal_tls = False
+    #: Raw forwarding with a PROXY v2 header to a real HAProxy in front of the internal
+    #: server (``accept-proxy``), which logs the client address it was given.
+    haproxy_front = False
 
     @defer.inlineCallbacks
     def start_proxy(self, mode: str, section: dict):
@@ -89,6 +93,17 @@ class Passthrough:
         else:
             internal = yield listen_internal(reactor, "127.0.0.1:0")
         self.addCleanup(internal.stopListening)
+        internal_address = f"127.0.0.1:{internal.getHost().port}"
+        if self.haproxy_front:
+            self.haproxy = start_haproxy(self, (
+                "global\n  log stdout format raw local0\n"
+                "defaults\n  mode tcp\n  log global\n  timeout connect 5s\n"
+                "  timeout client 10s\n  timeout server 10s\n"
+                "frontend internal\n  bind fd@3 accept-proxy\n"
+                "  log-format \"client=%ci:%cp frontend=%fi:%fp\"\n"
+                "  default_backend server\n"
+                f"backend server\n  server internal {internal_address}\n"))
+            internal_address = f"127.0.0.1:{self.haproxy.port}"
 
         # Public proxy and its endpoint server.
         self.public, ports = yield self.start_proxy(
@@ -107,7 +122,9 @@ class Passthrough:
         self.addCleanup(self.public.proxy.client.close)
 
         # Private proxy and its endpoint server.
-        endpoint = {"address": f"127.0.0.1:{internal.getHost().port}", "timeout": 10}
+        endpoint: dict = {"address": internal_address, "timeout": 10}
+        if self.haproxy_front:
+            endpoint["proxy_protocol"] = True
         if not self.internal_tls:
             endpoint["tls"] = {**tls_block("internal-server"), "verify_client": False}
         private_section = {
@@ -134,9 +151,9 @@ class Passthrough:
         yield net.start("hd-1", [client_channel("hd-1"), gateway_channel("hd-1")])
         self.hd1 = gateway_client(self, net.gateway_url("hd-1"))
 
-    def curl(self, domain: str = DOMAIN, path: str = "/jsonrpc"):
+    def curl(self, domain: str = DOMAIN, path: str = "/jsonrpc", source: str = "127.0.0.1"):
         return utils.getProcessOutputAndValue("curl", [
-            "-sS", "--max-time", "20", "--cacert", str(pki().root),
+            "-sS", "--max-time", "20", "--cacert", str(pki().root), "--interface", source,
             "--resolve", f"{domain}:{self.tls_port}:127.0.0.1",
             f"https://{domain}:{self.tls_port}{path}",
         ], env={"PATH": "/usr/bin:/bin"}, reactor=reactor)
@@ -176,3 +193,26 @@ class TerminatedBehindThePrivateProxy(Passthrough, TestCase):
 
 class RawTLSForwardedToTheInternalServer(Passthrough, TestCase):
     internal_tls = True
+
+
+class RawForwardedWithTheClientsAddress(Passthrough, TestCase):
+    """The client's address travels public proxy -> private proxy -> PROXY v2 header."""
+
+    internal_tls = True
+    haproxy_front = True
+
+    @defer.inlineCallbacks
+    def test_haproxy_behind_the_private_proxy_sees_the_original_client(self):
+        result = yield self.hd1.call(f"{PRIVATE}.announceConnection",
+                                     {"proxy": PUBLIC, "domain": DOMAIN}, id="a")
+        self.assertEqual(result, "ok")
+        # curl from its own loopback address, so it cannot be taken for a proxy's.
+        out, err, code = yield self.curl(source="127.0.0.9")
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(json.loads(out), {"message": "success"})
+        # HAProxy logs a TCP session when it ends: wait for the line.
+        yield self.haproxy.wait_for(b"client=")
+        line = self.haproxy.output.decode().split("client=", 1)[1].splitlines()[0]
+        self.assertTrue(line.startswith("127.0.0.9:"), self.haproxy.output[-500:])
+        self.assertIn(f"frontend=127.0.0.1:{self.tls_port}", line)  # where the client came in
+

@@ -59,7 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.net.admission import address_in
-from epsproxy.net.hostport import truncate_ip
+from epsproxy.net.hostport import format_host_port, truncate_ip
 from epsproxy.net.ratelimit import RateLimiter
 from epsproxy.net.token import encode_token, token_tag
 
@@ -213,6 +213,25 @@ class ProxyHeaderReader:
         return ProxyHeader(_parse_v2(buf[:total]), buf[total:])
 
 
+def _addresses(client: "_Client") -> dict[str, str]:
+    """
+    ``client_address`` (and, without a PROXY header, ``server_address``) for
+    ``incomingConnection``: the client as this proxy knows it (after a trusted PROXY
+    header, the one it names), so the private proxy's PROXY v2 header to the internal
+    server carries the real client instead of LOCAL.
+    """
+    address = client.address
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        return {}
+    found = {"client_address": format_host_port(address.host, address.port)}
+    transport = client.transport
+    if transport is not None and address == transport.getPeer():  # no PROXY header
+        local = transport.getHost()
+        if isinstance(local, type(address)):
+            found["server_address"] = format_host_port(local.host, local.port)
+    return found
+
+
 def _describe(address: Any) -> str:
     return truncate_ip(str(getattr(address, "host", "")))
 
@@ -284,7 +303,9 @@ class SNIFront:
 
     ``lookup(host_name) -> operator | None`` names the operator whose live announcement
     covers the (normalised, lower-case) host name.  ``notify(operator, params)`` tells
-    it, with ``params = {"domain", "token" (standard base64), "endpoint"}``, and returns
+    it, with ``params = {"domain", "token" (standard base64), "endpoint",
+    "client_address", "server_address"}`` (the addresses ``ip:port``, the server's only
+    without a PROXY header), and returns
     a Deferred (or a value); a failure cancels the token, which closes the client.
     ``on_routed(peer)`` (optional) is told the TCP peer of each connection routed (the
     listener's per-address cap forgives it); ``on_no_route(name, peer)`` (optional) of
@@ -496,6 +517,7 @@ class SNIFront:
             "domain": name,
             "token": encode_token(token),
             "endpoint": self.internal_endpoint,
+            **_addresses(client),
         }
         d = defer.maybeDeferred(self.notify, operator, params)
         d.addCallbacks(self._notified, self._notify_failed,

@@ -28,7 +28,6 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from epsproxy.net import admission
-from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, JSONRPCError
 from epsproxy.proxy.public import NOT_AUTHORIZED, TOO_MANY_PENDING
 from epsproxy.proxy.settings import PROXY_SETTINGS
@@ -706,11 +705,10 @@ class BrokeredByRealEndpointServers(unittest.TestCase):
             client_channel,
             gateway_channel,
             gateway_client,
-            local_channel,
             server_channel,
             service,
         )
-        from .support.tls import tls_block as eps_tls
+        from .support.p2p import answer_through, proxy_channels, start_public_proxy
 
         hd = ("health-departments",)
         net = Network(self)
@@ -721,31 +719,13 @@ class BrokeredByRealEndpointServers(unittest.TestCase):
             service("connection-requests", ("proxy-providers",), "_connectionRequest"),
         ])
 
-        # The proxy first (its JSON-RPC port is what PE's jsonrpc_client calls) ...
-        folder = Path(self.mktemp()).absolute()
-        options = Options()
-        options.parseOptions(["--mode", "public", "--settings", str(write_settings(
-            folder, {"public": public_section(folder, 1)}))])
-        top = makeService(options, reactor, exit_on_failure=False)
-        proxy = top.services[0]
-        top.startService()
-        self.addCleanup(top.stopService)
-        ports = yield proxy.when_ready()
-        proxy.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
-
-        # ... then its endpoint server PE, and the proxy's client to PE's gateway.
-        yield net.start(PROXY, [
-            server_channel(PROXY), client_channel(PROXY), gateway_channel(PROXY),
-            local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
-                          tls=eps_tls(PROXY), server_name=PROXY),
-        ])
+        # The proxy first (its JSON-RPC port is what PE's jsonrpc_client calls), then its
+        # endpoint server PE, and the proxy's client to PE's gateway.
+        proxy, ports = yield start_public_proxy(self, Path(self.mktemp()).absolute())
+        yield net.start(PROXY, proxy_channels(ports))
         net.channels(PROXY, {"type": "eps_server",
                              "settings": {"address": net.server_address(PROXY)}})
-        yield proxy.proxy.client.close()
-        proxy.proxy.client = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
-            "endpoint": net.gateway_url(PROXY), "server_name": PROXY, "timeout": 5,
-            "tls": eps_tls(PROXY)}))
-        self.addCleanup(proxy.proxy.client.close)
+        yield answer_through(self, proxy, net.gateway_url(PROXY))
 
         # hd-2 behind the proxy keeps a link to PE; hd-1 only dials.
         net.channels("hd-2", {"type": "eps_server",

@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from epsproxy.rules.certificate_profile import key_usage as profile_key_usage
 from epsproxy.rules.certificates import fingerprint, load_certificates_file, load_private_key_file, to_pem
 from epsproxy.rules.records import (
     InvalidRecord,
@@ -84,19 +85,7 @@ def make_cert(
         builder = builder.add_extension(x509.BasicConstraints(ca, path_length), True)
     if key_usage is not None:
         builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=key_usage,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            False,
-        )
+            profile_key_usage(digital_signature=key_usage, ca=ca), False)
     if eku is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), False)
     names = [x509.UniformResourceIdentifier(u) for u in uris] + [x509.DNSName(d) for d in dns]

@@ -52,6 +52,7 @@ class MemoryStore:
         self.entries: list[StoredEntry] = []
         self.read = 0
         self.broken = False
+        self.resets = 0  # never replaced: a list in memory
 
     def append(self, entry: StoredEntry) -> Deferred[None]:
         if self.broken:

@@ -65,9 +65,9 @@ class ServiceDirectory:
     @inlineCallbacks
     def refresh(self) -> Generator[Deferred[Any], Any, int]:
         """Read entries appended to the store since the last read; returns their number."""
-        resets = getattr(self.store, "resets", 0)
+        resets = self.store.resets
         entries: list[StoredEntry] = yield self.store.read_new()
-        if getattr(self.store, "resets", 0) != resets:
+        if self.store.resets != resets:
             # The store was read again from its start (a Redis list replaced behind our
             # back, e.g. by a failover to a replica that had not seen every append):
             # what it returned is the whole log, so the record log starts over with it.

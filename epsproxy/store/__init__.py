@@ -99,6 +99,11 @@ class StoredEntry:
 class Store(Protocol):
     """What the SD and the proxies need from a datastore."""
 
+    #: Times ``read_new`` found the data replaced behind its back (a Redis list trimmed
+    #: or replaced, a failover to a replica that had not seen every append) and read it
+    #: again from the start: what that read returned is everything, not just what is new.
+    resets: int
+
     def append(self, entry: StoredEntry) -> Deferred[None]:
         """Append one entry; fires once the back-end has acknowledged it (committed)."""
 

@@ -74,6 +74,7 @@ class EmbeddedStore:
     """A :class:`epsproxy.store.Store` on an SQLite file; build it with :meth:`open`."""
 
     def __init__(self, reactor: IReactor, path: Path, pool: ThreadPool) -> None:
+        self.resets = 0  # one SQLite file, never replaced under a reader
         self.path = path
         self._reactor = reactor
         self._pool = pool

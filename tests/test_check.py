@@ -16,12 +16,13 @@ from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from epsproxy.cli import main
+from tests.support.eps import write_eps_settings
+from tests.support.metrics import samples
 from tests.support.pki import pki
 from tests.support.proxies import PRIVATE_PROXY, private_section, public_section, write_settings
 from tests.support.sd import write_sd_settings
 from tests.support.tls import tls_block
 from tests.support.twistd import issue_certificate, run_twistd
-from tests.support.eps import write_eps_settings
 
 
 class TwistdCheckTests(unittest.TestCase):
@@ -201,6 +202,8 @@ class EpsCheckTests(SynchronousTestCase):
         top = makeService(options, reactor, exit_on_failure=False)
         text = generate_latest(top.registry).decode()
         expiry = load_certificate_file(pki().tls("hd-1")[0]).not_valid_after_utc.timestamp()
-        assert (f'eps_certificate_expiry_seconds{{where="channels[peers].settings.tls"}} '
-                f'{expiry:.9e}') in text
+        # Compared as numbers: the exposition drops trailing zeros (1.83947785e+09).
+        found = samples(text.encode())
+        assert found[("eps_certificate_expiry_seconds",
+                      (("where", "channels[peers].settings.tls"),))] == expiry
         assert 'where="channels[gateway].settings.tls"' in text

@@ -398,11 +398,13 @@ class ServiceTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_flood_ends_with_nothing_pending(self):
-        yield self.start_proxy(max_pending_tokens=5, accept_timeout=0.3)
+        # Long enough that no token expires while the 20 calls are still being answered
+        # on a busy machine (then more than 5 would get one).
+        yield self.start_proxy(max_pending_tokens=5, accept_timeout=2)
         results = yield Deferred.fromCoroutine(self._flood(20))
         self.assertEqual(results.count("ok"), 5)
         self.assertEqual(results.count(TOO_MANY_PENDING), 15)
-        # Nobody presents the tokens: they expire (after 0.3 s) and the table empties.
+        # Nobody presents the tokens: they expire (after 2 s) and the table empties.
         yield until(lambda: self.proxy.rendezvous.pending == 0, within=5)
         self.assertEqual(self.proxy.rendezvous.timeouts, 5)
         yield self.request()

@@ -24,7 +24,7 @@ Differences from the reference (SPEC §23.1 #1, #3, #5), on purpose:
 
 PROXY protocol (v1 and v2, as sent by HAProxy's ``send-proxy``/``send-proxy-v2`` and
 cloud load balancers): with ``proxy_protocol=True`` every connection must begin with a
-PROXY header, read by :class:`ProxyHeaderReader` inside the same deadline; the source
+PROXY header, read by :class:`epsproxy.net.proxy_protocol.ProxyHeaderReader` inside the same deadline; the source
 address it carries is the client address for logs and for ``rate_limiter``.  This is
 done here rather than with Twisted's ``haproxy:`` endpoint
 (:func:`twisted.protocols.haproxy.proxyEndpoint`) because that wrapper closes a header
@@ -40,8 +40,6 @@ whoever reaches the port directly cannot claim another client's address.
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Callable, Iterable, cast
 
@@ -60,6 +58,12 @@ from twisted.python.failure import Failure
 
 from epsproxy.net.admission import address_in
 from epsproxy.net.hostport import format_host_port, truncate_ip
+from epsproxy.net.proxy_protocol import (
+    MAX_PROXY_HEADER,
+    ProxyHeader,
+    ProxyHeaderError,
+    ProxyHeaderReader,
+)
 from epsproxy.net.ratelimit import RateLimiter
 from epsproxy.net.token import encode_token, token_tag
 
@@ -79,138 +83,6 @@ log = Logger()
 
 #: Default seconds from accept for the whole ClientHello (and PROXY header).
 DEFAULT_HELLO_TIMEOUT = 5.0
-
-#: Largest PROXY v2 header accepted (address block and TLVs included); v1 has 107.
-MAX_PROXY_HEADER = 4096
-
-_V1_PREFIX = b"PROXY "
-_V1_MAX = 107
-_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-class ProxyHeaderError(Exception):
-    """The connection does not begin with an acceptable PROXY header; text says why."""
-
-
-@dataclass(frozen=True)
-class ProxyHeader:
-    """
-    A PROXY header: ``source`` is the client address it names, or None when it names
-    none (v1 ``UNKNOWN``, v2 ``LOCAL`` health checks, UNIX or unspecified families:
-    then the connection's own peer address stands); ``rest`` are the bytes after it.
-    """
-
-    source: IAddress | None
-    rest: bytes
-
-
-def _address(host: bytes | str, port: int, version: int) -> IAddress:
-    text = host.decode("ascii") if isinstance(host, bytes) else host
-    ip = ipaddress.ip_address(text)
-    if ip.version != version:
-        raise ValueError(f"not an IPv{version} address")
-    if version == 4:
-        return IPv4Address("TCP", str(ip), port)
-    return IPv6Address("TCP", str(ip), port)
-
-
-def _port(text: bytes) -> int:
-    if not text.isdigit() or (len(text) > 1 and text[:1] == b"0") or int(text) > 65535:
-        raise ValueError("bad port")
-    return int(text)
-
-
-def _parse_v1(line: bytes) -> IAddress | None:
-    parts = line.split(b" ")
-    if len(parts) < 2 or parts[0] != b"PROXY":
-        raise ProxyHeaderError("malformed PROXY v1 header")
-    if parts[1] == b"UNKNOWN":
-        return None
-    if parts[1] not in (b"TCP4", b"TCP6") or len(parts) != 6:
-        raise ProxyHeaderError("malformed PROXY v1 header")
-    version = 4 if parts[1] == b"TCP4" else 6
-    try:
-        source = _address(parts[2], _port(parts[4]), version)
-        _address(parts[3], _port(parts[5]), version)
-    except (ValueError, UnicodeDecodeError):
-        raise ProxyHeaderError("bad address in PROXY v1 header") from None
-    return source
-
-
-_V2_BLOCK = {0: 0, 1: 12, 2: 36, 3: 216}  # address block size per family
-
-
-def _check_tlvs(data: bytes) -> None:
-    pos = 0
-    while pos < len(data):
-        if len(data) - pos < 3:
-            raise ProxyHeaderError("truncated PROXY v2 TLV")
-        pos += 3 + int.from_bytes(data[pos + 1:pos + 3], "big")
-    if pos != len(data):
-        raise ProxyHeaderError("PROXY v2 TLV longer than the header")
-
-
-def _parse_v2(header: bytes) -> IAddress | None:
-    command = header[12] & 0x0F
-    family, transport = header[13] >> 4, header[13] & 0x0F
-    block = header[16:]
-    if family in _V2_BLOCK and len(block) >= _V2_BLOCK[family]:
-        _check_tlvs(block[_V2_BLOCK[family]:])
-    if command == 0:  # LOCAL: the balancer's own connection (health check)
-        return None
-    if command != 1:
-        raise ProxyHeaderError(f"PROXY v2 command {command}")
-    if family == 0 or family == 3:  # UNSPEC, UNIX: no IP address to use
-        return None
-    if family not in (1, 2) or transport != 1:
-        raise ProxyHeaderError(f"PROXY v2 family {family} transport {transport}")
-    size = 4 if family == 1 else 16
-    if len(block) < 2 * size + 4:
-        raise ProxyHeaderError("PROXY v2 address block too short")
-    host = ipaddress.ip_address(block[:size])
-    port = int.from_bytes(block[2 * size:2 * size + 2], "big")
-    return _address(str(host), port, 4 if family == 1 else 6)
-
-
-class ProxyHeaderReader:
-    """
-    Reads a PROXY protocol v1 or v2 header (haproxy.org/download/2.9/doc/proxy-protocol.txt)
-    from the first bytes of a connection, however fragmented: :meth:`feed` returns None
-    until it is complete, then a :class:`ProxyHeader`; anything else raises
-    :class:`ProxyHeaderError` as soon as the bytes prove it.  Holds at most
-    :data:`MAX_PROXY_HEADER` bytes plus one read.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, data: bytes) -> ProxyHeader | None:
-        """Take the next bytes; see the class docstring."""
-        self._buffer += data
-        buf = self._buffer
-        if not buf:
-            return None
-        if buf[:1] == b"P":
-            if not buf.startswith(_V1_PREFIX[:len(buf)]):
-                raise ProxyHeaderError("not a PROXY header")
-            end = buf.find(b"\r\n", 0, _V1_MAX)
-            if end < 0:
-                if len(buf) >= _V1_MAX:
-                    raise ProxyHeaderError("PROXY v1 header without CRLF in 107 bytes")
-                return None
-            return ProxyHeader(_parse_v1(buf[:end]), buf[end + 2:])
-        if not buf.startswith(_V2_SIGNATURE[:len(buf)]) and not buf.startswith(_V2_SIGNATURE):
-            raise ProxyHeaderError("not a PROXY header")
-        if len(buf) > 12 and buf[12] >> 4 != 2:
-            raise ProxyHeaderError(f"PROXY v2 version {buf[12] >> 4}")
-        if len(buf) < 16:
-            return None
-        total = 16 + int.from_bytes(buf[14:16], "big")
-        if total > MAX_PROXY_HEADER:
-            raise ProxyHeaderError(f"PROXY v2 header of {total} bytes")
-        if len(buf) < total:
-            return None
-        return ProxyHeader(_parse_v2(buf[:total]), buf[total:])
 
 
 def _addresses(client: "_Client") -> dict[str, str]:

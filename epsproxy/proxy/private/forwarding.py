@@ -17,8 +17,6 @@ connection's own addresses (:func:`proxy_v2_header`).
 
 from __future__ import annotations
 
-import ipaddress
-import struct
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -31,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.hostport import parse_host_port
+from epsproxy.net.proxy_protocol import proxy_v2_header
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import token_tag
 from epsproxy.proxy.splice import splice
@@ -39,36 +38,6 @@ from epsproxy.rules.text import shorten
 __all__ = ["proxy_v2_header", "Forwarder"]
 
 log = Logger()
-
-_PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-def _ip_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    host, port = parse_host_port(text)
-    return ipaddress.ip_address(host), port
-
-
-def proxy_v2_header(client: str | None = None, server: str | None = None) -> bytes:
-    """
-    A PROXY protocol v2 header: a ``PROXY`` command over TCP from ``client`` to
-    ``server`` (``"ip:port"`` texts; an absent server is the family's zero address, port
-    0), or a ``LOCAL`` command when ``client`` is None.  Raises ValueError for an address
-    that is not ``ip:port`` or families that differ.
-    """
-    if client is None:
-        return _PROXY_V2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
-    source, source_port = _ip_port(client)
-    if server is None:
-        target: Any = ipaddress.ip_address(0 if source.version == 4 else "::")
-        target_port = 0
-    else:
-        target, target_port = _ip_port(server)
-    if source.version != target.version:
-        raise ValueError("client and server addresses are of different families")
-    family = 0x11 if source.version == 4 else 0x21
-    body = source.packed + target.packed + struct.pack("!HH", source_port, target_port)
-    return _PROXY_V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
-
 
 # ---------------------------------------------------------------- raw forwarding
 

@@ -306,7 +306,8 @@ http {{
         add(PUBLIC, "services", [{
             "name": "proxy", "permissions": [{"group": "proxy-users", "rights": ["call"]}],
             "methods": [{"name": m, "permissions": []}
-                        for m in ("announceConnections", "getAnnouncements")]}])
+                        for m in ("announceConnections", "getAnnouncements",
+                                  "requestPoolTokens")]}])
         for name in private:
             # The private proxy's operator announces its own domain (it is also in the
             # group that may call announceConnection, and its settings allow the suffix).

@@ -77,7 +77,8 @@ class Passthrough:
             self.fail("curl is not installed (make os-deps and CI install it)")
         net = self.net = Network(self)
         net.operator(PUBLIC, ["proxy-providers"], [
-            service("proxy", ("proxy-users",), "announceConnections", "getAnnouncements")])
+            service("proxy", ("proxy-users",), "announceConnections", "getAnnouncements",
+                    "requestPoolTokens")])
         net.operator(PRIVATE, ["proxy-users"], [
             service("incoming", ("proxy-providers",), "incomingConnection"),
             service("announcing", HD, "announceConnection", "getAnnouncements")])

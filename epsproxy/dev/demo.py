@@ -24,12 +24,14 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "dev"
@@ -354,6 +356,30 @@ def https_get(host: str, port: int, path: str, timeout: float = 15) -> tuple[int
         connection.close()
 
 
+def metric_value(url: str, name: str, labels: Mapping[str, str]) -> float | None:
+    """The value of the sample ``name{labels}`` at the metrics page ``url``, or None."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+def wait_for_metric(url: str, name: str, labels: Mapping[str, str], seconds: float) -> float:
+    """Wait up to ``seconds`` for ``name{labels}`` to be positive; its last value (0 if none)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = metric_value(url, name, labels) or 0.0
+        if value > 0 or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
 def sni_passthrough() -> None:
     """SPEC §21.6: an ordinary TLS client reaches an internal server through both proxies."""
     print(f"\nTLS passthrough: hd-1's application announces {SNI_DOMAIN} at the private proxy,\n"
@@ -365,10 +391,28 @@ def sni_passthrough() -> None:
     if "error" in reply:
         raise DemoError(f"announceConnection failed: {reply['error']}")
     print(f"  private-proxy-1.ga.announceConnection -> {json.dumps(reply.get('result'))}")
+    # The private proxy keeps idle connections open at the public proxy (issue 14), so a
+    # client is served without a brokering round trip once the pool has filled.
+    pages = dict(page_urls())
+    public_metrics = pages["public-proxy-1"] + "metrics"
+    private_metrics = pages["private-proxy-1"] + "metrics"
+    pooled = wait_for_metric(public_metrics, "proxy_pool_connections",
+                             {"operator": "private-proxy-1.ga", "state": "idle"}, seconds=15)
+    if not pooled:
+        raise DemoError("the private proxy's connection pool did not fill within 15 s "
+                        "(see run/private-proxy-1.log and run/public-proxy-1.log)")
+    print(f"  private-proxy-1.ga keeps {pooled:.0f} idle pooled connection(s) at the public proxy")
+    before = metric_value(public_metrics, "proxy_pool_requests_total", {"outcome": "hit"}) or 0
     status, body = https_get(SNI_DOMAIN, SNI_PORT, "/jsonrpc")
     print(f"  GET https://{SNI_DOMAIN}:{SNI_PORT}/jsonrpc -> {status} {body.decode(errors='replace')}")
     if status != 200:
         raise DemoError("the internal server did not answer through the proxies")
+    hits = (metric_value(public_metrics, "proxy_pool_requests_total", {"outcome": "hit"}) or 0)
+    calls = metric_value(private_metrics, "private_proxy_incoming_calls_total", {}) or 0
+    print(f"  served from the pool: {hits - before:.0f} pooled connection(s) used, "
+          f"{calls:.0f} incomingConnection call(s) so far (the brokered fallback)")
+    if hits - before < 1:
+        raise DemoError("the client was not served from the connection pool")
     print(
         "\nAsk it yourself:\n  curl --cacert conf/dev/certs/root.crt "
         f"--resolve {SNI_DOMAIN}:{SNI_PORT}:127.0.0.1 https://{SNI_DOMAIN}:{SNI_PORT}/jsonrpc"

@@ -111,6 +111,8 @@ def rate(net: Network, path: SniPath, clients: int, seconds: float,
     """
     proxies = net.pids(path.key)
     brokers = [pid for pid in net.pids(path.key, brokering=True) if pid not in proxies]
+    ours = path.key in OURS
+    pool_before = _pool_counts(net) if ours else None
     before = [sum(cpu_seconds(pid) for pid in pids) for pids in (proxies, brokers)]
     process = _client("rate", {"port": net.port(path.key), "sni": path.domain,
                                "clients": clients, "seconds": seconds, "warmup": warmup})
@@ -122,7 +124,16 @@ def rate(net: Network, path: SniPath, clients: int, seconds: float,
     if not result["connections"]:
         raise RuntimeError(f"{path.key}: no connection completed ({result['error']})")
     result["proxy_cpu"], result["broker_cpu"] = (b - a for a, b in zip(before, after))
+    if pool_before is not None:
+        result["pool_hits"], result["pool_misses"] = (
+            b - a for a, b in zip(pool_before, _pool_counts(net)))
     return result
+
+
+def _pool_counts(net: Network) -> tuple[float, float]:
+    """The public proxy's pool hits and misses so far (issue 14)."""
+    return (net.metric("proxy_pool_requests_total", {"outcome": "hit"}),
+            net.metric("proxy_pool_requests_total", {"outcome": "miss"}))
 
 
 def stream(net: Network, path: SniPath, size: int) -> dict[str, Any]:
@@ -170,7 +181,8 @@ def idle(net: Network, path: SniPath, count: int) -> dict[str, Any]:
 
 def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000,
         idle_count: int = 1000, only: Sequence[str] | None = None,
-        clients: Sequence[int] = CLIENTS, folder: Path = RUN_DIR) -> dict[str, Any]:
+        clients: Sequence[int] = CLIENTS, folder: Path = RUN_DIR,
+        pool_size: int | None = None) -> dict[str, Any]:
     """
     Every measurement for the paths of ``only`` (default: all).  Returns
     ``{"settings": {...}, "rate": {clients: {key: [round, ...]}}, "stream": {key: [...]},
@@ -189,10 +201,11 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
     results: dict[str, Any] = {
         "settings": {"rounds": rounds, "seconds": seconds, "stream_bytes": stream_bytes,
                      "term_stream_bytes": term_bytes, "idle": idle_count,
-                     "clients": list(clients), "paths": [p.key for p in paths]},
+                     "clients": list(clients), "paths": [p.key for p in paths],
+                     "pool_size": pool_size},
         "rate": {str(c): {} for c in clients}, "stream": {}, "idle": {}}
     warmup = min(1.0, seconds / 4)
-    net = Network(stream_bytes, term_bytes, folder)
+    net = Network(stream_bytes, term_bytes, folder, pool_size)
     try:
         net.start([p.key for p in paths])
         for path in paths:
@@ -337,6 +350,24 @@ def report(results: dict[str, Any]) -> str:
         out.append(table(["goal (issue 14)", "median (min-max over rounds)", "target",
                           "result"], [[g[0], g[1], g[2], "met" if g[3] == "PASS" else
                                        "not met" if g[3] == "MISS" else g[3]] for g in goals]))
+    pooled = []
+    for key in OURS:
+        runs = {n: results["rate"][str(n)].get(key, []) for n in s["clients"]}
+        if not all("pool_hits" in r for v in runs.values() for r in v):
+            continue
+        parts = []
+        for n, v in runs.items():
+            hits = sum(r["pool_hits"] for r in v)
+            total = hits + sum(r["pool_misses"] for r in v)
+            if total:
+                parts.append(f"{hits / total:.0%} at {n} client{'s' if n > 1 else ''}")
+        if parts:
+            pooled.append(f"{BY_KEY[key].label}: {', '.join(parts)}")
+    if pooled:
+        size = s.get("pool_size")
+        out.append("\nConnections served from the private proxy's pool of pre-dialled "
+                   "connections (the rest were brokered; private proxy pool_size "
+                   f"{'default' if size is None else size}): " + "; ".join(pooled) + ".")
     if "rate_limited" in results:
         limits = ", ".join(f"{r['limit']:,} a {r['type']}" for r in RATE_LIMITS)
         out.append(f"\nThe public proxy's tcp_rate_limits for this run: {limits} per "
@@ -368,6 +399,11 @@ def _settings(quick: bool) -> dict[str, Any]:
         if not low <= value <= high:  # also false for nan
             raise SystemExit(f"{name}: {text[:40]!r} is not a number from {low:g} to {high:g}")
         settings[key] = value if key == "seconds" else int(value)
+    pool = os.environ.get("BENCH_SNI_POOL_SIZE", "")
+    if pool:
+        if not pool.isdigit() or int(pool) > 1000:
+            raise SystemExit(f"BENCH_SNI_POOL_SIZE: {pool[:40]!r} is not a number from 0 to 1000")
+        settings["pool_size"] = int(pool)
     return settings
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from epsproxy.dev.pki import DevPKI
 
@@ -203,8 +204,10 @@ class Network:
     """
 
     def __init__(self, stream_bytes: int, term_stream_bytes: int,
-                 folder: Path = RUN_DIR) -> None:
+                 folder: Path = RUN_DIR, pool_size: int | None = None) -> None:
         self.folder = folder
+        #: The private proxies' ``pool_size`` (None: the program's default; 0: no pool).
+        self.pool_size = pool_size
         self.stream_bytes = stream_bytes
         self.term_stream_bytes = term_stream_bytes
         self.ports = Ports()
@@ -392,6 +395,7 @@ http {{
             "internal_endpoint": endpoint,
             "max_connections": CONNECTION_CAP,
             "shutdown_grace": 0,
+            **({} if self.pool_size is None else {"pool_size": self.pool_size}),
         }})
         return Process(role, _twistd(role, "proxy", self.folder, "--mode", "private"),
                        self.folder / f"{role}.out", (port,))
@@ -453,10 +457,15 @@ http {{
             process.start()
         for process in wanted:
             process.wait_listening()
-        if "ours-raw" in paths:
-            self.announce(RAW_OPERATOR, RAW_DOMAIN)
-        if "ours-term" in paths:
-            self.announce(TERM_OPERATOR, TERM_DOMAIN)
+        for key, operator, domain in (("ours-raw", RAW_OPERATOR, RAW_DOMAIN),
+                                      ("ours-term", TERM_OPERATOR, TERM_DOMAIN)):
+            if key in paths:
+                self.announce(operator, domain)
+        for key, operator in (("ours-raw", RAW_OPERATOR), ("ours-term", TERM_OPERATOR)):
+            if key in paths and self.pool_size != 0:
+                idle = self.wait_for_pool(operator)
+                step(f"{operator}'s connection pool at the public proxy: {idle:.0f} idle"
+                     + ("" if idle else " (it did not fill: connections are brokered)"))
 
     def pids(self, key: str, brokering: bool = False) -> list[int]:
         """
@@ -483,8 +492,12 @@ http {{
             return self.ports.public_tls
         return self.ports.chains[key][0]
 
-    def metric(self, name: str) -> float:
-        """The sum of a metric's samples on the public proxy's metrics port (0 when absent)."""
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """
+        The sum of the samples ``name`` (with ``labels`` among theirs) on the public
+        proxy's metrics port (0 when absent); ``name`` may carry labels in the exposition's
+        own syntax (``name{outcome="x"}``), matched as text.
+        """
         connection = http.client.HTTPConnection("127.0.0.1", self.ports.public_metrics,
                                                 timeout=10)
         try:
@@ -492,8 +505,25 @@ http {{
             text = connection.getresponse().read().decode()
         finally:
             connection.close()
-        return sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
+        if labels is None:
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith(name) and not line.startswith("#"))
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == name
+                   and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+    def wait_for_pool(self, operator: str, seconds: float = 30) -> float:
+        """
+        Wait until the public proxy holds an idle pooled connection of ``operator``
+        (issue 14) or ``seconds`` passed; the idle count then (0: no pool, brokered only).
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            idle = self.metric("proxy_pool_connections", {"operator": operator, "state": "idle"})
+            if idle > 0 or time.monotonic() > deadline:
+                return idle
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """SIGTERM to all at once (each drains in parallel), then wait for each."""

@@ -25,6 +25,7 @@ peer addresses truncated by :func:`epsproxy.net.hostport.truncate_ip`.
 from __future__ import annotations
 
 from typing import Any, Callable, cast
+from typing import Protocol as Protocol_
 
 from twisted.internet import defer
 from twisted.internet.interfaces import (
@@ -44,12 +45,22 @@ from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
 
 from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, Splice, retarget, splice
 
-__all__ = ["Rendezvous", "RendezvousFull"]
+__all__ = ["PoolIntake", "Rendezvous", "RendezvousFull"]
 
 log = Logger()
 
 #: Default bound on the bytes one direction of a pair holds in user space.
 DEFAULT_BUFFER_BYTES = 256 * 1024
+
+
+class PoolIntake(Protocol_):
+    """What the rendezvous needs of a connection pool (:mod:`epsproxy.proxy.pool`)."""
+
+    def adopt(self, connection: IProtocol, token: bytes, rest: bytes) -> bool:
+        """
+        Whether ``token`` is a live pool token; if so the pool has taken ``connection``
+        over (it closes it itself if ``rest``, bytes after the token, is not empty).
+        """
 
 
 class RendezvousFull(Exception):
@@ -99,7 +110,7 @@ class _Party(Protocol):
     waits (buffering at most ``buffer_bytes`` of early stream bytes) for its partner.
     """
 
-    state = "token"  # "token" -> "waiting" -> "spliced"; or "closed"
+    state = "token"  # "token" -> "waiting" -> "spliced"; or "closed", or "pooled" (issue 14)
 
     def __init__(self, rendezvous: Rendezvous) -> None:
         self._rv = rendezvous
@@ -173,6 +184,7 @@ class Rendezvous:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         read_bytes: int = DEFAULT_READ_BYTES,
         on_valid_token: Callable[[Any], None] | None = None,
+        pool: PoolIntake | None = None,
     ) -> None:
         if max_pending < 1 or buffer_bytes < 1 or read_bytes < 1:
             raise ValueError("max_pending, buffer_bytes and read_bytes must be positive")
@@ -191,6 +203,9 @@ class Rendezvous:
         #: Called with a party's peer address when it presents a live token (e.g. a rate
         #: limiter's ``forgive``: a brokered connection is not a flood).
         self.on_valid_token = on_valid_token
+        #: (issue 14) Offered each connection whose token is not in the table: a live pool
+        #: token makes it an idle pooled connection (see :mod:`epsproxy.proxy.pool`).
+        self.pool = pool
         # counters since start (metrics)
         self.pairings = 0
         self.timeouts = 0
@@ -273,6 +288,23 @@ class Rendezvous:
             first.state = "closed"
             first.entry = None
             _abort(first.transport)
+
+    def splice_pair(
+        self, left: IProtocol, right: IProtocol, *, to_right: bytes = b"", tag: str = ""
+    ) -> Splice:
+        """
+        (issue 14) Splice two connections that did not pair here (a client and a pooled
+        connection), with this rendezvous' read size and idle timeout, ``to_right`` sent
+        to ``right`` first; tracked like a pair (drain, close_all, bytes_spliced,
+        active_splices) but not counted as a pairing.  Raises RendezvousFull once closing.
+        """
+        if self._closing:
+            raise RendezvousFull("the rendezvous is closed")
+        s = splice(self._clock, left, right, to_right=to_right, read_bytes=self.read_bytes,
+                   idle_timeout=self.idle_timeout, tag=tag)
+        self._splices.add(s)
+        s.done.addCallback(self._splice_done, s)
+        return s
 
     def factory(self) -> IProtocolFactory:
         """
@@ -407,6 +439,11 @@ class Rendezvous:
         self._stop_reading_token(party)
         entry = self._table.get(token)
         if entry is None:
+            if self.pool is not None and self.pool.adopt(party, token, rest):
+                party.state = "pooled"  # the pool owns the connection from now on
+                if self.on_valid_token is not None:
+                    self.on_valid_token(cast(Any, party.transport).getPeer())
+                return
             self._refuse(party, "unknown, expired or used token", token)
             return
         if self.on_valid_token is not None:

@@ -289,6 +289,7 @@ class PublicAnnouncements:
         self.name = name
         self.max_per_operator = max_per_operator
         self._by_domain: dict[str, PublicAnnouncement] = {}
+        self._by_operator: dict[str, set[str]] = {}  # operator -> its domains (any expiry)
         self._lock = DeferredLock()
         self.watcher: Any = None
 
@@ -330,11 +331,29 @@ class PublicAnnouncements:
                 continue
             domain = value["domain"].lower()
             expires = value.get("expires_at")
-            self._by_domain[domain] = PublicAnnouncement(
+            self._set(PublicAnnouncement(
                 domain, value["operator"], expires,
                 None if expires is None else timestamp_ns(expires),
-            )
+            ))
         return len(entries)
+
+    def _set(self, announcement: PublicAnnouncement) -> None:
+        previous = self._by_domain.get(announcement.domain)
+        if previous is not None and previous.operator != announcement.operator:
+            domains = self._by_operator.get(previous.operator)
+            if domains is not None:
+                domains.discard(announcement.domain)
+                if not domains:
+                    del self._by_operator[previous.operator]
+        self._by_domain[announcement.domain] = announcement
+        self._by_operator.setdefault(announcement.operator, set()).add(announcement.domain)
+
+    def holds_live(self, operator: str) -> bool:
+        """Whether ``operator`` holds at least one live announcement here (issue 14: only
+        then may it keep pooled connections)."""
+        now = self.clock.seconds()
+        return any(_live(self._by_domain[domain].expires_ns, now)
+                   for domain in self._by_operator.get(operator, ()))
 
     def operator_for(self, domain: str) -> str | None:
         """The operator with a live announcement of exactly ``domain`` (any case), or None."""
@@ -419,7 +438,7 @@ class PublicAnnouncements:
             except AppendConflict:
                 await self._load()
                 continue
-            self._by_domain[domain] = decided
+            self._set(decided)
             if getattr(self.store, "append_if_unchanged", None) is not None:
                 await self._load()  # move past our own entry, so the next append matches
             log.info(

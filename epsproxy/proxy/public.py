@@ -26,11 +26,16 @@ Better than the reference (SPEC §23.1):
   stop (#10).
 - Logs never carry tokens, and client addresses only truncated (#11).
 
+Pooled connections (issue 14): ``requestPoolTokens`` hands pool tokens to an operator
+with a live announcement here; the private proxy's connections that present them wait
+idle in :class:`~epsproxy.proxy.pool.ConnectionPool`, and the SNI front serves a new
+client from them before it falls back to brokering.
+
 A reload (SIGHUP) applies the JSON-RPC server's TLS files, rate limits, timeouts, caps
 and CORS, a new client to the own endpoint server, the ``tcp_rate_limits`` of the
-internal and TLS listeners, the token, splice and ClientHello timeouts and limits, and
-the internal endpoint told to the parties; pending tokens, splices and announcements are
-kept.  What needs a restart is :data:`PUBLIC_RESTART_KEYS`.  (The domains an operator
+internal and TLS listeners, the token, splice and ClientHello timeouts and limits, the
+pool's cap and idle timeout, and the internal endpoint told to the parties; pending
+tokens, splices, pooled connections and announcements are kept.  What needs a restart is :data:`PUBLIC_RESTART_KEYS`.  (The domains an operator
 may announce come from its directory entry, not from the settings: nothing to reload.)
 """
 
@@ -78,12 +83,15 @@ from .announcements import (
     AnnouncementError,
     PublicAnnouncements,
 )
+from .pool import CLOSE_REASONS, ConnectionPool
+from .pooling import REQUEST_POOL_TOKENS, REQUEST_POOL_TOKENS_PARAMS
 from .reachability import RetiredClients, TrackedClient
 from .rendezvous_server import Rendezvous, RendezvousFull
 from .sni import SNIFront
 from .settings import DEFAULT_DATASTORE_FILE
 
 __all__ = [
+    "NO_ANNOUNCEMENT",
     "PUBLIC_RESTART_KEYS",
     "SERVER_CHANNELS",
     "TOO_MANY_PENDING",
@@ -101,6 +109,8 @@ SERVER_CHANNELS = ("eps_server", "grpc_server")
 
 #: Error code of a ``requestConnection`` refused because the token table is full.
 TOO_MANY_PENDING = 503
+#: Error code of a ``requestPoolTokens`` from an operator without a live announcement.
+NO_ANNOUNCEMENT = 404
 # NOT_AUTHORIZED (403, a call that does not come from the own endpoint server) and
 # OPERATOR (a name that makes a valid "<to>._connectionRequest" method, SPEC §9.2) are
 # shared with the announcements.
@@ -299,6 +309,41 @@ class PublicProxy:
         dispatcher.register("announceConnections", ANNOUNCE_CONNECTIONS_PARAMS, announce)
         dispatcher.register("getAnnouncements", GET_ANNOUNCEMENTS_PARAMS, listing)
 
+    # -- pooled connections (issue 14) -------------------------------------------------
+
+    def register_pool(
+        self, dispatcher: Dispatcher, pool: ConnectionPool, announcements: PublicAnnouncements
+    ) -> None:
+        """
+        Serve ``requestPoolTokens`` (:mod:`epsproxy.proxy.pooling`) on ``dispatcher``:
+        pool tokens from ``pool`` for a caller (``_client``) that holds a live
+        announcement in ``announcements``.
+        """
+
+        def request(params: dict[str, Any], context: CallContext) -> dict[str, Any]:
+            self._check_caller(context)
+            client = params.get("_client")
+            operator = client.get("name") if client is not None else None
+            if not isinstance(operator, str) or not operator:
+                raise JSONRPCError(
+                    NOT_AUTHORIZED,
+                    f"not authorized: {REQUEST_POOL_TOKENS} needs _client (call through "
+                    "the endpoint server)",
+                )
+            if not announcements.holds_live(operator):
+                raise JSONRPCError(
+                    NO_ANNOUNCEMENT,
+                    f"no live announcement for {shorten(operator)} at this proxy",
+                )
+            tokens = pool.issue(operator, params["count"])
+            return {
+                "tokens": [encode_token(token) for token in tokens],
+                "endpoint": self.internal_endpoint,
+                "expires_in": pool.token_lifetime,
+            }
+
+        dispatcher.register(REQUEST_POOL_TOKENS, REQUEST_POOL_TOKENS_PARAMS, request)
+
     def _log_full(self) -> None:
         now = self.reactor.seconds()
         self._full_unlogged += 1
@@ -369,6 +414,43 @@ class _SNICollector:
         yield family
 
 
+class _PoolCollector:
+    """Prometheus view of the connection pool (and the TLS listener's fallbacks)."""
+
+    def __init__(self, service: PublicProxyService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self.service.pool
+        connections = GaugeMetricFamily(
+            "proxy_pool_connections", "pooled connections per operator",
+            labels=["operator", "state"])
+        tokens = GaugeMetricFamily(
+            "proxy_pool_tokens", "unexpired pool tokens per operator", labels=["operator"])
+        for operator, state in pool.state().items():
+            connections.add_metric([operator, "idle"], state["idle"])
+            connections.add_metric([operator, "in_use"], state["in_use"])
+            tokens.add_metric([operator], state["tokens"])
+        yield connections
+        yield tokens
+        requests = CounterMetricFamily(
+            "proxy_pool_requests", "TLS clients that asked the pool for a connection",
+            labels=["outcome"])
+        requests.add_metric(["hit"], pool.hits)
+        requests.add_metric(["miss"], pool.misses)
+        yield requests
+        front = self.service.front
+        yield CounterMetricFamily(
+            "proxy_pool_fallbacks", "TLS clients brokered because the pool had none idle",
+            value=front.pool_fallbacks if front is not None else 0)
+        closed = CounterMetricFamily(
+            "proxy_pool_closed", "idle pooled connections closed or lost, by reason",
+            labels=["reason"])
+        for reason in CLOSE_REASONS:
+            closed.add_metric([reason], pool.closed[reason])
+        yield closed
+
+
 @dataclass(frozen=True)
 class PublicProxyPorts:
     """The listeners of a started public proxy."""
@@ -431,6 +513,13 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self.internal_admission = admission.listener_admission(
             "public.internal", settings, prefix="internal_",
             evict_after=settings["read_timeout_at_cap"], clock=reactor)
+        #: Pooled connections per operator (issue 14).
+        self.pool = ConnectionPool(
+            reactor, self._holds_live,
+            token_lifetime=settings["accept_timeout"],
+            max_per_operator=settings["pool_max_per_operator"],
+            idle_timeout=settings["pool_idle_timeout"],
+        )
         self.rendezvous = Rendezvous(
             reactor,
             accept_timeout=settings["accept_timeout"],
@@ -439,8 +528,10 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             buffer_bytes=settings["splice_buffer_bytes"],
             idle_timeout=settings["idle_timeout"],
             on_valid_token=self._valid_token,
+            pool=self.pool,
         )
         self.registry.register(_RendezvousCollector(self.rendezvous))
+        self.registry.register(_PoolCollector(self))
         self.store: Store | None = None
         self.client: JSONRPCClient | None = None
         self.listener: JSONRPCListener | None = None
@@ -485,6 +576,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         internal = await self._listen_internal()
         dispatcher = self.proxy.dispatcher()
         self.proxy.register_announcements(dispatcher, self.announcements)
+        self.proxy.register_pool(dispatcher, self.pool, self.announcements)
         site = jsonrpc_site(
             dispatcher, server_settings, reactor=self.reactor,
             metrics=RPCMetrics(self.registry, "proxy", dispatcher.__contains__),
@@ -494,6 +586,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         jsonrpc = await self.listener.listen()
         self.ports.append(jsonrpc)
         front_port = await self._listen_tls()
+        self.pool.start()
         ihost, iport = _host_port(internal.getHost())
         jhost, jport = _host_port(jsonrpc.getHost())
         thost, tport = _host_port(front_port.getHost())
@@ -547,6 +640,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             # Behind a load balancer the client's address is in the PROXY header: the
             # front applies the limits itself, per real client.
             rate_limiter=limiter if settings["proxy_protocol"] else None,
+            pool=self.pool,
         )
         front = self.front
         factory: Any = self.front.factory()
@@ -571,6 +665,14 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         # connection cap (a private proxy relays many clients from one address).
         self._internal_limiter.forgive(peer)
         self.internal_admission.forgive(peer)
+
+    def _holds_live(self, operator: str) -> bool:
+        announcements = self.announcements
+        return announcements is not None and announcements.holds_live(operator)
+
+    def pool_state(self) -> dict[str, dict[str, int]]:
+        """The connection pool per operator (status page): idle, in use, tokens."""
+        return self.pool.state()
 
     def _lb_sources(self, settings: dict[str, Any]) -> tuple[Any, ...]:
         return self._trusted if settings["proxy_protocol"] else ()
@@ -619,6 +721,9 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         r.accept_timeout, r.read_timeout = settings["accept_timeout"], settings["read_timeout"]
         r.max_pending, r.buffer_bytes = settings["max_pending_tokens"], settings["splice_buffer_bytes"]
         r.idle_timeout = settings["idle_timeout"]
+        self.pool.token_lifetime = settings["accept_timeout"]
+        self.pool.max_per_operator = settings["pool_max_per_operator"]
+        self.pool.idle_timeout = settings["pool_idle_timeout"]
         if self.front is not None:
             self.front.max_hello_bytes = settings["max_hello_bytes"]
             self.front.hello_timeout = settings["hello_timeout"]
@@ -666,6 +771,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             await maybeDeferred(port.stopListening)
         if self.front is not None:
             await self.front.close_all()
+        await self.pool.close_all()
         active = self.rendezvous.active_splices
         if active and grace > 0:
             self.log.info("draining {count} spliced connection(s) for up to {grace:g} s",

@@ -161,6 +161,16 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             forms.Float(min=0, max=3600), default=30.0,
             doc="on SIGTERM, seconds spliced connections may go on before they are cut",
         ),
+        "pool_max_per_operator": forms.Optional(
+            forms.Integer(min=0, max=100_000), default=64,
+            doc="idle pooled connections plus unexpired pool tokens one operator may hold "
+                "(0: no pool, every TLS client is brokered)",
+        ),
+        "pool_idle_timeout": forms.Optional(
+            forms.Float(min=1, max=7 * 86400), default=300.0,
+            doc="seconds an idle pooled connection is kept before it is closed (the "
+                "private proxy replaces it)",
+        ),
     },
     strict=True,
 )

@@ -9,6 +9,14 @@ operator through ``notify`` (the lead wires ``"<operator>.incomingConnection"`` 
 When the operator's private proxy presents the token at the internal endpoint it first
 receives the ClientHello bytes, then the two connections are spliced.
 
+With a connection ``pool`` (issue 14, :mod:`epsproxy.proxy.pool`) the front first takes
+an idle pooled connection of that operator: it writes :func:`~epsproxy.proxy.pooling.
+pool_header` (the client's address and the server name) and the ClientHello to it and
+splices the two at once, with no token and no ``notify``.  Only when the operator has no
+idle connection does the brokered path above run (a fallback).  ``lookup`` only names an
+operator with a live announcement of the name, so a pooled connection never carries a
+name its operator does not hold.
+
 Differences from the reference (SPEC §23.1 #1, #3, #5), on purpose:
 
 - The ClientHello is read however it arrives (TCP reads, TLS records) within
@@ -68,6 +76,8 @@ from epsproxy.net.ratelimit import RateLimiter
 from epsproxy.net.token import encode_token, token_tag
 
 from .clienthello import DEFAULT_MAX_BYTES, ClientHello, ClientHelloError, ClientHelloReader
+from .pool import ConnectionPool, PooledConnection
+from .pooling import pool_header
 from .rendezvous_server import Rendezvous, RendezvousFull
 
 __all__ = [
@@ -182,6 +192,7 @@ class SNIFront:
     ``on_routed(peer)`` (optional) is told the TCP peer of each connection routed (the
     listener's per-address cap forgives it); ``on_no_route(name, peer)`` (optional) of
     each server name nobody announced, with the client's blurred address.
+    ``pool`` (optional) serves clients from the operator's idle pooled connections.
     ``rate_limiter`` (optional) is asked about
     each client's address — after the PROXY header when ``proxy_protocol`` is on;
     without it, wrapping :meth:`factory` with
@@ -192,8 +203,10 @@ class SNIFront:
     its hello was complete), ``bad_proxy_header``, ``untrusted_proxy_source`` (with
     ``proxy_protocol``: connections from a source not in ``proxy_trusted``, refused or
     read without a header as ``proxy_untrusted`` says), ``rate_limited``, ``routed``
-    (parked and notify sent), ``notified`` (notify succeeded), ``notify_failed``;
-    gauge :attr:`reading` (connections still reading their hello).
+    (parked and notify sent), ``notified`` (notify succeeded), ``notify_failed``,
+    ``pooled`` (spliced with a pooled connection), ``pool_fallbacks`` (brokered because
+    the operator had no idle pooled connection); gauge :attr:`reading` (connections
+    still reading their hello).
     """
 
     def __init__(
@@ -212,6 +225,7 @@ class SNIFront:
         rate_limiter: RateLimiter | None = None,
         on_routed: Callable[[IAddress], None] | None = None,
         on_no_route: Callable[[str, str], None] | None = None,
+        pool: ConnectionPool | None = None,
     ) -> None:
         ClientHelloReader(max_hello_bytes)  # validates the cap
         self.clock = clock
@@ -227,6 +241,7 @@ class SNIFront:
         self.rate_limiter = rate_limiter
         self.on_routed = on_routed
         self.on_no_route = on_no_route
+        self.pool = pool
         self._reading: set[_Client] = set()
         self._closing = False
         self._factory = _FrontFactory(self)
@@ -243,6 +258,8 @@ class SNIFront:
         self.routed = 0
         self.notified = 0
         self.notify_failed = 0
+        self.pooled = 0
+        self.pool_fallbacks = 0
 
     @property
     def reading(self) -> int:
@@ -361,6 +378,12 @@ class SNIFront:
                 self.on_no_route(name, peer)  # the name as sent, the client blurred
             self._close(client)
             return
+        if self.pool is not None:
+            pooled = self.pool.take(operator)
+            if pooled is not None:
+                self._serve_pooled(client, hello, name, operator, pooled)
+                return
+            self.pool_fallbacks += 1
         try:
             token = self.rendezvous.new_token()
         except RendezvousFull as e:
@@ -394,6 +417,33 @@ class SNIFront:
         d = defer.maybeDeferred(self.notify, operator, params)
         d.addCallbacks(self._notified, self._notify_failed,
                        errbackArgs=(token, name, operator))
+
+    def _serve_pooled(self, client: _Client, hello: ClientHello, name: str, operator: str,
+                      pooled: PooledConnection) -> None:
+        """Splice ``client`` with an idle pooled connection of ``operator`` (issue 14)."""
+        assert self.pool is not None
+        pool = self.pool
+        addresses = _addresses(client)
+        try:
+            header = pool_header(name, addresses.get("client_address"),
+                                 addresses.get("server_address"))
+            s = self.rendezvous.splice_pair(client, pooled, to_right=header + hello.raw,
+                                            tag=f"pool:{operator}")
+        except Exception:
+            log.failure("cannot serve {name} from the pool of {operator}", name=name,
+                        operator=operator)
+            pool.release(pooled)
+            if pooled.transport is not None:
+                pooled.transport.loseConnection()
+            self._close(client, abort=True)
+            return
+        client.state = "pooled"
+        self.pooled += 1
+        s.done.addBoth(lambda _: pool.release(pooled))
+        if self.on_routed is not None:
+            self.on_routed(cast(ITCPTransport, client.transport).getPeer())
+        log.debug("{name} from {peer}: served by a pooled connection of {operator}",
+                  name=name, peer=_describe(client.address), operator=operator)
 
     def _notified(self, _: Any) -> None:
         self.notified += 1

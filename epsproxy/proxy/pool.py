@@ -340,6 +340,7 @@ class ConnectionPool:
         op = self._operators.get(connection.operator)
         if op is not None:
             op.idle.pop(connection, None)
+            self._tidy(connection.operator, op)
         connection.state = "closed"
         self.closed[reason] += 1
         if reason == "bytes_while_idle":

@@ -75,7 +75,7 @@ class PublicProxyPageInBrowser(TestCase):
         self.assertNotIn("<script>", dom)
         self.assertIn(f"<title>Public proxy {PUBLIC_PROXY}</title>", dom)
         self.assertIn("app.internal-server.local", dom)
-        self.assertIn("no connection pool", dom)
+        self.assertIn("<h2>Connection pools</h2><p class=\"empty\">none</p>", dom)  # issue 14
         self.assertRegex(dom, r"active splices</th><td>1</td>")
         self.assertRegex(dom, r"pairings since start</th><td>1</td>")
         self.assertIn("nobody-announced.example", dom)

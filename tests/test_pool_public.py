@@ -37,6 +37,7 @@ from epsproxy.proxy.pooling import MAX_POOL_HEADER, REQUEST_POOL_TOKENS
 from epsproxy.proxy.public import NO_ANNOUNCEMENT, NOT_AUTHORIZED
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.settings import PROXY_SETTINGS
+from epsproxy.proxy.status_page import pool_rows
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules import forms
 
@@ -478,6 +479,8 @@ class ServedByARealPublicProxy(TestCase):
         self.assertEqual(self.proxy.pool_state(),
                          {PRIVATE: {"idle": 1, "in_use": 1, "tokens": 0}})
         self.assertEqual((self.proxy.front.pooled, self.proxy.front.routed), (1, 0))
+        self.assertEqual(pool_rows(self.proxy.pool_state()),
+                         [(PRIVATE, "idle: 1, in_use: 1, tokens: 0")])  # the status page
         self.assertEqual(self.proxy.rendezvous.active_splices, 1)
         metrics = self.metrics()
         for line in (

@@ -219,7 +219,13 @@ INTERNAL_ENDPOINT_SETTINGS = forms.Map(
 )
 """``private.internal_endpoint``: where incoming connections go, and how."""
 
-PRIVATE_PROXY_SETTINGS = forms.Map(
+def _pool_limits(section: dict[str, Any]) -> dict[str, Any]:
+    if section["pool_max"] < section["pool_size"]:
+        raise forms.FormError("must not be below pool_size", ("pool_max",))
+    return section
+
+
+PRIVATE_PROXY_SETTINGS = forms.Check(forms.Map(
     {
         "name": forms.Required(
             forms.String(min_length=1, max_length=253),
@@ -261,9 +267,24 @@ PRIVATE_PROXY_SETTINGS = forms.Map(
             forms.Float(min=0, max=3600), default=30.0,
             doc="on SIGTERM, seconds forwarded connections may go on before they are cut",
         ),
+        "pool_size": forms.Optional(
+            forms.Integer(min=0, max=10_000), default=4,
+            doc="idle pre-dialled connections kept at each public proxy of a live "
+                "announcement (0: no pool, every connection brokered)",
+        ),
+        "pool_max": forms.Optional(
+            forms.Integer(min=1, max=10_000), default=64,
+            doc="most idle pooled connections per public proxy when the pool grows under "
+                "load (at least pool_size)",
+        ),
+        "pool_shrink_after": forms.Optional(
+            forms.Float(min=1, max=86400), default=30.0,
+            doc="seconds without a brokered connection after which a grown pool shrinks "
+                "by one",
+        ),
     },
     strict=True,
-)
+), _pool_limits)
 """The ``private`` section (SPEC §14.5 plus limits and the PROXY protocol switch)."""
 
 PROXY_SETTINGS = forms.Map(

@@ -6,7 +6,7 @@ The proxies' status pages (``/`` of the metrics listener, see :mod:`epsproxy.net
   second, refusals by reason, and the last server names refused for want of an
   announcement.
 - :class:`PrivateProxyPage`: its announcements and when they were last re-announced,
-  forwarded and failed connections.
+  forwarded and failed connections, its connection pool at each public proxy.
 
 Both read the running service at render time (in memory only: never a call out).
 """
@@ -166,6 +166,8 @@ class PrivateProxyPage:
         now = self.reactor.seconds()
         at = getattr(service, "reannounced_at", None)
         announcements = proxy.announcements.announcements() if proxy is not None else []
+        pool_state = getattr(service, "pool_state", None)
+        pools = pool_rows(pool_state() if callable(pool_state) else None)
         return [
             section("Announcements", table(
                 ("domain", "public proxy", "expires"),
@@ -179,7 +181,12 @@ class PrivateProxyPage:
             section("Connections", key_values([
                 *((why, int(self._count(name))) for name, why in PRIVATE_COUNTERS.items()),
                 ("being forwarded now", len(getattr(service.forwarder, "active", ()))),
+                ("incomingConnection calls (brokered)", getattr(proxy, "incoming_calls", 0)),
+                ("served from the pool", getattr(getattr(service, "pool", None), "served", 0)),
             ])),
+            section("Connection pool", table(("public proxy", "state"), pools,
+                                              empty="no live announcement to pool for")
+                    if pools is not None else tags.p("no connection pool", class_="empty")),
             section("Last hour", self.sampler.sparklines()) if self.sampler else tags.p(),
             self.certificates.section(proxy_file_sets({"private": service.settings}, "private")),
         ]

@@ -13,11 +13,15 @@ All live announcements are re-sent by :meth:`PrivateProxy.reannounce` (at start 
 the next round).  Expired announcements are not re-announced, and the store is written only
 on changes (SPEC §23.1 #7); concurrent forwarded connections are capped
 (``max_connections``, 503 beyond).
+
+``incomingConnection`` calls are counted (:attr:`PrivateProxy.incoming_calls`): with a
+connection pool (:mod:`epsproxy.proxy.private.pool`) each one is a fallback of the public
+proxy (no idle pooled connection), and the pool is told so it can grow.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -52,6 +56,9 @@ from epsproxy.proxy.private.forwarding import Forwarder, proxy_v2_header
 from epsproxy.rules import forms
 from epsproxy.rules.certificates import certificate_names
 from epsproxy.rules.text import shorten
+
+if TYPE_CHECKING:
+    from epsproxy.proxy.private.pool import PoolKeeper
 
 __all__ = [
     "NOT_FOUND",
@@ -117,6 +124,7 @@ class PrivateProxy:
         proxy_protocol: bool = False,
         verify_caller: bool = False,
         call_timeout: float | None = None,
+        pool: PoolKeeper | None = None,
     ) -> None:
         self.reactor = reactor
         self.name = name
@@ -126,8 +134,11 @@ class PrivateProxy:
         self.proxy_protocol = proxy_protocol
         self.verify_caller = verify_caller
         self.call_timeout = call_timeout
+        self.pool = pool
         self.reannounced = 0
         self.reannounce_failures = 0
+        #: ``incomingConnection`` calls from authorized callers (brokered connections).
+        self.incoming_calls = 0
 
     def dispatcher(self) -> Dispatcher:
         """A dispatcher serving this proxy's methods."""
@@ -231,6 +242,7 @@ class PrivateProxy:
         background.  404 without a live announcement to the caller, 503 when busy.
         """
         client = self._caller(params, context)
+        self.incoming_calls += 1
         domain = params["domain"]
         try:
             token = decode_token(params["token"])
@@ -250,9 +262,12 @@ class PrivateProxy:
                 header = proxy_v2_header(None)
         if not self.announcements.is_live(domain, client["name"]):
             raise JSONRPCError(NOT_FOUND, "no matching connection found")
+        if self.pool is not None:
+            self.pool.fallback(client["name"])  # the public proxy found no idle one
         if self.forwarder.busy:
             raise JSONRPCError(TOO_MANY_CONNECTIONS, "too many connections, try again later")
-        self.forwarder.forward(params["endpoint"], token, header)
+        self.forwarder.forward(params["endpoint"], token, header,
+                               client=params.get("client_address"))
         return {"message": "ok"}
 
     def reannounce(self) -> Deferred[None]:

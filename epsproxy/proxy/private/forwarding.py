@@ -13,6 +13,11 @@ optional ``incomingConnection`` params ``client_address`` (``"ip:port"``, and
 header is a v2 ``PROXY`` command over TCP (unknown server address: the family's zero
 address, port 0); without one it is a ``LOCAL`` command, so the internal server uses the
 connection's own addresses (:func:`proxy_v2_header`).
+
+A pooled connection (:mod:`epsproxy.proxy.private.pool`) is served the same way once its
+header is read (:meth:`Forwarder.serve_pooled`): the PROXY v2 header towards the internal
+server is made from the pooled header's addresses (the real client's), and the bytes
+after the pooled header (the ClientHello) go first.
 """
 
 from __future__ import annotations
@@ -28,18 +33,37 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.hostport import parse_host_port
-from epsproxy.net.proxy_protocol import proxy_v2_header
+from epsproxy.net.hostport import format_host_port, parse_host_port, truncate_ip
+from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import token_tag
 from epsproxy.proxy.splice import splice
 from epsproxy.rules.text import shorten
 
-__all__ = ["proxy_v2_header", "Forwarder"]
+__all__ = ["proxy_v2_header", "Forwarder", "address_text", "blurred_client"]
 
 log = Logger()
 
 # ---------------------------------------------------------------- raw forwarding
+
+
+def address_text(address: Any) -> str | None:
+    """``"ip:port"`` of an ``IPv4Address``/``IPv6Address`` (a PROXY header's), else None."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    return format_host_port(host, port)
+
+
+def blurred_client(client: str | None) -> str:
+    """A client's ``"ip:port"`` as logs may name it (truncated), or ``"unknown"``."""
+    if not client:
+        return "unknown"
+    try:
+        host, _ = parse_host_port(client)
+    except ValueError:
+        return "unknown"
+    return truncate_ip(host)
 
 
 def _abort(protocol: Protocol) -> None:
@@ -111,6 +135,7 @@ class Forwarder:
         self.active: set[Any] = set()  # forwards in progress: tokens, splices, channels
         self.forwarded = 0
         self.failed = 0
+        self.pooled = 0  # forwarded connections that came from the pool
         self._closing = False
         self._drained: list[Deferred[None]] = []
 
@@ -133,11 +158,13 @@ class Forwarder:
         return self._closing or len(self.active) >= self.max_connections
 
     def forward(
-        self, endpoint: str, token: bytes, proxy_header: bytes | None = None
+        self, endpoint: str, token: bytes, proxy_header: bytes | None = None,
+        client: str | None = None,
     ) -> Deferred[None]:
         """
         Serve one incoming connection in the background; the Deferred fires when it is
-        connected (or has failed, which is logged, never raised).
+        connected (or has failed, which is logged, never raised).  ``client`` is the
+        client's ``"ip:port"`` when known (logged blurred).
         """
         marker = object()
         self.active.add(marker)
@@ -146,8 +173,9 @@ class Forwarder:
         def failed(failure: Failure) -> None:
             self.failed += 1
             log.warn(
-                "cannot serve the incoming connection {tag} from {endpoint}: {error}",
-                tag=token_tag(token), endpoint=shorten(endpoint),
+                "cannot serve the incoming connection {tag} from {endpoint} (client "
+                "{client}): {error}",
+                tag=token_tag(token), endpoint=shorten(endpoint), client=blurred_client(client),
                 error=shorten(failure.getErrorMessage(), 300),
             )
 
@@ -155,6 +183,64 @@ class Forwarder:
             self._forget(marker)
 
         return d.addErrback(failed).addBoth(done)
+
+    def serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
+        """
+        Serve a pooled connection whose header has been read (the caller checked the
+        name and :attr:`busy`): ``pooled`` is its protocol (paused; ``received``,
+        ``eof`` and ``gone`` say what happened since), ``header`` the pooled header with
+        the client's addresses and the bytes after it.  Fires when it is connected (a
+        failure is logged, never raised).
+        """
+        marker = object()
+        self.active.add(marker)
+        client = address_text(header.source)
+        d = ensureDeferred(self._serve_pooled(pooled, header, tag))
+
+        def failed(failure: Failure) -> None:
+            self.failed += 1
+            log.warn("cannot serve pooled connection {tag} (client {client}): {error}",
+                     tag=tag, client=blurred_client(client),
+                     error=shorten(failure.getErrorMessage(), 300))
+
+        def done(_: Any) -> None:
+            self._forget(marker)
+
+        return d.addErrback(failed).addBoth(done)
+
+    async def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:
+        """Connect to the internal server (PROXY v2 header first if on) and splice."""
+        client = address_text(header.source)
+        first = b""
+        if self.endpoint["proxy_protocol"]:
+            try:
+                first = proxy_v2_header(client, address_text(header.destination))
+            except ValueError:
+                first = proxy_v2_header(client) if client else proxy_v2_header(None)
+        internal = _Hold(first)
+        try:
+            await self._connect(self.endpoint["address"], internal)
+        except BaseException:
+            _abort(pooled)
+            raise
+        if pooled.gone or internal.gone or self._closing:
+            for end in (pooled, internal):
+                if not end.gone:
+                    _abort(end)
+            raise ConnectionError("a connection was lost before it was spliced")
+        s = splice(
+            self.reactor, pooled, internal,
+            to_right=header.rest + b"".join(pooled.received),
+            to_left=b"".join(internal.received),
+            left_eof=pooled.eof, right_eof=internal.eof,
+            idle_timeout=self.idle_timeout, tag=tag,
+        )
+        self.forwarded += 1
+        self.pooled += 1
+        self.active.add(s)
+        s.done.addBoth(lambda _: self._forget(s))
+        log.info("forwarding pooled connection {tag} from client {client} to {address}",
+                 tag=tag, client=blurred_client(client), address=self.endpoint["address"])
 
     def _connect(self, address: str, protocol: Protocol) -> Deferred[Any]:
         host, port = parse_host_port(address)

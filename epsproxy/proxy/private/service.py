@@ -12,11 +12,13 @@ receives TLS connections for its announced domains through a public proxy.
   (:class:`~epsproxy.proxy.private.forwarding.Forwarder`) or terminating TLS
   (:class:`~epsproxy.proxy.private.terminating.TerminatingForwarder`);
 - the announcement table (:class:`epsproxy.proxy.announcements.PrivateAnnouncements`),
-  kept in the datastore, and the loop that re-announces it.
+  kept in the datastore, and the loop that re-announces it;
+- the pool of pre-dialled connections at the public proxies
+  (:class:`~epsproxy.proxy.private.pool.PoolKeeper`; ``pool_size`` 0: none).
 
 A reload (SIGHUP) applies the JSON-RPC server's TLS files, rate limits, timeouts, caps
 and CORS, a new client to the own endpoint server, the forwarder's limits, address and
-TLS files, and the re-announce interval; what needs a restart is
+TLS files, the re-announce interval and the pool's sizes; what needs a restart is
 :data:`PRIVATE_RESTART_KEYS`.  Announcements and forwarded connections are kept.
 """
 
@@ -46,6 +48,7 @@ from epsproxy.net.reactor import IReactor
 from epsproxy.proxy.announcements import PrivateAnnouncements
 from epsproxy.proxy.private.api import PrivateProxy
 from epsproxy.proxy.private.forwarding import Forwarder
+from epsproxy.proxy.private.pool import PoolKeeper
 from epsproxy.proxy.private.terminating import TerminatingForwarder
 from epsproxy.proxy.reachability import RetiredClients, TrackedClient
 from epsproxy.proxy.settings import DEFAULT_PRIVATE_DATASTORE_FILE
@@ -98,6 +101,39 @@ class _Collector:
             "private_proxy_reannounce_failures", "re-announcement calls that failed",
             value=proxy.reannounce_failures,
         )
+        yield CounterMetricFamily(
+            "private_proxy_incoming_calls",
+            "incomingConnection calls (connections brokered, not served from the pool)",
+            value=proxy.incoming_calls,
+        )
+        pool = self.service.pool
+        if pool is None:
+            return
+        connections = GaugeMetricFamily(
+            "private_proxy_pool_connections",
+            "pooled connections kept at each public proxy, by state",
+            labels=["proxy", "state"],
+        )
+        for name, state in pool.state().items():
+            for key in ("idle", "connecting"):
+                connections.add_metric([name, key], state[key])
+        yield connections
+        yield CounterMetricFamily(
+            "private_proxy_pool_served", "connections served from the pool",
+            value=pool.served,
+        )
+        closed = CounterMetricFamily(
+            "private_proxy_pool_closed", "pooled connections closed, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(pool.closed.items()):
+            closed.add_metric([reason], count)
+        yield closed
+        yield CounterMetricFamily(
+            "private_proxy_pool_token_failures",
+            "requestPoolTokens calls that failed or returned a bad result",
+            value=pool.request_failures + pool.bad_results,
+        )
 
 
 @dataclass(frozen=True)
@@ -139,6 +175,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         self.reannounced_at: float | None = None
         self.forwarder: Forwarder | None = None
         self.proxy: PrivateProxy | None = None
+        self.pool: PoolKeeper | None = None
         self.ports: list[IListeningPort] = []
         self._loop: LoopingCall | None = None
         self._reannouncing: Deferred[None] | None = None
@@ -172,11 +209,16 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
                 "reaches {address} can claim any _client",
                 address=server_settings["bind_address"],
             )
+        self.pool = PoolKeeper(
+            self.reactor, announcements, self.client, self.forwarder,
+            **self._pool_settings(settings),
+        )
         self.proxy = PrivateProxy(
             self.reactor, settings["name"], announcements, self.client, self.forwarder,
             proxy_protocol=settings["internal_endpoint"]["proxy_protocol"],
             verify_caller=verify_caller,
             call_timeout=settings["jsonrpc_client"]["timeout"],
+            pool=self.pool,
         )
         dispatcher = self.proxy.dispatcher()
         site = jsonrpc_site(
@@ -190,6 +232,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         loop = self._loop = LoopingCall(self._reannounce)
         loop.clock = self.reactor
         loop.start(settings["reannounce_interval"], now=True)
+        self.pool.start()
         host = cast(IPv4Address | IPv6Address, port.getHost())  # a TCP listener
         self.log.info(
             "private proxy {name} serving: JSON-RPC on {host}:{port}{path}; incoming "
@@ -220,6 +263,21 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
 
     def _describe(self) -> str:
         return "private proxy"
+
+    @staticmethod
+    def _pool_settings(settings: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pool_size": settings["pool_size"], "pool_max": settings["pool_max"],
+            "shrink_after": settings["pool_shrink_after"],
+            "connect_timeout": settings["connect_timeout"],
+            "call_timeout": settings["jsonrpc_client"]["timeout"],
+        }
+
+    def pool_state(self) -> dict[str, dict[str, int]] | None:
+        """The pool per public proxy (:meth:`PoolKeeper.state`), None without a pool."""
+        if self.pool is None or self.settings["pool_size"] == 0:
+            return None
+        return self.pool.state()
 
     # -- reload and readiness -------------------------------------------------------------
 
@@ -258,6 +316,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
                 self._retired.retire(self.client, self.settings["jsonrpc_client"]["timeout"])
                 self.proxy.client = self.client = client
             self.proxy.call_timeout = settings["jsonrpc_client"]["timeout"]
+        if self.pool is not None:
+            self.pool.reconfigure(client=self.client, **self._pool_settings(settings))
         loop = self._loop
         interval = settings["reannounce_interval"]
         if loop is not None and loop.running and loop.interval != interval:
@@ -295,6 +355,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         self._loop = None
         if self._reannouncing is not None:
             self._reannouncing.cancel()  # closes its connection to the endpoint server
+        if self.pool is not None:
+            await self.pool.stop()
         ports, self.ports = self.ports, []
         for port in ports:
             await maybeDeferred(port.stopListening)

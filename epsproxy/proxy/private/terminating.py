@@ -15,6 +15,9 @@ upstream uses its configured TLS.  A response body streams to the client as it a
 request however large the response; over ``max_response_bytes`` it is 502 when the
 upstream declares it, else the client's connection is cut (never a body that looks
 complete).
+
+A pooled connection (:mod:`epsproxy.proxy.private.pool`) runs the same TLS server once
+its header is read, the bytes after the header (the ClientHello) replayed into it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
@@ -39,9 +43,10 @@ from epsproxy.net import tls
 from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, QuietConnectionPool
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, parse_request, response_object
 from epsproxy.net.jsonrpc.server import CappedRequest, json_body
+from epsproxy.net.proxy_protocol import ProxyHeader
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import dial_with_token, token_tag
-from epsproxy.proxy.private.forwarding import Forwarder
+from epsproxy.proxy.private.forwarding import Forwarder, address_text, blurred_client
 from epsproxy.rules.text import shorten
 
 __all__ = ["TerminatingForwarder"]
@@ -215,6 +220,31 @@ class TerminatingForwarder(Forwarder):
         self.forwarded += 1
         self.active.add(channel)
         log.info("terminating incoming connection {tag}", tag=token_tag(token))
+
+    async def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:
+        """Run the TLS server side on the pooled connection, its first bytes replayed."""
+        transport = pooled.transport
+        if pooled.gone or self._closing or transport is None:
+            if transport is not None and not pooled.gone:
+                transport.abortConnection()
+            raise ConnectionError("the pooled connection was lost before it was served")
+        factory = TLSMemoryBIOFactory(self._server_tls, False, self.site)
+        tls_protocol: Any = factory.buildProtocol(transport.getPeer())
+        transport.protocol = tls_protocol  # a TCP transport: from now on TLS hears it
+        tls_protocol.makeConnection(transport)
+        channel = tls_protocol.wrappedProtocol
+        self.forwarded += 1
+        self.pooled += 1
+        self.active.add(channel)  # before any byte: the connection may end on them
+        log.info("terminating pooled connection {tag} from client {client}", tag=tag,
+                 client=blurred_client(address_text(header.source)))
+        first = header.rest + b"".join(pooled.received)
+        if first:
+            tls_protocol.dataReceived(first)
+        if pooled.eof:  # the client sent its ClientHello and nothing more can come
+            transport.loseConnection()
+        else:
+            transport.resumeProducing()
 
     def _terminated_lost(self, channel: Any) -> None:
         self._forget(channel)

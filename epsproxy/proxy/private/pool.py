@@ -1,0 +1,549 @@
+"""
+The private proxy's pool of pre-dialled connections (issue 14; the protocol is
+:mod:`epsproxy.proxy.pooling`).
+
+:class:`PoolKeeper` keeps, for each public proxy this private proxy holds live
+announcements at, ``target`` idle connections open at that proxy's internal endpoint:
+
+- it asks for pool tokens through the own endpoint server
+  (``"<proxy>.requestPoolTokens" {"count": n}``), one request in flight per proxy; a
+  refusal, no answer or a result that is not :data:`~epsproxy.proxy.pooling.POOL_TOKENS_RESULT`
+  backs that proxy off (5 s doubling to 60 s; logged when the reason changes, not per
+  retry);
+- it dials the endpoint for each token, writes the 32 token bytes, turns on TCP
+  keepalive and waits, sending nothing, until the public proxy writes a header: a PROXY
+  v2 header with the client's addresses and the server name (the authority TLV), read
+  with :class:`~epsproxy.net.proxy_protocol.ProxyHeaderReader`.  From the first byte
+  the whole header must arrive within ``header_timeout`` seconds.  A header that
+  cannot be parsed, names no server, or names one not live-announced to that proxy
+  closes that connection only (counted by reason in :attr:`PoolKeeper.closed`);
+- a good header hands the connection to the forwarder
+  (:meth:`~epsproxy.proxy.private.forwarding.Forwarder.serve_pooled`), served like a
+  brokered one, and a replacement is asked for at once;
+- the target starts at ``pool_size``, grows by one (up to ``pool_max``) for each
+  ``incomingConnection`` of that proxy while pooling (:meth:`PoolKeeper.fallback`: the
+  public proxy found no idle connection), and shrinks by one (closing a surplus idle
+  connection) after each ``shrink_after`` seconds without such a fallback;
+- an idle connection that dies is replaced; a proxy whose announcements all expired
+  gets its pool closed; :meth:`PoolKeeper.stop` closes everything.
+
+The keeper never writes to a pooled connection after its token, and never reads more
+than one header from it: after the header the forwarder owns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from epsproxy.net.hostport import parse_host_port, truncate_ip
+from epsproxy.net.jsonrpc.client import JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import random_id
+from epsproxy.net.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
+from epsproxy.net.reactor import IReactor
+from epsproxy.net.token import decode_token, token_tag
+from epsproxy.proxy.announcements import PrivateAnnouncements
+from epsproxy.proxy.pooling import (
+    MAX_POOL_HEADER,
+    MAX_TOKENS_PER_REQUEST,
+    POOL_TOKENS_RESULT,
+    REQUEST_POOL_TOKENS,
+    keep_alive,
+)
+from epsproxy.proxy.private.forwarding import Forwarder
+from epsproxy.rules.text import shorten
+
+__all__ = ["BACKOFF_MAX", "BACKOFF_START", "HEADER_TIMEOUT", "PoolKeeper", "Dial"]
+
+log = Logger()
+
+#: Seconds to wait after the first failure to get tokens (or an empty answer); doubled
+#: per further failure up to :data:`BACKOFF_MAX`.
+BACKOFF_START = 5.0
+BACKOFF_MAX = 60.0
+
+#: Seconds a pooled connection has, from the first byte of its header, to send all of it.
+HEADER_TIMEOUT = 5.0
+
+#: A pooled connection closed by the public proxy within this many seconds of being
+#: connected died young: more than a pool's worth of those in a row backs the proxy off
+#: (a public proxy that refuses our tokens must not make us dial in a loop).
+YOUNG_SECONDS = 2.0
+
+#: Seconds between checks of expired announcements, back-offs and shrinking.
+TICK_SECONDS = 1.0
+
+#: Dials ``address`` (``host:port``) with ``protocol``; fires once connected.
+Dial = Callable[[str, Protocol], "Deferred[Any]"]
+
+
+@implementer(IHalfCloseableProtocol)
+class _Pooled(Protocol):
+    """
+    One pooled connection: writes its token, then waits for the header.  Thin: every
+    decision is the keeper's.  After the header it stays paused and remembers what
+    arrives anyway (``received``, ``eof``) for the forwarder; ``gone`` once lost.
+    """
+
+    def __init__(self, keeper: PoolKeeper, pool: _Pool, token: bytes) -> None:
+        self.keeper = keeper
+        self.pool = pool
+        self.token = token
+        self.tag = token_tag(token)
+        self.reader = ProxyHeaderReader(MAX_POOL_HEADER)
+        self.header: ProxyHeader | None = None
+        self.received: list[bytes] = []
+        self.eof = False
+        self.gone = False
+        self.finished = False  # handed to the forwarder, or closed by the keeper
+        self.connected_at = 0.0
+        self.deadline: IDelayedCall | None = None
+        self.dialling: Deferred[Any] | None = None
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport  # a TCP transport: its protocol is taken over later
+        # Endpoints put a wrapper between the transport and us; the forwarder needs the
+        # transport to talk to us directly, to take the connection over.
+        if getattr(transport, "protocol", self) is not self:
+            transport.protocol = self
+        transport.write(self.token)
+        keep_alive(transport)
+        self.keeper._connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.header is not None:
+            self.received.append(data)
+            return
+        if self.finished:
+            return
+        if self.deadline is None:
+            self.keeper._taken(self)
+        try:
+            header = self.reader.feed(data)
+        except ProxyHeaderError as e:
+            self.keeper._refuse(self, "bad_header", str(e))
+            return
+        if header is not None:
+            self.header = header
+            self.transport.pauseProducing()  # type: ignore[union-attr]  # TCP transport
+            self.keeper._header(self, header)
+
+    def readConnectionLost(self) -> None:
+        if self.header is not None:
+            self.eof = True
+            return
+        self.keeper._lost(self)
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone = True
+        self.keeper._lost(self)
+
+    def close(self) -> None:
+        """Close the connection (or stop dialling it) at once."""
+        if self.dialling is not None and not self.dialling.called:
+            self.dialling.cancel()
+        transport = self.transport
+        if transport is not None and not self.gone:
+            abort = getattr(transport, "abortConnection", None)
+            (abort or transport.loseConnection)()
+
+
+class _Pool:
+    """The pooled connections at one public proxy, and how they are being topped up."""
+
+    def __init__(self, proxy: str, target: int, now: float) -> None:
+        self.proxy = proxy
+        self.target = target
+        self.idle: set[_Pooled] = set()
+        self.connecting: set[_Pooled] = set()
+        self.reading: set[_Pooled] = set()  # header under way
+        self.requesting: Deferred[Any] | None = None
+        self.retry_at = 0.0
+        self.backoff = 0.0
+        self.failing: str | None = None  # the reason last logged
+        self.changed_at = now  # the last fallback or shrink
+        self.young_deaths = 0
+        self.closed = False
+
+    def members(self) -> list[_Pooled]:
+        return [*self.idle, *self.connecting, *self.reading]
+
+    def forget(self, conn: _Pooled) -> str | None:
+        """Remove ``conn``; the state it was in, or None if it was not here."""
+        for name, group in (("idle", self.idle), ("connecting", self.connecting),
+                            ("reading", self.reading)):
+            if conn in group:
+                group.discard(conn)
+                return name
+        return None
+
+
+class PoolKeeper:
+    """
+    Keeps idle pooled connections at every public proxy of a live announcement (see the
+    module docstring).  ``client`` calls the own endpoint server; ``forwarder`` serves a
+    pooled connection once its header is read; ``dial`` connects (default: TCP with
+    ``connect_timeout``).  ``pool_size`` 0 keeps no pool.
+
+    Counters: ``served``, ``replaced`` (idle connections that died and were replaced),
+    ``requests``, ``request_failures``, ``bad_results``, ``fallbacks`` and ``closed``
+    (connections closed by reason).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactor,
+        announcements: PrivateAnnouncements,
+        client: JSONRPCClient,
+        forwarder: Forwarder,
+        *,
+        pool_size: int = 4,
+        pool_max: int = 64,
+        shrink_after: float = 30.0,
+        connect_timeout: float = 10.0,
+        call_timeout: float | None = None,
+        header_timeout: float = HEADER_TIMEOUT,
+        tick: float = TICK_SECONDS,
+        dial: Dial | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.announcements = announcements
+        self.client = client
+        self.forwarder = forwarder
+        self.pool_size = pool_size
+        self.pool_max = max(pool_max, pool_size)
+        self.shrink_after = shrink_after
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.header_timeout = header_timeout
+        self.tick = tick
+        self._dial = dial or self._dial_tcp
+        self.pools: dict[str, _Pool] = {}
+        self.served = 0
+        self.replaced = 0
+        self.requests = 0
+        self.request_failures = 0
+        self.bad_results = 0
+        self.fallbacks = 0
+        self.closed: dict[str, int] = {}
+        self._loop: LoopingCall | None = None
+        self._stopped = False
+        self._waiting: list[tuple[str, int, Deferred[None]]] = []
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Start keeping the pools: checked every ``tick`` seconds and on every event, the
+        first time one tick from now (after the re-announcements of a start went out:
+        the public proxy hands tokens only to an operator it knows announcements of).
+        """
+        self._stopped = False
+        loop = self._loop = LoopingCall(self.check)
+        loop.clock = self.reactor
+        loop.start(self.tick, now=False)
+
+    def stop(self) -> Deferred[None]:
+        """Close every pool and stop asking for tokens."""
+        self._stopped = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        for proxy in list(self.pools):
+            self._close_pool(proxy, "stopped")
+        return succeed(None)
+
+    def reconfigure(
+        self, *, pool_size: int, pool_max: int, shrink_after: float, connect_timeout: float,
+        call_timeout: float | None, client: JSONRPCClient | None = None,
+    ) -> None:
+        """New settings (a reload): targets are clamped, surplus idle connections closed."""
+        self.pool_size = pool_size
+        self.pool_max = max(pool_max, pool_size)
+        self.shrink_after = shrink_after
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        if client is not None:
+            self.client = client
+        for pool in list(self.pools.values()):
+            pool.target = max(pool_size, min(pool.target, self.pool_max))
+            while len(pool.idle) > pool.target:
+                self._close(pool.idle.pop(), "surplus")
+        if not self._stopped:
+            self.check()
+
+    # -- what the rest of the proxy tells and asks -------------------------------------
+
+    def fallback(self, proxy: str) -> None:
+        """
+        ``proxy`` brokered a connection (``incomingConnection``): its pool was empty, so
+        grow its target by one (up to ``pool_max``).
+        """
+        pool = self.pools.get(proxy)
+        if pool is None or pool.closed:
+            return
+        self.fallbacks += 1
+        pool.changed_at = self.reactor.seconds()
+        if pool.target < self.pool_max:
+            pool.target += 1
+            self._fill(pool)
+
+    def state(self) -> dict[str, dict[str, int]]:
+        """``{proxy: {"idle": n, "connecting": n, "target": n}}`` of every pool kept."""
+        return {proxy: {"idle": len(pool.idle), "connecting": len(pool.connecting),
+                        "target": pool.target}
+                for proxy, pool in sorted(self.pools.items())}
+
+    def when_idle(self, proxy: str, count: int) -> Deferred[None]:
+        """Fires once ``proxy``'s pool holds exactly ``count`` idle connections."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((proxy, count, d))
+        self._notify()
+        return d
+
+    # -- keeping the pools ------------------------------------------------------------
+
+    def check(self) -> None:
+        """
+        Open pools for new proxies, close those whose announcements all expired, shrink
+        targets idle for ``shrink_after`` seconds, and top every pool up.
+        """
+        try:
+            self._check()
+        except Exception:
+            log.failure("checking the connection pools failed")
+
+    def _check(self) -> None:
+        if self._stopped:
+            return
+        live = set(self.announcements.by_proxy()) if self.pool_size > 0 else set()
+        for proxy in list(self.pools):
+            if proxy not in live:
+                count = len(self.pools[proxy].idle)
+                self._close_pool(proxy, "expired" if self.pool_size > 0 else "disabled")
+                log.info("closed the connection pool at {proxy} ({count} idle): no live "
+                         "announcement there", proxy=shorten(proxy), count=count)
+        now = self.reactor.seconds()
+        for proxy in sorted(live):
+            pool = self.pools.get(proxy)
+            if pool is None:
+                pool = self.pools[proxy] = _Pool(proxy, self.pool_size, now)
+            if pool.target > self.pool_size and now - pool.changed_at >= self.shrink_after:
+                pool.target -= 1
+                pool.changed_at = now
+                if len(pool.idle) > pool.target:
+                    self._close(next(iter(pool.idle)), "surplus")
+            self._fill(pool)
+        self._notify()
+
+    def _fill(self, pool: _Pool) -> None:
+        """Ask for the tokens ``pool`` lacks, unless a request is out or it backs off."""
+        if self._stopped or pool.closed or pool.requesting is not None:
+            return
+        if self.reactor.seconds() < pool.retry_at:
+            return
+        missing = pool.target - len(pool.idle) - len(pool.connecting)
+        if missing <= 0:
+            return
+        count = min(missing, MAX_TOKENS_PER_REQUEST)
+        self.requests += 1
+        d = pool.requesting = self.client.call(
+            f"{pool.proxy}.{REQUEST_POOL_TOKENS}", {"count": count}, id=random_id(),
+            timeout=self.call_timeout,
+        )
+        d.addBoth(self._got_tokens, pool, count)
+
+    def _got_tokens(self, result: Any, pool: _Pool, count: int) -> None:
+        pool.requesting = None
+        if isinstance(result, Failure):
+            if result.check(defer.CancelledError) or pool.closed:
+                return
+            self.request_failures += 1
+            self._failed(pool, f"requestPoolTokens failed: {result.getErrorMessage()}")
+            return
+        if pool.closed:
+            return
+        try:
+            value = POOL_TOKENS_RESULT.validate(result)
+            tokens = [decode_token(text) for text in value["tokens"]]
+            if len(tokens) > count:
+                raise ValueError(f"{len(tokens)} tokens for {count} asked")
+            host, _ = parse_host_port(value["endpoint"])
+            if not host:
+                raise ValueError("endpoint has no host")
+        except ValueError as e:
+            self.bad_results += 1
+            self._failed(pool, f"bad requestPoolTokens result: {e}")
+            return
+        if pool.failing is not None:
+            log.info("the connection pool at {proxy} is filled again", proxy=shorten(pool.proxy))
+        pool.failing, pool.backoff = None, 0.0
+        if not tokens:  # the public proxy is at its cap for us: ask again later
+            pool.retry_at = self.reactor.seconds() + BACKOFF_START
+            return
+        for token in tokens:
+            self._connect(pool, value["endpoint"], token)
+        self._notify()
+
+    def _failed(self, pool: _Pool, reason: str) -> None:
+        """Back ``pool`` off; log when the reason changes."""
+        pool.backoff = min(max(BACKOFF_START, pool.backoff * 2), BACKOFF_MAX)
+        pool.retry_at = self.reactor.seconds() + pool.backoff
+        if reason != pool.failing:
+            pool.failing = reason
+            log.warn("cannot fill the connection pool at {proxy}: {reason} (retrying, "
+                     "{backoff:g} s to {most:g} s apart)", proxy=shorten(pool.proxy),
+                     reason=shorten(reason, 300), backoff=pool.backoff, most=BACKOFF_MAX)
+
+    def _connect(self, pool: _Pool, endpoint: str, token: bytes) -> None:
+        conn = _Pooled(self, pool, token)
+        pool.connecting.add(conn)
+        d = conn.dialling = self._dial(endpoint, conn)
+
+        def failed(failure: Failure) -> None:
+            if pool.forget(conn) is None:
+                return  # closed meanwhile
+            if failure.check(defer.CancelledError):
+                return
+            self._count("connect_failed")
+            self._failed(pool, f"cannot connect to {endpoint}: {failure.getErrorMessage()}")
+            self._notify()
+
+        d.addErrback(failed)
+
+    def _dial_tcp(self, address: str, protocol: Protocol) -> Deferred[Any]:
+        host, port = parse_host_port(address)
+        return connectProtocol(
+            HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout), protocol
+        )
+
+    # -- events of pooled connections -------------------------------------------------
+
+    def _connected(self, conn: _Pooled) -> None:
+        pool = conn.pool
+        if pool.forget(conn) is None or pool.closed or self._stopped:
+            conn.close()
+            return
+        conn.connected_at = self.reactor.seconds()
+        pool.idle.add(conn)
+        self._notify()
+
+    def _taken(self, conn: _Pooled) -> None:
+        """The first byte of a header: no longer idle; a replacement is asked for."""
+        pool = conn.pool
+        if pool.forget(conn) is None:
+            return
+        pool.reading.add(conn)
+        conn.deadline = self.reactor.callLater(
+            self.header_timeout, self._refuse, conn, "header_timeout",
+            f"no whole header within {self.header_timeout:g} s")
+        self._fill(pool)
+        self._notify()
+
+    def _header(self, conn: _Pooled, header: ProxyHeader) -> None:
+        pool = conn.pool
+        if pool.forget(conn) is None:
+            return
+        if conn.deadline is not None and conn.deadline.active():
+            conn.deadline.cancel()
+        try:
+            domain = header.authority
+        except ProxyHeaderError as e:
+            self._refuse(conn, "bad_header", str(e))
+            return
+        if domain is None:
+            self._refuse(conn, "bad_header", "the header names no server")
+            return
+        if not self.announcements.is_live(domain, pool.proxy):
+            self._refuse(conn, "not_announced", f"{shorten(domain)} is not announced there")
+            return
+        if self.forwarder.busy:
+            self._refuse(conn, "busy", "max_connections are being forwarded")
+            return
+        conn.finished = True
+        self.served += 1
+        pool.young_deaths = 0
+        client = getattr(header.source, "host", None)
+        log.debug("serving pooled connection {tag} from {proxy} for {domain}, client {client}",
+                  tag=conn.tag, proxy=shorten(pool.proxy), domain=domain,
+                  client=truncate_ip(client) if client else "unknown")
+        self.forwarder.serve_pooled(conn, header, conn.tag)
+        self._fill(pool)
+        self._notify()
+
+    def _refuse(self, conn: _Pooled, reason: str, detail: str) -> None:
+        """Close one pooled connection for ``reason``; the others go on."""
+        if conn.finished:
+            return
+        log.warn("closed pooled connection {tag} from {proxy}: {detail}", tag=conn.tag,
+                 proxy=shorten(conn.pool.proxy), detail=shorten(detail, 200))
+        self._close(conn, reason)
+        self._fill(conn.pool)
+        self._notify()
+
+    def _lost(self, conn: _Pooled) -> None:
+        pool = conn.pool
+        if conn.deadline is not None and conn.deadline.active():
+            conn.deadline.cancel()
+        was = pool.forget(conn)
+        if was is None or conn.finished:
+            return
+        conn.finished = True
+        if was == "reading":
+            self._count("truncated")
+        else:
+            self._count("died")
+            self.replaced += 1
+            if self.reactor.seconds() - conn.connected_at < YOUNG_SECONDS:
+                pool.young_deaths += 1
+                if pool.young_deaths > max(pool.target, 1):
+                    pool.young_deaths = 0
+                    self._failed(pool, "the public proxy closes pooled connections at once")
+        self._fill(pool)
+        self._notify()
+
+    def _close(self, conn: _Pooled, reason: str) -> None:
+        conn.finished = True
+        conn.pool.forget(conn)
+        if conn.deadline is not None and conn.deadline.active():
+            conn.deadline.cancel()
+        self._count(reason)
+        conn.close()
+
+    def _close_pool(self, proxy: str, reason: str) -> None:
+        pool = self.pools.pop(proxy)
+        pool.closed = True
+        if pool.requesting is not None:
+            pool.requesting.cancel()
+        for conn in pool.members():
+            self._close(conn, reason)
+        self._notify()
+
+    def _count(self, reason: str) -> None:
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+
+    def _notify(self) -> None:
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        for proxy, count, d in waiting:
+            pool = self.pools.get(proxy)
+            if (len(pool.idle) if pool is not None else 0) == count:
+                d.callback(None)
+            else:
+                self._waiting.append((proxy, count, d))

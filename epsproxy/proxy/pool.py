@@ -30,7 +30,7 @@ only :func:`~epsproxy.net.token.token_tag`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocol, IReactorTime
@@ -259,10 +259,6 @@ class ConnectionPool:
                        "tokens": sum(1 for e in op.tokens.values() if e > now)}
             for operator, op in sorted(self._operators.items())
         }
-
-    def operators(self) -> Iterator[str]:
-        """The operators with idle or in-use connections or tokens."""
-        return iter(sorted(self._operators))
 
     # -- sweep and shutdown
 

@@ -35,8 +35,9 @@ A reload (SIGHUP) applies the JSON-RPC server's TLS files, rate limits, timeouts
 and CORS, a new client to the own endpoint server, the ``tcp_rate_limits`` of the
 internal and TLS listeners, the token, splice and ClientHello timeouts and limits, the
 pool's cap and idle timeout, and the internal endpoint told to the parties; pending
-tokens, splices, pooled connections and announcements are kept.  What needs a restart is :data:`PUBLIC_RESTART_KEYS`.  (The domains an operator
-may announce come from its directory entry, not from the settings: nothing to reload.)
+tokens, splices, pooled connections and announcements are kept.  What needs a restart
+is :data:`PUBLIC_RESTART_KEYS`.  (The domains an operator may announce come from its
+directory entry, not from the settings: nothing to reload.)
 """
 
 from __future__ import annotations

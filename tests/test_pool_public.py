@@ -46,6 +46,7 @@ from .support.pki import pki
 from .support.proxies import FakeEPS, caller_client, client, public_section, write_settings
 from .support.splice import fake_connection
 from .support.tls import tls_block
+from .support.waiting import until
 
 NAME = "test.internal-server.local"
 PRIVATE = "private-proxy-1.ga"
@@ -491,6 +492,7 @@ class ServedByARealPublicProxy(TestCase):
             'proxy_pool_requests_total{outcome="miss"} 0.0',
             "proxy_pool_fallbacks_total 0.0",
             'proxy_pool_closed_total{reason="bytes_while_idle"} 0.0',
+            'proxy_tls_connections_total{outcome="pooled"} 1.0',
         ):
             self.assertIn(line, metrics)
         # the splice's end frees the connection's place
@@ -542,6 +544,23 @@ class ServedByARealPublicProxy(TestCase):
         metrics = self.metrics()
         self.assertIn("proxy_pool_fallbacks_total 1.0", metrics)
         self.assertIn('proxy_pool_requests_total{outcome="miss"} 1.0', metrics)
+
+    @defer.inlineCallbacks
+    def test_a_pooled_connection_that_dies_is_forgotten(self):
+        yield self.start_proxy()
+        yield self.announce()
+        [side] = yield self.fill(1)
+        side.transport.loseConnection()
+        yield side.lost
+        yield until(lambda: self.proxy.pool.idle(PRIVATE) == 0, limit=5, step=0.01)
+        self.assertEqual(self.proxy.pool.closed["lost"], 1)
+        self.assertEqual(self.proxy.pool_state(), {})
+        # the next client is brokered
+        notified: defer.Deferred[None] = defer.Deferred()
+        self.fake.answer = lambda params: notified.callback(None)
+        yield connect(self, self.tls_port, RawClient(openssl_hello(NAME.encode())))
+        yield notified
+        self.assertEqual((self.proxy.pool.misses, self.proxy.front.pool_fallbacks), (1, 1))
 
     @defer.inlineCallbacks
     def test_expired_announcements_close_the_operators_idle_connections(self):

@@ -393,8 +393,8 @@ class _RendezvousCollector:
 class _SNICollector:
     """Prometheus view of the TLS listener's counters."""
 
-    COUNTERS = ("accepted", "routed", "notified", "notify_failed", "no_sni", "malformed",
-                "timeouts", "no_route", "full", "abandoned", "bad_proxy_header",
+    COUNTERS = ("accepted", "routed", "pooled", "notified", "notify_failed", "no_sni",
+                "malformed", "timeouts", "no_route", "full", "abandoned", "bad_proxy_header",
                 "rate_limited", "untrusted_proxy_source")
 
     def __init__(self, service: PublicProxyService) -> None:

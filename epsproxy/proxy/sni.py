@@ -10,9 +10,9 @@ When the operator's private proxy presents the token at the internal endpoint it
 receives the ClientHello bytes, then the two connections are spliced.
 
 With a connection ``pool`` (issue 14, :mod:`epsproxy.proxy.pool`) the front first takes
-an idle pooled connection of that operator: it writes :func:`~epsproxy.proxy.pooling.
-pool_header` (the client's address and the server name) and the ClientHello to it and
-splices the two at once, with no token and no ``notify``.  Only when the operator has no
+an idle pooled connection of that operator: it writes the header of
+:func:`epsproxy.proxy.pooling.pool_header` (the client's address, the server name) and
+the ClientHello to it and splices the two at once, with no token and no ``notify``.  Only when the operator has no
 idle connection does the brokered path above run (a fallback).  ``lookup`` only names an
 operator with a live announcement of the name, so a pooled connection never carries a
 name its operator does not hold.

@@ -37,6 +37,7 @@ from epsproxy.proxy.pooling import MAX_POOL_HEADER, REQUEST_POOL_TOKENS
 from epsproxy.proxy.public import NO_ANNOUNCEMENT, NOT_AUTHORIZED
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.settings import PROXY_SETTINGS
+from epsproxy.proxy.sni import SNIFront
 from epsproxy.proxy.status_page import pool_rows
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules import forms
@@ -270,6 +271,59 @@ class RendezvousHandsOver(SynchronousTestCase):
         a.protocol.dataReceived(pairing)
         self.assertEqual(self.rv.pending, 1)
         self.assertEqual(self.pool.idle("op"), 1)
+
+
+class FrontTakesFromThePool(SynchronousTestCase):
+    """The SNI front with a pool, on a Clock and fake transports."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.pool = ConnectionPool(self.clock, Holder("op"), token_lifetime=10)
+        self.rv = Rendezvous(self.clock, pool=self.pool)
+        self.notified: list[Any] = []
+        self.front = SNIFront(self.clock, self.rv, {NAME: "op"}.get,
+                              lambda operator, params: self.notified.append(params),
+                              internal_endpoint="proxy.example:9999", pool=self.pool)
+
+    def pooled(self):
+        [token] = self.pool.issue("op", 1)
+        p = self.rv.factory().buildProtocol(None)
+        t = fake_connection(p, "198.51.100.9")
+        t.protocol.dataReceived(token)
+        return t
+
+    def hello(self):
+        p = self.front.factory().buildProtocol(IPv4Address("TCP", "203.0.113.5", 40404))
+        t = fake_connection(p, "203.0.113.5")
+        hello = openssl_hello(NAME.encode())
+        p.dataReceived(hello)
+        return t, hello
+
+    def test_header_and_hello_go_to_the_pooled_connection(self) -> None:
+        private = self.pooled()
+        client_transport, hello = self.hello()
+        header = ProxyHeaderReader(MAX_POOL_HEADER).feed(private.value())
+        assert header is not None
+        self.assertEqual(header.authority, NAME)
+        self.assertEqual(header.source, IPv4Address("TCP", "203.0.113.5", 40404))
+        self.assertEqual(header.rest, hello)
+        self.assertEqual(self.notified, [])
+        self.assertEqual((self.front.pooled, self.front.pool_fallbacks, self.pool.hits),
+                         (1, 0, 1))
+        self.assertEqual(self.rv.active_splices, 1)
+        # the second client finds the pool empty: brokered
+        self.hello()
+        self.assertEqual(len(self.notified), 1)
+        self.assertEqual((self.front.pool_fallbacks, self.front.routed), (1, 1))
+
+    def test_a_closing_rendezvous_closes_both(self) -> None:
+        private = self.pooled()
+        self.rv.close_all()
+        client_transport, _ = self.hello()
+        self.assertTrue(client_transport.disconnecting)
+        self.assertTrue(private.disconnecting)
+        self.assertEqual((self.front.full, self.front.pooled), (1, 0))
+        self.assertEqual(self.pool.state(), {})
 
 
 # --------------------------------------------------------------------- real sockets

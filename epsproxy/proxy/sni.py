@@ -429,9 +429,13 @@ class SNIFront:
                                  addresses.get("server_address"))
             s = self.rendezvous.splice_pair(client, pooled, to_right=header + hello.raw,
                                             tag=f"pool:{operator}")
-        except Exception:
-            log.failure("cannot serve {name} from the pool of {operator}", name=name,
-                        operator=operator)
+        except Exception as e:
+            if isinstance(e, RendezvousFull):  # closing
+                self.full += 1
+                log.warn("cannot serve {name} from the pool: {why}", name=name, why=str(e))
+            else:
+                log.failure("cannot serve {name} from the pool of {operator}", name=name,
+                            operator=operator)
             pool.release(pooled)
             if pooled.transport is not None:
                 pooled.transport.loseConnection()

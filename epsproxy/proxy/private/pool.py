@@ -280,6 +280,9 @@ class PoolKeeper:
         self.call_timeout = call_timeout
         if client is not None:
             self.client = client
+        if pool_size == 0:
+            for proxy in list(self.pools):
+                self._close_pool(proxy, "disabled")
         for pool in list(self.pools.values()):
             pool.target = max(pool_size, min(pool.target, self.pool_max))
             while len(pool.idle) > pool.target:

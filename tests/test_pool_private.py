@@ -1,0 +1,776 @@
+"""
+The private proxy's pool of pre-dialled connections (issue 14, private side).
+
+Unit tests drive :class:`PoolKeeper` with a ``Clock``, a fake client and fake
+connections.  The real-socket tests run a real private proxy service; the test plays
+the public proxy: a fake own endpoint server hands out pool tokens, a small internal
+listener accepts the pooled connections and checks their tokens, and a small TLS front
+writes the pooled header (PROXY v2 with the client's address and the server name) on an
+idle pooled connection and relays a real TLS client through it to a real internal
+server (and, in one test, a real HAProxy with ``accept-proxy`` in front of it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import shutil
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import generate_latest
+from twisted.internet import reactor, utils
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from epsproxy.dev.examples import internal_server
+from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.envelope import CallContext, JSONRPCError, TransportError
+from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
+from epsproxy.net.proxy_protocol import V2_SIGNATURE
+from epsproxy.net.token import TOKEN_BYTES
+from epsproxy.proxy.pooling import pool_header
+from epsproxy.proxy.private.pool import BACKOFF_START, PoolKeeper
+from epsproxy.proxy.settings import PROXY_SETTINGS
+from epsproxy.proxy.tap import Options, makeService
+from epsproxy.rules.settings import SettingsError, load_settings
+
+from .support.eps import (
+    Network,
+    client_channel,
+    gateway_channel,
+    gateway_client,
+    local_channel,
+    record,
+    server_channel,
+    service,
+)
+from .support.haproxy import start_haproxy
+from .support.pki import pki
+from .support.proxies import (
+    PUBLIC_PROXY,
+    client,
+    private_section,
+    public_section,
+    write_settings,
+)
+from .support.tls import tls_block
+
+PUBLIC = PUBLIC_PROXY
+DOMAIN = "test.internal-server.local"
+
+
+def tokens_result(count: int, endpoint: str = "127.0.0.1:9") -> dict[str, Any]:
+    return {"tokens": [base64.b64encode(secrets.token_bytes(32)).decode()
+                       for _ in range(count)],
+            "endpoint": endpoint, "expires_in": 30}
+
+
+# ------------------------------------------------------------------------ unit tests
+
+
+class FakeClient:
+    """Records each call; the test answers it through ``calls[i][2]``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], Deferred[Any]]] = []
+
+    def call(self, method: str, params: dict[str, Any], id: Any = None,
+             timeout: float | None = None) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((method, params, d))
+        return d
+
+
+class FakeAnnouncements:
+    def __init__(self) -> None:
+        self.live: dict[str, set[str]] = {PUBLIC: {DOMAIN}}
+
+    def by_proxy(self) -> dict[str, list[Any]]:
+        return {proxy: sorted(domains) for proxy, domains in self.live.items() if domains}
+
+    def is_live(self, domain: str, proxy: str) -> bool:
+        return domain in self.live.get(proxy, set())
+
+
+class FakeForwarder:
+    def __init__(self) -> None:
+        self.busy = False
+        self.served: list[tuple[Any, Any]] = []
+
+    def serve_pooled(self, pooled: Any, header: Any, tag: str) -> Deferred[None]:
+        self.served.append((pooled, header))
+        return succeed(None)
+
+
+class KeeperTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = FakeClient()
+        self.announcements = FakeAnnouncements()
+        self.forwarder = FakeForwarder()
+        self.transports: list[StringTransport] = []
+        self.keeper = PoolKeeper(
+            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=2, pool_max=3, shrink_after=30, dial=self.dial)
+        self.keeper.start()
+        self.addCleanup(self.keeper.stop)
+
+    def dial(self, address: str, protocol: Protocol) -> Deferred[Any]:
+        transport = StringTransport()
+        self.transports.append(transport)
+        protocol.makeConnection(transport)
+        return succeed(protocol)
+
+    def answer(self, result: Any, index: int = -1) -> None:
+        self.client.calls[index][2].callback(result)
+
+    def fill(self) -> None:
+        self.clock.advance(1)
+        method, params, _ = self.client.calls[-1]
+        self.assertEqual((method, params), (f"{PUBLIC}.requestPoolTokens",
+                                            {"count": params["count"]}))
+        self.answer(tokens_result(params["count"]))
+
+    def idle(self) -> list[Any]:
+        return list(self.keeper.pools[PUBLIC].idle)
+
+    def test_fills_to_pool_size_and_writes_tokens(self) -> None:
+        self.assertEqual(self.client.calls, [])  # nothing before the first tick
+        self.fill()
+        self.assertEqual(self.client.calls[0][1], {"count": 2})
+        self.assertEqual(self.keeper.state(), {PUBLIC: {"idle": 2, "connecting": 0,
+                                                        "target": 2}})
+        self.assertEqual([len(t.value()) for t in self.transports], [TOKEN_BYTES] * 2)
+        self.clock.advance(5)
+        self.assertEqual(len(self.client.calls), 1)  # full: no more asking
+        self.assertTrue(self.keeper.when_idle(PUBLIC, 2).called)
+
+    def test_a_served_connection_is_replaced_at_once(self) -> None:
+        self.fill()
+        conn = self.idle()[0]
+        conn.dataReceived(pool_header(DOMAIN, "192.0.2.7:4000", "198.51.100.1:443")
+                          + b"\x16hello")
+        [(served, header)] = self.forwarder.served
+        self.assertIs(served, conn)
+        self.assertEqual((header.source.host, header.source.port), ("192.0.2.7", 4000))
+        self.assertEqual(header.rest, b"\x16hello")
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})
+        self.assertEqual(self.keeper.served, 1)
+
+    def test_a_header_in_pieces_is_read(self) -> None:
+        self.fill()
+        conn = self.idle()[0]
+        data = pool_header(DOMAIN, "192.0.2.7:4000") + b"\x16"
+        for i in range(len(data)):
+            conn.dataReceived(data[i:i + 1])
+        self.assertEqual(len(self.forwarder.served), 1)
+
+    def refused(self, data: bytes, reason: str) -> None:
+        self.fill()
+        conn, other = self.idle()
+        conn.dataReceived(data)
+        self.assertEqual(self.keeper.closed, {reason: 1})
+        self.assertEqual(self.forwarder.served, [])
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertFalse(other.transport.disconnecting)  # only that one
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 1)
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})  # replaced
+
+    def test_garbage_is_a_bad_header(self) -> None:
+        self.refused(b"GET / HTTP/1.1\r\n", "bad_header")
+
+    def test_a_header_without_a_name_is_bad(self) -> None:
+        from epsproxy.net.proxy_protocol import proxy_v2_header
+        self.refused(proxy_v2_header("192.0.2.7:1") + b"\x16", "bad_header")
+
+    def test_an_oversized_header_is_bad(self) -> None:
+        self.refused(V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", 2000), "bad_header")
+
+    def test_a_name_not_announced_there_is_refused(self) -> None:
+        self.refused(pool_header("evil.example.org", "192.0.2.7:1") + b"\x16",
+                     "not_announced")
+
+    def test_busy_forwarder_closes_it(self) -> None:
+        self.forwarder.busy = True
+        self.refused(pool_header(DOMAIN, "192.0.2.7:1") + b"\x16", "busy")
+
+    def test_a_header_trickling_past_its_deadline(self) -> None:
+        self.fill()
+        conn = self.idle()[0]
+        conn.dataReceived(V2_SIGNATURE[:5])
+        self.clock.advance(4.9)
+        conn.dataReceived(V2_SIGNATURE[5:8])
+        self.assertEqual(self.keeper.closed, {})
+        self.clock.advance(0.2)
+        self.assertEqual(self.keeper.closed, {"header_timeout": 1})
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_bad_results_back_off_doubling(self) -> None:
+        self.clock.advance(1)
+        backoff = BACKOFF_START
+        for bad in ({"tokens": "x"}, {"tokens": ["!!"], "endpoint": "a:1", "expires_in": 1},
+                    tokens_result(3),  # more than asked for
+                    {"tokens": [], "endpoint": "nohost", "expires_in": 1}):
+            calls = len(self.client.calls)
+            self.answer(bad)
+            self.assertEqual(self.keeper.pools[PUBLIC].backoff, backoff)
+            self.clock.advance(backoff - 1)
+            self.assertEqual(len(self.client.calls), calls)  # backing off
+            self.clock.advance(1)
+            self.assertEqual(len(self.client.calls), calls + 1)
+            backoff *= 2
+        self.assertEqual(self.keeper.bad_results, 4)
+        self.assertEqual(self.transports, [])  # nothing dialled
+        self.answer(tokens_result(2))
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, 0)
+
+    def test_refusals_back_off(self) -> None:
+        self.clock.advance(1)
+        self.client.calls[-1][2].errback(JSONRPCError(404, "no announcement"))
+        self.clock.advance(BACKOFF_START)
+        self.client.calls[-1][2].errback(TransportError("no connection"))
+        self.assertEqual(self.keeper.request_failures, 2)
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, 2 * BACKOFF_START)
+        for _ in range(10):
+            self.clock.advance(60)
+            self.client.calls[-1][2].errback(TransportError("no connection"))
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, 60)
+
+    def test_grows_on_fallbacks_and_shrinks_when_quiet(self) -> None:
+        self.fill()
+        self.keeper.fallback(PUBLIC)
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})
+        self.answer(tokens_result(1))
+        self.keeper.fallback(PUBLIC)  # at pool_max
+        self.assertEqual(self.keeper.state()[PUBLIC], {"idle": 3, "connecting": 0,
+                                                       "target": 3})
+        self.keeper.fallback("other.ga")  # no pool there: ignored
+        self.clock.advance(29)
+        self.assertEqual(self.keeper.state()[PUBLIC]["target"], 3)
+        self.clock.advance(1)
+        self.assertEqual(self.keeper.state()[PUBLIC], {"idle": 2, "connecting": 0,
+                                                       "target": 2})
+        self.assertEqual(self.keeper.closed, {"surplus": 1})
+        self.clock.advance(60)
+        self.assertEqual(self.keeper.state()[PUBLIC]["target"], 2)  # never below pool_size
+
+    def test_dead_idle_connections_are_replaced(self) -> None:
+        self.fill()
+        self.clock.advance(10)
+        self.idle()[0].connectionLost()
+        self.assertEqual((self.keeper.replaced, self.keeper.closed), (1, {"died": 1}))
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})
+        self.answer(tokens_result(1))
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, 0)
+
+    def test_a_public_proxy_closing_them_at_once_backs_off(self) -> None:
+        self.fill()
+        for _ in range(2):  # young deaths up to a pool's worth: replaced at once
+            self.idle()[0].connectionLost()
+            self.answer(tokens_result(1))
+        calls = len(self.client.calls)
+        self.idle()[0].connectionLost()
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, BACKOFF_START)
+        self.assertEqual(len(self.client.calls), calls)
+        self.clock.advance(BACKOFF_START)
+        self.assertEqual(len(self.client.calls), calls + 1)
+
+    def test_expired_announcements_close_the_pool(self) -> None:
+        self.fill()
+        waiting = self.keeper.when_idle(PUBLIC, 0)
+        self.announcements.live[PUBLIC] = set()
+        self.clock.advance(1)
+        self.assertTrue(waiting.called)
+        self.assertEqual(self.keeper.state(), {})
+        self.assertEqual(self.keeper.closed, {"expired": 2})
+        self.assertTrue(all(t.disconnecting for t in self.transports))
+
+    def test_pool_size_zero_keeps_none_and_stop_closes_all(self) -> None:
+        self.fill()
+        self.keeper.reconfigure(pool_size=0, pool_max=1, shrink_after=30, connect_timeout=1,
+                                call_timeout=None)
+        self.clock.advance(1)
+        self.assertEqual(self.keeper.state(), {})
+        self.assertEqual(self.keeper.closed, {"disabled": 2})
+        self.keeper.reconfigure(pool_size=1, pool_max=1, shrink_after=30, connect_timeout=1,
+                                call_timeout=None)
+        self.clock.advance(1)
+        self.answer(tokens_result(1))
+        self.keeper.stop()
+        self.assertEqual(self.keeper.closed, {"disabled": 2, "stopped": 1})
+        self.clock.advance(10)
+        self.assertEqual(len(self.client.calls), 2)
+
+
+class SettingsTests(unittest.SynchronousTestCase):
+    def load(self, **changes: Any) -> dict[str, Any]:
+        folder = write_settings(Path(self.mktemp()), {"private": private_section(
+            Path("/x"), 1, **changes)})
+        return load_settings([folder], PROXY_SETTINGS)["private"]
+
+    def test_defaults_and_refusals(self) -> None:
+        private = self.load()
+        self.assertEqual((private["pool_size"], private["pool_max"],
+                          private["pool_shrink_after"]), (4, 64, 30.0))
+        self.assertEqual(self.load(pool_size=0)["pool_size"], 0)
+        for key, value in [("pool_size", -1), ("pool_size", "4"), ("pool_max", 0),
+                           ("pool_shrink_after", 0), ("pool_max", 2)]:
+            with self.assertRaises(SettingsError) as caught:
+                self.load(**{key: value})
+            self.assertIn(f"private.{key}", str(caught.exception))
+
+
+# ------------------------------------------------------------------ real sockets
+
+
+class FakeEPS:
+    """
+    The private proxy's own endpoint server (plain HTTP): accepts announcements and
+    hands out pool tokens for the test's pool listener (``bad`` answers first).
+    """
+
+    def __init__(self) -> None:
+        self.issued: set[bytes] = set()
+        self.endpoint = ""
+        self.requests = 0
+        self.bad: list[Any] = []
+
+    def handle(self, method: str, params: dict[str, Any], context: CallContext) -> Any:
+        if method.endswith(".announceConnections"):
+            return [None] * len(params["connections"])
+        if method == f"{PUBLIC}.requestPoolTokens":
+            self.requests += 1
+            if self.bad:
+                return self.bad.pop(0)
+            result = tokens_result(params["count"], self.endpoint)
+            self.issued.update(base64.b64decode(t) for t in result["tokens"])
+            return result
+        raise JSONRPCError(-32601, "method not found")
+
+    @inlineCallbacks
+    def start(self, test: unittest.TestCase):
+        settings = JSONRPC_SERVER_SETTINGS.validate({"bind_address": "127.0.0.1:0"})
+        port = yield listen_jsonrpc(reactor, jsonrpc_site(self, settings, reactor=reactor),
+                                    settings)
+        test.addCleanup(port.stopListening)
+        return port.getHost().port
+
+
+class PoolEnd(Protocol):
+    """A pooled connection as the public proxy holds it: token first, then idle."""
+
+    def __init__(self, test: PooledService) -> None:
+        self.test = test
+        self.buffer = b""
+        self.token: bytes | None = None
+        self.peer: Protocol | None = None
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.transport.write(data)
+            return
+        self.buffer += data
+        if self.token is None and len(self.buffer) >= TOKEN_BYTES:
+            self.token, self.buffer = self.buffer[:TOKEN_BYTES], self.buffer[TOKEN_BYTES:]
+            if self.token not in self.test.eps.issued:
+                self.transport.abortConnection()
+                return
+            self.test.eps.issued.discard(self.token)  # single use
+            self.test.end_arrived(self)
+        if self.buffer:  # bytes on an idle pooled connection: not allowed
+            self.test.early_bytes += 1
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self in self.test.ends:
+            self.test.ends.remove(self)
+        if self.peer is not None:
+            self.peer.transport.loseConnection()
+        self.lost.callback(None)
+
+
+class Front(Protocol):
+    """The public proxy's TLS listener: takes an idle pooled connection, writes the
+    pooled header with this client's address, and relays."""
+
+    def __init__(self, test: PooledService) -> None:
+        self.test = test
+        self.end: PoolEnd | None = None
+
+    def connectionMade(self) -> None:
+        if not self.test.ends:
+            self.transport.abortConnection()
+            return
+        end = self.end = self.test.ends.pop(0)
+        end.peer = self
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        end.transport.write(pool_header(self.test.domain, f"{peer.host}:{peer.port}",
+                                        f"{host.host}:{host.port}"))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.end is not None:
+            self.end.transport.write(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.end is not None:
+            self.end.transport.loseConnection()
+
+
+class Collect(Protocol):
+    def __init__(self, send: bytes) -> None:
+        self.send = send
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.send)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(self.received)
+
+
+def rfc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class PooledService(unittest.TestCase):
+    """A real private proxy whose pool the test's fake public proxy holds."""
+
+    timeout = 40
+    domain = DOMAIN
+
+    @inlineCallbacks
+    def start(self, internal_tls: bool = True, haproxy: bool = False,
+              expires_at: str | None = None, **changes: Any):
+        self.eps = FakeEPS()
+        self.ends: list[PoolEnd] = []
+        self.early_bytes = 0
+        self._end_waiters: list[tuple[int, Deferred[None]]] = []
+        eps_port = yield self.eps.start(self)
+        pool_port = reactor.listenTCP(0, Factory.forProtocol(lambda: PoolEnd(self)),
+                                      interface="127.0.0.1")
+        self.addCleanup(pool_port.stopListening)
+        self.eps.endpoint = f"127.0.0.1:{pool_port.getHost().port}"
+        front = reactor.listenTCP(0, Factory.forProtocol(lambda: Front(self)),
+                                  interface="127.0.0.1")
+        self.addCleanup(front.stopListening)
+        self.front_port = front.getHost().port
+        crt, key = pki().tls("internal-server")
+        server = yield internal_server.listen(
+            reactor, "127.0.0.1:0", str(crt) if internal_tls else None, str(key))
+        self.addCleanup(server.stopListening)
+        address = f"127.0.0.1:{server.getHost().port}"
+        endpoint: dict[str, Any] = {"address": address}
+        if haproxy:
+            self.haproxy = start_haproxy(self, (
+                "global\n  log stdout format raw local0\n"
+                "defaults\n  mode tcp\n  log global\n  timeout connect 5s\n"
+                "  timeout client 10s\n  timeout server 10s\n"
+                "frontend internal\n  bind fd@3 accept-proxy\n"
+                "  log-format \"client=%ci:%cp frontend=%fi:%fp\"\n"
+                "  default_backend server\n"
+                f"backend server\n  server internal {address}\n"))
+            endpoint = {"address": f"127.0.0.1:{self.haproxy.port}", "proxy_protocol": True}
+        if not internal_tls:
+            endpoint["tls"] = {**tls_block("internal-server"), "verify_client": False}
+        changes.setdefault("pool_size", 2)
+        folder = Path(self.mktemp()).absolute()
+        options = Options()
+        options.parseOptions(["--mode", "private", "--settings", str(write_settings(
+            folder, {"private": private_section(folder, eps_port, internal_endpoint=endpoint,
+                                                **changes)}))])
+        top = makeService(options, reactor, exit_on_failure=False)
+        self.service = top.services[0]
+        top.startService()
+        self.addCleanup(top.stopService)
+        ports = yield self.service.when_ready()
+        self.pool: PoolKeeper = self.service.pool
+        rpc = JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate({
+            "endpoint": f"http://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc"}))
+        self.addCleanup(rpc.close)
+        params: dict[str, Any] = {"proxy": PUBLIC, "domain": DOMAIN, "_client": client()}
+        if expires_at is not None:
+            params["expires_at"] = expires_at
+        self.assertEqual((yield rpc.call("announceConnection", params)), "ok")
+
+    def end_arrived(self, end: PoolEnd) -> None:
+        self.ends.append(end)
+        waiting, self._end_waiters = self._end_waiters, []
+        for count, d in waiting:
+            if len(self.ends) >= count:
+                d.callback(None)
+            else:
+                self._end_waiters.append((count, d))
+
+    @inlineCallbacks
+    def full(self, count: int = 2):
+        """Wait until the pool holds ``count`` idle connections and the public side
+        has read all their tokens."""
+        yield self.pool.when_idle(PUBLIC, count)
+        if len(self.ends) < count:
+            d: Deferred[None] = Deferred()
+            self._end_waiters.append((count, d))
+            yield d
+
+    def tls_get(self, source: str = "127.0.0.1") -> Deferred[bytes]:
+        """A real TLS client for DOMAIN through the front, verifying the internal server."""
+        root = Certificate.loadPEM(Path(pki().root).read_bytes())
+        endpoint = wrapClientTLS(optionsForClientTLS(DOMAIN, trustRoot=root),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1", self.front_port,
+                                                    bindAddress=(source, 0)))
+        collector = Collect(b"GET / HTTP/1.1\r\nHost: " + DOMAIN.encode()
+                            + b"\r\nConnection: close\r\n\r\n")
+        return connectProtocol(endpoint, collector).addCallback(lambda _: collector.done)
+
+    def assertSuccess(self, raw: bytes) -> None:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), raw[:200])
+        self.assertEqual(json.loads(body), {"message": "success"})
+
+    @inlineCallbacks
+    def hostile(self, data: bytes, reason: str):
+        """``data`` on one idle pooled connection closes that one only; the pool refills
+        and still serves a real client."""
+        yield self.start()
+        yield self.full()
+        victim = self.ends.pop(0)
+        victim.transport.write(data)
+        yield victim.lost
+        self.assertEqual(self.pool.closed, {reason: 1})
+        yield self.full()
+        self.assertSuccess((yield self.tls_get()))
+        self.assertEqual((self.pool.served, self.service.proxy.incoming_calls), (1, 0))
+
+
+class ServedFromThePool(PooledService):
+    @inlineCallbacks
+    def test_fills_serves_end_to_end_and_refills(self):
+        yield self.start()
+        yield self.full()
+        self.assertEqual(self.service.pool_state(),
+                         {PUBLIC: {"idle": 2, "connecting": 0, "target": 2}})
+        self.assertSuccess((yield self.tls_get()))  # a real TLS handshake through it
+        self.assertEqual(self.service.proxy.incoming_calls, 0)
+        self.assertEqual((self.pool.served, self.service.forwarder.pooled,
+                          self.service.forwarder.forwarded), (1, 1, 1))
+        yield self.full()  # refilled
+        self.assertSuccess((yield self.tls_get()))
+        self.assertEqual(self.pool.served, 2)
+        self.assertEqual(self.early_bytes, 0)  # idle connections never sent a byte
+        metrics = generate_latest(self.service.registry).decode()
+        self.assertIn('private_proxy_pool_connections{proxy="public-proxy-1.ga",'
+                      'state="idle"} 2.0', metrics)
+        self.assertIn("private_proxy_pool_served_total 2.0", metrics)
+        self.assertIn("private_proxy_incoming_calls_total 0.0", metrics)
+
+    @inlineCallbacks
+    def test_terminated_behind_the_private_proxy(self):
+        yield self.start(internal_tls=False)
+        yield self.full()
+        self.assertSuccess((yield self.tls_get()))
+        self.assertEqual((self.pool.served, self.service.forwarder.requests,
+                          self.service.proxy.incoming_calls), (1, 1, 0))
+
+    @inlineCallbacks
+    def test_a_dying_pooled_connection_is_replaced(self):
+        yield self.start()
+        yield self.full()
+        end = self.ends.pop(0)
+        end.transport.abortConnection()
+        yield end.lost
+        yield self.full()
+        self.assertEqual((self.pool.replaced, self.pool.closed), (1, {"died": 1}))
+        self.assertEqual(self.eps.requests, 2)
+
+    @inlineCallbacks
+    def test_expired_announcements_empty_the_pool(self):
+        yield self.start(expires_at=rfc(reactor.seconds() + 2))
+        yield self.full()
+        ends = list(self.ends)
+        yield self.pool.when_idle(PUBLIC, 0)
+        for end in ends:
+            yield end.lost
+        self.assertEqual(self.service.pool_state(), {})
+        self.assertEqual(self.pool.closed, {"expired": 2})
+
+    @inlineCallbacks
+    def test_no_pool_with_pool_size_zero(self):
+        yield self.start(pool_size=0)
+        self.assertIsNone(self.service.pool_state())
+        self.assertEqual((self.eps.requests, self.pool.state()), (0, {}))
+
+
+class Hostile(PooledService):
+    def test_a_header_that_cannot_be_parsed(self):
+        return self.hostile(b"GET / HTTP/1.1\r\n\r\n", "bad_header")
+
+    def test_a_header_for_a_name_not_announced(self):
+        return self.hostile(pool_header("evil.example.org", "192.0.2.1:5") + b"\x16",
+                            "not_announced")
+
+    def test_an_oversized_header(self):
+        return self.hostile(V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", 4000)
+                            + b"\0" * 4000, "bad_header")
+
+    @inlineCallbacks
+    def test_a_header_trickling_past_its_deadline(self):
+        yield self.start()
+        yield self.full()
+        self.pool.header_timeout = 0.3  # the test's deadline, not the default 5 s
+        victim = self.ends.pop(0)
+        victim.transport.write(V2_SIGNATURE[:6])
+        yield victim.lost
+        self.assertEqual(self.pool.closed, {"header_timeout": 1})
+        yield self.full()
+        self.assertSuccess((yield self.tls_get()))
+
+    @inlineCallbacks
+    def test_a_bad_token_result_is_counted_and_the_others_keep_working(self):
+        yield self.start()
+        yield self.full()
+        self.eps.bad = [{"tokens": ["not base64!"], "endpoint": self.eps.endpoint,
+                         "expires_in": 30}]
+        victim = self.ends.pop(0)
+        victim.transport.abortConnection()  # its replacement gets the bad result
+        yield self.pool.when_idle(PUBLIC, 1)  # the private side saw it die
+        yield self.pool.pools[PUBLIC].requesting  # the replacement's request
+        self.assertEqual(self.eps.requests, 2)
+        self.assertEqual(self.pool.bad_results, 1)
+        self.assertEqual(self.pool.state()[PUBLIC]["idle"], 1)
+        self.assertSuccess((yield self.tls_get()))  # the other one still serves
+        self.assertEqual(self.pool.served, 1)
+
+
+class ClientAddressThroughHAProxy(PooledService):
+    @inlineCallbacks
+    def test_haproxy_behind_the_private_proxy_logs_the_pooled_client(self):
+        yield self.start(haproxy=True)
+        yield self.full()
+        self.assertSuccess((yield self.tls_get(source="127.0.0.9")))
+        self.assertEqual(self.service.proxy.incoming_calls, 0)
+        yield self.haproxy.wait_for(b"client=")
+        line = self.haproxy.output.decode().split("client=", 1)[1].splitlines()[0]
+        self.assertTrue(line.startswith("127.0.0.9:"), self.haproxy.output[-500:])
+        self.assertIn(f"frontend=127.0.0.1:{self.front_port}", line)
+
+
+# ------------------------------------------------- with a real public proxy and EPS
+
+
+class WithTheRealPublicProxy(unittest.TestCase):
+    """
+    The whole network (real endpoint servers, the real public proxy, the private proxy,
+    the example internal server over TLS) and curl as the client: once the private
+    proxy's pool has filled, curl is served from it without any incomingConnection.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def start_proxy(self, mode: str, section: dict[str, Any]):
+        folder = Path(self.mktemp()).absolute()
+        options = Options()
+        options.parseOptions(["--mode", mode, "--settings",
+                              str(write_settings(folder, {mode: section}))])
+        top = makeService(options, reactor, exit_on_failure=False)
+        top.startService()
+        self.addCleanup(top.stopService)
+        ports = yield top.services[0].when_ready()
+        return top.services[0], ports
+
+    def client_to(self, url: str, name: str, tls: bool = True) -> JSONRPCClient:
+        raw: dict[str, Any] = {"endpoint": url, "timeout": 5}
+        if tls:
+            raw.update({"server_name": name, "tls": tls_block(name)})
+        return JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate(raw))
+
+    @inlineCallbacks
+    def setUp(self):
+        if shutil.which("curl") is None:
+            self.fail("curl is not installed (make os-deps and CI install it)")
+        net = Network(self)
+        private = "private-proxy-1.ga"
+        allowed = [{"service": "proxy",
+                    "settings": {"allowed_domains": [".internal-server.local"]}}]
+        net.operator(PUBLIC, ["proxy-providers"], [
+            service("proxy", ("proxy-users",), "announceConnections", "getAnnouncements",
+                    "requestPoolTokens")])
+        net.operator(private, ["proxy-users"], [
+            service("incoming", ("proxy-providers",), "incomingConnection"),
+            service("announcing", ("health-departments",), "announceConnection")])
+        net.operator("hd-1", ["health-departments"], [])
+        net.write(record("hd-1", "settings", allowed), record(private, "settings", allowed))
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        crt, key = pki().tls("internal-server")
+        internal = yield internal_server.listen(reactor, "127.0.0.1:0", str(crt), str(key))
+        self.addCleanup(internal.stopListening)
+
+        self.public, ports = yield self.start_proxy("public", public_section(folder / "p", 1))
+        self.public.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
+        self.public.front.internal_endpoint = self.public.proxy.internal_endpoint
+        self.tls_port = ports.tls.getHost().port
+        yield net.start(PUBLIC, [
+            server_channel(PUBLIC), client_channel(PUBLIC), gateway_channel(PUBLIC),
+            local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
+                          tls=tls_block(PUBLIC), server_name=PUBLIC)])
+        net.channels(PUBLIC, {"type": "eps_server",
+                              "settings": {"address": net.server_address(PUBLIC)}})
+        yield self.public.proxy.client.close()
+        self.public.proxy.client = self.client_to(net.gateway_url(PUBLIC), PUBLIC)
+        self.addCleanup(self.public.proxy.client.close)
+
+        self.private, private_ports = yield self.start_proxy("private", private_section(
+            folder / "q", 1, pool_size=2,
+            internal_endpoint={"address": f"127.0.0.1:{internal.getHost().port}"}))
+        yield net.start(private, [
+            server_channel(private), client_channel(private), gateway_channel(private),
+            local_channel(f"http://127.0.0.1:{private_ports.jsonrpc.getHost().port}/jsonrpc")])
+        net.channels(private, {"type": "eps_server",
+                               "settings": {"address": net.server_address(private)}})
+        yield self.private.client.close()
+        new = self.client_to(net.gateway_url(private), private)
+        self.private.client = self.private.proxy.client = new
+        self.private.pool.client = new  # the keeper calls through the same endpoint server
+        self.addCleanup(new.close)
+        yield net.start("hd-1", [client_channel("hd-1"), gateway_channel("hd-1")])
+        self.hd1 = gateway_client(self, net.gateway_url("hd-1"))
+        self.private_name = private
+
+    def curl(self):
+        return utils.getProcessOutputAndValue("curl", [
+            "-sS", "--max-time", "20", "--cacert", str(pki().root),
+            "--resolve", f"{DOMAIN}:{self.tls_port}:127.0.0.1",
+            f"https://{DOMAIN}:{self.tls_port}/jsonrpc",
+        ], env={"PATH": "/usr/bin:/bin"}, reactor=reactor)
+
+    @inlineCallbacks
+    def test_curl_is_served_from_the_pool(self):
+        result = yield self.hd1.call(f"{self.private_name}.announceConnection",
+                                     {"proxy": PUBLIC, "domain": DOMAIN}, id="a")
+        self.assertEqual(result, "ok")
+        yield self.private.pool.when_idle(PUBLIC, 2)
+        out, err, code = yield self.curl()
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(json.loads(out), {"message": "success"})
+        self.assertEqual(self.private.proxy.incoming_calls, 0)
+        self.assertEqual(self.private.pool.served, 1)
+        yield self.private.pool.when_idle(PUBLIC, 2)  # refilled through the EPS network
+        out, err, code = yield self.curl()
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual((self.private.proxy.incoming_calls, self.private.pool.served), (0, 2))

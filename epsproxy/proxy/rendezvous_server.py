@@ -466,9 +466,8 @@ class Rendezvous:
         first.state = party.state = "spliced"
         self.pairings += 1
         tag = token_tag(token)
-        # Pairing is the normal case (counted in metrics): debug, not one info line each.
-        log.debug("paired {first} with {second} (token {tag})", first=_peer(first.transport),
-                 second=_peer(party.transport), tag=tag)
+        # Pairing is the normal case: counted in metrics, not logged (a log event costs
+        # even at debug, and this is the hot path).
         s = splice(
             self._clock, first, party,
             to_left=rest, to_right=first.replay + first.rest, left_eof=first.eof,

@@ -8,11 +8,25 @@ from each to the other until both directions are finished:
   other side's transport.  On reactor TCP transports (the normal case) a side is paused
   as soon as *anything* it relayed is still unsent, so a direction holds at most one
   read in user space (plus, rarely, one more that the epoll reactor delivers in the same
-  batch); reads are ``read_bytes`` large and are written through at once (``send()``
+  batch); reads are up to ``read_bytes`` large and are written through at once (``send()``
   straight from the read, no queueing when the receiver keeps up).  That is the recipe
   measured in ``bench/RELAY.md``: large reads and write-through are what make a Python
   relay as fast as a well-tuned C one, and pausing at any backlog keeps memory flat.
   Other transports (wrappers, test transports) use Twisted's own producer thresholds.
+- **Reads sized to the receiver.**  A read is never larger than what the receiving
+  socket's send buffer is known to take whole, so a slow receiver leaves next to nothing
+  in user space.  What it takes is asked of the kernel (``SIOCOUTQ`` against a cached
+  ``SO_SNDBUF``) only when the bytes sent since the last answer may have used it up, not
+  once per read: a receiver that keeps up costs a system call every few reads.
+- **The splice's own reader.**  Between two reactor TCP transports the splice reads each
+  socket itself: ``recv_into`` one preallocated buffer shared by every splice of the
+  process (the reactor runs one read at a time, and a read leaves the buffer only as a
+  copy of what its receiver did not take), ``send()`` from a view of it, and a read that
+  filled its size is followed by another in the same reactor event (at most
+  :data:`READS_PER_EVENT`).  It is that transport's ``doRead`` (the reactor calls it for
+  the descriptor); end-of-stream and errors are returned to the reactor as Twisted's own
+  ``doRead`` returns them, so half-close, pause/resume and the connection's close are
+  Twisted's.
 - **Half-close.**  End-of-stream from one side shuts down the write direction of the
   other side (after its queued bytes are sent) and the other direction keeps going; both
   connections are closed when both directions are finished.
@@ -28,11 +42,12 @@ Nothing here knows about tokens; :mod:`epsproxy.proxy.rendezvous_server` decides
 from __future__ import annotations
 
 import fcntl
+import mmap
 import socket
 import termios
 from typing import Any, cast
 
-from twisted.internet import defer
+from twisted.internet import defer, main, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -48,6 +63,7 @@ from zope.interface import implementer
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_READ_BYTES",
+    "READS_PER_EVENT",
     "SLOW_READ_BYTES",
     "Splice",
     "retarget",
@@ -65,23 +81,38 @@ DEFAULT_READ_BYTES = 1024 * 1024
 SLOW_READ_BYTES = 16 * 1024
 """Smallest read size, towards a receiver whose send buffer is (nearly) full."""
 
+READS_PER_EVENT = 4
+"""Most reads the splice's own reader makes in one reactor event (each one only if the
+previous filled its size, so the socket likely holds more)."""
+
+WAIT_BELOW_FRACTION = 4
+"""A read smaller than ``read_bytes // WAIT_BELOW_FRACTION`` is not made: the direction
+waits until its receiving socket is writable instead (one large read then, not many
+small ones now)."""
+
 _OUTQ = b"\0\0\0\0"
 
+_buffers: dict[int, memoryview] = {}
 
-def _send_room(out: Any) -> int | None:
+
+def _shared_buffer(size: int) -> memoryview:
     """
-    Bytes the kernel would still queue on ``out``'s socket: its send buffer size minus
-    what is queued (``SIOCOUTQ``).  None where that cannot be asked (not Linux, no socket).
+    The process's read buffer of ``size`` bytes, shared by every splice reading that much.
+    Anonymous memory: pages become resident only once a read has reached them.
     """
-    try:
-        fd = out.fileno()
-        queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _OUTQ), "little")
-        size = out.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    except (OSError, AttributeError, ValueError):
-        return None
-    # The kernel accounts buffer overhead too; half the free space is what a send() of
-    # that size is sure to take without leaving a remainder in user space.
-    return max(0, size - queued) // 2
+    view = _buffers.get(size)
+    if view is None:
+        view = _buffers[size] = memoryview(mmap.mmap(-1, size))
+    return view
+
+
+def _queued(sock: Any) -> int:
+    """Bytes in ``sock``'s kernel send queue, not yet acknowledged (``SIOCOUTQ``)."""
+    return int.from_bytes(fcntl.ioctl(sock, termios.TIOCOUTQ, _OUTQ), "little")
+
+
+def _sndbuf(sock: Any) -> int:
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
 
 def retarget(transport: Any, old: IProtocol, new: Protocol) -> None:
@@ -105,6 +136,14 @@ def retarget(transport: Any, old: IProtocol, new: Protocol) -> None:
 def _is_fd(transport: Any) -> bool:
     """Whether ``transport`` is a reactor descriptor whose send queue we can inspect."""
     return isinstance(transport, FileDescriptor) and hasattr(transport, "_tempDataLen")
+
+
+def _is_tcp(transport: Any) -> bool:
+    """Whether ``transport`` is a reactor TCP connection reading with Twisted's own doRead
+    (the splice may then read its socket itself)."""
+    return (isinstance(transport, tcp.Connection)
+            and type(transport).doRead is tcp.Connection.doRead
+            and "doRead" not in vars(transport))
 
 
 def _unsent(transport: Any) -> int:
@@ -138,11 +177,148 @@ class _End(Protocol):
         self.lost = False
         self.bytes_in = 0
         self.peak_unsent = 0
+        self.waits = 0  # times this direction waited for its receiver's socket
         self.read_bytes = splice.read_bytes
+        # Read sizing (reactor transports): the next read's size; bytes the out socket is
+        # known to take whole (a lower bound: only our sends add to its queue); its send
+        # buffer size as last asked (0: ask), re-asked when it looks too small.
+        self.read_size = splice.read_bytes  # 0: size it from the room first
+        self.slow_size = min(SLOW_READ_BYTES, splice.read_bytes)
+        self.wait_below = max(self.slow_size, splice.read_bytes // WAIT_BELOW_FRACTION)
+        self.credit = 0
+        self.sndbuf = 0
+        self._buffer: memoryview | None = None  # the shared read buffer (own reader)
 
-    # -- the data path: keep it short, it runs once per read (up to 1 MiB)
+    # -- read sizing: keep it short, it runs once per read
+
+    def _next_read(self, count: int) -> int:
+        """
+        ``count`` bytes just went out whole: the size of the next read, no larger than
+        what the out socket is sure to take whole (so a slow receiver never leaves a
+        large remainder in user space), or 0 when that is too little to be worth a read:
+        then wait until the out socket is writable.  Asks the kernel only when the
+        bytes sent since it last answered may have used up the room it reported, and
+        not after a message smaller than :data:`SLOW_READ_BYTES` (it could leave at
+        most one read unsent, which the pause at any backlog covers).
+        """
+        credit = self.credit - count
+        if 0 < count < self.slow_size and self.read_size:
+            # A small message barely moves the room: keep the size, ask no one.
+            self.credit = credit
+            return self.read_size
+        read_bytes = self.read_bytes
+        if credit < read_bytes:
+            credit = self._room()
+        self.credit = credit
+        if credit >= read_bytes:
+            return read_bytes
+        return credit if credit >= self.wait_below else 0
+
+    def _room(self) -> int:
+        """
+        Bytes the kernel would still take whole on the out socket: most of the room
+        between its send buffer size and its queue (``SIOCOUTQ``), the rest being the
+        kernel's own overhead.  Without a socket to ask (not Linux, a wrapper), one read.
+        """
+        try:
+            sock = self.out.socket
+            queued = _queued(sock)
+            room = (self.sndbuf - queued) // 2
+            if room < self.read_bytes:
+                # Autotuning may have grown the buffer since it was last asked.
+                self.sndbuf = _sndbuf(sock)
+                room = (self.sndbuf - queued) // 2
+        except (OSError, AttributeError, ValueError, TypeError):
+            return self.read_bytes
+        return room if room > 0 else 0
+
+    def _pause_for(self, out: Any) -> None:
+        """Pause this side until ``out`` has sent everything it holds and is writable
+        (its ``doWrite`` then resumes its paused producer, us)."""
+        if not out.producerPaused:
+            out.producerPaused = True
+            cast(IPushProducer, self.transport).pauseProducing()
+
+    def _held(self, data: bytes) -> None:
+        """
+        ``data`` could not be sent at once: queue it on the out transport and pause this
+        side until the out transport has sent everything (so one read is the most a
+        direction holds); the next read is sized from the room then left.
+        """
+        out = self.out
+        out.write(data)
+        unsent = _unsent(out)
+        if unsent > self.peak_unsent:
+            self.peak_unsent = unsent
+        self.read_size = 0
+        self.credit = 0
+        # Twisted's own doRead (a wrapper's source) reads bufferSize: read small.
+        cast(Any, self.transport).bufferSize = self.slow_size
+        self._pause_for(out)
+
+    # -- the data path: keep it short, it runs once per read (up to read_bytes)
+
+    def doRead(self) -> Any:
+        """
+        The reactor's read event on this side's TCP socket (installed as its transport's
+        ``doRead`` when both sides are reactor TCP transports): read into the shared
+        buffer and send straight from it.  Returns what Twisted's ``doRead`` returns: None,
+        or the connection's end (clean end-of-stream, or lost).
+        """
+        transport: Any = self.transport
+        recv_into = transport.socket.recv_into
+        out = self.out
+        send = out.socket.send
+        view = self._buffer
+        if view is None:
+            view = self._buffer = _shared_buffer(self.read_bytes)
+        splice = self.splice
+        splice.last_active = splice._seconds()
+        for _ in range(READS_PER_EVENT):
+            size = self.read_size
+            if not size:  # after a wait for the out socket: as much as it takes now
+                size = self._next_read(0) or self.slow_size
+            try:
+                n = recv_into(view, size)
+            except BlockingIOError:
+                return None
+            except OSError:
+                return main.CONNECTION_LOST
+            if not n:
+                return main.CONNECTION_DONE
+            self.bytes_in += n
+            if self.peer.lost:
+                return None
+            if out._tempDataLen or out.offset != len(out.dataBuffer):
+                self._held(bytes(view[:n]))
+                return None
+            try:
+                sent = send(view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                # The out transport finds the error itself when it writes (and closes).
+                out.write(bytes(view[:n]))
+                return None
+            if sent != n:
+                self._held(bytes(view[sent:n]))
+                return None
+            size = self.read_size = self._next_read(n)
+            if not size:
+                # The receiver is behind: read again once its socket is writable (the
+                # kernel says so when a third of its send buffer is free), one large
+                # read then rather than many small ones now.
+                self.waits += 1
+                self._pause_for(out)
+                out.startWriting()
+                return None
+            if n < size:
+                return None  # the socket is drained
+        return None
 
     def dataReceived(self, data: bytes) -> None:
+        # Bytes read by Twisted's doRead (a wrapper transport, or bytes from before the
+        # splice): the same policy as doRead's, through the transport's own write.
         if self.peer.lost:
             return
         splice = self.splice
@@ -158,27 +334,12 @@ class _End(Protocol):
                 if sent.__class__ is int:
                     if sent == len(data):
                         # Sent whole.  The next read is no larger than the room left in
-                        # the receiver's send buffer, so it too goes out whole and a slow
-                        # receiver never leaves a large remainder in user space.
-                        room = _send_room(out)
-                        if room is None:
-                            room = self.read_bytes
-                        transport.bufferSize = max(
-                            SLOW_READ_BYTES, min(self.read_bytes, room)
-                        )
+                        # the receiver's send buffer, so it too goes out whole.
+                        size = self.read_size = self._next_read(sent) or self.slow_size
+                        transport.bufferSize = size
                         return
                     data = data[sent:]
-            out.write(data)
-            unsent = _unsent(out)
-            if unsent > self.peak_unsent:
-                self.peak_unsent = unsent
-            # A slow receiver: read small, so a paused direction holds little.
-            transport.bufferSize = SLOW_READ_BYTES
-            if not out.producerPaused:
-                # Pause at any backlog: the out transport resumes us when it has sent
-                # everything (FileDescriptor.doWrite), so one read is the most we hold.
-                out.producerPaused = True
-                transport.pauseProducing()
+            self._held(data)
         else:
             out.write(data)
 
@@ -224,6 +385,7 @@ class _End(Protocol):
         if self.lost:
             return
         self.lost = True
+        vars(self.transport).pop("doRead", None)  # our reader, if installed
         self.splice._end_lost(self, reason)
 
 
@@ -264,6 +426,12 @@ class Splice:
         """Bytes relayed so far, both directions together."""
         return self.left.bytes_in + self.right.bytes_in
 
+    @property
+    def waits(self) -> int:
+        """Times a direction waited for its receiver's socket to become writable rather
+        than read little (both directions together; the splice's own reader only)."""
+        return self.left.waits + self.right.waits
+
     def peak_unsent(self) -> int:
         """The most bytes one direction held unsent in user space (reactor transports)."""
         return max(self.left.peak_unsent, self.right.peak_unsent)
@@ -298,6 +466,10 @@ class Splice:
             end.out = end.peer.transport
             end.fast = _is_fd(end.out)
             end.out.registerProducer(end, True)
+        if _is_tcp(self.left.transport) and _is_tcp(self.right.transport):
+            for end in ends:
+                # The splice's own reader for this socket (see the module docstring).
+                cast(Any, end.transport).doRead = end.doRead
         if self.idle_timeout > 0:
             self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_check)
         for end, eof in ((self.left, left_eof), (self.right, right_eof)):
@@ -346,15 +518,17 @@ class Splice:
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
-        log.debug(
-            "splice {tag} closed after {seconds:.1f}s: {up} bytes left->right,"
-            " {down} bytes right->left, {how}",
-            tag=self.tag,
-            seconds=self._seconds() - self.started,
-            up=self.left.bytes_in,
-            down=self.right.bytes_in,
-            how="complete" if self.finished else "cut",
-        )
+        if not self.finished:
+            # Completed pairs are counted (metrics), not logged: an event costs even when
+            # no observer wants debug lines, and pairing is the hot path.
+            log.debug(
+                "splice {tag} cut after {seconds:.1f}s: {up} bytes left->right,"
+                " {down} bytes right->left",
+                tag=self.tag,
+                seconds=self._seconds() - self.started,
+                up=self.left.bytes_in,
+                down=self.right.bytes_in,
+            )
         self.done.callback(None)
 
     def _idle_check(self) -> None:

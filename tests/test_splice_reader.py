@@ -1,0 +1,160 @@
+"""
+The splice's own reader (epsproxy.proxy.splice, issue 14 item 5), over real loopback
+sockets through a :class:`Rendezvous`: between two reactor TCP transports the splice reads
+each socket itself into one buffer shared by every splice, sizes reads to what the
+receiver takes, and waits for a receiver that is behind to become writable.  Checked:
+pairs streaming at once do not mix their bytes, a slow reader gets every byte while the
+relay holds at most one read, half-close and cuts while a direction waits, and a wrapper
+transport keeps Twisted's own reader.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.error import ConnectionDone
+from twisted.protocols.policies import WrappingFactory
+from twisted.trial.unittest import TestCase
+
+from epsproxy.proxy.rendezvous_server import Rendezvous
+from epsproxy.proxy.splice import DEFAULT_READ_BYTES
+from tests.support.splice import Peer, connect, listen, spliced_pair
+from tests.support.splice_flow import Source, Throttled
+
+
+def _reader_installed(end) -> bool:
+    return vars(end.transport).get("doRead") == end.doRead
+
+
+class OwnReader(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.rv = Rendezvous(reactor)
+        self.port = listen(self, self.rv)
+
+    @defer.inlineCallbacks
+    def test_tcp_pairs_are_read_by_the_splice_and_streams_stay_apart(self):
+        # Three pairs stream both ways at once through the one shared read buffer.
+        pairs = []
+        for _ in range(3):
+            a, b = yield spliced_pair(self, self.rv, self.port, keep=False, half_close=True)
+            pairs.append((a, b))
+        for s in self.rv.splices:
+            self.assertTrue(_reader_installed(s.left) and _reader_installed(s.right))
+        flows = []
+        for i, (a, b) in enumerate(pairs):
+            up = Source(a.transport, 24, seed=b"up%d" % i)
+            down = Source(b.transport, 24, seed=b"down%d" % i)
+            flows.append((a, b, up, down))
+        for _, _, up, down in flows:
+            up.resumeProducing()
+            down.resumeProducing()
+        yield defer.gatherResults([d for a, b, _, _ in flows for d in (a.eof, b.eof)])
+        for a, b, up, down in flows:
+            self.assertEqual(b.count, 1 + up.sent)
+            self.assertEqual(b.sha.hexdigest(), up.digest(b"!"))
+            self.assertEqual(a.count, 1 + down.sent)
+            self.assertEqual(a.sha.hexdigest(), down.digest(b"?"))
+        reasons = yield defer.gatherResults([p.closed for a, b, _, _ in flows for p in (a, b)])
+        for reason in reasons:
+            self.assertIsInstance(reason, ConnectionDone)
+
+    @defer.inlineCallbacks
+    def test_a_slow_reader_gets_every_byte_and_the_relay_waits_for_it(self):
+        token = self.rv.new_token()
+        a = yield connect(self, self.port, Peer(token, keep=False))
+        b = yield connect(self, self.port, Throttled(token, rate=20e6, keep=False))
+        a.transport.write(b"!")
+        yield b.wait_for(1)
+        (s,) = self.rv.splices
+        source = Source(a.transport, 48)  # 48 MiB at 20 MB/s
+        source.resumeProducing()
+        count = yield b.eof
+        self.assertEqual(count, 1 + source.sent)
+        self.assertEqual(b.sha.hexdigest(), source.digest(b"!"))
+        # The relay read no more than the receiver's socket took: it waited for it
+        # rather than keep copies, and never held more than one read.
+        self.assertGreater(s.waits, 0)
+        self.assertLessEqual(s.peak_unsent(), DEFAULT_READ_BYTES)
+
+    @defer.inlineCallbacks
+    def test_half_close_while_the_receiver_is_behind(self):
+        token = self.rv.new_token()
+        a = yield connect(self, self.port, Peer(token, keep=False, half_close=True))
+        b = yield connect(self, self.port, Throttled(token, rate=40e6, keep=False,
+                                                     half_close=True))
+        a.transport.write(b"!")
+        yield b.wait_for(1)
+        source = Source(a.transport, 24)  # then end-of-stream from a
+        source.resumeProducing()
+        count = yield b.eof
+        self.assertEqual(count, 1 + source.sent)
+        self.assertEqual(b.sha.hexdigest(), source.digest(b"!"))
+        self.assertFalse(a.closed.called)
+        b.transport.write(b"the other way still works")
+        yield a.wait_for(len(b"the other way still works"))
+        b.transport.loseWriteConnection()
+        reasons = yield defer.gatherResults([a.closed, b.closed])
+        for reason in reasons:
+            self.assertIsInstance(reason, ConnectionDone)
+
+    @defer.inlineCallbacks
+    def test_a_reset_mid_stream_cuts_the_other_side(self):
+        a, b = yield spliced_pair(self, self.rv, self.port, keep=False)
+        source = Source(a.transport, 1 << 12, close=False)  # far more than gets through
+        source.resumeProducing()
+        yield b.wait_for(8 << 20)  # bytes are flowing through the splice's reader
+        a.transport.abortConnection()  # a reset, in the middle of the stream
+        reason = yield b.closed
+        self.assertNotIsInstance(reason, ConnectionDone)
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(self.rv.active_splices, 0)
+
+    @defer.inlineCallbacks
+    def test_a_receiver_gone_while_its_sender_waits_cuts_the_sender(self):
+        a, b = yield spliced_pair(self, self.rv, self.port, keep=False)
+        (s,) = self.rv.splices
+        b.transport.pauseProducing()  # b reads nothing: a's direction backs up
+        source = Source(a.transport, 1 << 12, close=False)
+        source.resumeProducing()
+        # The relay has stopped reading a: it waits for b's socket, or holds a read for it.
+        yield _until(lambda: source.paused and (s.waits > 0 or max(s.unsent()) > 0))
+        b.transport.abortConnection()
+        reason = yield a.closed
+        self.assertNotIsInstance(reason, ConnectionDone)
+
+
+class WrappedTransport(TestCase):
+    """A transport under a wrapper (a policies wrapper, TLS ...) keeps Twisted's reader."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_wrapper_keeps_twisteds_reader_and_relays_intact(self):
+        rv = Rendezvous(reactor)
+        port = reactor.listenTCP(0, WrappingFactory(rv.factory()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(rv.close_all)
+        a, b = yield spliced_pair(self, rv, port.getHost().port, keep=False)
+        (s,) = rv.splices
+        self.assertFalse(_reader_installed(s.left) or _reader_installed(s.right))
+        # No end-of-stream: a policies wrapper is not half-closeable, so an end of
+        # stream from a would close its side (and cut the pair) rather than half-close.
+        source = Source(a.transport, 16, close=False)
+        source.resumeProducing()
+        count = yield b.wait_for(1 + (16 << 20))
+        self.assertEqual(count, 1 + source.sent)
+        self.assertEqual(b.sha.hexdigest(), source.digest(b"!"))
+
+
+def _until(condition) -> defer.Deferred[None]:
+    """Fires once ``condition()`` holds, checked every 10 ms (a state without an event)."""
+    d: defer.Deferred[None] = defer.Deferred()
+
+    def check() -> None:
+        if condition():
+            loop.stop()
+
+    loop = task.LoopingCall(check)
+    loop.start(0.01).addCallback(lambda _: d.callback(None))
+    return d

@@ -30,6 +30,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
+from twisted.web.template import flattenString, tags
 
 from epsproxy.dev.examples import internal_server
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
@@ -40,6 +41,7 @@ from epsproxy.net.token import TOKEN_BYTES
 from epsproxy.proxy.pooling import pool_header
 from epsproxy.proxy.private.pool import BACKOFF_START, PoolKeeper
 from epsproxy.proxy.settings import PROXY_SETTINGS
+from epsproxy.proxy.status_page import PrivateProxyPage
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
@@ -489,7 +491,7 @@ class PooledService(unittest.TestCase):
         if not internal_tls:
             endpoint["tls"] = {**tls_block("internal-server"), "verify_client": False}
         changes.setdefault("pool_size", 2)
-        folder = Path(self.mktemp()).absolute()
+        folder = self.folder = Path(self.mktemp()).absolute()
         options = Options()
         options.parseOptions(["--mode", "private", "--settings", str(write_settings(
             folder, {"private": private_section(folder, eps_port, internal_endpoint=endpoint,
@@ -572,6 +574,7 @@ class ServedFromThePool(PooledService):
         self.assertSuccess((yield self.tls_get()))
         self.assertEqual(self.pool.served, 2)
         self.assertEqual(self.early_bytes, 0)  # idle connections never sent a byte
+        yield self.full()
         metrics = generate_latest(self.service.registry).decode()
         self.assertIn('private_proxy_pool_connections{proxy="public-proxy-1.ga",'
                       'state="idle"} 2.0', metrics)
@@ -607,6 +610,25 @@ class ServedFromThePool(PooledService):
             yield end.lost
         self.assertEqual(self.service.pool_state(), {})
         self.assertEqual(self.pool.closed, {"expired": 2})
+
+    @inlineCallbacks
+    def test_reload_resizes_and_the_status_page_shows_it(self):
+        yield self.start()
+        yield self.full()
+        settings = load_settings([self.folder], PROXY_SETTINGS)["private"]
+        self.service.reload(dict(settings, pool_size=3, pool_max=3))
+        yield self.full(3)
+        html = (yield flattenString(None, tags.div(
+            *PrivateProxyPage(self.service, reactor).sections({})))).decode()
+        self.assertIn("Connection pool", html)
+        self.assertIn("connecting: 0, idle: 3, target: 3", html)
+        self.assertIn(PUBLIC, html)
+        self.service.reload(dict(settings, pool_size=0))
+        yield self.pool.when_idle(PUBLIC, 0)
+        self.assertEqual(self.pool.closed, {"disabled": 3})
+        html = (yield flattenString(None, tags.div(
+            *PrivateProxyPage(self.service, reactor).sections({})))).decode()
+        self.assertIn("no connection pool", html)
 
     @inlineCallbacks
     def test_no_pool_with_pool_size_zero(self):

@@ -5,6 +5,8 @@ The private proxy (SPEC §14.5; issue 5), one module per concept:
   the PROXY protocol v2 header;
 - :mod:`~epsproxy.proxy.private.terminating`: TLS terminated here, each HTTP request (or
   JSON-RPC call) forwarded to the internal server;
+- :mod:`~epsproxy.proxy.private.pool`: the pool of pre-dialled connections kept at the
+  public proxies (issue 14), each served by the forwarder once its header is read;
 - :mod:`~epsproxy.proxy.private.api`: the JSON-RPC methods the own endpoint server and the
   public proxy call;
 - :mod:`~epsproxy.proxy.private.service`: the service that wires them, with the

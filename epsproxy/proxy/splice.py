@@ -196,22 +196,21 @@ class _End(Protocol):
         ``count`` bytes just went out whole: the size of the next read, no larger than
         what the out socket is sure to take whole (so a slow receiver never leaves a
         large remainder in user space), or 0 when that is too little to be worth a read:
-        then wait until the out socket is writable.  Asks the kernel only when the
-        bytes sent since it last answered may have used up the room it reported, and
-        not after a message smaller than :data:`SLOW_READ_BYTES` (it could leave at
-        most one read unsent, which the pause at any backlog covers).
+        then wait until the out socket is writable.  Asks the kernel only when what is
+        left of the room it last reported (less what was sent since) is too little to
+        be worth a read, and not after a message smaller than :data:`SLOW_READ_BYTES`
+        (it could leave at most one read unsent, which the pause at any backlog covers).
         """
         credit = self.credit - count
         if 0 < count < self.slow_size and self.read_size:
             # A small message barely moves the room: keep the size, ask no one.
             self.credit = credit
             return self.read_size
-        read_bytes = self.read_bytes
-        if credit < read_bytes:
+        if credit < self.wait_below:
             credit = self._room()
         self.credit = credit
-        if credit >= read_bytes:
-            return read_bytes
+        if credit >= self.read_bytes:
+            return self.read_bytes
         return credit if credit >= self.wait_below else 0
 
     def _room(self) -> int:

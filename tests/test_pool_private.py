@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.template import flattenString, tags
 
@@ -247,6 +248,26 @@ class KeeperTests(unittest.TestCase):
             self.clock.advance(60)
             self.client.calls[-1][2].errback(TransportError("no connection"))
         self.assertEqual(self.keeper.pools[PUBLIC].backoff, 60)
+
+    def test_failures_are_logged_when_the_reason_changes(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def warnings() -> list[str]:
+            return [formatEvent(e) for e in events if "cannot fill" in e.get("log_format", "")]
+
+        self.clock.advance(1)
+        for _ in range(3):
+            self.client.calls[-1][2].errback(JSONRPCError(404, "no announcement"))
+            self.clock.advance(60)
+        self.assertEqual(len(warnings()), 1)
+        self.assertIn("no announcement", warnings()[0])
+        self.client.calls[-1][2].errback(JSONRPCError(403, "not allowed"))
+        self.assertEqual(len(warnings()), 2)
+        self.clock.advance(60)
+        self.answer(tokens_result(2))
+        self.assertTrue(any("filled again" in formatEvent(e) for e in events))
 
     def test_grows_on_fallbacks_and_shrinks_when_quiet(self) -> None:
         self.fill()

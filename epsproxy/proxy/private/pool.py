@@ -346,6 +346,8 @@ class PoolKeeper:
             pool = self.pools.get(proxy)
             if pool is None:
                 pool = self.pools[proxy] = _Pool(proxy, self.pool_size, now)
+                log.info("keeping {count} pre-dialled connection(s) at {proxy}",
+                         count=self.pool_size, proxy=shorten(proxy))
             if pool.target > self.pool_size and now - pool.changed_at >= self.shrink_after:
                 pool.target -= 1
                 pool.changed_at = now

@@ -16,8 +16,11 @@ from each to the other until both directions are finished:
 - **Reads sized to the receiver.**  A read is never larger than what the receiving
   socket's send buffer is known to take whole, so a slow receiver leaves next to nothing
   in user space.  What it takes is asked of the kernel (``SIOCOUTQ`` against a cached
-  ``SO_SNDBUF``) only when the bytes sent since the last answer may have used it up, not
-  once per read: a receiver that keeps up costs a system call every few reads.
+  ``SO_SNDBUF``) only when what is left of the last answer, less what was sent since, is
+  too little for a worthwhile read, not once per read.  When the receiver is that far
+  behind (room under ``read_bytes // WAIT_BELOW_FRACTION``), the direction does not read
+  small: it waits until the receiving socket is writable (the kernel says so when a
+  third of its send buffer is free) and then makes one large read.
 - **The splice's own reader.**  Between two reactor TCP transports the splice reads each
   socket itself: ``recv_into`` one preallocated buffer shared by every splice of the
   process (the reactor runs one read at a time, and a read leaves the buffer only as a
@@ -215,9 +218,9 @@ class _End(Protocol):
 
     def _room(self) -> int:
         """
-        Bytes the kernel would still take whole on the out socket: most of the room
-        between its send buffer size and its queue (``SIOCOUTQ``), the rest being the
-        kernel's own overhead.  Without a socket to ask (not Linux, a wrapper), one read.
+        Bytes the kernel would still take whole on the out socket: half the room
+        between its send buffer size and its queue (``SIOCOUTQ``); the kernel accounts
+        buffer overhead too.  Without a socket to ask (not Linux, a wrapper), one read.
         """
         try:
             sock = self.out.socket
@@ -302,6 +305,7 @@ class _End(Protocol):
             if sent != n:
                 self._held(bytes(view[sent:n]))
                 return None
+            drained = n < size
             size = self.read_size = self._next_read(n)
             if not size:
                 # The receiver is behind: read again once its socket is writable (the
@@ -311,8 +315,8 @@ class _End(Protocol):
                 self._pause_for(out)
                 out.startWriting()
                 return None
-            if n < size:
-                return None  # the socket is drained
+            if drained:
+                return None  # the read did not fill its size: the socket is empty
         return None
 
     def dataReceived(self, data: bytes) -> None:

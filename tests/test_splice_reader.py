@@ -4,11 +4,14 @@ sockets through a :class:`Rendezvous`: between two reactor TCP transports the sp
 each socket itself into one buffer shared by every splice, sizes reads to what the
 receiver takes, and waits for a receiver that is behind to become writable.  Checked:
 pairs streaming at once do not mix their bytes, a slow reader gets every byte while the
-relay holds at most one read, half-close and cuts while a direction waits, and a wrapper
-transport keeps Twisted's own reader.
+relay holds at most one read, half-close and cuts while a direction waits, a small send
+buffer is read at its size (not waited for before each read), and a wrapper transport
+keeps Twisted's own reader.
 """
 
 from __future__ import annotations
+
+import socket
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionDone
@@ -158,3 +161,26 @@ def _until(condition) -> defer.Deferred[None]:
     loop = task.LoopingCall(check)
     loop.start(0.01).addCallback(lambda _: d.callback(None))
     return d
+
+
+class SmallSendBuffer(TestCase):
+    """A receiver whose socket has a small send buffer (set explicitly, no autotuning)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_small_send_buffer_is_read_at_its_size_not_waited_for_each_time(self):
+        rv = Rendezvous(reactor)
+        port = listen(self, rv)
+        a, b = yield spliced_pair(self, rv, port, keep=False)
+        (s,) = rv.splices
+        # The relay's socket towards b: 64 KiB (the kernel doubles the 32 KiB asked).
+        s.right.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        source = Source(a.transport, 16)
+        source.resumeProducing()
+        count = yield b.eof
+        self.assertEqual(count, 1 + source.sent)
+        self.assertEqual(b.sha.hexdigest(), source.digest(b"!"))
+        # Reads follow the small buffer's room; a wait before each smallest read (one
+        # per 16 KiB, what a fixed threshold for large buffers did) would be far more.
+        self.assertLess(s.waits, source.sent // (24 * 1024))

@@ -188,6 +188,7 @@ class _End(Protocol):
         self.read_size = splice.read_bytes  # 0: size it from the room first
         self.slow_size = min(SLOW_READ_BYTES, splice.read_bytes)
         self.wait_below = max(self.slow_size, splice.read_bytes // WAIT_BELOW_FRACTION)
+        self.wait_at = self.wait_below  # the same, or less for a small send buffer
         self.credit = 0
         self.sndbuf = 0
         self._buffer: memoryview | None = None  # the shared read buffer (own reader)
@@ -214,7 +215,7 @@ class _End(Protocol):
         self.credit = credit
         if credit >= self.read_bytes:
             return self.read_bytes
-        return credit if credit >= self.wait_below else 0
+        return credit if credit >= self.wait_at else 0
 
     def _room(self) -> int:
         """
@@ -228,8 +229,11 @@ class _End(Protocol):
             room = (self.sndbuf - queued) // 2
             if room < self.read_bytes:
                 # Autotuning may have grown the buffer since it was last asked.
-                self.sndbuf = _sndbuf(sock)
-                room = (self.sndbuf - queued) // 2
+                self.sndbuf = size = _sndbuf(sock)
+                room = (size - queued) // 2
+                # Waiting for writability pays only if it frees much more than is free
+                # now: the kernel wakes writers when a third of the buffer is free.
+                self.wait_at = min(self.wait_below, max(self.slow_size, size // 8))
         except (OSError, AttributeError, ValueError, TypeError):
             return self.read_bytes
         return room if room > 0 else 0

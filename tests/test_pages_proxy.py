@@ -95,7 +95,7 @@ class PrivateProxyPageInBrowser(TestCase):
         folder = Path(self.mktemp()).absolute()
         options = Options()
         options.parseOptions(["--mode", "private", "--settings", str(write_settings(
-            folder, {"private": private_section(folder, eps_port)}))])
+            folder, {"private": private_section(folder, eps_port, pool_size=0)}))])
         top = makeService(options, reactor, exit_on_failure=False)
         service = top.services[0]
         top.startService()

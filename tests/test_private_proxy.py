@@ -265,6 +265,8 @@ class ServiceTests(unittest.TestCase):
             self.fake = FakeEPS()
             self.eps_port = yield self.fake.start(self)
         folder = folder or Path(self.mktemp()).absolute()
+        # These tests are about the brokered path; the pool is tests/test_pool_private.py's.
+        changes.setdefault("pool_size", 0)
         options = Options()
         options.parseOptions(["--mode", "private", "--settings", str(write_settings(
             folder, {"private": private_section(folder, self.eps_port, **changes)}))])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from twisted.internet import defer, reactor, utils
@@ -58,6 +59,11 @@ class Passthrough:
     #: Raw forwarding with a PROXY v2 header to a real HAProxy in front of the internal
     #: server (``accept-proxy``), which logs the client address it was given.
     haproxy_front = False
+    #: The private proxy's ``pool_size``: 0 tests the brokered path (incomingConnection);
+    #: the pooled classes keep idle connections at the public proxy (issue 14).
+    pool_size = 0
+    #: The public proxy's ``pool_max_per_operator`` (None: its default).
+    public_pool_cap: int | None = None
 
     @defer.inlineCallbacks
     def start_proxy(self, mode: str, section: dict):
@@ -107,8 +113,10 @@ class Passthrough:
             internal_address = f"127.0.0.1:{self.haproxy.port}"
 
         # Public proxy and its endpoint server.
+        cap = {} if self.public_pool_cap is None else {
+            "pool_max_per_operator": self.public_pool_cap}
         self.public, ports = yield self.start_proxy(
-            "public", public_section(folder / "public", 1))
+            "public", public_section(folder / "public", 1, **cap))
         self.public.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
         self.public.front.internal_endpoint = self.public.proxy.internal_endpoint
         self.tls_port = ports.tls.getHost().port
@@ -136,6 +144,7 @@ class Passthrough:
             "jsonrpc_client": {"endpoint": "http://127.0.0.1:1/jsonrpc", "timeout": 5},
             "internal_endpoint": endpoint,
             "shutdown_grace": 0,
+            "pool_size": self.pool_size,
         }
         self.private, private_ports = yield self.start_proxy("private", private_section)
         yield net.start(PRIVATE, [
@@ -144,13 +153,22 @@ class Passthrough:
         net.channels(PRIVATE, {"type": "eps_server",
                                "settings": {"address": net.server_address(PRIVATE)}})
         yield self.private.client.close()
-        self.private.client = self.private.proxy.client = client_to(
+        self.private.client = self.private.proxy.client = self.private.pool.client = client_to(
             net.gateway_url(PRIVATE), PRIVATE)
         self.addCleanup(self.private.proxy.client.close)
 
         # hd-1: the operator whose application announces the domain.
         yield net.start("hd-1", [client_channel("hd-1"), gateway_channel("hd-1")])
         self.hd1 = gateway_client(self, net.gateway_url("hd-1"))
+
+    @defer.inlineCallbacks
+    def announce(self, **extra):
+        """hd-1 announces DOMAIN at the public proxy; with a pool, wait until it is full."""
+        result = yield self.hd1.call(f"{PRIVATE}.announceConnection",
+                                     {"proxy": PUBLIC, "domain": DOMAIN, **extra}, id="a")
+        self.assertEqual(result, "ok")
+        if self.pool_size and self.public_pool_cap != 0:
+            yield self.public.pool.when_idle(PRIVATE, self.pool_size)
 
     def curl(self, domain: str = DOMAIN, path: str = "/jsonrpc", source: str = "127.0.0.1"):
         return utils.getProcessOutputAndValue("curl", [
@@ -172,10 +190,13 @@ class Passthrough:
         out, err, code = yield self.curl()
         self.assertEqual(code, 0, err.decode())
         self.assertEqual(json.loads(out), {"message": "success"})
-        # Twice: every client connection gets its own token and splice.
+        # Twice: every client connection gets its own splice, brokered with a token of
+        # its own or (once the private proxy's pool filled) a pooled connection.
         out, err, code = yield self.curl()
         self.assertEqual(code, 0, err.decode())
-        self.assertEqual(self.public.rendezvous.pairings, 2)
+        self.assertEqual(self.public.rendezvous.pairings + self.public.pool.hits, 2)
+        if not self.pool_size:
+            self.assertEqual(self.public.rendezvous.pairings, 2)
         self.assertEqual(self.public.rendezvous.pending, 0)
 
     @defer.inlineCallbacks
@@ -204,9 +225,7 @@ class RawForwardedWithTheClientsAddress(Passthrough, TestCase):
 
     @defer.inlineCallbacks
     def test_haproxy_behind_the_private_proxy_sees_the_original_client(self):
-        result = yield self.hd1.call(f"{PRIVATE}.announceConnection",
-                                     {"proxy": PUBLIC, "domain": DOMAIN}, id="a")
-        self.assertEqual(result, "ok")
+        yield self.announce()
         # curl from its own loopback address, so it cannot be taken for a proxy's.
         out, err, code = yield self.curl(source="127.0.0.9")
         self.assertEqual(code, 0, err.decode())
@@ -216,4 +235,73 @@ class RawForwardedWithTheClientsAddress(Passthrough, TestCase):
         line = self.haproxy.output.decode().split("client=", 1)[1].splitlines()[0]
         self.assertTrue(line.startswith("127.0.0.9:"), self.haproxy.output[-500:])
         self.assertIn(f"frontend=127.0.0.1:{self.tls_port}", line)  # where the client came in
+        # Brokered (incomingConnection) or served from the pool, as the class says.
+        self.assertEqual(self.private.proxy.incoming_calls, 0 if self.pool_size else 1)
+        self.assertEqual(self.public.pool.hits, 1 if self.pool_size else 0)
 
+
+class PooledWithTheClientsAddress(RawForwardedWithTheClientsAddress):
+    """The same through a pooled connection: its PROXY v2 header carries the client."""
+
+    pool_size = 2
+
+
+class Pooled(Passthrough):
+    """Clients served from the private proxy's pool of pre-dialled connections (issue 14)."""
+
+    pool_size = 2
+
+    @defer.inlineCallbacks
+    def test_clients_served_from_the_pool_which_refills(self):
+        yield self.announce()
+        for served in (1, 2, 3):
+            out, err, code = yield self.curl()
+            self.assertEqual(code, 0, err.decode())
+            self.assertEqual(json.loads(out), {"message": "success"})
+            # Served without brokering: no incomingConnection, no token pairing.
+            self.assertEqual(self.private.proxy.incoming_calls, 0)
+            self.assertEqual(self.private.pool.served, served)
+            self.assertEqual((self.public.pool.hits, self.public.pool.misses), (served, 0))
+            self.assertEqual(self.public.rendezvous.pairings, 0)
+            # The used connection is replaced: both ends see the pool full again.
+            yield self.public.pool.when_idle(PRIVATE, self.pool_size)
+            yield self.private.pool.when_idle(PUBLIC, self.pool_size)
+
+    @defer.inlineCallbacks
+    def test_expired_announcement_empties_the_pool(self):
+        expires = datetime.now(timezone.utc) + timedelta(seconds=3)
+        yield self.announce(expires_at=expires.isoformat().replace("+00:00", "Z"))
+        yield self.private.pool.when_idle(PUBLIC, 0)  # closed once the announcement expired
+        out, err, code = yield self.curl()
+        self.assertNotEqual(code, 0)  # nobody holds the name any more
+        self.assertEqual(self.public.pool.idle(PRIVATE), 0)
+        self.assertEqual(self.public.pool.hits, 0)
+        self.assertEqual(self.private.proxy.incoming_calls, 0)
+
+
+class PooledTerminated(Pooled, TestCase):
+    internal_tls = False
+
+
+class PooledRaw(Pooled, TestCase):
+    internal_tls = True
+
+
+class FallbackWhenThePoolIsEmpty(Passthrough, TestCase):
+    """The public proxy grants no pooled connection: every client is brokered."""
+
+    internal_tls = True
+    pool_size = 2
+    public_pool_cap = 0
+
+    @defer.inlineCallbacks
+    def test_brokered_when_no_pooled_connection_is_idle(self):
+        yield self.announce()
+        out, err, code = yield self.curl()
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(json.loads(out), {"message": "success"})
+        self.assertEqual(self.public.pool.misses, 1)
+        self.assertEqual(self.public.front.pool_fallbacks, 1)
+        self.assertEqual(self.public.rendezvous.pairings, 1)
+        self.assertEqual(self.private.proxy.incoming_calls, 1)
+        self.assertEqual(self.private.pool.served, 0)

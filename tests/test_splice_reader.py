@@ -24,10 +24,6 @@ from tests.support.splice import Peer, connect, listen, spliced_pair
 from tests.support.splice_flow import Source, Throttled
 
 
-def _reader_installed(end) -> bool:
-    return vars(end.transport).get("doRead") == end.doRead
-
-
 class OwnReader(TestCase):
     timeout = 120
 
@@ -43,7 +39,7 @@ class OwnReader(TestCase):
             a, b = yield spliced_pair(self, self.rv, self.port, keep=False, half_close=True)
             pairs.append((a, b))
         for s in self.rv.splices:
-            self.assertTrue(_reader_installed(s.left) and _reader_installed(s.right))
+            self.assertTrue(s.own_reader)
         flows = []
         for i, (a, b) in enumerate(pairs):
             up = Source(a.transport, 24, seed=b"up%d" % i)
@@ -140,7 +136,7 @@ class WrappedTransport(TestCase):
         self.addCleanup(rv.close_all)
         a, b = yield spliced_pair(self, rv, port.getHost().port, keep=False)
         (s,) = rv.splices
-        self.assertFalse(_reader_installed(s.left) or _reader_installed(s.right))
+        self.assertFalse(s.own_reader)
         # No end-of-stream: a policies wrapper is not half-closeable, so an end of
         # stream from a would close its side (and cut the pair) rather than half-close.
         source = Source(a.transport, 16, close=False)

@@ -26,8 +26,9 @@ from each to the other until both directions are finished:
   process (the reactor runs one read at a time, and a read leaves the buffer only as a
   copy of what its receiver did not take), ``send()`` from a view of it, and a read that
   filled its size is followed by another in the same reactor event (at most
-  :data:`READS_PER_EVENT`).  It is that transport's ``doRead`` (the reactor calls it for
-  the descriptor); end-of-stream and errors are returned to the reactor as Twisted's own
+  :data:`READS_PER_EVENT`).  The transport becomes a small subclass of Twisted's TCP
+  transport whose ``doRead`` (what the reactor calls for the descriptor) is the
+  splice's; end-of-stream and errors are returned to the reactor as Twisted's own
   ``doRead`` returns them, so half-close, pause/resume and the connection's close are
   Twisted's.
 - **Half-close.**  End-of-stream from one side shuts down the write direction of the
@@ -141,12 +142,22 @@ def _is_fd(transport: Any) -> bool:
     return isinstance(transport, FileDescriptor) and hasattr(transport, "_tempDataLen")
 
 
-def _is_tcp(transport: Any) -> bool:
-    """Whether ``transport`` is a reactor TCP connection reading with Twisted's own doRead
-    (the splice may then read its socket itself)."""
-    return (isinstance(transport, tcp.Connection)
-            and type(transport).doRead is tcp.Connection.doRead
-            and "doRead" not in vars(transport))
+class _SplicedServer(tcp.Server):
+    """An accepted TCP connection whose reads are its splice's (:meth:`_End.doRead`)."""
+
+    def doRead(self) -> Any:
+        return cast(Any, self.protocol).doRead()
+
+
+class _SplicedClient(tcp.Client):
+    """A dialled TCP connection whose reads are its splice's (:meth:`_End.doRead`)."""
+
+    def doRead(self) -> Any:
+        return cast(Any, self.protocol).doRead()
+
+
+_SPLICED = {tcp.Server: _SplicedServer, tcp.Client: _SplicedClient}
+"""Reactor TCP transports the splice may read itself, and the subclass that lets it."""
 
 
 def _unsent(transport: Any) -> int:
@@ -392,7 +403,6 @@ class _End(Protocol):
         if self.lost:
             return
         self.lost = True
-        vars(self.transport).pop("doRead", None)  # our reader, if installed
         self.splice._end_lost(self, reason)
 
 
@@ -424,6 +434,7 @@ class Splice:
         self.left.peer, self.right.peer = self.right, self.left
         self.done: defer.Deferred[None] = defer.Deferred()
         self.started = self.last_active = clock.seconds()
+        self.own_reader = False  # whether the splice reads both sockets itself
         self.finished = False  # both directions completed normally
         self.closed = False
         self._idle_call: Any = None
@@ -473,10 +484,12 @@ class Splice:
             end.out = end.peer.transport
             end.fast = _is_fd(end.out)
             end.out.registerProducer(end, True)
-        if _is_tcp(self.left.transport) and _is_tcp(self.right.transport):
-            for end in ends:
-                # The splice's own reader for this socket (see the module docstring).
-                cast(Any, end.transport).doRead = end.doRead
+        lt, rt = self.left.transport, self.right.transport
+        if type(lt) in _SPLICED and type(rt) in _SPLICED:
+            # The splice's own reader for both sockets (see the module docstring).
+            self.own_reader = True
+            for transport in (lt, rt):
+                transport.__class__ = _SPLICED[type(transport)]
         if self.idle_timeout > 0:
             self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_check)
         for end, eof in ((self.left, left_eof), (self.right, right_eof)):

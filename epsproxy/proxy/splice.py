@@ -142,18 +142,34 @@ def _is_fd(transport: Any) -> bool:
     return isinstance(transport, FileDescriptor) and hasattr(transport, "_tempDataLen")
 
 
-class _SplicedServer(tcp.Server):
-    """An accepted TCP connection whose reads are its splice's (:meth:`_End.doRead`)."""
+class _Spliced(tcp.Connection):
+    """
+    What a reactor TCP transport becomes when its splice reads it itself: its ``doRead``
+    is the splice's (:meth:`_End.doRead`), and a half-close with nothing queued shuts the
+    socket's write side at once instead of after a write event that would send nothing
+    (Twisted's own steps of that event, in the same order).
+    """
 
     def doRead(self) -> Any:
         return cast(Any, self.protocol).doRead()
 
+    def loseWriteConnection(self) -> None:
+        if (self._tempDataLen or self.offset != len(self.dataBuffer) or not self.connected
+                or self.disconnecting or self._writeDisconnected):
+            super().loseWriteConnection()
+            return
+        self._writeDisconnecting = True
+        self.stopWriting()
+        self._writeDisconnected = True
+        self._closeWriteConnection()
 
-class _SplicedClient(tcp.Client):
-    """A dialled TCP connection whose reads are its splice's (:meth:`_End.doRead`)."""
 
-    def doRead(self) -> Any:
-        return cast(Any, self.protocol).doRead()
+class _SplicedServer(_Spliced, tcp.Server):
+    """An accepted TCP connection read by its splice."""
+
+
+class _SplicedClient(_Spliced, tcp.Client):
+    """A dialled TCP connection read by its splice."""
 
 
 _SPLICED = {tcp.Server: _SplicedServer, tcp.Client: _SplicedClient}

@@ -142,12 +142,16 @@ def _is_fd(transport: Any) -> bool:
     return isinstance(transport, FileDescriptor) and hasattr(transport, "_tempDataLen")
 
 
+_CLOSED = Failure(main.CONNECTION_DONE)
+
+
 class _Spliced(tcp.Connection):
     """
     What a reactor TCP transport becomes when its splice reads it itself: its ``doRead``
     is the splice's (:meth:`_End.doRead`), and a half-close with nothing queued shuts the
     socket's write side at once instead of after a write event that would send nothing
-    (Twisted's own steps of that event, in the same order).
+    (Twisted's own steps of that event, in the same order), and closing it once both
+    directions are shut builds no Failure of its own.
     """
 
     def doRead(self) -> Any:
@@ -162,6 +166,16 @@ class _Spliced(tcp.Connection):
         self.stopWriting()
         self._writeDisconnected = True
         self._closeWriteConnection()
+
+    def loseConnection(self) -> None:
+        if self.connected and not self.disconnecting and self._writeDisconnected:
+            # Twisted's own steps for a connection whose write side is shut, with one
+            # shared reason (a Failure costs to build, and only the splice sees it).
+            self.stopReading()
+            self.stopWriting()
+            self.connectionLost(_CLOSED)
+            return
+        super().loseConnection()
 
 
 class _SplicedServer(_Spliced, tcp.Server):

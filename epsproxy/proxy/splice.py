@@ -68,6 +68,7 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_READ_BYTES",
     "READS_PER_EVENT",
+    "WAIT_BELOW_FRACTION",
     "SLOW_READ_BYTES",
     "Splice",
     "retarget",

@@ -51,7 +51,6 @@ from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
-    HostnameEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     wrapClientTLS,
@@ -81,6 +80,7 @@ from epsproxy.rules.certificates import (
 )
 from epsproxy.net.connectproxy import HTTPConnectEndpoint, proxy_for
 from epsproxy.net.admission import Admission, AdmissionEndpoint
+from epsproxy.net.dial import tcp_endpoint
 from epsproxy.net.hostport import is_ip, parse_host_port, truncate_ip
 from epsproxy.net.ratelimit import RateLimitedFactory
 from epsproxy.net.reactor import IReactor
@@ -596,7 +596,7 @@ def client_endpoint(
     proxy = proxy_for(host, port, proxy_url)
     endpoint: IStreamClientEndpoint
     if proxy is None:
-        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        endpoint = tcp_endpoint(reactor, host, port, timeout)
     else:
         endpoint = HTTPConnectEndpoint(reactor, proxy, host, port, timeout=timeout)
     if tls is None:

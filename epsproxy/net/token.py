@@ -21,12 +21,12 @@ import secrets
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from epsproxy.net import tls
+from epsproxy.net.dial import tcp_endpoint
 from epsproxy.net.hostport import parse_host_port
 from epsproxy.net.reactor import IReactor
 
@@ -143,6 +143,6 @@ def dial_with_token(
     else:
         tls_factory = TLSMemoryBIOFactory(tls.server_options(tls_settings), False, factory)
     token_factory = _TokenFactory(token, tls_factory)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = tcp_endpoint(reactor, host, port, timeout)
     d = endpoint.connect(token_factory)
     return d.addCallback(lambda _: token_factory.tls_protocol.wrappedProtocol)

@@ -32,13 +32,7 @@ from typing import Callable, Sequence, cast
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet import error
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -51,6 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epsproxy.net.dial import tcp_endpoint
 from epsproxy.net.reactor import IReactor
 from epsproxy.store import StoreUnavailable, parse_address
 from epsproxy.store.resp import ErrorReply, Reply, RespError, RespReader, encode_command
@@ -173,7 +168,7 @@ def ask(
         conversation, skip = _conversation(commands, password)
         host, port = parse_address(address)
         try:
-            await connectProtocol(_endpoint(reactor, host, port, timeout), conversation)
+            await connectProtocol(tcp_endpoint(reactor, host, port, timeout), conversation)
             replies = await conversation.replies
         except (defer.CancelledError, error.ConnectingCancelledError):
             conversation._abort()
@@ -192,16 +187,6 @@ def ask(
     return d.addTimeout(timeout, reactor).addErrback(timed_out)
 
 
-def _endpoint(reactor: IReactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """
-    An IP address gets a plain TCP endpoint, which reports a refused connection at once
-    (HostnameEndpoint waits out its whole timeout first); a name gets HostnameEndpoint.
-    """
-    if isIPAddress(host):
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    if isIPv6Address(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 def _conversation(
@@ -402,7 +387,7 @@ class MasterEndpoint:
     async def _verified(self, master: Address, timeout: float) -> _Conversation:
         gate, skip = _conversation([("ROLE",)], self._password, on_closed=self._closed)
         label = _label(master)
-        endpoint = _endpoint(self._reactor, master[0], master[1], timeout)
+        endpoint = tcp_endpoint(self._reactor, master[0], master[1], timeout)
         try:
             await connectProtocol(endpoint, gate).addTimeout(timeout, self._reactor)
             replies = await gate.replies.addTimeout(timeout, self._reactor)

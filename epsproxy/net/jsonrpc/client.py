@@ -13,7 +13,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
@@ -33,6 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from epsproxy.net.dial import tcp_endpoint
 from epsproxy.net import connectproxy, tls
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.jsonrpc.envelope import (
@@ -182,7 +183,7 @@ class _EndpointFactory:
         proxy = connectproxy.proxy_for(host, uri.port, self._proxy_url)
         endpoint: IStreamClientEndpoint
         if proxy is None:
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            endpoint = tcp_endpoint(self._reactor, host, uri.port, self._timeout)
         else:
             endpoint = connectproxy.HTTPConnectEndpoint(
                 self._reactor, proxy, host, uri.port, timeout=self._timeout

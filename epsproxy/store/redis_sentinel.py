@@ -32,7 +32,6 @@ from typing import Callable, Sequence, cast
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet import error
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
@@ -45,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.dial import tcp_endpoint
+from epsproxy.net.dial import connect_protocol, tcp_endpoint
 from epsproxy.net.reactor import IReactor
 from epsproxy.store import StoreUnavailable, parse_address
 from epsproxy.store.resp import ErrorReply, Reply, RespError, RespReader, encode_command
@@ -168,7 +167,7 @@ def ask(
         conversation, skip = _conversation(commands, password)
         host, port = parse_address(address)
         try:
-            await connectProtocol(tcp_endpoint(reactor, host, port, timeout), conversation)
+            await connect_protocol(tcp_endpoint(reactor, host, port, timeout), conversation)
             replies = await conversation.replies
         except (defer.CancelledError, error.ConnectingCancelledError):
             conversation._abort()
@@ -389,7 +388,7 @@ class MasterEndpoint:
         label = _label(master)
         endpoint = tcp_endpoint(self._reactor, master[0], master[1], timeout)
         try:
-            await connectProtocol(endpoint, gate).addTimeout(timeout, self._reactor)
+            await connect_protocol(endpoint, gate).addTimeout(timeout, self._reactor)
             replies = await gate.replies.addTimeout(timeout, self._reactor)
             (role,) = _after_auth(label, replies, skip)
         except StoreUnavailable:

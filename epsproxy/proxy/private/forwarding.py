@@ -26,14 +26,13 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.dial import tcp_endpoint
+from epsproxy.net.dial import connect_protocol, tcp_endpoint
 from epsproxy.net.hostport import format_host_port, parse_host_port, truncate_ip
 from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
 from epsproxy.net.reactor import IReactor
@@ -245,7 +244,7 @@ class Forwarder:
 
     def _connect(self, address: str, protocol: Protocol) -> Deferred[Any]:
         host, port = parse_host_port(address)
-        return connectProtocol(
+        return connect_protocol(
             tcp_endpoint(self.reactor, host, port, self.connect_timeout), protocol
         )
 

@@ -378,8 +378,13 @@ class Rendezvous:
             )
 
     def _arm(self, entry: _Entry) -> None:
-        self._disarm(entry)
-        entry.timer = self._clock.callLater(self.accept_timeout, self._expire, entry)
+        # Re-arming (the first party arrived) moves the running timer: cheaper than
+        # cancelling it and making another, once or twice per pair.
+        timer = entry.timer
+        if timer is not None and timer.active():
+            timer.reset(self.accept_timeout)
+        else:
+            entry.timer = self._clock.callLater(self.accept_timeout, self._expire, entry)
 
     @staticmethod
     def _disarm(entry: _Entry) -> None:

@@ -239,8 +239,10 @@ class Forwarder:
         self.pooled += 1
         self.active.add(s)
         s.done.addBoth(lambda _: self._forget(s))
-        log.info("forwarding pooled connection {tag} from client {client} to {address}",
-                 tag=tag, client=blurred_client(client), address=self.endpoint["address"])
+        # Served from the pool is the normal case, counted (private_proxy_pool_served):
+        # debug, as the public proxy's pairings; a brokered forward is logged at info.
+        log.debug("forwarding pooled connection {tag} from client {client} to {address}",
+                  tag=tag, client=blurred_client(client), address=self.endpoint["address"])
 
     def _connect(self, address: str, protocol: Protocol) -> Deferred[Any]:
         host, port = parse_host_port(address)

@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 from twisted.internet import reactor, utils
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -39,8 +39,13 @@ from epsproxy.net.jsonrpc.envelope import CallContext, JSONRPCError, TransportEr
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.proxy_protocol import V2_SIGNATURE
 from epsproxy.net.token import TOKEN_BYTES
-from epsproxy.proxy.pooling import pool_header
-from epsproxy.proxy.private.pool import BACKOFF_START, PoolKeeper
+from epsproxy.proxy.pooling import MAX_TOKENS_PER_REQUEST, pool_header
+from epsproxy.proxy.private.pool import (
+    BACKOFF_START,
+    SPARE_MARGIN,
+    YOUNG_SECONDS,
+    PoolKeeper,
+)
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.status_page import PrivateProxyPage
 from epsproxy.proxy.tap import Options, makeService
@@ -71,10 +76,15 @@ PUBLIC = PUBLIC_PROXY
 DOMAIN = "test.internal-server.local"
 
 
-def tokens_result(count: int, endpoint: str = "127.0.0.1:9") -> dict[str, Any]:
+def tokens_result(count: int, endpoint: str = "127.0.0.1:9",
+                  expires_in: float = 30) -> dict[str, Any]:
     return {"tokens": [base64.b64encode(secrets.token_bytes(32)).decode()
                        for _ in range(count)],
-            "endpoint": endpoint, "expires_in": 30}
+            "endpoint": endpoint, "expires_in": expires_in}
+
+
+def tokens_of(result: dict[str, Any]) -> set[bytes]:
+    return {base64.b64decode(text) for text in result["tokens"]}
 
 
 # ------------------------------------------------------------------------ unit tests
@@ -121,6 +131,8 @@ class KeeperTests(unittest.TestCase):
         self.announcements = FakeAnnouncements()
         self.forwarder = FakeForwarder()
         self.transports: list[StringTransport] = []
+        self.dialled: list[str] = []  # the address of each dial
+        self.refusing = False  # dials fail (connection refused) while set
         self.keeper = PoolKeeper(
             self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
             pool_size=2, pool_max=3, shrink_after=30, dial=self.dial)
@@ -128,6 +140,9 @@ class KeeperTests(unittest.TestCase):
         self.addCleanup(self.keeper.stop)
 
     def dial(self, address: str, protocol: Protocol) -> Deferred[Any]:
+        self.dialled.append(address)
+        if self.refusing:
+            return fail(ConnectionRefusedError("refused"))
         transport = StringTransport()
         self.transports.append(transport)
         protocol.makeConnection(transport)
@@ -136,23 +151,38 @@ class KeeperTests(unittest.TestCase):
     def answer(self, result: Any, index: int = -1) -> None:
         self.client.calls[index][2].callback(result)
 
-    def fill(self) -> None:
+    def fill(self) -> dict[str, Any]:
+        """The first tick asks for the pool (2) plus twice the target in spares (4)."""
         self.clock.advance(1)
         method, params, _ = self.client.calls[-1]
-        self.assertEqual((method, params), (f"{PUBLIC}.requestPoolTokens",
-                                            {"count": params["count"]}))
-        self.answer(tokens_result(params["count"]))
+        self.assertEqual((method, params), (f"{PUBLIC}.requestPoolTokens", {"count": 6}))
+        result = tokens_result(6)
+        self.answer(result)
+        return result
 
     def idle(self) -> list[Any]:
         return list(self.keeper.pools[PUBLIC].idle)
 
+    def die(self) -> None:
+        """An idle connection dies, not a young one (no back-off)."""
+        self.clock.advance(YOUNG_SECONDS)
+        self.idle()[0].connectionLost()
+
+    def spares(self) -> int:
+        return len(self.keeper.pools[PUBLIC].spare)
+
+    def written(self) -> list[bytes]:
+        """The token written on each connection dialled, in order."""
+        return [t.value() for t in self.transports]
+
     def test_fills_to_pool_size_and_writes_tokens(self) -> None:
         self.assertEqual(self.client.calls, [])  # nothing before the first tick
-        self.fill()
-        self.assertEqual(self.client.calls[0][1], {"count": 2})
+        result = self.fill()
         self.assertEqual(self.keeper.state(), {PUBLIC: {"idle": 2, "connecting": 0,
                                                         "target": 2}})
-        self.assertEqual([len(t.value()) for t in self.transports], [TOKEN_BYTES] * 2)
+        self.assertEqual([len(t) for t in self.written()], [TOKEN_BYTES] * 2)
+        self.assertLessEqual(set(self.written()), tokens_of(result))
+        self.assertEqual(self.spares(), 4)  # the other four are kept
         self.clock.advance(5)
         self.assertEqual(len(self.client.calls), 1)  # full: no more asking
         self.assertTrue(self.keeper.when_idle(PUBLIC, 2).called)
@@ -166,8 +196,12 @@ class KeeperTests(unittest.TestCase):
         self.assertIs(served, conn)
         self.assertEqual((header.source.host, header.source.port), ("192.0.2.7", 4000))
         self.assertEqual(header.rest, b"\x16hello")
-        self.assertEqual(self.client.calls[-1][1], {"count": 1})
         self.assertEqual(self.keeper.served, 1)
+        # replaced at once, with a spare token: no call
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.assertNotIn(conn, self.idle())
+        self.assertEqual((len(self.transports), len(self.client.calls), self.spares()),
+                         (3, 1, 3))
 
     def test_a_header_in_pieces_is_read(self) -> None:
         self.fill()
@@ -185,8 +219,11 @@ class KeeperTests(unittest.TestCase):
         self.assertEqual(self.forwarder.served, [])
         self.assertTrue(conn.transport.disconnecting)
         self.assertFalse(other.transport.disconnecting)  # only that one
-        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 1)
-        self.assertEqual(self.client.calls[-1][1], {"count": 1})  # replaced
+        self.assertNotIn(conn, self.idle())
+        self.assertIn(other, self.idle())
+        # replaced at once with a spare (no call): two idle again
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.assertEqual((len(self.transports), len(self.client.calls)), (3, 1))
 
     def test_garbage_is_a_bad_header(self) -> None:
         self.refused(b"GET / HTTP/1.1\r\n", "bad_header")
@@ -221,9 +258,10 @@ class KeeperTests(unittest.TestCase):
         self.clock.advance(1)
         backoff = BACKOFF_START
         for bad in ({"tokens": "x"}, {"tokens": ["!!"], "endpoint": "a:1", "expires_in": 1},
-                    tokens_result(3),  # more than asked for
+                    tokens_result(7),  # more than asked for
                     {"tokens": [], "endpoint": "nohost", "expires_in": 1}):
             calls = len(self.client.calls)
+            self.assertEqual(self.client.calls[-1][1], {"count": 6})  # nothing in hand
             self.answer(bad)
             self.assertEqual(self.keeper.pools[PUBLIC].backoff, backoff)
             self.clock.advance(backoff - 1)
@@ -233,7 +271,8 @@ class KeeperTests(unittest.TestCase):
             backoff *= 2
         self.assertEqual(self.keeper.bad_results, 4)
         self.assertEqual(self.transports, [])  # nothing dialled
-        self.answer(tokens_result(2))
+        self.assertEqual(self.spares(), 0)  # nor kept
+        self.answer(tokens_result(6))
         self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
         self.assertEqual(self.keeper.pools[PUBLIC].backoff, 0)
 
@@ -266,14 +305,15 @@ class KeeperTests(unittest.TestCase):
         self.client.calls[-1][2].errback(JSONRPCError(403, "not allowed"))
         self.assertEqual(len(warnings()), 2)
         self.clock.advance(60)
-        self.answer(tokens_result(2))
+        self.answer(tokens_result(6))
         self.assertTrue(any("filled again" in formatEvent(e) for e in events))
 
     def test_grows_on_fallbacks_and_shrinks_when_quiet(self) -> None:
         self.fill()
-        self.keeper.fallback(PUBLIC)
-        self.assertEqual(self.client.calls[-1][1], {"count": 1})
-        self.answer(tokens_result(1))
+        self.keeper.fallback(PUBLIC)  # grown and dialled at once, with a spare
+        self.assertEqual(self.keeper.state()[PUBLIC], {"idle": 3, "connecting": 0,
+                                                       "target": 3})
+        self.assertEqual((len(self.client.calls), self.spares()), (1, 3))
         self.keeper.fallback(PUBLIC)  # at pool_max
         self.assertEqual(self.keeper.state()[PUBLIC], {"idle": 3, "connecting": 0,
                                                        "target": 3})
@@ -290,24 +330,30 @@ class KeeperTests(unittest.TestCase):
     def test_dead_idle_connections_are_replaced(self) -> None:
         self.fill()
         self.clock.advance(10)
-        self.idle()[0].connectionLost()
+        dead = self.idle()[0]
+        dead.connectionLost()
         self.assertEqual((self.keeper.replaced, self.keeper.closed), (1, {"died": 1}))
-        self.assertEqual(self.client.calls[-1][1], {"count": 1})
-        self.answer(tokens_result(1))
-        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.assertNotIn(dead, self.idle())
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)  # a spare, at once
+        self.assertEqual((len(self.transports), len(self.client.calls)), (3, 1))
         self.assertEqual(self.keeper.pools[PUBLIC].backoff, 0)
 
     def test_a_public_proxy_closing_them_at_once_backs_off(self) -> None:
         self.fill()
-        for _ in range(2):  # young deaths up to a pool's worth: replaced at once
+        for dials in (3, 4):  # young deaths up to a pool's worth: replaced at once
             self.idle()[0].connectionLost()
-            self.answer(tokens_result(1))
-        calls = len(self.client.calls)
+            self.assertEqual(len(self.transports), dials)
+        self.assertEqual((len(self.client.calls), self.spares()), (1, 2))
         self.idle()[0].connectionLost()
         self.assertEqual(self.keeper.pools[PUBLIC].backoff, BACKOFF_START)
-        self.assertEqual(len(self.client.calls), calls)
-        self.clock.advance(BACKOFF_START)
-        self.assertEqual(len(self.client.calls), calls + 1)
+        self.clock.advance(BACKOFF_START - 0.5)
+        # backing off: no dial (not even with a spare token in hand), no call
+        self.assertEqual((len(self.transports), len(self.client.calls), self.spares()),
+                         (4, 1, 2))
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 1)
+        self.clock.advance(0.5)  # then a spare is dialled, and fewer than 2 are left
+        self.assertEqual((len(self.transports), self.spares()), (5, 1))
+        self.assertEqual(self.client.calls[-1][1], {"count": 3})
 
     def test_expired_announcements_close_the_pool(self) -> None:
         self.fill()
@@ -329,11 +375,157 @@ class KeeperTests(unittest.TestCase):
         self.keeper.reconfigure(pool_size=1, pool_max=1, shrink_after=30, connect_timeout=1,
                                 call_timeout=None)
         self.clock.advance(1)
-        self.answer(tokens_result(1))
+        # a new pool: its own call (1 + 2 spares), none of the old pool's spares dialled
+        self.assertEqual((self.client.calls[-1][1], len(self.transports)), ({"count": 3}, 2))
+        self.answer(tokens_result(3))
+        self.assertEqual((len(self.transports), self.spares()), (3, 2))
         self.keeper.stop()
         self.assertEqual(self.keeper.closed, {"disabled": 2, "stopped": 1})
         self.clock.advance(10)
-        self.assertEqual(len(self.client.calls), 2)
+        self.assertEqual((len(self.client.calls), len(self.transports)), (2, 3))
+
+    # -- spare tokens
+
+    def test_a_replacement_uses_a_spare_without_a_call(self) -> None:
+        result = tokens_result(6, endpoint="127.0.0.1:7")
+        self.clock.advance(1)
+        self.answer(result)
+        for dials in (3, 4):
+            self.idle()[0].connectionLost()
+            self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+            self.assertEqual(len(self.transports), dials)
+        self.assertEqual(len(self.client.calls), 1)  # two replacements, no call
+        self.assertEqual(self.dialled, ["127.0.0.1:7"] * 4)  # the answer's endpoint
+        written = self.written()
+        self.assertEqual(len(set(written)), 4)  # each token used once
+        self.assertLessEqual(set(written), tokens_of(result))
+        self.assertEqual(self.spares(), 2)
+
+    def test_a_call_once_fewer_than_target_spares_are_left(self) -> None:
+        self.fill()
+        self.die()
+        self.die()
+        self.assertEqual((len(self.client.calls), self.spares()), (1, 2))  # target left
+        self.die()  # one spare left: ask for 4 - 1 more
+        self.assertEqual((len(self.client.calls), self.spares()), (2, 1))
+        self.assertEqual(self.client.calls[-1][1], {"count": 3})
+        self.die()  # the last spare; one call in flight at most
+        self.assertEqual((len(self.client.calls), self.spares()), (2, 0))
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.answer(tokens_result(3))
+        self.assertEqual((len(self.client.calls), self.spares()), (2, 3))
+        self.clock.advance(5)
+        self.assertEqual(len(self.client.calls), 2)  # enough in hand
+
+    def test_a_call_asks_for_what_is_missing_plus_spares_capped(self) -> None:
+        keeper = PoolKeeper(
+            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=40, pool_max=40, dial=self.dial)
+        keeper.check()
+        self.assertEqual(self.client.calls[-1][1], {"count": MAX_TOKENS_PER_REQUEST})
+        self.answer(tokens_result(MAX_TOKENS_PER_REQUEST))
+        self.assertEqual(keeper.state()[PUBLIC]["idle"], 40)
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 40)
+        # 24 < 40 spares left: asks on at once, for 2 x 40 - 24
+        self.assertEqual(self.client.calls[-1][1], {"count": 2 * 40 - 24})
+        keeper.stop()
+
+    def test_expired_spares_are_dropped_and_not_dialled(self) -> None:
+        self.fill()  # at t=1, tokens living 30 s: spares usable until t=30
+        self.assertEqual(SPARE_MARGIN, 1.0)
+        self.clock.advance(28)
+        self.assertEqual((len(self.client.calls), self.spares()), (1, 4))
+        self.clock.advance(1)  # t=30: a second before the public proxy forgets them
+        self.assertEqual(self.spares(), 0)
+        self.assertEqual(self.client.calls[-1][1], {"count": 4})
+        old = set(self.written())
+        self.idle()[0].connectionLost()
+        self.assertEqual(len(self.transports), 2)  # no spare dialled
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 1)
+        fresh = tokens_result(4)
+        self.answer(fresh)
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.assertIn(self.written()[-1], tokens_of(fresh))
+        self.assertNotIn(self.written()[-1], old)
+        self.assertEqual((len(self.client.calls), self.spares()), (2, 3))
+
+    def test_short_lived_tokens_are_dialled_not_kept(self) -> None:
+        self.clock.advance(1)
+        self.answer(tokens_result(6, expires_in=SPARE_MARGIN / 2))
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)  # dialled at once
+        self.assertEqual((self.spares(), len(self.client.calls)), (0, 1))  # no loop
+        self.clock.advance(5)
+        self.assertEqual(len(self.client.calls), 1)
+        self.idle()[0].connectionLost()  # no spares then: ask for what is missing only
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})
+        self.answer(tokens_result(1, expires_in=30))  # they live longer again
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        self.assertEqual(self.client.calls[-1][1], {"count": 4})
+
+    def test_spares_of_a_closed_pool_are_forgotten(self) -> None:
+        self.fill()
+        self.announcements.live[PUBLIC] = set()
+        self.clock.advance(1)
+        self.assertEqual(self.keeper.state(), {})
+        self.announcements.live[PUBLIC] = {DOMAIN}
+        self.clock.advance(1)  # a new pool: nothing in hand, so nothing dialled
+        self.assertEqual(self.keeper.state(), {PUBLIC: {"idle": 0, "connecting": 0,
+                                                        "target": 2}})
+        self.assertEqual((len(self.transports), self.spares()), (2, 0))
+        self.assertEqual(self.client.calls[-1][1], {"count": 6})
+        fresh = tokens_result(6)
+        self.answer(fresh)
+        self.assertLessEqual(set(self.written()[2:]), tokens_of(fresh))
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+
+    def test_fewer_tokens_than_asked_still_fill(self) -> None:
+        self.clock.advance(1)
+        self.answer(tokens_result(1))  # asked 6: 1 is dialled, and asked on at once
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 1)
+        self.assertEqual(self.client.calls[-1][1], {"count": 5})
+        self.answer(tokens_result(2))  # the pool is full, one spare
+        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 1))
+        self.assertEqual(self.client.calls[-1][1], {"count": 3})
+        calls = len(self.client.calls)
+        self.answer(tokens_result(0))  # at its cap: asked again after BACKOFF_START
+        self.clock.advance(BACKOFF_START - 1)
+        self.assertEqual(len(self.client.calls), calls)
+        self.idle()[0].connectionLost()  # the spare still serves meanwhile
+        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 0))
+        self.assertEqual(len(self.client.calls), calls)
+        self.clock.advance(1)
+        self.assertEqual(self.client.calls[-1][1], {"count": 4})
+        self.answer(tokens_result(4))
+        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 4))
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, 0)
+
+    def test_a_failed_call_does_not_stop_the_spares(self) -> None:
+        self.fill()
+        for _ in range(3):
+            self.die()
+        self.assertEqual((self.client.calls[-1][1], self.spares()), ({"count": 3}, 1))
+        self.client.calls[-1][2].errback(TransportError("no connection"))
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, BACKOFF_START)
+        self.idle()[0].connectionLost()  # replaced with the last spare while backing off
+        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 0))
+        self.assertEqual(len(self.client.calls), 2)  # but no call
+        self.clock.advance(BACKOFF_START)
+        self.assertEqual((len(self.client.calls), self.client.calls[-1][1]), (3, {"count": 4}))
+
+    def test_a_failed_dial_backs_off_the_spares_too(self) -> None:
+        self.fill()
+        self.refusing = True
+        self.idle()[0].connectionLost()  # its replacement cannot connect
+        self.assertEqual((len(self.dialled), self.keeper.closed),
+                         (3, {"died": 1, "connect_failed": 1}))
+        self.assertEqual(self.keeper.pools[PUBLIC].backoff, BACKOFF_START)
+        self.clock.advance(BACKOFF_START - 1)
+        # no dial while backing off, though spares are in hand
+        self.assertEqual((len(self.dialled), self.spares()), (3, 3))
+        self.refusing = False
+        self.clock.advance(1)
+        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 2))
+        self.assertEqual(len(self.client.calls), 1)
 
 
 class SettingsTests(unittest.SynchronousTestCase):
@@ -360,24 +552,31 @@ class SettingsTests(unittest.SynchronousTestCase):
 class FakeEPS:
     """
     The private proxy's own endpoint server (plain HTTP): accepts announcements and
-    hands out pool tokens for the test's pool listener (``bad`` answers first).
+    hands out pool tokens for the test's pool listener: at most ``most`` per answer (a
+    public proxy near its cap), and ``bad[n]`` as the answer to the n-th request.
     """
 
     def __init__(self) -> None:
         self.issued: set[bytes] = set()
         self.endpoint = ""
         self.requests = 0
-        self.bad: list[Any] = []
+        self.most: int | None = None
+        self.bad: dict[int, Any] = {}
+        self.asked: list[int] = []  # count per request
+        self.answered: list[int] = []  # tokens per good answer
 
     def handle(self, method: str, params: dict[str, Any], context: CallContext) -> Any:
         if method.endswith(".announceConnections"):
             return [None] * len(params["connections"])
         if method == f"{PUBLIC}.requestPoolTokens":
             self.requests += 1
-            if self.bad:
-                return self.bad.pop(0)
-            result = tokens_result(params["count"], self.endpoint)
-            self.issued.update(base64.b64decode(t) for t in result["tokens"])
+            self.asked.append(params["count"])
+            if self.requests in self.bad:
+                return self.bad[self.requests]
+            count = params["count"] if self.most is None else min(params["count"], self.most)
+            result = tokens_result(count, self.endpoint)
+            self.issued.update(tokens_of(result))
+            self.answered.append(count)
             return result
         raise JSONRPCError(-32601, "method not found")
 
@@ -479,8 +678,10 @@ class PooledService(unittest.TestCase):
 
     @inlineCallbacks
     def start(self, internal_tls: bool = True, haproxy: bool = False,
-              expires_at: str | None = None, **changes: Any):
+              expires_at: str | None = None, most: int | None = None,
+              bad: dict[int, Any] | None = None, **changes: Any):
         self.eps = FakeEPS()
+        self.eps.most, self.eps.bad = most, bad or {}
         self.ends: list[PoolEnd] = []
         self.early_bytes = 0
         self._end_waiters: list[tuple[int, Deferred[None]]] = []
@@ -587,6 +788,7 @@ class ServedFromThePool(PooledService):
         yield self.full()
         self.assertEqual(self.service.pool_state(),
                          {PUBLIC: {"idle": 2, "connecting": 0, "target": 2}})
+        self.assertEqual(self.eps.answered, [6])  # 2 for the pool, 4 spares
         self.assertSuccess((yield self.tls_get()))  # a real TLS handshake through it
         self.assertEqual(self.service.proxy.incoming_calls, 0)
         self.assertEqual((self.pool.served, self.service.forwarder.pooled,
@@ -596,6 +798,8 @@ class ServedFromThePool(PooledService):
         self.assertEqual(self.pool.served, 2)
         self.assertEqual(self.early_bytes, 0)  # idle connections never sent a byte
         yield self.full()
+        # both refills were dialled with spare tokens: still the one call
+        self.assertEqual((self.eps.requests, len(self.pool.pools[PUBLIC].spare)), (1, 2))
         metrics = generate_latest(self.service.registry).decode()
         self.assertIn('private_proxy_pool_connections{proxy="public-proxy-1.ga",'
                       'state="idle"} 2.0', metrics)
@@ -619,7 +823,22 @@ class ServedFromThePool(PooledService):
         yield end.lost
         yield self.full()
         self.assertEqual((self.pool.replaced, self.pool.closed), (1, {"died": 1}))
-        self.assertEqual(self.eps.requests, 2)
+        self.assertEqual(self.eps.requests, 1)  # replaced with a spare token, no call
+        self.assertSuccess((yield self.tls_get()))  # and the replacement serves
+        self.assertEqual(self.pool.served, 1)
+
+    @inlineCallbacks
+    def test_fewer_tokens_than_asked_still_fill_and_serve(self):
+        yield self.start(most=1)  # every answer holds one token
+        yield self.full()
+        while self.pool.pools[PUBLIC].requesting is not None:
+            yield self.pool.pools[PUBLIC].requesting
+        # 2 missing + 4 spares, 1 + 4, then 0 + 4 - 0 and 0 + 4 - 1: pool and 2 spares held
+        self.assertEqual((self.eps.asked, self.eps.answered), ([6, 5, 4, 3], [1, 1, 1, 1]))
+        self.assertEqual(len(self.pool.pools[PUBLIC].spare), 2)
+        self.assertSuccess((yield self.tls_get()))
+        self.assertEqual((self.pool.served, self.service.proxy.incoming_calls), (1, 0))
+        yield self.full()
 
     @inlineCallbacks
     def test_expired_announcements_empty_the_pool(self):
@@ -684,19 +903,21 @@ class Hostile(PooledService):
 
     @inlineCallbacks
     def test_a_bad_token_result_is_counted_and_the_others_keep_working(self):
-        yield self.start()
+        # the first answer fills the pool and leaves one spare (fewer than the target),
+        # so a second call goes out at once: it gets a bad result
+        yield self.start(most=3, bad={2: {"tokens": ["not base64!"], "endpoint": "x:1",
+                                          "expires_in": 30}})
         yield self.full()
-        self.eps.bad = [{"tokens": ["not base64!"], "endpoint": self.eps.endpoint,
-                         "expires_in": 30}]
-        victim = self.ends.pop(0)
-        victim.transport.abortConnection()  # its replacement gets the bad result
-        yield self.pool.when_idle(PUBLIC, 1)  # the private side saw it die
-        yield self.pool.pools[PUBLIC].requesting  # the replacement's request
+        while self.pool.pools[PUBLIC].requesting is not None:
+            yield self.pool.pools[PUBLIC].requesting
         self.assertEqual(self.eps.requests, 2)
         self.assertEqual(self.pool.bad_results, 1)
-        self.assertEqual(self.pool.state()[PUBLIC]["idle"], 1)
-        self.assertSuccess((yield self.tls_get()))  # the other one still serves
-        self.assertEqual(self.pool.served, 1)
+        self.assertEqual(self.pool.pools[PUBLIC].backoff, BACKOFF_START)
+        self.assertEqual(self.pool.state()[PUBLIC]["idle"], 2)
+        self.assertSuccess((yield self.tls_get()))  # the pooled ones still serve
+        self.assertEqual((self.pool.served, self.service.proxy.incoming_calls), (1, 0))
+        yield self.full()  # replaced with the spare while calls back off
+        self.assertEqual((self.eps.requests, len(self.pool.pools[PUBLIC].spare)), (2, 0))
 
 
 class ClientAddressThroughHAProxy(PooledService):

@@ -6,10 +6,23 @@ The private proxy's pool of pre-dialled connections (issue 14; the protocol is
 announcements at, ``target`` idle connections open at that proxy's internal endpoint:
 
 - it asks for pool tokens through the own endpoint server
-  (``"<proxy>.requestPoolTokens" {"count": n}``), one request in flight per proxy; a
-  refusal, no answer or a result that is not :data:`~epsproxy.proxy.pooling.POOL_TOKENS_RESULT`
-  backs that proxy off (5 s doubling to 60 s; logged when the reason changes, not per
-  retry);
+  (``"<proxy>.requestPoolTokens" {"count": n}``), one request in flight per proxy, and
+  keeps the tokens it does not dial at once as SPARES, usable until
+  :data:`SPARE_MARGIN` seconds before the public proxy forgets them (``expires_in``
+  after its answer).  A replacement is dialled with a spare at once, without a call:
+  a call goes out only when the pool lacks connections no spare covers or fewer than
+  ``target`` spares are left, and asks for what it lacks plus spares up to twice
+  ``target`` (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`), so one
+  call through two endpoint servers serves about ``target`` replacements instead of
+  one.  Tokens that live no longer than :data:`SPARE_MARGIN` are dialled for what the
+  pool lacks, never kept, and no spares are asked for then.  Expired spares are
+  dropped, not dialled; a closed pool's spares are forgotten with it.  A refusal, no
+  answer or a result that is not :data:`~epsproxy.proxy.pooling.POOL_TOKENS_RESULT`
+  backs that proxy's calls off (5 s doubling to 60 s; logged when the reason changes,
+  not per retry; spares are still dialled meanwhile); a failed dial, or more than a
+  pool's worth of connections closed young, backs off its calls and its dials (not
+  even a spare is dialled until it ends); an empty answer (the public proxy's cap)
+  only delays the next call by 5 s;
 - it dials the endpoint for each token, writes the 32 token bytes, turns on TCP
   keepalive and waits, sending nothing, until the public proxy writes a header: a PROXY
   v2 header with the client's addresses and the server name (the authority TLV), read
@@ -19,7 +32,7 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   closes that connection only (counted by reason in :attr:`PoolKeeper.closed`);
 - a good header hands the connection to the forwarder
   (:meth:`~epsproxy.proxy.private.forwarding.Forwarder.serve_pooled`), served like a
-  brokered one, and a replacement is asked for at once;
+  brokered one, and a replacement is dialled at once (with a spare, or asked for);
 - the target starts at ``pool_size``, grows by one (up to ``pool_max``) for each
   ``incomingConnection`` of that proxy while pooling (:meth:`PoolKeeper.fallback`: the
   public proxy found no idle connection), and shrinks by one (closing a surplus idle
@@ -37,7 +50,6 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -45,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epsproxy.net.dial import connect_protocol, tcp_endpoint
 from epsproxy.net.hostport import parse_host_port, truncate_ip
 from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import random_id
@@ -78,6 +91,10 @@ HEADER_TIMEOUT = 5.0
 #: connected died young: more than a pool's worth of those in a row backs the proxy off
 #: (a public proxy that refuses our tokens must not make us dial in a loop).
 YOUNG_SECONDS = 2.0
+
+#: A spare token is not used in the last this many seconds of its life (the dial and the
+#: token must reach the public proxy before it expires there).
+SPARE_MARGIN = 1.0
 
 #: Seconds between checks of expired announcements, back-offs and shrinking.
 TICK_SECONDS = 1.0
@@ -173,7 +190,12 @@ class _Pool:
         self.connecting: set[_Pooled] = set()
         self.reading: set[_Pooled] = set()  # header under way
         self.requesting: Deferred[Any] | None = None
-        self.retry_at = 0.0
+        #: Tokens in hand for the next replacements: (token, endpoint, usable until).
+        self.spare: list[tuple[bytes, str, float]] = []
+        #: False while the public proxy's tokens live too short to be kept as spares.
+        self.keep_spares = True
+        self.retry_at = 0.0  # no call before this
+        self.dial_at = 0.0  # no dial before this (dials at the endpoint failed)
         self.backoff = 0.0
         self.failing: str | None = None  # the reason last logged
         self.changed_at = now  # the last fallback or shrink
@@ -357,15 +379,34 @@ class PoolKeeper:
         self._notify()
 
     def _fill(self, pool: _Pool) -> None:
-        """Ask for the tokens ``pool`` lacks, unless a request is out or it backs off."""
-        if self._stopped or pool.closed or pool.requesting is not None:
+        """
+        Dial what ``pool`` lacks with spare tokens; when it still lacks some, or fewer
+        than ``target`` spares are left, ask for what it lacks plus spares up to twice
+        ``target`` (unless a request is out or it backs off; failed dials back off the
+        dials too, :meth:`_failed`).  The spares make a
+        replacement a dial, not a call through two endpoint servers: one
+        ``requestPoolTokens`` serves about ``target`` replacements.
+        """
+        if self._stopped or pool.closed:
             return
-        if self.reactor.seconds() < pool.retry_at:
-            return
+        now = self.reactor.seconds()
+        if now < pool.dial_at:
+            return  # backing off failed dials: no dial, not even with a spare
+        pool.spare = [spare for spare in pool.spare if spare[2] > now]
         missing = pool.target - len(pool.idle) - len(pool.connecting)
-        if missing <= 0:
+        while missing > 0 and pool.spare:
+            token, endpoint, _ = pool.spare.pop()
+            self._connect(pool, endpoint, token)
+            missing -= 1
+        if pool.requesting is not None or now < pool.retry_at:
             return
-        count = min(missing, MAX_TOKENS_PER_REQUEST)
+        spares = 2 * pool.target if pool.keep_spares else 0
+        if missing <= 0 and len(pool.spare) >= min(pool.target, spares):
+            return  # enough in hand
+        wanted = max(missing, 0) + spares - len(pool.spare)
+        if wanted <= 0:
+            return
+        count = min(wanted, MAX_TOKENS_PER_REQUEST)
         self.requests += 1
         d = pool.requesting = self.client.call(
             f"{pool.proxy}.{REQUEST_POOL_TOKENS}", {"count": count}, id=random_id(),
@@ -401,14 +442,28 @@ class PoolKeeper:
         if not tokens:  # the public proxy is at its cap for us: ask again later
             pool.retry_at = self.reactor.seconds() + BACKOFF_START
             return
-        for token in tokens:
-            self._connect(pool, value["endpoint"], token)
+        # Fresh tokens are dialled at once for what the pool lacks, however short they
+        # live; the rest are spares, used until SPARE_MARGIN before the public proxy
+        # forgets them (tokens living no longer than that are not kept, nor asked for).
+        life = value["expires_in"] - SPARE_MARGIN
+        pool.keep_spares = life > 0
+        endpoint, until = value["endpoint"], self.reactor.seconds() + life
+        missing = max(pool.target - len(pool.idle) - len(pool.connecting), 0)
+        for token in tokens[:missing]:
+            self._connect(pool, endpoint, token)
+        pool.spare.extend((token, endpoint, until) for token in tokens[missing:])
+        self._fill(pool)
         self._notify()
 
-    def _failed(self, pool: _Pool, reason: str) -> None:
-        """Back ``pool`` off; log when the reason changes."""
+    def _failed(self, pool: _Pool, reason: str, *, dials: bool = False) -> None:
+        """
+        Back ``pool`` off: its calls, and its dials too when ``dials`` (the public
+        proxy's endpoint failed them); log when the reason changes.
+        """
         pool.backoff = min(max(BACKOFF_START, pool.backoff * 2), BACKOFF_MAX)
         pool.retry_at = self.reactor.seconds() + pool.backoff
+        if dials:
+            pool.dial_at = pool.retry_at
         if reason != pool.failing:
             pool.failing = reason
             log.warn("cannot fill the connection pool at {proxy}: {reason} (retrying, "
@@ -426,15 +481,16 @@ class PoolKeeper:
             if failure.check(defer.CancelledError):
                 return
             self._count("connect_failed")
-            self._failed(pool, f"cannot connect to {endpoint}: {failure.getErrorMessage()}")
+            self._failed(pool, f"cannot connect to {endpoint}: {failure.getErrorMessage()}",
+                         dials=True)
             self._notify()
 
         d.addErrback(failed)
 
     def _dial_tcp(self, address: str, protocol: Protocol) -> Deferred[Any]:
         host, port = parse_host_port(address)
-        return connectProtocol(
-            HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout), protocol
+        return connect_protocol(
+            tcp_endpoint(self.reactor, host, port, self.connect_timeout), protocol
         )
 
     # -- events of pooled connections -------------------------------------------------
@@ -518,7 +574,8 @@ class PoolKeeper:
                 pool.young_deaths += 1
                 if pool.young_deaths > max(pool.target, 1):
                     pool.young_deaths = 0
-                    self._failed(pool, "the public proxy closes pooled connections at once")
+                    self._failed(pool, "the public proxy closes pooled connections at once",
+                                 dials=True)
         self._fill(pool)
         self._notify()
 

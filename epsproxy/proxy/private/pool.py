@@ -395,7 +395,7 @@ class PoolKeeper:
         pool.spare = [spare for spare in pool.spare if spare[2] > now]
         missing = pool.target - len(pool.idle) - len(pool.connecting)
         while missing > 0 and pool.spare:
-            token, endpoint, _ = pool.spare.pop()
+            token, endpoint, _ = pool.spare.pop(0)  # the oldest first: it expires first
             self._connect(pool, endpoint, token)
             missing -= 1
         if pool.requesting is not None or now < pool.retry_at:
@@ -590,6 +590,7 @@ class PoolKeeper:
     def _close_pool(self, proxy: str, reason: str) -> None:
         pool = self.pools.pop(proxy)
         pool.closed = True
+        pool.spare.clear()
         if pool.requesting is not None:
             pool.requesting.cancel()
         for conn in pool.members():

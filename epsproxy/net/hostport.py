@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 from typing import Any
 
 __all__ = [
@@ -113,6 +114,12 @@ def peer_key(address: Any) -> str:
     host = getattr(address, "host", None)
     if not isinstance(host, str):
         return str(type(address).__name__)
+    return _host_key(host)
+
+
+@lru_cache(maxsize=4096)
+def _host_key(host: str) -> str:
+    # Cached: asked at every accept, and the same clients come back.
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -124,8 +131,12 @@ def peer_key(address: Any) -> str:
     return str(ip)
 
 
+@lru_cache(maxsize=4096)
 def truncate_ip(text: str) -> str:
-    """An address safe to log: IPv4 keeps two octets, IPv6 two groups (``2001:db8::/32``)."""
+    """
+    An address safe to log: IPv4 keeps two octets, IPv6 two groups (``2001:db8::/32``).
+    Cached (a pure function of the text, asked per connection).
+    """
     try:
         ip = ipaddress.ip_address(text.split("/", 1)[0])
     except ValueError:

@@ -15,6 +15,7 @@ Pure code: no I/O, no reactor.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,12 +145,15 @@ def _parse_v2(header: bytes) -> tuple[IAddress | None, IAddress | None, dict[int
     size = 4 if family == 1 else 16
     if len(block) < 2 * size + 4:
         raise ProxyHeaderError("PROXY v2 address block too short")
-    version = 4 if family == 1 else 6
     source_port, destination_port = struct.unpack("!HH", block[2 * size:2 * size + 4])
-    source = _address(str(ipaddress.ip_address(block[:size])), source_port, version)
-    destination = _address(str(ipaddress.ip_address(block[size:2 * size])),
-                           destination_port, version)
-    return source, destination, tlvs
+    # Packed addresses are valid by their size: written as text without re-parsing.
+    if family == 1:
+        return (IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, block[:4]), source_port),
+                IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, block[4:8]),
+                            destination_port), tlvs)
+    return (IPv6Address("TCP", socket.inet_ntop(socket.AF_INET6, block[:16]), source_port),
+            IPv6Address("TCP", socket.inet_ntop(socket.AF_INET6, block[16:32]),
+                        destination_port), tlvs)
 
 
 class ProxyHeaderReader:

@@ -142,17 +142,21 @@ class _Pooled(Protocol):
             return
         if self.finished:
             return
-        if self.deadline is None:
-            self.keeper._taken(self)
         try:
             header = self.reader.feed(data)
         except ProxyHeaderError as e:
             self.keeper._refuse(self, "bad_header", str(e))
             return
-        if header is not None:
-            self.header = header
-            self.transport.pauseProducing()  # type: ignore[union-attr]  # TCP transport
-            self.keeper._header(self, header)
+        if header is None:
+            if self.deadline is None:
+                # A header in pieces: no longer idle, and its deadline starts.  (A whole
+                # header, the normal case, is served at once: nothing to time, and the
+                # replacement is dialled after the client's connection is under way.)
+                self.keeper._taken(self)
+            return
+        self.header = header
+        self.transport.pauseProducing()  # type: ignore[union-attr]  # TCP transport
+        self.keeper._header(self, header)
 
     def readConnectionLost(self) -> None:
         if self.header is not None:

@@ -101,6 +101,8 @@ class _TokenThenTLS(Protocol):
 
 
 class _TokenFactory(Factory):
+    noisy = False  # one per dialled connection: no "Starting/Stopping factory" lines
+
     def __init__(self, token: bytes, tls_factory: TLSMemoryBIOFactory) -> None:
         self.token = token
         self.tls_factory = tls_factory

@@ -236,8 +236,9 @@ class TerminatingForwarder(Forwarder):
         self.forwarded += 1
         self.pooled += 1
         self.active.add(channel)  # before any byte: the connection may end on them
-        log.info("terminating pooled connection {tag} from client {client}", tag=tag,
-                 client=blurred_client(address_text(header.source)))
+        # The normal case, counted (private_proxy_pool_served): debug, as raw forwarding.
+        log.debug("terminating pooled connection {tag} from client {client}", tag=tag,
+                  client=blurred_client(address_text(header.source)))
         first = header.rest + b"".join(pooled.received)
         if first:
             tls_protocol.dataReceived(first)

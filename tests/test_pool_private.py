@@ -39,7 +39,7 @@ from epsproxy.net.jsonrpc.envelope import CallContext, JSONRPCError, TransportEr
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.proxy_protocol import V2_SIGNATURE
 from epsproxy.net.token import TOKEN_BYTES
-from epsproxy.proxy.pooling import MAX_TOKENS_PER_REQUEST, pool_header
+from epsproxy.proxy.pooling import DEFAULT_POOL_CAP, MAX_TOKENS_PER_REQUEST, pool_header
 from epsproxy.proxy.private.pool import (
     BACKOFF_START,
     SPARE_MARGIN,
@@ -426,8 +426,15 @@ class KeeperTests(unittest.TestCase):
         self.answer(tokens_result(MAX_TOKENS_PER_REQUEST))
         self.assertEqual(keeper.state()[PUBLIC]["idle"], 40)
         self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 40)
-        # 24 < 40 spares left: asks on at once, for 2 x 40 - 24
-        self.assertEqual(self.client.calls[-1][1], {"count": 2 * 40 - 24})
+        # 40 idle + 24 spares is the public proxy's default cap: no further call (one
+        # over it would be answered with no token at all).
+        self.assertEqual(DEFAULT_POOL_CAP, 64)
+        self.assertEqual(len(self.client.calls), 1)
+        # Spares used for replacements: asked again once fewer than half are left.
+        for conn in list(keeper.pools[PUBLIC].idle)[:13]:
+            conn.connectionLost()
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 24 - 13)
+        self.assertEqual(self.client.calls[-1][1], {"count": 24 - 11})
         keeper.stop()
 
     def test_expired_spares_are_dropped_and_not_dialled(self) -> None:

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from epsproxy.net.token import new_token, token_tag
 
-from .pooling import keep_alive
+from .pooling import DEFAULT_POOL_CAP, keep_alive
 from .splice import retarget
 
 __all__ = [
@@ -55,7 +55,7 @@ __all__ = [
 log = Logger()
 
 #: Default cap of idle connections plus unexpired tokens per operator.
-DEFAULT_MAX_PER_OPERATOR = 64
+DEFAULT_MAX_PER_OPERATOR = DEFAULT_POOL_CAP
 #: Default seconds an idle pooled connection is kept before it is closed.
 DEFAULT_IDLE_TIMEOUT = 300.0
 

@@ -39,6 +39,7 @@ from epsproxy.net.proxy_protocol import MAX_PROXY_HEADER, proxy_v2_header
 from epsproxy.rules import forms
 
 __all__ = [
+    "DEFAULT_POOL_CAP",
     "MAX_POOL_HEADER",
     "MAX_TOKENS_PER_REQUEST",
     "POOL_TOKENS_RESULT",
@@ -53,6 +54,11 @@ REQUEST_POOL_TOKENS = "requestPoolTokens"
 
 #: The most tokens one ``requestPoolTokens`` call may ask for.
 MAX_TOKENS_PER_REQUEST = 64
+
+#: The public proxy's default cap on one operator's idle pooled connections plus unused
+#: pool tokens (setting ``pool_max_per_operator``); a private proxy keeps its spare
+#: tokens within it, so that its requests are not refused for being over it.
+DEFAULT_POOL_CAP = 64
 
 #: The largest header a private proxy reads on a pooled connection (a PROXY v2 header
 #: with two IPv6 addresses and a 253-byte name is 300 bytes).

@@ -31,6 +31,7 @@ from epsproxy.net.ratelimit import TCP_RATE_LIMITS
 from ..store import DATASTORE_SETTINGS
 from epsproxy.net.hostport import parse_host_port
 from epsproxy.net.tls import TLS_SETTINGS
+from .pooling import DEFAULT_POOL_CAP
 
 __all__ = [
     "DEFAULT_DATASTORE_FILE",
@@ -162,7 +163,7 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             doc="on SIGTERM, seconds spliced connections may go on before they are cut",
         ),
         "pool_max_per_operator": forms.Optional(
-            forms.Integer(min=0, max=100_000), default=64,
+            forms.Integer(min=0, max=100_000), default=DEFAULT_POOL_CAP,
             doc="idle pooled connections plus unexpired pool tokens one operator may hold "
                 "(0: no pool, every TLS client is brokered)",
         ),

@@ -11,8 +11,10 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   :data:`SPARE_MARGIN` seconds before the public proxy forgets them (``expires_in``
   after its answer).  A replacement is dialled with a spare at once, without a call:
   a call goes out only when the pool lacks connections no spare covers or fewer than
-  ``target`` spares are left, and asks for what it lacks plus spares up to twice
-  ``target`` (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`), so one
+  half the spares it keeps are left, and asks for what it lacks plus spares up to twice
+  ``target`` (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and idle
+  connections plus spares within the public proxy's default cap
+  :data:`~epsproxy.proxy.pooling.DEFAULT_POOL_CAP`: over it the answer is empty), so one
   call through two endpoint servers serves about ``target`` replacements instead of
   one.  Tokens that live no longer than :data:`SPARE_MARGIN` are dialled for what the
   pool lacks, never kept, and no spares are asked for then.  Expired spares are
@@ -66,6 +68,7 @@ from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import decode_token, token_tag
 from epsproxy.proxy.announcements import PrivateAnnouncements
 from epsproxy.proxy.pooling import (
+    DEFAULT_POOL_CAP,
     MAX_POOL_HEADER,
     MAX_TOKENS_PER_REQUEST,
     POOL_TOKENS_RESULT,
@@ -385,8 +388,8 @@ class PoolKeeper:
     def _fill(self, pool: _Pool) -> None:
         """
         Dial what ``pool`` lacks with spare tokens; when it still lacks some, or fewer
-        than ``target`` spares are left, ask for what it lacks plus spares up to twice
-        ``target`` (unless a request is out or it backs off; failed dials back off the
+        than half the spares it keeps are left, ask for what it lacks plus spares up to twice
+        ``target`` (and with them at most the public proxy's default cap in all) (unless a request is out or it backs off; failed dials back off the
         dials too, :meth:`_failed`).  The spares make a
         replacement a dial, not a call through two endpoint servers: one
         ``requestPoolTokens`` serves about ``target`` replacements.
@@ -404,9 +407,12 @@ class PoolKeeper:
             missing -= 1
         if pool.requesting is not None or now < pool.retry_at:
             return
-        spares = 2 * pool.target if pool.keep_spares else 0
-        if missing <= 0 and len(pool.spare) >= min(pool.target, spares):
-            return  # enough in hand
+        # Spares up to twice the target, within the public proxy's default cap on idle
+        # connections plus tokens (a request over it would get no token at all).
+        spares = (min(2 * pool.target, max(DEFAULT_POOL_CAP - pool.target, 0))
+                  if pool.keep_spares else 0)
+        if missing <= 0 and 2 * len(pool.spare) >= spares:
+            return  # enough in hand: ask again once fewer than half the spares are left
         wanted = max(missing, 0) + spares - len(pool.spare)
         if wanted <= 0:
             return

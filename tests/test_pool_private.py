@@ -40,6 +40,7 @@ from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, l
 from epsproxy.net.proxy_protocol import V2_SIGNATURE
 from epsproxy.net.token import TOKEN_BYTES
 from epsproxy.proxy.pooling import DEFAULT_POOL_CAP, MAX_TOKENS_PER_REQUEST, pool_header
+from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.proxy.private.pool import (
     BACKOFF_START,
     SPARE_MARGIN,
@@ -117,7 +118,11 @@ class FakeAnnouncements:
 class FakeForwarder:
     def __init__(self) -> None:
         self.busy = False
+        self.limited: set[str] = set()  # clients over max_connections_per_client
         self.served: list[tuple[Any, Any]] = []
+
+    def admits(self, client: Any) -> bool:
+        return client not in self.limited
 
     def serve_pooled(self, pooled: Any, header: Any, tag: str) -> Deferred[None]:
         self.served.append((pooled, header))
@@ -242,6 +247,11 @@ class KeeperTests(unittest.TestCase):
     def test_busy_forwarder_closes_it(self) -> None:
         self.forwarder.busy = True
         self.refused(pool_header(DOMAIN, "192.0.2.7:1") + b"\x16", "busy")
+
+    def test_a_client_over_its_limit_is_closed(self) -> None:
+        # The limit is the real client's (from the header), not the public proxy's.
+        self.forwarder.limited.add("192.0.2.7:1")
+        self.refused(pool_header(DOMAIN, "192.0.2.7:1") + b"\x16", "client_limit")
 
     def test_a_header_trickling_past_its_deadline(self) -> None:
         self.fill()
@@ -1045,3 +1055,35 @@ class WithTheRealPublicProxy(unittest.TestCase):
         out, err, code = yield self.curl()
         self.assertEqual(code, 0, err.decode())
         self.assertEqual((self.private.proxy.incoming_calls, self.private.pool.served), (0, 2))
+
+
+class ForwardsPerClient(unittest.TestCase):
+    """Forwarder.admits counts forwards in progress per real client (IPv4, IPv6 /64)."""
+
+    def test_counted_per_client_until_the_forward_ends(self) -> None:
+        forwarder = Forwarder(Clock(), {"address": "127.0.0.1:1", "proxy_protocol": False},  # type: ignore[arg-type]  # a Clock is all it needs here
+                              max_connections=100, max_connections_per_client=2)
+        a, b = object(), object()
+        forwarder._track(a, "192.0.2.7:1000")
+        forwarder._track(b, "192.0.2.7:1001")
+        self.assertFalse(forwarder.admits("192.0.2.7:1002"))  # the same address
+        self.assertTrue(forwarder.admits("192.0.2.8:1000"))
+        self.assertTrue(forwarder.admits(None))  # unknown: only max_connections applies
+        self.assertTrue(forwarder.admits("not an address"))
+        forwarder._track(object(), "[2001:db8::1]:5")
+        forwarder._track(object(), "[2001:db8::2]:5")
+        self.assertFalse(forwarder.admits("[2001:db8::3]:5"))  # one /64
+        self.assertTrue(forwarder.admits("[2001:db8:0:1::3]:5"))
+        self.assertEqual(forwarder.client_limited, 2)
+        forwarder._forget(a)
+        self.assertTrue(forwarder.admits("192.0.2.7:1002"))
+        forwarder._forget(b)
+        self.assertEqual(forwarder._per_client, {"2001:db8::/64": 2})
+
+    def test_default_is_a_quarter_of_max_connections(self) -> None:
+        forwarder = Forwarder(Clock(), {"address": "127.0.0.1:1"},  # type: ignore[arg-type]  # a Clock is all it needs here
+                              max_connections=10)
+        self.assertEqual(forwarder.per_client_cap, 2)
+        forwarder.reconfigure({"address": "127.0.0.1:1"}, max_connections=10,
+                              connect_timeout=1, idle_timeout=1, max_connections_per_client=7)
+        self.assertEqual(forwarder.per_client_cap, 7)

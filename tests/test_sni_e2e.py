@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import ssl
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from twisted.internet import defer, reactor, utils
+from twisted.internet import defer, reactor, threads, utils
 from twisted.trial.unittest import TestCase
 
 from epsproxy.dev.examples.internal_server import listen as listen_internal
@@ -64,6 +66,8 @@ class Passthrough:
     pool_size = 0
     #: The public proxy's ``pool_max_per_operator`` (None: its default).
     public_pool_cap: int | None = None
+    #: More settings of the private proxy.
+    private_extra: dict = {}
 
     @defer.inlineCallbacks
     def start_proxy(self, mode: str, section: dict):
@@ -145,6 +149,7 @@ class Passthrough:
             "internal_endpoint": endpoint,
             "shutdown_grace": 0,
             "pool_size": self.pool_size,
+            **self.private_extra,
         }
         self.private, private_ports = yield self.start_proxy("private", private_section)
         yield net.start(PRIVATE, [
@@ -305,3 +310,41 @@ class FallbackWhenThePoolIsEmpty(Passthrough, TestCase):
         self.assertEqual(self.public.rendezvous.pairings, 1)
         self.assertEqual(self.private.proxy.incoming_calls, 1)
         self.assertEqual(self.private.pool.served, 0)
+
+
+class LimitedPerRealClient(Passthrough, TestCase):
+    """The private proxy limits forwards per real client, named by the pooled header."""
+
+    internal_tls = True
+    pool_size = 2
+    private_extra = {"max_connections_per_client": 1}
+
+    def hold(self, source: str) -> ssl.SSLSocket:
+        """A TLS connection from ``source`` through both proxies, handshake done (blocking)."""
+        sock = socket.create_connection(("127.0.0.1", self.tls_port), timeout=10,
+                                        source_address=(source, 0))
+        context = ssl.create_default_context(cafile=str(pki().root))
+        return context.wrap_socket(sock, server_hostname=DOMAIN)
+
+    @defer.inlineCallbacks
+    def test_a_second_connection_of_one_client_is_refused(self):
+        yield self.announce()
+        held = yield threads.deferToThread(self.hold, "127.0.0.9")
+        self.addCleanup(held.close)
+        forwarder = self.private.forwarder
+        self.assertEqual(forwarder._per_client, {"127.0.0.9": 1})
+        out, err, code = yield self.curl(source="127.0.0.9")
+        self.assertNotEqual(code, 0)  # over its limit: the pooled connection is closed
+        self.assertEqual(forwarder.client_limited, 1)
+        self.assertEqual(self.private.pool.closed.get("client_limit"), 1)
+        out, err, code = yield self.curl(source="127.0.0.10")  # another client is served
+        self.assertEqual(code, 0, err.decode())
+        # Once the first connection ends, its client is served again.
+        ends = [item.done for item in forwarder.active if hasattr(item, "done")]
+        held.close()
+        yield defer.DeferredList(ends)
+        yield self.public.pool.when_idle(PRIVATE, self.pool_size)
+        out, err, code = yield self.curl(source="127.0.0.9")
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(json.loads(out), {"message": "success"})
+        self.assertEqual(self.private.proxy.incoming_calls, 0)

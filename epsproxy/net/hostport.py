@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "format_host_port",
+    "host_key",
     "is_ip",
     "parse_host_port",
     "peer_key",
@@ -114,12 +115,15 @@ def peer_key(address: Any) -> str:
     host = getattr(address, "host", None)
     if not isinstance(host, str):
         return str(type(address).__name__)
-    return _host_key(host)
+    return host_key(host)
 
 
 @lru_cache(maxsize=4096)
-def _host_key(host: str) -> str:
-    # Cached: asked at every accept, and the same clients come back.
+def host_key(host: str) -> str:
+    """
+    :func:`peer_key` of a host text (an IPv4 address, an IPv6 address, or other text).
+    Cached: asked at every accept, and the same clients come back.
+    """
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

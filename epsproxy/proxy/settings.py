@@ -256,6 +256,13 @@ PRIVATE_PROXY_SETTINGS = forms.Check(forms.Map(
             forms.Integer(min=1, max=1_000_000), default=1000,
             doc="incoming connections forwarded at once; incomingConnection gets 503 beyond",
         ),
+        "max_connections_per_client": forms.Optional(
+            forms.Integer(min=1, max=1_000_000),
+            doc="incoming connections forwarded at once for one client (its IPv4 address or "
+                "IPv6 /64, as the public proxy names it); default: a quarter of "
+                "max_connections; beyond it a pooled connection is closed and "
+                "incomingConnection gets 503",
+        ),
         "connect_timeout": forms.Optional(
             forms.Float(min=0.001, max=600), default=10.0,
             doc="seconds to connect to the public proxy's endpoint or the internal server",

@@ -266,6 +266,9 @@ class PrivateProxy:
             self.pool.fallback(client["name"])  # the public proxy found no idle one
         if self.forwarder.busy:
             raise JSONRPCError(TOO_MANY_CONNECTIONS, "too many connections, try again later")
+        if not self.forwarder.admits(params.get("client_address")):
+            raise JSONRPCError(TOO_MANY_CONNECTIONS,
+                               "too many connections from this client, try again later")
         self.forwarder.forward(params["endpoint"], token, header,
                                client=params.get("client_address"))
         return {"message": "ok"}

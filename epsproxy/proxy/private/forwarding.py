@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.dial import connect_protocol, tcp_endpoint
-from epsproxy.net.hostport import format_host_port, parse_host_port, truncate_ip
+from epsproxy.net.hostport import format_host_port, host_key, parse_host_port, truncate_ip
 from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import token_tag
@@ -53,6 +53,17 @@ def address_text(address: Any) -> str | None:
     if not isinstance(host, str) or not isinstance(port, int):
         return None
     return format_host_port(host, port)
+
+
+def _client_key(client: str | None) -> str | None:
+    """The per-client limit's key of ``"ip:port"`` (IPv6 by /64), None if unusable."""
+    if not client:
+        return None
+    try:
+        host, _ = parse_host_port(client)
+    except ValueError:
+        return None
+    return host_key(host) if host else None
 
 
 def blurred_client(client: str | None) -> str:
@@ -124,12 +135,17 @@ class Forwarder:
         endpoint: dict[str, Any],
         *,
         max_connections: int = 1000,
+        max_connections_per_client: int | None = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 3600.0,
     ) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+        self._per_client: dict[str, int] = {}  # client key -> forwards in progress
+        self._client_of: dict[Any, str] = {}  # forward item -> its client's key
+        self.client_limited = 0
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.active: set[Any] = set()  # forwards in progress: tokens, splices, channels
@@ -141,7 +157,7 @@ class Forwarder:
 
     def reconfigure(
         self, endpoint: dict[str, Any], *, max_connections: int, connect_timeout: float,
-        idle_timeout: float,
+        idle_timeout: float, max_connections_per_client: int | None = None,
     ) -> None:
         """
         Forward the next connections with ``endpoint`` (validated ``internal_endpoint``)
@@ -149,6 +165,7 @@ class Forwarder:
         """
         self.endpoint = endpoint
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
 
@@ -156,6 +173,34 @@ class Forwarder:
     def busy(self) -> bool:
         """Whether no further connection may be forwarded now."""
         return self._closing or len(self.active) >= self.max_connections
+
+    @property
+    def per_client_cap(self) -> int:
+        """Forwards one client (an IPv4 address, an IPv6 /64) may have at once."""
+        if self.max_connections_per_client is not None:
+            return self.max_connections_per_client
+        return max(1, self.max_connections // 4)
+
+    def admits(self, client: str | None) -> bool:
+        """
+        Whether a connection from ``client`` (``"ip:port"``, the real client's, from the
+        pooled header or ``incomingConnection``) may be forwarded now: fewer than
+        :attr:`per_client_cap` of its forwards in progress.  A refusal is counted
+        (``client_limited``); an unknown client is not limited here (``busy`` still is).
+        """
+        key = _client_key(client)
+        if key is None or self._per_client.get(key, 0) < self.per_client_cap:
+            return True
+        self.client_limited += 1
+        return False
+
+    def _track(self, item: Any, client: str | None) -> None:
+        """A forward in progress (a marker, a splice, a TLS channel) of ``client``."""
+        self.active.add(item)
+        key = _client_key(client)
+        if key is not None:
+            self._client_of[item] = key
+            self._per_client[key] = self._per_client.get(key, 0) + 1
 
     def forward(
         self, endpoint: str, token: bytes, proxy_header: bytes | None = None,
@@ -167,8 +212,8 @@ class Forwarder:
         client's ``"ip:port"`` when known (logged blurred).
         """
         marker = object()
-        self.active.add(marker)
-        d = ensureDeferred(self._serve(endpoint, token, proxy_header))
+        self._track(marker, client)
+        d = ensureDeferred(self._serve(endpoint, token, proxy_header, client))
 
         def failed(failure: Failure) -> None:
             self.failed += 1
@@ -193,8 +238,8 @@ class Forwarder:
         failure is logged, never raised).
         """
         marker = object()
-        self.active.add(marker)
         client = address_text(header.source)
+        self._track(marker, client)
         d = ensureDeferred(self._serve_pooled(pooled, header, tag))
 
         def failed(failure: Failure) -> None:
@@ -237,7 +282,7 @@ class Forwarder:
         )
         self.forwarded += 1
         self.pooled += 1
-        self.active.add(s)
+        self._track(s, client)
         s.done.addBoth(lambda _: self._forget(s))
         # Served from the pool is the normal case, counted (private_proxy_pool_served):
         # debug, as the public proxy's pairings; a brokered forward is logged at info.
@@ -250,7 +295,8 @@ class Forwarder:
             tcp_endpoint(self.reactor, host, port, self.connect_timeout), protocol
         )
 
-    async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None) -> None:
+    async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None,
+                     client: str | None = None) -> None:
         """Connect both sides of one forward and splice them (raw TLS)."""
         public = _Hold(token)
         await self._connect(endpoint, public)
@@ -272,7 +318,7 @@ class Forwarder:
             idle_timeout=self.idle_timeout, tag=token_tag(token),
         )
         self.forwarded += 1
-        self.active.add(s)
+        self._track(s, client)
         s.done.addBoth(lambda _: self._forget(s))
         log.info("forwarding incoming connection {tag} to {address}",
                  tag=token_tag(token), address=self.endpoint["address"])
@@ -280,6 +326,13 @@ class Forwarder:
     def _forget(self, item: Any) -> None:
         """A forward ended: forget it, and tell a waiting drain when none is left."""
         self.active.discard(item)
+        key = self._client_of.pop(item, None)
+        if key is not None:
+            left = self._per_client[key] - 1
+            if left:
+                self._per_client[key] = left
+            else:
+                del self._per_client[key]
         if not self.active and self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:

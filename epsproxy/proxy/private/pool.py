@@ -75,7 +75,7 @@ from epsproxy.proxy.pooling import (
     REQUEST_POOL_TOKENS,
     keep_alive,
 )
-from epsproxy.proxy.private.forwarding import Forwarder
+from epsproxy.proxy.private.forwarding import Forwarder, address_text
 from epsproxy.rules.text import shorten
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_START", "HEADER_TIMEOUT", "PoolKeeper", "Dial"]
@@ -545,6 +545,10 @@ class PoolKeeper:
             return
         if self.forwarder.busy:
             self._refuse(conn, "busy", "max_connections are being forwarded")
+            return
+        if not self.forwarder.admits(address_text(header.source)):
+            self._refuse(conn, "client_limit",
+                         "max_connections_per_client are being forwarded for its client")
             return
         conn.finished = True
         self.served += 1

@@ -98,6 +98,11 @@ class _Collector:
             value=forwarder.failed,
         )
         yield CounterMetricFamily(
+            "private_proxy_client_limited_connections",
+            "connections refused for max_connections_per_client (by the real client's address)",
+            value=forwarder.client_limited,
+        )
+        yield CounterMetricFamily(
             "private_proxy_reannounce_failures", "re-announcement calls that failed",
             value=proxy.reannounce_failures,
         )
@@ -197,6 +202,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         self.forwarder = forwarder_type(
             self.reactor, endpoint,
             max_connections=settings["max_connections"],
+            max_connections_per_client=settings.get("max_connections_per_client"),
             connect_timeout=settings["connect_timeout"],
             idle_timeout=settings["idle_timeout"],
         )
@@ -308,6 +314,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         if self.forwarder is not None:
             self.forwarder.reconfigure(
                 endpoint, max_connections=settings["max_connections"],
+                max_connections_per_client=settings.get("max_connections_per_client"),
                 connect_timeout=settings["connect_timeout"],
                 idle_timeout=settings["idle_timeout"],
             )

@@ -195,7 +195,7 @@ class TerminatingForwarder(Forwarder):
 
     def reconfigure(
         self, endpoint: dict[str, Any], *, max_connections: int, connect_timeout: float,
-        idle_timeout: float,
+        idle_timeout: float, max_connections_per_client: int | None = None,
     ) -> None:
         """
         As :meth:`Forwarder.reconfigure`, checking the new ``tls`` files first (raises
@@ -204,11 +204,13 @@ class TerminatingForwarder(Forwarder):
         """
         server_tls = tls.server_options(endpoint["tls"])
         super().reconfigure(endpoint, max_connections=max_connections,
-                            connect_timeout=connect_timeout, idle_timeout=idle_timeout)
+                            connect_timeout=connect_timeout, idle_timeout=idle_timeout,
+                            max_connections_per_client=max_connections_per_client)
         self._server_tls = server_tls
         self.site.timeOut = endpoint["timeout"]
 
-    async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None) -> None:
+    async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None,
+                     client: str | None = None) -> None:
         """Dial with the token and run the TLS server side on the connection."""
         channel = await dial_with_token(
             self.reactor, endpoint, token, self.endpoint["tls"], self.site,
@@ -218,7 +220,7 @@ class TerminatingForwarder(Forwarder):
             channel.transport.abortConnection()
             return
         self.forwarded += 1
-        self.active.add(channel)
+        self._track(channel, client)
         log.info("terminating incoming connection {tag}", tag=token_tag(token))
 
     async def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:
@@ -235,7 +237,7 @@ class TerminatingForwarder(Forwarder):
         channel = tls_protocol.wrappedProtocol
         self.forwarded += 1
         self.pooled += 1
-        self.active.add(channel)  # before any byte: the connection may end on them
+        self._track(channel, address_text(header.source))  # before any byte: it may end on them
         # The normal case, counted (private_proxy_pool_served): debug, as raw forwarding.
         log.debug("terminating pooled connection {tag} from client {client}", tag=tag,
                   client=blurred_client(address_text(header.source)))

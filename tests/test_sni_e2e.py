@@ -18,6 +18,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from twisted.internet import defer, reactor, threads, utils
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web import resource, server
 from twisted.trial.unittest import TestCase
 
 from epsproxy.dev.examples.internal_server import listen as listen_internal
@@ -46,6 +48,22 @@ HD = ("health-departments",)
 ALLOWED = [{"service": "proxy", "settings": {"allowed_domains": [".internal-server.local"]}}]
 
 
+class _EchoHeaders(resource.Resource):
+    """
+    An internal server that answers ``/headers`` with the request's headers, as JSON, and
+    anything else as the example internal server does.
+    """
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        if request.path != b"/headers":
+            return json.dumps({"message": "success"}).encode()
+        headers = {name.decode().lower(): [v.decode() for v in values]
+                   for name, values in request.requestHeaders.getAllRawHeaders()}
+        return json.dumps(headers).encode()
+
+
 def client_to(url: str, name: str, tls: bool = True) -> JSONRPCClient:
     raw = {"endpoint": url, "timeout": 5}
     if tls:
@@ -68,6 +86,8 @@ class Passthrough:
     public_pool_cap: int | None = None
     #: More settings of the private proxy.
     private_extra: dict = {}
+    #: A plain HTTP internal server that answers with the request's headers (terminating).
+    echo_headers = False
 
     @defer.inlineCallbacks
     def start_proxy(self, mode: str, section: dict):
@@ -99,7 +119,10 @@ class Passthrough:
 
         # The internal server: plain HTTP behind a terminating private proxy, or TLS.
         crt, key = pki().tls("internal-server")
-        if self.internal_tls:
+        if self.echo_headers:
+            internal = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+                server.Site(_EchoHeaders()))
+        elif self.internal_tls:
             internal = yield listen_internal(reactor, "127.0.0.1:0", str(crt), str(key))
         else:
             internal = yield listen_internal(reactor, "127.0.0.1:0")
@@ -348,3 +371,36 @@ class LimitedPerRealClient(Passthrough, TestCase):
         self.assertEqual(code, 0, err.decode())
         self.assertEqual(json.loads(out), {"message": "success"})
         self.assertEqual(self.private.proxy.incoming_calls, 0)
+
+
+class TerminatedWithTheClientsAddress(Passthrough, TestCase):
+    """TLS ends at the private proxy: the internal server learns the client from headers."""
+
+    internal_tls = False
+    echo_headers = True
+    pool_size = 2
+
+    @defer.inlineCallbacks
+    def test_forwarded_headers_name_the_real_client(self):
+        yield self.announce()
+        # What the client claims of itself is replaced, not passed on.
+        out, err, code = yield utils.getProcessOutputAndValue("curl", [
+            "-sS", "--max-time", "20", "--cacert", str(pki().root), "--interface", "127.0.0.9",
+            "-H", "X-Forwarded-For: 6.6.6.6", "-H", "Forwarded: for=6.6.6.6",
+            "--resolve", f"{DOMAIN}:{self.tls_port}:127.0.0.1",
+            f"https://{DOMAIN}:{self.tls_port}/headers",
+        ], env={"PATH": "/usr/bin:/bin"}, reactor=reactor)
+        self.assertEqual(code, 0, err.decode())
+        headers = json.loads(out)
+        self.assertEqual(headers["x-forwarded-for"], ["127.0.0.9"])
+        self.assertEqual(headers["forwarded"], ["for=127.0.0.9;proto=https"])
+        self.assertEqual(headers["x-forwarded-proto"], ["https"])
+        # Through a pooled connection, or brokered, as the class says.
+        self.assertEqual(self.private.pool.served, 1 if self.pool_size else 0)
+        self.assertEqual(self.private.proxy.incoming_calls, 0 if self.pool_size else 1)
+
+
+class TerminatedBrokeredWithTheClientsAddress(TerminatedWithTheClientsAddress):
+    """The same when the connection is brokered (incomingConnection's client_address)."""
+
+    pool_size = 0

@@ -43,13 +43,14 @@ from epsproxy.net import tls
 from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, QuietConnectionPool
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, parse_request, response_object
 from epsproxy.net.jsonrpc.server import CappedRequest, json_body
+from epsproxy.net.hostport import parse_host_port
 from epsproxy.net.proxy_protocol import ProxyHeader
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import dial_with_token, token_tag
 from epsproxy.proxy.private.forwarding import Forwarder, address_text, blurred_client
 from epsproxy.rules.text import shorten
 
-__all__ = ["TerminatingForwarder"]
+__all__ = ["TerminatingForwarder", "forwarded_headers"]
 
 log = Logger()
 
@@ -58,6 +59,31 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
     b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
+
+
+# Set by the proxy, never passed on from the client: what it says of itself is not proof.
+_SET_HERE = frozenset({b"host", b"content-length", b"forwarded", b"x-forwarded-for",
+                       b"x-forwarded-proto"})
+
+
+def forwarded_headers(client: str | None) -> list[tuple[bytes, bytes]]:
+    """
+    The headers that tell the internal server who the client is (TLS ends here, so there
+    is no PROXY header): ``X-Forwarded-For`` with the real client's IP address and
+    RFC 7239 ``Forwarded: for=...;proto=https`` (an IPv6 address quoted in brackets), and
+    ``X-Forwarded-Proto: https``.  The client's own versions of these are dropped.
+    """
+    found = [(b"x-forwarded-proto", b"https")]
+    if client:
+        try:
+            host, _ = parse_host_port(client)
+        except ValueError:
+            host = ""
+        if host:
+            node = f'"[{host}]"' if ":" in host else host
+            found += [(b"x-forwarded-for", host.encode("ascii")),
+                      (b"forwarded", f"for={node};proto=https".encode("ascii"))]
+    return found
 
 
 class _Request(CappedRequest):
@@ -71,6 +97,9 @@ class _Channel(http.HTTPChannel):
     """An HTTP channel on a terminated connection; tells the forwarder when it is gone."""
 
     site: _Site  # set by the site that builds it
+    #: The real client's ``"ip:port"`` (the pooled header's, or ``incomingConnection``'s
+    #: ``client_address``), for the forwarded requests' headers; None when unknown.
+    client_address: str | None = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -219,6 +248,7 @@ class TerminatingForwarder(Forwarder):
         if self._closing:
             channel.transport.abortConnection()
             return
+        channel.client_address = client
         self.forwarded += 1
         self._track(channel, client)
         log.info("terminating incoming connection {tag}", tag=token_tag(token))
@@ -235,6 +265,7 @@ class TerminatingForwarder(Forwarder):
         transport.protocol = tls_protocol  # a TCP transport: from now on TLS hears it
         tls_protocol.makeConnection(transport)
         channel = tls_protocol.wrappedProtocol
+        channel.client_address = address_text(header.source)
         self.forwarded += 1
         self.pooled += 1
         self._track(channel, address_text(header.source))  # before any byte: it may end on them
@@ -277,9 +308,11 @@ class TerminatingForwarder(Forwarder):
         headers = Headers()
         for name, values in request.requestHeaders.getAllRawHeaders():
             lower = name.lower()
-            if lower in _HOP_BY_HOP or lower in (b"host", b"content-length"):
+            if lower in _HOP_BY_HOP or lower in _SET_HERE:
                 continue
             headers.setRawHeaders(name, values)
+        for name, value in forwarded_headers(getattr(request.channel, "client_address", None)):
+            headers.setRawHeaders(name, [value])
         producer = FileBodyProducer(BytesIO(body)) if body else None
         d = self._agent.request(request.method, url, headers, producer)
         timer = self.reactor.callLater(self.endpoint["timeout"], d.cancel)

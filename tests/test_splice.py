@@ -9,62 +9,18 @@ proxy's buffers bounded, and no read deadline once spliced.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.splice import DEFAULT_READ_BYTES, retarget, splice
 from tests.support.splice import fake_connection, listen, spliced_pair
-
-@implementer(IPushProducer)
-class Source:
-    """Streams ``chunks`` generated 1 MiB blocks (numbered, so order matters) to a
-    transport as its streaming producer, hashing what it sends; half-closes at the end."""
-
-    def __init__(self, transport, chunks: int, chunk_size: int = 1 << 20) -> None:
-        self.transport = transport
-        self.left = chunks
-        self.block = os.urandom(chunk_size)
-        self.sha = hashlib.sha256()
-        self.sent = 0
-        self.paused = False
-        self.producing = False
-        transport.registerProducer(self, True)
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self.producing:
-            return
-        self.producing = True
-        try:
-            while not self.paused and self.left > 0:
-                self.left -= 1
-                chunk = struct.pack(">Q", self.left) + self.block[8:]
-                self.sha.update(chunk)
-                self.sent += len(chunk)
-                self.transport.write(chunk)
-            if self.left == 0 and not self.paused:
-                self.left = -1
-                self.transport.unregisterProducer()
-                self.transport.loseWriteConnection()
-        finally:
-            self.producing = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self.paused = True
-        self.left = -1
-
+from tests.support.splice_flow import Source
 
 # -- tests
 

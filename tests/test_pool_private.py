@@ -15,14 +15,13 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import shutil
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
-from twisted.internet import reactor, utils
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
@@ -52,23 +51,13 @@ from epsproxy.proxy.status_page import PrivateProxyPage
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
-from .support.eps import (
-    Network,
-    client_channel,
-    gateway_channel,
-    gateway_client,
-    local_channel,
-    record,
-    server_channel,
-    service,
-)
 from .support.haproxy import start_haproxy
 from .support.pki import pki
 from .support.proxies import (
     PUBLIC_PROXY,
+    Collect,
     client,
     private_section,
-    public_section,
     write_settings,
 )
 from .support.tls import tls_block
@@ -667,22 +656,6 @@ class Front(Protocol):
             self.end.transport.loseConnection()
 
 
-class Collect(Protocol):
-    def __init__(self, send: bytes) -> None:
-        self.send = send
-        self.received = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.send)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Any) -> None:
-        self.done.callback(self.received)
-
-
 def rfc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -951,110 +924,6 @@ class ClientAddressThroughHAProxy(PooledService):
 
 
 # ------------------------------------------------- with a real public proxy and EPS
-
-
-class WithTheRealPublicProxy(unittest.TestCase):
-    """
-    The whole network (real endpoint servers, the real public proxy, the private proxy,
-    the example internal server over TLS) and curl as the client: once the private
-    proxy's pool has filled, curl is served from it without any incomingConnection.
-    """
-
-    timeout = 60
-
-    @inlineCallbacks
-    def start_proxy(self, mode: str, section: dict[str, Any]):
-        folder = Path(self.mktemp()).absolute()
-        options = Options()
-        options.parseOptions(["--mode", mode, "--settings",
-                              str(write_settings(folder, {mode: section}))])
-        top = makeService(options, reactor, exit_on_failure=False)
-        top.startService()
-        self.addCleanup(top.stopService)
-        ports = yield top.services[0].when_ready()
-        return top.services[0], ports
-
-    def client_to(self, url: str, name: str, tls: bool = True) -> JSONRPCClient:
-        raw: dict[str, Any] = {"endpoint": url, "timeout": 5}
-        if tls:
-            raw.update({"server_name": name, "tls": tls_block(name)})
-        return JSONRPCClient(reactor, JSONRPC_CLIENT_SETTINGS.validate(raw))
-
-    @inlineCallbacks
-    def setUp(self):
-        if shutil.which("curl") is None:
-            self.fail("curl is not installed (make os-deps and CI install it)")
-        net = Network(self)
-        private = "private-proxy-1.ga"
-        allowed = [{"service": "proxy",
-                    "settings": {"allowed_domains": [".internal-server.local"]}}]
-        net.operator(PUBLIC, ["proxy-providers"], [
-            service("proxy", ("proxy-users",), "announceConnections", "getAnnouncements",
-                    "requestPoolTokens")])
-        net.operator(private, ["proxy-users"], [
-            service("incoming", ("proxy-providers",), "incomingConnection"),
-            service("announcing", ("health-departments",), "announceConnection")])
-        net.operator("hd-1", ["health-departments"], [])
-        net.write(record("hd-1", "settings", allowed), record(private, "settings", allowed))
-        folder = Path(self.mktemp()).absolute()
-        folder.mkdir()
-        crt, key = pki().tls("internal-server")
-        internal = yield internal_server.listen(reactor, "127.0.0.1:0", str(crt), str(key))
-        self.addCleanup(internal.stopListening)
-
-        self.public, ports = yield self.start_proxy("public", public_section(folder / "p", 1))
-        self.public.proxy.internal_endpoint = f"127.0.0.1:{ports.internal.getHost().port}"
-        self.public.front.internal_endpoint = self.public.proxy.internal_endpoint
-        self.tls_port = ports.tls.getHost().port
-        yield net.start(PUBLIC, [
-            server_channel(PUBLIC), client_channel(PUBLIC), gateway_channel(PUBLIC),
-            local_channel(f"https://127.0.0.1:{ports.jsonrpc.getHost().port}/jsonrpc",
-                          tls=tls_block(PUBLIC), server_name=PUBLIC)])
-        net.channels(PUBLIC, {"type": "eps_server",
-                              "settings": {"address": net.server_address(PUBLIC)}})
-        yield self.public.proxy.client.close()
-        self.public.proxy.client = self.client_to(net.gateway_url(PUBLIC), PUBLIC)
-        self.addCleanup(self.public.proxy.client.close)
-
-        self.private, private_ports = yield self.start_proxy("private", private_section(
-            folder / "q", 1, pool_size=2,
-            internal_endpoint={"address": f"127.0.0.1:{internal.getHost().port}"}))
-        yield net.start(private, [
-            server_channel(private), client_channel(private), gateway_channel(private),
-            local_channel(f"http://127.0.0.1:{private_ports.jsonrpc.getHost().port}/jsonrpc")])
-        net.channels(private, {"type": "eps_server",
-                               "settings": {"address": net.server_address(private)}})
-        yield self.private.client.close()
-        new = self.client_to(net.gateway_url(private), private)
-        self.private.client = self.private.proxy.client = new
-        self.private.pool.client = new  # the keeper calls through the same endpoint server
-        self.addCleanup(new.close)
-        yield net.start("hd-1", [client_channel("hd-1"), gateway_channel("hd-1")])
-        self.hd1 = gateway_client(self, net.gateway_url("hd-1"))
-        self.private_name = private
-
-    def curl(self):
-        return utils.getProcessOutputAndValue("curl", [
-            "-sS", "--max-time", "20", "--cacert", str(pki().root),
-            "--resolve", f"{DOMAIN}:{self.tls_port}:127.0.0.1",
-            f"https://{DOMAIN}:{self.tls_port}/jsonrpc",
-        ], env={"PATH": "/usr/bin:/bin"}, reactor=reactor)
-
-    @inlineCallbacks
-    def test_curl_is_served_from_the_pool(self):
-        result = yield self.hd1.call(f"{self.private_name}.announceConnection",
-                                     {"proxy": PUBLIC, "domain": DOMAIN}, id="a")
-        self.assertEqual(result, "ok")
-        yield self.private.pool.when_idle(PUBLIC, 2)
-        out, err, code = yield self.curl()
-        self.assertEqual(code, 0, err.decode())
-        self.assertEqual(json.loads(out), {"message": "success"})
-        self.assertEqual(self.private.proxy.incoming_calls, 0)
-        self.assertEqual(self.private.pool.served, 1)
-        yield self.private.pool.when_idle(PUBLIC, 2)  # refilled through the EPS network
-        out, err, code = yield self.curl()
-        self.assertEqual(code, 0, err.decode())
-        self.assertEqual((self.private.proxy.incoming_calls, self.private.pool.served), (0, 2))
 
 
 class ForwardsPerClient(unittest.TestCase):

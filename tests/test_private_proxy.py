@@ -39,7 +39,7 @@ from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
 from .support.pki import pki
-from .support.proxies import private_section, write_settings
+from .support.proxies import Collect, private_section, write_settings
 from .support.twistd import TWISTD, TwistdProcess
 
 NAME = "private-proxy-1.ga"
@@ -194,22 +194,6 @@ class Front(Protocol):
             "token": base64.b64encode(token).decode(), "domain": DOMAIN,
             "endpoint": f"127.0.0.1:{self.test.rv_port}",
             "_client": client_info(PUBLIC, None)}))
-
-
-class Collect(Protocol):
-    def __init__(self, send: bytes) -> None:
-        self.send = send
-        self.received = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.send)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Any) -> None:
-        self.done.callback(self.received)
 
 
 def http_body(raw: bytes) -> tuple[int, dict[bytes, bytes], bytes]:

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import yaml
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
@@ -113,3 +114,21 @@ def client(name: str = "hd-1", allowed: Any = (".internal-server.local",),
             item["operator"] = operator
         entry["settings"] = [{"service": "other", "settings": {}}, item]
     return {"name": name, "entry": entry}
+
+
+class Collect(Protocol):
+    """Writes ``send`` once connected; ``done`` fires with everything received at the end."""
+
+    def __init__(self, send: bytes) -> None:
+        self.send = send
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.send)  # type: ignore[union-attr]  # connected
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.received)

@@ -103,3 +103,23 @@ def goal(label: str, values: list[float], target: str, met: Callable[[float], bo
     if len(values) > 1:
         text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
     return [label, text, target, "PASS" if met(median(values)) else "MISS"]
+
+
+def only_from_env(variable: str, known: Sequence[str], what: str) -> list[str]:
+    """
+    The keys listed in the environment variable ``variable`` (comma-separated; empty:
+    none); an unknown one stops the run naming ``what`` it should have been.
+    """
+    only = [k for k in os.environ.get(variable, "").split(",") if k]
+    unknown = [k for k in only if k not in known]
+    if unknown:
+        raise SystemExit(f"{variable}: unknown {what} {unknown}; known: {list(known)}")
+    return only
+
+
+def print_load_before(what_suffers: str) -> None:
+    """The load average before a run, with a warning naming ``what_suffers`` if busy."""
+    busy = os.getloadavg()[0]
+    print(f"load average before the run: {busy:.2f} on {os.cpu_count()} CPUs"
+          + (f" -- other work is running: {what_suffers} will read worse than on an idle "
+             "machine" if busy > 0.5 else ""), flush=True)

@@ -51,6 +51,8 @@ from .common import (
     haproxy_binary,
     listening,
     median,
+    only_from_env,
+    print_load_before,
     ratios,
     rotations,
     rss_bytes,
@@ -650,14 +652,8 @@ def report(results: dict[str, Any]) -> str:
 
 def main() -> None:
     settings = _settings()
-    only = [k for k in os.environ.get("BENCH_RELAY_ONLY", "").split(",") if k]
-    unknown = [k for k in only if k not in BY_KEY]
-    if unknown:
-        raise SystemExit(f"BENCH_RELAY_ONLY: unknown relay(s) {unknown}; known: {list(BY_KEY)}")
-    busy = os.getloadavg()[0]
-    print(f"load average before the run: {busy:.2f} on {os.cpu_count()} CPUs"
-          + (" -- other work is running: CPU s/GB and rates will read worse than on an idle "
-             "machine" if busy > 0.5 else ""), flush=True)
+    only = only_from_env("BENCH_RELAY_ONLY", list(BY_KEY), "relay(s)")
+    print_load_before("CPU s/GB and rates")
     results = run(size=settings["size"], rounds=settings["rounds"],
                   pair_seconds=settings["pair_seconds"],
                   idle_pairs_count=settings["idle_pairs"],

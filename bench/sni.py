@@ -54,6 +54,8 @@ from .common import (
     goal,
     haproxy_binary,
     median,
+    only_from_env,
+    print_load_before,
     ratios,
     rotations,
     rss_bytes,
@@ -410,14 +412,8 @@ def _settings(quick: bool) -> dict[str, Any]:
 def main(quick: bool = False) -> None:
     """Run the benchmark as configured by the environment (``quick``: a run of seconds)."""
     settings = _settings(quick)
-    only = [k for k in os.environ.get("BENCH_SNI_ONLY", "").split(",") if k]
-    unknown = [k for k in only if k not in BY_KEY]
-    if unknown:
-        raise SystemExit(f"BENCH_SNI_ONLY: unknown path(s) {unknown}; known: {list(BY_KEY)}")
-    busy = os.getloadavg()[0]
-    print(f"load average before the run: {busy:.2f} on {os.cpu_count()} CPUs"
-          + (" -- other work is running: rates will read worse than on an idle machine"
-             if busy > 0.5 else ""), flush=True)
+    only = only_from_env("BENCH_SNI_ONLY", list(BY_KEY), "path(s)")
+    print_load_before("rates")
     started = time.monotonic()
     results = run(only=only or None, **settings)
     print(report(results))

@@ -409,18 +409,18 @@ class ProgramService(MultiService):
         if self.manage_process:
             # twistd has daemonized (unless -n) just before starting the services.
             self.startup = StartupReport.take(self.options)
+            # SIGHUP and SIGUSR1 before any service starts (Twisted never sets them): a
+            # service may say it is ready while it starts, and a SIGHUP sent on that line
+            # must not end the process; the handlers only queue work for the reactor.
+            # SIGTERM and SIGINT once the reactor runs (it installs its own for them).
+            signal.signal(signal.SIGHUP, self._on_signal)
+            signal.signal(signal.SIGUSR1, self._on_signal)
+            self.reactor.callWhenRunning(self._install_signals)
         super().startService()
         if self.main is not None:
             self.main.when_ready().addCallbacks(self._started, self._start_failed)
         elif self.running:
             self.startup.report()
-        if self.manage_process:
-            # SIGHUP and SIGUSR1 at once (Twisted never sets them; a SIGHUP before the
-            # reactor runs must not end the process), SIGTERM and SIGINT once the reactor
-            # runs (it installs its own handlers for them when it starts).
-            signal.signal(signal.SIGHUP, self._on_signal)
-            signal.signal(signal.SIGUSR1, self._on_signal)
-            self.reactor.callWhenRunning(self._install_signals)
 
     def _started(self, result: Any) -> Any:
         self.startup.report()

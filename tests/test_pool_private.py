@@ -38,7 +38,12 @@ from epsproxy.net.jsonrpc.envelope import CallContext, JSONRPCError, TransportEr
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.proxy_protocol import V2_SIGNATURE
 from epsproxy.net.token import TOKEN_BYTES
-from epsproxy.proxy.pooling import DEFAULT_POOL_CAP, MAX_TOKENS_PER_REQUEST, pool_header
+from epsproxy.proxy.pooling import (
+    DEFAULT_POOL_CAP,
+    MAX_TOKENS_PER_REQUEST,
+    pool_header,
+    token_cap,
+)
 from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.proxy.private.pool import (
     BACKOFF_START,
@@ -425,15 +430,23 @@ class KeeperTests(unittest.TestCase):
         self.answer(tokens_result(MAX_TOKENS_PER_REQUEST))
         self.assertEqual(keeper.state()[PUBLIC]["idle"], 40)
         self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 40)
-        # 40 idle + 24 spares is the public proxy's default cap: no further call (one
-        # over it would be answered with no token at all).
-        self.assertEqual(DEFAULT_POOL_CAP, 64)
-        self.assertEqual(len(self.client.calls), 1)
+        # Spares up to twice the target (80): 40 dialled + 80 spares are within the public
+        # proxy's default cap on unused tokens (128); one over it would be answered with
+        # no token at all.
+        self.assertEqual((DEFAULT_POOL_CAP, token_cap(DEFAULT_POOL_CAP)), (64, 128))
+        self.assertEqual(self.client.calls[-1][1], {"count": 80 - 24})
+        self.answer(tokens_result(80 - 24))
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 80)
+        self.assertEqual(len(self.client.calls), 2)
         # Spares used for replacements: asked again once fewer than half are left.
-        for conn in list(keeper.pools[PUBLIC].idle)[:13]:
+        self.clock.advance(YOUNG_SECONDS)  # (connections dying young would back off)
+        calls = len(self.client.calls)  # (the fixture's own keeper ticked meanwhile)
+        for conn in list(keeper.pools[PUBLIC].idle)[:40]:
             conn.connectionLost()
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), 24 - 13)
-        self.assertEqual(self.client.calls[-1][1], {"count": 24 - 11})
+        self.assertEqual(len(self.client.calls), calls)
+        list(keeper.pools[PUBLIC].idle)[0].connectionLost()
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 80 - 41)
+        self.assertEqual(self.client.calls[-1][1], {"count": 41})
         keeper.stop()
 
     def test_expired_spares_are_dropped_and_not_dialled(self) -> None:

@@ -109,20 +109,32 @@ class PoolRules(SynchronousTestCase):
         self.assertEqual(self.pool.state(), {"op": {"idle": 1, "in_use": 0, "tokens": 0}})
         self.assertEqual((self.pool.issued, self.pool.adopted), (2, 1))
 
-    def test_idle_plus_tokens_never_exceed_the_cap(self) -> None:
+    def test_idle_connections_and_tokens_are_capped(self) -> None:
+        # Unused tokens: at most twice the cap on idle connections (4).
         first = self.pool.issue("op", 100)
-        self.assertEqual(len(first), 4)
+        self.assertEqual(len(first), 8)
         self.assertEqual(self.pool.issue("op", 1), [])
         for token in first[:3]:
             self.assertTrue(presented(self.pool, token)[0])
-        self.assertEqual(self.pool.issue("op", 5), [])  # 3 idle + 1 token
+        self.assertEqual(len(self.pool.issue("op", 5)), 3)  # 3 tokens spent: room again
+        self.assertTrue(presented(self.pool, first[3])[0])
+        # 4 idle: the cap on connections.  No token is issued, and a connection presenting
+        # one it still holds is closed and counted, not pooled.
+        self.assertEqual(self.pool.issue("op", 1), [])
+        adopted, t = presented(self.pool, first[4])
+        self.assertTrue(adopted)  # the pool's token: spent
+        self.assertTrue(t.aborted)
+        self.assertEqual((self.pool.idle("op"), self.pool.closed["over_cap"]), (4, 1))
         self.assertIsNotNone(self.pool.take("op"))  # in use: no longer counted
-        self.assertEqual(len(self.pool.issue("op", 5)), 1)
-        self.assertEqual(self.pool.issue("op", 5), [])
-        self.clock.advance(10)  # the two tokens expire: room again
-        self.assertEqual(len(self.pool.issue("op", 5)), 2)
+        self.assertTrue(presented(self.pool, first[5])[0])
+        self.assertEqual(self.pool.idle("op"), 4)
+        self.assertEqual(self.pool.state()["op"]["tokens"], 5)
+        self.clock.advance(10)  # the tokens expire
+        self.assertEqual(self.pool.state()["op"]["tokens"], 0)
+        self.assertIsNotNone(self.pool.take("op"))
+        self.assertEqual(len(self.pool.issue("op", 100)), 8)
         # Another operator has its own cap; 0 means no pool at all.
-        self.assertEqual(len(self.pool.issue("other", 9)), 4)
+        self.assertEqual(len(self.pool.issue("other", 9)), 8)
         self.pool.max_per_operator = 0
         self.assertEqual(self.pool.issue("third", 1), [])
 
@@ -669,17 +681,26 @@ class ServedByARealPublicProxy(TestCase):
     def test_never_more_than_the_cap_per_operator(self):
         yield self.start_proxy(pool_max_per_operator=3)
         yield self.announce()
+        # unused tokens: at most twice the cap
         answer = yield self.request_tokens(5)
-        self.assertEqual(len(answer["tokens"]), 3)
+        self.assertEqual(len(answer["tokens"]), 5)
+        self.assertEqual(len((yield self.request_tokens(5))["tokens"]), 1)
         self.assertEqual((yield self.request_tokens(5))["tokens"], [])
-        for text in answer["tokens"]:
-            yield connect(self, self.internal_port, PoolSide(base64.b64decode(text)))
+        tokens = [base64.b64decode(text) for text in answer["tokens"]]
+        for token in tokens[:3]:
+            yield connect(self, self.internal_port, PoolSide(token))
         yield self.proxy.pool.when_idle(PRIVATE, 3)
+        # idle connections at the cap: no token, and one more connection is closed
         self.assertEqual((yield self.request_tokens(1))["tokens"], [])
+        over = PoolSide(tokens[3])
+        yield connect(self, self.internal_port, over)
+        yield over.lost
         self.assertEqual(self.proxy.pool_state(),
-                         {PRIVATE: {"idle": 3, "in_use": 0, "tokens": 0}})
+                         {PRIVATE: {"idle": 3, "in_use": 0, "tokens": 2}})
+        metrics = self.metrics()
         self.assertIn(f'proxy_pool_connections{{operator="{PRIVATE}",state="idle"}} 3.0',
-                      self.metrics())
+                      metrics)
+        self.assertIn('proxy_pool_closed_total{reason="over_cap"} 1.0', metrics)
         # a reload applies a new cap and idle timeout; 0 turns the pool off
         changed = dict(self.proxy.settings, pool_max_per_operator=0, pool_idle_timeout=60)
         self.proxy.reload(PROXY_SETTINGS.validate({"public": changed})["public"])

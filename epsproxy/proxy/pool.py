@@ -13,9 +13,11 @@ The rules that keep it safe:
 
 - a token is single-use and expires ``token_lifetime`` seconds after it was issued;
   an unknown, used or expired token is not the pool's (the rendezvous refuses it);
-- idle connections plus unexpired tokens of one operator never exceed
-  ``max_per_operator`` (0: no pool, nothing is issued), so the pool cannot be used to
-  exhaust the proxy's file descriptors;
+- idle connections of one operator never exceed ``max_per_operator`` (a connection
+  presenting a token over it is closed, ``over_cap``; 0: no pool, nothing is issued), so
+  the pool cannot be used to exhaust the proxy's file descriptors, and its unexpired
+  tokens never exceed :func:`~epsproxy.proxy.pooling.token_cap` of it (tokens hold no
+  descriptor; more of them make a private proxy's calls rarer);
 - an idle connection must stay silent: bytes after its token, or any byte while idle,
   close it (``bytes_while_idle``);
 - the sweep (every ``sweep_interval`` seconds, :meth:`~ConnectionPool.start`) closes the
@@ -41,7 +43,7 @@ from twisted.python.failure import Failure
 
 from epsproxy.net.token import new_token, token_tag
 
-from .pooling import DEFAULT_POOL_CAP, keep_alive
+from .pooling import DEFAULT_POOL_CAP, keep_alive, token_cap
 from .splice import retarget
 
 __all__ = [
@@ -54,14 +56,14 @@ __all__ = [
 
 log = Logger()
 
-#: Default cap of idle connections plus unexpired tokens per operator.
+#: Default cap of idle connections per operator (and of unexpired tokens: twice it).
 DEFAULT_MAX_PER_OPERATOR = DEFAULT_POOL_CAP
 #: Default seconds an idle pooled connection is kept before it is closed.
 DEFAULT_IDLE_TIMEOUT = 300.0
 
 #: Why the pool closes (or loses) an idle connection: the labels of its counter.
-CLOSE_REASONS = ("bytes_while_idle", "announcement_expired", "idle_timeout", "lost",
-                 "shutdown")
+CLOSE_REASONS = ("bytes_while_idle", "announcement_expired", "idle_timeout", "over_cap",
+                 "lost", "shutdown")
 
 
 def _abort(transport: Any) -> None:
@@ -150,16 +152,20 @@ class ConnectionPool:
     def issue(self, operator: str, count: int) -> list[bytes]:
         """
         Up to ``count`` fresh single-use pool tokens for ``operator``, each expiring
-        ``token_lifetime`` seconds from now; fewer (even none) at ``max_per_operator``.
+        ``token_lifetime`` seconds from now; fewer (even none) when its unexpired tokens
+        reach :func:`~epsproxy.proxy.pooling.token_cap` of ``max_per_operator``, none
+        while its idle connections are at ``max_per_operator``.
         """
         op = self._operators.get(operator)
         now = self.clock.seconds()
         if op is not None:
             self._forget_expired(op, now)
-            held = len(op.idle) + len(op.tokens)
+            if len(op.idle) >= self.max_per_operator:
+                return []
+            held = len(op.tokens)
         else:
             held = 0
-        room = max(0, min(count, self.max_per_operator - held))
+        room = max(0, min(count, token_cap(self.max_per_operator) - held))
         if room == 0:
             return []
         if op is None:
@@ -181,8 +187,9 @@ class ConnectionPool:
         """
         Whether ``token`` is a live pool token.  If it is, it is spent and the pool takes
         ``connection`` (a connected protocol) over: idle in its operator's pool, or closed
-        at once when ``rest`` (bytes after the token) is not empty or the operator holds
-        no live announcement any more.  If not, nothing changes.
+        at once when ``rest`` (bytes after the token) is not empty, the operator holds
+        no live announcement any more, or its idle connections are at
+        ``max_per_operator``.  If not, nothing changes.
         """
         operator = self._tokens.pop(token, None)
         if operator is None:
@@ -202,6 +209,10 @@ class ConnectionPool:
             return True
         if not self.holds_live(operator):
             self._close(pooled, "announcement_expired")
+            self._tidy(operator, op)
+            return True
+        if len(op.idle) >= self.max_per_operator:
+            self._close(pooled, "over_cap")
             self._tidy(operator, op)
             return True
         keep_alive(transport)

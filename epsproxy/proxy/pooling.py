@@ -47,6 +47,7 @@ __all__ = [
     "REQUEST_POOL_TOKENS_PARAMS",
     "keep_alive",
     "pool_header",
+    "token_cap",
 ]
 
 #: The public proxy's method that hands out pool tokens.
@@ -55,10 +56,22 @@ REQUEST_POOL_TOKENS = "requestPoolTokens"
 #: The most tokens one ``requestPoolTokens`` call may ask for.
 MAX_TOKENS_PER_REQUEST = 64
 
-#: The public proxy's default cap on one operator's idle pooled connections plus unused
-#: pool tokens (setting ``pool_max_per_operator``); a private proxy keeps its spare
-#: tokens within it, so that its requests are not refused for being over it.
+#: The public proxy's default cap on one operator's idle pooled connections (setting
+#: ``pool_max_per_operator``).  Its unused pool tokens are capped at
+#: :func:`token_cap` of it; a private proxy keeps its spare tokens within the default's,
+#: so that its requests are not refused for being over it.
 DEFAULT_POOL_CAP = 64
+
+
+def token_cap(max_connections: int) -> int:
+    """
+    The most unused pool tokens one operator may hold at a public proxy whose cap on its
+    idle connections is ``max_connections``: twice that.  Tokens hold no descriptor (a
+    connection presenting one is still refused over ``max_connections``), and a private
+    proxy holding more of them than it keeps connections asks less often: each call
+    crosses two endpoint servers.
+    """
+    return 2 * max_connections
 
 #: The largest header a private proxy reads on a pooled connection (a PROXY v2 header
 #: with two IPv6 addresses and a 253-byte name is 300 bytes).

@@ -11,11 +11,12 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   :data:`SPARE_MARGIN` seconds before the public proxy forgets them (``expires_in``
   after its answer).  A replacement is dialled with a spare at once, without a call:
   a call goes out only when the pool lacks connections no spare covers or fewer than
-  half the spares it keeps are left, and asks for what it lacks plus spares up to twice
-  ``target`` (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and idle
-  connections plus spares within the public proxy's default cap
-  :data:`~epsproxy.proxy.pooling.DEFAULT_POOL_CAP`: over it the answer is empty), so one
-  call through two endpoint servers serves about ``target`` replacements instead of
+  half the spares it keeps are left, and asks for what it lacks plus spares up to
+  :data:`SPARES_PER_CONNECTION` times ``target`` (at most
+  :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and spares plus the tokens
+  being dialled within the public proxy's default cap on unused tokens,
+  :func:`~epsproxy.proxy.pooling.token_cap`: over it the answer is empty), so one call
+  through two endpoint servers serves about twice ``target`` replacements instead of
   one.  Tokens that live no longer than :data:`SPARE_MARGIN` are dialled for what the
   pool lacks, never kept, and no spares are asked for then.  Expired spares are
   dropped, not dialled; a closed pool's spares are forgotten with it.  A refusal, no
@@ -74,6 +75,7 @@ from epsproxy.proxy.pooling import (
     POOL_TOKENS_RESULT,
     REQUEST_POOL_TOKENS,
     keep_alive,
+    token_cap,
 )
 from epsproxy.proxy.private.forwarding import Forwarder, address_text
 from epsproxy.rules.text import shorten
@@ -94,6 +96,11 @@ HEADER_TIMEOUT = 5.0
 #: connected died young: more than a pool's worth of those in a row backs the proxy off
 #: (a public proxy that refuses our tokens must not make us dial in a loop).
 YOUNG_SECONDS = 2.0
+
+#: Spare tokens kept per connection of the pool's target (within the public proxy's
+#: default cap on unused tokens): the more, the rarer the calls through two endpoint
+#: servers.
+SPARES_PER_CONNECTION = 2
 
 #: A spare token is not used in the last this many seconds of its life (the dial and the
 #: token must reach the public proxy before it expires there).
@@ -388,11 +395,13 @@ class PoolKeeper:
     def _fill(self, pool: _Pool) -> None:
         """
         Dial what ``pool`` lacks with spare tokens; when it still lacks some, or fewer
-        than half the spares it keeps are left, ask for what it lacks plus spares up to twice
-        ``target`` (and with them at most the public proxy's default cap in all) (unless a request is out or it backs off; failed dials back off the
-        dials too, :meth:`_failed`).  The spares make a
-        replacement a dial, not a call through two endpoint servers: one
-        ``requestPoolTokens`` serves about ``target`` replacements.
+        than half the spares it keeps are left, ask for what it lacks plus spares up to
+        :data:`SPARES_PER_CONNECTION` times ``target`` (within the public proxy's default
+        cap on unused tokens, :func:`~epsproxy.proxy.pooling.token_cap`), unless a
+        request is out or it backs off (failed dials back off the dials too,
+        :meth:`_failed`).  The spares make a replacement a dial, not a call through two
+        endpoint servers: one ``requestPoolTokens`` serves about twice ``target``
+        replacements (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`).
         """
         if self._stopped or pool.closed:
             return
@@ -407,9 +416,11 @@ class PoolKeeper:
             missing -= 1
         if pool.requesting is not None or now < pool.retry_at:
             return
-        # Spares up to twice the target, within the public proxy's default cap on idle
-        # connections plus tokens (a request over it would get no token at all).
-        spares = (min(2 * pool.target, max(DEFAULT_POOL_CAP - pool.target, 0))
+        # Spares up to twice the target, within the public proxy's default cap on
+        # an operator's unused tokens (the tokens of connections still being dialled
+        # count there too; a request over it would get no token at all).
+        spares = (min(SPARES_PER_CONNECTION * pool.target,
+                      max(token_cap(DEFAULT_POOL_CAP) - pool.target, 0))
                   if pool.keep_spares else 0)
         if missing <= 0 and 2 * len(pool.spare) >= spares:
             return  # enough in hand: ask again once fewer than half the spares are left

@@ -10,8 +10,9 @@ from each to the other until both directions are finished:
   read in user space (plus, rarely, one more that the epoll reactor delivers in the same
   batch); reads are up to ``read_bytes`` large and are written through at once (``send()``
   straight from the read, no queueing when the receiver keeps up).  That is the recipe
-  measured in ``bench/RELAY.md``: large reads and write-through are what make a Python
-  relay as fast as a well-tuned C one, and pausing at any backlog keeps memory flat.
+  measured by ``python -m bench relay`` (docs/benchmarks.md): large reads and
+  write-through bring a Python relay near a well-tuned C one, and pausing at any backlog
+  keeps memory flat.
   Other transports (wrappers, test transports) use Twisted's own producer thresholds.
 - **Reads sized to the receiver.**  A read is never larger than what the receiving
   socket's send buffer is known to take whole, so a slow receiver leaves next to nothing
@@ -80,8 +81,10 @@ log = Logger()
 DEFAULT_IDLE_TIMEOUT = 3600.0
 """Default seconds without a byte in either direction before a pair is closed."""
 
-DEFAULT_READ_BYTES = 1024 * 1024
-"""Default read size of a splice; larger reads bring no more speed (bench/RELAY.md)."""
+DEFAULT_READ_BYTES = 512 * 1024
+"""Default read size of a splice.  Larger reads bring no more speed: 512 KiB relayed as fast
+as 1 MiB (``python -m bench relay``, docs/benchmarks.md) and halves the shared buffer the
+process touches, which is all a splice's reads ever hold in user space."""
 
 SLOW_READ_BYTES = 16 * 1024
 """Smallest read size, towards a receiver whose send buffer is (nearly) full."""
@@ -417,7 +420,7 @@ class _End(Protocol):
             return
         out = self.out
         # Unregister first: a paused producer would be resumed instead of the socket
-        # being shut down once the queue drains (bench/RELAY.md, pitfalls).
+        # being shut down once the queue drains.
         out.unregisterProducer()
         lose_write = getattr(out, "loseWriteConnection", None)
         if lose_write is None:

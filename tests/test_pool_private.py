@@ -47,6 +47,7 @@ from epsproxy.proxy.pooling import (
 from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.proxy.private.pool import (
     BACKOFF_START,
+    DEFAULT_SPARES,
     SPARE_MARGIN,
     YOUNG_SECONDS,
     PoolKeeper,
@@ -134,7 +135,7 @@ class KeeperTests(unittest.TestCase):
         self.refusing = False  # dials fail (connection refused) while set
         self.keeper = PoolKeeper(
             self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
-            pool_size=2, pool_max=3, shrink_after=30, dial=self.dial)
+            pool_size=2, pool_max=3, shrink_after=30, dial=self.dial, spares=0)
         self.keeper.start()
         self.addCleanup(self.keeper.stop)
 
@@ -447,6 +448,33 @@ class KeeperTests(unittest.TestCase):
         list(keeper.pools[PUBLIC].idle)[0].connectionLost()
         self.assertEqual(len(keeper.pools[PUBLIC].spare), 80 - 41)
         self.assertEqual(self.client.calls[-1][1], {"count": 41})
+        keeper.stop()
+
+    def test_a_small_pool_still_keeps_its_floor_of_spares(self) -> None:
+        # One client at a time never grows the pool: without the floor a pool of 2
+        # would call for tokens every few connections.
+        keeper = PoolKeeper(
+            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=2, pool_max=2, dial=self.dial, spares=20)
+        keeper.check()
+        self.assertEqual(self.client.calls[-1][1], {"count": 2 + 20})
+        self.answer(tokens_result(22))
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 20)
+
+        def die() -> None:
+            self.clock.advance(YOUNG_SECONDS)  # (connections dying young back off)
+            list(keeper.pools[PUBLIC].idle)[0].connectionLost()
+
+        self.clock.advance(YOUNG_SECONDS)
+        calls = len(self.client.calls)  # (the fixture's own keeper ticks meanwhile)
+        for _ in range(10):  # ten served or dead: replaced with spares, no call
+            die()
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 10)
+        self.assertNotIn({"count": 11}, [c[1] for c in self.client.calls[calls:]])
+        die()  # under half: ask for 11
+        self.assertEqual(keeper.state()[PUBLIC]["idle"], 2)
+        self.assertEqual(self.client.calls[-1][1], {"count": 11})
+        self.assertEqual(DEFAULT_SPARES, 48)
         keeper.stop()
 
     def test_expired_spares_are_dropped_and_not_dialled(self) -> None:
@@ -791,7 +819,8 @@ class ServedFromThePool(PooledService):
         yield self.full()
         self.assertEqual(self.service.pool_state(),
                          {PUBLIC: {"idle": 2, "connecting": 0, "target": 2}})
-        self.assertEqual(self.eps.answered, [6])  # 2 for the pool, 4 spares
+        # 2 for the pool, DEFAULT_SPARES spares (more than twice the target)
+        self.assertEqual(self.eps.answered, [2 + DEFAULT_SPARES])
         self.assertSuccess((yield self.tls_get()))  # a real TLS handshake through it
         self.assertEqual(self.service.proxy.incoming_calls, 0)
         self.assertEqual((self.pool.served, self.service.forwarder.pooled,
@@ -802,7 +831,8 @@ class ServedFromThePool(PooledService):
         self.assertEqual(self.early_bytes, 0)  # idle connections never sent a byte
         yield self.full()
         # both refills were dialled with spare tokens: still the one call
-        self.assertEqual((self.eps.requests, len(self.pool.pools[PUBLIC].spare)), (1, 2))
+        self.assertEqual((self.eps.requests, len(self.pool.pools[PUBLIC].spare)),
+                         (1, DEFAULT_SPARES - 2))
         metrics = generate_latest(self.service.registry).decode()
         self.assertIn('private_proxy_pool_connections{proxy="public-proxy-1.ga",'
                       'state="idle"} 2.0', metrics)
@@ -836,9 +866,12 @@ class ServedFromThePool(PooledService):
         yield self.full()
         while self.pool.pools[PUBLIC].requesting is not None:
             yield self.pool.pools[PUBLIC].requesting
-        # 2 missing + 4 spares, 1 + 4, then 0 + 4 - 0 and 0 + 4 - 1: pool and 2 spares held
-        self.assertEqual((self.eps.asked, self.eps.answered), ([6, 5, 4, 3], [1, 1, 1, 1]))
-        self.assertEqual(len(self.pool.pools[PUBLIC].spare), 2)
+        # 2 missing + the spares, 1 + the spares, then the spares less those held, until
+        # half of them are held
+        half = DEFAULT_SPARES // 2
+        asked = [2 + DEFAULT_SPARES, 1 + DEFAULT_SPARES, *range(DEFAULT_SPARES, half, -1)]
+        self.assertEqual((self.eps.asked, self.eps.answered), (asked, [1] * len(asked)))
+        self.assertEqual(len(self.pool.pools[PUBLIC].spare), half)
         self.assertSuccess((yield self.tls_get()))
         self.assertEqual((self.pool.served, self.service.proxy.incoming_calls), (1, 0))
         yield self.full()

@@ -12,12 +12,12 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   after its answer).  A replacement is dialled with a spare at once, without a call:
   a call goes out only when the pool lacks connections no spare covers or fewer than
   half the spares it keeps are left, and asks for what it lacks plus spares up to
-  :data:`SPARES_PER_CONNECTION` times ``target`` (at most
+  :data:`SPARES_PER_CONNECTION` times ``target``, and at least :data:`DEFAULT_SPARES`
+  (at most
   :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and spares plus the tokens
   being dialled within the public proxy's default cap on unused tokens,
   :func:`~epsproxy.proxy.pooling.token_cap`: over it the answer is empty), so one call
-  through two endpoint servers serves about twice ``target`` replacements instead of
-  one.  Tokens that live no longer than :data:`SPARE_MARGIN` are dialled for what the
+  through two endpoint servers serves dozens of replacements instead of one.  Tokens that live no longer than :data:`SPARE_MARGIN` are dialled for what the
   pool lacks, never kept, and no spares are asked for then.  Expired spares are
   dropped, not dialled; a closed pool's spares are forgotten with it.  A refusal, no
   answer or a result that is not :data:`~epsproxy.proxy.pooling.POOL_TOKENS_RESULT`
@@ -80,7 +80,8 @@ from epsproxy.proxy.pooling import (
 from epsproxy.proxy.private.forwarding import Forwarder, address_text
 from epsproxy.rules.text import shorten
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_START", "HEADER_TIMEOUT", "PoolKeeper", "Dial"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_START", "DEFAULT_SPARES", "HEADER_TIMEOUT", "PoolKeeper",
+           "Dial", "SPARES_PER_CONNECTION"]
 
 log = Logger()
 
@@ -97,10 +98,16 @@ HEADER_TIMEOUT = 5.0
 #: (a public proxy that refuses our tokens must not make us dial in a loop).
 YOUNG_SECONDS = 2.0
 
-#: Spare tokens kept per connection of the pool's target (within the public proxy's
-#: default cap on unused tokens): the more, the rarer the calls through two endpoint
-#: servers.
+#: Spare tokens kept per connection of the pool's target, and at least
+#: :data:`DEFAULT_SPARES` (both within the public proxy's default cap on unused tokens):
+#: the more, the rarer the calls through two endpoint servers.
 SPARES_PER_CONNECTION = 2
+
+#: The fewest spare tokens a pool keeps, whatever its target: a pool of 4 with 8 spares
+#: called ``requestPoolTokens`` once per 4.5 connections of one client, and each call
+#: cost its two endpoint servers about 2 ms of CPU (issue 14's measurements).  A token
+#: costs the public proxy a few dozen bytes until it expires.
+DEFAULT_SPARES = 48
 
 #: A spare token is not used in the last this many seconds of its life (the dial and the
 #: token must reach the public proxy before it expires there).
@@ -234,7 +241,9 @@ class PoolKeeper:
     Keeps idle pooled connections at every public proxy of a live announcement (see the
     module docstring).  ``client`` calls the own endpoint server; ``forwarder`` serves a
     pooled connection once its header is read; ``dial`` connects (default: TCP with
-    ``connect_timeout``).  ``pool_size`` 0 keeps no pool.
+    ``connect_timeout``).  ``pool_size`` 0 keeps no pool.  A pool keeps at least
+    ``spares`` spare tokens, or :data:`SPARES_PER_CONNECTION` per connection of its target
+    if that is more.
 
     Counters: ``served``, ``replaced`` (idle connections that died and were replaced),
     ``requests``, ``request_failures``, ``bad_results``, ``fallbacks`` and ``closed``
@@ -256,6 +265,7 @@ class PoolKeeper:
         header_timeout: float = HEADER_TIMEOUT,
         tick: float = TICK_SECONDS,
         dial: Dial | None = None,
+        spares: int = DEFAULT_SPARES,
     ) -> None:
         self.reactor = reactor
         self.announcements = announcements
@@ -269,6 +279,7 @@ class PoolKeeper:
         self.header_timeout = header_timeout
         self.tick = tick
         self._dial = dial or self._dial_tcp
+        self.spares = spares
         self.pools: dict[str, _Pool] = {}
         self.served = 0
         self.replaced = 0
@@ -396,12 +407,13 @@ class PoolKeeper:
         """
         Dial what ``pool`` lacks with spare tokens; when it still lacks some, or fewer
         than half the spares it keeps are left, ask for what it lacks plus spares up to
-        :data:`SPARES_PER_CONNECTION` times ``target`` (within the public proxy's default
+        :data:`SPARES_PER_CONNECTION` times ``target`` or ``spares``, whichever is more
+        (within the public proxy's default
         cap on unused tokens, :func:`~epsproxy.proxy.pooling.token_cap`), unless a
         request is out or it backs off (failed dials back off the dials too,
         :meth:`_failed`).  The spares make a replacement a dial, not a call through two
-        endpoint servers: one ``requestPoolTokens`` serves about twice ``target``
-        replacements (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`).
+        endpoint servers: one ``requestPoolTokens`` serves about half the spares'
+        worth of replacements (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`).
         """
         if self._stopped or pool.closed:
             return
@@ -416,10 +428,10 @@ class PoolKeeper:
             missing -= 1
         if pool.requesting is not None or now < pool.retry_at:
             return
-        # Spares up to twice the target, within the public proxy's default cap on
-        # an operator's unused tokens (the tokens of connections still being dialled
-        # count there too; a request over it would get no token at all).
-        spares = (min(SPARES_PER_CONNECTION * pool.target,
+        # Spares: twice the target, at least ``self.spares``, within the public proxy's
+        # default cap on an operator's unused tokens (the tokens of connections still
+        # being dialled count there too; a request over it would get no token at all).
+        spares = (min(max(SPARES_PER_CONNECTION * pool.target, self.spares),
                       max(token_cap(DEFAULT_POOL_CAP) - pool.target, 0))
                   if pool.keep_spares else 0)
         if missing <= 0 and 2 * len(pool.spare) >= spares:

@@ -425,29 +425,29 @@ class KeeperTests(unittest.TestCase):
     def test_a_call_asks_for_what_is_missing_plus_spares_capped(self) -> None:
         keeper = PoolKeeper(
             self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
-            pool_size=40, pool_max=40, dial=self.dial)
+            pool_size=50, pool_max=50, dial=self.dial, spares=0)
         keeper.check()
         self.assertEqual(self.client.calls[-1][1], {"count": MAX_TOKENS_PER_REQUEST})
         self.answer(tokens_result(MAX_TOKENS_PER_REQUEST))
-        self.assertEqual(keeper.state()[PUBLIC]["idle"], 40)
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 40)
-        # Spares up to twice the target (80): 40 dialled + 80 spares are within the public
-        # proxy's default cap on unused tokens (128); one over it would be answered with
-        # no token at all.
+        self.assertEqual(keeper.state()[PUBLIC]["idle"], 50)
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 50)
+        # Spares: twice the target (100), but 50 dialled + 78 spares are the public
+        # proxy's default cap on unused tokens (128); one over it would be answered
+        # with no token at all.
         self.assertEqual((DEFAULT_POOL_CAP, token_cap(DEFAULT_POOL_CAP)), (64, 128))
-        self.assertEqual(self.client.calls[-1][1], {"count": 80 - 24})
-        self.answer(tokens_result(80 - 24))
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), 80)
+        self.assertEqual(self.client.calls[-1][1], {"count": 78 - 14})
+        self.answer(tokens_result(78 - 14))
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 78)
         self.assertEqual(len(self.client.calls), 2)
         # Spares used for replacements: asked again once fewer than half are left.
         self.clock.advance(YOUNG_SECONDS)  # (connections dying young would back off)
         calls = len(self.client.calls)  # (the fixture's own keeper ticked meanwhile)
-        for conn in list(keeper.pools[PUBLIC].idle)[:40]:
+        for conn in list(keeper.pools[PUBLIC].idle)[:39]:
             conn.connectionLost()
         self.assertEqual(len(self.client.calls), calls)
         list(keeper.pools[PUBLIC].idle)[0].connectionLost()
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), 80 - 41)
-        self.assertEqual(self.client.calls[-1][1], {"count": 41})
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 78 - 40)
+        self.assertEqual(self.client.calls[-1][1], {"count": 40})
         keeper.stop()
 
     def test_a_small_pool_still_keeps_its_floor_of_spares(self) -> None:
@@ -474,7 +474,7 @@ class KeeperTests(unittest.TestCase):
         die()  # under half: ask for 11
         self.assertEqual(keeper.state()[PUBLIC]["idle"], 2)
         self.assertEqual(self.client.calls[-1][1], {"count": 11})
-        self.assertEqual(DEFAULT_SPARES, 48)
+        self.assertEqual(DEFAULT_SPARES, 96)
         keeper.stop()
 
     def test_expired_spares_are_dropped_and_not_dialled(self) -> None:
@@ -819,8 +819,9 @@ class ServedFromThePool(PooledService):
         yield self.full()
         self.assertEqual(self.service.pool_state(),
                          {PUBLIC: {"idle": 2, "connecting": 0, "target": 2}})
-        # 2 for the pool, DEFAULT_SPARES spares (more than twice the target)
-        self.assertEqual(self.eps.answered, [2 + DEFAULT_SPARES])
+        # 2 for the pool and DEFAULT_SPARES spares (more than twice the target), as many
+        # as one call may ask for
+        self.assertEqual(self.eps.answered, [min(2 + DEFAULT_SPARES, MAX_TOKENS_PER_REQUEST)])
         self.assertSuccess((yield self.tls_get()))  # a real TLS handshake through it
         self.assertEqual(self.service.proxy.incoming_calls, 0)
         self.assertEqual((self.pool.served, self.service.forwarder.pooled,
@@ -832,7 +833,7 @@ class ServedFromThePool(PooledService):
         yield self.full()
         # both refills were dialled with spare tokens: still the one call
         self.assertEqual((self.eps.requests, len(self.pool.pools[PUBLIC].spare)),
-                         (1, DEFAULT_SPARES - 2))
+                         (1, MAX_TOKENS_PER_REQUEST - 4))
         metrics = generate_latest(self.service.registry).decode()
         self.assertIn('private_proxy_pool_connections{proxy="public-proxy-1.ga",'
                       'state="idle"} 2.0', metrics)
@@ -869,7 +870,8 @@ class ServedFromThePool(PooledService):
         # 2 missing + the spares, 1 + the spares, then the spares less those held, until
         # half of them are held
         half = DEFAULT_SPARES // 2
-        asked = [2 + DEFAULT_SPARES, 1 + DEFAULT_SPARES, *range(DEFAULT_SPARES, half, -1)]
+        asked = [min(n, MAX_TOKENS_PER_REQUEST) for n in
+                 (2 + DEFAULT_SPARES, 1 + DEFAULT_SPARES, *range(DEFAULT_SPARES, half, -1))]
         self.assertEqual((self.eps.asked, self.eps.answered), (asked, [1] * len(asked)))
         self.assertEqual(len(self.pool.pools[PUBLIC].spare), half)
         self.assertSuccess((yield self.tls_get()))

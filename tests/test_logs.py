@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from epsproxy.net.logs import LogOutput, json_line, log_level
+from epsproxy.net.logs import LogOutput, debug_enabled, json_line, log_level
 from tests.support.sd import write_sd_settings
 from tests.support.twistd import spawn_twistd, stop_twistd
 
@@ -116,13 +116,17 @@ class LogOutputTests(SynchronousTestCase):
     def test_log_output_filters_and_changes_level(self):
         tmp_path = self.tmp_path()
         path = tmp_path / "out.log"
+        self.addCleanup(LogOutput, "debug")  # debug_enabled() is the process's: as before
         output = LogOutput("info", "json", logfile=str(path), nodaemon=False)
         log = Logger(namespace="epsproxy.test", observer=output.observer())
+        self.assertFalse(debug_enabled())  # hot paths skip building their debug events
         log.debug("hidden {n}", n=1)
         log.info("shown {n}", n=2)
         output.set_level("debug")
+        self.assertTrue(debug_enabled())
         log.debug("now shown {n}", n=3)
         output.set_level("error")
+        self.assertFalse(debug_enabled())
         log.warn("hidden again")
         log.error("an error")
         records = [json.loads(line) for line in path.read_text().splitlines()]

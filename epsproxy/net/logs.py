@@ -54,6 +54,7 @@ __all__ = [
     "LOG_LEVELS",
     "LOG_LEVEL_SETTING",
     "LogOutput",
+    "debug_enabled",
     "json_line",
     "log_level",
 ]
@@ -69,6 +70,24 @@ LOG_LEVEL_SETTING = forms.Optional(
 """The ``log_level`` key every program's settings have."""
 
 _SCALARS = (str, int, float, bool, type(None))
+
+# Whether debug events reach the log: False once the process's LogOutput logs from a
+# higher level (True without one: tests and library use see every event).
+_debug = True
+
+
+def debug_enabled() -> bool:
+    """
+    Whether debug events are written.  A path run for every connection asks this before
+    ``log.debug``: Twisted builds and routes an event for every call (some 10 µs), and
+    only the level filter at the end drops it.
+    """
+    return _debug
+
+
+def _set_debug(level: str) -> None:
+    global _debug
+    _debug = level == "debug"
 
 
 def log_level(name: str) -> LogLevel:
@@ -152,6 +171,7 @@ class LogOutput:
         self.format = format
         self.level = level
         self.predicate = LogLevelFilterPredicate(defaultLogLevel=log_level(level))
+        _set_debug(level)
         self.logfile = logfile
         self.nodaemon = nodaemon
         self.syslog = syslog
@@ -161,6 +181,7 @@ class LogOutput:
     def set_level(self, level: str) -> None:
         """Log from ``level`` on (one of :data:`LOG_LEVELS`) from now on."""
         self.predicate.setLogLevelForNamespace("", log_level(level))
+        _set_debug(level)
         self.level = level
 
     def rotate(self) -> None:

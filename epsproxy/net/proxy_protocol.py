@@ -199,9 +199,17 @@ class ProxyHeaderReader:
         return ProxyHeader(source, buf[total:], destination, tlvs)
 
 
-def _ip_port(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+def _ip_port(text: str) -> tuple[bytes, int]:
+    """``ip:port`` as the packed address (4 or 16 bytes) and the port; ValueError if not."""
     host, port = parse_host_port(text)
-    return ipaddress.ip_address(host), port
+    try:  # the C parser first: this runs for every pooled or forwarded connection
+        return socket.inet_pton(socket.AF_INET, host), port
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, host), port
+    except OSError:
+        return ipaddress.ip_address(host).packed, port  # its error, or a scoped IPv6
 
 
 def proxy_v2_header(
@@ -223,14 +231,12 @@ def proxy_v2_header(
     if client is None:
         return V2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", len(tlv)) + tlv
     source, source_port = _ip_port(client)
-    target: Any
     if server is None:
-        target = ipaddress.ip_address(0 if source.version == 4 else "::")
-        target_port = 0
+        target, target_port = bytes(len(source)), 0
     else:
         target, target_port = _ip_port(server)
-    if source.version != target.version:
+    if len(source) != len(target):
         raise ValueError("client and server addresses are of different families")
-    family = 0x11 if source.version == 4 else 0x21
-    body = source.packed + target.packed + struct.pack("!HH", source_port, target_port) + tlv
+    family = 0x11 if len(source) == 4 else 0x21
+    body = source + target + struct.pack("!HH", source_port, target_port) + tlv
     return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body

@@ -41,6 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epsproxy.net.logs import debug_enabled
 from epsproxy.net.token import new_token, token_tag
 
 from .pooling import DEFAULT_POOL_CAP, keep_alive, token_cap
@@ -218,8 +219,9 @@ class ConnectionPool:
         keep_alive(transport)
         op.idle[pooled] = None
         self.adopted += 1
-        log.debug("pooled a connection of {operator} (token {tag}); {idle} idle",
-                  operator=operator, tag=token_tag(token), idle=len(op.idle))
+        if debug_enabled():
+            log.debug("pooled a connection of {operator} (token {tag}); {idle} idle",
+                      operator=operator, tag=token_tag(token), idle=len(op.idle))
         self._wake(operator, len(op.idle))
         return True
 

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.hostport import truncate_ip
+from epsproxy.net.logs import debug_enabled
 from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
 
 from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, Splice, retarget, splice
@@ -275,7 +276,9 @@ class Rendezvous:
         party.replay = bytes(first_bytes)
         entry.first = party
         self._arm(entry)
-        log.debug("parked {peer} for token {tag}", peer=_peer(transport), tag=token_tag(token))
+        if debug_enabled():
+            log.debug("parked {peer} for token {tag}", peer=_peer(transport),
+                      tag=token_tag(token))
 
     def cancel(self, token: bytes) -> None:
         """Forget a token (closing a party waiting for it)."""

@@ -66,6 +66,7 @@ from twisted.python.failure import Failure
 
 from epsproxy.net.admission import address_in
 from epsproxy.net.hostport import format_host_port, truncate_ip
+from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import (
     MAX_PROXY_HEADER,
     ProxyHeader,
@@ -446,8 +447,9 @@ class SNIFront:
         s.done.addBoth(lambda _: pool.release(pooled))
         if self.on_routed is not None:
             self.on_routed(cast(ITCPTransport, client.transport).getPeer())
-        log.debug("{name} from {peer}: served by a pooled connection of {operator}",
-                  name=name, peer=_describe(client.address), operator=operator)
+        if debug_enabled():
+            log.debug("{name} from {peer}: served by a pooled connection of {operator}",
+                      name=name, peer=_describe(client.address), operator=operator)
 
     def _notified(self, _: Any) -> None:
         self.notified += 1

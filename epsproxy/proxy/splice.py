@@ -65,6 +65,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epsproxy.net.logs import debug_enabled
+
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_READ_BYTES",
@@ -572,7 +574,7 @@ class Splice:
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
-        if not self.finished:
+        if not self.finished and debug_enabled():
             # Completed pairs are counted (metrics), not logged: an event costs even when
             # no observer wants debug lines, and pairing is the hot path.
             log.debug(

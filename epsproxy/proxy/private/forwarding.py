@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from epsproxy.net.dial import connect_protocol, tcp_endpoint
 from epsproxy.net.hostport import format_host_port, host_key, parse_host_port, truncate_ip
+from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import token_tag
@@ -286,8 +287,9 @@ class Forwarder:
         s.done.addBoth(lambda _: self._forget(s))
         # Served from the pool is the normal case, counted (private_proxy_pool_served):
         # debug, as the public proxy's pairings; a brokered forward is logged at info.
-        log.debug("forwarding pooled connection {tag} from client {client} to {address}",
-                  tag=tag, client=blurred_client(client), address=self.endpoint["address"])
+        if debug_enabled():
+            log.debug("forwarding pooled connection {tag} from client {client} to {address}",
+                      tag=tag, client=blurred_client(client), address=self.endpoint["address"])
 
     def _connect(self, address: str, protocol: Protocol) -> Deferred[Any]:
         host, port = parse_host_port(address)

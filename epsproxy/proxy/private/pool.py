@@ -64,6 +64,7 @@ from epsproxy.net.dial import connect_protocol, tcp_endpoint
 from epsproxy.net.hostport import parse_host_port, truncate_ip
 from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import random_id
+from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import decode_token, token_tag
@@ -577,9 +578,10 @@ class PoolKeeper:
         self.served += 1
         pool.young_deaths = 0
         client = getattr(header.source, "host", None)
-        log.debug("serving pooled connection {tag} from {proxy} for {domain}, client {client}",
-                  tag=conn.tag, proxy=shorten(pool.proxy), domain=domain,
-                  client=truncate_ip(client) if client else "unknown")
+        if debug_enabled():
+            log.debug("serving pooled connection {tag} from {proxy} for {domain}, client "
+                      "{client}", tag=conn.tag, proxy=shorten(pool.proxy), domain=domain,
+                      client=truncate_ip(client) if client else "unknown")
         self.forwarder.serve_pooled(conn, header, conn.tag)
         self._fill(pool)
         self._notify()

@@ -10,6 +10,15 @@ name gets ``HostnameEndpoint`` (resolution, then happy eyeballs over its address
 
 :func:`connect_protocol` is Twisted's ``connectProtocol`` without its two log lines
 ("Starting factory", "Stopping factory") per connection: a proxy dials per client.
+
+:func:`dial` is for the dials a proxy makes per client (the private proxy's connection to
+its internal server, its pooled connections): a :class:`Dialled` protocol is connected
+with the reactor's ``connectTCP`` and tells of its own connection, so no endpoint, no
+wrapping factory or protocol and no chain of Deferreds is built per connection, and
+nothing of the dial holds the protocol once it is connected (the connection's connector
+lives as long as the connection: through an endpoint it kept the protocol, its header
+reader and its buffers alive until the end).  A name still goes through
+``HostnameEndpoint``.
 """
 
 from __future__ import annotations
@@ -20,13 +29,15 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.python.failure import Failure
 
 from epsproxy.net.reactor import IReactor
 
-__all__ = ["connect_protocol", "tcp_endpoint"]
+__all__ = ["Dialled", "connect_protocol", "dial", "tcp_endpoint"]
 
 _P = TypeVar("_P", bound=IProtocol)
+_D = TypeVar("_D", bound="Dialled")
 
 
 def tcp_endpoint(reactor: IReactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
@@ -58,4 +69,62 @@ class _Once(Factory):
 def connect_protocol(endpoint: IStreamClientEndpoint, protocol: _P) -> "Deferred[_P]":
     """Connect ``protocol`` through ``endpoint``; fires with it once connected."""
     d: Deferred[Any] = endpoint.connect(_Once(protocol))
+    return d
+
+
+class Dialled(Protocol):
+    """
+    A protocol :func:`dial` connects: its ``connectionMade`` (a subclass calls it, after
+    its own work) fires the Deferred :func:`dial` returned.
+    """
+
+    when_connected: Deferred[Any] | None = None
+
+    def connectionMade(self) -> None:
+        d, self.when_connected = self.when_connected, None
+        if d is not None and not d.called:
+            d.callback(self)
+
+
+class _DialFactory(ClientFactory):
+    """Builds the one protocol of a :func:`dial`, then forgets it; quiet."""
+
+    noisy = False
+
+    def __init__(self, protocol: Dialled) -> None:
+        self._protocol: Dialled | None = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:  # the protocol given, whatever its type
+        protocol, self._protocol = self._protocol, None
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        protocol, self._protocol = self._protocol, None
+        d = None if protocol is None else protocol.when_connected
+        if d is not None and not d.called:
+            protocol.when_connected = None  # type: ignore[union-attr]  # d came from it
+            d.errback(reason)
+
+
+def dial(reactor: IReactor, host: str, port: int, timeout: float, protocol: _D) -> Deferred[_D]:
+    """
+    Connect ``protocol`` to ``host`` (an IP address, bracketed or not for IPv6, or a name)
+    and ``port`` within ``timeout`` seconds; fires with it once its ``connectionMade`` ran,
+    fails with Twisted's connect errors.  Cancelling it stops the attempt.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not (isIPAddress(host) or isIPv6Address(host)):
+        return connect_protocol(HostnameEndpoint(reactor, host, port, timeout=timeout),
+                                protocol)
+    connector: Any = None
+
+    def cancel(_: Deferred[_D]) -> None:
+        protocol.when_connected = None  # the Deferred fails with CancelledError itself
+        if connector is not None and connector.state == "connecting":
+            connector.stopConnecting()
+
+    d: Deferred[_D] = Deferred(cancel)
+    protocol.when_connected = d
+    connector = reactor.connectTCP(host, port, _DialFactory(protocol), timeout=timeout)
     return d

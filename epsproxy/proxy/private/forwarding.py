@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.dial import connect_protocol, tcp_endpoint
+from epsproxy.net.dial import Dialled, dial
 from epsproxy.net.hostport import format_host_port, host_key, parse_host_port, truncate_ip
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
@@ -84,7 +84,7 @@ def _abort(protocol: Protocol) -> None:
 
 
 @implementer(IHalfCloseableProtocol)
-class _Hold(Protocol):
+class _Hold(Dialled):
     """
     One outbound connection of a raw forward until it is spliced: writes ``first`` (the
     token, a PROXY header), stays paused, and remembers anything that arrives anyway.
@@ -105,6 +105,7 @@ class _Hold(Protocol):
         transport.pauseProducing()
         if self.first:
             transport.write(self.first)
+        super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
@@ -291,11 +292,9 @@ class Forwarder:
             log.debug("forwarding pooled connection {tag} from client {client} to {address}",
                       tag=tag, client=blurred_client(client), address=self.endpoint["address"])
 
-    def _connect(self, address: str, protocol: Protocol) -> Deferred[Any]:
+    def _connect(self, address: str, protocol: Dialled) -> Deferred[Any]:
         host, port = parse_host_port(address)
-        return connect_protocol(
-            tcp_endpoint(self.reactor, host, port, self.connect_timeout), protocol
-        )
+        return dial(self.reactor, host, port, self.connect_timeout, protocol)
 
     async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None,
                      client: str | None = None) -> None:

@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.dial import connect_protocol, tcp_endpoint
+from epsproxy.net.dial import Dialled, dial
 from epsproxy.net.hostport import parse_host_port, truncate_ip
 from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import random_id
@@ -122,7 +122,7 @@ Dial = Callable[[str, Protocol], "Deferred[Any]"]
 
 
 @implementer(IHalfCloseableProtocol)
-class _Pooled(Protocol):
+class _Pooled(Dialled):
     """
     One pooled connection: writes its token, then waits for the header.  Thin: every
     decision is the keeper's.  After the header it stays paused and remembers what
@@ -152,7 +152,9 @@ class _Pooled(Protocol):
             transport.protocol = self
         transport.write(self.token)
         keep_alive(transport)
+        self.dialling = None
         self.keeper._connected(self)
+        super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
         if self.header is not None:
@@ -521,11 +523,9 @@ class PoolKeeper:
 
         d.addErrback(failed)
 
-    def _dial_tcp(self, address: str, protocol: Protocol) -> Deferred[Any]:
+    def _dial_tcp(self, address: str, protocol: Dialled) -> Deferred[Any]:
         host, port = parse_host_port(address)
-        return connect_protocol(
-            tcp_endpoint(self.reactor, host, port, self.connect_timeout), protocol
-        )
+        return dial(self.reactor, host, port, self.connect_timeout, protocol)
 
     # -- events of pooled connections -------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""
+epsproxy.net.dial over real loopback sockets: :func:`dial` connects a :class:`Dialled`
+protocol with the reactor's ``connectTCP`` (IP addresses) or ``HostnameEndpoint``
+(names), fires once the protocol's ``connectionMade`` ran, reports refusals, can be
+cancelled, and keeps no reference to the protocol once it is connected (the connector
+lives as long as the connection).
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from epsproxy.net.dial import Dialled, dial
+
+
+class Greeter(Dialled):
+    """Writes ``hello`` on connect; records what its own connectionMade saw."""
+
+    def __init__(self) -> None:
+        self.made_before_fired = False
+        self.received = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.made_before_fired = self.when_connected is not None
+        self.transport.write(b"hello")  # type: ignore[union-attr]
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DialTests(TestCase):
+    timeout = 30
+
+    def listen(self, interface: str = "127.0.0.1") -> int:
+        port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface=interface)
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    @defer.inlineCallbacks
+    def test_an_ip_address_connects_and_fires_after_connection_made(self):
+        port = self.listen()
+        greeter = Greeter()
+        connected = yield dial(reactor, "127.0.0.1", port, 5, greeter)
+        self.assertIs(connected, greeter)
+        self.assertTrue(greeter.made_before_fired)  # its own work ran first
+        self.assertIsNone(greeter.when_connected)
+        # the connector (alive with the connection) no longer holds the protocol
+        transport: Any = greeter.transport
+        factory = transport.connector.factory
+        self.assertIsNone(factory._protocol)
+        self.assertNotIn(greeter, gc.get_referents(factory, vars(factory)))
+        transport.loseConnection()
+        yield greeter.lost
+
+    @defer.inlineCallbacks
+    def test_bytes_flow(self):
+        port = self.listen()
+        greeter = yield dial(reactor, "127.0.0.1", port, 5, Greeter())
+        while greeter.received != b"hello":  # the echo comes back
+            d: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.01, d.callback, None)
+            yield d
+        greeter.transport.loseConnection()
+        yield greeter.lost
+
+    @defer.inlineCallbacks
+    def test_a_refused_connection_fails_at_once(self):
+        yield self.assertFailure(dial(reactor, "127.0.0.1", free_port(), 5, Greeter()),
+                                 ConnectionRefusedError)
+
+    @defer.inlineCallbacks
+    def test_cancel_stops_the_attempt(self):
+        port = self.listen()
+        greeter = Greeter()
+        d = dial(reactor, "127.0.0.1", port, 5, greeter)
+        d.cancel()  # before the reactor made the connect() call
+        yield self.assertFailure(d, defer.CancelledError)
+        self.assertFalse(greeter.connected)
+
+    @defer.inlineCallbacks
+    def test_a_name_goes_through_resolution(self):
+        port = self.listen()
+        greeter = Greeter()
+        connected = yield dial(reactor, "localhost", port, 5, greeter)
+        self.assertIs(connected, greeter)
+        greeter.transport.loseConnection()
+        yield greeter.lost
+
+    @defer.inlineCallbacks
+    def test_a_bracketed_ipv6_address(self):
+        try:
+            port = self.listen("::1")
+        except Exception as e:  # pragma: no cover - a machine without IPv6 loopback
+            self.skipTest(f"no IPv6 loopback: {e}")
+        greeter = yield dial(reactor, "[::1]", port, 5, Greeter())
+        self.assertEqual(greeter.transport.getPeer().host, "::1")
+        greeter.transport.loseConnection()
+        yield greeter.lost

@@ -18,7 +18,13 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from epsproxy.proxy.rendezvous_server import Rendezvous
-from epsproxy.proxy.splice import DEFAULT_READ_BYTES, retarget, splice
+from epsproxy.proxy.splice import (
+    DEFAULT_READ_BYTES,
+    SWEEP_SECONDS,
+    IdleSweep,
+    retarget,
+    splice,
+)
 from tests.support.splice import fake_connection, listen, spliced_pair
 from tests.support.splice_flow import Source
 
@@ -190,6 +196,34 @@ class Unit(TestCase):
         self.assertTrue(lt.aborted and rt.aborted)
         self.assertTrue(s.done.called)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_shared_sweep_times_many_splices_on_one_timer(self):
+        clock = task.Clock()
+        sweep = IdleSweep(clock)
+        made = [self.make(clock, idle_timeout=100, sweep=sweep) for _ in range(50)]
+        short, slt, srt = self.make(clock, idle_timeout=2, sweep=sweep)
+        self.assertEqual(len(sweep), 51)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # one timer, not 51
+        # the short one: closed within a quarter of its timeout after it
+        clock.advance(1.9)
+        self.assertFalse(slt.aborted)
+        clock.advance(0.6)
+        self.assertTrue(slt.aborted and srt.aborted and short.done.called)
+        self.assertEqual(len(sweep), 50)
+        # activity moves a pair's deadline; the others close within SWEEP_SECONDS of it
+        clock.advance(60)
+        made[0][1].protocol.dataReceived(b"x")
+        clock.advance(100 - 62.5 - 1)
+        self.assertFalse(any(lt.aborted for _, lt, _ in made))
+        clock.advance(1 + SWEEP_SECONDS)
+        self.assertEqual([lt.aborted for _, lt, _ in made], [False] + [True] * 49)
+        self.assertEqual(len(sweep), 1)
+        # a pair that closes leaves the sweep; the timer stops with the last one
+        made[0][1].loseConnection()
+        self.assertEqual((len(sweep), clock.getDelayedCalls()), (0, []))
+        # and starts again for a new pair
+        self.make(clock, idle_timeout=10, sweep=sweep)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
 
     def test_close_of_one_side_aborts_the_other(self):
         clock = task.Clock()

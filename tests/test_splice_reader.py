@@ -12,9 +12,10 @@ keeps Twisted's own reader.
 from __future__ import annotations
 
 import socket
+import time
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import TestCase
 
@@ -57,6 +58,32 @@ class OwnReader(TestCase):
         reasons = yield defer.gatherResults([p.closed for a, b, _, _ in flows for p in (a, b)])
         for reason in reasons:
             self.assertIsInstance(reason, ConnectionDone)
+
+    @defer.inlineCallbacks
+    def test_idle_pairs_are_closed_by_the_shared_sweep(self):
+        # Real sockets through a Rendezvous: its splices share one idle sweep.
+        rv = Rendezvous(reactor, idle_timeout=0.3)
+        port = listen(self, rv)
+        quiet = yield spliced_pair(self, rv, port)
+        busy = yield spliced_pair(self, rv, port)
+        self.assertEqual(len(rv._sweep), 2)
+        started = time.monotonic()
+        # One pair keeps relaying, the other is silent: only the silent one is closed.
+        for n in range(1, 9):
+            busy[0].transport.write(b"x")
+            yield busy[1].wait_for(1 + n)
+            if quiet[0].closed.called:
+                break
+        reasons = yield defer.gatherResults([quiet[0].closed, quiet[1].closed])
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)  # not before its timeout
+        for reason in reasons:
+            self.assertIsInstance(reason, ConnectionLost)  # aborted: cut, not ended
+        self.assertFalse(busy[0].closed.called or busy[1].closed.called)
+        self.assertEqual(len(rv._sweep), 1)
+        (pair,) = rv.splices
+        busy[0].transport.loseConnection()
+        yield pair.done
+        self.assertEqual((len(rv._sweep), rv._sweep._call), (0, None))  # timer stopped
 
     @defer.inlineCallbacks
     def test_a_slow_reader_gets_every_byte_and_the_relay_waits_for_it(self):

@@ -44,7 +44,7 @@ from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
 
-from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, Splice, retarget, splice
+from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, IdleSweep, Splice, retarget, splice
 
 __all__ = ["PoolIntake", "Rendezvous", "RendezvousFull"]
 
@@ -196,6 +196,7 @@ class Rendezvous:
         self.buffer_bytes = buffer_bytes
         self.idle_timeout = idle_timeout
         self.read_bytes = read_bytes
+        self._sweep = IdleSweep(clock)  # the idle timeouts of all its splices
         self._table: dict[bytes, _Entry] = {}
         self._reading: set[_Party] = set()  # connected, token not read yet
         self._splices: set[Splice] = set()
@@ -304,7 +305,7 @@ class Rendezvous:
         if self._closing:
             raise RendezvousFull("the rendezvous is closed")
         s = splice(self._clock, left, right, to_right=to_right, read_bytes=self.read_bytes,
-                   idle_timeout=self.idle_timeout, tag=tag)
+                   idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep)
         self._splices.add(s)
         s.done.addCallback(self._splice_done, s)
         return s
@@ -480,6 +481,7 @@ class Rendezvous:
             self._clock, first, party,
             to_left=rest, to_right=first.replay + first.rest, left_eof=first.eof,
             read_bytes=self.read_bytes, idle_timeout=self.idle_timeout, tag=tag,
+            sweep=self._sweep,
         )
         first.rest = first.replay = b""
         self._splices.add(s)

@@ -39,7 +39,10 @@ from each to the other until both directions are finished:
   other is aborted, so a cut stream never looks complete to the far end.
 - **No read deadline.**  Only an idle timeout applies: no bytes in either direction for
   ``idle_timeout`` seconds closes the pair (the reference kept its 5 s token deadline
-  and cut every session after ~5 s, SPEC §23.1 #3).
+  and cut every session after ~5 s, SPEC §23.1 #3).  A proxy's splices share one
+  :class:`IdleSweep` (one timer for thousands of pairs, instead of a timer each kept in
+  the reactor's heap for the pair's whole life); a splice made without one keeps its
+  own timer.
 
 Nothing here knows about tokens; :mod:`epsproxy.proxy.rendezvous_server` decides what to splice.
 """
@@ -70,6 +73,8 @@ from epsproxy.net.logs import debug_enabled
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_READ_BYTES",
+    "IdleSweep",
+    "SWEEP_SECONDS",
     "READS_PER_EVENT",
     "WAIT_BELOW_FRACTION",
     "SLOW_READ_BYTES",
@@ -99,6 +104,10 @@ WAIT_BELOW_FRACTION = 4
 """A read smaller than ``read_bytes // WAIT_BELOW_FRACTION`` is not made: the direction
 waits until its receiving socket is writable instead (one large read then, not many
 small ones now)."""
+
+SWEEP_SECONDS = 1.0
+"""How often an :class:`IdleSweep` looks for idle pairs (more often when a pair's idle
+timeout is under four times this: a quarter of the smallest)."""
 
 _OUTQ = b"\0\0\0\0"
 
@@ -457,10 +466,12 @@ class Splice:
         read_bytes: int = DEFAULT_READ_BYTES,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         tag: str = "",
+        sweep: IdleSweep | None = None,
     ) -> None:
         if read_bytes < 1:
             raise ValueError("read_bytes must be positive")
         self._clock = clock
+        self._sweep = sweep
         self._seconds = clock.seconds
         self.read_bytes = read_bytes
         self.idle_timeout = idle_timeout
@@ -527,7 +538,10 @@ class Splice:
             for transport in (lt, rt):
                 transport.__class__ = _SPLICED[type(transport)]
         if self.idle_timeout > 0:
-            self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_check)
+            if self._sweep is not None:
+                self._sweep.add(self)
+            else:
+                self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_check)
         for end, eof in ((self.left, left_eof), (self.right, right_eof)):
             if not eof:
                 cast(IPushProducer, end.transport).resumeProducing()
@@ -571,6 +585,8 @@ class Splice:
         if self.closed:
             return
         self.closed = True
+        if self._sweep is not None:
+            self._sweep.discard(self)
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
@@ -596,6 +612,9 @@ class Splice:
         if remaining > 0:
             self._idle_call = self._clock.callLater(remaining, self._idle_check)
             return
+        self._idle_expired(now)
+
+    def _idle_expired(self, now: float) -> None:
         log.info("splice {tag} idle for {seconds:.0f}s, closing", tag=self.tag,
                  seconds=now - self.last_active)
         self.abort()
@@ -605,6 +624,63 @@ class Splice:
         for end in (self.left, self.right):
             if not end.lost:
                 _abort(end.transport)
+
+
+class IdleSweep:
+    """
+    The idle timeouts of many splices on one timer: every :data:`SWEEP_SECONDS` (or a
+    quarter of the smallest idle timeout among its splices, if less) it closes those
+    that relayed nothing for their ``idle_timeout``, so a pair is closed within that
+    interval after its timeout.  The timer runs only while it holds a splice.  A timer
+    per splice would stay in the reactor's heap for the pair's whole life (memory per
+    idle pair, and a push, a cancel and heap comparisons in Python per connection).
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._splices: dict[Splice, None] = {}
+        self._call: Any = None
+        self._interval = SWEEP_SECONDS
+
+    def __len__(self) -> int:
+        return len(self._splices)
+
+    def add(self, splice: Splice) -> None:
+        """Watch ``splice`` (its ``idle_timeout`` is positive) until :meth:`discard`."""
+        self._splices[splice] = None
+        interval = min(SWEEP_SECONDS, splice.idle_timeout / 4)
+        if self._call is None:
+            self._interval = interval
+            self._call = self._clock.callLater(interval, self._run)
+        elif interval < self._interval:
+            self._interval = interval
+            self._call.cancel()
+            self._call = self._clock.callLater(interval, self._run)
+
+    def discard(self, splice: Splice) -> None:
+        """Stop watching ``splice`` (closed); the timer stops with the last one."""
+        self._splices.pop(splice, None)
+        if not self._splices and self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _run(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        smallest = SWEEP_SECONDS * 4
+        expired = []
+        for splice in self._splices:
+            timeout = splice.idle_timeout
+            if now - splice.last_active >= timeout:
+                expired.append(splice)
+            elif timeout < smallest:
+                smallest = timeout
+        for splice in expired:
+            self._splices.pop(splice, None)
+            splice._idle_expired(now)
+        if self._splices and self._call is None:
+            self._interval = min(SWEEP_SECONDS, smallest / 4)
+            self._call = self._clock.callLater(self._interval, self._run)
 
 
 def splice(
@@ -619,6 +695,7 @@ def splice(
     read_bytes: int = DEFAULT_READ_BYTES,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     tag: str = "",
+    sweep: IdleSweep | None = None,
 ) -> Splice:
     """
     Take over the connections of two connected protocols and relay between them.
@@ -629,8 +706,11 @@ def splice(
     transports may be paused, the splice resumes them.  ``read_bytes`` is the read size
     on reactor TCP transports, and so the most one direction holds in user space (a
     direction that backs up reads :data:`SLOW_READ_BYTES` at a time until its receiver
-    keeps up again); ``idle_timeout`` (seconds, 0 = none) closes a pair that relays nothing for that long.
+    keeps up again); ``idle_timeout`` (seconds, 0 = none) closes a pair that relays
+    nothing for that long, timed by ``sweep`` (shared by a proxy's splices) or, without
+    one, by a timer of its own.
     """
-    s = Splice(clock, read_bytes=read_bytes, idle_timeout=idle_timeout, tag=tag)
+    s = Splice(clock, read_bytes=read_bytes, idle_timeout=idle_timeout, tag=tag,
+               sweep=sweep)
     s._start(left, right, to_left, to_right, left_eof, right_eof)
     return s

@@ -38,7 +38,7 @@ from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import token_tag
-from epsproxy.proxy.splice import splice
+from epsproxy.proxy.splice import IdleSweep, splice
 from epsproxy.rules.text import shorten
 
 __all__ = ["proxy_v2_header", "Forwarder", "address_text", "blurred_client"]
@@ -150,6 +150,7 @@ class Forwarder:
         self.client_limited = 0
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self._sweep = IdleSweep(reactor)  # the idle timeouts of all its splices
         self.active: set[Any] = set()  # forwards in progress: tokens, splices, channels
         self.forwarded = 0
         self.failed = 0
@@ -280,7 +281,7 @@ class Forwarder:
             to_right=header.rest + b"".join(pooled.received),
             to_left=b"".join(internal.received),
             left_eof=pooled.eof, right_eof=internal.eof,
-            idle_timeout=self.idle_timeout, tag=tag,
+            idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep,
         )
         self.forwarded += 1
         self.pooled += 1
@@ -316,7 +317,7 @@ class Forwarder:
             self.reactor, public, internal,
             to_right=b"".join(public.received), to_left=b"".join(internal.received),
             left_eof=public.eof, right_eof=internal.eof,
-            idle_timeout=self.idle_timeout, tag=token_tag(token),
+            idle_timeout=self.idle_timeout, tag=token_tag(token), sweep=self._sweep,
         )
         self.forwarded += 1
         self._track(s, client)

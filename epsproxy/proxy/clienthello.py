@@ -174,18 +174,29 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[int, ...]]:
         raise ClientHelloError(
             f"extensions length {total} does not match the rest of the hello ({c.left})"
         )
+    # The extensions, read in place (this runs for every new TLS client): a type and a
+    # length of two bytes each, then that many bytes.
     server_name: str | None = None
     types: list[int] = []
-    seen: set[int] = set()
-    while c.left:
-        ext_type = c.uint(2, "extension type")
-        data = c.vector(2, f"extension {ext_type}")
+    seen: set[int] = set()  # (a list would be quadratic in a hostile hello's extensions)
+    pos, end = c.pos, c.end
+    while pos < end:
+        if end - pos < 4:
+            raise ClientHelloError(f"truncated extension header: 4 bytes needed, "
+                                   f"{end - pos} left")
+        ext_type = body[pos] << 8 | body[pos + 1]
+        length = body[pos + 2] << 8 | body[pos + 3]
+        pos += 4
+        if length > end - pos:
+            raise ClientHelloError(f"truncated extension {ext_type}: {length} bytes "
+                                   f"needed, {end - pos} left")
         if ext_type in seen:
             raise ClientHelloError(f"extension {ext_type} appears twice")
         seen.add(ext_type)
         types.append(ext_type)
         if ext_type == _SERVER_NAME:
-            server_name = _parse_server_name(data)
+            server_name = _parse_server_name(body[pos:pos + length])
+        pos += length
     return server_name, tuple(types)
 
 

@@ -45,13 +45,17 @@ def tcp_endpoint(reactor: IReactor, host: str, port: int, timeout: float) -> ISt
     The endpoint that connects to ``host`` (an IP address, bracketed or not for IPv6, or
     a name) and ``port`` within ``timeout`` seconds; see the module docstring.
     """
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    host = _unbracketed(host)
     if isIPAddress(host):
         return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def _unbracketed(host: str) -> str:
+    """``host`` without the brackets of an IPv6 address (``[::1]`` -> ``::1``)."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 class _Once(Factory):
@@ -112,11 +116,9 @@ def dial(reactor: IReactor, host: str, port: int, timeout: float, protocol: _D) 
     and ``port`` within ``timeout`` seconds; fires with it once its ``connectionMade`` ran,
     fails with Twisted's connect errors.  Cancelling it stops the attempt.
     """
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    host = _unbracketed(host)
     if not (isIPAddress(host) or isIPv6Address(host)):
-        return connect_protocol(HostnameEndpoint(reactor, host, port, timeout=timeout),
-                                protocol)
+        return connect_protocol(tcp_endpoint(reactor, host, port, timeout), protocol)
     connector: Any = None
 
     def cancel(_: Deferred[_D]) -> None:

@@ -18,6 +18,10 @@ Differences from the reference, on purpose (SPEC §23.1 #2, #3, #5, #6):
   arrival, so the second party always gets the full ``accept_timeout``);
 - a token pairs once; if its first party goes away the token is forgotten.
 
+The two deadlines (a token's pairing, a new connection's token) and the spliced pairs'
+idle timeout each run on one timer for all (:class:`epsproxy.net.deadlines.Deadlines`,
+:class:`epsproxy.proxy.splice.IdleSweep`), not on a reactor timer per connection.
+
 Tokens are secrets: logs carry only :func:`~epsproxy.net.token.token_tag` and
 peer addresses truncated by :func:`epsproxy.net.hostport.truncate_ip`.
 """
@@ -40,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epsproxy.net.deadlines import Deadlines
 from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
@@ -101,7 +106,6 @@ class _Entry:
     def __init__(self, token: bytes) -> None:
         self.token = token
         self.first: _Party | None = None
-        self.timer: Any = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -120,7 +124,6 @@ class _Party(Protocol):
         self.rest = b""  # stream bytes read after the token, for the partner
         self.replay = b""  # bytes read by someone else before park(), for the partner
         self.eof = False
-        self.read_timer: Any = None
         self.lost: defer.Deferred[None] | None = None  # made by close_all
 
     def connectionMade(self) -> None:
@@ -190,15 +193,16 @@ class Rendezvous:
         if max_pending < 1 or buffer_bytes < 1 or read_bytes < 1:
             raise ValueError("max_pending, buffer_bytes and read_bytes must be positive")
         self._clock = clock
-        self.accept_timeout = accept_timeout
-        self.read_timeout = read_timeout
+        # The two deadlines of the internal endpoint, each on one timer: a token's
+        # pairing, and a new connection's token.
+        self._tokens: Deadlines[_Entry] = Deadlines(clock, accept_timeout, self._expire)
+        self._reading: Deadlines[_Party] = Deadlines(clock, read_timeout, self._read_timed_out)
         self.max_pending = max_pending
         self.buffer_bytes = buffer_bytes
         self.idle_timeout = idle_timeout
         self.read_bytes = read_bytes
         self._sweep = IdleSweep(clock)  # the idle timeouts of all its splices
         self._table: dict[bytes, _Entry] = {}
-        self._reading: set[_Party] = set()  # connected, token not read yet
         self._splices: set[Splice] = set()
         self._closing = False
         self._factory = _InternalFactory(self)
@@ -355,11 +359,12 @@ class Rendezvous:
         """Shutdown: stop accepting, close waiting parties and spliced pairs."""
         self._closing = True
         waits: list[defer.Deferred[Any]] = []
-        parties = list(self._reading)
+        parties = self._reading.keys()
+        self._reading.clear()
         for entry in list(self._table.values()):
-            self._disarm(entry)
             if entry.first is not None:
                 parties.append(entry.first)
+        self._tokens.clear()
         self._table.clear()
         for party in parties:
             party.lost = defer.Deferred()
@@ -381,23 +386,32 @@ class Rendezvous:
                 f"too many pending connection requests ({self.max_pending}); try again later"
             )
 
-    def _arm(self, entry: _Entry) -> None:
-        # Re-arming (the first party arrived) moves the running timer: cheaper than
-        # cancelling it and making another, once or twice per pair.
-        timer = entry.timer
-        if timer is not None and timer.active():
-            timer.reset(self.accept_timeout)
-        else:
-            entry.timer = self._clock.callLater(self.accept_timeout, self._expire, entry)
+    @property
+    def accept_timeout(self) -> float:
+        """Seconds a token waits for its pair (from its creation, and again from the
+        first party's arrival); a new value applies to the deadlines set from then on."""
+        return self._tokens.timeout
 
-    @staticmethod
-    def _disarm(entry: _Entry) -> None:
-        if entry.timer is not None and entry.timer.active():
-            entry.timer.cancel()
-        entry.timer = None
+    @accept_timeout.setter
+    def accept_timeout(self, seconds: float) -> None:
+        self._tokens.timeout = seconds
+
+    @property
+    def read_timeout(self) -> float:
+        """Seconds a new connection has to present its token."""
+        return self._reading.timeout
+
+    @read_timeout.setter
+    def read_timeout(self, seconds: float) -> None:
+        self._reading.timeout = seconds
+
+    def _arm(self, entry: _Entry) -> None:
+        self._tokens.add(entry)  # (again, when the first party arrived: moved)
+
+    def _disarm(self, entry: _Entry) -> None:
+        self._tokens.discard(entry)
 
     def _expire(self, entry: _Entry) -> None:
-        entry.timer = None
         if self._table.get(entry.token) is not entry:
             return
         del self._table[entry.token]
@@ -415,13 +429,10 @@ class Rendezvous:
 
     def _accepted(self, party: _Party) -> None:
         self._reading.add(party)
-        party.read_timer = self._clock.callLater(self.read_timeout, self._read_timed_out, party)
 
     def _read_timed_out(self, party: _Party) -> None:
-        party.read_timer = None
         if party.state != "token":
             return
-        self._reading.discard(party)
         self.timeouts += 1
         party.state = "closed"
         log.info("no token from {peer} within {timeout}s, closing",
@@ -430,9 +441,6 @@ class Rendezvous:
 
     def _stop_reading_token(self, party: _Party) -> None:
         self._reading.discard(party)
-        if party.read_timer is not None and party.read_timer.active():
-            party.read_timer.cancel()
-        party.read_timer = None
 
     def _refuse(self, party: _Party, why: str, token: bytes | None = None) -> None:
         self._stop_reading_token(party)

@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.net.admission import address_in
+from epsproxy.net.deadlines import Deadlines
 from epsproxy.net.hostport import format_host_port, truncate_ip
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import (
@@ -129,7 +130,6 @@ class _Client(Protocol):
             ProxyHeaderReader() if front.expects_header(address) else None)
         self.reader = ClientHelloReader(front.max_hello_bytes)
         self.state = "reading"  # -> "routing" -> "parked", or "closed"
-        self.timer: Any = None
         self.lost: defer.Deferred[None] | None = None
 
     def connectionMade(self) -> None:
@@ -234,7 +234,6 @@ class SNIFront:
         self.lookup = lookup
         self.notify = notify
         self.max_hello_bytes = max_hello_bytes
-        self.hello_timeout = hello_timeout
         self.internal_endpoint = internal_endpoint
         self.proxy_protocol = proxy_protocol
         self.proxy_trusted = None if proxy_trusted is None else tuple(proxy_trusted)
@@ -243,7 +242,8 @@ class SNIFront:
         self.on_routed = on_routed
         self.on_no_route = on_no_route
         self.pool = pool
-        self._reading: set[_Client] = set()
+        # The clients still reading their hello, on one timer for all of them.
+        self._reading: Deadlines[_Client] = Deadlines(clock, hello_timeout, self._timed_out)
         self._closing = False
         self._factory = _FrontFactory(self)
         self.accepted = 0
@@ -263,6 +263,15 @@ class SNIFront:
         self.pool_fallbacks = 0
 
     @property
+    def hello_timeout(self) -> float:
+        """Seconds a client has for its whole hello (a new value: for later clients)."""
+        return self._reading.timeout
+
+    @hello_timeout.setter
+    def hello_timeout(self, seconds: float) -> None:
+        self._reading.timeout = seconds
+
+    @property
     def reading(self) -> int:
         """Connections accepted whose ClientHello is not complete yet."""
         return len(self._reading)
@@ -278,7 +287,7 @@ class SNIFront:
         """
         self._closing = True
         waits: list[defer.Deferred[None]] = []
-        for client in list(self._reading):
+        for client in self._reading.keys():
             client.lost = defer.Deferred()
             waits.append(client.lost)
             self._close(client, abort=True)
@@ -310,7 +319,6 @@ class SNIFront:
                 cast(ITCPTransport, client.transport).abortConnection()
                 return
         self._reading.add(client)
-        client.timer = self.clock.callLater(self.hello_timeout, self._timed_out, client)
         if client.header is None:
             self._admit(client)
 
@@ -323,9 +331,6 @@ class SNIFront:
 
     def _stop_reading(self, client: _Client) -> None:
         self._reading.discard(client)
-        if client.timer is not None and client.timer.active():
-            client.timer.cancel()
-        client.timer = None
 
     def _close(self, client: _Client, abort: bool = False) -> None:
         self._stop_reading(client)
@@ -337,7 +342,6 @@ class SNIFront:
             transport.loseConnection()
 
     def _timed_out(self, client: _Client) -> None:
-        client.timer = None
         if client.state != "reading":
             return
         self.timeouts += 1

@@ -18,7 +18,6 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL, crypto

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -389,6 +390,9 @@ def _run_async(
     result: list[int] = []
 
     def failed(failure: Failure) -> None:
+        if failure.check(BrokenPipeError):
+            result.append(_stdout_closed())
+            return
         failure.trap(CommandError)
         print(f"eps: error: {failure.value}", file=sys.stderr)
         result.append(1)
@@ -650,14 +654,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command whose reader closed its output (128 + SIGPIPE, as a
+#: shell reports a program ended by that signal).
+BROKEN_PIPE_STATUS = 141
+
+
+def _stdout_closed() -> int:
+    """
+    The reader of our output went away (``eps sd get-entries | head``): stop quietly, as
+    other command-line tools do, with :data:`BROKEN_PIPE_STATUS`.  Standard output is
+    pointed at /dev/null so that Python's flush at exit raises nothing more.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE_STATUS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eps`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        status: int = args.run(args)
+        sys.stdout.flush()  # here, where a reader gone away is handled
+        return status
     except CommandError as e:
         print(f"eps: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return _stdout_closed()
 
 
 if __name__ == "__main__":

@@ -14,16 +14,17 @@ import shutil
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.internet import reactor, utils
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import protocol, reactor, utils
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest
 
 from epsproxy import __version__
-from epsproxy.cli import build_parser
+from epsproxy.cli import BROKEN_PIPE_STATUS, build_parser
 from epsproxy.eps.settings import EPS_SETTINGS
 from epsproxy.examples import example_text, example_values
 from epsproxy.rules.certificate_profile import signing_extensions, tls_extensions
@@ -209,6 +210,36 @@ class SubmitRecordsCommandTests(unittest.TestCase):
         out, err, code = yield run_eps("sd", "get-entries", "--name", "hd-2", env=self.env)
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)[0]["name"], "hd-2")
+
+    @inlineCallbacks
+    def test_a_reader_going_away_ends_the_command_quietly(self):
+        # eps sd get-entries | head: the reader closes the pipe before the entries are
+        # printed.  No traceback, the shell's status for a program ended by SIGPIPE.
+        out, err, code = yield run_eps("sd", "submit-records", "--reset", str(self.base),
+                                       env=self.env)
+        self.assertEqual(code, 0, err)
+        environment = dict(os.environ)
+        environment.update(self.env)
+        ended: Deferred[tuple[bytes, int]] = Deferred()
+
+        class ClosesItsEnd(protocol.ProcessProtocol):
+            def __init__(self) -> None:
+                self.err = b""
+
+            def connectionMade(self) -> None:
+                self.transport.closeStdout()  # nobody reads what the command prints
+
+            def errReceived(self, data: bytes) -> None:
+                self.err += data
+
+            def processEnded(self, reason: Any) -> None:
+                ended.callback((self.err, reason.value.exitCode))
+
+        reactor.spawnProcess(ClosesItsEnd(), sys.executable,
+                             [sys.executable, "-m", "epsproxy.cli", "sd", "get-entries"],
+                             env=environment)
+        err, code = yield ended
+        self.assertEqual((code, err), (BROKEN_PIPE_STATUS, b""))
 
     @inlineCallbacks
     def test_non_admin_is_refused_with_a_clear_message(self):

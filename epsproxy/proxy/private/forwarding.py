@@ -243,7 +243,7 @@ class Forwarder:
         marker = object()
         client = address_text(header.source)
         self._track(marker, client)
-        d = ensureDeferred(self._serve_pooled(pooled, header, tag))
+        d = self._serve_pooled(pooled, header, tag)
 
         def failed(failure: Failure) -> None:
             self.failed += 1
@@ -256,42 +256,57 @@ class Forwarder:
 
         return d.addErrback(failed).addBoth(done)
 
-    async def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:
-        """Connect to the internal server (PROXY v2 header first if on) and splice."""
+    def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
+        """
+        Connect to the internal server and splice; fires once spliced.  Callbacks, not
+        a coroutine: this runs for every client served from the pool.
+        """
         client = address_text(header.source)
-        first = b""
-        if self.endpoint["proxy_protocol"]:
-            try:
-                first = proxy_v2_header(client, address_text(header.destination))
-            except ValueError:
-                first = proxy_v2_header(client) if client else proxy_v2_header(None)
-        internal = _Hold(first)
-        try:
-            await self._connect(self.endpoint["address"], internal)
-        except BaseException:
+        internal = _Hold(b"")
+        d = self._connect(self.endpoint["address"], internal)
+
+        def connected(_: Any) -> None:
+            if pooled.gone or internal.gone or self._closing:
+                for end in (pooled, internal):
+                    if not end.gone:
+                        _abort(end)
+                raise ConnectionError("a connection was lost before it was spliced")
+            # The PROXY header (if on) and the ClientHello go out in one send, as the
+            # splice's first bytes.
+            s = splice(
+                self.reactor, pooled, internal,
+                to_right=(self._proxy_header(client, header) + header.rest
+                          + b"".join(pooled.received)),
+                to_left=b"".join(internal.received),
+                left_eof=pooled.eof, right_eof=internal.eof,
+                idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep,
+            )
+            self.forwarded += 1
+            self.pooled += 1
+            self._track(s, client)
+            s.done.addBoth(lambda _: self._forget(s))
+            # Served from the pool is the normal case, counted
+            # (private_proxy_pool_served): debug, as the public proxy's pairings; a
+            # brokered forward is logged at info.
+            if debug_enabled():
+                log.debug("forwarding pooled connection {tag} from client {client} to "
+                          "{address}", tag=tag, client=blurred_client(client),
+                          address=self.endpoint["address"])
+
+        def not_connected(failure: Failure) -> Failure:
             _abort(pooled)
-            raise
-        if pooled.gone or internal.gone or self._closing:
-            for end in (pooled, internal):
-                if not end.gone:
-                    _abort(end)
-            raise ConnectionError("a connection was lost before it was spliced")
-        s = splice(
-            self.reactor, pooled, internal,
-            to_right=header.rest + b"".join(pooled.received),
-            to_left=b"".join(internal.received),
-            left_eof=pooled.eof, right_eof=internal.eof,
-            idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep,
-        )
-        self.forwarded += 1
-        self.pooled += 1
-        self._track(s, client)
-        s.done.addBoth(lambda _: self._forget(s))
-        # Served from the pool is the normal case, counted (private_proxy_pool_served):
-        # debug, as the public proxy's pairings; a brokered forward is logged at info.
-        if debug_enabled():
-            log.debug("forwarding pooled connection {tag} from client {client} to {address}",
-                      tag=tag, client=blurred_client(client), address=self.endpoint["address"])
+            return failure
+
+        return d.addCallbacks(connected, not_connected)
+
+    def _proxy_header(self, client: str | None, header: ProxyHeader) -> bytes:
+        """The PROXY v2 header for the internal server (if on) naming the real client."""
+        if not self.endpoint["proxy_protocol"]:
+            return b""
+        try:
+            return proxy_v2_header(client, address_text(header.destination))
+        except ValueError:
+            return proxy_v2_header(client) if client else proxy_v2_header(None)
 
     def _connect(self, address: str, protocol: Dialled) -> Deferred[Any]:
         host, port = parse_host_port(address)
@@ -302,7 +317,7 @@ class Forwarder:
         """Connect both sides of one forward and splice them (raw TLS)."""
         public = _Hold(token)
         await self._connect(endpoint, public)
-        internal = _Hold(proxy_header or b"")
+        internal = _Hold(b"")  # its PROXY header goes with the first bytes, in one send
         try:
             await self._connect(self.endpoint["address"], internal)
         except BaseException:
@@ -315,7 +330,8 @@ class Forwarder:
             raise ConnectionError("a connection was lost before it was spliced")
         s = splice(
             self.reactor, public, internal,
-            to_right=b"".join(public.received), to_left=b"".join(internal.received),
+            to_right=(proxy_header or b"") + b"".join(public.received),
+            to_left=b"".join(internal.received),
             left_eof=public.eof, right_eof=internal.eof,
             idle_timeout=self.idle_timeout, tag=token_tag(token), sweep=self._sweep,
         )

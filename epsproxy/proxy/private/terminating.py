@@ -26,7 +26,7 @@ from io import BytesIO
 from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -44,6 +44,7 @@ from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, QuietConnectionPool
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, parse_request, response_object
 from epsproxy.net.jsonrpc.server import CappedRequest, json_body
 from epsproxy.net.hostport import parse_host_port
+from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import ProxyHeader
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import dial_with_token, token_tag
@@ -253,8 +254,15 @@ class TerminatingForwarder(Forwarder):
         self._track(channel, client)
         log.info("terminating incoming connection {tag}", tag=token_tag(token))
 
-    async def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:
+    def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
         """Run the TLS server side on the pooled connection, its first bytes replayed."""
+        try:
+            self._terminate_pooled(pooled, header, tag)
+        except Exception:
+            return fail()
+        return succeed(None)
+
+    def _terminate_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:
         transport = pooled.transport
         if pooled.gone or self._closing or transport is None:
             if transport is not None and not pooled.gone:
@@ -270,8 +278,9 @@ class TerminatingForwarder(Forwarder):
         self.pooled += 1
         self._track(channel, address_text(header.source))  # before any byte: it may end on them
         # The normal case, counted (private_proxy_pool_served): debug, as raw forwarding.
-        log.debug("terminating pooled connection {tag} from client {client}", tag=tag,
-                  client=blurred_client(address_text(header.source)))
+        if debug_enabled():
+            log.debug("terminating pooled connection {tag} from client {client}", tag=tag,
+                      client=blurred_client(address_text(header.source)))
         first = header.rest + b"".join(pooled.received)
         if first:
             tls_protocol.dataReceived(first)

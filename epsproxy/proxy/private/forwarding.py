@@ -87,7 +87,8 @@ def _abort(protocol: Protocol) -> None:
 class _Hold(Dialled):
     """
     One outbound connection of a raw forward until it is spliced: writes ``first`` (the
-    token, a PROXY header), stays paused, and remembers anything that arrives anyway.
+    token; a PROXY header goes with the splice's first bytes instead), stays paused, and
+    remembers anything that arrives anyway.
     """
 
     def __init__(self, first: bytes) -> None:

@@ -13,12 +13,12 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   a call goes out only when the pool lacks connections no spare covers or fewer than
   half the spares it keeps are left, and asks for what it lacks plus spares up to
   :data:`SPARES_PER_CONNECTION` times ``target``, and at least :data:`DEFAULT_SPARES`
-  (at most
-  :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and spares plus the tokens
-  being dialled within the public proxy's default cap on unused tokens,
+  (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and spares plus the
+  tokens being dialled within the public proxy's default cap on unused tokens,
   :func:`~epsproxy.proxy.pooling.token_cap`: over it the answer is empty), so one call
-  through two endpoint servers serves dozens of replacements instead of one.  Tokens that live no longer than :data:`SPARE_MARGIN` are dialled for what the
-  pool lacks, never kept, and no spares are asked for then.  Expired spares are
+  through two endpoint servers serves dozens of replacements instead of one.  Tokens
+  that live no longer than :data:`SPARE_MARGIN` are dialled for what the pool lacks,
+  never kept, and no spares are asked for then.  Expired spares are
   dropped, not dialled; a closed pool's spares are forgotten with it.  A refusal, no
   answer or a result that is not :data:`~epsproxy.proxy.pooling.POOL_TOKENS_RESULT`
   backs that proxy's calls off (5 s doubling to 60 s; logged when the reason changes,
@@ -411,12 +411,12 @@ class PoolKeeper:
         Dial what ``pool`` lacks with spare tokens; when it still lacks some, or fewer
         than half the spares it keeps are left, ask for what it lacks plus spares up to
         :data:`SPARES_PER_CONNECTION` times ``target`` or ``spares``, whichever is more
-        (within the public proxy's default
-        cap on unused tokens, :func:`~epsproxy.proxy.pooling.token_cap`), unless a
-        request is out or it backs off (failed dials back off the dials too,
-        :meth:`_failed`).  The spares make a replacement a dial, not a call through two
-        endpoint servers: one ``requestPoolTokens`` serves about half the spares'
-        worth of replacements (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`).
+        (within the public proxy's default cap on unused tokens,
+        :func:`~epsproxy.proxy.pooling.token_cap`), unless a request is out or it backs
+        off (failed dials back off the dials too, :meth:`_failed`).  The spares make a
+        replacement a dial, not a call through two endpoint servers: one
+        ``requestPoolTokens`` serves about half the spares' worth of replacements (it
+        asks for at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`).
         """
         if self._stopped or pool.closed:
             return

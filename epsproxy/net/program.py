@@ -340,17 +340,6 @@ class _GuardedStart(Service):
         return None
 
 
-#: The cyclic garbage collector's thresholds in a program: a proxy allocates some hundred
-#: objects per connection, nearly all freed by reference counting, and Python's default
-#: (700, 10, 10) ran a young collection every few connections and full ones over the
-#: whole heap (60,000 objects after start) every few seconds.  Measured on the SNI
-#: benchmark's proxies (issue 14): the collector's time per connection fell from 23-38 µs
-#: to 16-19 µs, in a few collections of 6-26 ms instead of hundreds of one.  The objects
-#: that exist once a program is ready are frozen (``gc.freeze``): no collection looks at
-#: them again.
-GC_THRESHOLDS = (20_000, 20, 100)
-
-
 class ProgramService(MultiService):
     """
     The top of a program's service tree: its main service, its metrics listener, the
@@ -384,7 +373,6 @@ class ProgramService(MultiService):
         )
         self._set_expiries(options.checked.file_sets)
         if manage_process:
-            gc.set_threshold(*GC_THRESHOLDS)
             self.exit.install()
             # Listeners stop at their caps well before this limit (net/admission.py).
             admission.raise_descriptor_limit()
@@ -443,8 +431,12 @@ class ProgramService(MultiService):
 
     def _started(self, result: Any) -> Any:
         if self.manage_process:
-            # What stands after the start (modules, settings, directory caches) lives as
-            # long as the process: out of the collector's way from now on.
+            # What stands after the start (modules, settings, directory caches: 60,000
+            # objects in a proxy) lives as long as the process: frozen out of the
+            # collector's sight, so that its full collections no longer walk it.  Its
+            # thresholds stay Python's: a proxy's connections leave cycles behind (some
+            # 20,000 objects per 20,000 allocations), and larger thresholds only made
+            # fewer, longer pauses (7-42 ms at 20,000, measured for issue 14).
             gc.collect()
             gc.freeze()
         self.startup.report()

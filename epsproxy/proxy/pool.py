@@ -32,7 +32,7 @@ only :func:`~epsproxy.net.token.token_tag`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocol, IReactorTime
@@ -45,7 +45,7 @@ from epsproxy.net.logs import debug_enabled
 from epsproxy.net.token import new_token, token_tag
 
 from .pooling import DEFAULT_POOL_CAP, keep_alive, token_cap
-from .splice import retarget
+from .splice import abort, retarget
 
 __all__ = [
     "CLOSE_REASONS",
@@ -66,13 +66,6 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 CLOSE_REASONS = ("bytes_while_idle", "announcement_expired", "idle_timeout", "over_cap",
                  "lost", "shutdown")
 
-
-def _abort(transport: Any) -> None:
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()
 
 
 class PooledConnection(Protocol):
@@ -357,7 +350,7 @@ class ConnectionPool:
                      operator=connection.operator)
         transport = connection.transport
         if transport is not None:
-            _abort(transport)
+            abort(transport)
 
     def _bytes_while_idle(self, connection: PooledConnection) -> None:
         if connection.state != "idle":

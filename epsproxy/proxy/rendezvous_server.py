@@ -49,7 +49,15 @@ from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
 
-from .splice import DEFAULT_IDLE_TIMEOUT, DEFAULT_READ_BYTES, IdleSweep, Splice, retarget, splice
+from .splice import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_READ_BYTES,
+    IdleSweep,
+    Splice,
+    abort,
+    retarget,
+    splice,
+)
 
 __all__ = ["PoolIntake", "Rendezvous", "RendezvousFull"]
 
@@ -89,13 +97,6 @@ class _peer:
 
     __str__ = __repr__ = lambda self: self.__format__("")  # noqa: E731
 
-
-def _abort(transport: Any) -> None:
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()
 
 
 class _Entry:
@@ -295,7 +296,7 @@ class Rendezvous:
             first, entry.first = entry.first, None
             first.state = "closed"
             first.entry = None
-            _abort(first.transport)
+            abort(first.transport)
 
     def splice_pair(
         self, left: IProtocol, right: IProtocol, *, to_right: bytes = b"", tag: str = ""
@@ -370,7 +371,7 @@ class Rendezvous:
             party.lost = defer.Deferred()
             waits.append(party.lost)
             party.state = "closed"
-            _abort(party.transport)
+            abort(party.transport)
         for s in list(self._splices):
             waits.append(s.done)
             s.abort()
@@ -425,7 +426,7 @@ class Rendezvous:
                  tag=token_tag(entry.token))
         first.state = "closed"
         first.entry = None
-        _abort(first.transport)
+        abort(first.transport)
 
     def _accepted(self, party: _Party) -> None:
         self._reading.add(party)
@@ -437,7 +438,7 @@ class Rendezvous:
         party.state = "closed"
         log.info("no token from {peer} within {timeout}s, closing",
                  peer=_peer(party.transport), timeout=self.read_timeout)
-        _abort(party.transport)
+        abort(party.transport)
 
     def _stop_reading_token(self, party: _Party) -> None:
         self._reading.discard(party)

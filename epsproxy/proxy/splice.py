@@ -79,6 +79,7 @@ __all__ = [
     "WAIT_BELOW_FRACTION",
     "SLOW_READ_BYTES",
     "Splice",
+    "abort",
     "retarget",
     "splice",
 ]
@@ -210,10 +211,11 @@ def _unsent(transport: Any) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
-def _abort(transport: Any) -> None:
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
+def abort(transport: Any) -> None:
+    """Close ``transport`` now (``abortConnection``; a transport without it: lose it)."""
+    method = getattr(transport, "abortConnection", None)
+    if method is not None:
+        method()
     else:
         transport.loseConnection()
 
@@ -577,7 +579,7 @@ class Splice:
             else:
                 # One side is gone before both directions finished: cut the other so
                 # it never mistakes a truncated stream for a complete one.
-                _abort(peer.transport)
+                abort(peer.transport)
             return
         self._closed()
 
@@ -623,7 +625,7 @@ class Splice:
         """Close both connections now, dropping anything still queued."""
         for end in (self.left, self.right):
             if not end.lost:
-                _abort(end.transport)
+                abort(end.transport)
 
 
 class IdleSweep:

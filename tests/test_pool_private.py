@@ -57,7 +57,7 @@ from epsproxy.proxy.status_page import PrivateProxyPage
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
-from .support.haproxy import start_haproxy
+from .support.haproxy import accept_proxy_front, start_haproxy
 from .support.pki import pki
 from .support.proxies import (
     PUBLIC_PROXY,
@@ -732,14 +732,7 @@ class PooledService(unittest.TestCase):
         address = f"127.0.0.1:{server.getHost().port}"
         endpoint: dict[str, Any] = {"address": address}
         if haproxy:
-            self.haproxy = start_haproxy(self, (
-                "global\n  log stdout format raw local0\n"
-                "defaults\n  mode tcp\n  log global\n  timeout connect 5s\n"
-                "  timeout client 10s\n  timeout server 10s\n"
-                "frontend internal\n  bind fd@3 accept-proxy\n"
-                "  log-format \"client=%ci:%cp frontend=%fi:%fp\"\n"
-                "  default_backend server\n"
-                f"backend server\n  server internal {address}\n"))
+            self.haproxy = start_haproxy(self, accept_proxy_front(address))
             endpoint = {"address": f"127.0.0.1:{self.haproxy.port}", "proxy_protocol": True}
         if not internal_tls:
             endpoint["tls"] = {**tls_block("internal-server"), "verify_client": False}

@@ -36,7 +36,7 @@ from tests.support.eps import (
     server_channel,
     service,
 )
-from tests.support.haproxy import start_haproxy
+from tests.support.haproxy import accept_proxy_front, start_haproxy
 from tests.support.pki import pki
 from tests.support.proxies import public_section, write_settings
 from tests.support.tls import tls_block
@@ -129,14 +129,7 @@ class Passthrough:
         self.addCleanup(internal.stopListening)
         internal_address = f"127.0.0.1:{internal.getHost().port}"
         if self.haproxy_front:
-            self.haproxy = start_haproxy(self, (
-                "global\n  log stdout format raw local0\n"
-                "defaults\n  mode tcp\n  log global\n  timeout connect 5s\n"
-                "  timeout client 10s\n  timeout server 10s\n"
-                "frontend internal\n  bind fd@3 accept-proxy\n"
-                "  log-format \"client=%ci:%cp frontend=%fi:%fp\"\n"
-                "  default_backend server\n"
-                f"backend server\n  server internal {internal_address}\n"))
+            self.haproxy = start_haproxy(self, accept_proxy_front(internal_address))
             internal_address = f"127.0.0.1:{self.haproxy.port}"
 
         # Public proxy and its endpoint server.

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 
-__all__ = ["HAProxy", "haproxy_binary", "start_haproxy"]
+__all__ = ["HAProxy", "accept_proxy_front", "haproxy_binary", "start_haproxy"]
 
 
 def haproxy_binary() -> str:
@@ -54,6 +54,21 @@ class HAProxy(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
+
+
+def accept_proxy_front(server: str) -> str:
+    """
+    The configuration of an HAProxy that reads a PROXY header (``accept-proxy``) in front
+    of ``server`` (``host:port``) and logs, per connection, the client address it was
+    given: ``client=<ip>:<port> frontend=...``.
+    """
+    return ("global\n  log stdout format raw local0\n"
+            "defaults\n  mode tcp\n  log global\n  timeout connect 5s\n"
+            "  timeout client 10s\n  timeout server 10s\n"
+            "frontend internal\n  bind fd@3 accept-proxy\n"
+            "  log-format \"client=%ci:%cp frontend=%fi:%fp\"\n"
+            "  default_backend server\n"
+            f"backend server\n  server internal {server}\n")
 
 
 def start_haproxy(test: Any, config: str) -> HAProxy:

@@ -19,6 +19,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import TestCase
 
+from epsproxy.net.admission import Admission, AdmissionEndpoint, ProcessBudget
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.splice import DEFAULT_READ_BYTES
 from tests.support.splice import Peer, connect, listen, spliced_pair
@@ -148,6 +149,43 @@ class OwnReader(TestCase):
         b.transport.abortConnection()
         reason = yield a.closed
         self.assertNotIsInstance(reason, ConnectionDone)
+
+
+class AdmittedListener(TestCase):
+    """
+    Connections accepted by a capped listener (the public proxy's, a subclass of
+    Twisted's TCP transport that counts itself in and out) are read by the splice too,
+    and still give their slots back when the pair closes.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_admitted_connections_are_read_by_the_splice_and_release_their_slots(self):
+        rv = Rendezvous(reactor)
+        admission = Admission("internal", max_connections=10, budget=ProcessBudget())
+        port = yield AdmissionEndpoint(reactor, 0, admission,
+                                       interface="127.0.0.1").listen(rv.factory())
+        self.addCleanup(port.stopListening)
+        self.addCleanup(rv.close_all)
+        a, b = yield spliced_pair(self, rv, port.getHost().port, keep=False,
+                                  half_close=True)
+        (s,) = rv.splices
+        self.assertTrue(s.own_reader)
+        self.assertEqual(admission.current, 2)
+        up = Source(a.transport, 8, seed=b"up")
+        up.resumeProducing()  # 8 MiB, then end-of-stream: a half-close through the splice
+        yield b.eof
+        self.assertEqual(b.count, 1 + up.sent)
+        self.assertEqual(b.sha.hexdigest(), up.digest(b"!"))
+        b.transport.write(b"after the half-close")
+        yield a.wait_for(1 + len(b"after the half-close"))
+        b.transport.loseWriteConnection()
+        reasons = yield defer.gatherResults([a.closed, b.closed])
+        for reason in reasons:
+            self.assertIsInstance(reason, ConnectionDone)
+        yield s.done
+        self.assertEqual(admission.current, 0)
 
 
 class WrappedTransport(TestCase):

@@ -202,8 +202,37 @@ class _SplicedClient(_Spliced, tcp.Client):
     """A dialled TCP connection read by its splice."""
 
 
-_SPLICED = {tcp.Server: _SplicedServer, tcp.Client: _SplicedClient}
-"""Reactor TCP transports the splice may read itself, and the subclass that lets it."""
+_SPLICED: dict[type, type | None] = {
+    tcp.Server: _SplicedServer, tcp.Client: _SplicedClient,
+    _SplicedServer: None, _SplicedClient: None,
+}
+"""Transport classes met so far, and the class that lets the splice read them itself
+(None: it may not, or already does)."""
+
+
+def _spliced_class(cls: type) -> type | None:
+    """
+    The class a transport of class ``cls`` becomes to be read by its splice, or None.
+    Twisted's TCP transports and their subclasses that leave reading and writing to
+    Twisted (an admitted listener's connections, which only count themselves in and
+    out) get a subclass of their own with :class:`_Spliced` first, made once per class.
+    """
+    try:
+        return _SPLICED[cls]
+    except KeyError:
+        pass
+    made: type | None = None
+    if not issubclass(cls, _Spliced):
+        for base in (tcp.Server, tcp.Client):
+            if issubclass(cls, base) and all(
+                getattr(cls, name) is getattr(base, name)
+                for name in ("doRead", "doWrite", "writeSomeData", "loseWriteConnection",
+                             "loseConnection", "_closeWriteConnection")
+            ):
+                made = type(f"_Spliced{cls.__name__}", (_Spliced, cls), {})
+                break
+    _SPLICED[cls] = made
+    return made
 
 
 def _unsent(transport: Any) -> int:
@@ -534,11 +563,12 @@ class Splice:
             end.fast = _is_fd(end.out)
             end.out.registerProducer(end, True)
         lt, rt = self.left.transport, self.right.transport
-        if type(lt) in _SPLICED and type(rt) in _SPLICED:
+        left_class, right_class = _spliced_class(type(lt)), _spliced_class(type(rt))
+        if left_class is not None and right_class is not None:
             # The splice's own reader for both sockets (see the module docstring).
             self.own_reader = True
-            for transport in (lt, rt):
-                transport.__class__ = _SPLICED[type(transport)]
+            lt.__class__ = left_class
+            rt.__class__ = right_class
         if self.idle_timeout > 0:
             if self._sweep is not None:
                 self._sweep.add(self)

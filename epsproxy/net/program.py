@@ -72,7 +72,7 @@ from epsproxy.net import admission
 from epsproxy.net.lifecycle import AsyncStartService, ReloadError, stop_reactor_soon
 from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.logs import LOG_FORMATS, LOG_LEVELS, LogOutput
-from epsproxy.net.reactor import IReactor
+from epsproxy.net.reactor import IReactor, install_default
 
 __all__ = [
     "STOPPED_AT_ONCE",
@@ -214,6 +214,10 @@ class ProgramOptions(usage.Options):
             raise SystemExit("\n".join(str(f) for f in self.checked.errors))
         self.settings = self.checked.settings
         self.log_output = self._log_output()
+        if getattr(self, "parent", None) is not None:
+            # Run by twistd: our reactor, unless it was given --reactor (installed while
+            # its own options were parsed, before ours).
+            install_default()
 
     def load(self, now: datetime | None = None) -> SettingsCheck:
         """

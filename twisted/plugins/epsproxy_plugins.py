@@ -1,5 +1,9 @@
-"""The twistd plugins of epsproxy: ``twistd sd``, ``twistd eps`` and ``twistd proxy``."""
+"""
+The twistd plugins of epsproxy: ``twistd sd``, ``twistd eps`` and ``twistd proxy``, and
+the reactor they run on (``twistd --reactor epsproxy``, the default for these programs).
+"""
 
+from twisted.application.reactors import Reactor
 from twisted.application.service import ServiceMaker
 
 sd = ServiceMaker(
@@ -24,4 +28,11 @@ proxy = ServiceMaker(
     "and splices them by one-time token, never seeing plaintext; --mode private relays "
     "TLS connections for announced domains to an internal server.",
     "proxy",
+)
+
+epsproxy_reactor = Reactor(
+    "epsproxy",
+    "epsproxy.net.reactor",
+    "epoll, dispatching events without a legacy log context each (the default of "
+    "epsproxy's programs).",
 )

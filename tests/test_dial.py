@@ -1,9 +1,9 @@
 """
 epsproxy.net.dial over real loopback sockets: :func:`dial` connects a :class:`Dialled`
-protocol with the reactor's ``connectTCP`` (IP addresses) or ``HostnameEndpoint``
-(names), fires once the protocol's ``connectionMade`` ran, reports refusals, can be
-cancelled, and keeps no reference to the protocol once it is connected (the connector
-lives as long as the connection).
+protocol with the reactor's TCP connector (IP addresses; the connect call made by dial()
+itself) or ``HostnameEndpoint`` (names), fires once the protocol's ``connectionMade``
+ran, reports refusals and timeouts, can be cancelled, and keeps no reference to the
+protocol once it is connected (the connector lives as long as the connection).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
@@ -93,12 +93,50 @@ class DialTests(TestCase):
                                  ConnectionRefusedError)
 
     @defer.inlineCallbacks
+    def test_the_connect_call_is_made_by_dial_itself(self):
+        # Not a reactor turn later: on loopback the kernel has completed the handshake
+        # (the connection waits in the listener's accept queue) when dial() returns.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        greeter = Greeter()
+        d = dial(reactor, "127.0.0.1", listener.getsockname()[1], 5, greeter)
+        accepted, _ = listener.accept()  # BlockingIOError if no connect call was made
+        self.addCleanup(accepted.close)
+        self.assertIs((yield d), greeter)
+        greeter.transport.loseConnection()
+        yield greeter.lost
+
+    @defer.inlineCallbacks
     def test_cancel_stops_the_attempt(self):
         port = self.listen()
         greeter = Greeter()
         d = dial(reactor, "127.0.0.1", port, 5, greeter)
-        d.cancel()  # before the reactor made the connect() call
+        d.cancel()  # while connecting (the connect call is made, not yet completed)
         yield self.assertFailure(d, defer.CancelledError)
+        self.assertFalse(greeter.connected)
+
+    @defer.inlineCallbacks
+    def test_a_connection_that_never_completes_times_out(self):
+        # A listener whose accept queue is full drops new SYNs: the connect hangs.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        greeter = Greeter()
+        d = dial(reactor, "127.0.0.1", port, 0.3, greeter)
+        self.assertFalse(d.called)
+        yield self.assertFailure(d, TimeoutError)
         self.assertFalse(greeter.connected)
 
     @defer.inlineCallbacks

@@ -13,7 +13,9 @@ name gets ``HostnameEndpoint`` (resolution, then happy eyeballs over its address
 
 :func:`dial` is for the dials a proxy makes per client (the private proxy's connection to
 its internal server, its pooled connections): a :class:`Dialled` protocol is connected
-with the reactor's ``connectTCP`` and tells of its own connection, so no endpoint, no
+by the reactor's TCP connector and client, with the connect call made at once rather than
+a reactor turn later (a turn on the path of every client, and a timer each), and tells
+of its own connection, so no endpoint, no
 wrapping factory or protocol and no chain of Deferreds is built per connection, and
 nothing of the dial holds the protocol once it is connected (the connection's connector
 lives as long as the connection: through an endpoint it kept the protocol, its header
@@ -23,12 +25,15 @@ reader and its buffers alive until the end).  A name still goes through
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from functools import lru_cache
+from typing import Any, Callable, TypeVar
 
+from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -56,6 +61,12 @@ def tcp_endpoint(reactor: IReactor, host: str, port: int, timeout: float) -> ISt
 def _unbracketed(host: str) -> str:
     """``host`` without the brackets of an IPv6 address (``[::1]`` -> ``::1``)."""
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+@lru_cache(maxsize=256)
+def _is_ip(host: str) -> bool:
+    """Whether ``host`` (no brackets) is an IP address; cached (asked for every dial)."""
+    return bool(isIPAddress(host) or isIPv6Address(host))
 
 
 class _Once(Factory):
@@ -90,6 +101,47 @@ class Dialled(Protocol):
             d.callback(self)
 
 
+class _Client(tcp.Client):
+    """
+    Twisted's TCP client, except that it starts connecting when its :class:`_Connector`
+    says so, in the same call, rather than a reactor turn after it is made (Twisted's
+    ``callLater(0)``), and without a Deferred for an address that needs no resolving.
+    """
+
+    _start: Callable[[], None] | None = None
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        if whenDone:
+            # Twisted's own first step (the protocol comes once connected).
+            common: Any = self._commonConnection
+            common.__init__(self, skt, None, reactor)
+            self._start = whenDone
+        else:
+            super()._finishInit(whenDone, skt, error, reactor)  # fails a turn later
+
+    def start(self) -> None:
+        start, self._start = self._start, None
+        if start is None:
+            return
+        if self._requiresResolution:
+            start()
+        else:
+            self._setRealAddress(self.addr)
+
+
+class _Connector(tcp.Connector):
+    """The reactor's TCP connector with a :class:`_Client` that connects at once."""
+
+    def _makeTransport(self) -> _Client:
+        return _Client(self.host, self.port, self.bindAddress, self, self.reactor)
+
+    def connect(self) -> None:
+        # The connector's own steps first (its timeout is set), then the connect call.
+        super().connect()
+        transport: Any = self.transport
+        transport.start()
+
+
 class _DialFactory(ClientFactory):
     """Builds the one protocol of a :func:`dial`, then forgets it; quiet."""
 
@@ -117,7 +169,7 @@ def dial(reactor: IReactor, host: str, port: int, timeout: float, protocol: _D) 
     fails with Twisted's connect errors.  Cancelling it stops the attempt.
     """
     host = _unbracketed(host)
-    if not (isIPAddress(host) or isIPv6Address(host)):
+    if not _is_ip(host):
         return connect_protocol(tcp_endpoint(reactor, host, port, timeout), protocol)
     connector: Any = None
 
@@ -128,5 +180,10 @@ def dial(reactor: IReactor, host: str, port: int, timeout: float, protocol: _D) 
 
     d: Deferred[_D] = Deferred(cancel)
     protocol.when_connected = d
-    connector = reactor.connectTCP(host, port, _DialFactory(protocol), timeout=timeout)
+    if isinstance(reactor, PosixReactorBase):
+        # What the reactor's connectTCP does, with a client that connects at once.
+        connector = _Connector(host, port, _DialFactory(protocol), timeout, None, reactor)
+        connector.connect()
+    else:  # a test's memory reactor
+        connector = reactor.connectTCP(host, port, _DialFactory(protocol), timeout=timeout)
     return d

@@ -64,6 +64,15 @@ class ParseAddressTests(SynchronousTestCase):
         for value in (None, 80, b"host:80", ["host", 80]):
             with self.assertRaises(ValueError):
                 parse_host_port(value)
+        for port in ("443", [443], 4.5):  # (unhashable ones too: the parse is cached)
+            with self.assertRaises(ValueError):
+                parse_host_port("example.org", port)
+
+    def test_cached_answers_and_errors_stay_the_same(self):
+        for _ in range(2):
+            self.assertEqual(parse_host_port("[::1]:8443"), ("::1", 8443))
+            with self.assertRaises(ValueError):
+                parse_host_port("host:99999999")
 
     @settings(deadline=None, max_examples=200)
     @given(st.text(max_size=40))

@@ -62,9 +62,18 @@ def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, in
     ``"host:port"``, ``"[v6]:port"`` or ``":port"`` (host ``""``: all interfaces) as
     ``(host, port)``; IPv6 hosts come back without brackets.  Without a port the
     ``default_port`` is used when given.  Anything else raises ValueError saying why.
+    Cached (a pure function of its arguments; a proxy parses its internal server's
+    address for every client it dials).
     """
     if not isinstance(text, str):
         raise ValueError(f"address must be a string, got {type(text).__name__}")
+    if default_port is not None and not isinstance(default_port, int):
+        raise ValueError(f"default port must be an integer, got {type(default_port).__name__}")
+    return _parse_host_port(text, default_port)
+
+
+@lru_cache(maxsize=1024)
+def _parse_host_port(text: str, default_port: int | None) -> tuple[str, int]:
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep:

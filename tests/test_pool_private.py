@@ -496,6 +496,21 @@ class KeeperTests(unittest.TestCase):
         self.assertNotIn(self.written()[-1], old)
         self.assertEqual((len(self.client.calls), self.spares()), (2, 3))
 
+    def test_shorter_lived_spares_are_used_first_and_expire_alone(self) -> None:
+        self.fill()  # t=1: four spares, usable until t=30
+        for _ in range(3):
+            self.die()
+        self.assertEqual((len(self.client.calls), self.spares()), (2, 1))
+        (long_lived,) = [token for token, _, _ in self.keeper.pools[PUBLIC].spare]
+        short = tokens_result(3, expires_in=6)  # the public proxy's expiry was lowered
+        self.answer(short)
+        self.assertEqual(self.spares(), 4)
+        self.die()  # replaced with the spare that expires first: a short-lived one
+        self.assertIn(self.written()[-1], tokens_of(short))
+        self.clock.advance(5)  # the short-lived ones expire, the long-lived one stays
+        self.assertEqual([token for token, _, _ in self.keeper.pools[PUBLIC].spare],
+                         [long_lived])
+
     def test_short_lived_tokens_are_dialled_not_kept(self) -> None:
         self.clock.advance(1)
         self.answer(tokens_result(6, expires_in=SPARE_MARGIN / 2))

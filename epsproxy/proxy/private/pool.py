@@ -49,6 +49,7 @@ than one header from it: after the header the forwarder owns it.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -214,8 +215,9 @@ class _Pool:
         self.connecting: set[_Pooled] = set()
         self.reading: set[_Pooled] = set()  # header under way
         self.requesting: Deferred[Any] | None = None
-        #: Tokens in hand for the next replacements: (token, endpoint, usable until).
-        self.spare: list[tuple[bytes, str, float]] = []
+        #: Tokens in hand for the next replacements: (token, endpoint, usable until),
+        #: the soonest to expire first (so expired ones are dropped from the front).
+        self.spare: deque[tuple[bytes, str, float]] = deque()
         #: False while the public proxy's tokens live too short to be kept as spares.
         self.keep_spares = True
         self.retry_at = 0.0  # no call before this
@@ -423,10 +425,12 @@ class PoolKeeper:
         now = self.reactor.seconds()
         if now < pool.dial_at:
             return  # backing off failed dials: no dial, not even with a spare
-        pool.spare = [spare for spare in pool.spare if spare[2] > now]
+        spare = pool.spare
+        while spare and spare[0][2] <= now:
+            spare.popleft()  # expired (this runs per served client: no full scan)
         missing = pool.target - len(pool.idle) - len(pool.connecting)
-        while missing > 0 and pool.spare:
-            token, endpoint, _ = pool.spare.pop(0)  # the oldest first: it expires first
+        while missing > 0 and spare:
+            token, endpoint, _ = spare.popleft()  # the soonest to expire first
             self._connect(pool, endpoint, token)
             missing -= 1
         if pool.requesting is not None or now < pool.retry_at:
@@ -487,7 +491,14 @@ class PoolKeeper:
         missing = max(pool.target - len(pool.idle) - len(pool.connecting), 0)
         for token in tokens[:missing]:
             self._connect(pool, endpoint, token)
-        pool.spare.extend((token, endpoint, until) for token in tokens[missing:])
+        if pool.spare and pool.spare[-1][2] > until:
+            # Shorter-lived than tokens in hand (the public proxy's expiry was lowered):
+            # keep the soonest to expire first.
+            pool.spare = deque(sorted([*pool.spare, *((t, endpoint, until)
+                                                      for t in tokens[missing:])],
+                                      key=lambda spare: spare[2]))
+        else:
+            pool.spare.extend((token, endpoint, until) for token in tokens[missing:])
         self._fill(pool)
         self._notify()
 

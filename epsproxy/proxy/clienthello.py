@@ -119,11 +119,11 @@ class _Cursor:
         return self.end - self.pos
 
     def take(self, n: int, what: str) -> bytes:
-        if n > self.left:
+        pos = self.pos
+        if n > self.end - pos:
             raise ClientHelloError(f"truncated {what}: {n} bytes needed, {self.left} left")
-        chunk = bytes(self.data[self.pos:self.pos + n])
-        self.pos += n
-        return chunk
+        self.pos = pos + n
+        return bytes(self.data[pos:pos + n])
 
     def uint(self, size: int, what: str) -> int:
         return int.from_bytes(self.take(size, what), "big")

@@ -22,8 +22,9 @@ from each to the other until both directions are finished:
   behind (room under ``read_bytes // WAIT_BELOW_FRACTION``), the direction does not read
   small: it waits until the receiving socket is writable (the kernel says so when a
   third of its send buffer is free) and then makes one large read.
-- **The splice's own reader.**  Between two reactor TCP transports the splice reads each
-  socket itself: ``recv_into`` one preallocated buffer shared by every splice of the
+- **The splice's own reader.**  Between two reactor TCP transports (Twisted's, or
+  subclasses that leave reading and writing to Twisted, such as a capped listener's
+  connections) the splice reads each socket itself: ``recv_into`` one preallocated buffer shared by every splice of the
   process (the reactor runs one read at a time, and a read leaves the buffer only as a
   copy of what its receiver did not take), ``send()`` from a view of it, and a read that
   filled its size is followed by another in the same reactor event (at most

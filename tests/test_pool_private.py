@@ -425,29 +425,30 @@ class KeeperTests(unittest.TestCase):
     def test_a_call_asks_for_what_is_missing_plus_spares_capped(self) -> None:
         keeper = PoolKeeper(
             self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
-            pool_size=50, pool_max=50, dial=self.dial, spares=0)
+            pool_size=200, pool_max=200, dial=self.dial, spares=0)
         keeper.check()
         self.assertEqual(self.client.calls[-1][1], {"count": MAX_TOKENS_PER_REQUEST})
         self.answer(tokens_result(MAX_TOKENS_PER_REQUEST))
-        self.assertEqual(keeper.state()[PUBLIC]["idle"], 50)
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 50)
-        # Spares: twice the target (100), but 50 dialled + 78 spares are the public
-        # proxy's default cap on unused tokens (128); one over it would be answered
+        self.assertEqual(keeper.state()[PUBLIC]["idle"], 200)
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 200)
+        # Spares: twice the target (400), but 200 dialled + 312 spares are the public
+        # proxy's default cap on unused tokens (512); one over it would be answered
         # with no token at all.
-        self.assertEqual((DEFAULT_POOL_CAP, token_cap(DEFAULT_POOL_CAP)), (64, 128))
-        self.assertEqual(self.client.calls[-1][1], {"count": 78 - 14})
-        self.answer(tokens_result(78 - 14))
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), 78)
+        self.assertEqual((DEFAULT_POOL_CAP, token_cap(DEFAULT_POOL_CAP), MAX_TOKENS_PER_REQUEST),
+                         (64, 512, 256))
+        self.assertEqual(self.client.calls[-1][1], {"count": 312 - 56})
+        self.answer(tokens_result(312 - 56))
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 312)
         self.assertEqual(len(self.client.calls), 2)
         # Spares used for replacements: asked again once fewer than half are left.
         self.clock.advance(YOUNG_SECONDS)  # (connections dying young would back off)
         calls = len(self.client.calls)  # (the fixture's own keeper ticked meanwhile)
-        for conn in list(keeper.pools[PUBLIC].idle)[:39]:
+        for conn in list(keeper.pools[PUBLIC].idle)[:156]:
             conn.connectionLost()
         self.assertEqual(len(self.client.calls), calls)
         list(keeper.pools[PUBLIC].idle)[0].connectionLost()
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), 78 - 40)
-        self.assertEqual(self.client.calls[-1][1], {"count": 40})
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 312 - 157)
+        self.assertEqual(self.client.calls[-1][1], {"count": 157})
         keeper.stop()
 
     def test_a_small_pool_still_keeps_its_floor_of_spares(self) -> None:
@@ -474,7 +475,7 @@ class KeeperTests(unittest.TestCase):
         die()  # under half: ask for 11
         self.assertEqual(keeper.state()[PUBLIC]["idle"], 2)
         self.assertEqual(self.client.calls[-1][1], {"count": 11})
-        self.assertEqual(DEFAULT_SPARES, 96)
+        self.assertEqual(DEFAULT_SPARES, 384)
         keeper.stop()
 
     def test_expired_spares_are_dropped_and_not_dialled(self) -> None:

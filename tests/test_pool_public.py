@@ -33,7 +33,12 @@ from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, JSONRPCError
 from epsproxy.net.proxy_protocol import ProxyHeader, ProxyHeaderReader
 from epsproxy.net.token import TOKEN_BYTES
 from epsproxy.proxy.pool import ConnectionPool, PooledConnection
-from epsproxy.proxy.pooling import MAX_POOL_HEADER, REQUEST_POOL_TOKENS
+from epsproxy.proxy.pooling import (
+    MAX_POOL_HEADER,
+    MAX_TOKENS_PER_REQUEST,
+    REQUEST_POOL_TOKENS,
+    token_cap,
+)
 from epsproxy.proxy.public import NO_ANNOUNCEMENT, NOT_AUTHORIZED
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.settings import PROXY_SETTINGS
@@ -110,9 +115,10 @@ class PoolRules(SynchronousTestCase):
         self.assertEqual((self.pool.issued, self.pool.adopted), (2, 1))
 
     def test_idle_connections_and_tokens_are_capped(self) -> None:
-        # Unused tokens: at most twice the cap on idle connections (4).
+        # Unused tokens: at most token_cap of the cap on idle connections (4).
+        self.assertEqual(token_cap(4), 32)
         first = self.pool.issue("op", 100)
-        self.assertEqual(len(first), 8)
+        self.assertEqual(len(first), 32)
         self.assertEqual(self.pool.issue("op", 1), [])
         for token in first[:3]:
             self.assertTrue(presented(self.pool, token)[0])
@@ -128,13 +134,13 @@ class PoolRules(SynchronousTestCase):
         self.assertIsNotNone(self.pool.take("op"))  # in use: no longer counted
         self.assertTrue(presented(self.pool, first[5])[0])
         self.assertEqual(self.pool.idle("op"), 4)
-        self.assertEqual(self.pool.state()["op"]["tokens"], 5)
+        self.assertEqual(self.pool.state()["op"]["tokens"], 32 + 3 - 6)
         self.clock.advance(10)  # the tokens expire
         self.assertEqual(self.pool.state()["op"]["tokens"], 0)
         self.assertIsNotNone(self.pool.take("op"))
-        self.assertEqual(len(self.pool.issue("op", 100)), 8)
+        self.assertEqual(len(self.pool.issue("op", 100)), 32)
         # Another operator has its own cap; 0 means no pool at all.
-        self.assertEqual(len(self.pool.issue("other", 9)), 8)
+        self.assertEqual(len(self.pool.issue("other", 40)), 32)
         self.pool.max_per_operator = 0
         self.assertEqual(self.pool.issue("third", 1), [])
 
@@ -681,10 +687,10 @@ class ServedByARealPublicProxy(TestCase):
     def test_never_more_than_the_cap_per_operator(self):
         yield self.start_proxy(pool_max_per_operator=3)
         yield self.announce()
-        # unused tokens: at most twice the cap
-        answer = yield self.request_tokens(5)
-        self.assertEqual(len(answer["tokens"]), 5)
-        self.assertEqual(len((yield self.request_tokens(5))["tokens"]), 1)
+        # unused tokens: at most token_cap of the cap (24)
+        answer = yield self.request_tokens(20)
+        self.assertEqual(len(answer["tokens"]), 20)
+        self.assertEqual(len((yield self.request_tokens(5))["tokens"]), 4)
         self.assertEqual((yield self.request_tokens(5))["tokens"], [])
         tokens = [base64.b64decode(text) for text in answer["tokens"]]
         for token in tokens[:3]:
@@ -696,7 +702,7 @@ class ServedByARealPublicProxy(TestCase):
         yield connect(self, self.internal_port, over)
         yield over.lost
         self.assertEqual(self.proxy.pool_state(),
-                         {PRIVATE: {"idle": 3, "in_use": 0, "tokens": 2}})
+                         {PRIVATE: {"idle": 3, "in_use": 0, "tokens": 24 - 4}})
         metrics = self.metrics()
         self.assertIn(f'proxy_pool_connections{{operator="{PRIVATE}",state="idle"}} 3.0',
                       metrics)
@@ -731,7 +737,7 @@ class ServedByARealPublicProxy(TestCase):
             JSONRPCError)
         self.assertEqual(error.code, NOT_AUTHORIZED)
         # bad counts
-        for count in (0, -1, 65, 1.5, "2", None, [1], 10**30):
+        for count in (0, -1, MAX_TOKENS_PER_REQUEST + 1, 1.5, "2", None, [1], 10**30):
             error = yield self.assertFailure(self.request_tokens(count), JSONRPCError)
             self.assertEqual(error.code, INVALID_PARAMS, count)
         error = yield self.assertFailure(self.rpc.call(REQUEST_POOL_TOKENS, {

@@ -53,8 +53,9 @@ __all__ = [
 #: The public proxy's method that hands out pool tokens.
 REQUEST_POOL_TOKENS = "requestPoolTokens"
 
-#: The most tokens one ``requestPoolTokens`` call may ask for.
-MAX_TOKENS_PER_REQUEST = 64
+#: The most tokens one ``requestPoolTokens`` call may ask for (an answer of 256 tokens is
+#: about 12 KB of JSON).
+MAX_TOKENS_PER_REQUEST = 256
 
 #: The public proxy's default cap on one operator's idle pooled connections (setting
 #: ``pool_max_per_operator``).  Its unused pool tokens are capped at
@@ -66,12 +67,13 @@ DEFAULT_POOL_CAP = 64
 def token_cap(max_connections: int) -> int:
     """
     The most unused pool tokens one operator may hold at a public proxy whose cap on its
-    idle connections is ``max_connections``: twice that.  Tokens hold no descriptor (a
-    connection presenting one is still refused over ``max_connections``), and a private
-    proxy holding more of them than it keeps connections asks less often: each call
-    crosses two endpoint servers.
+    idle connections is ``max_connections``: eight times that (512 for the default cap).
+    Tokens hold no descriptor (a connection presenting one is still refused over
+    ``max_connections``), and a private proxy holding more of them than it keeps
+    connections asks less often: each call crosses two endpoint servers and holds up the
+    connections in flight at both proxies.
     """
-    return 2 * max_connections
+    return 8 * max_connections
 
 #: The largest header a private proxy reads on a pooled connection (a PROXY v2 header
 #: with two IPv6 addresses and a 253-byte name is 300 bytes).

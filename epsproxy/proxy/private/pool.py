@@ -107,9 +107,11 @@ SPARES_PER_CONNECTION = 2
 
 #: The fewest spare tokens a pool keeps, whatever its target: a pool of 4 with 8 spares
 #: called ``requestPoolTokens`` once per 4.5 connections of one client, and each call
-#: cost its two endpoint servers about 2 ms of CPU; with 96, once per 43 (issue 14's
-#: measurements).  A token costs the public proxy a few dozen bytes until it expires.
-DEFAULT_SPARES = 96
+#: cost its two endpoint servers about 2 ms of CPU; with 96, once per 43, and those
+#: calls held up the connections in flight (2.3% of them at 1 client: the p99 latency);
+#: with 384, once per ~170 (issue 14's measurements).  A token costs the public proxy a
+#: few hundred bytes until it expires.
+DEFAULT_SPARES = 384
 
 #: A spare token is not used in the last this many seconds of its life (the dial and the
 #: token must reach the public proxy before it expires there).

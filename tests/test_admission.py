@@ -236,6 +236,17 @@ class CappedListener(unittest.TestCase):
         self.assertIn(port, reactor.getReaders())
 
     @inlineCallbacks
+    def test_an_accepted_connection_has_one_peer_address(self):
+        a = Admission("capped", 3, 10, budget=ProcessBudget(cap=100))
+        factory, port = yield self.listen(a)
+        c = self.client((yield connect_from("127.0.0.7", port.getHost().port)))
+        yield factory.accepted.get()
+        transport = factory.open[0].transport
+        peer = transport.getPeer()
+        self.assertIs(transport.getPeer(), peer)  # built once, asked many times
+        self.assertEqual((peer.host, peer.port), ("127.0.0.7", c.transport.getHost().port))
+
+    @inlineCallbacks
     def test_per_address_concurrency_cap_holds(self):
         a = Admission("capped", 50, 2, budget=ProcessBudget(cap=100))
         factory, port = yield self.listen(a)

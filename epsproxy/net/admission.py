@@ -569,11 +569,21 @@ class _AdmittedServer(tcp.Server):
     evictions) and gives its slot back when it closes.
     """
 
+    _peer: Any = None
+
     def __init__(self, sock: socket.socket, protocol: IProtocol, client: tuple[object, ...],
                  server: tcp.Port, sessionno: int, reactor: IReactorFDSet) -> None:
         super().__init__(sock, protocol, client, server, sessionno, reactor)
         port: Any = self.server
         port.admission.opened(self.getPeer(), self.abortConnection)
+
+    def getPeer(self) -> Any:
+        # One address object per connection (Twisted builds one per call, validators
+        # and all; the admission, the limits and the proxy each ask for it).
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     def connectionLost(self, reason: Failure) -> None:
         # The slot is free before the protocol hears of the close (nothing is accepted

@@ -57,7 +57,7 @@ __all__ = [
 
 log = Logger()
 
-#: Default cap of idle connections per operator (and of unexpired tokens: twice it).
+#: Default cap of idle connections per operator (and of unexpired tokens: token_cap of it).
 DEFAULT_MAX_PER_OPERATOR = DEFAULT_POOL_CAP
 #: Default seconds an idle pooled connection is kept before it is closed.
 DEFAULT_IDLE_TIMEOUT = 300.0

@@ -164,8 +164,8 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
         ),
         "pool_max_per_operator": forms.Optional(
             forms.Integer(min=0, max=100_000), default=DEFAULT_POOL_CAP,
-            doc="idle pooled connections one operator may hold, and half the unexpired "
-                "pool tokens (0: no pool, every TLS client is brokered)",
+            doc="idle pooled connections one operator may hold, and an eighth of its "
+                "unexpired pool tokens (0: no pool, every TLS client is brokered)",
         ),
         "pool_idle_timeout": forms.Optional(
             forms.Float(min=1, max=7 * 86400), default=300.0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import weakref
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -75,6 +76,25 @@ class DialTests(TestCase):
         self.assertNotIn(greeter, gc.get_referents(factory, vars(factory)))
         transport.loseConnection()
         yield greeter.lost
+
+    @defer.inlineCallbacks
+    def test_a_closed_connection_is_freed_without_the_garbage_collector(self):
+        # The client and its connector refer to each other until the connection is lost;
+        # then the connector lets go, and no cycle is left for the collector.
+        gc.disable()
+        self.addCleanup(gc.enable)
+        port = self.listen()
+        greeter = yield dial(reactor, "127.0.0.1", port, 5, Greeter())
+        transport: Any = greeter.transport
+        refs = [weakref.ref(transport), weakref.ref(transport.connector), weakref.ref(greeter)]
+        lost = greeter.lost
+        transport.loseConnection()
+        del transport, greeter
+        yield lost
+        d: defer.Deferred[None] = defer.Deferred()
+        reactor.callLater(0, d.callback, None)  # the closing turn has ended
+        yield d
+        self.assertEqual([ref() for ref in refs], [None] * len(refs))
 
     @defer.inlineCallbacks
     def test_bytes_flow(self):

@@ -141,6 +141,12 @@ class _Connector(tcp.Connector):
         transport: Any = self.transport
         transport.start()
 
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        # The client keeps its connector; without this the two would be a cycle left to
+        # the garbage collector, with everything the connection held.
+        self.transport = None
+
 
 class _DialFactory(ClientFactory):
     """Builds the one protocol of a :func:`dial`, then forgets it; quiet."""

@@ -459,7 +459,10 @@ class _End(Protocol):
         if self.reading_done:
             return
         self.reading_done = True
-        if self.peer.lost:
+        # Held here: shutting the other side's write direction may finish and close the
+        # pair before this returns, and a closed pair's ends are unlinked (Splice._closed).
+        splice, peer = self.splice, self.peer
+        if peer is None or peer.lost:
             return
         out = self.out
         # Unregister first: a paused producer would be resumed instead of the socket
@@ -470,17 +473,21 @@ class _End(Protocol):
             out.loseConnection()
         else:
             lose_write()
-        self.splice._check_finished()
+        splice._check_finished()
 
     def writeConnectionLost(self) -> None:
         self.writing_done = True
-        self.splice._check_finished()
+        splice = self.splice
+        if splice is not None:
+            splice._check_finished()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self.lost:
             return
         self.lost = True
-        self.splice._end_lost(self, reason)
+        splice = self.splice
+        if splice is not None:
+            splice._end_lost(self, reason)
 
 
 class Splice:
@@ -635,6 +642,11 @@ class Splice:
                 down=self.right.bytes_in,
             )
         self.done.callback(None)
+        # Both connections are closed, so no event reaches the ends any more: unlink them
+        # from the splice and from each other, so that the pair, its transports and their
+        # buffers are freed at once rather than left to the garbage collector as cycles.
+        for end in (self.left, self.right):
+            end.splice = end.peer = None  # type: ignore[assignment]
 
     def _idle_check(self) -> None:
         self._idle_call = None

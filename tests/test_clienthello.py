@@ -18,11 +18,13 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
-from epsproxy.proxy.clienthello import (
+from epsproxy.proxy.clienthello import (  # the two readings of a body, compared below
     DEFAULT_MAX_BYTES,
     ClientHello,
     ClientHelloError,
     ClientHelloReader,
+    _parse_body,
+    _parse_body_checked,
     parse_client_hello,
     valid_host_name,
 )
@@ -405,6 +407,71 @@ def pq_hello() -> bytes:
     if _PQ is None:
         _PQ = openssl_hello(alpn=[b"h2"])
     return _PQ
+
+
+def _outcome(parse, body: bytes):
+    try:
+        return parse(body)
+    except ClientHelloError as e:
+        return ("error", str(e))
+
+
+class QuickReading(TestCase):
+    """
+    The fields before the extensions are read with index arithmetic, and a body it finds
+    anything wrong with is read again field by field: both readings agree on every body,
+    result or error message.
+    """
+
+    @hsettings(deadline=None, max_examples=600)
+    @given(
+        source=st.sampled_from(["pq", "spec", "built", "no-extensions"]),
+        flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
+        cut=st.none() | st.integers(0, 1 << 16),
+        insert=st.none() | st.tuples(st.integers(0, 1 << 16), st.binary(max_size=8)),
+    )
+    def test_both_readings_agree(self, source, flips, cut, insert):
+        if source == "pq":
+            body = bytearray(message_of(pq_hello())[4:])
+        elif source == "spec":
+            body = bytearray(message_of(SPEC_VECTOR)[4:])
+        elif source == "built":
+            body = bytearray(hello_message(ext(0, sni_ext(b"a.example")))[4:])
+        else:
+            body = bytearray(hello_message(None)[4:])
+        for pos, value in flips:
+            body[pos % len(body)] = value
+        if insert is not None:
+            pos = insert[0] % (len(body) + 1)
+            body[pos:pos] = insert[1]
+        if cut is not None:
+            body = body[:cut % (len(body) + 1)]
+        data = bytes(body)
+        self.assertEqual(_outcome(_parse_body, data), _outcome(_parse_body_checked, data))
+
+
+    def test_both_readings_agree_on_each_bad_field_and_every_truncation(self):
+        variants = {
+            "usual": hello_message(ext(0, sni_ext(b"a.example"))),
+            "no extensions": hello_message(None),
+            "empty extensions": hello_message(b""),
+            "version 0302": hello_message(b"", version=b"\x03\x02"),
+            "33-byte session id": hello_message(b"", session_id=b"\x07" * 33),
+            "no session id": hello_message(ext(0, sni_ext(b"a.example")), session_id=b""),
+            "odd cipher suites": hello_message(b"", suites=b"\x13\x01\x13"),
+            "no cipher suites": hello_message(b"", suites=b""),
+            "no null compression": hello_message(b"", compression=b"\x01"),
+            "no compression": hello_message(b"", compression=b""),
+            "a byte after the extensions": hello_message(ext(0, sni_ext(b"a.example")),
+                                                         trailer=b"\x00"),
+            "a byte after the methods": hello_message(None, trailer=b"\x00"),
+        }
+        for name, message in variants.items():
+            body = message[4:]
+            for cut in range(len(body) + 1):
+                data = body[:cut]
+                self.assertEqual(_outcome(_parse_body, data),
+                                 _outcome(_parse_body_checked, data), (name, cut))
 
 
 class HostileInput(TestCase):

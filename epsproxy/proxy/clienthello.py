@@ -150,8 +150,47 @@ def _parse_server_name(data: bytes) -> str:
     return valid_host_name(name)
 
 
+class _Irregular(Exception):
+    """The quick reading of a ClientHello found something to look at closely."""
+
+
 def _parse_body(body: bytes) -> tuple[str | None, tuple[int, ...]]:
-    """The SNI host name and the extension types of a ClientHello body."""
+    """
+    The SNI host name and the extension types of a ClientHello body.  The fields before
+    the extensions are read with index arithmetic (this runs for every new TLS client);
+    anything short or out of place is read again by :func:`_parse_body_checked`, which
+    names what is wrong.
+    """
+    end = len(body)
+    try:
+        if body[0] != 3 or body[1] != 3:
+            raise _Irregular
+        pos = 35 + body[34]  # version, random, session id length, session id
+        if body[34] > 32:
+            raise _Irregular
+        suites = body[pos] << 8 | body[pos + 1]
+        pos += 2 + suites
+        if not suites or suites % 2 or pos >= end:
+            raise _Irregular
+        methods = body[pos]
+        pos += 1
+        if pos + methods > end or 0 not in body[pos:pos + methods]:
+            raise _Irregular
+        pos += methods
+        if pos == end:
+            return None, ()
+        if (body[pos] << 8 | body[pos + 1]) != end - pos - 2:
+            raise _Irregular
+    except (_Irregular, IndexError):
+        return _parse_body_checked(body)
+    return _extensions(body, pos + 2, end)
+
+
+def _parse_body_checked(body: bytes) -> tuple[str | None, tuple[int, ...]]:
+    """
+    :func:`_parse_body` field by field, each shortfall or bad value named in its error:
+    what a hello that the quick reading finds anything wrong with goes through.
+    """
     c = _Cursor(body)
     version = c.take(2, "client_version")
     if version != b"\x03\x03":
@@ -174,12 +213,16 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[int, ...]]:
         raise ClientHelloError(
             f"extensions length {total} does not match the rest of the hello ({c.left})"
         )
+    return _extensions(body, c.pos, c.end)
+
+
+def _extensions(body: bytes, pos: int, end: int) -> tuple[str | None, tuple[int, ...]]:
+    """The SNI host name and the extension types of the extensions in ``body[pos:end]``."""
     # The extensions, read in place (this runs for every new TLS client): a type and a
     # length of two bytes each, then that many bytes.
     server_name: str | None = None
     types: list[int] = []
     seen: set[int] = set()  # (a list would be quadratic in a hostile hello's extensions)
-    pos, end = c.pos, c.end
     while pos < end:
         if end - pos < 4:
             raise ClientHelloError(f"truncated extension header: 4 bytes needed, "

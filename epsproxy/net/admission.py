@@ -251,7 +251,10 @@ class ProcessBudget:
     def _compute_cap(self) -> int:
         if self.configured_cap is not None:
             return self.configured_cap
-        derived = max(1, self.limit - self.reserved)
+        limit = descriptor_limit()  # one system call, at every new connection
+        reserved = (self.configured_reserved if self.configured_reserved is not None
+                    else reserved_for(limit))
+        derived = max(1, limit - reserved)
         # The settings' max_connections may lower the derived cap, never eat into the
         # reserve.
         return derived if self.setting_cap is None else min(self.setting_cap, derived)
@@ -283,8 +286,10 @@ class ProcessBudget:
 
     def give(self) -> None:
         self.current -= 1
-        if any(listener.paused for listener in self.listeners):
-            self._changed()
+        for listener in self.listeners:
+            if listener.paused:
+                self._changed()
+                return
 
     def accept_failed(self, name: str) -> None:
         self.accept_errors[name] = self.accept_errors.get(name, 0) + 1

@@ -87,8 +87,9 @@ def _abort(protocol: Protocol) -> None:
 class _Hold(Dialled):
     """
     One outbound connection of a raw forward until it is spliced: writes ``first`` (the
-    token; a PROXY header goes with the splice's first bytes instead), stays paused, and
-    remembers anything that arrives anyway.
+    token; a PROXY header goes with the splice's first bytes instead), stays paused
+    unless its dial's callback spliced it at once, and remembers anything that arrives
+    anyway.
     """
 
     def __init__(self, first: bytes) -> None:
@@ -103,10 +104,13 @@ class _Hold(Dialled):
         # the transport over from the protocol the transport talks to.
         if getattr(transport, "protocol", self) is not self:
             transport.protocol = self
-        transport.pauseProducing()
         if self.first:
             transport.write(self.first)
-        super().connectionMade()
+        super().connectionMade()  # fires the dial: a pooled client is spliced right here
+        if transport.protocol is self and not self.gone:
+            # Not spliced yet (the other side is still being dialled): hold it, before
+            # the reactor can deliver anything.  A spliced one is read by its splice.
+            transport.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)

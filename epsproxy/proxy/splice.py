@@ -646,7 +646,7 @@ class Splice:
         # from the splice and from each other, so that the pair, its transports and their
         # buffers are freed at once rather than left to the garbage collector as cycles.
         for end in (self.left, self.right):
-            end.splice = end.peer = None  # type: ignore[assignment]
+            end.splice = end.peer = None  # type: ignore[assignment]  # unlinked once closed
 
     def _idle_check(self) -> None:
         self._idle_call = None

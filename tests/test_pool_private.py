@@ -34,12 +34,18 @@ from twisted.web.template import flattenString, tags
 
 from epsproxy.dev.examples import internal_server
 from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
-from epsproxy.net.jsonrpc.envelope import CallContext, JSONRPCError, TransportError
+from epsproxy.net.jsonrpc.envelope import (
+    INVALID_PARAMS,
+    CallContext,
+    JSONRPCError,
+    TransportError,
+)
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.net.proxy_protocol import V2_SIGNATURE
 from epsproxy.net.token import TOKEN_BYTES
 from epsproxy.proxy.pooling import (
     DEFAULT_POOL_CAP,
+    LEGACY_MAX_TOKENS_PER_REQUEST,
     MAX_TOKENS_PER_REQUEST,
     pool_header,
     token_cap,
@@ -449,6 +455,29 @@ class KeeperTests(unittest.TestCase):
         list(keeper.pools[PUBLIC].idle)[0].connectionLost()
         self.assertEqual(len(keeper.pools[PUBLIC].spare), 312 - 157)
         self.assertEqual(self.client.calls[-1][1], {"count": 157})
+        keeper.stop()
+
+    def test_an_older_public_proxy_is_asked_for_what_it_takes(self) -> None:
+        # Public proxies before 2026-12-03 take at most 64 tokens per call and answer
+        # more with invalid params: asked again at once for 64, and never for more.
+        keeper = PoolKeeper(
+            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=2, pool_max=2, dial=self.dial, spares=200)
+        keeper.check()
+        self.assertEqual(self.client.calls[-1][1], {"count": 202})
+        calls = len(self.client.calls)
+        self.client.calls[-1][2].errback(
+            JSONRPCError(INVALID_PARAMS, "params.count: at most 64"))
+        self.assertEqual(len(self.client.calls), calls + 1)  # at once, no back-off
+        self.assertEqual(self.client.calls[-1][1], {"count": LEGACY_MAX_TOKENS_PER_REQUEST})
+        self.answer(tokens_result(LEGACY_MAX_TOKENS_PER_REQUEST))
+        self.assertEqual(keeper.state()[PUBLIC]["idle"], 2)
+        self.assertEqual(self.client.calls[-1][1], {"count": LEGACY_MAX_TOKENS_PER_REQUEST})
+        self.assertEqual(keeper.request_failures, 0)
+        # Any other refusal still counts and backs off.
+        self.client.calls[-1][2].errback(JSONRPCError(INVALID_PARAMS, "something else"))
+        self.assertEqual(keeper.request_failures, 1)
+        self.assertEqual(len(self.client.calls), calls + 2)
         keeper.stop()
 
     def test_a_small_pool_still_keeps_its_floor_of_spares(self) -> None:

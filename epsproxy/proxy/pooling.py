@@ -40,6 +40,7 @@ from epsproxy.rules import forms
 
 __all__ = [
     "DEFAULT_POOL_CAP",
+    "LEGACY_MAX_TOKENS_PER_REQUEST",
     "MAX_POOL_HEADER",
     "MAX_TOKENS_PER_REQUEST",
     "POOL_TOKENS_RESULT",
@@ -56,6 +57,10 @@ REQUEST_POOL_TOKENS = "requestPoolTokens"
 #: The most tokens one ``requestPoolTokens`` call may ask for (an answer of 256 tokens is
 #: about 12 KB of JSON).
 MAX_TOKENS_PER_REQUEST = 256
+
+#: The most that public proxies released before 2026-12-03 accept per call (they answer
+#: a larger count with invalid params): a private proxy falls back to it for such a proxy.
+LEGACY_MAX_TOKENS_PER_REQUEST = 64
 
 #: The public proxy's default cap on one operator's idle pooled connections (setting
 #: ``pool_max_per_operator``).  Its unused pool tokens are capped at

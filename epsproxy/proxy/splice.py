@@ -24,8 +24,9 @@ from each to the other until both directions are finished:
   third of its send buffer is free) and then makes one large read.
 - **The splice's own reader.**  Between two reactor TCP transports (Twisted's, or
   subclasses that leave reading and writing to Twisted, such as a capped listener's
-  connections) the splice reads each socket itself: ``recv_into`` one preallocated buffer shared by every splice of the
-  process (the reactor runs one read at a time, and a read leaves the buffer only as a
+  connections) the splice reads each socket itself: ``recv_into`` one preallocated
+  buffer shared by every splice of the process (the reactor runs one read at a time,
+  and a read leaves the buffer only as a
   copy of what its receiver did not take), ``send()`` from a view of it, and a read that
   filled its size is followed by another in the same reactor event (at most
   :data:`READS_PER_EVENT`).  The transport becomes a small subclass of Twisted's TCP

@@ -64,7 +64,7 @@ from zope.interface import implementer
 from epsproxy.net.dial import Dialled, dial
 from epsproxy.net.hostport import parse_host_port, truncate_ip
 from epsproxy.net.jsonrpc.client import JSONRPCClient
-from epsproxy.net.jsonrpc.envelope import random_id
+from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, JSONRPCError, random_id
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from epsproxy.net.reactor import IReactor
@@ -73,6 +73,7 @@ from epsproxy.proxy.announcements import PrivateAnnouncements
 from epsproxy.proxy.pooling import (
     DEFAULT_POOL_CAP,
     MAX_POOL_HEADER,
+    LEGACY_MAX_TOKENS_PER_REQUEST,
     MAX_TOKENS_PER_REQUEST,
     POOL_TOKENS_RESULT,
     REQUEST_POOL_TOKENS,
@@ -217,6 +218,8 @@ class _Pool:
         self.connecting: set[_Pooled] = set()
         self.reading: set[_Pooled] = set()  # header under way
         self.requesting: Deferred[Any] | None = None
+        #: The most tokens one call to this public proxy asks for (less for an older one).
+        self.max_request = MAX_TOKENS_PER_REQUEST
         #: Tokens in hand for the next replacements: (token, endpoint, usable until),
         #: the soonest to expire first (so expired ones are dropped from the front).
         self.spare: deque[tuple[bytes, str, float]] = deque()
@@ -448,7 +451,7 @@ class PoolKeeper:
         wanted = max(missing, 0) + spares - len(pool.spare)
         if wanted <= 0:
             return
-        count = min(wanted, MAX_TOKENS_PER_REQUEST)
+        count = min(wanted, pool.max_request)
         self.requests += 1
         d = pool.requesting = self.client.call(
             f"{pool.proxy}.{REQUEST_POOL_TOKENS}", {"count": count}, id=random_id(),
@@ -460,6 +463,17 @@ class PoolKeeper:
         pool.requesting = None
         if isinstance(result, Failure):
             if result.check(defer.CancelledError) or pool.closed:
+                return
+            error = result.value
+            if (isinstance(error, JSONRPCError) and error.code == INVALID_PARAMS
+                    and count > LEGACY_MAX_TOKENS_PER_REQUEST):
+                # A public proxy of an older version (at most 64 tokens per call): ask
+                # it for that many from now on, at once.
+                pool.max_request = LEGACY_MAX_TOKENS_PER_REQUEST
+                log.info("the public proxy {proxy} hands out at most {most} pool tokens "
+                         "per call (an older version): asking for that many",
+                         proxy=shorten(pool.proxy), most=LEGACY_MAX_TOKENS_PER_REQUEST)
+                self._fill(pool)
                 return
             self.request_failures += 1
             self._failed(pool, f"requestPoolTokens failed: {result.getErrorMessage()}")

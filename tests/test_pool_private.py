@@ -53,6 +53,7 @@ from epsproxy.proxy.pooling import (
 from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.proxy.private.pool import (
     BACKOFF_START,
+    SPARE_LIMIT_SECONDS,
     DEFAULT_SPARES,
     SPARE_MARGIN,
     YOUNG_SECONDS,
@@ -572,24 +573,53 @@ class KeeperTests(unittest.TestCase):
 
     def test_fewer_tokens_than_asked_still_fill(self) -> None:
         self.clock.advance(1)
-        self.answer(tokens_result(1))  # asked 6: 1 is dialled, and asked on at once
-        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 1)
-        self.assertEqual(self.client.calls[-1][1], {"count": 5})
-        self.answer(tokens_result(2))  # the pool is full, one spare
-        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 1))
-        self.assertEqual(self.client.calls[-1][1], {"count": 3})
+        self.answer(tokens_result(1))  # asked 6: 1 is dialled; the public proxy is at its
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 1)  # cap for us
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})  # what is missing only
+        self.answer(tokens_result(1))
+        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 0))
         calls = len(self.client.calls)
+        self.clock.advance(5)
+        self.assertEqual(len(self.client.calls), calls)  # no call for spares it will not give
+        self.die()  # a replacement: one token is asked for
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})
         self.answer(tokens_result(0))  # at its cap: asked again after BACKOFF_START
+        calls = len(self.client.calls)
         self.clock.advance(BACKOFF_START - 1)
         self.assertEqual(len(self.client.calls), calls)
-        self.idle()[0].connectionLost()  # the spare still serves meanwhile
-        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 0))
-        self.assertEqual(len(self.client.calls), calls)
         self.clock.advance(1)
-        self.assertEqual(self.client.calls[-1][1], {"count": 4})
-        self.answer(tokens_result(4))
-        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 4))
+        self.assertEqual(self.client.calls[-1][1], {"count": 1})
+        self.answer(tokens_result(1))
+        self.assertEqual((self.keeper.state()[PUBLIC]["idle"], self.spares()), (2, 0))
         self.assertEqual(self.keeper.pools[PUBLIC].backoff, 0)
+        # Once SPARE_LIMIT_SECONDS have passed, the full number of spares is asked again.
+        calls = len(self.client.calls)
+        self.clock.advance(SPARE_LIMIT_SECONDS)
+        self.assertEqual(len(self.client.calls), calls + 1)
+        self.assertEqual(self.client.calls[-1][1], {"count": 4})
+
+    def test_a_capped_public_proxy_is_not_asked_per_replacement(self) -> None:
+        # A public proxy that lets us hold 20 unused tokens (an older one, or a lower
+        # pool_max_per_operator there): asked again only once half of them are used,
+        # not for the one token each replacement frees.
+        client = FakeClient()
+        keeper = PoolKeeper(
+            self.clock, self.announcements, client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=2, pool_max=2, dial=self.dial, spares=200)
+        self.addCleanup(keeper.stop)
+        keeper.check()
+        self.assertEqual(client.calls[-1][1], {"count": 202})
+        client.calls[-1][2].callback(tokens_result(22))  # short: 2 dialled, 20 spares
+        self.assertEqual((keeper.state()[PUBLIC]["idle"], len(keeper.pools[PUBLIC].spare)),
+                         (2, 20))
+        for _ in range(10):  # ten replacements, from the spares: no call
+            self.clock.advance(YOUNG_SECONDS)  # (connections dying young back off)
+            list(keeper.pools[PUBLIC].idle)[0].connectionLost()
+        self.assertEqual((len(client.calls), len(keeper.pools[PUBLIC].spare)), (1, 10))
+        self.clock.advance(YOUNG_SECONDS)
+        list(keeper.pools[PUBLIC].idle)[0].connectionLost()  # fewer than half: ask
+        self.assertEqual(len(client.calls), 2)
+        self.assertEqual(client.calls[-1][1], {"count": 20 - 9})
 
     def test_a_failed_call_does_not_stop_the_spares(self) -> None:
         self.fill()
@@ -901,20 +931,18 @@ class ServedFromThePool(PooledService):
 
     @inlineCallbacks
     def test_fewer_tokens_than_asked_still_fill_and_serve(self):
-        yield self.start(most=1)  # every answer holds one token
+        yield self.start(most=1)  # every answer holds one token: at its cap for us
         yield self.full()
         while self.pool.pools[PUBLIC].requesting is not None:
             yield self.pool.pools[PUBLIC].requesting
-        # 2 missing + the spares, 1 + the spares, then the spares less those held, until
-        # half of them are held
-        half = DEFAULT_SPARES // 2
-        asked = [min(n, MAX_TOKENS_PER_REQUEST) for n in
-                 (2 + DEFAULT_SPARES, 1 + DEFAULT_SPARES, *range(DEFAULT_SPARES, half, -1))]
-        self.assertEqual((self.eps.asked, self.eps.answered), (asked, [1] * len(asked)))
-        self.assertEqual(len(self.pool.pools[PUBLIC].spare), half)
+        # 2 missing + the spares, then the 1 still missing: no spares asked for, since
+        # the public proxy gives none
+        asked = [min(2 + DEFAULT_SPARES, MAX_TOKENS_PER_REQUEST), 1]
+        self.assertEqual((self.eps.asked, self.eps.answered), (asked, [1, 1]))
+        self.assertEqual(len(self.pool.pools[PUBLIC].spare), 0)
         self.assertSuccess((yield self.tls_get()))
         self.assertEqual((self.pool.served, self.service.proxy.incoming_calls), (1, 0))
-        yield self.full()
+        yield self.full()  # its replacement: one call for one token
 
     @inlineCallbacks
     def test_expired_announcements_empty_the_pool(self):
@@ -979,20 +1007,22 @@ class Hostile(PooledService):
 
     @inlineCallbacks
     def test_a_bad_token_result_is_counted_and_the_others_keep_working(self):
-        # the first answer fills the pool and leaves one spare (fewer than the target),
-        # so a second call goes out at once: it gets a bad result
+        # the first answer fills the pool and leaves one spare, all the public proxy
+        # gives (fewer than asked): the next call goes out once that spare is used, and
+        # gets a bad result
         yield self.start(most=3, bad={2: {"tokens": ["not base64!"], "endpoint": "x:1",
                                           "expires_in": 30}})
         yield self.full()
+        self.assertEqual(self.eps.requests, 1)
+        self.assertSuccess((yield self.tls_get()))  # replaced with the spare: a call
         while self.pool.pools[PUBLIC].requesting is not None:
             yield self.pool.pools[PUBLIC].requesting
         self.assertEqual(self.eps.requests, 2)
         self.assertEqual(self.pool.bad_results, 1)
         self.assertEqual(self.pool.pools[PUBLIC].backoff, BACKOFF_START)
-        self.assertEqual(self.pool.state()[PUBLIC]["idle"], 2)
+        yield self.full()
         self.assertSuccess((yield self.tls_get()))  # the pooled ones still serve
-        self.assertEqual((self.pool.served, self.service.proxy.incoming_calls), (1, 0))
-        yield self.full()  # replaced with the spare while calls back off
+        self.assertEqual((self.pool.served, self.service.proxy.incoming_calls), (2, 0))
         self.assertEqual((self.eps.requests, len(self.pool.pools[PUBLIC].spare)), (2, 0))
 
 

@@ -114,6 +114,10 @@ SPARES_PER_CONNECTION = 2
 #: few hundred bytes until it expires.
 DEFAULT_SPARES = 384
 
+#: How long a cap the public proxy put on our spares (it answered fewer tokens than
+#: asked) is kept to before the full number of spares is asked for again.
+SPARE_LIMIT_SECONDS = 60.0
+
 #: A spare token is not used in the last this many seconds of its life (the dial and the
 #: token must reach the public proxy before it expires there).
 SPARE_MARGIN = 1.0
@@ -220,6 +224,10 @@ class _Pool:
         self.requesting: Deferred[Any] | None = None
         #: The most tokens one call to this public proxy asks for (less for an older one).
         self.max_request = MAX_TOKENS_PER_REQUEST
+        #: The most spares worth asking for, while the public proxy caps our unused
+        #: tokens lower than the spares we would keep (None: no cap seen), and until when.
+        self.spare_limit: int | None = None
+        self.spare_limit_until = 0.0
         #: Tokens in hand for the next replacements: (token, endpoint, usable until),
         #: the soonest to expire first (so expired ones are dropped from the front).
         self.spare: deque[tuple[bytes, str, float]] = deque()
@@ -446,6 +454,14 @@ class PoolKeeper:
         spares = (min(max(SPARES_PER_CONNECTION * pool.target, self.spares),
                       max(token_cap(DEFAULT_POOL_CAP) - pool.target, 0))
                   if pool.keep_spares else 0)
+        if pool.spare_limit is not None:
+            if now < pool.spare_limit_until:
+                # The public proxy lets us hold no more (an older version, or a lower
+                # pool_max_per_operator there): what it gave is the spares to keep, or
+                # every replacement would make a call for the one token it frees.
+                spares = min(spares, pool.spare_limit)
+            else:
+                pool.spare_limit = None  # ask for the full number again, once a while
         if missing <= 0 and 2 * len(pool.spare) >= spares:
             return  # enough in hand: ask again once fewer than half the spares are left
         wanted = max(missing, 0) + spares - len(pool.spare)
@@ -495,6 +511,11 @@ class PoolKeeper:
         if pool.failing is not None:
             log.info("the connection pool at {proxy} is filled again", proxy=shorten(pool.proxy))
         pool.failing, pool.backoff = None, 0.0
+        if len(tokens) < count:
+            # At its cap on our unused tokens: keep as spares what we will hold now.
+            missing = max(pool.target - len(pool.idle) - len(pool.connecting), 0)
+            pool.spare_limit = len(pool.spare) + max(len(tokens) - missing, 0)
+            pool.spare_limit_until = self.reactor.seconds() + SPARE_LIMIT_SECONDS
         if not tokens:  # the public proxy is at its cap for us: ask again later
             pool.retry_at = self.reactor.seconds() + BACKOFF_START
             return

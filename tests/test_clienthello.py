@@ -409,6 +409,19 @@ def pq_hello() -> bytes:
     return _PQ
 
 
+def mutated(data: bytearray, flips: list[tuple[int, int]],
+            insert: tuple[int, bytes] | None, cut: int | None) -> bytes:
+    """``data`` with bytes overwritten (positions wrapped), bytes inserted, then cut."""
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if insert is not None:
+        pos = insert[0] % (len(data) + 1)
+        data[pos:pos] = insert[1]
+    if cut is not None:
+        data = data[:cut % (len(data) + 1)]
+    return bytes(data)
+
+
 def _outcome(parse, body: bytes):
     try:
         return parse(body)
@@ -439,14 +452,7 @@ class QuickReading(TestCase):
             body = bytearray(hello_message(ext(0, sni_ext(b"a.example")))[4:])
         else:
             body = bytearray(hello_message(None)[4:])
-        for pos, value in flips:
-            body[pos % len(body)] = value
-        if insert is not None:
-            pos = insert[0] % (len(body) + 1)
-            body[pos:pos] = insert[1]
-        if cut is not None:
-            body = body[:cut % (len(body) + 1)]
-        data = bytes(body)
+        data = mutated(body, flips, insert, cut)
         self.assertEqual(_outcome(_parse_body, data), _outcome(_parse_body_checked, data))
 
 
@@ -507,14 +513,7 @@ class HostileInput(TestCase):
             data = bytearray(SPEC_VECTOR)
         else:
             data = bytearray(records(hello_message(ext(0, sni_ext(b"a.example"))), [20]))
-        for pos, value in flips:
-            data[pos % len(data)] = value
-        if insert is not None:
-            pos = insert[0] % (len(data) + 1)
-            data[pos:pos] = insert[1]
-        if cut is not None:
-            data = data[:cut % (len(data) + 1)]
-        self.run_reader(bytes(data), cuts, max_bytes)
+        self.run_reader(mutated(data, flips, insert, cut), cuts, max_bytes)
 
     @hsettings(deadline=None, max_examples=300)
     @given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=20))

@@ -56,6 +56,14 @@ def free_port() -> int:
 class DialTests(TestCase):
     timeout = 30
 
+    def raw_listener(self, backlog: int) -> socket.socket:
+        """A plain listening socket on loopback that nothing accepts from."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(backlog)
+        return listener
+
     def listen(self, interface: str = "127.0.0.1") -> int:
         port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface=interface)
         self.addCleanup(port.stopListening)
@@ -116,10 +124,7 @@ class DialTests(TestCase):
     def test_the_connect_call_is_made_by_dial_itself(self):
         # Not a reactor turn later: on loopback the kernel has completed the handshake
         # (the connection waits in the listener's accept queue) when dial() returns.
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+        listener = self.raw_listener(8)
         listener.setblocking(False)
         greeter = Greeter()
         d = dial(reactor, "127.0.0.1", listener.getsockname()[1], 5, greeter)
@@ -141,10 +146,7 @@ class DialTests(TestCase):
     @defer.inlineCallbacks
     def test_a_connection_that_never_completes_times_out(self):
         # A listener whose accept queue is full drops new SYNs: the connect hangs.
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
+        listener = self.raw_listener(0)
         port = listener.getsockname()[1]
         fillers = []
         for _ in range(4):

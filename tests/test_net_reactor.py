@@ -133,3 +133,139 @@ class Dispatch(unittest.TestCase):
         a, _ = self.pair()
         self.reactor.doPoll(0.01)
         self.assertEqual((a.read, a.lost), ([], []))
+
+
+class MainLoop(unittest.TestCase):
+    """The main loop, run for real (not installed, no signal handlers)."""
+
+    def setUp(self) -> None:
+        self.reactor = EPollReactor()
+
+    def run_reactor(self) -> None:
+        # Twisted closes the poller and the waker when the reactor is collected; what a
+        # test leaves open is closed by the reactor's own shutdown.
+        self.reactor.callLater(10, self.fail, "the reactor did not stop")  # a bound, not a wait
+        self.reactor.run(installSignalHandlers=False)
+
+    def test_timed_calls_run_in_order_of_their_time(self):
+        ran: list[str] = []
+        self.reactor.callLater(0.02, ran.append, "second")
+        self.reactor.callLater(0, ran.append, "first")
+        later = self.reactor.callLater(0.01, ran.append, "cancelled")
+        later.cancel()
+        self.reactor.callLater(0.03, self.reactor.stop)
+        self.run_reactor()
+        self.assertEqual(ran, ["first", "second"])
+
+    def test_it_sleeps_until_the_next_timed_call_and_no_longer(self):
+        timeouts: list[float | None] = []
+        poll = self.reactor.doPoll
+
+        def recording(timeout: float | None) -> None:
+            timeouts.append(timeout)
+            poll(timeout)
+
+        self.reactor.doPoll = self.reactor.doIteration = recording  # type: ignore[method-assign]
+        self.reactor.callLater(0.05, self.reactor.stop)
+        self.run_reactor()
+        # Each sleep lasted until the stop was due (not a fixed tick, not forever) and
+        # the last one, after stop, did not wait.
+        self.assertTrue(all(t is not None and t <= 0.05 for t in timeouts), timeouts)
+        self.assertGreater(max(t for t in timeouts if t is not None), 0.0)
+        self.assertEqual(timeouts[-1], 0.0)
+
+    def test_the_timed_call_machinery_runs_only_when_something_is_due(self):
+        turns = {"polls": 0, "timed": 0}
+        poll, timed = self.reactor.doPoll, self.reactor.runUntilCurrent
+
+        def counting_poll(timeout: float | None) -> None:
+            turns["polls"] += 1
+            poll(timeout)
+
+        def counting_timed() -> None:
+            turns["timed"] += 1
+            timed()
+
+        self.reactor.doPoll = self.reactor.doIteration = counting_poll  # type: ignore[method-assign]
+        self.reactor.runUntilCurrent = counting_timed  # type: ignore[method-assign]
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        end = _End(self.reactor, ours)
+        self.reactor.addReader(end)
+        chunks = 50
+
+        def on_read() -> None:
+            # Each chunk read asks for the next: many turns, no timed call due.
+            if len(end.read) < chunks:
+                theirs.sendall(b"x")
+            else:
+                self.reactor.stop()
+
+        original = end.doRead
+
+        def read():
+            result = original()
+            on_read()
+            return result
+
+        end.doRead = read  # type: ignore[method-assign]
+        self.reactor.callWhenRunning(theirs.sendall, b"x")
+        self.run_reactor()
+        self.assertEqual(len(end.read), chunks)
+        self.assertGreaterEqual(turns["polls"], chunks)
+        # callWhenRunning's turn, and the stop's: not one per poll.
+        self.assertLessEqual(turns["timed"], 4)
+        self.reactor.removeReader(end)
+        end.sock.close()
+
+    def test_calls_from_threads_are_run(self):
+        import threading
+
+        ran: list[str] = []
+
+        def from_thread() -> None:
+            self.reactor.callFromThread(ran.append, "from a thread")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        self.reactor.callWhenRunning(lambda: threading.Thread(target=from_thread).start())
+        self.run_reactor()
+        self.assertEqual(ran, ["from a thread"])
+
+    def test_stop_fires_the_shutdown_triggers(self):
+        fired: list[str] = []
+        self.reactor.addSystemEventTrigger("before", "shutdown", fired.append, "before")
+        self.reactor.addSystemEventTrigger("after", "shutdown", fired.append, "after")
+        self.reactor.callWhenRunning(self.reactor.stop)
+        self.run_reactor()
+        self.assertEqual(fired, ["before", "after"])
+
+    def test_an_error_escaping_a_timed_call_is_logged_and_the_loop_goes_on(self):
+        ran: list[str] = []
+
+        def boom() -> None:
+            raise Boom("timed call failed")
+
+        self.reactor.callLater(0, boom)
+        self.reactor.callLater(0.01, ran.append, "after the error")
+        self.reactor.callLater(0.02, self.reactor.stop)
+        self.run_reactor()
+        self.assertEqual(ran, ["after the error"])
+        self.assertEqual(len(self.flushLoggedErrors(Boom)), 1)
+
+    def test_an_error_escaping_a_turn_is_logged_and_the_loop_goes_on(self):
+        ran: list[str] = []
+        timed = self.reactor.runUntilCurrent
+        failed = []
+
+        def failing_once() -> None:
+            if not failed:
+                failed.append(True)
+                raise Boom("the turn failed")
+            timed()
+
+        self.reactor.runUntilCurrent = failing_once  # type: ignore[method-assign]
+        self.reactor.callLater(0, ran.append, "ran on a later turn")
+        self.reactor.callLater(0.01, self.reactor.stop)
+        self.run_reactor()
+        self.assertEqual(ran, ["ran on a later turn"])
+        self.assertEqual(len(self.flushLoggedErrors(Boom)), 1)

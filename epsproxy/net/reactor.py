@@ -9,6 +9,11 @@ descriptor for its log prefix and pushes and pops a legacy log context, some ten
 calls per event.  Only legacy ``twisted.python.log`` messages read that context (their
 ``system``); the programs log with ``twisted.logger``.  A proxy handles about nine events
 per relayed connection, so this is a tenth of its Python calls per connection (issue 14).
+Its main loop, too, takes fewer steps per turn: Twisted's asks its queue of timed calls,
+through two methods and a context manager every turn, whether something is due and how
+long it may sleep; :meth:`EPollReactor.mainLoop` runs the timed calls only when one is new,
+due or handed over from a thread, and works out the sleep in line: some ten calls less per
+turn, and at one client a proxy turns a dozen times per connection.
 Every program runs on it when started by twistd without ``--reactor``
 (:func:`install_default`, from the programs' shared options); ``twistd --reactor
 epsproxy`` names it, and any other ``--reactor`` is respected.
@@ -43,6 +48,9 @@ __all__ = ["EPollReactor", "IReactor", "install", "install_default", "installed_
 
 log = Logger()
 
+_LONGEST_SLEEP = 2147483.0
+"""The longest sleep epoll takes (2**31 milliseconds), as in Twisted's ``timeout()``."""
+
 
 class IReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorFromThreads):
     """
@@ -61,7 +69,45 @@ def installed_reactor() -> IReactor:
 
 
 class EPollReactor(epollreactor.EPollReactor):
-    """Twisted's epoll reactor without a legacy log context per event (module docstring)."""
+    """Twisted's epoll reactor without a legacy log context per event, and a leaner main
+    loop (module docstring)."""
+
+    def mainLoop(self) -> None:
+        """
+        Run until stopped, as Twisted's main loop does: each turn, the timed calls that are
+        due (and calls handed over from threads, and the shutdown after ``stop``), then a
+        poll until the next timed call.  An error escaping a turn is logged and the loop
+        goes on.
+        """
+        while self._started:
+            try:
+                self._turns()
+            except BaseException:  # as Twisted's loop: whatever it was, log it, go on
+                log.failure("Unexpected error in main loop")
+        log.info("Main loop terminated.")
+
+    def _turns(self) -> None:
+        seconds = self.seconds
+        poll = self.doPoll
+        while self._started:
+            # Twisted's runUntilCurrent, only when it has something to do.
+            if self.threadCallQueue or self._newTimedCalls or self._justStopped:
+                self.runUntilCurrent()
+            else:
+                pending = self._pendingTimedCalls
+                if pending and pending[0].time <= seconds():
+                    self.runUntilCurrent()
+            # Twisted's timeout(): until the next timed call, none if there is none.
+            if self._newTimedCalls:
+                self._insertNewDelayedCalls()
+            pending = self._pendingTimedCalls
+            if not self.running:
+                poll(0.0)
+            elif pending:
+                delay = pending[0].time - seconds()
+                poll(0.0 if delay <= 0.0 else min(delay, _LONGEST_SLEEP))
+            else:
+                poll(None)
 
     def doPoll(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds (None: until an event) and handle the events."""
@@ -84,6 +130,20 @@ class EPollReactor(epollreactor.EPollReactor):
                 log.failure("handling an event of {selectable!r}", selectable=selectable)
 
     doIteration = doPoll
+
+    def forget(self, selectable: Any) -> None:
+        """
+        Stop reading and writing ``selectable`` in one step (Twisted's ``removeReader``
+        and ``removeWriter`` each ask and modify the poller): for a descriptor about to
+        be closed.
+        """
+        fd = selectable.fileno()
+        reads, writes = self._reads, self._writes
+        if fd in reads or fd in writes:
+            reads.discard(fd)
+            writes.discard(fd)
+            del self._selectables[fd]
+            self._poller.unregister(fd)
 
 
 def install() -> None:

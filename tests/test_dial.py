@@ -162,6 +162,42 @@ class DialTests(TestCase):
         self.assertFalse(greeter.connected)
 
     @defer.inlineCallbacks
+    def test_a_connect_refused_while_under_way_fails_with_the_sockets_error(self):
+        # The SYN is dropped by a full accept queue; the listener then closes, and the
+        # kernel's retried SYN (about a second later) is refused.  epoll reports that as
+        # a hang-up, not as writability: the failure is still the socket's own error.
+        listener = self.raw_listener(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        greeter = Greeter()
+        d = dial(reactor, "127.0.0.1", port, 20, greeter)
+        self.assertFalse(d.called)
+        listener.close()
+        yield self.assertFailure(d, ConnectionRefusedError)
+        self.assertFalse(greeter.connected)
+
+    def test_connecting_waits_for_writability_only(self):
+        # Registered for writing (the connect's completion), not for reading as well.
+        listener = self.raw_listener(0)
+        port = listener.getsockname()[1]
+        filler = socket.socket()
+        self.addCleanup(filler.close)
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        greeter = Greeter()
+        d = dial(reactor, "127.0.0.1", port, 5, greeter)
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+        self.addCleanup(d.cancel)
+        connecting = [w for w in reactor.getWriters() if getattr(w, "connector", None) is not None
+                      and w.realAddress == ("127.0.0.1", port)]
+        self.assertEqual(len(connecting), 1)
+        self.assertNotIn(connecting[0], reactor.getReaders())
+
+    @defer.inlineCallbacks
     def test_a_name_goes_through_resolution(self):
         port = self.listen()
         greeter = Greeter()

@@ -20,15 +20,22 @@ wrapping factory or protocol and no chain of Deferreds is built per connection, 
 nothing of the dial holds the protocol once it is connected (the connection's connector
 lives as long as the connection: through an endpoint it kept the protocol, its header
 reader and its buffers alive until the end).  A name still goes through
-``HostnameEndpoint``.
+``HostnameEndpoint``.  The connect itself takes fewer steps than Twisted's client: it
+waits for writability only (Twisted registers the socket for reading and writing, then
+unregisters both and registers it again for reading once connected), and reads the
+outcome from ``SO_ERROR`` once (Twisted asks ``SO_ERROR`` and calls ``connect`` again
+both before and after): three system calls and some fifteen Python calls less per dial.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from functools import lru_cache
 from typing import Any, Callable, TypeVar
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -101,6 +108,9 @@ class Dialled(Protocol):
             d.callback(self)
 
 
+_UNDER_WAY = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY))
+
+
 class _Client(tcp.Client):
     """
     Twisted's TCP client, except that it starts connecting when its :class:`_Connector`
@@ -109,6 +119,47 @@ class _Client(tcp.Client):
     """
 
     _start: Callable[[], None] | None = None
+    _in_progress = False  # the connect call was made and is under way
+
+    def doConnect(self) -> None:
+        """
+        Twisted's ``doConnect``, in fewer steps: the first call makes the connect call and
+        waits for writability only; the second reads the outcome from ``SO_ERROR``.
+        """
+        if not hasattr(self, "connector"):
+            return  # failed before it started (as in Twisted)
+        skt = self.socket
+        if self._in_progress:
+            err = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        else:
+            try:
+                err = skt.connect_ex(self.realAddress)
+            except OSError as e:
+                err = e.args[0]
+            if err in _UNDER_WAY:
+                self._in_progress = True
+                self.doWrite = self.doRead = self.doConnect  # type: ignore[method-assign]
+                self.startWriting()
+                return
+            if err == errno.EISCONN:
+                err = 0
+        if err:
+            self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
+            return
+        if self._in_progress:
+            del self.doWrite, self.doRead
+            self.stopWriting()
+        self._connectDone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.connected and self._in_progress and hasattr(self, "connector"):
+            # A connect that failed is reported by epoll as a hang-up (not as writable):
+            # the error is the socket's, as Twisted reads it when told it is writable.
+            err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
+                return
+        super().connectionLost(reason)
 
     def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
         if whenDone:

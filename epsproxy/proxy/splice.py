@@ -57,7 +57,7 @@ import socket
 import termios
 from typing import Any, cast
 
-from twisted.internet import defer, main, tcp
+from twisted.internet import defer, error, main, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -169,11 +169,13 @@ class _Spliced(tcp.Connection):
     is the splice's (:meth:`_End.doRead`), and a half-close with nothing queued shuts the
     socket's write side at once instead of after a write event that would send nothing
     (Twisted's own steps of that event, in the same order), and closing it once both
-    directions are shut builds no Failure of its own.
+    directions are shut builds no Failure of its own and takes Twisted's steps for the
+    end of a connection in fewer calls (:class:`_Ending`).
     """
 
     def doRead(self) -> Any:
-        return cast(Any, self.protocol).doRead()
+        protocol: Any = self.protocol  # a splice's end (typing.cast is a call per read)
+        return protocol.doRead()
 
     def loseWriteConnection(self) -> None:
         if (self._tempDataLen or self.offset != len(self.dataBuffer) or not self.connected
@@ -185,23 +187,77 @@ class _Spliced(tcp.Connection):
         self._writeDisconnected = True
         self._closeWriteConnection()
 
+    def _closeWriteConnection(self) -> None:
+        # Twisted's, with the protocol known to be a splice's end (no adaptation).
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        protocol: Any = self.protocol  # a splice's end
+        try:
+            protocol.writeConnectionLost()
+        except BaseException:
+            failure = Failure()
+            log.failure("splice end failed on its write side's end", failure)
+            self.connectionLost(failure)
+
     def loseConnection(self) -> None:
         if self.connected and not self.disconnecting and self._writeDisconnected:
             # Twisted's own steps for a connection whose write side is shut, with one
-            # shared reason (a Failure costs to build, and only the splice sees it).
-            self.stopReading()
-            self.stopWriting()
+            # shared reason (a Failure costs to build, and only the splice sees it); the
+            # reactor lets go of it in :meth:`_Ending.connectionLost`.
             self.connectionLost(_CLOSED)
             return
         super().loseConnection()
 
 
-class _SplicedServer(_Spliced, tcp.Server):
+class _Ending(tcp.Connection):
+    """
+    Twisted's ``Connection.connectionLost`` for a spliced transport, in fewer calls:
+    the reactor lets go of the descriptor in one step (epsproxy's reactor), and a
+    connection closed after both directions were shut (:data:`_CLOSED`) is closed
+    without a ``shutdown`` first (there is nothing left to shut).  It sits under the
+    transport's own class (an admitted connection gives its slot back first, a client
+    tells its connector after), where Twisted's ``Connection`` is.
+    """
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not hasattr(self, "socket"):
+            return  # called twice (as in Twisted)
+        self.disconnected = 1
+        self.connected = 0
+        producer = self.producer
+        if producer is not None:
+            self.producer = None
+            producer.stopProducing()
+        forget = getattr(self.reactor, "forget", None)
+        if forget is not None:
+            forget(self)
+        else:
+            self.stopReading()
+            self.stopWriting()
+        if reason is _CLOSED:
+            try:
+                self.socket.close()
+            except OSError:
+                pass
+        else:
+            self._closeSocket(not reason.check(error.ConnectionAborted))
+        protocol = self.protocol
+        del self.protocol
+        del self.socket
+        del self.fileno
+        protocol.connectionLost(reason)
+
+
+class _SplicedServer(_Spliced, tcp.Server, _Ending):
     """An accepted TCP connection read by its splice."""
 
 
-class _SplicedClient(_Spliced, tcp.Client):
+class _SplicedClient(_Spliced, tcp.Client, _Ending):
     """A dialled TCP connection read by its splice."""
+
+    _commonConnection = _Ending  # BaseClient.connectionLost calls it by this name
 
 
 _SPLICED: dict[type, type | None] = {
@@ -231,7 +287,8 @@ def _spliced_class(cls: type) -> type | None:
                 for name in ("doRead", "doWrite", "writeSomeData", "loseWriteConnection",
                              "loseConnection", "_closeWriteConnection")
             ):
-                made = type(f"_Spliced{cls.__name__}", (_Spliced, cls), {})
+                namespace = {"_commonConnection": _Ending} if base is tcp.Client else {}
+                made = type(f"_Spliced{cls.__name__}", (_Spliced, cls, _Ending), namespace)
                 break
     _SPLICED[cls] = made
     return made
@@ -332,7 +389,8 @@ class _End(Protocol):
         (its ``doWrite`` then resumes its paused producer, us)."""
         if not out.producerPaused:
             out.producerPaused = True
-            cast(IPushProducer, self.transport).pauseProducing()
+            transport: Any = self.transport
+            transport.pauseProducing()
 
     def _held(self, data: bytes) -> None:
         """
@@ -358,7 +416,8 @@ class _End(Protocol):
         The reactor's read event on this side's TCP socket (installed as its transport's
         ``doRead`` when both sides are reactor TCP transports): read into the shared
         buffer and send straight from it.  Returns what Twisted's ``doRead`` returns: None,
-        or the connection's end (clean end-of-stream, or lost).
+        or the connection's loss.  End-of-stream is handled here, as the reactor would
+        (the socket is no longer read, then the half-close), without its steps between.
         """
         transport: Any = self.transport
         recv_into = transport.socket.recv_into
@@ -380,7 +439,13 @@ class _End(Protocol):
             except OSError:
                 return main.CONNECTION_LOST
             if not n:
-                return main.CONNECTION_DONE
+                transport.stopReading()
+                try:
+                    self.readConnectionLost()
+                except BaseException:
+                    log.failure("splice end failed on end-of-stream")
+                    return main.CONNECTION_LOST
+                return None
             self.bytes_in += n
             if self.peer.lost:
                 return None

@@ -7,6 +7,7 @@ a public listener is full, the metrics, and the descriptor limit raised by twist
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import sys
@@ -245,6 +246,71 @@ class CappedListener(unittest.TestCase):
         peer = transport.getPeer()
         self.assertIs(transport.getPeer(), peer)  # built once, asked many times
         self.assertEqual((peer.host, peer.port), ("127.0.0.7", c.transport.getHost().port))
+
+    def failing_accepts(self, port: Any, errors: list[int]) -> None:
+        """Make ``port``'s next accept() calls fail with ``errors``, in order."""
+        real = port.socket
+
+        class Failing:
+            def _accept(self) -> Any:
+                if errors:
+                    code = errors.pop(0)
+                    raise OSError(code, os.strerror(code))
+                return real._accept()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        port.socket = Failing()
+        self.addCleanup(setattr, port, "socket", real)
+
+    @inlineCallbacks
+    def test_accept_errors_are_counted_and_the_connection_is_still_served(self):
+        budget = ProcessBudget(cap=100)
+        a = Admission("capped", 10, 10, budget=budget)
+        factory, port = yield self.listen(a)
+        # EPERM (netfilter) is skipped at once; ECONNABORTED is logged and counted, and
+        # the connection waiting in the backlog is accepted on the next event.
+        self.failing_accepts(port, [errno.EPERM, errno.ECONNABORTED])
+        c = self.client((yield connect_from("127.0.0.8", port.getHost().port)))
+        yield factory.accepted.get()
+        self.assertEqual((yield c.echo(b"served")), b"served")
+        self.assertEqual(budget.accept_errors, {"ECONNABORTED": 1})
+        self.assertEqual((a.current, a.admitted), (1, 1))
+
+    @inlineCallbacks
+    def test_emfile_is_left_to_twisteds_recovery(self):
+        budget = ProcessBudget(cap=100)
+        a = Admission("capped", 10, 10, budget=budget)
+        factory, port = yield self.listen(a)
+        self.failing_accepts(port, [errno.EMFILE])
+        c = self.client((yield connect_from("127.0.0.9", port.getHost().port)))
+        yield factory.accepted.get()
+        # Twisted's doRead took over and accepted it, still through the admission.
+        self.assertEqual((yield c.echo(b"recovered")), b"recovered")
+        transport = factory.open[0].transport
+        self.assertEqual(transport.getPeer().host, "127.0.0.9")
+        self.assertEqual((a.current, a.admitted), (1, 1))
+
+    @inlineCallbacks
+    def test_the_factory_and_the_connection_share_one_address(self):
+        a = Admission("capped", 3, 10, budget=ProcessBudget(cap=100))
+        seen: list[Any] = []
+        factory = HeldFactory()
+        build = factory.buildProtocol
+
+        def recording(addr: Any) -> Any:
+            seen.append(addr)
+            return build(addr)
+
+        factory.buildProtocol = recording  # type: ignore[method-assign]
+        port = yield tls.listen_endpoint(reactor, "127.0.0.1:0", None,
+                                         admission=a).listen(factory)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.abort_all)
+        self.client((yield connect_from("127.0.0.10", port.getHost().port)))
+        yield factory.accepted.get()
+        self.assertIs(factory.open[0].transport.getPeer(), seen[0])
 
     @inlineCallbacks
     def test_per_address_concurrency_cap_holds(self):

@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from epsproxy.net.dial import Dialled, dial
+from epsproxy.net.dial import Dialled, dial, write_at_once
 
 
 class Greeter(Dialled):
@@ -216,3 +216,60 @@ class DialTests(TestCase):
         self.assertEqual(greeter.transport.getPeer().host, "::1")
         greeter.transport.loseConnection()
         yield greeter.lost
+
+
+class WriteAtOnce(TestCase):
+    """write_at_once(): a just-connected socket's first bytes go out in the call."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def connected_pair(self) -> Any:
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        protocol = yield dial(reactor, "127.0.0.1", listener.getsockname()[1], 5, Dialled())
+        self.addCleanup(lambda: protocol.transport.abortConnection())
+        accepted, _ = listener.accept()
+        self.addCleanup(accepted.close)
+        accepted.setblocking(False)
+        return protocol.transport, accepted
+
+    @defer.inlineCallbacks
+    def test_the_bytes_are_sent_in_the_call(self):
+        transport, peer = yield self.connected_pair()
+        write_at_once(transport, b"token")
+        # No reactor turn in between: the peer can read them already.
+        self.assertEqual(peer.recv(100), b"token")
+        self.assertNotIn(transport, reactor.getWriters())
+
+    @defer.inlineCallbacks
+    def test_bytes_queued_before_keep_their_order(self):
+        collected: defer.Deferred[bytes] = defer.Deferred()
+
+        class Collect(Protocol):
+            data = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+                if len(self.data) >= 12:
+                    collected.callback(self.data)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Collect), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        protocol = yield dial(reactor, "127.0.0.1", port.getHost().port, 5, Dialled())
+        self.addCleanup(lambda: protocol.transport.abortConnection())
+        protocol.transport.write(b"first ")  # queued until the next write event
+        write_at_once(protocol.transport, b"second")
+        self.assertEqual((yield collected), b"first second")
+
+    def test_a_transport_of_another_kind_is_written_to(self):
+        written: list[bytes] = []
+
+        class Recording:
+            def write(self, data: bytes) -> None:
+                written.append(data)
+
+        write_at_once(Recording(), b"token")
+        self.assertEqual(written, [b"token"])

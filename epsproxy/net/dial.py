@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 
 from epsproxy.net.reactor import IReactor
 
-__all__ = ["Dialled", "connect_protocol", "dial", "tcp_endpoint"]
+__all__ = ["Dialled", "connect_protocol", "dial", "tcp_endpoint", "write_at_once"]
 
 _P = TypeVar("_P", bound=IProtocol)
 _D = TypeVar("_D", bound="Dialled")
@@ -92,6 +92,26 @@ def connect_protocol(endpoint: IStreamClientEndpoint, protocol: _P) -> "Deferred
     """Connect ``protocol`` through ``endpoint``; fires with it once connected."""
     d: Deferred[Any] = endpoint.connect(_Once(protocol))
     return d
+
+
+def write_at_once(transport: Any, data: bytes) -> None:
+    """
+    Write ``data`` on ``transport`` now.  A reactor TCP transport with nothing queued
+    sends it in this call (what the socket does not take is queued as ``write`` queues
+    it); ``write`` itself always queues and sends on the next write event: for the first
+    bytes of a just-connected socket (a token) that is a reactor turn, two changes to the
+    poller and a write event per connection.  Any other transport: ``write``.
+    """
+    if (isinstance(transport, tcp.Connection) and transport.connected
+            and not transport.disconnecting and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)):
+        sent = transport.writeSomeData(data)
+        if sent.__class__ is int:
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # An error: write() queues it, and the write event finds the error and closes.
+    transport.write(data)
 
 
 class Dialled(Protocol):

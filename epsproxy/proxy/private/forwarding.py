@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.dial import Dialled, dial
+from epsproxy.net.dial import Dialled, dial, write_at_once
 from epsproxy.net.hostport import format_host_port, host_key, parse_host_port, truncate_ip
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
@@ -105,7 +105,7 @@ class _Hold(Dialled):
         if getattr(transport, "protocol", self) is not self:
             transport.protocol = self
         if self.first:
-            transport.write(self.first)
+            write_at_once(transport, self.first)
         super().connectionMade()  # fires the dial: a pooled client is spliced right here
         if transport.protocol is self and not self.gone:
             # Not spliced yet (the other side is still being dialled): hold it, before

@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.dial import Dialled, dial
+from epsproxy.net.dial import Dialled, dial, write_at_once
 from epsproxy.net.hostport import parse_host_port, truncate_ip
 from epsproxy.net.jsonrpc.client import JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, JSONRPCError, random_id
@@ -158,7 +158,7 @@ class _Pooled(Dialled):
         # transport to talk to us directly, to take the connection over.
         if getattr(transport, "protocol", self) is not self:
             transport.protocol = self
-        transport.write(self.token)
+        write_at_once(transport, self.token)
         keep_alive(transport)
         self.dialling = None
         self.keeper._connected(self)

@@ -25,18 +25,26 @@ class _End(FileDescriptor):
     """One end of a socket pair, recording what the reactor does with it."""
 
     def __init__(self, reactor: EPollReactor, sock: socket.socket, *, fail_read: bool = False,
-                 fail_lost: bool = False) -> None:
+                 fail_lost: bool = False, fail_write: bool = False) -> None:
         super().__init__(reactor)
         self.sock = sock
         sock.setblocking(False)
         self.fail_read = fail_read
         self.fail_lost = fail_lost
+        self.fail_write = fail_write
         self.read: list[bytes] = []
         self.lost: list[Failure] = []
         self.connected = 1
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def doWrite(self):
+        self.writable = getattr(self, "writable", 0) + 1
+        if self.fail_write:
+            raise Boom("doWrite failed")
+        self.reactor.removeWriter(self)
+        return None
 
     def doRead(self):
         if self.fail_read:
@@ -128,6 +136,26 @@ class Dispatch(unittest.TestCase):
         # dispatched afterwards (its descriptor is gone).
         self.assertEqual(len(first.read) + len(second.read), 1)
         self.assertEqual(len(first.lost) + len(second.lost), 1)
+
+    def test_writable_descriptors_are_written(self):
+        a, _ = self.pair()
+        self.reactor.removeReader(a)
+        self.reactor.addWriter(a)
+        self.reactor.doPoll(1)
+        self.assertEqual(a.writable, 1)
+        self.assertEqual(a.lost, [])
+
+    def test_a_failing_write_is_logged_and_closes_only_its_descriptor(self):
+        bad, _ = self.pair(fail_write=True)
+        self.reactor.removeReader(bad)
+        self.reactor.addWriter(bad)
+        good, good_peer = self.pair()
+        good_peer.sendall(b"z")
+        self.reactor.doPoll(1)
+        self.assertEqual(len(self.flushLoggedErrors(Boom)), 1)
+        (reason,) = bad.lost
+        self.assertIsInstance(reason.value, Boom)
+        self.assertEqual(good.read, [b"z"])
 
     def test_no_event_within_the_timeout_returns(self):
         a, _ = self.pair()

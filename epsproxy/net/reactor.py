@@ -2,18 +2,22 @@
 The reactor as our code uses it: the one the programs run on, and its type for the checker.
 
 **The programs' reactor.**  :class:`EPollReactor` is Twisted's epoll reactor with a leaner
-dispatch: each ready descriptor goes straight to Twisted's own ``_doReadOrWrite`` (the
-read, write and hang-up handling, its errors logged and the descriptor closed, as in
-Twisted), where Twisted's wraps every event in ``log.callWithLogger``, which asks the
-descriptor for its log prefix and pushes and pops a legacy log context, some ten Python
-calls per event.  Only legacy ``twisted.python.log`` messages read that context (their
-``system``); the programs log with ``twisted.logger``.  A proxy handles about nine events
-per relayed connection, so this is a tenth of its Python calls per connection (issue 14).
+dispatch: a plain readable or writable descriptor (most events) has its ``doRead`` or
+``doWrite`` called in line, its end handled by Twisted's ``_disconnectSelectable`` (errors
+logged and the descriptor closed, as in Twisted), and any other event (hang-up, error,
+both at once) goes to Twisted's own ``_doReadOrWrite``.  Twisted's wraps every event in
+``log.callWithLogger``, which asks the descriptor for its log prefix and pushes and pops a
+legacy log context, some ten Python calls per event.  Only legacy ``twisted.python.log``
+messages read that context (their ``system``); the programs log with ``twisted.logger``.
+A proxy handles about nine events per relayed connection, so this is a tenth of its
+Python calls per connection (issue 14).
+
 Its main loop, too, takes fewer steps per turn: Twisted's asks its queue of timed calls,
 through two methods and a context manager every turn, whether something is due and how
 long it may sleep; :meth:`EPollReactor.mainLoop` runs the timed calls only when one is new,
 due or handed over from a thread, and works out the sleep in line: some ten calls less per
 turn, and at one client a proxy turns a dozen times per connection.
+
 Every program runs on it when started by twistd without ``--reactor``
 (:func:`install_default`, from the programs' shared options); ``twistd --reactor
 epsproxy`` names it, and any other ``--reactor`` is respected.
@@ -31,6 +35,7 @@ These are for mypy (with mypy-zope): no reactor declares that it provides
 
 from __future__ import annotations
 
+import select
 import sys
 from typing import Any, cast
 
@@ -47,6 +52,9 @@ from twisted.logger import Logger
 __all__ = ["EPollReactor", "IReactor", "install", "install_default", "installed_reactor"]
 
 log = Logger()
+
+_READABLE = select.EPOLLIN
+_WRITABLE = select.EPOLLOUT
 
 _LONGEST_SLEEP = 2147483.0
 """The longest sleep epoll takes (2**31 milliseconds), as in Twisted's ``timeout()``."""
@@ -91,12 +99,12 @@ class EPollReactor(epollreactor.EPollReactor):
         poll = self.doPoll
         while self._started:
             # Twisted's runUntilCurrent, only when it has something to do.
-            if self.threadCallQueue or self._newTimedCalls or self._justStopped:
+            now = seconds()
+            pending = self._pendingTimedCalls
+            if (self.threadCallQueue or self._newTimedCalls or self._justStopped
+                    or (pending and pending[0].time <= now)):
                 self.runUntilCurrent()
-            else:
-                pending = self._pendingTimedCalls
-                if pending and pending[0].time <= seconds():
-                    self.runUntilCurrent()
+                now = seconds()
             # Twisted's timeout(): until the next timed call, none if there is none.
             if self._newTimedCalls:
                 self._insertNewDelayedCalls()
@@ -104,7 +112,7 @@ class EPollReactor(epollreactor.EPollReactor):
             if not self.running:
                 poll(0.0)
             elif pending:
-                delay = pending[0].time - seconds()
+                delay = pending[0].time - now
                 poll(0.0 if delay <= 0.0 else min(delay, _LONGEST_SLEEP))
             else:
                 poll(None)
@@ -123,10 +131,29 @@ class EPollReactor(epollreactor.EPollReactor):
             if selectable is None:
                 continue  # closed by an earlier event of this batch
             try:
-                handle(selectable, fd, event)
+                # Plain readable or writable (most events): Twisted's steps for it in
+                # line; hang-ups, errors and both at once go through its own handling.
+                if event == _READABLE:
+                    try:
+                        why = selectable.doRead()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("reading {selectable!r}", selectable=selectable)
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                elif event == _WRITABLE:
+                    try:
+                        why = selectable.doWrite()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("writing {selectable!r}", selectable=selectable)
+                    if why:
+                        self._disconnectSelectable(selectable, why, False)
+                else:
+                    handle(selectable, fd, event)
             except Exception:
-                # _doReadOrWrite catches what doRead/doWrite raise; this is what closing
-                # the descriptor raised.  Logged, and the loop goes on, as in Twisted.
+                # What closing the descriptor raised.  Logged, and the loop goes on, as
+                # in Twisted.
                 log.failure("handling an event of {selectable!r}", selectable=selectable)
 
     doIteration = doPoll

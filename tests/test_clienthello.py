@@ -471,6 +471,17 @@ class QuickReading(TestCase):
             "a byte after the extensions": hello_message(ext(0, sni_ext(b"a.example")),
                                                          trailer=b"\x00"),
             "a byte after the methods": hello_message(None, trailer=b"\x00"),
+            "a repeated extension": hello_message(ext(0, sni_ext(b"a.example")) + ext(16, b"")
+                                                  + ext(16, b"")),
+            "a repeated extension, then a short one": hello_message(
+                ext(16, b"") + ext(16, b"") + b"\x00\x2b\x00\x09"),
+            "two names": hello_message(ext(0, b"\x00\x0e\x00\x00\x04a.ex\x00\x00\x04b.ex")),
+            "a name of another type": hello_message(ext(0, b"\x00\x07\x01\x00\x04a.ex")),
+            "a name list longer than its extension": hello_message(
+                ext(0, b"\x00\x09\x00\x00\x04a.ex")),
+            "a name longer than its list": hello_message(ext(0, b"\x00\x07\x00\x00\x05a.ex")),
+            "an empty name list": hello_message(ext(0, b"\x00\x00")),
+            "a bad host name": hello_message(ext(0, sni_ext(b"a..example"))),
         }
         for name, message in variants.items():
             body = message[4:]

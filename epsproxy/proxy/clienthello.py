@@ -133,6 +133,19 @@ class _Cursor:
 
 
 def _parse_server_name(data: bytes) -> str:
+    """
+    The host name of a ``server_name`` extension's data: one ``host_name`` filling the
+    list, read with index arithmetic; anything else is read again field by field by
+    :func:`_parse_server_name_checked`, which names what is wrong.
+    """
+    n = len(data)
+    if (n >= 5 and (data[0] << 8 | data[1]) == n - 2 and data[2] == _HOST_NAME
+            and (data[3] << 8 | data[4]) == n - 5):
+        return valid_host_name(data[5:])
+    return _parse_server_name_checked(data)
+
+
+def _parse_server_name_checked(data: bytes) -> str:
     c = _Cursor(data)
     listed = c.uint(2, "server_name list length")
     if listed != c.left:
@@ -213,13 +226,40 @@ def _parse_body_checked(body: bytes) -> tuple[str | None, tuple[int, ...]]:
         raise ClientHelloError(
             f"extensions length {total} does not match the rest of the hello ({c.left})"
         )
-    return _extensions(body, c.pos, c.end)
+    return _extensions_checked(body, c.pos, c.end)
 
 
 def _extensions(body: bytes, pos: int, end: int) -> tuple[str | None, tuple[int, ...]]:
-    """The SNI host name and the extension types of the extensions in ``body[pos:end]``."""
-    # The extensions, read in place (this runs for every new TLS client): a type and a
-    # length of two bytes each, then that many bytes.
+    """
+    The SNI host name and the extension types of the extensions in ``body[pos:end]``,
+    read in place (this runs for every new TLS client): a type and a length of two bytes
+    each, then that many bytes.  Anything wrong (short, repeated) is read again by
+    :func:`_extensions_checked`, which stops at the first fault and names it.
+    """
+    start = pos
+    types: list[int] = []
+    append = types.append
+    name_at = name_end = -1
+    while pos < end:
+        if end - pos < 4:
+            return _extensions_checked(body, start, end)
+        ext_type = body[pos] << 8 | body[pos + 1]
+        length = body[pos + 2] << 8 | body[pos + 3]
+        pos += 4
+        if length > end - pos:
+            return _extensions_checked(body, start, end)
+        append(ext_type)
+        if ext_type == _SERVER_NAME:
+            name_at, name_end = pos, pos + length
+        pos += length
+    if len(set(types)) != len(types):
+        return _extensions_checked(body, start, end)
+    server_name = None if name_at < 0 else _parse_server_name(body[name_at:name_end])
+    return server_name, tuple(types)
+
+
+def _extensions_checked(body: bytes, pos: int, end: int) -> tuple[str | None, tuple[int, ...]]:
+    """:func:`_extensions`, one extension at a time, each fault named where it is."""
     server_name: str | None = None
     types: list[int] = []
     seen: set[int] = set()  # (a list would be quadratic in a hostile hello's extensions)
@@ -238,7 +278,7 @@ def _extensions(body: bytes, pos: int, end: int) -> tuple[str | None, tuple[int,
         seen.add(ext_type)
         types.append(ext_type)
         if ext_type == _SERVER_NAME:
-            server_name = _parse_server_name(body[pos:pos + length])
+            server_name = _parse_server_name_checked(body[pos:pos + length])
         pos += length
     return server_name, tuple(types)
 

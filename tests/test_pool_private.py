@@ -50,8 +50,9 @@ from epsproxy.proxy.pooling import (
     pool_header,
     token_cap,
 )
-from epsproxy.proxy.private.forwarding import Forwarder
+from epsproxy.proxy.private.forwarding import Forwarder, address_text
 from epsproxy.proxy.private.pool import (
+    HELD_BEFORE_SPLICE,
     BACKOFF_START,
     SPARE_LIMIT_SECONDS,
     DEFAULT_SPARES,
@@ -124,7 +125,8 @@ class FakeForwarder:
         self.served: list[tuple[Any, Any]] = []
 
     def admits(self, client: Any) -> bool:
-        return client not in self.limited
+        # The keeper passes the pooled header's address object.
+        return address_text(client) not in self.limited
 
     def serve_pooled(self, pooled: Any, header: Any, tag: str) -> Deferred[None]:
         self.served.append((pooled, header))
@@ -209,6 +211,17 @@ class KeeperTests(unittest.TestCase):
         self.assertNotIn(conn, self.idle())
         self.assertEqual((len(self.transports), len(self.client.calls), self.spares()),
                          (3, 1, 3))
+
+    def test_bytes_after_the_header_are_kept_and_reading_pauses_past_a_bound(self) -> None:
+        self.fill()
+        conn = self.idle()[0]
+        conn.dataReceived(pool_header(DOMAIN, "192.0.2.7:4000") + b"\x16hello")
+        self.assertEqual(conn.transport.producerState, "producing")  # not paused for nothing
+        conn.dataReceived(b"early")
+        self.assertEqual(conn.transport.producerState, "producing")
+        conn.dataReceived(b"x" * HELD_BEFORE_SPLICE)
+        self.assertEqual(conn.transport.producerState, "paused")
+        self.assertEqual(b"".join(conn.received), b"early" + b"x" * HELD_BEFORE_SPLICE)
 
     def test_a_header_in_pieces_is_read(self) -> None:
         self.fill()
@@ -1064,6 +1077,38 @@ class ForwardsPerClient(unittest.TestCase):
         self.assertTrue(forwarder.admits("192.0.2.7:1002"))
         forwarder._forget(b)
         self.assertEqual(forwarder._per_client, {"2001:db8::/64": 2})
+
+    def test_a_pooled_headers_address_counts_as_its_text(self) -> None:
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        forwarder = Forwarder(Clock(), {"address": "127.0.0.1:1", "proxy_protocol": False},  # type: ignore[arg-type]  # a Clock is all it needs here
+                              max_connections=100, max_connections_per_client=1)
+        forwarder._track(object(), IPv4Address("TCP", "192.0.2.7", 1000))
+        self.assertFalse(forwarder.admits("192.0.2.7:1002"))
+        self.assertFalse(forwarder.admits(IPv4Address("TCP", "192.0.2.7", 1003)))
+        forwarder._track(object(), IPv6Address("TCP", "2001:db8::1", 5))
+        self.assertFalse(forwarder.admits(IPv6Address("TCP", "2001:db8::9", 5)))  # one /64
+        self.assertTrue(forwarder.admits(IPv6Address("TCP", "2001:db8:0:1::3", 5)))
+        self.assertTrue(forwarder.admits(object()))  # no host: not limited per client
+        self.assertEqual(forwarder._per_client, {"192.0.2.7": 1, "2001:db8::/64": 1})
+
+    def test_the_internal_servers_proxy_header_names_the_pooled_headers_client(self) -> None:
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
+
+        forwarder = Forwarder(Clock(), {"address": "127.0.0.1:1", "proxy_protocol": True},  # type: ignore[arg-type]  # a Clock is all it needs here
+                              max_connections=10)
+        client = IPv4Address("TCP", "192.0.2.7", 4000)
+        server = IPv4Address("TCP", "198.51.100.1", 443)
+        self.assertEqual(forwarder._proxy_header(ProxyHeader(client, b"", server)),
+                         proxy_v2_header("192.0.2.7:4000", "198.51.100.1:443"))
+        # A destination of another family is left out; no client address: LOCAL.
+        self.assertEqual(
+            forwarder._proxy_header(ProxyHeader(client, b"", IPv6Address("TCP", "::1", 443))),
+            proxy_v2_header("192.0.2.7:4000"))
+        self.assertEqual(forwarder._proxy_header(ProxyHeader(None, b"", None)),
+                         proxy_v2_header(None))
 
     def test_default_is_a_quarter_of_max_connections(self) -> None:
         forwarder = Forwarder(Clock(), {"address": "127.0.0.1:1"},  # type: ignore[arg-type]  # a Clock is all it needs here

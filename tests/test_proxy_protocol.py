@@ -41,6 +41,30 @@ class RoundTrip(TestCase):
         self.assertEqual(read.destination, IPv6Address("TCP", "::", 0))
         self.assertEqual(read.authority, "a.b")
 
+    def test_address_objects_give_the_same_header_as_texts(self) -> None:
+        for client, server, text_client, text_server in (
+            (IPv4Address("TCP", "192.0.2.1", 4000), IPv4Address("TCP", "198.51.100.2", 443),
+             "192.0.2.1:4000", "198.51.100.2:443"),
+            (IPv6Address("TCP", "2001:db8::1", 5), None, "[2001:db8::1]:5", None),
+        ):
+            self.assertEqual(proxy_v2_header(client, server, authority="a.b"),
+                             proxy_v2_header(text_client, text_server, authority="a.b"))
+
+    def test_an_object_that_is_not_an_ip_address_and_port_is_refused(self) -> None:
+        class Unix:
+            name = "/run/socket"
+
+        class NoPort:
+            host = "192.0.2.1"
+            port = None
+
+        for bad in (Unix(), NoPort(), IPv4Address("TCP", "192.0.2.1", 70000),
+                    IPv4Address("TCP", "not an ip", 1), 42):
+            with self.assertRaises(ValueError):
+                proxy_v2_header(bad)
+        with self.assertRaises(ValueError):  # families that differ
+            proxy_v2_header(IPv4Address("TCP", "192.0.2.1", 1), IPv6Address("TCP", "::1", 2))
+
     def test_local_with_authority(self) -> None:
         read = ProxyHeaderReader().feed(proxy_v2_header(None, authority="x.example"))
         assert read is not None

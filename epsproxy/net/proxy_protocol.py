@@ -18,6 +18,7 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
@@ -198,9 +199,20 @@ class ProxyHeaderReader:
         return ProxyHeader(source, buf[total:], destination, tlvs)
 
 
-def _ip_port(text: str) -> tuple[bytes, int]:
-    """``ip:port`` as the packed address (4 or 16 bytes) and the port; ValueError if not."""
-    host, port = parse_host_port(text)
+def _ip_port(address: str | Any) -> tuple[bytes, int]:
+    """
+    An ``"ip:port"`` text, or an address object with ``host`` and ``port`` (a parsed
+    header's, a transport's: no text made and read back per connection), as the packed
+    address (4 or 16 bytes) and the port; ValueError if it is neither.
+    """
+    if isinstance(address, str):
+        host, port = parse_host_port(address)
+    else:
+        found_host, found_port = getattr(address, "host", None), getattr(address, "port", None)
+        if (not isinstance(found_host, str) or not isinstance(found_port, int)
+                or not 0 <= found_port <= 65535):
+            raise ValueError(f"not an IP address and port: {type(address).__name__}")
+        host, port = found_host, found_port
     try:  # the C parser first: this runs for every pooled or forwarded connection
         return socket.inet_pton(socket.AF_INET, host), port
     except OSError:
@@ -212,14 +224,16 @@ def _ip_port(text: str) -> tuple[bytes, int]:
 
 
 def proxy_v2_header(
-    client: str | None = None, server: str | None = None, *, authority: str | None = None
+    client: str | Any | None = None, server: str | Any | None = None, *,
+    authority: str | None = None,
 ) -> bytes:
     """
     A PROXY protocol v2 header: a ``PROXY`` command over TCP from ``client`` to
-    ``server`` (``"ip:port"`` texts; an absent server is the family's zero address, port
-    0), or a ``LOCAL`` command when ``client`` is None; with ``authority`` a
+    ``server`` (``"ip:port"`` texts or address objects with ``host`` and ``port``; an
+    absent server is the family's zero address, port 0), or a ``LOCAL`` command when
+    ``client`` is None; with ``authority`` a
     ``PP2_TYPE_AUTHORITY`` TLV naming it.  Raises ValueError for an address that is not
-    ``ip:port``, families that differ, or an authority over 255 bytes.
+    an IP address and port, families that differ, or an authority over 255 bytes.
     """
     tlv = b""
     if authority is not None:

@@ -133,10 +133,11 @@ def keep_alive(transport: Any) -> None:
                 pass
 
 
-def pool_header(domain: str, client: str | None, server: str | None = None) -> bytes:
+def pool_header(domain: str, client: str | Any | None, server: str | Any | None = None) -> bytes:
     """
     The header the public proxy writes on a pooled connection before the ClientHello:
-    PROXY v2 from ``client`` to ``server`` (``"ip:port"``; a ``LOCAL`` command when the
+    PROXY v2 from ``client`` to ``server`` (``"ip:port"`` or address objects, as
+    :func:`~epsproxy.net.proxy_protocol.proxy_v2_header` takes them; a ``LOCAL`` command when the
     client's address is unknown or unusable; without ``server`` when only that is) with
     ``domain`` as the authority TLV.  Raises ValueError for a name that does not fit
     (empty, over 255 bytes).

@@ -97,22 +97,35 @@ log = Logger()
 DEFAULT_HELLO_TIMEOUT = 5.0
 
 
-def _addresses(client: "_Client") -> dict[str, str]:
+def _endpoints(client: "_Client") -> tuple[Any, Any]:
     """
-    ``client_address`` (and, without a PROXY header, ``server_address``) for
-    ``incomingConnection``: the client as this proxy knows it (after a trusted PROXY
-    header, the one it names), so the private proxy's PROXY v2 header to the internal
-    server carries the real client instead of LOCAL.
+    The client's address as this proxy knows it (after a trusted PROXY header, the one
+    it names) and, without a PROXY header, the address it connected to (else None);
+    (None, None) for a client that is not an IP address.
     """
     address = client.address
     if not isinstance(address, (IPv4Address, IPv6Address)):
-        return {}
-    found = {"client_address": format_host_port(address.host, address.port)}
+        return None, None
     transport = client.transport
     if transport is not None and address == transport.getPeer():  # no PROXY header
         local = transport.getHost()
         if isinstance(local, type(address)):
-            found["server_address"] = format_host_port(local.host, local.port)
+            return address, local
+    return address, None
+
+
+def _addresses(client: "_Client") -> dict[str, str]:
+    """
+    ``client_address`` (and, without a PROXY header, ``server_address``) for
+    ``incomingConnection`` (:func:`_endpoints` as texts), so the private proxy's PROXY
+    v2 header to the internal server carries the real client instead of LOCAL.
+    """
+    address, local = _endpoints(client)
+    found = {}
+    if address is not None:
+        found["client_address"] = format_host_port(address.host, address.port)
+    if local is not None:
+        found["server_address"] = format_host_port(local.host, local.port)
     return found
 
 
@@ -428,10 +441,8 @@ class SNIFront:
         """Splice ``client`` with an idle pooled connection of ``operator`` (issue 14)."""
         assert self.pool is not None
         pool = self.pool
-        addresses = _addresses(client)
         try:
-            header = pool_header(name, addresses.get("client_address"),
-                                 addresses.get("server_address"))
+            header = pool_header(name, *_endpoints(client))
             s = self.rendezvous.splice_pair(client, pooled, to_right=header + hello.raw,
                                             tag=f"pool:{operator}")
         except Exception as e:

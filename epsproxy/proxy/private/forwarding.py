@@ -56,14 +56,24 @@ def address_text(address: Any) -> str | None:
     return format_host_port(host, port)
 
 
-def _client_key(client: str | None) -> str | None:
-    """The per-client limit's key of ``"ip:port"`` (IPv6 by /64), None if unusable."""
+def _client_key(client: str | Any | None) -> str | None:
+    """
+    The per-client limit's key of a client: an ``"ip:port"`` text (``incomingConnection``)
+    or an address object with ``host`` (a pooled header's, read per client: no text made
+    and parsed again); IPv6 by /64.  None if unusable.
+    """
     if not client:
         return None
-    try:
-        host, _ = parse_host_port(client)
-    except ValueError:
-        return None
+    if isinstance(client, str):
+        try:
+            host, _ = parse_host_port(client)
+        except ValueError:
+            return None
+    else:
+        found = getattr(client, "host", None)
+        if not isinstance(found, str):
+            return None
+        host = found
     return host_key(host) if host else None
 
 
@@ -189,10 +199,10 @@ class Forwarder:
             return self.max_connections_per_client
         return max(1, self.max_connections // 4)
 
-    def admits(self, client: str | None) -> bool:
+    def admits(self, client: str | Any | None) -> bool:
         """
-        Whether a connection from ``client`` (``"ip:port"``, the real client's, from the
-        pooled header or ``incomingConnection``) may be forwarded now: fewer than
+        Whether a connection from ``client`` (the real client's: an address from the
+        pooled header, ``"ip:port"`` from ``incomingConnection``) may be forwarded now: fewer than
         :attr:`per_client_cap` of its forwards in progress.  A refusal is counted
         (``client_limited``); an unknown client is not limited here (``busy`` still is).
         """
@@ -202,8 +212,9 @@ class Forwarder:
         self.client_limited += 1
         return False
 
-    def _track(self, item: Any, client: str | None) -> None:
-        """A forward in progress (a marker, a splice, a TLS channel) of ``client``."""
+    def _track(self, item: Any, client: str | Any | None) -> None:
+        """A forward in progress (a marker, a splice, a TLS channel) of ``client`` (as
+        :meth:`admits` takes it)."""
         self.active.add(item)
         key = _client_key(client)
         if key is not None:
@@ -240,20 +251,19 @@ class Forwarder:
     def serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
         """
         Serve a pooled connection whose header has been read (the caller checked the
-        name and :attr:`busy`): ``pooled`` is its protocol (paused; ``received``,
-        ``eof`` and ``gone`` say what happened since), ``header`` the pooled header with
+        name and :attr:`busy`): ``pooled`` is its protocol (``received``, ``eof`` and
+        ``gone`` say what happened since), ``header`` the pooled header with
         the client's addresses and the bytes after it.  Fires when it is connected (a
         failure is logged, never raised).
         """
         marker = object()
-        client = address_text(header.source)
-        self._track(marker, client)
+        self._track(marker, header.source)
         d = self._serve_pooled(pooled, header, tag)
 
         def failed(failure: Failure) -> None:
             self.failed += 1
             log.warn("cannot serve pooled connection {tag} (client {client}): {error}",
-                     tag=tag, client=blurred_client(client),
+                     tag=tag, client=blurred_client(address_text(header.source)),
                      error=shorten(failure.getErrorMessage(), 300))
 
         def done(_: Any) -> None:
@@ -266,7 +276,6 @@ class Forwarder:
         Connect to the internal server and splice; fires once spliced.  Callbacks, not
         a coroutine: this runs for every client served from the pool.
         """
-        client = address_text(header.source)
         internal = _Hold(b"")
         d = self._connect(self.endpoint["address"], internal)
 
@@ -280,7 +289,7 @@ class Forwarder:
             # splice's first bytes.
             s = splice(
                 self.reactor, pooled, internal,
-                to_right=(self._proxy_header(client, header) + header.rest
+                to_right=(self._proxy_header(header) + header.rest
                           + b"".join(pooled.received)),
                 to_left=b"".join(internal.received),
                 left_eof=pooled.eof, right_eof=internal.eof,
@@ -288,14 +297,15 @@ class Forwarder:
             )
             self.forwarded += 1
             self.pooled += 1
-            self._track(s, client)
+            self._track(s, header.source)
             s.done.addBoth(lambda _: self._forget(s))
             # Served from the pool is the normal case, counted
             # (private_proxy_pool_served): debug, as the public proxy's pairings; a
             # brokered forward is logged at info.
             if debug_enabled():
                 log.debug("forwarding pooled connection {tag} from client {client} to "
-                          "{address}", tag=tag, client=blurred_client(client),
+                          "{address}", tag=tag,
+                          client=blurred_client(address_text(header.source)),
                           address=self.endpoint["address"])
 
         def not_connected(failure: Failure) -> Failure:
@@ -304,14 +314,20 @@ class Forwarder:
 
         return d.addCallbacks(connected, not_connected)
 
-    def _proxy_header(self, client: str | None, header: ProxyHeader) -> bytes:
-        """The PROXY v2 header for the internal server (if on) naming the real client."""
+    def _proxy_header(self, header: ProxyHeader) -> bytes:
+        """
+        The PROXY v2 header for the internal server (if on) naming the real client (from
+        the pooled header's addresses; a destination that does not fit is left out, a
+        source that is not an IP address makes it LOCAL).
+        """
         if not self.endpoint["proxy_protocol"]:
             return b""
-        try:
-            return proxy_v2_header(client, address_text(header.destination))
-        except ValueError:
-            return proxy_v2_header(client) if client else proxy_v2_header(None)
+        for source, target in ((header.source, header.destination), (header.source, None)):
+            try:
+                return proxy_v2_header(source, target)
+            except ValueError:
+                pass
+        return proxy_v2_header(None)
 
     def _connect(self, address: str, protocol: Dialled) -> Deferred[Any]:
         host, port = parse_host_port(address)

@@ -80,7 +80,7 @@ from epsproxy.proxy.pooling import (
     keep_alive,
     token_cap,
 )
-from epsproxy.proxy.private.forwarding import Forwarder, address_text
+from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.rules.text import shorten
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_START", "DEFAULT_SPARES", "HEADER_TIMEOUT", "PoolKeeper",
@@ -129,12 +129,18 @@ TICK_SECONDS = 1.0
 Dial = Callable[[str, Protocol], "Deferred[Any]"]
 
 
+HELD_BEFORE_SPLICE = 64 * 1024
+"""Most bytes a served pooled connection reads after its header before it is spliced
+(then it is paused until the splice resumes it)."""
+
+
 @implementer(IHalfCloseableProtocol)
 class _Pooled(Dialled):
     """
     One pooled connection: writes its token, then waits for the header.  Thin: every
-    decision is the keeper's.  After the header it stays paused and remembers what
-    arrives anyway (``received``, ``eof``) for the forwarder; ``gone`` once lost.
+    decision is the keeper's.  After the header it remembers what arrives before the
+    splice (``received``, at most :data:`HELD_BEFORE_SPLICE` before it pauses; ``eof``)
+    for the forwarder; ``gone`` once lost.
     """
 
     def __init__(self, keeper: PoolKeeper, pool: _Pool, token: bytes) -> None:
@@ -145,6 +151,7 @@ class _Pooled(Dialled):
         self.reader = ProxyHeaderReader(MAX_POOL_HEADER)
         self.header: ProxyHeader | None = None
         self.received: list[bytes] = []
+        self.held = 0  # bytes in received
         self.eof = False
         self.gone = False
         self.finished = False  # handed to the forwarder, or closed by the keeper
@@ -166,7 +173,13 @@ class _Pooled(Dialled):
 
     def dataReceived(self, data: bytes) -> None:
         if self.header is not None:
+            # Bytes after the header, before the splice (the internal server is being
+            # dialled): a TLS client sends nothing more until the server answers, so
+            # the connection is not paused for them; past HELD_BEFORE_SPLICE it is.
             self.received.append(data)
+            self.held += len(data)
+            if self.held > HELD_BEFORE_SPLICE:
+                self.transport.pauseProducing()  # type: ignore[union-attr]  # TCP transport
             return
         if self.finished:
             return
@@ -183,7 +196,6 @@ class _Pooled(Dialled):
                 self.keeper._taken(self)
             return
         self.header = header
-        self.transport.pauseProducing()  # type: ignore[union-attr]  # TCP transport
         self.keeper._header(self, header)
 
     def readConnectionLost(self) -> None:
@@ -618,7 +630,7 @@ class PoolKeeper:
         if self.forwarder.busy:
             self._refuse(conn, "busy", "max_connections are being forwarded")
             return
-        if not self.forwarder.admits(address_text(header.source)):
+        if not self.forwarder.admits(header.source):
             self._refuse(conn, "client_limit",
                          "max_connections_per_client are being forwarded for its client")
             return

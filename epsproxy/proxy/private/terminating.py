@@ -276,7 +276,7 @@ class TerminatingForwarder(Forwarder):
         channel.client_address = address_text(header.source)
         self.forwarded += 1
         self.pooled += 1
-        self._track(channel, address_text(header.source))  # before any byte: it may end on them
+        self._track(channel, header.source)  # before any byte: it may end on them
         # The normal case, counted (private_proxy_pool_served): debug, as raw forwarding.
         if debug_enabled():
             log.debug("terminating pooled connection {tag} from client {client}", tag=tag,

@@ -626,7 +626,8 @@ class Splice:
         for end, old in zip(ends, (left, right)):
             transport = old.transport  # type: ignore[attr-defined]  # not in IProtocol
             retarget(transport, old, end)
-            if _is_fd(transport):
+            end.peer.fast = _is_fd(transport)  # what the other end writes to
+            if end.peer.fast:
                 # The read size of a reactor TCP transport is its bufferSize; its own
                 # pause threshold (the same attribute) no longer matters, we pause at
                 # any backlog.  Let doWrite send a whole read per call.
@@ -634,7 +635,6 @@ class Splice:
                 transport.SEND_LIMIT = max(transport.SEND_LIMIT, self.read_bytes)
         for end in ends:
             end.out = end.peer.transport
-            end.fast = _is_fd(end.out)
             end.out.registerProducer(end, True)
         lt, rt = self.left.transport, self.right.transport
         left_class, right_class = _spliced_class(type(lt)), _spliced_class(type(rt))
@@ -650,7 +650,8 @@ class Splice:
                 self._idle_call = self._clock.callLater(self.idle_timeout, self._idle_check)
         for end, eof in ((self.left, left_eof), (self.right, right_eof)):
             if not eof:
-                cast(IPushProducer, end.transport).resumeProducing()
+                producer: Any = end.transport  # a push producer (typing.cast is a call)
+                producer.resumeProducing()
         # Bytes read before the splice existed go first, through the normal path
         # (counted, and pausing their source if they cannot all be sent at once).
         if to_right and not self.closed:

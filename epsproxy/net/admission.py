@@ -59,7 +59,7 @@ from twisted.logger import ILogObserver, Logger, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from epsproxy.net.hostport import peer_key
+from epsproxy.net.hostport import host_key, peer_key
 from epsproxy.net.ratelimit import RateLimitedFactory
 from epsproxy.rules import forms
 
@@ -388,7 +388,11 @@ class Admission:
         cap = self.configured_cap
         if cap is None:
             cap = default_listener_cap(budget._cap)
-        return max(0, min(cap - self.current, budget._cap - budget.current))
+        room = cap - self.current
+        total = budget._cap - budget.current
+        if total < room:
+            room = total
+        return room if room > 0 else 0
 
     def reconfigure(
         self, max_connections: int | None, per_address: int | None,
@@ -422,7 +426,8 @@ class Admission:
         """The per-address key of ``address``, or None when it is exempt."""
         if self.exempt and address_in(address, self.exempt):
             return None
-        return peer_key(address)
+        host = getattr(address, "host", None)
+        return host_key(host) if host.__class__ is str else peer_key(address)
 
     def admit(self, address: IAddress | Any) -> bool:
         """Count a new connection from ``address``; False if it must be closed."""
@@ -544,7 +549,10 @@ class Admission:
 
 
 def _identity(address: IAddress | Any) -> tuple[Any, Any]:
-    return (getattr(address, "host", None), getattr(address, "port", None))
+    try:  # an IPv4Address or IPv6Address (asked several times per connection)
+        return (address.host, address.port)  # type: ignore[union-attr]  # or the fallback
+    except AttributeError:
+        return (getattr(address, "host", None), getattr(address, "port", None))
 
 
 def listener_admission(

@@ -163,6 +163,75 @@ class Dispatch(unittest.TestCase):
         self.assertEqual((a.read, a.lost), ([], []))
 
 
+class Registration(unittest.TestCase):
+    """Adding and removing readers and writers, in every order, as Twisted's reactor does."""
+
+    def setUp(self) -> None:
+        self.reactor = EPollReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.addCleanup(self.reactor.waker.connectionLost, None)
+        ours, self.theirs = socket.socketpair()
+        self.addCleanup(self.theirs.close)
+        self.end = _End(self.reactor, ours)
+        self.addCleanup(ours.close)
+
+    def state(self) -> tuple[bool, bool]:
+        return (self.end in self.reactor.getReaders(), self.end in self.reactor.getWriters())
+
+    def test_reading_and_writing_in_every_order(self):
+        r = self.reactor
+        r.addReader(self.end)
+        r.addReader(self.end)  # twice: no change
+        self.assertEqual(self.state(), (True, False))
+        r.addWriter(self.end)
+        self.assertEqual(self.state(), (True, True))
+        r.removeReader(self.end)
+        self.assertEqual(self.state(), (False, True))
+        r.removeReader(self.end)  # not reading: nothing happens
+        self.assertEqual(self.state(), (False, True))
+        r.addReader(self.end)
+        r.removeWriter(self.end)
+        self.assertEqual(self.state(), (True, False))
+        r.removeReader(self.end)
+        self.assertEqual(self.state(), (False, False))
+        self.assertNotIn(self.end.fileno(), r._selectables)
+
+    def test_the_poller_reports_what_is_registered(self):
+        r = self.reactor
+        r.addWriter(self.end)
+        r.addReader(self.end)
+        self.theirs.sendall(b"x")
+        r.doPoll(1)  # readable and writable at once: both handled
+        self.assertEqual(self.end.read, [b"x"])
+        self.assertEqual(getattr(self.end, "writable", 0), 1)
+        r.removeReader(self.end)
+        self.theirs.sendall(b"y")
+        r.doPoll(0)
+        self.assertEqual(self.end.read, [b"x"])  # no longer read
+
+    def test_a_descriptor_epoll_cannot_watch_is_polled_continuously(self):
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            class File(FileDescriptor):
+                def fileno(self) -> int:
+                    return f.fileno()
+
+                def doRead(self) -> None:
+                    return None
+
+            file = File(self.reactor)
+            self.reactor.addReader(file)
+            self.assertIn(file, self.reactor.getReaders())
+            self.assertIn(file, self.reactor._continuousPolling._readers)
+            self.reactor.removeReader(file)
+            self.assertNotIn(file, self.reactor.getReaders())
+            self.reactor.addWriter(file)
+            self.assertIn(file, self.reactor.getWriters())
+            self.reactor.removeWriter(file)
+            self.assertNotIn(file, self.reactor.getWriters())
+
+
 class MainLoop(unittest.TestCase):
     """The main loop, run for real (not installed, no signal handlers)."""
 

@@ -35,6 +35,7 @@ These are for mypy (with mypy-zope): no reactor declares that it provides
 
 from __future__ import annotations
 
+import errno
 import select
 import sys
 from typing import Any, cast
@@ -157,6 +158,74 @@ class EPollReactor(epollreactor.EPollReactor):
                 log.failure("handling an event of {selectable!r}", selectable=selectable)
 
     doIteration = doPoll
+
+    # Twisted's addReader/addWriter/removeReader/removeWriter, each in one call (Twisted's
+    # go through a shared _add or _remove, and the removals ask the continuous poller
+    # first): a proxy makes about eight of these per connection.
+
+    def addReader(self, reader: Any) -> None:
+        fd = reader.fileno()
+        reads = self._reads
+        if fd in reads:
+            return
+        try:
+            if fd in self._writes:
+                self._poller.modify(fd, _READABLE | _WRITABLE)
+            else:
+                self._poller.register(fd, _READABLE)
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+            self._continuousPolling.addReader(reader)  # a descriptor epoll cannot watch
+            return
+        reads.add(fd)
+        self._selectables[fd] = reader
+
+    def addWriter(self, writer: Any) -> None:
+        fd = writer.fileno()
+        writes = self._writes
+        if fd in writes:
+            return
+        try:
+            if fd in self._reads:
+                self._poller.modify(fd, _READABLE | _WRITABLE)
+            else:
+                self._poller.register(fd, _WRITABLE)
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+            self._continuousPolling.addWriter(writer)
+            return
+        writes.add(fd)
+        self._selectables[fd] = writer
+
+    def removeReader(self, reader: Any) -> None:
+        fd = reader.fileno()
+        reads = self._reads
+        if fd not in reads:
+            if fd == -1 or self._continuousPolling._readers:
+                super().removeReader(reader)  # already closed, or continuously polled
+            return
+        if fd in self._writes:
+            self._poller.modify(fd, _WRITABLE)
+        else:
+            del self._selectables[fd]
+            self._poller.unregister(fd)
+        reads.remove(fd)
+
+    def removeWriter(self, writer: Any) -> None:
+        fd = writer.fileno()
+        writes = self._writes
+        if fd not in writes:
+            if fd == -1 or self._continuousPolling._writers:
+                super().removeWriter(writer)
+            return
+        if fd in self._reads:
+            self._poller.modify(fd, _READABLE)
+        else:
+            del self._selectables[fd]
+            self._poller.unregister(fd)
+        writes.remove(fd)
 
     def forget(self, selectable: Any) -> None:
         """

@@ -23,7 +23,14 @@ from twisted.trial import unittest
 
 from epsproxy.net import admission, tls
 from epsproxy.net.admission import Admission, AdmissionCollector, ProcessBudget
-from tests.support.admission import Client, HeldFactory, IdleTLS, connect_from, spawn_attacker
+from tests.support.admission import (
+    Client,
+    HeldFactory,
+    IdleTLS,
+    connect_from,
+    lower_descriptor_limit,
+    spawn_attacker,
+)
 from tests.support.metrics import request, samples
 from tests.support.proxies import FakeEPS, public_section, write_settings
 from tests.support.sd import write_sd_settings
@@ -381,17 +388,6 @@ class CappedListener(unittest.TestCase):
         yield first.lost
         self.assertEqual(first.received, b"welcome")
         self.assertEqual(a.admitted, 2)
-
-
-def lower_descriptor_limit(test: unittest.TestCase, free: int) -> None:
-    """Set the soft RLIMIT_NOFILE so that exactly ``free`` more descriptors can be opened."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    used = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
-    limit = 0
-    while limit - sum(1 for fd in used if fd < limit) < free:
-        limit += 1
-    test.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 class Headroom(unittest.TestCase):

@@ -79,9 +79,9 @@ class DialTests(TestCase):
         self.assertIsNone(greeter.when_connected)
         # the connector (alive with the connection) no longer holds the protocol
         transport: Any = greeter.transport
-        factory = transport.connector.factory
-        self.assertIsNone(factory._protocol)
-        self.assertNotIn(greeter, gc.get_referents(factory, vars(factory)))
+        connector = transport.connector
+        self.assertIsNone(connector._protocol)
+        self.assertNotIn(greeter, gc.get_referents(connector, vars(connector)))
         transport.loseConnection()
         yield greeter.lost
 
@@ -196,6 +196,20 @@ class DialTests(TestCase):
                       and w.realAddress == ("127.0.0.1", port)]
         self.assertEqual(len(connecting), 1)
         self.assertNotIn(connecting[0], reactor.getReaders())
+
+    @defer.inlineCallbacks
+    def test_no_descriptor_left_fails_the_dial(self):
+        from twisted.internet.error import ConnectBindError
+
+        from tests.support.admission import lower_descriptor_limit
+
+        port = self.listen()
+        lower_descriptor_limit(self, 0)  # socket() fails with EMFILE
+        greeter = Greeter()
+        failure = yield self.assertFailure(dial(reactor, "127.0.0.1", port, 5, greeter),
+                                           ConnectBindError)
+        self.assertIn("Too many open files", str(failure))
+        self.assertIsNone(greeter.when_connected)
 
     @defer.inlineCallbacks
     def test_a_name_goes_through_resolution(self):

@@ -6,6 +6,8 @@ separate process that holds many connections (so its descriptors are not ours).
 
 from __future__ import annotations
 
+import os
+import resource
 import sys
 from typing import Any
 
@@ -14,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.trial import unittest
 from zope.interface import implementer
 
 
@@ -151,3 +154,14 @@ def spawn_attacker(port: int, count: int) -> Attacker:
                          [sys.executable, "-c", ATTACKER, "127.0.0.1", str(port), str(count)],
                          env=None)
     return attacker
+
+
+def lower_descriptor_limit(test: unittest.TestCase, free: int) -> None:
+    """Set the soft RLIMIT_NOFILE so that exactly ``free`` more descriptors can be opened."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    limit = 0
+    while limit - sum(1 for fd in used if fd < limit) < free:
+        limit += 1
+    test.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))

@@ -253,6 +253,11 @@ class CappedListener(unittest.TestCase):
         peer = transport.getPeer()
         self.assertIs(transport.getPeer(), peer)  # built once, asked many times
         self.assertEqual((peer.host, peer.port), ("127.0.0.7", c.transport.getHost().port))
+        # Twisted's log prefix and repr, made when asked rather than at every accept.
+        name = type(factory.open[0]).__name__
+        self.assertEqual(transport.logPrefix(), f"{name},{transport.sessionno},127.0.0.7")
+        self.assertEqual(repr(transport),
+                         f"<{name} #{transport.sessionno} on {port.getHost().port}>")
 
     def failing_accepts(self, port: Any, errors: list[int]) -> None:
         """Make ``port``'s next accept() calls fail with ``errors``, in order."""

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol as TypingProtocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.internet import tcp
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IAddress,
@@ -596,9 +597,29 @@ class _AdmittedServer(tcp.Server):
         # ``peer``: the address object the port already built for the factory (one
         # per connection, not two).
         self._peer = peer
-        super().__init__(sock, protocol, client, server, sessionno, reactor)
-        port: Any = self.server
+        # tcp.Server's steps, without the log prefix and the repr text it formats for
+        # every connection (made when asked: logPrefix, repr).
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.startReading()
+        self.connected = 1
+        port: Any = server
         port.admission.opened(self.getPeer(), self.abortConnection)
+
+    @property
+    def logstr(self) -> str:  # type: ignore[override]  # tcp.Server's attribute, made when asked
+        return f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
+
+    @property
+    def repstr(self) -> str:  # type: ignore[override]  # tcp.Server's attribute, made when asked
+        port: Any = self.server
+        return (f"<{self.protocol.__class__.__name__} #{self.sessionno} on "
+                f"{port._realPortNumber}>")
 
     def getPeer(self) -> Any:
         # One address object per connection (Twisted builds one per call, validators

@@ -181,7 +181,7 @@ class _Client(tcp.Client):
                 err = e.args[0]
             if err in _UNDER_WAY:
                 self._in_progress = True
-                self.doWrite = self.doRead = self.doConnect  # type: ignore[method-assign]
+                self.doWrite = self.doRead = self.doConnect  # type: ignore[method-assign]  # as Twisted does
                 self.startWriting()
                 return
             if err == errno.EISCONN:

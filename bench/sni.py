@@ -10,7 +10,9 @@ One TLS server, Debian's nginx (:mod:`bench.sni_network` says why and how), reac
 - **ours, terminating**: the same, but the private proxy terminates TLS (same
   certificate) and forwards HTTP to nginx's plain port;
 - **HAProxy chain**: an ``req.ssl_sni`` router -> a TCP hop -> nginx's HTTPS port, with
-  default buffers and with ``tune.bufsize 1048576``.
+  default buffers and with ``tune.bufsize 1048576``;
+- **floor**: plain Python shaped like our two proxies on the pooled path, without their
+  limits and checks (:mod:`bench.sni_floor`): how much of the gap to HAProxy is Python's.
 
 All programs run as real processes (ours under ``twistd``) with settings written for the
 run under ``run/bench-sni/`` and free ports.  Measured, per path:
@@ -92,6 +94,7 @@ PATHS = (
     SniPath("ours-term", "ours: public + private proxy, terminating", TERM_DOMAIN),
     SniPath("haproxy", "HAProxy chain (SNI router + TCP hop), default buffers"),
     SniPath("haproxy-1m", "HAProxy chain, tune.bufsize 1048576"),
+    SniPath("floor", "floor: plain Python on the pooled path, no limits (bench/sni_floor.py)"),
 )
 BY_KEY = {path.key: path for path in PATHS}
 CHAINS = ("haproxy", "haproxy-1m")

@@ -54,6 +54,7 @@ BIN = Path(sys.executable).parent
 
 PUBLIC = "public-proxy-1.ga"
 RAW_OPERATOR = "private-proxy-1.ga"
+FLOOR_POOL = 64  # pooled connections the floor's back keeps (replaced as they are used)
 TERM_OPERATOR = "op-1"
 #: The names the client asks for; the internal-server certificate covers both.
 RAW_DOMAIN = "raw.internal-server.local"
@@ -190,6 +191,8 @@ class Ports:
     eps: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (peers, gateway)
     private_jsonrpc: dict[str, int] = field(default_factory=dict)
     chains: dict[str, tuple[int, int]] = field(default_factory=dict)  # key: (router, hop)
+    floor_tls: int = field(default_factory=free_port)
+    floor_pool: int = field(default_factory=free_port)
 
     def eps_ports(self, name: str) -> tuple[int, int]:
         if name not in self.eps:
@@ -400,6 +403,19 @@ http {{
         return Process(role, _twistd(role, "proxy", self.folder, "--mode", "private"),
                        self.folder / f"{role}.out", (port,))
 
+    # -- the floor: plain Python on the pooled path (bench/sni_floor.py) ------------------
+    def _floor(self) -> list[Process]:
+        floor = [sys.executable, "-m", "bench.sni_floor"]
+        return [
+            Process("floor-front", floor + ["front", str(self.ports.floor_tls),
+                                            str(self.ports.floor_pool)],
+                    self.folder / "floor-front.out",
+                    (self.ports.floor_tls, self.ports.floor_pool)),
+            Process("floor-back", floor + ["back", str(self.ports.floor_pool),
+                                           str(self.ports.nginx_tls), str(FLOOR_POOL)],
+                    self.folder / "floor-back.out"),
+        ]
+
     def _ours(self, raw: bool, term: bool) -> list[Process]:
         private = ([RAW_OPERATOR] if raw else []) + ([TERM_OPERATOR] if term else [])
         self._directory(private)
@@ -451,6 +467,8 @@ http {{
                 wanted += self._haproxy_chain(key, 1048576 if key.endswith("1m") else 0)
         if "ours-raw" in paths or "ours-term" in paths:
             wanted += self._ours("ours-raw" in paths, "ours-term" in paths)
+        if "floor" in paths:
+            wanted += self._floor()
         for process in wanted:
             self.processes[process.name] = process
             step(f"starting {process.name}")
@@ -480,6 +498,8 @@ http {{
                 names += [f"eps-{PUBLIC}", f"eps-{operator}"]
         elif key.startswith("haproxy"):
             names = [f"{key}-router", f"{key}-hop"]
+        elif key == "floor":
+            names = ["floor-front", "floor-back"]
         else:
             names = []
         return [self.processes[n].pid for n in names]
@@ -490,6 +510,8 @@ http {{
             return self.ports.nginx_tls
         if key.startswith("ours"):
             return self.ports.public_tls
+        if key == "floor":
+            return self.ports.floor_tls
         return self.ports.chains[key][0]
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:

@@ -21,7 +21,7 @@ from bench.sni_network import Network, missing_tools
 STREAM = 10_000_000
 IDLE = 20
 CLIENTS = (1, 4)
-PATHS = ("direct", "ours-raw", "ours-term", "haproxy")
+PATHS = ("direct", "ours-raw", "ours-term", "haproxy", "floor")
 
 
 class BenchSniSmokeTests(SynchronousTestCase):

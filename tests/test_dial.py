@@ -212,6 +212,34 @@ class DialTests(TestCase):
         self.assertIsNone(greeter.when_connected)
 
     @defer.inlineCallbacks
+    def test_dials_in_progress_share_one_timer(self):
+        from epsproxy.net.deadlines import Deadlines
+
+        def deadline_timers() -> list[Any]:
+            return [c for c in reactor.getDelayedCalls()
+                    if isinstance(getattr(c.func, "__self__", None), Deadlines)]
+
+        # A listener whose accept queue is full drops new SYNs: the dials stay connecting.
+        listener = self.raw_listener(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        before = len(deadline_timers())
+        greeters = [Greeter() for _ in range(5)]
+        dials = [dial(reactor, "127.0.0.1", port, 7.5, g) for g in greeters]
+        for d in dials:
+            d.addErrback(lambda f: f.trap(defer.CancelledError, TimeoutError))
+        self.assertEqual(len(deadline_timers()), before + 1)  # one, not five
+        self.assertFalse(any(g.connected for g in greeters))
+        for d in dials:
+            d.cancel()
+        yield defer.DeferredList(dials)
+        self.assertEqual(len(deadline_timers()), before)  # stopped with the last dial
+
+    @defer.inlineCallbacks
     def test_a_name_goes_through_resolution(self):
         port = self.listen()
         greeter = Greeter()

@@ -34,6 +34,7 @@ import errno
 import os
 import socket
 from functools import lru_cache
+from weakref import WeakKeyDictionary
 from typing import Any, Callable, TypeVar
 
 from twisted.internet import error, tcp
@@ -46,6 +47,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
+from epsproxy.net.deadlines import Deadlines
 from epsproxy.net.reactor import IReactor
 
 __all__ = ["Dialled", "connect_protocol", "dial", "tcp_endpoint", "write_at_once"]
@@ -214,10 +216,29 @@ class _Client(tcp.Client):
         super().connectionLost(reason)
 
 
+_DEADLINES: WeakKeyDictionary[Any, dict[float, Deadlines[_Dial]]] = WeakKeyDictionary()
+
+
+def _deadlines(reactor: Any, timeout: float) -> Deadlines[_Dial]:
+    """
+    The connect deadlines of ``reactor``'s dials of ``timeout`` seconds: one timer for
+    all of them, where a timer each is a push into the reactor's heap and a cancel per
+    dial (two dials per client in the private proxy).
+    """
+    by_timeout = _DEADLINES.get(reactor)
+    if by_timeout is None:
+        by_timeout = _DEADLINES[reactor] = {}
+    deadlines = by_timeout.get(timeout)
+    if deadlines is None:
+        deadlines = by_timeout[timeout] = Deadlines(reactor, timeout, _Dial._timed_out)
+    return deadlines
+
+
 class _Dial:
     """
     One :func:`dial` of an IP address: what Twisted's TCP client needs of its connector
-    (the protocol, once connected; the failure; the end), the timeout, and the Deferred.
+    (the protocol, once connected; the failure; the end), and its connect deadline (on
+    one timer with the reactor's other dials of that timeout: :func:`_deadlines`).
     Twisted's connector and client factory take some twenty Python calls more per dial:
     a factory started and stopped, an address parsed again, an exception built for the
     timeout, the timer cancelled through two methods.
@@ -227,17 +248,15 @@ class _Dial:
         self.state = "connecting"
         self.transport: _Client | None = None
         self._protocol: Dialled | None = protocol
-        self._timer: Any = reactor.callLater(timeout, self._timed_out)
+        self._deadlines = _deadlines(reactor, timeout)
+        self._deadlines.add(self)
 
     def _timed_out(self) -> None:
-        self._timer = None
         if self.transport is not None:
             self.transport.failIfNotConnected(error.TimeoutError())
 
     def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+        self._deadlines.discard(self)
 
     def buildProtocol(self, addr: Any) -> Dialled | None:
         self.state = "connected"

@@ -379,7 +379,6 @@ class SNIFront:
     def _route(self, client: _Client, hello: ClientHello) -> None:
         self._stop_reading(client)
         client.state = "routing"
-        peer = _describe(client.address)
         name = hello.server_name
         if name is None:
             self._refuse(client, "no_sni", "ClientHello without a server name")
@@ -391,6 +390,7 @@ class SNIFront:
             operator = None
         if operator is None:
             self.no_route += 1
+            peer = _describe(client.address)
             log.info("no announcement for {name} (client {peer}), closing", name=name, peer=peer)
             if self.on_no_route is not None:
                 self.on_no_route(name, peer)  # the name as sent, the client blurred
@@ -406,7 +406,8 @@ class SNIFront:
             token = self.rendezvous.new_token()
         except RendezvousFull as e:
             self.full += 1
-            log.warn("cannot route {name} for {peer}: {why}", name=name, peer=peer, why=str(e))
+            log.warn("cannot route {name} for {peer}: {why}", name=name,
+                     peer=_describe(client.address), why=str(e))
             self._close(client)
             return
         tag = token_tag(token)
@@ -425,7 +426,7 @@ class SNIFront:
             # header's): never evicted at the cap, no longer counted against its address.
             self.on_routed(cast(ITCPTransport, client.transport).getPeer())
         log.info("{name} from {peer}: asking {operator} to collect it (token {tag})",
-                 name=name, peer=peer, operator=operator, tag=tag)
+                 name=name, peer=_describe(client.address), operator=operator, tag=tag)
         params = {
             "domain": name,
             "token": encode_token(token),
@@ -461,7 +462,8 @@ class SNIFront:
         self.pooled += 1
         s.done.addBoth(lambda _: pool.release(pooled))
         if self.on_routed is not None:
-            self.on_routed(cast(ITCPTransport, client.transport).getPeer())
+            transport: Any = client.transport  # a TCP transport (typing.cast is a call)
+            self.on_routed(transport.getPeer())
         if debug_enabled():
             log.debug("{name} from {peer}: served by a pooled connection of {operator}",
                       name=name, peer=_describe(client.address), operator=operator)

@@ -464,7 +464,12 @@ class _End(Protocol):
                 self._held(bytes(view[sent:n]))
                 return None
             drained = n < size
-            size = self.read_size = self._next_read(n)
+            if n < self.slow_size and self.read_size:
+                # _next_read's first case in line (a small message: the size stays).
+                self.credit -= n
+                size = self.read_size
+            else:
+                size = self.read_size = self._next_read(n)
             if not size:
                 # The receiver is behind: read again once its socket is writable (the
                 # kernel says so when a third of its send buffer is free), one large
@@ -533,7 +538,13 @@ class _End(Protocol):
         out = self.out
         # Unregister first: a paused producer would be resumed instead of the socket
         # being shut down once the queue drains.
-        out.unregisterProducer()
+        if self.fast and not out.TLS:
+            # FileDescriptor.unregisterProducer's steps.
+            out.producer = None
+            if out.connected and out.disconnecting:
+                out.startWriting()
+        else:
+            out.unregisterProducer()
         lose_write = getattr(out, "loseWriteConnection", None)
         if lose_write is None:
             out.loseConnection()
@@ -634,8 +645,14 @@ class Splice:
                 transport.bufferSize = self.read_bytes
                 transport.SEND_LIMIT = max(transport.SEND_LIMIT, self.read_bytes)
         for end in ends:
-            end.out = end.peer.transport
-            end.out.registerProducer(end, True)
+            out: Any = end.peer.transport
+            end.out = out
+            if end.fast and not out.TLS and out.producer is None and not out.disconnected:
+                # FileDescriptor.registerProducer's steps for a streaming producer.
+                out.producer = end
+                out.streamingProducer = True
+            else:
+                out.registerProducer(end, True)
         lt, rt = self.left.transport, self.right.transport
         left_class, right_class = _spliced_class(type(lt)), _spliced_class(type(rt))
         if left_class is not None and right_class is not None:

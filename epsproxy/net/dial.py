@@ -183,7 +183,8 @@ class _Client(tcp.Client):
                 err = e.args[0]
             if err in _UNDER_WAY:
                 self._in_progress = True
-                self.doWrite = self.doRead = self.doConnect  # type: ignore[method-assign]  # as Twisted does
+                # As Twisted does: both events mean the connect's outcome.
+                self.doWrite = self.doRead = self.doConnect  # type: ignore[method-assign]  # ditto
                 self.startWriting()
                 return
             if err == errno.EISCONN:
@@ -200,8 +201,12 @@ class _Client(tcp.Client):
         # Twisted's, without an address object and a log prefix built per connection
         # (the connector gives its one protocol whatever the address).
         protocol = self.connector.buildProtocol(None)
-        self.protocol = protocol
         self.connected = 1
+        if protocol is None:  # as Twisted: something to hear the close, then close
+            self.protocol = Protocol()
+            self.loseConnection()
+            return
+        self.protocol = protocol
         self.startReading()
         protocol.makeConnection(self)
 

@@ -538,8 +538,8 @@ class _End(Protocol):
         out = self.out
         # Unregister first: a paused producer would be resumed instead of the socket
         # being shut down once the queue drains.
-        if self.fast and not out.TLS:
-            # FileDescriptor.unregisterProducer's steps.
+        if self.fast and not getattr(out, "TLS", True):
+            # FileDescriptor.unregisterProducer's steps (a TCP transport without TLS).
             out.producer = None
             if out.connected and out.disconnecting:
                 out.startWriting()
@@ -647,7 +647,8 @@ class Splice:
         for end in ends:
             out: Any = end.peer.transport
             end.out = out
-            if end.fast and not out.TLS and out.producer is None and not out.disconnected:
+            if (end.fast and not getattr(out, "TLS", True) and out.producer is None
+                    and not out.disconnected):
                 # FileDescriptor.registerProducer's steps for a streaming producer.
                 out.producer = end
                 out.streamingProducer = True

@@ -290,6 +290,32 @@ class CappedListener(unittest.TestCase):
         self.assertEqual(budget.accept_errors, {"ECONNABORTED": 1})
         self.assertEqual((a.current, a.admitted), (1, 1))
 
+    def test_refusals_do_not_keep_the_accept_loop_going(self):
+        # An accept() that keeps failing with EPERM (netfilter) is tried at most as many
+        # times as the port accepts per event, as Twisted does, then the event ends.
+        a = Admission("capped", 10, 10, budget=ProcessBudget(cap=100))
+        factory = HeldFactory()
+        port = admission._AdmittedPort(0, factory, 50, "127.0.0.1", reactor, a)
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        tries = []
+        real = port.socket
+
+        class Refusing:
+            def _accept(self) -> Any:
+                tries.append(1)
+                raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        port.socket = Refusing()
+        self.addCleanup(setattr, port, "socket", real)
+        port.numberAccepts = 7
+        port.doRead()
+        self.assertEqual(len(tries), 7)
+        self.assertEqual(factory.built, 0)
+
     @inlineCallbacks
     def test_emfile_is_left_to_twisteds_recovery(self):
         budget = ProcessBudget(cap=100)

@@ -738,7 +738,7 @@ class _AdmittedPort(tcp.Port):
         factory: Any = self.factory
         accepted = 0
         try:
-            while accepted < accepts:
+            for _ in range(accepts):  # at most that many tries, refusals included
                 try:
                     fd, addr = accept()
                 except BlockingIOError:

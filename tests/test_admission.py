@@ -150,6 +150,23 @@ class AdmissionRules(unittest.SynchronousTestCase):
         self.assertEqual(a.cap, budget.cap // 4)
         self.assertEqual(a.per_address, max(8, a.cap // 4))
 
+    def test_the_descriptor_limit_is_read_again_at_most_every_second(self):
+        now = [100.0]
+        budget = ProcessBudget(clock=lambda: now[0])
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        budget.take()
+        before = budget.cap
+        lower = (4096 if soft == resource.RLIM_INFINITY else soft) - 100
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lower, hard))
+        now[0] += admission.LIMIT_CHECK_SECONDS / 2
+        budget.take()
+        self.assertEqual(budget.cap, before)  # not read again yet
+        now[0] += admission.LIMIT_CHECK_SECONDS
+        budget.take()
+        self.assertEqual(budget.cap, lower - admission.reserved_for(lower))
+        self.assertLess(budget.cap, before)
+
     def test_networks_are_checked(self):
         self.assertEqual(len(admission.parse_networks(["127.0.0.1", "10.0.0.0/8", "::1"])), 3)
         for bad in ["10.0.0.0/33", "example.org", "", "1.2.3.4/8/8", "x" * 10_000]:

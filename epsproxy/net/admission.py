@@ -37,6 +37,7 @@ import errno
 import ipaddress
 import resource
 import socket
+from time import monotonic
 from typing import Any, Callable, Iterable, Iterator, Protocol as TypingProtocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -119,6 +120,11 @@ PROCESS_MAX_CONNECTIONS_SETTING = forms.Optional(
 
 
 # ------------------------------------------------------------------ descriptor limits
+
+
+LIMIT_CHECK_SECONDS = 1.0
+"""How often, at most, a new connection has the descriptor limit read again (a system
+call and some Python: every accept would pay it)."""
 
 
 def descriptor_limit() -> int:
@@ -215,16 +221,20 @@ class Gate(TypingProtocol):
 class ProcessBudget:
     """
     The process-wide cap on connections accepted by capped listeners: ``cap`` when
-    given, else the soft descriptor limit less :func:`reserved_for` it (read when asked,
-    so a raised limit counts).  ``reached`` counts the times it filled up;
-    ``accept_errors`` counts ``accept()`` failures by errno name (``EMFILE``...).
+    given, else the soft descriptor limit less :func:`reserved_for` it (read again at a
+    new connection, at most every :data:`LIMIT_CHECK_SECONDS` of ``clock``, so a raised
+    limit counts).  ``reached`` counts the times it filled up; ``accept_errors`` counts
+    ``accept()`` failures by errno name (``EMFILE``...).
     """
 
-    def __init__(self, cap: int | None = None, reserved: int | None = None) -> None:
+    def __init__(self, cap: int | None = None, reserved: int | None = None,
+                 clock: Callable[[], float] = monotonic) -> None:
+        self._clock = clock
         self.configured_cap = cap
         self.configured_reserved = reserved
         self.setting_cap: int | None = None
         self._cap = self._compute_cap()
+        self._next_check = 0.0  # when take() reads the descriptor limit again
         self.current = 0
         self.reached = 0
         self.accept_errors: dict[str, int] = {}
@@ -245,15 +255,16 @@ class ProcessBudget:
     @property
     def cap(self) -> int:
         """
-        Connections the capped listeners may hold together (the limit is read again at
-        each new connection, so a lowered or raised limit is followed live).
+        Connections the capped listeners may hold together (the limit is read again at a
+        new connection, at most once every :data:`LIMIT_CHECK_SECONDS`, so a lowered or
+        raised limit is followed live).
         """
         return self._cap
 
     def _compute_cap(self) -> int:
         if self.configured_cap is not None:
             return self.configured_cap
-        limit = descriptor_limit()  # one system call, at every new connection
+        limit = descriptor_limit()  # one system call
         reserved = (self.configured_reserved if self.configured_reserved is not None
                     else reserved_for(limit))
         derived = max(1, limit - reserved)
@@ -278,9 +289,12 @@ class ProcessBudget:
         return self.cap - self.current
 
     def take(self) -> None:
-        self._cap = self._compute_cap()
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + LIMIT_CHECK_SECONDS
+            self._cap = self._compute_cap()
         self.current += 1
-        if self.current == self.cap:
+        if self.current == self._cap:
             self.reached += 1
             log.warn("process-wide connection cap reached ({cap}): listeners stop "
                      "accepting until connections close", cap=self.cap)
@@ -436,7 +450,10 @@ class Admission:
         ident = _identity(address)
         if key is not None:
             count = self.by_address.get(key, 0)
-            if count >= self.per_address:
+            per_address = self.configured_per_address
+            if per_address is None:
+                per_address = self.per_address
+            if count >= per_address:
                 self.refused_per_address += 1
                 self._log("per_address", "listener {name}: closed {count} connection(s) over "
                           "the per-address cap ({cap})", cap=self.per_address)

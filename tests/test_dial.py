@@ -64,6 +64,20 @@ class DialTests(TestCase):
         listener.listen(backlog)
         return listener
 
+    def stalled_listener(self) -> tuple[socket.socket, int]:
+        """
+        A listening socket whose accept queue is full, and its port: the kernel drops
+        new SYNs, so a connect to it stays under way.
+        """
+        listener = self.raw_listener(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        return listener, port
+
     def listen(self, interface: str = "127.0.0.1") -> int:
         port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface=interface)
         self.addCleanup(port.stopListening)
@@ -145,16 +159,7 @@ class DialTests(TestCase):
 
     @defer.inlineCallbacks
     def test_a_connection_that_never_completes_times_out(self):
-        # A listener whose accept queue is full drops new SYNs: the connect hangs.
-        listener = self.raw_listener(0)
-        port = listener.getsockname()[1]
-        fillers = []
-        for _ in range(4):
-            filler = socket.socket()
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
+        _, port = self.stalled_listener()
         greeter = Greeter()
         d = dial(reactor, "127.0.0.1", port, 0.3, greeter)
         self.assertFalse(d.called)
@@ -166,13 +171,7 @@ class DialTests(TestCase):
         # The SYN is dropped by a full accept queue; the listener then closes, and the
         # kernel's retried SYN (about a second later) is refused.  epoll reports that as
         # a hang-up, not as writability: the failure is still the socket's own error.
-        listener = self.raw_listener(0)
-        port = listener.getsockname()[1]
-        for _ in range(4):
-            filler = socket.socket()
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
+        listener, port = self.stalled_listener()
         greeter = Greeter()
         d = dial(reactor, "127.0.0.1", port, 20, greeter)
         self.assertFalse(d.called)
@@ -182,12 +181,7 @@ class DialTests(TestCase):
 
     def test_connecting_waits_for_writability_only(self):
         # Registered for writing (the connect's completion), not for reading as well.
-        listener = self.raw_listener(0)
-        port = listener.getsockname()[1]
-        filler = socket.socket()
-        self.addCleanup(filler.close)
-        filler.setblocking(False)
-        filler.connect_ex(("127.0.0.1", port))
+        _, port = self.stalled_listener()
         greeter = Greeter()
         d = dial(reactor, "127.0.0.1", port, 5, greeter)
         d.addErrback(lambda f: f.trap(defer.CancelledError))
@@ -219,14 +213,7 @@ class DialTests(TestCase):
             return [c for c in reactor.getDelayedCalls()
                     if isinstance(getattr(c.func, "__self__", None), Deadlines)]
 
-        # A listener whose accept queue is full drops new SYNs: the dials stay connecting.
-        listener = self.raw_listener(0)
-        port = listener.getsockname()[1]
-        for _ in range(4):
-            filler = socket.socket()
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
+        _, port = self.stalled_listener()  # the dials stay connecting
         before = len(deadline_timers())
         greeters = [Greeter() for _ in range(5)]
         dials = [dial(reactor, "127.0.0.1", port, 7.5, g) for g in greeters]

@@ -142,13 +142,48 @@ def tcp_counters() -> dict[str, int]:
     return {}
 
 
-def busy_refusals(run_dir: Path) -> int:
-    """``incomingConnection`` calls the private proxy refused with 503 (max_connections)."""
+#: What the private proxy logs when it refuses a client at one of its caps: a brokered
+#: connection's ``incomingConnection`` answered 503, or a pooled connection closed (its
+#: ``max_connections``, or ``max_connections_per_client`` for the client's address).
+REFUSAL_LINES = (
+    "incomingConnection: error 503",
+    "max_connections are being forwarded",
+    "max_connections_per_client are being forwarded",
+)
+
+
+def busy_refusals(run_dir: Path, since: str = "") -> int:
+    """
+    Clients the private proxy refused at its caps (see :data:`REFUSAL_LINES`) in the
+    lines of its logs stamped ``since`` (``YYYY-MM-DDTHH:MM:SS``, the log's own clock) or
+    later: the run directory keeps the logs of earlier runs.
+    """
     count = 0
     for log in run_dir.glob("private-proxy-1.log*"):
         with open(log, errors="replace") as f:
-            count += sum("incomingConnection: error 503" in line for line in f)
+            count += sum(line[:19] >= since and any(text in line for text in REFUSAL_LINES)
+                         for line in f)
     return count
+
+
+#: Each proxy's gauge of the pooled connections it holds, and the states that hold a
+#: descriptor while no client uses them (issue 14's pool).
+POOL_GAUGES = {
+    "public-proxy-1": ("proxy_pool_connections", ("idle",)),
+    "private-proxy-1": ("private_proxy_pool_connections", ("idle", "connecting")),
+}
+
+
+def pooled_connections() -> dict[str, int]:
+    """Idle pooled connections each proxy holds now, from its metrics page (0 if not read)."""
+    pages = dict(demo.page_urls())
+    counts = {}
+    for name, (gauge, states) in POOL_GAUGES.items():
+        page = pages.get(name)
+        counts[name] = 0 if page is None else int(sum(
+            demo.metric_value(page + "metrics", gauge, {"state": state}) or 0
+            for state in states))
+    return counts
 
 
 def _rate_limited() -> float:
@@ -180,17 +215,21 @@ def run(options: argparse.Namespace) -> int:
             s.fd_baseline = fds[len(fds) // 2] if fds else None
         limited_before = _rate_limited()
         tcp_before = tcp_counters()
-        print(f"baseline fds: {', '.join(f'{s.name} {s.fd_baseline}' for s in series)}",
+        pooled_before = pooled_connections()
+        print(f"baseline fds: {', '.join(f'{s.name} {s.fd_baseline}' for s in series)}"
+              f" (idle pooled connections: {', '.join(f'{k} {v}' for k, v in pooled_before.items())})",
               flush=True)
         t_load = time.monotonic()
+        load_started = time.strftime("%Y-%m-%dT%H:%M:%S")  # the logs' clock: local time
         loads = [
             _load(run_dir, "tls", options.tls_clients, options.seconds,
                   ["--reconnect", str(options.reconnect), "--per-minute",
-                   str(options.per_minute)]),
+                   str(options.per_minute), "--sources", str(options.sources)]),
             _load(run_dir, "eps", options.eps_calls, options.seconds,
                   ["--min-bytes", "64", "--max-bytes", str(options.eps_max_bytes)]),
         ]
-        print(f"load running for {options.seconds:g} s ({options.tls_clients} TLS clients, "
+        print(f"load running for {options.seconds:g} s ({options.tls_clients} TLS clients "
+              f"from {options.sources or 1} address(es), "
               f"{options.eps_calls} EPS calls; output in {run_dir}/load-*.out)", flush=True)
         load_failed = []
         for process, _ in loads:
@@ -207,9 +246,14 @@ def run(options: argparse.Namespace) -> int:
         print(f"load done after {load_seconds:.0f} s; waiting for fds to come back", flush=True)
         t_end = time.monotonic()
         back_after = None
+        grown: dict[str, int] = {}
         while time.monotonic() - t_end < options.settle:
             sampler.wait_samples(1)
-            if fds_back(series, options.fd_tolerance):
+            # The pool grew under load and shrinks slowly: its idle connections are
+            # counted (from the proxies' gauges), not mistaken for leaked descriptors.
+            grown = {k: max(0, v - pooled_before.get(k, 0))
+                     for k, v in pooled_connections().items()}
+            if fds_back(series, options.fd_tolerance, grown):
                 back_after = time.monotonic() - t_end
                 for s in series:
                     s.fds_after = s.samples[-1].fds
@@ -221,8 +265,9 @@ def run(options: argparse.Namespace) -> int:
         sampler.stop()
     if back_after is None:
         for s in series:
-            if s.samples and s.fd_baseline is not None and \
-                    abs(s.samples[-1].fds - s.fd_baseline) <= options.fd_tolerance:
+            if s.samples and s.fd_baseline is not None and abs(
+                    s.samples[-1].fds - s.fd_baseline - grown.get(s.name, 0)
+            ) <= options.fd_tolerance:
                 s.fds_after = s.samples[-1].fds
     streams = []
     for _, out in loads:
@@ -237,10 +282,10 @@ def run(options: argparse.Namespace) -> int:
     ports.update({demo.SNI_PORT: "public-proxy-1 TLS", 9999: "public-proxy-1 internal"})
     queues = ", ".join(f"{name} :{port} {sampler.queues[port][0]}/{sampler.queues[port][1]}"
                        for port, name in sorted(ports.items()) if port in sampler.queues)
-    busy = busy_refusals(run_dir)
+    busy = busy_refusals(run_dir, load_started)
     for s in streams:
         # a TLS client reset right after connecting, as often as the private proxy refused
-        # incomingConnection at its max_connections: the configured cap, not a defect
+        # a client at its caps: the configured limits, not a defect
         if s.name == "sni-echo" and 0 < s.errors.get("connect_reset", 0) <= busy:
             s.errors["connect_reset (max_connections)"] = s.errors.pop("connect_reset")
             s.examples["connect_reset (max_connections)"] = s.examples.pop(
@@ -255,14 +300,20 @@ def run(options: argparse.Namespace) -> int:
         + stream_table(streams, load_seconds),
         f"Processes (sampled every {SAMPLE_SECONDS:g} s; fds baseline = median of 3 samples "
         f"before the load; \"after\" = first sample with every process within "
-        f"±{options.fd_tolerance} of its baseline; \"end\" = {options.linger:g} s later):\n\n"
+        f"±{options.fd_tolerance} of its baseline, plus the idle pooled connections it "
+        f"holds beyond the baseline's; \"end\" = {options.linger:g} s later):\n\n"
         + process_table(series),
         ("File descriptors back to baseline "
          + (f"{back_after:.0f} s after the load stopped." if back_after is not None
-            else f"NOT within {options.settle:g} s after the load stopped.")),
+            else f"NOT within {options.settle:g} s after the load stopped.")
+         + " Idle pooled connections (one descriptor at each proxy each): before the "
+         + "load " + ", ".join(f"{k} {v}" for k, v in pooled_before.items())
+         + "; grown by then " + (", ".join(f"{k} +{v}" for k, v in grown.items()) or "n/a")
+         + " (a grown pool shrinks by one per pool_shrink_after, 30 s by default)."),
         f"Token connections refused by the public proxy's rate limit during the load: "
-        f"{limited:.0f}; incomingConnection refused by the private proxy at its "
-        f"max_connections (503): {busy}.",
+        f"{limited:.0f}; clients refused by the private proxy at its max_connections or "
+        f"max_connections_per_client (incomingConnection 503, or a pooled connection "
+        f"closed): {busy}.",
         "Largest accept queue seen per listening port (queued/backlog, `ss -ltn` every "
         "second): " + (queues or "n/a") + ".",
         "Machine-wide TCP counters during the load (/proc/net/netstat, all processes): "
@@ -286,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="run/soak", help="folder for logs, pids, report")
     parser.add_argument("--seconds", type=float, default=600, help="load duration (default 600)")
     parser.add_argument("--tls-clients", type=int, default=1000)
+    parser.add_argument("--sources", type=int, default=250,
+                        help="loopback addresses the TLS clients come from (127.20.0.1 up; "
+                             "0: all from 127.0.0.1, over the private proxy's "
+                             "max_connections_per_client; default 250: 4 clients each)")
     parser.add_argument("--eps-calls", type=int, default=200)
     parser.add_argument("--reconnect", type=float, default=0.02,
                         help="chance a TLS client reconnects after a request (default 0.02)")

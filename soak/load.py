@@ -6,7 +6,11 @@ The load process of the soak run: ``python -m soak.load tls|eps ...``.
   curl's ``--resolve``), each repeatedly POSTing a random JSON payload that the example
   internal server echoes; the SHA-256 of the answer must equal the payload's.  A client
   keeps its connection (keep-alive) and drops it on purpose at random
-  (``--reconnect``) to dial again.
+  (``--reconnect``) to dial again.  The clients come from ``--sources`` loopback
+  addresses (:func:`source_address`), a few clients each, as many users behind their
+  own addresses would: the private proxy sees each client's address (the public proxy
+  passes it on) and forwards at most ``max_connections_per_client`` (250 in conf/dev,
+  a quarter of ``max_connections``) for one address at once.
 - ``eps``: ``--calls`` concurrent JSON-RPC calls ``hd-2._ping`` through hd-1's gateway
   (port 5555, hd-1's client certificate), each with a random payload in ``params``;
   ``_ping`` echoes ``params``, which must come back identical (SHA-256), with the call's
@@ -38,7 +42,8 @@ from typing import Any
 
 from .report import StreamStats, classify, digest
 
-__all__ = ["Pacer", "encode_payload", "ping_request", "read_response", "check_ping", "main"]
+__all__ = ["Pacer", "encode_payload", "ping_request", "read_response", "check_ping", "main",
+           "source_address"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS = ROOT / "conf" / "dev" / "certs"
@@ -46,6 +51,25 @@ SNI_DOMAIN = "test.internal-server.local"
 SNI_PORT = 4433
 GATEWAY_PORT = 5555
 MAX_HEADER_LINES = 100
+
+#: The first of the TLS clients' source addresses (127.20.0.1, 127.20.0.2, ...): apart
+#: from the attack harness's (127.0.0.2 up, 127.1-127.12) and the network's 127.0.0.1.
+FIRST_SOURCE = (127, 20, 0, 1)
+
+
+#: Connection errors of each class printed with their time and source address.
+ERRORS_SHOWN = 50
+
+#: How many source addresses :func:`source_address` has (127.20.0.1 to 127.20.255.254).
+MAX_SOURCES = 254 * 256
+
+
+def source_address(n: int) -> str:
+    """The ``n``-th TLS client source address: 127.20.0.1, ..., 127.20.0.254, 127.20.1.1, ..."""
+    if n < 0 or n >= MAX_SOURCES:
+        raise ValueError(f"source address number {n} out of range")
+    a, b, c, d = FIRST_SOURCE
+    return f"{a}.{b}.{c + n // 254}.{d + n % 254}"
 
 
 class Pacer:
@@ -160,17 +184,24 @@ class _Connection:
 
 
 async def _dial(port: int, host: str, context: ssl.SSLContext, stats: StreamStats,
-                pacer: Pacer | None, timeout: float) -> _Connection | None:
+                pacer: Pacer | None, timeout: float,
+                source: str | None = None) -> _Connection | None:
     if pacer is not None:
         await pacer.acquire()
     phase = "connect"
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=host,
-                                    ssl_handshake_timeout=timeout, limit=1024 * 1024),
+                                    ssl_handshake_timeout=timeout, limit=1024 * 1024,
+                                    local_addr=(source, 0) if source else None),
             timeout)
     except Exception as e:  # every failure is counted, never a crash of the run
-        stats.error(classify(e, phase), f"{type(e).__name__}: {e}")
+        kind = classify(e, phase)
+        stats.error(kind, f"{type(e).__name__}: {e}")
+        if stats.errors[kind] <= ERRORS_SHOWN:
+            # When and from where, to find the proxies' log lines of the same moment.
+            print(f"[{time.strftime('%Y-%m-%dT%H:%M:%S')}] {kind} from "
+                  f"{source or '127.0.0.1'}: {type(e).__name__}: {e}", flush=True)
         return None
     stats.connections += 1
     return _Connection(reader, writer)
@@ -204,11 +235,12 @@ async def tls_client(index: int, stats: StreamStats, pacer: Pacer, deadline: flo
     connection: _Connection | None = None
     n = 0
     pending: bytes | None = None
+    source = source_address(index % options.sources) if options.sources else None
     try:
         while time.monotonic() < deadline:
             if connection is None:
                 connection = await _dial(SNI_PORT, SNI_DOMAIN, context, stats, pacer,
-                                         options.timeout)
+                                         options.timeout, source)
                 if connection is None:
                     await asyncio.sleep(1 + random.random())
                     continue
@@ -395,9 +427,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="new tls connections per UTC minute at most")
     parser.add_argument("--per-second", type=int, default=40,
                         help="new tls connections per second at most")
+    parser.add_argument("--sources", type=int, default=250,
+                        help="loopback source addresses the tls clients are spread over "
+                             "(0: all from 127.0.0.1)")
     parser.add_argument("--timeout", type=float, default=30)
     parser.add_argument("--out", required=True, help="file for the counters (JSON)")
     options = parser.parse_args(argv)
+    if not 0 <= options.sources <= MAX_SOURCES:
+        parser.error(f"--sources must be 0 to {MAX_SOURCES}")
     limit = _raise_fd_limit(options.clients * 2 + 256)
     print(f"soak.load {options.stream}: {options.clients} clients for {options.seconds:g} s "
           f"(fd limit {limit})", flush=True)

@@ -16,7 +16,7 @@ import ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 __all__ = [
     "EXPLAINED",
@@ -39,10 +39,12 @@ __all__ = [
 EXPLAINED: dict[str, str] = {
     "keepalive_closed": "server closed an idle keep-alive connection before the request "
                         "was sent; sent again on a new connection",
-    "connect_reset (max_connections)": "the private proxy refused incomingConnection with "
-                                       "503 at its max_connections (1000 in conf/dev) while "
-                                       "a reconnecting client's old connection was still "
-                                       "open there; as many 503s are in its log",
+    "connect_reset (max_connections)": "the private proxy refused the client at its "
+                                       "max_connections (1000 in conf/dev) or "
+                                       "max_connections_per_client (250) while a "
+                                       "reconnecting client's old connection was still "
+                                       "open there (incomingConnection 503, or the pooled "
+                                       "connection closed); as many refusals are in its log",
 }
 
 
@@ -218,12 +220,19 @@ class ProcessSeries:
         return max((s.fds for s in self.samples), default=0)
 
 
-def fds_back(series: list[ProcessSeries], tolerance: int) -> bool:
-    """True when every live process's last fd count is within ``tolerance`` of its baseline."""
+def fds_back(series: list[ProcessSeries], tolerance: int,
+             pooled: Mapping[str, int] | None = None) -> bool:
+    """
+    True when every live process's last fd count is within ``tolerance`` of its baseline
+    plus ``pooled[name]``: the idle pooled connections it holds beyond those it held at
+    the baseline (issue 14's pool grows under load, one descriptor at each proxy per
+    connection, and shrinks back only one per ``pool_shrink_after``).
+    """
+    pooled = pooled or {}
     for s in series:
         if s.gone or s.fd_baseline is None or not s.samples:
             return False
-        if abs(s.samples[-1].fds - s.fd_baseline) > tolerance:
+        if abs(s.samples[-1].fds - s.fd_baseline - pooled.get(s.name, 0)) > tolerance:
             return False
     return True
 

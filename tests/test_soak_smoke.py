@@ -1,7 +1,8 @@
 """
 The soak harness's checkers and report (no dev network): payload round trips, the
 ``_ping`` echo check, the HTTP response reader, the connection pacer, error classes,
-percentiles, process samples from a fake ``/proc`` and the fd-baseline check.
+percentiles, process samples from a fake ``/proc``, the fd-baseline check (with the pool's
+idle connections) and the TLS clients' source addresses (one test over a real socket).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from soak.load import Pacer, check_ping, encode_payload, ping_request, read_response
+from soak.load import (
+    MAX_SOURCES,
+    Pacer,
+    check_ping,
+    encode_payload,
+    ping_request,
+    read_response,
+    source_address,
+)
 from soak.report import (
     EXPLAINED,
     HTTPStatus,
@@ -144,6 +153,66 @@ class PacerTests(unittest.TestCase):
         self.assertEqual(pacer.try_acquire(), 0.0)
 
 
+class SourceAddressTests(unittest.TestCase):
+    """The TLS clients' own loopback addresses (the private proxy caps each address)."""
+
+    def test_addresses_are_distinct_and_skip_zero_and_broadcast(self) -> None:
+        self.assertEqual(source_address(0), "127.20.0.1")
+        self.assertEqual(source_address(253), "127.20.0.254")
+        self.assertEqual(source_address(254), "127.20.1.1")
+        self.assertEqual(source_address(MAX_SOURCES - 1), "127.20.255.254")
+        self.assertEqual(len({source_address(n) for n in range(1000)}), 1000)
+        for bad in (-1, MAX_SOURCES):
+            self.assertRaises(ValueError, source_address, bad)
+
+    def test_a_connection_comes_from_its_source_address(self) -> None:
+        import socket
+
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client = socket.create_connection(listener.getsockname(), timeout=5,
+                                          source_address=(source_address(300), 0))
+        self.addCleanup(client.close)
+        accepted, peer = listener.accept()
+        accepted.close()
+        self.assertEqual(peer[0], "127.20.1.47")
+
+    def test_the_load_refuses_a_source_count_out_of_range(self) -> None:
+        from soak import load
+
+        for bad in ("-1", str(MAX_SOURCES + 1)):
+            with self.assertRaises(SystemExit):
+                load.main(["tls", "--sources", bad, "--out", "/nonexistent/x.json"])
+
+
+class RefusalCountTests(unittest.TestCase):
+    def test_refusals_at_the_private_proxys_caps_are_counted_from_its_logs(self) -> None:
+        from soak.__main__ import busy_refusals
+
+        run = Path(tempfile.mkdtemp())
+        self.addCleanup(lambda: __import__("shutil").rmtree(run))
+        earlier, later = "2026-12-03T15:22:38+0000 [x] ", "2026-12-03T15:43:01+0000 [x] "
+        (run / "private-proxy-1.log").write_text(
+            later + "JSON-RPC incomingConnection: error 503 in 0.0s\n"
+            + later + "closed pooled connection 1a from public-proxy-1.ga: "
+            "max_connections_per_client are being forwarded for its client\n"
+            + later + "some other line\n")
+        (run / "private-proxy-1.log.1").write_text(
+            earlier + "closed pooled connection 2b from public-proxy-1.ga: max_connections"
+            " are being forwarded\n"
+            + later + "closed pooled connection 3c from public-proxy-1.ga: max_connections"
+            " are being forwarded\n"
+            + later + "closed pooled connection 4d from public-proxy-1.ga: the header names"
+            " no server\n")
+        (run / "public-proxy-1.log").write_text(later + "incomingConnection: error 503\n")
+        self.assertEqual(busy_refusals(run), 4)
+        # only this run's: the run directory keeps the logs of earlier runs
+        self.assertEqual(busy_refusals(run, "2026-12-03T15:43:00"), 3)
+        self.assertEqual(busy_refusals(run, "2026-12-03T15:44:00"), 0)
+
+
 class ReportTests(unittest.TestCase):
     def test_classify(self) -> None:
         self.assertEqual(classify(asyncio.TimeoutError(), "response"), "response_timeout")
@@ -197,6 +266,14 @@ class ReportTests(unittest.TestCase):
         self.assertTrue(fds_back([series], 8))
         self.assertEqual(series.fd_peak(), 25)
         self.assertEqual(series.rss(), (2048, 2048, 2048))
+        # idle pooled connections the pool grew by are held on purpose, not leaked
+        for i in range(8, 20):
+            (proc / "42" / "fd" / str(i)).touch()
+        series.add(15, proc)
+        self.assertFalse(fds_back([series], 8))
+        self.assertTrue(fds_back([series], 8, {"x": 12}))
+        self.assertFalse(fds_back([series], 8, {"other": 12}))
+        self.assertFalse(fds_back([series], 2, {"x": 3}))
         gone = ProcessSeries("y", 43, fd_baseline=1)
         gone.add(0, proc)
         self.assertTrue(gone.gone)

@@ -346,9 +346,25 @@ class KeeperTests(unittest.TestCase):
         self.clock.advance(29)
         self.assertEqual(self.keeper.state()[PUBLIC]["target"], 3)
         self.clock.advance(1)
+        # Shrunk by its target only: no idle connection is closed (the public proxy may
+        # be handing it to a client right now); the surplus goes as it is used.
+        self.assertEqual(self.keeper.state()[PUBLIC], {"idle": 3, "connecting": 0,
+                                                       "target": 2})
+        self.assertEqual(self.keeper.closed, {})
+        self.assertTrue(all(t.connected for t in self.transports))
+        dialled, asked = len(self.transports), len(self.client.calls)
+        first = self.idle()[0]
+        first.dataReceived(pool_header(DOMAIN, "192.0.2.7:4000") + b"\x16hello")
         self.assertEqual(self.keeper.state()[PUBLIC], {"idle": 2, "connecting": 0,
                                                        "target": 2})
-        self.assertEqual(self.keeper.closed, {"surplus": 1})
+        # not replaced: at its target (no dial, no tokens asked for)
+        self.assertEqual((len(self.transports), len(self.client.calls)), (dialled, asked))
+        self.idle()[0].dataReceived(pool_header(DOMAIN, "192.0.2.7:4001") + b"\x16hello")
+        # below it: replaced, with the tokens asked for when the spares expired
+        self.assertEqual(len(self.transports), dialled)
+        self.answer(tokens_result(6))
+        self.assertEqual((len(self.transports), self.keeper.state()[PUBLIC]["idle"]),
+                         (dialled + 1, 2))
         self.clock.advance(60)
         self.assertEqual(self.keeper.state()[PUBLIC]["target"], 2)  # never below pool_size
 

@@ -288,7 +288,7 @@ PRIVATE_PROXY_SETTINGS = forms.Check(forms.Map(
         "pool_shrink_after": forms.Optional(
             forms.Float(min=1, max=86400), default=30.0,
             doc="seconds without a brokered connection after which a grown pool shrinks "
-                "by one",
+                "by one (a used connection is not replaced; no idle one is closed)",
         ),
     },
     strict=True,

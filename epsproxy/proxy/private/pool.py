@@ -38,8 +38,12 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   brokered one, and a replacement is dialled at once (with a spare, or asked for);
 - the target starts at ``pool_size``, grows by one (up to ``pool_max``) for each
   ``incomingConnection`` of that proxy while pooling (:meth:`PoolKeeper.fallback`: the
-  public proxy found no idle connection), and shrinks by one (closing a surplus idle
-  connection) after each ``shrink_after`` seconds without such a fallback;
+  public proxy found no idle connection), and shrinks by one after each ``shrink_after``
+  seconds without such a fallback: a used connection is then not replaced while the
+  pool holds its target or more.  An idle connection is never closed to shrink it: the
+  public proxy may be handing that very connection to a client (a soak run found the
+  race: a client reset as the private proxy closed its connection); a surplus one waits
+  to be used, or for the public proxy's ``pool_idle_timeout``;
 - an idle connection that dies is replaced; a proxy whose announcements all expired
   gets its pool closed; :meth:`PoolKeeper.stop` closes everything.
 
@@ -426,10 +430,10 @@ class PoolKeeper:
                 log.info("keeping {count} pre-dialled connection(s) at {proxy}",
                          count=self.pool_size, proxy=shorten(proxy))
             if pool.target > self.pool_size and now - pool.changed_at >= self.shrink_after:
+                # Not replacing used connections shrinks it (see the module docstring):
+                # closing an idle one here races the public proxy handing it out.
                 pool.target -= 1
                 pool.changed_at = now
-                if len(pool.idle) > pool.target:
-                    self._close(next(iter(pool.idle)), "surplus")
             self._fill(pool)
         self._notify()
 

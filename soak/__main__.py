@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -145,11 +146,10 @@ def tcp_counters() -> dict[str, int]:
 #: What the private proxy logs when it refuses a client at one of its caps: a brokered
 #: connection's ``incomingConnection`` answered 503, or a pooled connection closed (its
 #: ``max_connections``, or ``max_connections_per_client`` for the client's address).
-REFUSAL_LINES = (
-    "incomingConnection: error 503",
-    "max_connections are being forwarded",
-    "max_connections_per_client are being forwarded",
-)
+REFUSAL_LINES = re.compile(
+    r"incomingConnection(?: from \S+)?: error 503"  # "... from -: error 503 in 0.000s"
+    r"|max_connections are being forwarded"
+    r"|max_connections_per_client are being forwarded")
 
 
 def busy_refusals(run_dir: Path, since: str = "") -> int:
@@ -161,7 +161,7 @@ def busy_refusals(run_dir: Path, since: str = "") -> int:
     count = 0
     for log in run_dir.glob("private-proxy-1.log*"):
         with open(log, errors="replace") as f:
-            count += sum(line[:19] >= since and any(text in line for text in REFUSAL_LINES)
+            count += sum(line[:19] >= since and REFUSAL_LINES.search(line) is not None
                          for line in f)
     return count
 

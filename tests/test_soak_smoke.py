@@ -195,7 +195,9 @@ class RefusalCountTests(unittest.TestCase):
         self.addCleanup(lambda: __import__("shutil").rmtree(run))
         earlier, later = "2026-12-03T15:22:38+0000 [x] ", "2026-12-03T15:43:01+0000 [x] "
         (run / "private-proxy-1.log").write_text(
-            later + "JSON-RPC incomingConnection: error 503 in 0.0s\n"
+            later + "[epsproxy.net.jsonrpc.server#info] JSON-RPC incomingConnection from -:"
+            " error 503 in 0.000s\n"
+            + later + "JSON-RPC incomingConnection from -: ok in 0.001s\n"
             + later + "closed pooled connection 1a from public-proxy-1.ga: "
             "max_connections_per_client are being forwarded for its client\n"
             + later + "some other line\n")
@@ -206,10 +208,12 @@ class RefusalCountTests(unittest.TestCase):
             " are being forwarded\n"
             + later + "closed pooled connection 4d from public-proxy-1.ga: the header names"
             " no server\n")
+        (run / "private-proxy-1.log.2").write_text(
+            later + "JSON-RPC incomingConnection: error 503 in 0.0s\n")  # without a caller
         (run / "public-proxy-1.log").write_text(later + "incomingConnection: error 503\n")
-        self.assertEqual(busy_refusals(run), 4)
+        self.assertEqual(busy_refusals(run), 5)
         # only this run's: the run directory keeps the logs of earlier runs
-        self.assertEqual(busy_refusals(run, "2026-12-03T15:43:00"), 3)
+        self.assertEqual(busy_refusals(run, "2026-12-03T15:43:00"), 4)
         self.assertEqual(busy_refusals(run, "2026-12-03T15:44:00"), 0)
 
 

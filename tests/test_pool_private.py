@@ -333,6 +333,21 @@ class KeeperTests(unittest.TestCase):
         self.answer(tokens_result(6))
         self.assertTrue(any("filled again" in formatEvent(e) for e in events))
 
+    def test_spares_live_from_when_they_were_asked_for(self) -> None:
+        # The answer comes 3 s after the call (two endpoint servers under load): the
+        # public proxy made the tokens after the call, so they expire 30 s after it,
+        # and a spare is used until 1 s before that, not 1 s before 30 s after the answer.
+        self.clock.advance(1)  # the first tick asks, at t=1
+        self.clock.advance(3)
+        self.answer(tokens_result(6, expires_in=30))
+        self.assertEqual({until for _, _, until in self.keeper.pools[PUBLIC].spare}, {30.0})
+        self.clock.advance(30.5 - self.clock.seconds())
+        dialled = len(self.transports)
+        self.idle()[0].dataReceived(pool_header(DOMAIN, "192.0.2.7:4000") + b"\x16hello")
+        self.assertEqual(len(self.transports), dialled)  # no dial with a forgotten token
+        self.assertEqual(self.spares(), 0)
+        self.assertIsNotNone(self.keeper.pools[PUBLIC].requesting)  # asked for fresh ones
+
     def test_grows_on_fallbacks_and_shrinks_when_quiet(self) -> None:
         self.fill()
         self.keeper.fallback(PUBLIC)  # grown and dialled at once, with a spare

@@ -9,7 +9,7 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   (``"<proxy>.requestPoolTokens" {"count": n}``), one request in flight per proxy, and
   keeps the tokens it does not dial at once as SPARES, usable until
   :data:`SPARE_MARGIN` seconds before the public proxy forgets them (``expires_in``
-  after its answer).  A replacement is dialled with a spare at once, without a call:
+  after the call: the public proxy made them after it).  A replacement is dialled with a spare at once, without a call:
   a call goes out only when the pool lacks connections no spare covers or fewer than
   half the spares it keeps are left, and asks for what it lacks plus spares up to
   :data:`SPARES_PER_CONNECTION` times ``target``, and at least :data:`DEFAULT_SPARES`
@@ -489,9 +489,9 @@ class PoolKeeper:
             f"{pool.proxy}.{REQUEST_POOL_TOKENS}", {"count": count}, id=random_id(),
             timeout=self.call_timeout,
         )
-        d.addBoth(self._got_tokens, pool, count)
+        d.addBoth(self._got_tokens, pool, count, now)
 
-    def _got_tokens(self, result: Any, pool: _Pool, count: int) -> None:
+    def _got_tokens(self, result: Any, pool: _Pool, count: int, asked_at: float) -> None:
         pool.requesting = None
         if isinstance(result, Failure):
             if result.check(defer.CancelledError) or pool.closed:
@@ -538,9 +538,13 @@ class PoolKeeper:
         # Fresh tokens are dialled at once for what the pool lacks, however short they
         # live; the rest are spares, used until SPARE_MARGIN before the public proxy
         # forgets them (tokens living no longer than that are not kept, nor asked for).
+        # Their life counts from when they were asked for: the public proxy made them
+        # after that, and the answer may have taken seconds through two endpoint servers
+        # under load (counted from its arrival, spares were dialled after the public
+        # proxy had forgotten them: a soak run found a dozen such dials in 10 minutes).
         life = value["expires_in"] - SPARE_MARGIN
         pool.keep_spares = life > 0
-        endpoint, until = value["endpoint"], self.reactor.seconds() + life
+        endpoint, until = value["endpoint"], asked_at + life
         missing = max(pool.target - len(pool.idle) - len(pool.connecting), 0)
         for token in tokens[:missing]:
             self._connect(pool, endpoint, token)

@@ -216,9 +216,9 @@ def run(options: argparse.Namespace) -> int:
         limited_before = _rate_limited()
         tcp_before = tcp_counters()
         pooled_before = pooled_connections()
+        pooled_text = ", ".join(f"{k} {v}" for k, v in pooled_before.items())
         print(f"baseline fds: {', '.join(f'{s.name} {s.fd_baseline}' for s in series)}"
-              f" (idle pooled connections: {', '.join(f'{k} {v}' for k, v in pooled_before.items())})",
-              flush=True)
+              f" (idle pooled connections: {pooled_text})", flush=True)
         t_load = time.monotonic()
         load_started = time.strftime("%Y-%m-%dT%H:%M:%S")  # the logs' clock: local time
         loads = [
@@ -249,8 +249,9 @@ def run(options: argparse.Namespace) -> int:
         grown: dict[str, int] = {}
         while time.monotonic() - t_end < options.settle:
             sampler.wait_samples(1)
-            # The pool grew under load and shrinks slowly: its idle connections are
-            # counted (from the proxies' gauges), not mistaken for leaked descriptors.
+            # The pool grew under load and shrinks only as it is used (or idles out at
+            # the public proxy): its idle connections are counted (from the proxies'
+            # gauges), not mistaken for leaked descriptors.
             grown = {k: max(0, v - pooled_before.get(k, 0))
                      for k, v in pooled_connections().items()}
             if fds_back(series, options.fd_tolerance, grown):
@@ -309,7 +310,8 @@ def run(options: argparse.Namespace) -> int:
          + " Idle pooled connections (one descriptor at each proxy each): before the "
          + "load " + ", ".join(f"{k} {v}" for k, v in pooled_before.items())
          + "; grown by then " + (", ".join(f"{k} +{v}" for k, v in grown.items()) or "n/a")
-         + " (a grown pool shrinks by one per pool_shrink_after, 30 s by default)."),
+         + " (a grown pool's surplus goes as its connections are used, or after the "
+         + "public proxy's pool_idle_timeout, 300 s by default)."),
         f"Token connections refused by the public proxy's rate limit during the load: "
         f"{limited:.0f}; clients refused by the private proxy at its max_connections or "
         f"max_connections_per_client (incomingConnection 503, or a pooled connection "

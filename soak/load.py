@@ -56,16 +56,15 @@ MAX_HEADER_LINES = 100
 #: from the attack harness's (127.0.0.2 up, 127.1-127.12) and the network's 127.0.0.1.
 FIRST_SOURCE = (127, 20, 0, 1)
 
+#: How many source addresses :func:`source_address` has (127.20.0.1 to 127.20.255.254).
+MAX_SOURCES = 254 * 256
 
 #: Connection errors of each class printed with their time and source address.
 ERRORS_SHOWN = 50
 
-#: How many source addresses :func:`source_address` has (127.20.0.1 to 127.20.255.254).
-MAX_SOURCES = 254 * 256
-
 
 def source_address(n: int) -> str:
-    """The ``n``-th TLS client source address: 127.20.0.1, ..., 127.20.0.254, 127.20.1.1, ..."""
+    """The ``n``-th TLS client source address: 127.20.0.1 ... 127.20.0.254, 127.20.1.1 ..."""
     if n < 0 or n >= MAX_SOURCES:
         raise ValueError(f"source address number {n} out of range")
     a, b, c, d = FIRST_SOURCE

@@ -226,7 +226,7 @@ def fds_back(series: list[ProcessSeries], tolerance: int,
     True when every live process's last fd count is within ``tolerance`` of its baseline
     plus ``pooled[name]``: the idle pooled connections it holds beyond those it held at
     the baseline (issue 14's pool grows under load, one descriptor at each proxy per
-    connection, and shrinks back only one per ``pool_shrink_after``).
+    connection, and shrinks back only as its connections are used or idle out).
     """
     pooled = pooled or {}
     for s in series:

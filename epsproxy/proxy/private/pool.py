@@ -9,9 +9,10 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   (``"<proxy>.requestPoolTokens" {"count": n}``), one request in flight per proxy, and
   keeps the tokens it does not dial at once as SPARES, usable until
   :data:`SPARE_MARGIN` seconds before the public proxy forgets them (``expires_in``
-  after the call: the public proxy made them after it).  A replacement is dialled with a spare at once, without a call:
-  a call goes out only when the pool lacks connections no spare covers or fewer than
-  half the spares it keeps are left, and asks for what it lacks plus spares up to
+  after the call: the public proxy made them after it).  A replacement is dialled
+  with a spare at once, without a call: a call goes out only when the pool lacks
+  connections no spare covers or fewer than half the spares it keeps are left, and
+  asks for what it lacks plus spares up to
   :data:`SPARES_PER_CONNECTION` times ``target``, and at least :data:`DEFAULT_SPARES`
   (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and spares plus the
   tokens being dialled within the public proxy's default cap on unused tokens,

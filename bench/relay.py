@@ -23,6 +23,11 @@ Every relay is a process of its own on loopback; the load generators
    receiver reads at 200 MB/s, and while 50 receivers read at 4 MB/s each (200 MB/s in
    all), for ``BENCH_RELAY_SLOW_SECONDS`` (default 2) of data; ``BENCH_ROUNDS`` rounds.
 
+The row "floor" (:mod:`bench.relay_floor`) is the least a Python relay does per byte: a
+blocking 1 MiB read and write per step, a thread per direction, nothing else.  It is no
+competitor and has no goal; it says in each run how close to the C relays Python can come
+at all, so that ours is read against it too.
+
 HAProxy (``haproxy``) and socat come from the OS (``apt-get install haproxy socat``),
 the transit relay from PyPI (the ``bench`` extra); a missing competitor is skipped with a
 message and its goals read "n/a".  ``BENCH_RELAY_ONLY=ours,haproxy`` limits the relays.
@@ -94,10 +99,14 @@ RELAYS = (
     Relay("socat-128k", "socat -b 131072", "forward", "131072"),
     Relay("socat-1m", "socat -b 1048576", "forward", "1048576"),
     Relay("transit", "magic-wormhole transit relay", "transit"),
+    Relay("floor", "floor: Python, blocking I/O, a thread per direction, 1 MiB", "forward",
+          "1048576"),
 )
 BY_KEY = {relay.key: relay for relay in RELAYS}
 #: The best-tuned relays: ours must reach at least the better of them in each round.
 BEST_TUNED = ("haproxy-1m", "socat-1m")
+#: The relay that shows how close to them Python can come at all (:mod:`bench.relay_floor`).
+FLOOR = "floor"
 
 
 def available(relay: Relay) -> str | None:
@@ -179,6 +188,10 @@ class RelayProcess:
                 f"    server target 127.0.0.1:{self.dst}",
                 ""]))
             self._spawn([haproxy_binary(), "-f", str(config), "-db"])
+        elif relay.key == FLOOR:
+            self.dst = free_port()
+            self._spawn([sys.executable, "-m", "bench.relay_floor", str(self.port),
+                         str(self.dst), relay.option])
         elif relay.key.startswith("socat"):
             self.dst = free_port()
             self._spawn(["socat", "-b", relay.option,
@@ -537,6 +550,14 @@ def run(size: int = 2_000_000_000, rounds: int = 3, pair_seconds: float = 3.0,
 
 # -- the report ------------------------------------------------------------------------
 
+def _times(values: Sequence[float]) -> str:
+    """A median ratio and its spread: ``0.90x (0.80-1.00)``."""
+    if not values:
+        return "n/a"
+    text = f"{median(values):.2f}x"
+    return text + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
 def report(results: dict[str, Any]) -> str:
     """The tables (medians over rounds, min-max) and the goal lines of issue 4."""
     s = results["settings"]
@@ -647,6 +668,14 @@ def report(results: dict[str, Any]) -> str:
         goal(f"ours peak RSS growth - HAProxy's, {s['slow_streams']} slow receivers",
               slow_values, "<= 0 MB", lambda v: v <= 0, ".1f", " MB"),
     ]))
+    if FLOOR in mbps and best and best_cpu:
+        out.append(
+            f"\nThe floor (a Python relay doing nothing but a blocking read and write of "
+            f"1 MiB per step, bench/relay_floor.py), per round against the best-tuned relay: "
+            f"MB/s {_times(ratios(mbps[FLOOR], best))}, CPU per GB "
+            f"{_times(ratios(cpu_gb[FLOOR], best_cpu))}; ours against the floor: "
+            f"MB/s {_times(ratios(mbps.get('ours', []), mbps[FLOOR]))}, CPU per GB "
+            f"{_times(ratios(ours_cpu, cpu_gb[FLOOR]))}.")
     return "\n".join(out)
 
 

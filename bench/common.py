@@ -95,6 +95,14 @@ def ratios(mine: Sequence[float], theirs: Sequence[float]) -> list[float]:
     return [a / b for a, b in zip(mine, theirs) if b]
 
 
+def times(values: Sequence[float]) -> str:
+    """A median ratio and, over more than one value, its spread: ``0.90x (0.80-1.00)``."""
+    if not values:
+        return "n/a"
+    text = f"{median(values):.2f}x"
+    return text + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
 def goal(label: str, values: list[float], target: str, met: Callable[[float], bool],
           fmt: str = ".2f", unit: str = "x") -> list[str]:
     if not values:

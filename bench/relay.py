@@ -63,6 +63,7 @@ from .common import (
     rss_bytes,
     step,
     table,
+    times,
 )
 from .relay_peer import CHUNK, TRANSIT_OK, ControlClient, transit_hello
 
@@ -550,14 +551,6 @@ def run(size: int = 2_000_000_000, rounds: int = 3, pair_seconds: float = 3.0,
 
 # -- the report ------------------------------------------------------------------------
 
-def _times(values: Sequence[float]) -> str:
-    """A median ratio and its spread: ``0.90x (0.80-1.00)``."""
-    if not values:
-        return "n/a"
-    text = f"{median(values):.2f}x"
-    return text + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
-
-
 def report(results: dict[str, Any]) -> str:
     """The tables (medians over rounds, min-max) and the goal lines of issue 4."""
     s = results["settings"]
@@ -672,10 +665,10 @@ def report(results: dict[str, Any]) -> str:
         out.append(
             f"\nThe floor (a Python relay doing nothing but a blocking read and write of "
             f"1 MiB per step, bench/relay_floor.py), per round against the best-tuned relay: "
-            f"MB/s {_times(ratios(mbps[FLOOR], best))}, CPU per GB "
-            f"{_times(ratios(cpu_gb[FLOOR], best_cpu))}; ours against the floor: "
-            f"MB/s {_times(ratios(mbps.get('ours', []), mbps[FLOOR]))}, CPU per GB "
-            f"{_times(ratios(ours_cpu, cpu_gb[FLOOR]))}.")
+            f"MB/s {times(ratios(mbps[FLOOR], best))}, CPU per GB "
+            f"{times(ratios(cpu_gb[FLOOR], best_cpu))}; ours against the floor: "
+            f"MB/s {times(ratios(mbps.get('ours', []), mbps[FLOOR]))}, CPU per GB "
+            f"{times(ratios(ours_cpu, cpu_gb[FLOOR]))}.")
     return "\n".join(out)
 
 

@@ -63,6 +63,7 @@ from .common import (
     rss_bytes,
     step,
     table,
+    times,
 )
 from .sni_network import (
     CERTS, RATE_LIMITS, RAW_DOMAIN, RUN_DIR, TERM_DOMAIN, Network, missing_tools,
@@ -267,10 +268,7 @@ def report(results: dict[str, Any]) -> str:
         if key in CHAINS or key == "direct" or not theirs:
             return "-"
         found = ratios(mine, theirs)
-        if not found:
-            return "-"
-        text = f"{median(found):.2f}x"
-        return text + (f" ({min(found):.2f}-{max(found):.2f})" if len(found) > 1 else "")
+        return times(found) if found else "-"
 
     rows = []
     for key in keys:

@@ -52,6 +52,8 @@ from epsproxy.proxy.pooling import (
 )
 from epsproxy.proxy.private.forwarding import Forwarder, address_text
 from epsproxy.proxy.private.pool import (
+    REPLACE_DELAY,
+    REPLACE_LATER_FROM,
     HELD_BEFORE_SPLICE,
     BACKOFF_START,
     SPARE_LIMIT_SECONDS,
@@ -211,6 +213,51 @@ class KeeperTests(unittest.TestCase):
         self.assertNotIn(conn, self.idle())
         self.assertEqual((len(self.transports), len(self.client.calls), self.spares()),
                          (3, 1, 3))
+
+    def test_with_others_idle_a_served_connection_is_replaced_a_little_later(self) -> None:
+        # A pool of three: one taken leaves two idle, enough to replace it off the path
+        # of its client; a second taken leaves one, and both are replaced at once.
+        self.assertEqual(REPLACE_LATER_FROM, 2)
+        keeper = PoolKeeper(
+            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=3, pool_max=3, shrink_after=30, dial=self.dial, spares=0)
+        self.keeper.stop()
+        self.keeper = keeper
+        keeper.start()
+        self.addCleanup(keeper.stop)
+        self.clock.advance(1)
+        self.answer(tokens_result(9))  # the pool (3) and twice the target in spares (6)
+        self.assertEqual(len(self.idle()), 3)
+        header = pool_header(DOMAIN, "192.0.2.7:4000", "198.51.100.1:443")
+
+        self.idle()[0].dataReceived(header)
+        self.assertEqual(len(self.forwarder.served), 1)
+        self.assertEqual((len(self.idle()), len(self.transports)), (2, 3))  # not yet
+        self.clock.advance(REPLACE_DELAY)
+        self.assertEqual((len(self.idle()), len(self.transports)), (3, 4))  # a spare dialled
+        self.assertEqual(len(self.client.calls), 1)
+
+        self.idle()[0].dataReceived(header)  # two left: later again
+        self.idle()[0].dataReceived(header)  # one left: now, both
+        self.assertEqual((len(self.idle()), len(self.transports)), (3, 6))
+        self.clock.advance(REPLACE_DELAY)  # the waiting top-up finds nothing missing
+        self.assertEqual((len(self.idle()), len(self.transports)), (3, 6))
+
+    def test_a_waiting_replacement_ends_with_its_pool(self) -> None:
+        keeper = PoolKeeper(
+            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=3, pool_max=3, shrink_after=30, dial=self.dial, spares=0)
+        self.keeper.stop()
+        self.keeper = keeper
+        keeper.start()
+        self.clock.advance(1)
+        self.answer(tokens_result(9))
+        self.idle()[0].dataReceived(pool_header(DOMAIN, "192.0.2.7:4000"))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # the tick, the top-up
+        keeper.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(REPLACE_DELAY)
+        self.assertEqual(len(self.transports), 3)  # nothing dialled after the stop
 
     def test_bytes_after_the_header_are_kept_and_reading_pauses_past_a_bound(self) -> None:
         self.fill()

@@ -214,20 +214,24 @@ class KeeperTests(unittest.TestCase):
         self.assertEqual((len(self.transports), len(self.client.calls), self.spares()),
                          (3, 1, 3))
 
-    def test_with_others_idle_a_served_connection_is_replaced_a_little_later(self) -> None:
-        # A pool of three: one taken leaves two idle, enough to replace it off the path
-        # of its client; a second taken leaves one, and both are replaced at once.
-        self.assertEqual(REPLACE_LATER_FROM, 2)
-        keeper = PoolKeeper(
+    def pool_of_three(self) -> PoolKeeper:
+        """The keeper of a filled pool of three instead (two idle once one is taken)."""
+        self.keeper.stop()
+        keeper = self.keeper = PoolKeeper(
             self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
             pool_size=3, pool_max=3, shrink_after=30, dial=self.dial, spares=0)
-        self.keeper.stop()
-        self.keeper = keeper
         keeper.start()
         self.addCleanup(keeper.stop)
         self.clock.advance(1)
         self.answer(tokens_result(9))  # the pool (3) and twice the target in spares (6)
         self.assertEqual(len(self.idle()), 3)
+        return keeper
+
+    def test_with_others_idle_a_served_connection_is_replaced_a_little_later(self) -> None:
+        # One taken leaves two idle, enough to replace it off the path of its client; a
+        # second taken leaves one, and both are replaced at once.
+        self.assertEqual(REPLACE_LATER_FROM, 2)
+        self.pool_of_three()
         header = pool_header(DOMAIN, "192.0.2.7:4000", "198.51.100.1:443")
 
         self.idle()[0].dataReceived(header)
@@ -244,14 +248,7 @@ class KeeperTests(unittest.TestCase):
         self.assertEqual((len(self.idle()), len(self.transports)), (3, 6))
 
     def test_a_waiting_replacement_ends_with_its_pool(self) -> None:
-        keeper = PoolKeeper(
-            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
-            pool_size=3, pool_max=3, shrink_after=30, dial=self.dial, spares=0)
-        self.keeper.stop()
-        self.keeper = keeper
-        keeper.start()
-        self.clock.advance(1)
-        self.answer(tokens_result(9))
+        keeper = self.pool_of_three()
         self.idle()[0].dataReceived(pool_header(DOMAIN, "192.0.2.7:4000"))
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # the tick, the top-up
         keeper.stop()

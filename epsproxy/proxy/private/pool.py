@@ -136,9 +136,10 @@ TICK_SECONDS = 1.0
 #: Seconds after a pooled connection is taken before it is replaced, while at least
 #: :data:`REPLACE_LATER_FROM` others are still idle.  Replacing it at once put the new
 #: dial (and, at the public proxy, its accept, token and keepalive) between the header
-#: and the internal server's answer of the client that took it: with one client at a
-#: time, 6% more connections a second and a 7-10% lower p99 when the replacement waits
-#: (paired rounds, issue 14).  A few milliseconds cover a TLS handshake on a LAN.
+#: and the internal server's answer of the client that took it.  A small step: with one
+#: client at a time, 1.07x, 1.06x and 0.99x the rate and a p99 2-10% lower in three
+#: paired runs (issue 14, docs/benchmarks.md).  A few milliseconds cover a TLS handshake
+#: on a LAN.
 REPLACE_DELAY = 0.005
 
 #: Fewer idle connections than this left after one is taken: it is replaced at once

@@ -156,8 +156,8 @@ class _Client(tcp.Client):
         else:
             self.addr = (host, port)
         self._requiresResolution = False
+        # Non-blocking from here: Twisted's Connection.__init__ sets it (one ioctl, not two).
         skt = socket.socket(self.addressFamily, socket.SOCK_STREAM)
-        skt.setblocking(False)
         common: Any = self._commonConnection
         common.__init__(self, skt, None, reactor)
 

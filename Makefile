@@ -15,7 +15,7 @@ all: venv certs
 
 # A compat-mode editable install keeps the repository root on sys.path, so twistd finds
 # twisted/plugins/epsproxy_plugins.py from any folder (the default editable mode hides it).
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml setup.py epsproxy/proxy/_splice_engine.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat

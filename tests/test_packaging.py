@@ -1,6 +1,7 @@
 """
 setup.cfg lists its packages by hand (twisted.plugins needs that): none may be missed;
-and a built wheel carries the LICENSE, the example settings and the docs.
+and a built wheel carries the LICENSE, the example settings, the docs and the compiled
+splice engine.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class PackageListTests(unittest.TestCase):
         self.assertEqual(sorted(listed - on_disk - {"twisted.plugins"}), [])
 
 
-BUILD_INPUTS = ("pyproject.toml", "setup.cfg", "MANIFEST.in", "README.md", "LICENSE",
-                "epsproxy", "twisted", "docs")
+BUILD_INPUTS = ("pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "README.md",
+                "LICENSE", "epsproxy", "twisted", "docs")
 
 
 class WheelContentTests(TwistedTestCase):
@@ -52,7 +53,7 @@ class WheelContentTests(TwistedTestCase):
         for name in BUILD_INPUTS:
             if (ROOT / name).is_dir():
                 shutil.copytree(ROOT / name, source / name,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
             else:
                 source.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(ROOT / name, source / name)
@@ -74,6 +75,11 @@ class WheelContentTests(TwistedTestCase):
                 self.assertIn(f"epsproxy/examples/settings/{path}", names, program)
             docs = {n.rsplit("/", 1)[1] for n in names if "/data/share/doc/epsproxy/" in n}
             self.assertTrue({p.name for p in (ROOT / "docs").glob("*.md")} <= docs, docs)
+            # The splice engine is compiled into the wheel (and typed for its callers).
+            engine = [n for n in names if n.startswith("epsproxy/proxy/_splice_engine.")
+                      and n.endswith(".so")]
+            self.assertEqual(len(engine), 1, sorted(names))
+            self.assertIn("epsproxy/proxy/_splice_engine.pyi", names)
             metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
             self.assertIn(b"AGPL-3.0-or-later", archive.read(metadata))
         self.assertIn(b"GNU AFFERO GENERAL PUBLIC LICENSE", (ROOT / "LICENSE").read_bytes())

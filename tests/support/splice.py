@@ -7,6 +7,7 @@ spliced, and a fake transport whose close reaches its protocol (for Clock-driven
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
@@ -149,3 +150,19 @@ def fake_connection(protocol: Protocol, host: str = "203.0.113.77") -> FakeTrans
     t.protocol = protocol
     protocol.makeConnection(t)
     return t
+
+
+def engine() -> Any:
+    """The process's splice engine (epsproxy.proxy.splice_engine), for tests that run the
+    real-socket cases with the engine relaying; fails where its C part is not built."""
+    from twisted.internet import reactor
+
+    from epsproxy.proxy.splice_engine import SpliceEngine
+
+    found = SpliceEngine.shared(reactor)
+    if found is None:
+        # make venv builds it (setup.py) wherever a C compiler and the Python headers
+        # are: the proxies would splice in Python without it, and the tests say so.
+        raise AssertionError("the splice engine's C part is not built: install a C "
+                             "compiler (gcc) and the Python headers, then make venv")
+    return found

@@ -1,0 +1,745 @@
+/*
+ * The splice engine (issue 14): relays bytes between the two sockets of spliced pairs
+ * on a thread of its own, in C, so that no Python code runs per byte or per read.
+ *
+ * What Python does (epsproxy/proxy/splice_engine.py): hands over a connected pair of
+ * non-blocking sockets with add(), keeps its socket objects open (it alone closes them),
+ * and learns of each pair's end from collect() when the notification descriptor becomes
+ * readable.  The engine never touches a pair's descriptors after reporting it, and
+ * never frees a pair: collect() does, on Python's thread, once reported.  So a handle
+ * Python still holds always names live memory.
+ *
+ * The relay's policy is the Python splice's (epsproxy/proxy/splice.py):
+ *  - a read is no larger than what the receiving socket is known to take whole (half of
+ *    its send buffer less its queue, SIOCOUTQ), so a slow receiver leaves next to nothing
+ *    in user space; a direction whose receiver has less room than is worth a read waits
+ *    until the kernel says the receiver is writable, then reads once;
+ *  - reads go into one buffer shared by every pair (this thread makes one read at a
+ *    time) and are sent straight from it; only what a send did not take is copied, and
+ *    the direction reads nothing more until that is sent;
+ *  - end-of-stream from one side shuts down the write side of the other once what it
+ *    holds is sent; the pair is finished when both directions are;
+ *  - an error on one side cuts the pair: the other side is closed with a reset
+ *    (SO_LINGER 0), so a cut stream never looks complete;
+ *  - no bytes either way for the pair's idle timeout closes it (with resets).
+ *
+ * Epoll is edge-triggered: each descriptor is registered once for input, output and
+ * the peer's half-close, and the engine remembers which socket may have data.  When a
+ * direction decides to wait for its receiver's room (no send failed, so the kernel
+ * would not wake it), the receiver is re-armed (EPOLL_CTL_MOD polls it again, which
+ * asks the kernel for a wake-up once it is writable).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <linux/sockios.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BUFFER_BYTES (1024 * 1024) /* the shared read buffer: the largest read_bytes */
+#define SLOW_READ_BYTES (16 * 1024)
+#define WAIT_BELOW_FRACTION 4
+#define READS_PER_EVENT 4
+#define EVENTS 256
+#define SWEEP_MS 1000
+#define ET_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+
+enum outcome {
+    FINISHED = 0,  /* both directions ended normally */
+    CUT_LEFT = 1,  /* the left socket failed; the right one was reset */
+    CUT_RIGHT = 2, /* the right socket failed; the left one was reset */
+    IDLE = 3,      /* idle timeout; both reset */
+    ABORTED = 4,   /* abort() asked for it; both reset */
+};
+
+typedef struct direction {
+    char *held;          /* bytes read and not yet sent (only after a short send) */
+    size_t held_mapped;  /* the size of its pages */
+    size_t held_len;
+    size_t held_off;
+    int eof;             /* the source sent end-of-stream */
+    int shut;            /* the receiver's write side is shut down */
+    int waiting;         /* waiting for the receiver's room before reading */
+    uint64_t bytes;      /* read from the source (read by Python with atomics) */
+    uint64_t waits;      /* (atomics) */
+    uint64_t held_now;   /* held_len - held_off, for Python (atomics) */
+    uint64_t peak_held;
+} direction;
+
+typedef struct pair {
+    struct pair *prev, *next; /* the engine's live pairs (engine thread only) */
+    struct pair *queued;      /* incoming or done list */
+    int fd[2];                /* 0: left, 1: right */
+    int readable[2];          /* the socket may have data (edge-triggered) */
+    direction dir[2];         /* 0: left -> right, 1: right -> left */
+    size_t read_bytes;
+    size_t slow;
+    size_t wait_below;
+    int64_t idle_ms;          /* 0: none */
+    int64_t last_active;      /* monotonic ms (engine thread) */
+    int abort_requested;      /* set by Python, read by the engine (atomics) */
+    int outcome;
+    int reported;             /* engine thread only */
+    int ready;                /* on the ready list (engine thread only) */
+    struct pair *ready_next;
+} pair;
+
+static struct {
+    int started;
+    int ep;
+    int wake_fd;   /* Python -> engine: new pairs, aborts */
+    int notify_fd; /* engine -> Python: ended pairs */
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pair *incoming;
+    pair *done;
+    int aborts;    /* aborts asked since the engine last looked (under lock) */
+    pair live;     /* list head */
+    pair *ready;   /* pairs with more to read than one turn reads (engine thread only) */
+    char *buffer;
+    int64_t last_sweep;
+    int sweep_ms;        /* how often idle pairs are looked for (atomics) */
+    uint64_t live_count; /* atomics */
+} E = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/*
+ * Held bytes live in pages of their own, returned to the system as soon as they are
+ * sent: rare and short-lived, they would otherwise be the first allocations of this
+ * thread, which make glibc a heap of its own for it and keep its pages resident.
+ */
+static char *hold_alloc(size_t size, size_t *mapped)
+{
+    size_t page = 4096;
+    *mapped = (size + page - 1) / page * page;
+    void *p = mmap(NULL, *mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void hold_free(direction *d)
+{
+    if (d->held)
+        munmap(d->held, d->held_mapped);
+    d->held = NULL;
+    d->held_len = d->held_off = d->held_mapped = 0;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Bytes the receiver ``fd`` is sure to take whole now; ``cap`` when it cannot say. */
+static size_t room(int fd, size_t cap, size_t *wait_at, const pair *p)
+{
+    int queued = 0, sndbuf = 0;
+    socklen_t len = sizeof(sndbuf);
+    if (ioctl(fd, SIOCOUTQ, &queued) < 0
+        || getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) < 0) {
+        *wait_at = p->slow;
+        return cap;
+    }
+    /* Waiting for writability pays only if it frees much more than is free now: the
+       kernel wakes writers when a third of the buffer is free. */
+    size_t eighth = (size_t)sndbuf / 8;
+    size_t at = eighth > p->slow ? eighth : p->slow;
+    *wait_at = at < p->wait_below ? at : p->wait_below;
+    long free_ = ((long)sndbuf - (long)queued) / 2;
+    if (free_ <= 0)
+        return 0;
+    return (size_t)free_ < cap ? (size_t)free_ : cap;
+}
+
+static void rearm(int fd, pair *p, int side)
+{
+    struct epoll_event ev = {.events = ET_EVENTS, .data.u64 = (uint64_t)(uintptr_t)p | side};
+    epoll_ctl(E.ep, EPOLL_CTL_MOD, fd, &ev);
+}
+
+/*
+ * Move what direction ``i`` can move now.  Returns -1, or the side (0, 1) whose socket
+ * failed.
+ */
+static int pump(pair *p, int i, int64_t now)
+{
+    direction *d = &p->dir[i];
+    int src = p->fd[i], dst = p->fd[1 - i];
+    if (d->held) {
+        ssize_t sent = send(dst, d->held + d->held_off, d->held_len - d->held_off,
+                            MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return -1;
+            return 1 - i;
+        }
+        d->held_off += (size_t)sent;
+        __atomic_store_n(&d->held_now, (uint64_t)(d->held_len - d->held_off),
+                         __ATOMIC_RELAXED);
+        if (d->held_off < d->held_len)
+            return -1;
+        hold_free(d);
+    }
+    if (d->eof) {
+        if (!d->shut) {
+            shutdown(dst, SHUT_WR);
+            d->shut = 1;
+        }
+        return -1;
+    }
+    if (!p->readable[i])
+        return -1;
+    int was_waiting = d->waiting;
+    d->waiting = 0;
+    for (int k = 0; k < READS_PER_EVENT; k++) {
+        size_t wait_at;
+        size_t size = room(dst, p->read_bytes, &wait_at, p);
+        if (size < wait_at) {
+            if (was_waiting && k == 0) {
+                size = p->slow; /* woken for room: read at least a little */
+            } else {
+                d->waiting = 1;
+                __atomic_add_fetch(&d->waits, 1, __ATOMIC_RELAXED);
+                rearm(dst, p, 1 - i);
+                return -1;
+            }
+        }
+        ssize_t n = recv(src, E.buffer, size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                p->readable[i] = 0;
+                return -1;
+            }
+            if (errno == EINTR)
+                return -1;
+            return i;
+        }
+        if (n == 0) {
+            p->readable[i] = 0;
+            d->eof = 1;
+            shutdown(dst, SHUT_WR);
+            d->shut = 1;
+            return -1;
+        }
+        __atomic_add_fetch(&d->bytes, (uint64_t)n, __ATOMIC_RELAXED);
+        p->last_active = now;
+        ssize_t sent = send(dst, E.buffer, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                return 1 - i;
+            sent = 0;
+        }
+        if (sent < n) {
+            size_t rest = (size_t)(n - sent);
+            d->held = hold_alloc(rest, &d->held_mapped);
+            if (d->held == NULL)
+                return i; /* out of memory: cut the pair rather than lose bytes */
+            memcpy(d->held, E.buffer + sent, rest);
+            d->held_len = rest;
+            d->held_off = 0;
+            __atomic_store_n(&d->held_now, (uint64_t)rest, __ATOMIC_RELAXED);
+            if (rest > d->peak_held)
+                d->peak_held = rest;
+            return -1;
+        }
+        /* A read that did not fill its size may still leave the end-of-stream behind
+           it (no new edge comes for that): the next read finds it, or EAGAIN. */
+    }
+    /* Reads filled their size READS_PER_EVENT times: the socket likely holds more, and
+       no new edge comes for bytes already there.  Read on after the other pairs'
+       events (fairness), without waiting for one. */
+    if (!p->ready) {
+        p->ready = 1;
+        p->ready_next = E.ready;
+        E.ready = p;
+    }
+    return -1;
+}
+
+static void reset_on_close(int fd)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+}
+
+/* Take the pair out of the engine and queue it for Python (``ended``: this batch). */
+static void end_pair(pair *p, int outcome, pair **ended)
+{
+    if (p->reported)
+        return;
+    p->reported = 1;
+    p->outcome = outcome;
+    if (p->ready) {
+        for (pair **at = &E.ready; *at; at = &(*at)->ready_next) {
+            if (*at == p) {
+                *at = p->ready_next;
+                break;
+            }
+        }
+        p->ready = 0;
+    }
+    for (int s = 0; s < 2; s++)
+        epoll_ctl(E.ep, EPOLL_CTL_DEL, p->fd[s], NULL);
+    if (outcome == CUT_LEFT) {
+        reset_on_close(p->fd[1]);
+    } else if (outcome == CUT_RIGHT) {
+        reset_on_close(p->fd[0]);
+    } else if (outcome != FINISHED) {
+        reset_on_close(p->fd[0]);
+        reset_on_close(p->fd[1]);
+    }
+    p->prev->next = p->next;
+    p->next->prev = p->prev;
+    p->prev = p->next = NULL;
+    __atomic_sub_fetch(&E.live_count, 1, __ATOMIC_RELAXED);
+    p->queued = *ended;
+    *ended = p;
+}
+
+static void service(pair *p, int64_t now, pair **ended)
+{
+    for (int i = 0; i < 2; i++) {
+        int failed = pump(p, i, now);
+        if (failed >= 0) {
+            end_pair(p, failed == 0 ? CUT_LEFT : CUT_RIGHT, ended);
+            return;
+        }
+    }
+    direction *a = &p->dir[0], *b = &p->dir[1];
+    if (a->eof && b->eof && a->shut && b->shut && !a->held && !b->held)
+        end_pair(p, FINISHED, ended);
+}
+
+static int socket_error(int fd)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return errno;
+    return err;
+}
+
+static void take_incoming(int64_t now, pair **ended)
+{
+    uint64_t count;
+    ssize_t r = read(E.wake_fd, &count, sizeof(count));
+    (void)r;
+    pthread_mutex_lock(&E.lock);
+    pair *in = E.incoming;
+    E.incoming = NULL;
+    int aborts = E.aborts;
+    E.aborts = 0;
+    pthread_mutex_unlock(&E.lock);
+    /* The list is newest first: start the oldest first. */
+    pair *ordered = NULL;
+    while (in) {
+        pair *next = in->queued;
+        in->queued = ordered;
+        ordered = in;
+        in = next;
+    }
+    while (ordered) {
+        pair *p = ordered;
+        ordered = p->queued;
+        p->queued = NULL;
+        p->next = E.live.next;
+        p->prev = &E.live;
+        E.live.next->prev = p;
+        E.live.next = p;
+        p->last_active = now;
+        int ok = 1;
+        for (int s = 0; s < 2; s++) {
+            struct epoll_event ev = {.events = ET_EVENTS,
+                                     .data.u64 = (uint64_t)(uintptr_t)p | (uint64_t)s};
+            if (epoll_ctl(E.ep, EPOLL_CTL_ADD, p->fd[s], &ev) < 0)
+                ok = 0;
+        }
+        if (!ok) {
+            end_pair(p, ABORTED, ended);
+            continue;
+        }
+        p->readable[0] = p->readable[1] = 1;
+        service(p, now, ended);
+    }
+    if (aborts) {
+        for (pair *p = E.live.next; p != &E.live;) {
+            pair *next = p->next;
+            if (__atomic_load_n(&p->abort_requested, __ATOMIC_ACQUIRE))
+                end_pair(p, ABORTED, ended);
+            p = next;
+        }
+    }
+}
+
+static void sweep(int64_t now, pair **ended)
+{
+    for (pair *p = E.live.next; p != &E.live;) {
+        pair *next = p->next;
+        if (p->idle_ms > 0 && now - p->last_active >= p->idle_ms)
+            end_pair(p, IDLE, ended);
+        p = next;
+    }
+}
+
+static void *engine_main(void *arg)
+{
+    (void)arg;
+    struct epoll_event events[EVENTS];
+    E.last_sweep = now_ms();
+    for (;;) {
+        int every = __atomic_load_n(&E.sweep_ms, __ATOMIC_RELAXED);
+        int n = epoll_wait(E.ep, events, EVENTS, E.ready ? 0 : every);
+        int64_t now = now_ms();
+        pair *ended = NULL;
+        for (int k = 0; k < n; k++) {
+            uint64_t data = events[k].data.u64;
+            if (data == 0) {
+                take_incoming(now, &ended);
+                continue;
+            }
+            pair *p = (pair *)(uintptr_t)(data & ~(uint64_t)1);
+            int side = (int)(data & 1);
+            uint32_t ev = events[k].events;
+            if (p->reported)
+                continue; /* ended earlier in this batch */
+            if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                p->readable[side] = 1;
+            if (ev & EPOLLERR) {
+                if (socket_error(p->fd[side]) != 0) {
+                    end_pair(p, side == 0 ? CUT_LEFT : CUT_RIGHT, &ended);
+                    continue;
+                }
+            }
+            service(p, now, &ended);
+        }
+        pair *ready = E.ready;
+        E.ready = NULL;
+        while (ready) {
+            pair *p = ready;
+            ready = p->ready_next;
+            p->ready = 0;
+            if (!p->reported)
+                service(p, now, &ended);
+        }
+        if (now - E.last_sweep >= every) {
+            E.last_sweep = now;
+            sweep(now, &ended);
+        }
+        if (ended) {
+            pthread_mutex_lock(&E.lock);
+            pair *last = ended;
+            while (last->queued)
+                last = last->queued;
+            last->queued = E.done;
+            E.done = ended;
+            pthread_mutex_unlock(&E.lock);
+            uint64_t one = 1;
+            ssize_t r = write(E.notify_fd, &one, sizeof(one));
+            (void)r;
+        }
+    }
+    return NULL;
+}
+
+/* A forked child has no engine thread: its first pair starts one of its own (what the
+   parent's engine held stays the parent's). */
+static void forked_child(void)
+{
+    E.started = 0;
+    E.incoming = E.done = E.ready = NULL;
+    E.aborts = 0;
+    pthread_mutex_init(&E.lock, NULL);
+    __atomic_store_n(&E.live_count, 0, __ATOMIC_RELAXED);
+}
+
+static int start(void)
+{
+    static int atfork_done = 0;
+    if (E.started)
+        return 0;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, forked_child);
+        atfork_done = 1;
+    }
+    /* Page-aligned (the kernel copies to and from it fastest so: a buffer from malloc,
+       16 bytes into a page, relayed at three quarters of the speed), and resident
+       only once touched. */
+    E.buffer = mmap(NULL, BUFFER_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                    -1, 0);
+    if (E.buffer == MAP_FAILED)
+        E.buffer = NULL;
+    E.ep = epoll_create1(EPOLL_CLOEXEC);
+    E.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    E.notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (E.buffer == NULL || E.ep < 0 || E.wake_fd < 0 || E.notify_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    E.live.next = E.live.prev = &E.live;
+    E.sweep_ms = SWEEP_MS;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0};
+    if (epoll_ctl(E.ep, EPOLL_CTL_ADD, E.wake_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay with Python's thread */
+    int err = pthread_create(&E.thread, NULL, engine_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    pthread_detach(E.thread);
+    E.started = 1;
+    return 0;
+}
+
+/* -- the Python interface */
+
+static PyObject *py_notify_fd(PyObject *self, PyObject *unused)
+{
+    if (start() < 0)
+        return NULL;
+    return PyLong_FromLong(E.notify_fd);
+}
+
+/*
+ * Bytes to send before anything relayed (``view``, towards ``fd``): sent now if the
+ * socket takes them (it nearly always does: nothing was sent on it yet), and only what
+ * it does not take copied for the engine.  So the bytes a party sent before its partner
+ * arrived are not copied a second time on their way.
+ */
+static int copy_in(direction *d, Py_buffer *view, int fd)
+{
+    size_t len = (size_t)view->len, sent = 0;
+    if (len == 0)
+        return 0;
+    ssize_t n = send(fd, view->buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0)
+        sent = (size_t)n; /* an error: the engine's own send finds it again */
+    d->bytes = (uint64_t)len; /* relayed, as the Python splice counts them */
+    if (sent == len)
+        return 0;
+    d->held = hold_alloc(len - sent, &d->held_mapped);
+    if (d->held == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(d->held, (char *)view->buf + sent, len - sent);
+    d->held_len = len - sent;
+    d->held_now = (uint64_t)(len - sent);
+    return 0;
+}
+
+static PyObject *py_add(PyObject *self, PyObject *args)
+{
+    int left, right, left_eof, right_eof;
+    Py_buffer to_left, to_right;
+    Py_ssize_t read_bytes;
+    double idle;
+    if (!PyArg_ParseTuple(args, "iiy*y*ppnd", &left, &right, &to_left, &to_right,
+                          &left_eof, &right_eof, &read_bytes, &idle))
+        return NULL;
+    PyObject *result = NULL;
+    pair *p = NULL;
+    if (left < 0 || right < 0 || left == right) {
+        PyErr_SetString(PyExc_ValueError, "two distinct open descriptors are needed");
+        goto out;
+    }
+    if (read_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "read_bytes must be positive");
+        goto out;
+    }
+    if (start() < 0)
+        goto out;
+    p = calloc(1, sizeof(pair));
+    if (p == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    p->fd[0] = left;
+    p->fd[1] = right;
+    p->read_bytes = read_bytes < BUFFER_BYTES ? (size_t)read_bytes : BUFFER_BYTES;
+    p->slow = p->read_bytes < SLOW_READ_BYTES ? p->read_bytes : SLOW_READ_BYTES;
+    size_t quarter = p->read_bytes / WAIT_BELOW_FRACTION;
+    p->wait_below = quarter > p->slow ? quarter : p->slow;
+    p->idle_ms = idle > 0 ? (int64_t)(idle * 1000.0) : 0;
+    if (p->idle_ms == 0 && idle > 0)
+        p->idle_ms = 1;
+    if (p->idle_ms > 0) {
+        /* A pair is closed within a quarter of its idle timeout after it (at most a
+           second): the sweep runs that often from now on. */
+        int quarter_ms = p->idle_ms / 4 > 10 ? (int)(p->idle_ms / 4) : 10;
+        if (quarter_ms < __atomic_load_n(&E.sweep_ms, __ATOMIC_RELAXED))
+            __atomic_store_n(&E.sweep_ms, quarter_ms, __ATOMIC_RELAXED);
+    }
+    /* dir[0] is left -> right: bytes for the right side go first there. */
+    if (copy_in(&p->dir[0], &to_right, right) < 0 || copy_in(&p->dir[1], &to_left, left) < 0) {
+        hold_free(&p->dir[0]);
+        hold_free(&p->dir[1]);
+        free(p);
+        goto out;
+    }
+    p->dir[0].eof = left_eof;
+    p->dir[1].eof = right_eof;
+    __atomic_add_fetch(&E.live_count, 1, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&E.lock);
+    p->queued = E.incoming;
+    E.incoming = p;
+    pthread_mutex_unlock(&E.lock);
+    uint64_t one = 1;
+    if (write(E.wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
+        /* Cannot fail for an eventfd short of overflow; the pair is queued anyway. */
+    }
+    result = PyLong_FromVoidPtr(p);
+out:
+    PyBuffer_Release(&to_left);
+    PyBuffer_Release(&to_right);
+    return result;
+}
+
+static pair *handle(PyObject *arg)
+{
+    pair *p = PyLong_AsVoidPtr(arg);
+    if (p == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "not a pair's handle");
+    return p;
+}
+
+static PyObject *py_abort(PyObject *self, PyObject *arg)
+{
+    pair *p = handle(arg);
+    if (p == NULL)
+        return NULL;
+    __atomic_store_n(&p->abort_requested, 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&E.lock);
+    E.aborts++;
+    pthread_mutex_unlock(&E.lock);
+    uint64_t one = 1;
+    ssize_t r = write(E.wake_fd, &one, sizeof(one));
+    (void)r;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_counts(PyObject *self, PyObject *arg)
+{
+    pair *p = handle(arg);
+    if (p == NULL)
+        return NULL;
+    direction *a = &p->dir[0], *b = &p->dir[1];
+    return Py_BuildValue(
+        "KKKKK", (unsigned long long)__atomic_load_n(&a->bytes, __ATOMIC_RELAXED),
+        (unsigned long long)__atomic_load_n(&b->bytes, __ATOMIC_RELAXED),
+        (unsigned long long)(__atomic_load_n(&a->waits, __ATOMIC_RELAXED)
+                             + __atomic_load_n(&b->waits, __ATOMIC_RELAXED)),
+        (unsigned long long)__atomic_load_n(&a->held_now, __ATOMIC_RELAXED),
+        (unsigned long long)__atomic_load_n(&b->held_now, __ATOMIC_RELAXED));
+}
+
+static PyObject *py_collect(PyObject *self, PyObject *unused)
+{
+    if (!E.started)
+        return PyList_New(0);
+    uint64_t count;
+    ssize_t r = read(E.notify_fd, &count, sizeof(count));
+    (void)r;
+    pthread_mutex_lock(&E.lock);
+    pair *done = E.done;
+    E.done = NULL;
+    pthread_mutex_unlock(&E.lock);
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL; /* the pairs stay unreported; the next collect finds them */
+    while (done) {
+        pair *p = done;
+        PyObject *item = Py_BuildValue(
+            "(NiKKKK)", PyLong_FromVoidPtr(p), p->outcome,
+            (unsigned long long)p->dir[0].bytes, (unsigned long long)p->dir[1].bytes,
+            (unsigned long long)(p->dir[0].waits + p->dir[1].waits),
+            (unsigned long long)(p->dir[0].peak_held > p->dir[1].peak_held
+                                     ? p->dir[0].peak_held
+                                     : p->dir[1].peak_held));
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            /* Put the rest back for the next collect. */
+            pthread_mutex_lock(&E.lock);
+            pair *last = done;
+            while (last->queued)
+                last = last->queued;
+            last->queued = E.done;
+            E.done = done;
+            pthread_mutex_unlock(&E.lock);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+        done = p->queued;
+        hold_free(&p->dir[0]);
+        hold_free(&p->dir[1]);
+        free(p);
+    }
+    return list;
+}
+
+static PyObject *py_live(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&E.live_count, __ATOMIC_RELAXED));
+}
+
+static PyMethodDef methods[] = {
+    {"notify_fd", py_notify_fd, METH_NOARGS,
+     "notify_fd() -> int: start the engine (once) and return the descriptor that becomes "
+     "readable when pairs have ended (then call collect())."},
+    {"add", py_add, METH_VARARGS,
+     "add(left_fd, right_fd, to_left, to_right, left_eof, right_eof, read_bytes, "
+     "idle_timeout) -> handle: relay between two connected non-blocking sockets until "
+     "both directions end; the caller keeps both descriptors open until collect() "
+     "reports the pair."},
+    {"abort", py_abort, METH_O, "abort(handle): end the pair with resets, soon."},
+    {"counts", py_counts, METH_O,
+     "counts(handle) -> (left_to_right, right_to_left, waits, held_for_right, "
+     "held_for_left): bytes relayed so far, waits for a receiver's room, and bytes "
+     "held unsent now."},
+    {"collect", py_collect, METH_NOARGS,
+     "collect() -> [(handle, outcome, left_to_right, right_to_left, waits, peak_held)]: "
+     "the pairs ended since the last call; their handles are invalid afterwards."},
+    {"live", py_live, METH_NOARGS, "live() -> int: pairs added and not yet ended."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_splice_engine",
+    "The splice engine's C part: see epsproxy/proxy/splice_engine.py.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__splice_engine(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "FINISHED", FINISHED) < 0
+        || PyModule_AddIntConstant(m, "CUT_LEFT", CUT_LEFT) < 0
+        || PyModule_AddIntConstant(m, "CUT_RIGHT", CUT_RIGHT) < 0
+        || PyModule_AddIntConstant(m, "IDLE", IDLE) < 0
+        || PyModule_AddIntConstant(m, "ABORTED", ABORTED) < 0
+        || PyModule_AddIntConstant(m, "BUFFER_BYTES", BUFFER_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

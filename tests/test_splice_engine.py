@@ -1,0 +1,155 @@
+"""
+The splice engine (epsproxy.proxy.splice_engine and its C part, issue 14), on plain TCP
+sockets over loopback: bytes given first, half-close both ways, abort and the idle
+timeout (resets), a failed side cutting the pair, a descriptor it cannot watch, bad
+arguments, and a failing handler.  The real-socket tests of the splice run with the
+engine too (EngineRealSockets in test_splice.py, EngineOwnReader in
+test_splice_reader.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from epsproxy.proxy.splice_engine import Ended, Outcome, SpliceEngine
+from tests.support.splice import engine
+
+
+def _engine() -> SpliceEngine:
+    found: SpliceEngine = engine()
+    return found
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    client.settimeout(10)  # a test that goes wrong fails, it does not hang
+    return client, server
+
+
+class Engine(TestCase):
+    """The engine itself, with plain TCP sockets."""
+
+    timeout = 30
+
+    def pair(self) -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+        """Two TCP connections over loopback: (a, left) and (right, b); left and right go
+        to the engine, a and b are the test's (blocking)."""
+        a, left = _tcp_pair()
+        right, b = _tcp_pair()
+        for s in (a, left, right, b):
+            self.addCleanup(s.close)
+        left.setblocking(False)
+        right.setblocking(False)
+        return a, left, right, b
+
+    def add(self, left: socket.socket, right: socket.socket, **kwargs) -> tuple[int, defer.Deferred[Ended]]:
+        d: defer.Deferred[Ended] = defer.Deferred()
+        kwargs.setdefault("read_bytes", 65536)
+        kwargs.setdefault("idle_timeout", 0.0)
+        handle = _engine().add(left.fileno(), right.fileno(), d.callback, **kwargs)
+        return handle, d
+
+    @defer.inlineCallbacks
+    def test_bytes_given_first_go_first_and_end_of_stream_finishes(self):
+        a, left, right, b = self.pair()
+        _, ended = self.add(left, right, to_left=b"<", to_right=b">")
+        a.sendall(b"hello")
+        a.shutdown(socket.SHUT_WR)
+        b.sendall(b"world")
+        b.shutdown(socket.SHUT_WR)
+        result = yield ended
+        self.assertEqual(result.outcome, Outcome.FINISHED)
+        # Counted as the Python splice counts: the bytes given first too.
+        self.assertEqual((result.left_to_right, result.right_to_left), (6, 6))
+        self.assertEqual(b.recv(100), b">hello")
+        self.assertEqual(a.recv(100), b"<world")
+        self.assertEqual((a.recv(1), b.recv(1)), (b"", b""))  # end-of-stream both ways
+
+    @defer.inlineCallbacks
+    def test_abort_and_idle_end_a_pair_with_resets(self):
+        a, left, right, b = self.pair()
+        handle, ended = self.add(left, right)
+        _engine().abort(handle)
+        result = yield ended
+        self.assertEqual(result.outcome, Outcome.ABORTED)
+        self.assertEqual(_engine().counts(handle).left_to_right, 0)  # ended: zeros
+        a2, left2, right2, b2 = self.pair()
+        started = time.monotonic()
+        _, ended = self.add(left2, right2, idle_timeout=0.2)
+        result = yield ended
+        self.assertEqual(result.outcome, Outcome.IDLE)
+        self.assertGreaterEqual(time.monotonic() - started, 0.19)
+
+    @defer.inlineCallbacks
+    def test_a_failed_side_cuts_the_pair(self):
+        a, left, right, b = self.pair()
+        _, ended = self.add(left, right)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # a reset: the right side fails
+        result = yield ended
+        self.assertEqual(result.outcome, Outcome.CUT_RIGHT)
+        # The left side was set to reset on close: its peer sees a reset, not an end.
+        left.close()
+        with self.assertRaises(ConnectionResetError):
+            a.recv(10)
+
+    @defer.inlineCallbacks
+    def test_a_descriptor_it_cannot_watch_ends_the_pair_at_once(self):
+        r = os.open(os.devnull, os.O_RDONLY)  # a file: epoll refuses to watch it
+        self.addCleanup(os.close, r)
+        a, left, right, b = self.pair()
+        d: defer.Deferred[Ended] = defer.Deferred()
+        _engine().add(r, right.fileno(), d.callback, read_bytes=1024, idle_timeout=0.0)
+        result = yield d
+        self.assertEqual(result.outcome, Outcome.ABORTED)
+
+    def test_bad_arguments_are_refused(self):
+        engine = _engine()
+        a, left, right, b = self.pair()
+        with self.assertRaises(ValueError):
+            engine.add(left.fileno(), left.fileno(), lambda e: None, read_bytes=1024,
+                       idle_timeout=0.0)
+        with self.assertRaises(ValueError):
+            engine.add(-1, right.fileno(), lambda e: None, read_bytes=1024, idle_timeout=0.0)
+        with self.assertRaises(ValueError):
+            engine.add(left.fileno(), right.fileno(), lambda e: None, read_bytes=0,
+                       idle_timeout=0.0)
+        with self.assertRaises(TypeError):
+            engine.add(left.fileno(), right.fileno(), lambda e: None,
+                       to_left="text", read_bytes=1024, idle_timeout=0.0)  # type: ignore[arg-type]
+        self.assertEqual(len(engine), 0)
+
+    @defer.inlineCallbacks
+    def test_a_handler_that_fails_is_logged_and_the_others_still_run(self):
+        a, left, right, b = self.pair()
+        c, left2, right2, d_ = self.pair()
+        engine = _engine()
+
+        def broken(ended: Ended) -> None:
+            raise RuntimeError("boom")
+
+        h1 = engine.add(left.fileno(), right.fileno(), broken, read_bytes=1024,
+                        idle_timeout=0.0)
+        second: defer.Deferred[Ended] = defer.Deferred()
+        h2 = engine.add(left2.fileno(), right2.fileno(), second.callback, read_bytes=1024,
+                        idle_timeout=0.0)
+        engine.abort(h1)
+        engine.abort(h2)
+        result = yield second
+        self.assertEqual(result.outcome, Outcome.ABORTED)
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(engine), 0)
+
+
+class NoDescriptors(TestCase):
+    def test_a_reactor_that_cannot_watch_descriptors_gets_no_engine(self):
+        self.assertIsNone(SpliceEngine.shared(object()))

@@ -29,6 +29,7 @@ from twisted.trial import unittest
 
 from epsproxy.net import admission
 from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, JSONRPCError
+from epsproxy.proxy import splice_engine
 from epsproxy.proxy.public import NOT_AUTHORIZED, TOO_MANY_PENDING
 from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
@@ -563,6 +564,43 @@ class ServiceTests(unittest.TestCase):
         yield connect_party(self.internal_port, stranger)
         yield DeferredList([holder.lost, stranger.lost], fireOnOneCallback=True)
         self.assertEqual(cap.refused_per_address, 1)
+
+    @inlineCallbacks
+    def _brokered_pair(self) -> Any:
+        b_side = self.play_b(send=b"from B")
+        answer = yield self.request(to="hd-2", channel="grpc_server")
+        a = Party(base64.b64decode(answer["token"]), b"from A")
+        self.addCleanup(lambda: a.transport and a.transport.abortConnection())
+        yield connect_party(self.internal_port, a)
+        self.assertEqual((yield a.wait_for(6)), b"from B")
+        [b] = b_side
+        self.assertEqual((yield b.wait_for(6)), b"from A")
+        (pair,) = self.proxy.rendezvous.splices
+        return pair
+
+    @inlineCallbacks
+    def test_the_splice_engine_relays_brokered_pairs(self):
+        self.assertTrue(splice_engine.available(), "the splice engine's C part is not built")
+        yield self.start_proxy()
+        pair = yield self._brokered_pair()
+        self.assertIsNotNone(pair.engine_handle)  # relayed in C, not by the reactor
+        self.assertEqual(pair.bytes_relayed, 12)
+        metrics = generate_latest(self.proxy.registry).decode()
+        self.assertIn("proxy_engine_splices 1.0", metrics)
+        # A restart setting: a reload that changes it is refused, naming it.
+        changed = dict(self.proxy.settings, splice_engine=False)
+        with self.assertRaises(Exception) as caught:
+            self.proxy.reload(PROXY_SETTINGS.validate({"public": changed})["public"])
+        self.assertIn("splice_engine: changing it needs a restart", str(caught.exception))
+
+    @inlineCallbacks
+    def test_splice_engine_false_relays_in_python(self):
+        yield self.start_proxy(splice_engine=False)
+        self.assertIsNone(self.proxy.rendezvous.engine)
+        pair = yield self._brokered_pair()
+        self.assertIsNone(pair.engine_handle)
+        self.assertTrue(pair.own_reader)  # the Python splice's own reader
+        self.assertEqual(pair.bytes_relayed, 12)
 
     def test_bad_trusted_sources_are_refused(self):
         folder = Path(self.mktemp()).absolute()

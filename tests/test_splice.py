@@ -25,7 +25,7 @@ from epsproxy.proxy.splice import (
     retarget,
     splice,
 )
-from tests.support.splice import fake_connection, listen, spliced_pair
+from tests.support.splice import engine, fake_connection, listen, spliced_pair
 from tests.support.splice_flow import Source
 
 # -- tests
@@ -146,6 +146,34 @@ def _stalled(source: Source, s) -> defer.Deferred[None]:
     loop = task.LoopingCall(poll)
     loop.start(0.05).addCallback(lambda _: d.callback(None))
     return d
+
+
+class EngineRealSockets(RealSockets):
+    """The same, relayed by the splice engine (C, epsproxy.proxy.splice_engine)."""
+
+    def setUp(self) -> None:
+        self.rv = Rendezvous(reactor, engine=engine())
+        self.port = listen(self, self.rv)
+
+    @defer.inlineCallbacks
+    def test_pairs_are_relayed_by_the_engine_and_leave_the_reactor(self):
+        a, b = yield spliced_pair(self, self.rv, self.port)
+        (s,) = self.rv.splices
+        self.assertIsNotNone(s.engine_handle)
+        # Neither socket is the reactor's any more: the engine reads and writes both.
+        readers = {r for r in reactor.getReaders() if hasattr(r, "fileno")}
+        for transport in (s.left.transport, s.right.transport):
+            self.assertNotIn(transport, readers)
+        a.transport.write(b"ping")
+        yield b.wait_for(1 + 4)
+        self.assertEqual(bytes(b.received), b"!ping")
+        self.assertEqual(s.bytes_relayed, 1 + 1 + 4)
+        a.transport.loseConnection()
+        b.transport.loseConnection()
+        yield s.done
+        self.assertIsNone(s.engine_handle)
+        self.assertEqual(s.bytes_relayed, 1 + 1 + 4)  # the final count, from the report
+        self.assertEqual(len(engine()), 0)
 
 
 class Unit(TestCase):

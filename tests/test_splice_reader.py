@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from epsproxy.net.admission import Admission, AdmissionEndpoint, ProcessBudget
 from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.splice import DEFAULT_READ_BYTES
-from tests.support.splice import Peer, connect, listen, spliced_pair
+from tests.support.splice import Peer, connect, engine, listen, spliced_pair
 from tests.support.splice_flow import Source, Throttled
 
 
@@ -266,3 +266,36 @@ class SmallSendBuffer(TestCase):
         # Reads follow the small buffer's room; a wait before each smallest read (one
         # per 16 KiB, what a fixed threshold for large buffers did) would be far more.
         self.assertLess(s.waits, source.sent // (24 * 1024))
+
+
+class EngineOwnReader(OwnReader):
+    """The same, relayed by the splice engine (C, epsproxy.proxy.splice_engine)."""
+
+    def setUp(self) -> None:
+        self.rv = Rendezvous(reactor, engine=engine())
+        self.port = listen(self, self.rv)
+
+    @defer.inlineCallbacks
+    def test_idle_pairs_are_closed_by_the_shared_sweep(self):
+        # The engine times idle pairs itself (not the Rendezvous' sweep): a silent pair
+        # is cut after its timeout, a busy one is not.
+        rv = Rendezvous(reactor, idle_timeout=0.3, engine=engine())
+        port = listen(self, rv)
+        quiet = yield spliced_pair(self, rv, port)
+        busy = yield spliced_pair(self, rv, port)
+        self.assertEqual(len(rv._sweep), 0)
+        started = time.monotonic()
+        for n in range(1, 200):
+            busy[0].transport.write(b"x")
+            yield busy[1].wait_for(1 + n)
+            if quiet[0].closed.called:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)  # traffic, spread out
+        reasons = yield defer.gatherResults([quiet[0].closed, quiet[1].closed])
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)  # not before its timeout
+        for reason in reasons:
+            self.assertIsInstance(reason, ConnectionLost)  # reset: cut, not ended
+        self.assertFalse(busy[0].closed.called or busy[1].closed.called)
+        (pair,) = rv.splices
+        busy[0].transport.loseConnection()
+        yield pair.done

@@ -90,6 +90,8 @@ from .reachability import RetiredClients, TrackedClient
 from .rendezvous_server import Rendezvous, RendezvousFull
 from .sni import SNIFront
 from .settings import DEFAULT_DATASTORE_FILE
+from .splice_engine import SpliceEngine
+from .splice_engine import describe as describe_engine
 
 __all__ = [
     "NO_ANNOUNCEMENT",
@@ -137,6 +139,7 @@ REQUEST_CONNECTION_PARAMS = forms.Map(
 #: :mod:`epsproxy.net.reloading`).
 PUBLIC_RESTART_KEYS = (
     "name",
+    "splice_engine",
     "datastore",
     "tls_bind_address",
     "internal_bind_address",
@@ -373,6 +376,11 @@ class _RendezvousCollector:
         yield GaugeMetricFamily(
             "proxy_active_splices", "connection pairs being spliced", value=r.active_splices
         )
+        yield GaugeMetricFamily(
+            "proxy_engine_splices",
+            "connection pairs of proxy_active_splices relayed by the splice engine (C)",
+            value=r.engine_splices,
+        )
         yield CounterMetricFamily(
             "proxy_pairings", "connection pairs spliced since start", value=r.pairings
         )
@@ -530,6 +538,7 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
             idle_timeout=settings["idle_timeout"],
             on_valid_token=self._valid_token,
             pool=self.pool,
+            engine=SpliceEngine.shared(reactor) if settings["splice_engine"] else None,
         )
         self.registry.register(_RendezvousCollector(self.rendezvous))
         self.registry.register(_PoolCollector(self))
@@ -594,10 +603,11 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self.log.info(
             "public proxy {name} serving: TLS passthrough on {thost}:{tport}, internal "
             "endpoint on {ihost}:{iport} (told as {endpoint}), JSON-RPC on "
-            "{jhost}:{jport}{path}",
+            "{jhost}:{jport}{path}; splice engine {engine}",
             name=settings["name"], thost=thost, tport=tport, ihost=ihost, iport=iport,
             endpoint=settings["internal_endpoint"], jhost=jhost, jport=jport,
             path=server_settings["path"],
+            engine=describe_engine(self.rendezvous.engine, settings["splice_engine"]),
         )
         return PublicProxyPorts(internal, jsonrpc, front_port)
 

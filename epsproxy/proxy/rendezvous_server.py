@@ -49,6 +49,7 @@ from epsproxy.net.hostport import truncate_ip
 from epsproxy.net.logs import debug_enabled
 from epsproxy.net.token import TOKEN_BYTES, new_token, token_tag
 
+from .splice_engine import SpliceEngine
 from .splice import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_READ_BYTES,
@@ -190,6 +191,7 @@ class Rendezvous:
         read_bytes: int = DEFAULT_READ_BYTES,
         on_valid_token: Callable[[Any], None] | None = None,
         pool: PoolIntake | None = None,
+        engine: SpliceEngine | None = None,
     ) -> None:
         if max_pending < 1 or buffer_bytes < 1 or read_bytes < 1:
             raise ValueError("max_pending, buffer_bytes and read_bytes must be positive")
@@ -203,6 +205,8 @@ class Rendezvous:
         self.idle_timeout = idle_timeout
         self.read_bytes = read_bytes
         self._sweep = IdleSweep(clock)  # the idle timeouts of all its splices
+        #: Relays pairs of TCP connections in C when given (else the Python splice).
+        self.engine = engine
         self._table: dict[bytes, _Entry] = {}
         self._splices: set[Splice] = set()
         self._closing = False
@@ -230,6 +234,11 @@ class Rendezvous:
     def active_splices(self) -> int:
         """Pairs currently spliced."""
         return len(self._splices)
+
+    @property
+    def engine_splices(self) -> int:
+        """Pairs of :attr:`active_splices` that the splice engine relays now."""
+        return sum(1 for s in self._splices if s.engine_handle is not None)
 
     @property
     def bytes_spliced(self) -> int:
@@ -310,7 +319,8 @@ class Rendezvous:
         if self._closing:
             raise RendezvousFull("the rendezvous is closed")
         s = splice(self._clock, left, right, to_right=to_right, read_bytes=self.read_bytes,
-                   idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep)
+                   idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep,
+                   engine=self.engine)
         self._splices.add(s)
         s.done.addCallback(self._splice_done, s)
         return s
@@ -490,7 +500,7 @@ class Rendezvous:
             self._clock, first, party,
             to_left=rest, to_right=first.replay + first.rest, left_eof=first.eof,
             read_bytes=self.read_bytes, idle_timeout=self.idle_timeout, tag=tag,
-            sweep=self._sweep,
+            sweep=self._sweep, engine=self.engine,
         )
         first.rest = first.replay = b""
         self._splices.add(s)

@@ -46,6 +46,12 @@ __all__ = [
 #: The embedded store's file (in the working folder) when ``datastore`` names none.
 DEFAULT_DATASTORE_FILE = "public-proxy-announcements.sqlite"
 
+SPLICE_ENGINE = forms.Optional(
+    forms.Boolean(), default=True,
+    doc="relay spliced TCP pairs in C on a thread of their own (the splice engine, where "
+        "it was built); false: in Python on the reactor's thread",
+)
+
 
 def _address(text: str) -> str:
     host, _ = parse_host_port(text)
@@ -123,6 +129,7 @@ PUBLIC_PROXY_SETTINGS = forms.Map(
             forms.Float(min=1, max=7 * 86400), default=3600.0,
             doc="seconds without traffic after which a spliced pair is closed",
         ),
+        "splice_engine": SPLICE_ENGINE,
         "max_hello_bytes": forms.Optional(
             forms.Integer(min=512, max=1024 * 1024), default=16 * 1024,
             doc="largest ClientHello read on the TLS listener (all its records)",
@@ -271,6 +278,7 @@ PRIVATE_PROXY_SETTINGS = forms.Check(forms.Map(
             forms.Float(min=1, max=7 * 86400), default=3600.0,
             doc="raw forwarding: seconds without traffic after which a connection is closed",
         ),
+        "splice_engine": SPLICE_ENGINE,
         "shutdown_grace": forms.Optional(
             forms.Float(min=0, max=3600), default=30.0,
             doc="on SIGTERM, seconds forwarded connections may go on before they are cut",

@@ -71,6 +71,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epsproxy.net.logs import debug_enabled
+from epsproxy.proxy.splice_engine import Ended, Outcome, SpliceEngine
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -161,6 +162,7 @@ def _is_fd(transport: Any) -> bool:
 
 
 _CLOSED = Failure(main.CONNECTION_DONE)
+_ABORTED = Failure(error.ConnectionAborted())
 
 
 class _Spliced(tcp.Connection):
@@ -292,6 +294,19 @@ def _spliced_class(cls: type) -> type | None:
                 break
     _SPLICED[cls] = made
     return made
+
+
+def _take_unsent(transport: Any) -> bytes:
+    """The bytes a reactor transport queues unsent, taken out of its queue."""
+    if not _unsent(transport):
+        return b""
+    data = bytes(transport.dataBuffer[transport.offset:]) + b"".join(
+        transport._tempDataBuffer)
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return data
 
 
 def _unsent(transport: Any) -> int:
@@ -583,6 +598,7 @@ class Splice:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         tag: str = "",
         sweep: IdleSweep | None = None,
+        engine: SpliceEngine | None = None,
     ) -> None:
         if read_bytes < 1:
             raise ValueError("read_bytes must be positive")
@@ -601,24 +617,40 @@ class Splice:
         self.finished = False  # both directions completed normally
         self.closed = False
         self._idle_call: Any = None
+        self._engine = engine
+        self.engine_handle: int | None = None  # while the engine relays the pair
 
     @property
     def bytes_relayed(self) -> int:
         """Bytes relayed so far, both directions together."""
+        if self.engine_handle is not None:
+            assert self._engine is not None
+            counts = self._engine.counts(self.engine_handle)
+            return counts.left_to_right + counts.right_to_left
         return self.left.bytes_in + self.right.bytes_in
 
     @property
     def waits(self) -> int:
         """Times a direction waited for its receiver's socket to become writable rather
         than read little (both directions together; the splice's own reader only)."""
+        if self.engine_handle is not None:
+            assert self._engine is not None
+            return self._engine.counts(self.engine_handle).waits
         return self.left.waits + self.right.waits
 
     def peak_unsent(self) -> int:
-        """The most bytes one direction held unsent in user space (reactor transports)."""
+        """The most bytes one direction held unsent in user space (reactor transports;
+        a pair the engine relays: known once it has ended, what it holds now before)."""
+        if self.engine_handle is not None:
+            return max(self.unsent())
         return max(self.left.peak_unsent, self.right.peak_unsent)
 
     def unsent(self) -> tuple[int, int]:
         """Bytes queued unsent now towards (left, right), where measurable (else 0)."""
+        if self.engine_handle is not None:
+            assert self._engine is not None
+            counts = self._engine.counts(self.engine_handle)
+            return counts.held_for_left, counts.held_for_right
         return tuple(  # type: ignore[return-value]  # always two items: one per end
             _unsent(e.transport) if _is_fd(e.transport) and not e.lost else 0
             for e in (self.left, self.right)
@@ -633,6 +665,9 @@ class Splice:
         left_eof: bool,
         right_eof: bool,
     ) -> None:
+        if self._engine is not None and self._start_engine(
+                left, right, to_left, to_right, left_eof, right_eof):
+            return
         ends = (self.left, self.right)
         for end, old in zip(ends, (left, right)):
             transport = old.transport  # type: ignore[attr-defined]  # not in IProtocol
@@ -680,6 +715,81 @@ class Splice:
             self.left.readConnectionLost()
         if right_eof and not self.closed:
             self.right.readConnectionLost()
+
+    def _start_engine(
+        self,
+        left: IProtocol,
+        right: IProtocol,
+        to_left: bytes,
+        to_right: bytes,
+        left_eof: bool,
+        right_eof: bool,
+    ) -> bool:
+        """
+        Hand the pair to the splice engine if both connections are reactor TCP
+        transports that are open both ways (anything else: False, the Python splice
+        takes it).  Bytes a transport still queues go first, before ``to_left`` /
+        ``to_right``; the transports leave the reactor (the engine reads and writes
+        their sockets) and are closed here once the engine reports the pair ended.
+        """
+        engine = self._engine
+        assert engine is not None
+        lt: Any = left.transport  # type: ignore[attr-defined]  # not in IProtocol
+        rt: Any = right.transport  # type: ignore[attr-defined]  # not in IProtocol
+        left_class, right_class = _spliced_class(type(lt)), _spliced_class(type(rt))
+        if left_class is None or right_class is None:
+            return False
+        for t in (lt, rt):
+            if not t.connected or t.disconnecting or t._writeDisconnected:
+                return False
+        retarget(lt, left, self.left)
+        retarget(rt, right, self.right)
+        to_left = _take_unsent(lt) + to_left
+        to_right = _take_unsent(rt) + to_right
+        forget = getattr(self._clock, "forget", None)
+        for t in (lt, rt):
+            if forget is not None:
+                forget(t)
+            else:
+                t.stopReading()
+                t.stopWriting()
+        lt.__class__ = left_class
+        rt.__class__ = right_class
+        self.own_reader = True
+        self.engine_handle = engine.add(
+            lt.fileno(), rt.fileno(), self._engine_ended,
+            to_left=to_left, to_right=to_right, left_eof=left_eof, right_eof=right_eof,
+            read_bytes=self.read_bytes, idle_timeout=self.idle_timeout,
+        )
+        return True
+
+    def _engine_ended(self, ended: Ended) -> None:
+        """The engine's report: close both connections as the outcome says."""
+        self.engine_handle = None
+        left, right = self.left, self.right
+        left.bytes_in, right.bytes_in = ended.left_to_right, ended.right_to_left
+        left.waits, left.peak_unsent = ended.waits, ended.peak_held
+        outcome = ended.outcome
+        if outcome is Outcome.FINISHED:
+            self.finished = True
+            reasons = (_CLOSED, _CLOSED)
+        elif outcome is Outcome.CUT_LEFT:
+            reasons = (Failure(main.CONNECTION_LOST), _ABORTED)
+        elif outcome is Outcome.CUT_RIGHT:
+            reasons = (_ABORTED, Failure(main.CONNECTION_LOST))
+        else:
+            if outcome is Outcome.IDLE:
+                log.info("splice {tag} idle for {seconds:.0f}s, closing", tag=self.tag,
+                         seconds=self.idle_timeout)
+            reasons = (_ABORTED, _ABORTED)
+        for end, reason in zip((left, right), reasons):
+            end.lost = True
+            transport: Any = end.transport
+            try:
+                transport.connectionLost(reason)
+            except Exception:
+                log.failure("closing a spliced connection failed")
+        self._closed()
 
     def _check_finished(self) -> None:
         left, right = self.left, self.right
@@ -750,7 +860,12 @@ class Splice:
         self.abort()
 
     def abort(self) -> None:
-        """Close both connections now, dropping anything still queued."""
+        """Close both connections now, dropping anything still queued (a pair the
+        engine relays: as soon as the engine has let go of it)."""
+        if self.engine_handle is not None:
+            assert self._engine is not None
+            self._engine.abort(self.engine_handle)
+            return
         for end in (self.left, self.right):
             if not end.lost:
                 abort(end.transport)
@@ -826,6 +941,7 @@ def splice(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     tag: str = "",
     sweep: IdleSweep | None = None,
+    engine: SpliceEngine | None = None,
 ) -> Splice:
     """
     Take over the connections of two connected protocols and relay between them.
@@ -838,9 +954,11 @@ def splice(
     direction that backs up reads :data:`SLOW_READ_BYTES` at a time until its receiver
     keeps up again); ``idle_timeout`` (seconds, 0 = none) closes a pair that relays
     nothing for that long, timed by ``sweep`` (shared by a proxy's splices) or, without
-    one, by a timer of its own.
+    one, by a timer of its own.  With ``engine``, a pair of two reactor TCP connections
+    is relayed by the splice engine (C, on its thread; :mod:`epsproxy.proxy.splice_engine`)
+    with the same policy, and everything else by the Python splice.
     """
     s = Splice(clock, read_bytes=read_bytes, idle_timeout=idle_timeout, tag=tag,
-               sweep=sweep)
+               sweep=sweep, engine=engine)
     s._start(left, right, to_left, to_right, left_eof, right_eof)
     return s

@@ -39,6 +39,7 @@ from epsproxy.net.proxy_protocol import ProxyHeader, proxy_v2_header
 from epsproxy.net.reactor import IReactor
 from epsproxy.net.token import token_tag
 from epsproxy.proxy.splice import IdleSweep, splice
+from epsproxy.proxy.splice_engine import SpliceEngine
 from epsproxy.rules.text import shorten
 
 __all__ = ["proxy_v2_header", "Forwarder", "address_text", "blurred_client"]
@@ -155,8 +156,11 @@ class Forwarder:
         max_connections_per_client: int | None = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 3600.0,
+        engine: SpliceEngine | None = None,
     ) -> None:
         self.reactor = reactor
+        #: Relays pairs of TCP connections in C when given (else the Python splice).
+        self.engine = engine
         self.endpoint = endpoint
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
@@ -294,6 +298,7 @@ class Forwarder:
                 to_left=b"".join(internal.received),
                 left_eof=pooled.eof, right_eof=internal.eof,
                 idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep,
+                engine=self.engine,
             )
             self.forwarded += 1
             self.pooled += 1
@@ -355,6 +360,7 @@ class Forwarder:
             to_left=b"".join(internal.received),
             left_eof=public.eof, right_eof=internal.eof,
             idle_timeout=self.idle_timeout, tag=token_tag(token), sweep=self._sweep,
+            engine=self.engine,
         )
         self.forwarded += 1
         self._track(s, client)

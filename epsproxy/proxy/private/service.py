@@ -46,6 +46,8 @@ from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.metrics import RPCMetrics
 from epsproxy.net.reactor import IReactor
 from epsproxy.proxy.announcements import PrivateAnnouncements
+from epsproxy.proxy.splice_engine import SpliceEngine
+from epsproxy.proxy.splice_engine import describe as describe_engine
 from epsproxy.proxy.private.api import PrivateProxy
 from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.proxy.private.pool import PoolKeeper
@@ -60,6 +62,7 @@ __all__ = ["PRIVATE_RESTART_KEYS", "PrivateProxyPorts", "PrivateProxyService"]
 #: :mod:`epsproxy.net.reloading`).
 PRIVATE_RESTART_KEYS = (
     "name",
+    "splice_engine",
     "datastore",
     "jsonrpc_server.bind_address",
     "jsonrpc_server.path",
@@ -205,6 +208,7 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
             max_connections_per_client=settings.get("max_connections_per_client"),
             connect_timeout=settings["connect_timeout"],
             idle_timeout=settings["idle_timeout"],
+            engine=SpliceEngine.shared(self.reactor) if settings["splice_engine"] else None,
         )
         server_settings = settings["jsonrpc_server"]
         server_tls = server_settings.get("tls")
@@ -242,12 +246,13 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         host = cast(IPv4Address | IPv6Address, port.getHost())  # a TCP listener
         self.log.info(
             "private proxy {name} serving: JSON-RPC on {host}:{port}{path}; incoming "
-            "connections {how} {address}",
+            "connections {how} {address}; splice engine {engine}",
             name=settings["name"], host=host.host, port=host.port,
             path=server_settings["path"],
             how="terminated and forwarded as HTTP to" if endpoint.get("tls") is not None
             else "relayed as raw TLS to",
             address=endpoint["address"],
+            engine=describe_engine(self.forwarder.engine, settings["splice_engine"]),
         )
         return PrivateProxyPorts(port)
 

@@ -94,7 +94,8 @@ class Relay:
 
 RELAYS = (
     Relay("direct", "direct, no relay (generator ceiling)", "direct"),
-    Relay("ours", "ours: Rendezvous + splice", "ours"),
+    Relay("ours", "ours: Rendezvous + splice engine", "ours"),
+    Relay("ours-python", "ours, splice_engine: false (the Python splice)", "ours", "python"),
     Relay("haproxy", "HAProxy mode tcp, default buffers", "forward"),
     Relay("haproxy-1m", "HAProxy mode tcp, tune.bufsize 1048576", "forward", "1048576"),
     Relay("socat-128k", "socat -b 131072", "forward", "131072"),
@@ -162,7 +163,9 @@ class RelayProcess:
             self.port = self.dst = free_port()
             return
         if relay.kind == "ours":
-            self._spawn([sys.executable, "-m", "bench.relay_ours"], stdout=subprocess.PIPE)
+            config = [json.dumps({"splice_engine": False})] if relay.option == "python" else []
+            self._spawn([sys.executable, "-m", "bench.relay_ours", *config],
+                        stdout=subprocess.PIPE)
             assert self.process is not None and self.process.stdout is not None
             line = self.process.stdout.readline().split()
             if len(line) != 4:
@@ -527,12 +530,12 @@ def run(size: int = 2_000_000_000, rounds: int = 3, pair_seconds: float = 3.0,
         # 3. Idle pairs, and 4. slow readers: fresh processes, so that no earlier test's
         # freed heap hides growth.
         for relay in relays:
-            if relay.key in ("ours", "haproxy", "haproxy-1m", "transit"):
+            if relay.key in ("ours", "ours-python", "haproxy", "haproxy-1m", "transit"):
                 step(f"{idle_pairs_count} idle pairs: {relay.key}")
                 results["idle"][relay.key] = fresh(
                     relay, lambda p: idle_pairs(p, idle_pairs_count))
         slow_size = int(SLOW_RATE * slow_seconds)
-        slow = [r for r in relays if r.key in ("ours", "haproxy", "haproxy-1m")]
+        slow = [r for r in relays if r.key in ("ours", "ours-python", "haproxy", "haproxy-1m")]
         for index, order in enumerate(rotations(slow, rounds)):
             for relay in order:
                 step(f"slow readers round {index + 1}/{rounds}: {relay.key}, one at 200 MB/s")

@@ -12,7 +12,8 @@ both listen, then serves until SIGTERM.  The control channel is line-based on lo
 - ``stats`` -> one JSON line: ``pending``, ``active_splices``, ``pairings``, ``timeouts``,
   ``refused``, ``bytes_spliced``.
 
-``CONFIG_JSON`` (optional) gives keyword arguments of ``Rendezvous``; the environment
+``CONFIG_JSON`` (optional) gives keyword arguments of ``Rendezvous``, and
+``"splice_engine": false`` relays in Python (the proxies' setting of that name); the environment
 variable ``BENCH_RELAY_IMPL=module:Class`` swaps in another implementation with the same
 API (to compare designs).
 """
@@ -28,6 +29,8 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
+
+from epsproxy.proxy.splice_engine import SpliceEngine
 
 __all__ = ["Control", "rendezvous_class", "main"]
 
@@ -71,6 +74,10 @@ def main(argv: list[str]) -> None:
     from twisted.internet import reactor
 
     options = json.loads(argv[0]) if argv else {}
+    # As the public proxy builds it: the splice engine relays unless the setting
+    # splice_engine is false (or the engine's C part was not built).
+    if options.pop("splice_engine", True):
+        options["engine"] = SpliceEngine.shared(reactor)
     rendezvous = rendezvous_class()(reactor, **options)
     internal = reactor.listenTCP(0, rendezvous.factory(), backlog=1024, interface="127.0.0.1")
     control = reactor.listenTCP(0, Factory.forProtocol(lambda: Control(rendezvous)),

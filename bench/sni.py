@@ -34,7 +34,9 @@ run under ``run/bench-sni/`` and free ports.  Measured, per path:
 of per-round ratios to the better HAProxy chain of the same round.  The public proxy's
 ``tcp_rate_limits`` are set far above the load (and the refusals counted), so that they
 are not what is measured.  ``BENCH_SNI_QUICK=1`` (or ``python -m bench.sni --quick``)
-makes a run of seconds; ``BENCH_SNI_ONLY=direct,ours-raw,haproxy`` limits the paths.
+makes a run of seconds; ``BENCH_SNI_ONLY=direct,ours-raw,haproxy`` limits the paths;
+``BENCH_SNI_POOL_SIZE=0`` measures the brokered path (no pool) and
+``BENCH_SNI_SPLICE_ENGINE=0`` our proxies with ``splice_engine: false``.
 The raw results are kept in ``run/bench-sni/results.json``; ``python -m bench.sni
 --report FILE`` prints the tables from such a file again.
 """
@@ -188,7 +190,7 @@ def idle(net: Network, path: SniPath, count: int) -> dict[str, Any]:
 def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000,
         idle_count: int = 1000, only: Sequence[str] | None = None,
         clients: Sequence[int] = CLIENTS, folder: Path = RUN_DIR,
-        pool_size: int | None = None) -> dict[str, Any]:
+        pool_size: int | None = None, splice_engine: bool = True) -> dict[str, Any]:
     """
     Every measurement for the paths of ``only`` (default: all).  Returns
     ``{"settings": {...}, "rate": {clients: {key: [round, ...]}}, "stream": {key: [...]},
@@ -208,10 +210,10 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
         "settings": {"rounds": rounds, "seconds": seconds, "stream_bytes": stream_bytes,
                      "term_stream_bytes": term_bytes, "idle": idle_count,
                      "clients": list(clients), "paths": [p.key for p in paths],
-                     "pool_size": pool_size},
+                     "pool_size": pool_size, "splice_engine": splice_engine},
         "rate": {str(c): {} for c in clients}, "stream": {}, "idle": {}}
     warmup = min(1.0, seconds / 4)
-    net = Network(stream_bytes, term_bytes, folder, pool_size)
+    net = Network(stream_bytes, term_bytes, folder, pool_size, splice_engine)
     try:
         net.start([p.key for p in paths])
         for path in paths:
@@ -371,6 +373,12 @@ def report(results: dict[str, Any]) -> str:
         out.append("\nConnections served from the private proxy's pool of pre-dialled "
                    "connections (the rest were brokered; private proxy pool_size "
                    f"{'default' if size is None else size}): " + "; ".join(pooled) + ".")
+    if any(key in OURS for key in s.get("paths", [])):
+        engine = s.get("splice_engine", True)
+        out.append("\nOur proxies' splice_engine: " + (
+            "true (spliced TCP pairs relayed in C; the terminating private proxy's TLS "
+            "connections in Python)" if engine else
+            "false (every pair relayed in Python; BENCH_SNI_SPLICE_ENGINE=0)") + ".")
     if "rate_limited" in results:
         limits = ", ".join(f"{r['limit']:,} a {r['type']}" for r in RATE_LIMITS)
         out.append(f"\nThe public proxy's tcp_rate_limits for this run: {limits} per "
@@ -407,6 +415,10 @@ def _settings(quick: bool) -> dict[str, Any]:
         if not pool.isdigit() or int(pool) > 1000:
             raise SystemExit(f"BENCH_SNI_POOL_SIZE: {pool[:40]!r} is not a number from 0 to 1000")
         settings["pool_size"] = int(pool)
+    engine = os.environ.get("BENCH_SNI_SPLICE_ENGINE", "1")
+    if engine not in ("0", "1"):
+        raise SystemExit(f"BENCH_SNI_SPLICE_ENGINE: {engine[:40]!r} is not 0 or 1")
+    settings["splice_engine"] = engine == "1"
     return settings
 
 

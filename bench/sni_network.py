@@ -207,10 +207,13 @@ class Network:
     """
 
     def __init__(self, stream_bytes: int, term_stream_bytes: int,
-                 folder: Path = RUN_DIR, pool_size: int | None = None) -> None:
+                 folder: Path = RUN_DIR, pool_size: int | None = None,
+                 splice_engine: bool = True) -> None:
         self.folder = folder
         #: The private proxies' ``pool_size`` (None: the program's default; 0: no pool).
         self.pool_size = pool_size
+        #: The proxies' ``splice_engine`` (False: they splice in Python).
+        self.splice_engine = splice_engine
         self.stream_bytes = stream_bytes
         self.term_stream_bytes = term_stream_bytes
         self.ports = Ports()
@@ -361,6 +364,7 @@ http {{
                 "internal_bind_address": f"127.0.0.1:{p.public_internal}",
                 "internal_endpoint": f"127.0.0.1:{p.public_internal}",
                 "tcp_rate_limits": RATE_LIMITS,
+                "splice_engine": self.splice_engine,
                 **{f"tls_{k}": v for k, v in caps.items()},
                 **{f"internal_{k}": v for k, v in caps.items()},
                 "shutdown_grace": 0,
@@ -398,6 +402,7 @@ http {{
             "internal_endpoint": endpoint,
             "max_connections": CONNECTION_CAP,
             "shutdown_grace": 0,
+            "splice_engine": self.splice_engine,
             **({} if self.pool_size is None else {"pool_size": self.pool_size}),
         }})
         return Process(role, _twistd(role, "proxy", self.folder, "--mode", "private"),

@@ -438,15 +438,20 @@ static void *engine_main(void *arg)
         }
         if (ended) {
             pthread_mutex_lock(&E.lock);
+            int first = E.done == NULL;
             pair *last = ended;
             while (last->queued)
                 last = last->queued;
             last->queued = E.done;
             E.done = ended;
             pthread_mutex_unlock(&E.lock);
-            uint64_t one = 1;
-            ssize_t r = write(E.notify_fd, &one, sizeof(one));
-            (void)r;
+            /* Python reads the descriptor before it takes the list: while the list was
+               not empty, it has yet to take it, and a notification is on its way. */
+            if (first) {
+                uint64_t one = 1;
+                ssize_t r = write(E.notify_fd, &one, sizeof(one));
+                (void)r;
+            }
         }
     }
     return NULL;
@@ -598,12 +603,16 @@ static PyObject *py_add(PyObject *self, PyObject *args)
     p->dir[1].eof = right_eof;
     __atomic_add_fetch(&E.live_count, 1, __ATOMIC_RELAXED);
     pthread_mutex_lock(&E.lock);
+    int first = E.incoming == NULL;
     p->queued = E.incoming;
     E.incoming = p;
     pthread_mutex_unlock(&E.lock);
-    uint64_t one = 1;
-    if (write(E.wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
-        /* Cannot fail for an eventfd short of overflow; the pair is queued anyway. */
+    /* The engine reads its descriptor before it takes the list: while the list was not
+       empty, it has yet to take it, and a wake-up is on its way. */
+    if (first) {
+        uint64_t one = 1;
+        ssize_t r = write(E.wake_fd, &one, sizeof(one));
+        (void)r; /* an eventfd write fails only on overflow: a wake-up is pending then */
     }
     result = PyLong_FromVoidPtr(p);
 out:

@@ -586,7 +586,7 @@ def report(results: dict[str, Any]) -> str:
 
     pr = results["pairings"]
     rows = []
-    for key in ("ours", "transit"):
+    for key in ("ours", "ours-python", "transit"):
         if key not in pr:
             continue
         runs = pr[key]

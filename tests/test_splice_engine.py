@@ -2,7 +2,7 @@
 The splice engine (epsproxy.proxy.splice_engine and its C part, issue 14), on plain TCP
 sockets over loopback: bytes given first, half-close both ways, abort and the idle
 timeout (resets), a failed side cutting the pair, a descriptor it cannot watch, bad
-arguments, and a failing handler.  The real-socket tests of the splice run with the
+arguments, a failing handler, and a pair it cannot take.  The real-socket tests of the splice run with the
 engine too (EngineRealSockets in test_splice.py, EngineOwnReader in
 test_splice_reader.py).
 """
@@ -15,10 +15,12 @@ import struct
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import TestCase
 
+from epsproxy.proxy.rendezvous_server import Rendezvous
 from epsproxy.proxy.splice_engine import Ended, Outcome, SpliceEngine
-from tests.support.splice import engine
+from tests.support.splice import Peer, connect, engine, listen
 
 
 def _engine() -> SpliceEngine:
@@ -153,3 +155,27 @@ class Engine(TestCase):
 class NoDescriptors(TestCase):
     def test_a_reactor_that_cannot_watch_descriptors_gets_no_engine(self):
         self.assertIsNone(SpliceEngine.shared(object()))
+
+
+class _Refusing:
+    """An engine that cannot take a pair (out of memory, its thread not started)."""
+
+    def add(self, *args: object, **kwargs: object) -> int:
+        raise MemoryError("no room for a pair")
+
+
+class EngineFailure(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_a_pair_the_engine_cannot_take_is_cut_and_logged(self):
+        rv = Rendezvous(reactor, engine=_Refusing())  # type: ignore[arg-type]  # a stub
+        port = listen(self, rv)
+        token = rv.new_token()
+        a = yield connect(self, port, Peer(token, keep=False))
+        b = yield connect(self, port, Peer(token, keep=False))
+        reasons = yield defer.gatherResults([a.closed, b.closed])
+        for reason in reasons:
+            self.assertNotIsInstance(reason, ConnectionDone)  # cut: a reset, not an end
+        self.assertEqual(rv.active_splices, 0)
+        self.assertEqual(len(self.flushLoggedErrors(MemoryError)), 1)

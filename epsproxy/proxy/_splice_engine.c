@@ -24,10 +24,12 @@
  *  - no bytes either way for the pair's idle timeout closes it (with resets).
  *
  * Epoll is edge-triggered: each descriptor is registered once for input, output and
- * the peer's half-close, and the engine remembers which socket may have data.  When a
- * direction decides to wait for its receiver's room (no send failed, so the kernel
- * would not wake it), the receiver is re-armed (EPOLL_CTL_MOD polls it again, which
- * asks the kernel for a wake-up once it is writable).
+ * the peer's half-close, and the engine remembers which socket may have data until a
+ * read says EAGAIN (a direction makes at most READS_PER_EVENT reads a turn, then waits
+ * on a ready list served after the other pairs' events, so one fast pair cannot hold
+ * the thread).  When a direction decides to wait for its receiver's room (no send
+ * failed, so the kernel would not wake it), the receiver is re-armed (EPOLL_CTL_MOD
+ * polls it again, which asks the kernel for a wake-up once it is writable).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -256,9 +258,9 @@ static int pump(pair *p, int i, int64_t now)
         /* A read that did not fill its size may still leave the end-of-stream behind
            it (no new edge comes for that): the next read finds it, or EAGAIN. */
     }
-    /* Reads filled their size READS_PER_EVENT times: the socket likely holds more, and
-       no new edge comes for bytes already there.  Read on after the other pairs'
-       events (fairness), without waiting for one. */
+    /* READS_PER_EVENT reads and no EAGAIN yet: the socket may hold more, and no new
+       edge comes for bytes (or an end-of-stream) already there.  Read on after the
+       other pairs' events (fairness), without waiting for one. */
     if (!p->ready) {
         p->ready = 1;
         p->ready_next = E.ready;

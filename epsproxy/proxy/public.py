@@ -597,6 +597,8 @@ class PublicProxyService(AsyncStartService[PublicProxyPorts]):
         self.ports.append(jsonrpc)
         front_port = await self._listen_tls()
         self.pool.start()
+        if self.rendezvous.engine is not None:
+            self.rendezvous.engine.start()
         ihost, iport = _host_port(internal.getHost())
         jhost, jport = _host_port(jsonrpc.getHost())
         thost, tport = _host_port(front_port.getHost())

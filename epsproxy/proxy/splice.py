@@ -46,6 +46,13 @@ from each to the other until both directions are finished:
   the reactor's heap for the pair's whole life); a splice made without one keeps its
   own timer.
 
+- **The splice engine.**  Given one (``engine``; the proxies' setting ``splice_engine``),
+  a pair of two reactor TCP transports leaves the reactor and is relayed by
+  :mod:`epsproxy.proxy.splice_engine` (C on a thread of its own, the same policy as
+  above, its own idle timeout); the splice hears of it again when it has ended, and
+  closes both connections as the engine says (both ended: a clean close; one failed, an
+  idle timeout or :meth:`Splice.abort`: resets).  Wrapped transports stay here.
+
 Nothing here knows about tokens; :mod:`epsproxy.proxy.rendezvous_server` decides what to splice.
 """
 
@@ -756,11 +763,17 @@ class Splice:
         lt.__class__ = left_class
         rt.__class__ = right_class
         self.own_reader = True
-        self.engine_handle = engine.add(
-            lt.fileno(), rt.fileno(), self._engine_ended,
-            to_left=to_left, to_right=to_right, left_eof=left_eof, right_eof=right_eof,
-            read_bytes=self.read_bytes, idle_timeout=self.idle_timeout,
-        )
+        try:
+            self.engine_handle = engine.add(
+                lt.fileno(), rt.fileno(), self._engine_ended,
+                to_left=to_left, to_right=to_right, left_eof=left_eof, right_eof=right_eof,
+                read_bytes=self.read_bytes, idle_timeout=self.idle_timeout,
+            )
+        except Exception:
+            # Out of memory, or the engine's thread could not start: this pair is cut
+            # (both sides see a reset), the next one is tried again.
+            log.failure("the splice engine could not take a pair; closing it")
+            self._engine_ended(Ended(Outcome.ABORTED, 0, 0, 0, 0))
         return True
 
     def _engine_ended(self, ended: Ended) -> None:

@@ -119,7 +119,8 @@ class SpliceEngine:
     The process's splice engine, seen from one reactor (there is one C engine per
     process: :meth:`shared` gives the same object for the same reactor).
 
-    Its thread starts with the first pair (after a daemon's fork, never before).
+    Its thread starts with :meth:`start` or the first pair (after a daemon's fork, never
+    before).
     """
 
     _instances: dict[int, SpliceEngine] = {}
@@ -141,6 +142,17 @@ class SpliceEngine:
         if engine is None:
             engine = cls._instances[id(reactor)] = cls(reactor)
         return engine
+
+    def start(self) -> None:
+        """
+        Start the engine's thread and make its descriptors (an epoll set and two
+        eventfds), if not yet done: a program calls it as it starts serving (after a
+        daemon's fork), so that a failure shows then and its descriptor count is settled
+        before the first pair; :meth:`add` starts it too.
+        """
+        assert _c is not None
+        if self._reader is None:
+            self._reader = _Notifications(_c.notify_fd(), self._dispatch)
 
     def __len__(self) -> int:
         """Pairs handed over and not yet reported ended."""
@@ -167,8 +179,8 @@ class SpliceEngine:
         the pair's handle, for :meth:`abort` and :meth:`counts` until then.
         """
         assert _c is not None
-        if self._reader is None:
-            self._reader = _Notifications(_c.notify_fd(), self._dispatch)
+        self.start()
+        assert self._reader is not None
         handle: int = _c.add(left_fd, right_fd, to_left, to_right, left_eof, right_eof,
                              read_bytes, idle_timeout)
         if not self._callbacks:

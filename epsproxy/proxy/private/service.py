@@ -243,6 +243,8 @@ class PrivateProxyService(AsyncStartService[PrivateProxyPorts]):
         loop.clock = self.reactor
         loop.start(settings["reannounce_interval"], now=True)
         self.pool.start()
+        if self.forwarder.engine is not None:
+            self.forwarder.engine.start()
         host = cast(IPv4Address | IPv6Address, port.getHost())  # a TCP listener
         self.log.info(
             "private proxy {name} serving: JSON-RPC on {host}:{port}{path}; incoming "

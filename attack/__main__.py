@@ -154,6 +154,7 @@ def run(run_dir: Path, only: list[str] | None) -> int:
     pids = {role.name: network.pid(role.name) for role in demo.ROLES}
     time.sleep(2)  # let start-up connections settle before taking the baseline
     baseline = {name: fd_count(pid) for name, pid in pids.items()}
+    pooled_before = demo.pooled_connections()
     scratch = scenarios.scratch_dir()
     foreign = scenarios.foreign_pki(scratch / "foreign-pki")
     attacks: list[tuple[str, Callable[[], list[Row]]]] = [
@@ -192,13 +193,20 @@ def run(run_dir: Path, only: list[str] | None) -> int:
         traffic.stop()
     lost, checked, _ = workload.lost_adds()
     settle_until = time.monotonic() + 30  # pooled and closing connections go on their timeouts
+    # As in make soak: a proxy may also hold the idle pooled connections its pool grew by
+    # under the load (issue 14: it shrinks back slowly, by design), read from its gauge.
+    grown: dict[str, int] = {}
     while True:
         after = {name: fd_count(pid) for name, pid in pids.items()}
-        if all(after[n] <= baseline[n] + 8 for n in pids) or time.monotonic() > settle_until:
+        pooled_after = demo.pooled_connections()
+        grown = {n: max(0, pooled_after.get(n, 0) - pooled_before.get(n, 0)) for n in pids}
+        if (all(after[n] <= baseline[n] + 8 + grown[n] for n in pids)
+                or time.monotonic() > settle_until):
             break
         time.sleep(1)
-    fds = ", ".join(f"{n} {baseline[n]}→{after[n]}" for n in pids)
-    fds_ok = all(after[n] <= baseline[n] + 8 for n in pids)
+    fds = ", ".join(f"{n} {baseline[n]}→{after[n]}"
+                    + (f" ({grown[n]} more idle pooled)" if grown[n] else "") for n in pids)
+    fds_ok = all(after[n] <= baseline[n] + 8 + grown[n] for n in pids)
     report = "\n\n".join([
         f"Command: `python -m attack` (make attack); machine: {demo.machine()}; "
         f"whole run {time.monotonic() - started:.0f} s. Attacking addresses 127.0.0.2 and up (each flood its own), "
@@ -207,7 +215,8 @@ def run(run_dir: Path, only: list[str] | None) -> int:
         table(sections),
         distributed,
         f"Acknowledged `ls-1.add` calls looked up again at the end: {checked}, lost {lost}.",
-        f"File descriptors per process, before the attacks → after (settled, at most 30 s): {fds}.",
+        f"File descriptors per process, before the attacks → after (settled, at most 30 s; "
+        f"allowed: 8 more, plus the idle pooled connections a proxy's pool grew by): {fds}.",
     ])
     print("\n" + report)
     (run_dir / "attack-report.md").write_text(report + "\n")

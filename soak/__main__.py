@@ -166,26 +166,6 @@ def busy_refusals(run_dir: Path, since: str = "") -> int:
     return count
 
 
-#: Each proxy's gauge of the pooled connections it holds, and the states that hold a
-#: descriptor while no client uses them (issue 14's pool).
-POOL_GAUGES = {
-    "public-proxy-1": ("proxy_pool_connections", ("idle",)),
-    "private-proxy-1": ("private_proxy_pool_connections", ("idle", "connecting")),
-}
-
-
-def pooled_connections() -> dict[str, int]:
-    """Idle pooled connections each proxy holds now, from its metrics page (0 if not read)."""
-    pages = dict(demo.page_urls())
-    counts = {}
-    for name, (gauge, states) in POOL_GAUGES.items():
-        page = pages.get(name)
-        counts[name] = 0 if page is None else int(sum(
-            demo.metric_value(page + "metrics", gauge, {"state": state}) or 0
-            for state in states))
-    return counts
-
-
 def _rate_limited() -> float:
     return demo.metric(demo.PROXY_METRICS, "proxy_internal_rate_limited_connections") or 0.0
 
@@ -215,7 +195,7 @@ def run(options: argparse.Namespace) -> int:
             s.fd_baseline = fds[len(fds) // 2] if fds else None
         limited_before = _rate_limited()
         tcp_before = tcp_counters()
-        pooled_before = pooled_connections()
+        pooled_before = demo.pooled_connections()
         pooled_text = ", ".join(f"{k} {v}" for k, v in pooled_before.items())
         print(f"baseline fds: {', '.join(f'{s.name} {s.fd_baseline}' for s in series)}"
               f" (idle pooled connections: {pooled_text})", flush=True)
@@ -253,7 +233,7 @@ def run(options: argparse.Namespace) -> int:
             # the public proxy): its idle connections are counted (from the proxies'
             # gauges), not mistaken for leaked descriptors.
             grown = {k: max(0, v - pooled_before.get(k, 0))
-                     for k, v in pooled_connections().items()}
+                     for k, v in demo.pooled_connections().items()}
             if fds_back(series, options.fd_tolerance, grown):
                 back_after = time.monotonic() - t_end
                 for s in series:

@@ -546,5 +546,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: Each proxy's gauge of the pooled connections it holds, and the states that hold a
+#: descriptor while no client uses them (issue 14's pool).
+POOL_GAUGES = {
+    "public-proxy-1": ("proxy_pool_connections", ("idle",)),
+    "private-proxy-1": ("private_proxy_pool_connections", ("idle", "connecting")),
+}
+
+
+def pooled_connections() -> dict[str, int]:
+    """Idle pooled connections each proxy holds now, from its metrics page (0 if not read)."""
+    pages = dict(page_urls())
+    counts = {}
+    for name, (gauge, states) in POOL_GAUGES.items():
+        page = pages.get(name)
+        counts[name] = 0 if page is None else int(sum(
+            metric_value(page + "metrics", gauge, {"state": state}) or 0
+            for state in states))
+    return counts
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -116,9 +116,9 @@ static struct {
 } E = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /*
- * Held bytes live in pages of their own, returned to the system as soon as they are
- * sent: rare and short-lived, they would otherwise be the first allocations of this
- * thread, which make glibc a heap of its own for it and keep its pages resident.
+ * Held bytes (a short send's remainder, or bytes given to add() that the socket did not
+ * take at once) live in pages of their own, returned to the system as soon as they are
+ * sent: a slow receiver's backlog does not stay resident in a heap afterwards.
  */
 static char *hold_alloc(size_t size, size_t *mapped)
 {

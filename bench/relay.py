@@ -31,6 +31,8 @@ at all, so that ours is read against it too.
 HAProxy (``haproxy``) and socat come from the OS (``apt-get install haproxy socat``),
 the transit relay from PyPI (the ``bench`` extra); a missing competitor is skipped with a
 message and its goals read "n/a".  ``BENCH_RELAY_ONLY=ours,haproxy`` limits the relays.
+"ours" is the relay as the public proxy runs it (the splice engine where it was built);
+"ours-python" the same with ``splice_engine: false``, in the same run.
 """
 
 from __future__ import annotations

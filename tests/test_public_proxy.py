@@ -548,14 +548,7 @@ class ServiceTests(unittest.TestCase):
         """One connection per address at the internal endpoint, yet both parties from
         127.0.0.1 pair: a live token forgives its connection."""
         yield self.start_proxy(internal_max_connections_per_address=1)
-        b_side = self.play_b(send=b"from B")
-        answer = yield self.request(to="hd-2", channel="grpc_server")
-        a = Party(base64.b64decode(answer["token"]), b"from A")
-        self.addCleanup(lambda: a.transport and a.transport.abortConnection())
-        yield connect_party(self.internal_port, a)
-        self.assertEqual((yield a.wait_for(6)), b"from B")
-        [b] = b_side
-        self.assertEqual((yield b.wait_for(6)), b"from A")
+        yield self._brokered_pair()  # both parties from 127.0.0.1, and they pair
         cap = self.proxy.internal_admission
         self.assertEqual((cap.current, cap.refused_per_address), (2, 0))
         stranger = Party(b"")  # silent, not forgiven: one is all 127.0.0.1 may hold
@@ -567,6 +560,8 @@ class ServiceTests(unittest.TestCase):
 
     @inlineCallbacks
     def _brokered_pair(self) -> Any:
+        """A and B paired through the internal endpoint by a brokered token, each having
+        read the other's first bytes; returns the proxy's splice of them."""
         b_side = self.play_b(send=b"from B")
         answer = yield self.request(to="hd-2", channel="grpc_server")
         a = Party(base64.b64decode(answer["token"]), b"from A")

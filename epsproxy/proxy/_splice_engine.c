@@ -106,7 +106,7 @@ static struct {
     pthread_mutex_t lock;
     pair *incoming;
     pair *done;
-    int aborts;    /* aborts asked since the engine last looked (under lock) */
+    int aborts;    /* aborts asked since the engine last looked (atomics) */
     pair live;     /* list head */
     pair *ready;   /* pairs with more to read than one turn reads (engine thread only) */
     char *buffer;
@@ -114,6 +114,45 @@ static struct {
     int sweep_ms;        /* how often idle pairs are looked for (atomics) */
     uint64_t live_count; /* atomics */
 } E = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void signal_fd(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof(one));
+    (void)r; /* an eventfd write fails only on overflow: a signal is pending then */
+}
+
+/*
+ * The hand-over lists (new pairs to the engine, ended ones to Python) and the eventfd
+ * that tells the other thread.  The taker reads the descriptor before it takes the
+ * list, so a giver that finds the list not empty need not signal: its taker has yet to
+ * take it, and a signal is on its way (one system call less per pair in a burst).
+ */
+static void give(pair **list, pair *items, int fd)
+{
+    pair *last = items;
+    while (last->queued)
+        last = last->queued;
+    pthread_mutex_lock(&E.lock);
+    int first = *list == NULL;
+    last->queued = *list;
+    *list = items;
+    pthread_mutex_unlock(&E.lock);
+    if (first)
+        signal_fd(fd);
+}
+
+static pair *take(pair **list, int fd)
+{
+    uint64_t count;
+    ssize_t r = read(fd, &count, sizeof(count));
+    (void)r;
+    pthread_mutex_lock(&E.lock);
+    pair *items = *list;
+    *list = NULL;
+    pthread_mutex_unlock(&E.lock);
+    return items;
+}
 
 /*
  * Held bytes (a short send's remainder, or bytes given to add() that the socket did not
@@ -334,15 +373,8 @@ static int socket_error(int fd)
 
 static void take_incoming(int64_t now, pair **ended)
 {
-    uint64_t count;
-    ssize_t r = read(E.wake_fd, &count, sizeof(count));
-    (void)r;
-    pthread_mutex_lock(&E.lock);
-    pair *in = E.incoming;
-    E.incoming = NULL;
-    int aborts = E.aborts;
-    E.aborts = 0;
-    pthread_mutex_unlock(&E.lock);
+    pair *in = take(&E.incoming, E.wake_fd);
+    int aborts = __atomic_exchange_n(&E.aborts, 0, __ATOMIC_ACQ_REL);
     /* The list is newest first: start the oldest first. */
     pair *ordered = NULL;
     while (in) {
@@ -438,23 +470,8 @@ static void *engine_main(void *arg)
             E.last_sweep = now;
             sweep(now, &ended);
         }
-        if (ended) {
-            pthread_mutex_lock(&E.lock);
-            int first = E.done == NULL;
-            pair *last = ended;
-            while (last->queued)
-                last = last->queued;
-            last->queued = E.done;
-            E.done = ended;
-            pthread_mutex_unlock(&E.lock);
-            /* Python reads the descriptor before it takes the list: while the list was
-               not empty, it has yet to take it, and a notification is on its way. */
-            if (first) {
-                uint64_t one = 1;
-                ssize_t r = write(E.notify_fd, &one, sizeof(one));
-                (void)r;
-            }
-        }
+        if (ended)
+            give(&E.done, ended, E.notify_fd);
     }
     return NULL;
 }
@@ -604,18 +621,7 @@ static PyObject *py_add(PyObject *self, PyObject *args)
     p->dir[0].eof = left_eof;
     p->dir[1].eof = right_eof;
     __atomic_add_fetch(&E.live_count, 1, __ATOMIC_RELAXED);
-    pthread_mutex_lock(&E.lock);
-    int first = E.incoming == NULL;
-    p->queued = E.incoming;
-    E.incoming = p;
-    pthread_mutex_unlock(&E.lock);
-    /* The engine reads its descriptor before it takes the list: while the list was not
-       empty, it has yet to take it, and a wake-up is on its way. */
-    if (first) {
-        uint64_t one = 1;
-        ssize_t r = write(E.wake_fd, &one, sizeof(one));
-        (void)r; /* an eventfd write fails only on overflow: a wake-up is pending then */
-    }
+    give(&E.incoming, p, E.wake_fd);
     result = PyLong_FromVoidPtr(p);
 out:
     PyBuffer_Release(&to_left);
@@ -637,12 +643,8 @@ static PyObject *py_abort(PyObject *self, PyObject *arg)
     if (p == NULL)
         return NULL;
     __atomic_store_n(&p->abort_requested, 1, __ATOMIC_RELEASE);
-    pthread_mutex_lock(&E.lock);
-    E.aborts++;
-    pthread_mutex_unlock(&E.lock);
-    uint64_t one = 1;
-    ssize_t r = write(E.wake_fd, &one, sizeof(one));
-    (void)r;
+    __atomic_add_fetch(&E.aborts, 1, __ATOMIC_ACQ_REL);
+    signal_fd(E.wake_fd);
     Py_RETURN_NONE;
 }
 
@@ -665,13 +667,7 @@ static PyObject *py_collect(PyObject *self, PyObject *unused)
 {
     if (!E.started)
         return PyList_New(0);
-    uint64_t count;
-    ssize_t r = read(E.notify_fd, &count, sizeof(count));
-    (void)r;
-    pthread_mutex_lock(&E.lock);
-    pair *done = E.done;
-    E.done = NULL;
-    pthread_mutex_unlock(&E.lock);
+    pair *done = take(&E.done, E.notify_fd);
     PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL; /* the pairs stay unreported; the next collect finds them */
@@ -686,14 +682,7 @@ static PyObject *py_collect(PyObject *self, PyObject *unused)
                                      : p->dir[1].peak_held));
         if (item == NULL || PyList_Append(list, item) < 0) {
             Py_XDECREF(item);
-            /* Put the rest back for the next collect. */
-            pthread_mutex_lock(&E.lock);
-            pair *last = done;
-            while (last->queued)
-                last = last->queued;
-            last->queued = E.done;
-            E.done = done;
-            pthread_mutex_unlock(&E.lock);
+            give(&E.done, done, E.notify_fd); /* the rest, for the next collect */
             Py_DECREF(list);
             return NULL;
         }

@@ -150,12 +150,33 @@ class DialTests(TestCase):
 
     @defer.inlineCallbacks
     def test_cancel_stops_the_attempt(self):
-        port = self.listen()
+        _, port = self.stalled_listener()  # the connect stays under way
         greeter = Greeter()
         d = dial(reactor, "127.0.0.1", port, 5, greeter)
+        self.assertFalse(d.called)
         d.cancel()  # while connecting (the connect call is made, not yet completed)
         yield self.assertFailure(d, defer.CancelledError)
         self.assertFalse(greeter.connected)
+        self.assertFalse([w for w in reactor.getWriters()
+                          if getattr(w, "realAddress", None) == ("127.0.0.1", port)])
+
+    @defer.inlineCallbacks
+    def test_a_loopback_connect_completes_within_dial(self):
+        # The kernel completes a loopback handshake inside the connect call: dial() asks
+        # again at once and makes the connection then, never registering the socket
+        # for writability (no reactor turn on the way of the dialler's client).
+        port = self.listen()
+        greeter = Greeter()
+        d = dial(reactor, "127.0.0.1", port, 5, greeter)
+        self.assertTrue(d.called)
+        self.assertTrue(greeter.connected)
+        transport: Any = greeter.transport
+        self.assertFalse(transport._in_progress)
+        self.assertIn(transport, reactor.getReaders())
+        self.assertIs((yield d), greeter)
+        self.assertEqual(transport.getPeer().port, port)
+        transport.loseConnection()
+        yield greeter.lost
 
     @defer.inlineCallbacks
     def test_a_connection_that_never_completes_times_out(self):

@@ -25,7 +25,11 @@ connect itself takes fewer steps than Twisted's client: it waits for writability
 (Twisted registers the socket for reading and writing, then unregisters both and
 registers it again for reading once connected), and reads the outcome from
 ``SO_ERROR`` once (Twisted asks ``SO_ERROR`` and calls ``connect`` again both before and
-after): three system calls and some fifteen Python calls less per dial.
+after): three system calls and some fifteen Python calls less per dial.  A connect that
+is under way is asked once more at once: over loopback the kernel has completed the
+handshake within the first call, and the connection is made there and then, with no
+poll for writability (two poller changes, a reactor turn and a wake-up less on the way
+of each client of a private proxy; measured with ``strace -c``, issue 14).
 """
 
 from __future__ import annotations
@@ -168,8 +172,9 @@ class _Client(tcp.Client):
 
     def doConnect(self) -> None:
         """
-        Twisted's ``doConnect``, in fewer steps: the first call makes the connect call and
-        waits for writability only; the second reads the outcome from ``SO_ERROR``.
+        Twisted's ``doConnect``, in fewer steps: the first call makes the connect call
+        (asked twice when under way: see the module docstring) and, if it is still under
+        way, waits for writability only; the second reads the outcome from ``SO_ERROR``.
         """
         if not hasattr(self, "connector"):
             return  # failed before it started (as in Twisted)
@@ -181,6 +186,17 @@ class _Client(tcp.Client):
                 err = skt.connect_ex(self.realAddress)
             except OSError as e:
                 err = e.args[0]
+            if err in _UNDER_WAY:
+                # Over loopback (a private proxy and its internal server, a pool's
+                # dials to a public proxy on the same host) the handshake is done
+                # within the connect call: asking again says so (EISCONN), and the
+                # connection is made now rather than after a poll for writability
+                # (two poller changes and a reactor turn per dial, on the way of
+                # every client).  Anywhere else this is one system call more per dial.
+                try:
+                    err = skt.connect_ex(self.realAddress)
+                except OSError as e:
+                    err = e.args[0]
             if err in _UNDER_WAY:
                 self._in_progress = True
                 # As Twisted does: both events mean the connect's outcome.

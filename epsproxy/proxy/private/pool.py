@@ -616,7 +616,9 @@ class PoolKeeper:
     def _connect(self, pool: _Pool, endpoint: str, token: bytes) -> None:
         conn = _Pooled(self, pool, token)
         pool.connecting.add(conn)
-        d = conn.dialling = self._dial(endpoint, conn)
+        d = self._dial(endpoint, conn)
+        if not d.called:  # connected at once (loopback): nothing left to cancel
+            conn.dialling = d
 
         def failed(failure: Failure) -> None:
             if pool.forget(conn) is None:

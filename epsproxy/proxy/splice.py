@@ -170,6 +170,10 @@ def _is_fd(transport: Any) -> bool:
 
 _CLOSED = Failure(main.CONNECTION_DONE)
 _ABORTED = Failure(error.ConnectionAborted())
+_LOST = Failure(main.CONNECTION_LOST)
+# The reasons a splice closes its connections with, made once: a Failure costs some
+# twenty Python calls to make and to check (its classes' names), and most pairs of
+# short TLS connections end cut (a client that closes with bytes unread resets).
 
 
 class _Spliced(tcp.Connection):
@@ -251,7 +255,8 @@ class _Ending(tcp.Connection):
             except OSError:
                 pass
         else:
-            self._closeSocket(not reason.check(error.ConnectionAborted))
+            self._closeSocket(reason is not _ABORTED
+                              and not reason.check(error.ConnectionAborted))
         protocol = self.protocol
         del self.protocol
         del self.socket
@@ -787,9 +792,9 @@ class Splice:
             self.finished = True
             reasons = (_CLOSED, _CLOSED)
         elif outcome is Outcome.CUT_LEFT:
-            reasons = (Failure(main.CONNECTION_LOST), _ABORTED)
+            reasons = (_LOST, _ABORTED)
         elif outcome is Outcome.CUT_RIGHT:
-            reasons = (_ABORTED, Failure(main.CONNECTION_LOST))
+            reasons = (_ABORTED, _LOST)
         else:
             if outcome is Outcome.IDLE:
                 log.info("splice {tag} idle for {seconds:.0f}s, closing", tag=self.tag,

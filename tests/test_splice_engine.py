@@ -76,6 +76,33 @@ class Engine(TestCase):
         self.assertEqual((a.recv(1), b.recv(1)), (b"", b""))  # end-of-stream both ways
 
     @defer.inlineCallbacks
+    def test_an_end_of_stream_right_behind_the_bytes_is_never_lost(self):
+        # A read that does not fill its size ends the reads of that event unless the
+        # event said the peer closed: so bytes and the end-of-stream behind them, sent
+        # together before the pair is handed over (already queued when the engine starts
+        # watching) or after it, must both arrive, every time.
+        for n in range(120):
+            size = 1 + (n * 7919) % 150_000
+            a, left, right, b = self.pair()
+            b.settimeout(10)  # a lost end-of-stream fails the test, it does not hang it
+            before = n % 2 == 0
+            if before:
+                a.sendall(b"x" * size)
+                a.shutdown(socket.SHUT_WR)
+            _, ended = self.add(left, right)
+            if not before:
+                a.sendall(b"x" * size)
+                a.shutdown(socket.SHUT_WR)
+            received = 0
+            while chunk := b.recv(1 << 20):  # to the end-of-stream (or the 10 s timeout)
+                received += len(chunk)
+            self.assertEqual(received, size)
+            b.shutdown(socket.SHUT_WR)  # only now: no event of the other side helps
+            result = yield ended
+            self.assertEqual(result.outcome, Outcome.FINISHED)
+            self.assertEqual((result.left_to_right, result.right_to_left), (size, 0))
+
+    @defer.inlineCallbacks
     def test_abort_and_idle_end_a_pair_with_resets(self):
         a, left, right, b = self.pair()
         handle, ended = self.add(left, right)

@@ -23,11 +23,15 @@
  *    (SO_LINGER 0), so a cut stream never looks complete;
  *  - no bytes either way for the pair's idle timeout closes it (with resets).
  *
- * Epoll is edge-triggered: each descriptor is registered once for input, output and
- * the peer's half-close, and the engine remembers which socket may have data until a
- * read says EAGAIN (a direction makes at most READS_PER_EVENT reads a turn, then waits
- * on a ready list served after the other pairs' events, so one fast pair cannot hold
- * the thread).  When a direction decides to wait for its receiver's room (no send
+ * Epoll is edge-triggered: each descriptor is registered for input and the peer's
+ * half-close (by add() itself for a pair with nothing to send yet, so that handing a
+ * pair over wakes nobody: hand_over_quietly), and for output too from the first time a
+ * direction holds bytes for it or waits for its room.  The engine remembers which
+ * socket may have data until a read returns less than asked (or EAGAIN): a short read
+ * emptied the socket, unless the event said the peer has closed, then the reads go on
+ * to the end-of-stream.  A direction makes at most READS_PER_EVENT reads a turn, then
+ * waits on a ready list served after the other pairs' events, so one fast pair cannot
+ * hold the thread.  When a direction decides to wait for its receiver's room (no send
  * failed, so the kernel would not wake it), the receiver is re-armed (EPOLL_CTL_MOD
  * polls it again, which asks the kernel for a wake-up once it is writable).
  */
@@ -56,6 +60,7 @@
 #define EVENTS 256
 #define SWEEP_MS 1000
 #define ET_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+#define ET_IN_EVENTS (EPOLLIN | EPOLLRDHUP | EPOLLET) /* until a direction waits to send */
 
 enum outcome {
     FINISHED = 0,  /* both directions ended normally */
@@ -84,6 +89,9 @@ typedef struct pair {
     struct pair *queued;      /* incoming or done list */
     int fd[2];                /* 0: left, 1: right */
     int readable[2];          /* the socket may have data (edge-triggered) */
+    int hup[2];               /* an event said the peer closed or failed: read to the end */
+    int out_armed[2];         /* the socket is watched for writability too */
+    int registered;           /* add() put both sockets in the epoll set itself */
     direction dir[2];         /* 0: left -> right, 1: right -> left */
     size_t read_bytes;
     size_t slow;
@@ -106,6 +114,8 @@ static struct {
     pthread_mutex_t lock;
     pair *incoming;
     pair *done;
+    int incoming_signalled; /* a wake-up is on its way for the incoming list */
+    int done_signalled;
     int aborts;    /* aborts asked since the engine last looked (atomics) */
     pair live;     /* list head */
     pair *ready;   /* pairs with more to read than one turn reads (engine thread only) */
@@ -125,16 +135,18 @@ static void signal_fd(int fd)
 /*
  * The hand-over lists (new pairs to the engine, ended ones to Python) and the eventfd
  * that tells the other thread.  The taker reads the descriptor before it takes the
- * list, so a giver that finds the list not empty need not signal: its taker has yet to
- * take it, and a signal is on its way (one system call less per pair in a burst).
+ * list, so a giver that finds a signal on its way for the list need not signal again:
+ * its taker has yet to take the list (one system call less per pair in a burst).  (A
+ * pair add() registered itself is queued without a signal: hand_over_quietly.)
  */
-static void give(pair **list, pair *items, int fd)
+static void give(pair **list, int *signalled, pair *items, int fd)
 {
     pair *last = items;
     while (last->queued)
         last = last->queued;
     pthread_mutex_lock(&E.lock);
-    int first = *list == NULL;
+    int first = !*signalled;
+    *signalled = 1;
     last->queued = *list;
     *list = items;
     pthread_mutex_unlock(&E.lock);
@@ -142,7 +154,7 @@ static void give(pair **list, pair *items, int fd)
         signal_fd(fd);
 }
 
-static pair *take(pair **list, int fd)
+static pair *take(pair **list, int *signalled, int fd)
 {
     uint64_t count;
     ssize_t r = read(fd, &count, sizeof(count));
@@ -150,6 +162,7 @@ static pair *take(pair **list, int fd)
     pthread_mutex_lock(&E.lock);
     pair *items = *list;
     *list = NULL;
+    *signalled = 0;
     pthread_mutex_unlock(&E.lock);
     return items;
 }
@@ -207,6 +220,14 @@ static void rearm(int fd, pair *p, int side)
 {
     struct epoll_event ev = {.events = ET_EVENTS, .data.u64 = (uint64_t)(uintptr_t)p | side};
     epoll_ctl(E.ep, EPOLL_CTL_MOD, fd, &ev);
+    p->out_armed[side] = 1;
+}
+
+/* A direction holds bytes for ``side``: make sure its writability wakes the engine. */
+static void arm_out(pair *p, int side)
+{
+    if (!p->out_armed[side])
+        rearm(p->fd[side], p, side);
 }
 
 /*
@@ -292,10 +313,19 @@ static int pump(pair *p, int i, int64_t now)
             __atomic_store_n(&d->held_now, (uint64_t)rest, __ATOMIC_RELAXED);
             if (rest > d->peak_held)
                 d->peak_held = rest;
+            arm_out(p, 1 - i);
             return -1;
         }
-        /* A read that did not fill its size may still leave the end-of-stream behind
-           it (no new edge comes for that): the next read finds it, or EAGAIN. */
+        if ((size_t)n < size && !p->hup[i]) {
+            /* A read that did not fill its size emptied the socket.  An end-of-stream
+               already behind it came with an event that said so (EPOLLRDHUP: then
+               hup[i], and the reads go on until it is read); one that arrives later is
+               an edge of its own, as are more bytes (epoll reports a socket's state as
+               it delivers the event).  So no read is made only to be told EAGAIN, and
+               no room asked for it. */
+            p->readable[i] = 0;
+            return -1;
+        }
     }
     /* READS_PER_EVENT reads and no EAGAIN yet: the socket may hold more, and no new
        edge comes for bytes (or an end-of-stream) already there.  Read on after the
@@ -373,7 +403,7 @@ static int socket_error(int fd)
 
 static void take_incoming(int64_t now, pair **ended)
 {
-    pair *in = take(&E.incoming, E.wake_fd);
+    pair *in = take(&E.incoming, &E.incoming_signalled, E.wake_fd);
     int aborts = __atomic_exchange_n(&E.aborts, 0, __ATOMIC_ACQ_REL);
     /* The list is newest first: start the oldest first. */
     pair *ordered = NULL;
@@ -391,6 +421,8 @@ static void take_incoming(int64_t now, pair **ended)
         p->prev = &E.live;
         E.live.next->prev = p;
         E.live.next = p;
+        if (p->registered)
+            continue; /* its events come as any pair's (the first one adopted it) */
         p->last_active = now;
         int ok = 1;
         for (int s = 0; s < 2; s++) {
@@ -398,6 +430,7 @@ static void take_incoming(int64_t now, pair **ended)
                                      .data.u64 = (uint64_t)(uintptr_t)p | (uint64_t)s};
             if (epoll_ctl(E.ep, EPOLL_CTL_ADD, p->fd[s], &ev) < 0)
                 ok = 0;
+            p->out_armed[s] = 1;
         }
         if (!ok) {
             end_pair(p, ABORTED, ended);
@@ -447,8 +480,17 @@ static void *engine_main(void *arg)
             uint32_t ev = events[k].events;
             if (p->reported)
                 continue; /* ended earlier in this batch */
+            if (p->next == NULL) {
+                /* Registered by add() and not adopted yet (it is queued: add() held
+                   the lock until it was): adopt it, then its event. */
+                take_incoming(now, &ended);
+                if (p->reported || p->next == NULL)
+                    continue; /* aborted meanwhile */
+            }
             if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                 p->readable[side] = 1;
+            if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                p->hup[side] = 1;
             if (ev & EPOLLERR) {
                 if (socket_error(p->fd[side]) != 0) {
                     end_pair(p, side == 0 ? CUT_LEFT : CUT_RIGHT, &ended);
@@ -468,10 +510,11 @@ static void *engine_main(void *arg)
         }
         if (now - E.last_sweep >= every) {
             E.last_sweep = now;
+            take_incoming(now, &ended); /* pairs registered by add() with no event yet */
             sweep(now, &ended);
         }
         if (ended)
-            give(&E.done, ended, E.notify_fd);
+            give(&E.done, &E.done_signalled, ended, E.notify_fd);
     }
     return NULL;
 }
@@ -482,6 +525,7 @@ static void forked_child(void)
 {
     E.started = 0;
     E.incoming = E.done = E.ready = NULL;
+    E.incoming_signalled = E.done_signalled = 0;
     E.aborts = 0;
     pthread_mutex_init(&E.lock, NULL);
     __atomic_store_n(&E.live_count, 0, __ATOMIC_RELAXED);
@@ -569,6 +613,37 @@ static int copy_in(direction *d, Py_buffer *view, int fd)
     return 0;
 }
 
+/*
+ * A pair with nothing to send yet and no end-of-stream to pass on (nearly every pair:
+ * the bytes given were sent by copy_in) is put in the epoll set here, for input only,
+ * and queued without waking the engine: its first event (or the next sweep, or an
+ * abort) makes the engine adopt it.  So handing a pair over costs no thread wake-up,
+ * no eventfd write and read, and no reads that would find nothing.  The list's lock
+ * is held across the registration, so the engine, woken by the pair's first event,
+ * finds it queued.  False if epoll refused a socket (then the engine tries, and ends
+ * the pair).
+ */
+static int hand_over_quietly(pair *p)
+{
+    pthread_mutex_lock(&E.lock);
+    int added = 0;
+    for (; added < 2; added++) {
+        struct epoll_event ev = {.events = ET_IN_EVENTS,
+                                 .data.u64 = (uint64_t)(uintptr_t)p | (uint64_t)added};
+        if (epoll_ctl(E.ep, EPOLL_CTL_ADD, p->fd[added], &ev) < 0)
+            break;
+    }
+    if (added == 2) {
+        p->registered = 1;
+        p->queued = E.incoming;
+        E.incoming = p;
+    } else if (added == 1) {
+        epoll_ctl(E.ep, EPOLL_CTL_DEL, p->fd[0], NULL);
+    }
+    pthread_mutex_unlock(&E.lock);
+    return added == 2;
+}
+
 static PyObject *py_add(PyObject *self, PyObject *args)
 {
     int left, right, left_eof, right_eof;
@@ -621,7 +696,9 @@ static PyObject *py_add(PyObject *self, PyObject *args)
     p->dir[0].eof = left_eof;
     p->dir[1].eof = right_eof;
     __atomic_add_fetch(&E.live_count, 1, __ATOMIC_RELAXED);
-    give(&E.incoming, p, E.wake_fd);
+    p->last_active = now_ms();
+    if (p->dir[0].held || p->dir[1].held || left_eof || right_eof || !hand_over_quietly(p))
+        give(&E.incoming, &E.incoming_signalled, p, E.wake_fd); /* the engine registers it */
     result = PyLong_FromVoidPtr(p);
 out:
     PyBuffer_Release(&to_left);
@@ -667,7 +744,7 @@ static PyObject *py_collect(PyObject *self, PyObject *unused)
 {
     if (!E.started)
         return PyList_New(0);
-    pair *done = take(&E.done, E.notify_fd);
+    pair *done = take(&E.done, &E.done_signalled, E.notify_fd);
     PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL; /* the pairs stay unreported; the next collect finds them */
@@ -682,7 +759,7 @@ static PyObject *py_collect(PyObject *self, PyObject *unused)
                                      : p->dir[1].peak_held));
         if (item == NULL || PyList_Append(list, item) < 0) {
             Py_XDECREF(item);
-            give(&E.done, done, E.notify_fd); /* the rest, for the next collect */
+            give(&E.done, &E.done_signalled, done, E.notify_fd); /* the rest, for the next collect */
             Py_DECREF(list);
             return NULL;
         }

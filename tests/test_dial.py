@@ -165,11 +165,18 @@ class DialTests(TestCase):
         # The kernel completes a loopback handshake inside the connect call: dial() asks
         # again at once and makes the connection then, never registering the socket
         # for writability (no reactor turn on the way of the dialler's client).
+        from epsproxy.net.deadlines import Deadlines
+
         port = self.listen()
         greeter = Greeter()
+        timers = len(reactor.getDelayedCalls())
         d = dial(reactor, "127.0.0.1", port, 5, greeter)
         self.assertTrue(d.called)
         self.assertTrue(greeter.connected)
+        # No connect deadline is left running for it.
+        self.assertEqual(len(reactor.getDelayedCalls()), timers)
+        self.assertFalse([c for c in reactor.getDelayedCalls()
+                          if isinstance(getattr(c.func, "__self__", None), Deadlines)])
         transport: Any = greeter.transport
         self.assertFalse(transport._in_progress)
         self.assertIn(transport, reactor.getReaders())

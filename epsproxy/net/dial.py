@@ -199,6 +199,7 @@ class _Client(tcp.Client):
                     err = e.args[0]
             if err in _UNDER_WAY:
                 self._in_progress = True
+                self.connector.start_timer()
                 # As Twisted does: both events mean the connect's outcome.
                 self.doWrite = self.doRead = self.doConnect  # type: ignore[method-assign]  # ditto
                 self.startWriting()
@@ -270,6 +271,10 @@ class _Dial:
         self.transport: _Client | None = None
         self._protocol: Dialled | None = protocol
         self._deadlines = _deadlines(reactor, timeout)
+
+    def start_timer(self) -> None:
+        """The connect is under way: its deadline runs from now.  (One that completes
+        within the connect call, as over loopback, never sets or stops a timer.)"""
         self._deadlines.add(self)
 
     def _timed_out(self) -> None:

@@ -110,6 +110,39 @@ class BenchSniSmokeTests(SynchronousTestCase):
         self.assertIn("received 1000000 bytes, not 2000000", str(e.exception))
 
 
+class BenchSniABTests(SynchronousTestCase):
+    """``python -m bench.sni_ab``: two copies of the raw path, one from another checkout."""
+
+    def setUp(self) -> None:
+        missing = missing_tools()
+        if missing:
+            self.skipTest(f"the SNI benchmark needs {', '.join(missing)}")
+
+    def test_a_tiny_paired_run_against_this_same_tree(self) -> None:
+        from bench import sni_ab
+
+        root = Path(sni_ab.__file__).resolve().parent.parent
+        results = sni_ab.compare(root, rounds=2, seconds=0.3, clients=[1],
+                                 folder=Path(self.mktemp()).absolute())
+        pairs = results["rounds"][1]
+        self.assertEqual(len(pairs), 2)
+        for this, other in pairs:
+            for run in (this, other):
+                self.assertGreater(run["connections"], 0)
+                self.assertEqual(run["errors"], 0, run["error"])
+        text = sni_ab.report(results)
+        self.assertRegex(text, r"@1 this: \d+ conn/s")
+        self.assertRegex(text, r"@1 other: \d+ conn/s")
+        self.assertRegex(text, r"@1 this / other: rate \d+\.\d{3} \(")
+
+    def test_a_folder_that_is_not_a_checkout_is_refused(self) -> None:
+        from bench import sni_ab
+
+        with self.assertRaises(SystemExit) as e:
+            sni_ab.compare(Path(self.mktemp()), rounds=1, seconds=0.1, clients=[1])
+        self.assertIn("not a checkout of this project", str(e.exception))
+
+
 class BenchSniArgumentTests(SynchronousTestCase):
     """Bad knobs and bad load-client arguments stop with a message naming them."""
 

@@ -1,0 +1,143 @@
+"""
+A paired A/B of our raw SNI path: this tree against another checkout, loaded in turn.
+
+``python -m bench.sni_ab OTHER [--rounds 8] [--seconds 3] [--clients 1,16]``
+
+On this machine two full runs of ``python -m bench sni`` minutes apart differ by more
+than most changes to the proxies' code move them (a run's HAProxy chain itself moves by
+a fifth).  A change is measured instead by two copies of the raw path (public proxy,
+private proxy, their endpoint servers and nginx, as :mod:`bench.sni_network` starts
+them), one running this tree's code and one ``OTHER``'s (through ``PYTHONPATH``), up at
+the same time and loaded one after the other, the order swapped every round: each
+round's ratio compares two runs seconds apart.  Printed: per round the connection rates,
+p99 and the proxies' CPU per connection of each; then the medians, and the median (min-max)
+of the per-round ratios this / other.
+
+``OTHER`` is a checkout of the project with its C extension built in place, e.g.
+(from this tree, with its venv)::
+
+    git worktree add /tmp/before HEAD~3
+    (cd /tmp/before && $OLDPWD/.venv/bin/python setup.py build_ext --inplace)
+    .venv/bin/python -m bench.sni_ab /tmp/before
+
+Both copies run with this tree's venv, settings, certificates and load client; only the
+``epsproxy`` package differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import print_load_before
+from .sni import BY_KEY, rate
+from .sni_network import RUN_DIR, Network, missing_tools
+
+__all__ = ["compare", "main"]
+
+_PATH = BY_KEY["ours-raw"]
+
+
+def _network(folder: Path, pythonpath: str | None) -> Network:
+    """The raw path's processes, started with ``PYTHONPATH`` set to ``pythonpath``."""
+    saved = os.environ.get("PYTHONPATH")
+    if pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = pythonpath
+    try:
+        network = Network(10_000_000, 10_000_000, folder)
+        network.start([_PATH.key])
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    return network
+
+
+def compare(other: Path, rounds: int, seconds: float, clients: list[int],
+            folder: Path = RUN_DIR / "ab") -> dict[str, Any]:
+    """
+    The paired runs (see the module docstring): ``{"rounds": {clients: [(this, other),
+    ...]}}`` with each run as ``rate()`` returns it.
+    """
+    if not (other / "epsproxy" / "__init__.py").is_file():
+        raise SystemExit(f"{other} is not a checkout of this project (no epsproxy/)")
+    networks: dict[str, Network] = {}
+    results: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {c: [] for c in clients}
+    try:
+        networks["this"] = _network(folder / "this", None)
+        networks["other"] = _network(folder / "other", str(other))
+        for r in range(rounds):
+            for n in clients:
+                order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
+                got = {name: rate(networks[name], _PATH, n, seconds, 0.5) for name in order}
+                results[n].append((got["this"], got["other"]))
+                print(f"round {r + 1}/{rounds} @{n}: "
+                      + " | ".join(f"{name} {_line(got[name])}" for name in ("this", "other")),
+                      flush=True)
+    finally:
+        for network in networks.values():
+            network.stop()
+    return {"rounds": results}
+
+
+def _per_second(run: dict[str, Any]) -> float:
+    return float(run["connections"]) / float(run["seconds"])
+
+
+def _cpu_us(run: dict[str, Any]) -> float:
+    return float(run["proxy_cpu"]) / float(run["connections"]) * 1e6
+
+
+def _line(run: dict[str, Any]) -> str:
+    return (f"{_per_second(run):.0f}/s p99 {run['p99_ms']:.2f} ms "
+            f"proxies {_cpu_us(run):.0f} µs/conn")
+
+
+def report(results: dict[str, Any]) -> str:
+    """Medians of each side, and of the per-round ratios this / other."""
+    lines = []
+    for n, pairs in results["rounds"].items():
+        if not pairs:
+            continue
+        rates = [_per_second(a) / _per_second(b) for a, b in pairs]
+        cpus = [_cpu_us(a) / _cpu_us(b) for a, b in pairs if _cpu_us(b) > 0]
+        for side, i in (("this", 0), ("other", 1)):
+            runs = [pair[i] for pair in pairs]
+            lines.append(f"@{n} {side}: {statistics.median(map(_per_second, runs)):.0f} conn/s, "
+                         f"p99 {statistics.median(r['p99_ms'] for r in runs):.2f} ms, "
+                         f"proxies {statistics.median(map(_cpu_us, runs)):.0f} µs/conn")
+        cpu = (f"{statistics.median(cpus):.3f} ({min(cpus):.2f}-{max(cpus):.2f})"
+               if cpus else "n/a (no CPU tick counted)")
+        lines.append(f"@{n} this / other: rate {statistics.median(rates):.3f} "
+                     f"({min(rates):.2f}-{max(rates):.2f}), proxies' CPU per connection {cpu}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sni_ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("other", type=Path, help="the other checkout (extension built)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--clients", default="1,16", help="comma-separated (default 1,16)")
+    args = parser.parse_args(argv)
+    missing = missing_tools()
+    if missing:
+        print(f"the SNI benchmark needs {', '.join(missing)}", file=sys.stderr)
+        return 1
+    clients = [int(c) for c in args.clients.split(",")]
+    print_load_before("rates")
+    results = compare(args.other.resolve(), args.rounds, args.seconds, clients)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

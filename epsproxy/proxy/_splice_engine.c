@@ -698,7 +698,7 @@ static PyObject *py_add(PyObject *self, PyObject *args)
     __atomic_add_fetch(&E.live_count, 1, __ATOMIC_RELAXED);
     p->last_active = now_ms();
     if (p->dir[0].held || p->dir[1].held || left_eof || right_eof || !hand_over_quietly(p))
-        give(&E.incoming, &E.incoming_signalled, p, E.wake_fd); /* the engine registers it */
+        give(&E.incoming, &E.incoming_signalled, p, E.wake_fd); /* the engine adds it */
     result = PyLong_FromVoidPtr(p);
 out:
     PyBuffer_Release(&to_left);
@@ -759,7 +759,8 @@ static PyObject *py_collect(PyObject *self, PyObject *unused)
                                      : p->dir[1].peak_held));
         if (item == NULL || PyList_Append(list, item) < 0) {
             Py_XDECREF(item);
-            give(&E.done, &E.done_signalled, done, E.notify_fd); /* the rest, for the next collect */
+            /* the rest, for the next collect */
+            give(&E.done, &E.done_signalled, done, E.notify_fd);
             Py_DECREF(list);
             return NULL;
         }

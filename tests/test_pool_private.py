@@ -520,30 +520,30 @@ class KeeperTests(unittest.TestCase):
     def test_a_call_asks_for_what_is_missing_plus_spares_capped(self) -> None:
         keeper = PoolKeeper(
             self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
-            pool_size=200, pool_max=200, dial=self.dial, spares=0)
+            pool_size=800, pool_max=800, dial=self.dial, spares=0)
         keeper.check()
         self.assertEqual(self.client.calls[-1][1], {"count": MAX_TOKENS_PER_REQUEST})
         self.answer(tokens_result(MAX_TOKENS_PER_REQUEST))
-        self.assertEqual(keeper.state()[PUBLIC]["idle"], 200)
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 200)
-        # Spares: twice the target (400), but 200 dialled + 312 spares are the public
-        # proxy's default cap on unused tokens (512); one over it would be answered
+        self.assertEqual(keeper.state()[PUBLIC]["idle"], 800)
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), MAX_TOKENS_PER_REQUEST - 800)
+        # Spares: twice the target (1,600), but 800 dialled + 1,248 spares are the public
+        # proxy's default cap on unused tokens (2,048); one over it would be answered
         # with no token at all.
         self.assertEqual((DEFAULT_POOL_CAP, token_cap(DEFAULT_POOL_CAP), MAX_TOKENS_PER_REQUEST),
-                         (64, 512, 256))
-        self.assertEqual(self.client.calls[-1][1], {"count": 312 - 56})
-        self.answer(tokens_result(312 - 56))
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), 312)
+                         (64, 2048, 1024))
+        self.assertEqual(self.client.calls[-1][1], {"count": 1248 - 224})
+        self.answer(tokens_result(1248 - 224))
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 1248)
         self.assertEqual(len(self.client.calls), 2)
         # Spares used for replacements: asked again once fewer than half are left.
         self.clock.advance(YOUNG_SECONDS)  # (connections dying young would back off)
         calls = len(self.client.calls)  # (the fixture's own keeper ticked meanwhile)
-        for conn in list(keeper.pools[PUBLIC].idle)[:156]:
+        for conn in list(keeper.pools[PUBLIC].idle)[:624]:
             conn.connectionLost()
         self.assertEqual(len(self.client.calls), calls)
         list(keeper.pools[PUBLIC].idle)[0].connectionLost()
-        self.assertEqual(len(keeper.pools[PUBLIC].spare), 312 - 157)
-        self.assertEqual(self.client.calls[-1][1], {"count": 157})
+        self.assertEqual(len(keeper.pools[PUBLIC].spare), 1248 - 625)
+        self.assertEqual(self.client.calls[-1][1], {"count": 625})
         keeper.stop()
 
     def test_an_older_public_proxy_is_asked_for_what_it_takes(self) -> None:
@@ -567,6 +567,91 @@ class KeeperTests(unittest.TestCase):
         self.client.calls[-1][2].errback(JSONRPCError(INVALID_PARAMS, "something else"))
         self.assertEqual(keeper.request_failures, 1)
         self.assertEqual(len(self.client.calls), calls + 2)
+        keeper.stop()
+
+    def serve(self) -> None:
+        """The public proxy takes an idle connection for a client (a whole header)."""
+        self.idle()[0].dataReceived(
+            pool_header(DOMAIN, "192.0.2.7:4000", "198.51.100.1:443") + b"\x16hello")
+
+    def test_a_busy_pool_keeps_a_token_life_of_spares(self) -> None:
+        # The floor here is 4 spares (twice the target): alone, it would make a call
+        # every two or three clients.  A pool that serves many keeps as many spares as
+        # clients took in a token's life (29 s), so its calls grow with the demand and
+        # come about twice per token life, not once per half the floor.
+        self.fill()
+        asked = []
+        for _ in range(64):
+            self.serve()
+            _, params, d = self.client.calls[-1]
+            if not d.called:
+                asked.append(params["count"])
+                self.answer(tokens_result(params["count"]))
+        self.assertEqual(self.keeper.served, 64)
+        self.assertEqual(self.keeper.state()[PUBLIC]["idle"], 2)
+        # Each call lasts a third more clients than the one before: 10 calls, where the
+        # floor alone would have made 21 (one per three clients).
+        self.assertLessEqual(len(asked), 10)
+        self.assertEqual(asked, sorted(asked))  # each larger than the one before
+        self.assertGreaterEqual(asked[-1], 16)
+        self.assertGreaterEqual(self.spares(), 32)  # half of 64 or more in hand
+        # Quiet: the spares expire after their life (29 s) and are asked for again, as
+        # many as the demand remembered, which halves per DEMAND_HALF_LIFE (60 s) until
+        # the floor is all that is asked for.
+        quiet = []
+        for _ in range(20):
+            self.clock.advance(30)
+            _, params, d = self.client.calls[-1]
+            if not d.called:
+                quiet.append(params["count"])
+                self.answer(tokens_result(params["count"]))
+        self.assertEqual(len(quiet), 20)  # one call per token life, no more
+        self.assertEqual(quiet, sorted(quiet, reverse=True))
+        self.assertGreaterEqual(quiet[0], 40)  # 64 clients, 30 s ago
+        self.assertLessEqual(quiet[3], 24)  # 2 minutes later: a quarter
+        self.assertEqual(quiet[-1], 4)  # the floor
+
+    def test_the_demand_never_takes_the_spares_over_the_token_cap(self) -> None:
+        self.fill()
+        pool = self.keeper.pools[PUBLIC]
+        now = self.clock.seconds()
+        pool.taken.extend([now] * 5000)  # (as if 5,000 clients had been served)
+        self.serve()
+        for _ in range(4):
+            self.serve()
+        # Twice the target and the floor are 4; the demand is capped at what the public
+        # proxy lets an operator hold (its default cap on unused tokens, less the pool).
+        _, params, _ = self.client.calls[-1]
+        self.assertEqual(params["count"],
+                         min(MAX_TOKENS_PER_REQUEST,
+                             token_cap(DEFAULT_POOL_CAP) - 2 - self.spares()))
+        self.assertLessEqual(len(pool.taken), token_cap(DEFAULT_POOL_CAP))
+
+    def test_public_proxies_of_each_earlier_version_are_asked_for_what_they_take(
+            self) -> None:
+        # 2026-12-03 to 2026-12-04: at most 256 per call; before: 64.  Each answers a
+        # larger count with invalid params; the keeper steps down at once, one step at a
+        # time, and never back up.
+        keeper = PoolKeeper(
+            self.clock, self.announcements, self.client, self.forwarder,  # type: ignore[arg-type]  # fakes
+            pool_size=2, pool_max=2, dial=self.dial, spares=1500)
+        keeper.check()
+        self.assertEqual(self.client.calls[-1][1], {"count": MAX_TOKENS_PER_REQUEST})
+        calls = len(self.client.calls)
+        self.client.calls[-1][2].errback(
+            JSONRPCError(INVALID_PARAMS, "params.count: at most 256"))
+        self.assertEqual(self.client.calls[-1][1], {"count": 256})
+        self.client.calls[-1][2].errback(
+            JSONRPCError(INVALID_PARAMS, "params.count: at most 64"))
+        self.assertEqual(self.client.calls[-1][1], {"count": LEGACY_MAX_TOKENS_PER_REQUEST})
+        self.assertEqual(len(self.client.calls), calls + 2)
+        self.assertEqual(keeper.request_failures, 0)
+        self.answer(tokens_result(LEGACY_MAX_TOKENS_PER_REQUEST))
+        self.assertEqual(keeper.state()[PUBLIC]["idle"], 2)
+        self.assertEqual(self.client.calls[-1][1], {"count": LEGACY_MAX_TOKENS_PER_REQUEST})
+        # At 64, invalid params is a failure like any other.
+        self.client.calls[-1][2].errback(JSONRPCError(INVALID_PARAMS, "something else"))
+        self.assertEqual(keeper.request_failures, 1)
         keeper.stop()
 
     def test_a_small_pool_still_keeps_its_floor_of_spares(self) -> None:
@@ -989,7 +1074,7 @@ class ServedFromThePool(PooledService):
         yield self.full()
         # both refills were dialled with spare tokens: still the one call
         self.assertEqual((self.eps.requests, len(self.pool.pools[PUBLIC].spare)),
-                         (1, MAX_TOKENS_PER_REQUEST - 4))
+                         (1, min(2 + DEFAULT_SPARES, MAX_TOKENS_PER_REQUEST) - 4))
         metrics = generate_latest(self.service.registry).decode()
         self.assertIn('private_proxy_pool_connections{proxy="public-proxy-1.ga",'
                       'state="idle"} 2.0', metrics)

@@ -32,7 +32,7 @@ from epsproxy.net import tls
 from epsproxy.net.jsonrpc.envelope import INVALID_PARAMS, JSONRPCError
 from epsproxy.net.proxy_protocol import ProxyHeader, ProxyHeaderReader
 from epsproxy.net.token import TOKEN_BYTES
-from epsproxy.proxy.pool import ConnectionPool, PooledConnection
+from epsproxy.proxy.pool import DEFAULT_MAX_PER_OPERATOR, ConnectionPool, PooledConnection
 from epsproxy.proxy.pooling import (
     MAX_POOL_HEADER,
     MAX_TOKENS_PER_REQUEST,
@@ -116,9 +116,9 @@ class PoolRules(SynchronousTestCase):
 
     def test_idle_connections_and_tokens_are_capped(self) -> None:
         # Unused tokens: at most token_cap of the cap on idle connections (4).
-        self.assertEqual(token_cap(4), 32)
-        first = self.pool.issue("op", 100)
-        self.assertEqual(len(first), 32)
+        self.assertEqual(token_cap(4), 128)
+        first = self.pool.issue("op", 200)
+        self.assertEqual(len(first), 128)
         self.assertEqual(self.pool.issue("op", 1), [])
         for token in first[:3]:
             self.assertTrue(presented(self.pool, token)[0])
@@ -134,13 +134,13 @@ class PoolRules(SynchronousTestCase):
         self.assertIsNotNone(self.pool.take("op"))  # in use: no longer counted
         self.assertTrue(presented(self.pool, first[5])[0])
         self.assertEqual(self.pool.idle("op"), 4)
-        self.assertEqual(self.pool.state()["op"]["tokens"], 32 + 3 - 6)
+        self.assertEqual(self.pool.state()["op"]["tokens"], 128 + 3 - 6)
         self.clock.advance(10)  # the tokens expire
         self.assertEqual(self.pool.state()["op"]["tokens"], 0)
         self.assertIsNotNone(self.pool.take("op"))
-        self.assertEqual(len(self.pool.issue("op", 100)), 32)
+        self.assertEqual(len(self.pool.issue("op", 200)), 128)
         # Another operator has its own cap; 0 means no pool at all.
-        self.assertEqual(len(self.pool.issue("other", 40)), 32)
+        self.assertEqual(len(self.pool.issue("other", 140)), 128)
         self.pool.max_per_operator = 0
         self.assertEqual(self.pool.issue("third", 1), [])
 
@@ -687,10 +687,10 @@ class ServedByARealPublicProxy(TestCase):
     def test_never_more_than_the_cap_per_operator(self):
         yield self.start_proxy(pool_max_per_operator=3)
         yield self.announce()
-        # unused tokens: at most token_cap of the cap (24)
-        answer = yield self.request_tokens(20)
-        self.assertEqual(len(answer["tokens"]), 20)
-        self.assertEqual(len((yield self.request_tokens(5))["tokens"]), 4)
+        # unused tokens: at most token_cap of the cap (96)
+        answer = yield self.request_tokens(90)
+        self.assertEqual(len(answer["tokens"]), 90)
+        self.assertEqual(len((yield self.request_tokens(10))["tokens"]), 6)
         self.assertEqual((yield self.request_tokens(5))["tokens"], [])
         tokens = [base64.b64decode(text) for text in answer["tokens"]]
         for token in tokens[:3]:
@@ -702,7 +702,7 @@ class ServedByARealPublicProxy(TestCase):
         yield connect(self, self.internal_port, over)
         yield over.lost
         self.assertEqual(self.proxy.pool_state(),
-                         {PRIVATE: {"idle": 3, "in_use": 0, "tokens": 24 - 4}})
+                         {PRIVATE: {"idle": 3, "in_use": 0, "tokens": 96 - 4}})
         metrics = self.metrics()
         self.assertIn(f'proxy_pool_connections{{operator="{PRIVATE}",state="idle"}} 3.0',
                       metrics)
@@ -713,6 +713,28 @@ class ServedByARealPublicProxy(TestCase):
         self.assertEqual((self.proxy.pool.max_per_operator, self.proxy.pool.idle_timeout),
                          (0, 60.0))
         self.assertEqual((yield self.request_tokens(1))["tokens"], [])
+
+    @defer.inlineCallbacks
+    def test_a_call_hands_out_up_to_its_maximum_and_the_default_cap_holds(self):
+        # A busy private proxy asks for many tokens per call (issue 14: the calls, not
+        # their size, held up clients); the default cap on one operator's unused tokens
+        # is token_cap(64) = 2,048, two full calls.
+        yield self.start_proxy()
+        yield self.announce()
+        tokens = set()
+        for _ in range(2):
+            answer = yield self.request_tokens(MAX_TOKENS_PER_REQUEST)
+            self.assertEqual(len(answer["tokens"]), MAX_TOKENS_PER_REQUEST)
+            tokens.update(base64.b64decode(text) for text in answer["tokens"])
+        self.assertEqual(len(tokens), 2 * MAX_TOKENS_PER_REQUEST)  # all distinct
+        self.assertEqual({len(t) for t in tokens}, {TOKEN_BYTES})
+        self.assertEqual(token_cap(DEFAULT_MAX_PER_OPERATOR), 2 * MAX_TOKENS_PER_REQUEST)
+        self.assertEqual((yield self.request_tokens(1))["tokens"], [])
+        self.assertEqual(self.proxy.pool_state()[PRIVATE]["tokens"], 2048)
+        # Each one still pools a connection.
+        side = PoolSide(tokens.pop())
+        yield connect(self, self.internal_port, side)
+        yield self.proxy.pool.when_idle(PRIVATE, 1)
 
     @defer.inlineCallbacks
     def test_refused_requests(self):

@@ -40,6 +40,7 @@ from epsproxy.rules import forms
 
 __all__ = [
     "DEFAULT_POOL_CAP",
+    "EARLIER_MAX_TOKENS_PER_REQUEST",
     "LEGACY_MAX_TOKENS_PER_REQUEST",
     "MAX_POOL_HEADER",
     "MAX_TOKENS_PER_REQUEST",
@@ -54,13 +55,22 @@ __all__ = [
 #: The public proxy's method that hands out pool tokens.
 REQUEST_POOL_TOKENS = "requestPoolTokens"
 
-#: The most tokens one ``requestPoolTokens`` call may ask for (an answer of 256 tokens is
-#: about 12 KB of JSON).
-MAX_TOKENS_PER_REQUEST = 256
+#: The most tokens one ``requestPoolTokens`` call may ask for (an answer of 1,024 tokens
+#: is about 48 KB of JSON).  A call's cost is mostly its trip through two endpoint
+#: servers, not its size, and it holds up the connections in flight at both proxies:
+#: a busy private proxy makes fewer, larger calls (issue 14: at 256 per call, the calls
+#: were what set the p99 latency at one client).
+MAX_TOKENS_PER_REQUEST = 1024
 
 #: The most that public proxies released before 2026-12-03 accept per call (they answer
 #: a larger count with invalid params): a private proxy falls back to it for such a proxy.
 LEGACY_MAX_TOKENS_PER_REQUEST = 64
+
+#: What public proxies of earlier versions accept per call, the newest first (released
+#: 2026-12-03 to 2026-12-04: 256; before: :data:`LEGACY_MAX_TOKENS_PER_REQUEST`).  A
+#: private proxy whose count a public proxy answers with invalid params steps down to the
+#: next of these below that count.
+EARLIER_MAX_TOKENS_PER_REQUEST = (256, LEGACY_MAX_TOKENS_PER_REQUEST)
 
 #: The public proxy's default cap on one operator's idle pooled connections (setting
 #: ``pool_max_per_operator``).  Its unused pool tokens are capped at
@@ -72,13 +82,14 @@ DEFAULT_POOL_CAP = 64
 def token_cap(max_connections: int) -> int:
     """
     The most unused pool tokens one operator may hold at a public proxy whose cap on its
-    idle connections is ``max_connections``: eight times that (512 for the default cap).
+    idle connections is ``max_connections``: 32 times that (2,048 for the default cap; a
+    token held costs the public proxy about 140 bytes, so 290 KB at the default cap).
     Tokens hold no descriptor (a connection presenting one is still refused over
     ``max_connections``), and a private proxy holding more of them than it keeps
     connections asks less often: each call crosses two endpoint servers and holds up the
     connections in flight at both proxies.
     """
-    return 8 * max_connections
+    return 32 * max_connections
 
 #: The largest header a private proxy reads on a pooled connection (a PROXY v2 header
 #: with two IPv6 addresses and a 253-byte name is 300 bytes).

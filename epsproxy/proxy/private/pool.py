@@ -13,7 +13,10 @@ announcements at, ``target`` idle connections open at that proxy's internal endp
   with a spare at once, without a call: a call goes out only when the pool lacks
   connections no spare covers or fewer than half the spares it keeps are left, and
   asks for what it lacks plus spares up to
-  :data:`SPARES_PER_CONNECTION` times ``target``, and at least :data:`DEFAULT_SPARES`
+  :data:`SPARES_PER_CONNECTION` times ``target``, at least :data:`DEFAULT_SPARES`, and
+  at least as many as clients took in the last token life, or the most they took in one
+  before, halved per :data:`DEMAND_HALF_LIFE` since (a busy pool: so that its calls
+  come about twice per token life however many clients it serves)
   (at most :data:`~epsproxy.proxy.pooling.MAX_TOKENS_PER_REQUEST`, and spares plus the
   tokens being dialled within the public proxy's default cap on unused tokens,
   :func:`~epsproxy.proxy.pooling.token_cap`: over it the answer is empty), so one call
@@ -80,8 +83,8 @@ from epsproxy.net.token import decode_token, token_tag
 from epsproxy.proxy.announcements import PrivateAnnouncements
 from epsproxy.proxy.pooling import (
     DEFAULT_POOL_CAP,
+    EARLIER_MAX_TOKENS_PER_REQUEST,
     MAX_POOL_HEADER,
-    LEGACY_MAX_TOKENS_PER_REQUEST,
     MAX_TOKENS_PER_REQUEST,
     POOL_TOKENS_RESULT,
     REQUEST_POOL_TOKENS,
@@ -91,8 +94,9 @@ from epsproxy.proxy.pooling import (
 from epsproxy.proxy.private.forwarding import Forwarder
 from epsproxy.rules.text import shorten
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_START", "DEFAULT_SPARES", "HEADER_TIMEOUT", "PoolKeeper",
-           "Dial", "REPLACE_DELAY", "REPLACE_LATER_FROM", "SPARES_PER_CONNECTION"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_START", "DEFAULT_SPARES", "DEMAND_HALF_LIFE",
+           "HEADER_TIMEOUT", "PoolKeeper", "Dial", "REPLACE_DELAY", "REPLACE_LATER_FROM",
+           "SPARES_PER_CONNECTION"]
 
 log = Logger()
 
@@ -118,9 +122,17 @@ SPARES_PER_CONNECTION = 2
 #: called ``requestPoolTokens`` once per 4.5 connections of one client, and each call
 #: cost its two endpoint servers about 2 ms of CPU; with 96, once per 43, and those
 #: calls held up the connections in flight (2.3% of them at 1 client: the p99 latency);
-#: with 384, once per ~170 (issue 14's measurements).  A token costs the public proxy a
-#: few hundred bytes until it expires.
+#: with 384, once per ~190, which still held up two connections in a hundred by 1-6 ms:
+#: so a busy pool keeps more, as many as clients took in a token's life (issue 14's
+#: measurements).  A token costs the public proxy about 140 bytes until it expires.
 DEFAULT_SPARES = 384
+
+#: The most times of taken connections a pool remembers (:attr:`_Pool.taken`): no pool
+#: keeps more spares than the public proxy's default cap on unused tokens.
+TAKEN_KEPT = token_cap(DEFAULT_POOL_CAP)
+
+#: Seconds in which the demand a pool remembers (:meth:`_Pool.demand`) halves.
+DEMAND_HALF_LIFE = 60.0
 
 #: How long a cap the public proxy put on our spares (it answered fewer tokens than
 #: asked) is kept to before the full number of spares is asked for again.
@@ -267,6 +279,16 @@ class _Pool:
         self.spare: deque[tuple[bytes, str, float]] = deque()
         #: False while the public proxy's tokens live too short to be kept as spares.
         self.keep_spares = True
+        #: How long a token is usable once asked for (``expires_in`` less
+        #: :data:`SPARE_MARGIN`, from the last answer; 0 before one).
+        self.life = 0.0
+        #: When the public proxy took pooled connections for clients (their headers
+        #: came), the oldest first, within the last ``life`` seconds: the demand that a
+        #: busy pool's spares follow (:meth:`PoolKeeper._fill`).
+        self.taken: deque[float] = deque(maxlen=TAKEN_KEPT)
+        #: The most connections taken in one token life so far, and when (:meth:`demand`).
+        self.peak = 0
+        self.peak_at = now
         self.retry_at = 0.0  # no call before this
         self.dial_at = 0.0  # no dial before this (dials at the endpoint failed)
         self.backoff = 0.0
@@ -276,6 +298,23 @@ class _Pool:
         self.closed = False
         #: The top-up after a taken connection, while one is waiting (:data:`REPLACE_DELAY`).
         self.replace_call: IDelayedCall | None = None
+
+    def demand(self, now: float) -> int:
+        """
+        The clients one token life serves: the connections taken in the last ``life``
+        seconds, or the most seen so, halved per :data:`DEMAND_HALF_LIFE` seconds since,
+        whichever is more (a pool that served a burst keeps its spares for the next one
+        for a while, rather than calling at every half of the floor again).
+        """
+        taken = self.taken
+        while taken and taken[0] <= now - self.life:
+            taken.popleft()
+        current = len(taken)
+        remembered = self.peak * 0.5 ** ((now - self.peak_at) / DEMAND_HALF_LIFE)
+        if current >= remembered:
+            self.peak, self.peak_at = current, now
+            return current
+        return int(remembered)
 
     def members(self) -> list[_Pooled]:
         return [*self.idle, *self.connecting, *self.reading]
@@ -461,8 +500,9 @@ class PoolKeeper:
         """
         Dial what ``pool`` lacks with spare tokens; when it still lacks some, or fewer
         than half the spares it keeps are left, ask for what it lacks plus spares up to
-        :data:`SPARES_PER_CONNECTION` times ``target`` or ``spares``, whichever is more
-        (within the public proxy's default cap on unused tokens,
+        :data:`SPARES_PER_CONNECTION` times ``target``, ``spares`` or the demand
+        (:meth:`_Pool.demand`), whichever is most (within the public proxy's default cap
+        on unused tokens,
         :func:`~epsproxy.proxy.pooling.token_cap`), unless a request is out or it backs
         off (failed dials back off the dials too, :meth:`_failed`).  The spares make a
         replacement a dial, not a call through two endpoint servers: one
@@ -487,7 +527,11 @@ class PoolKeeper:
         # Spares: twice the target, at least ``self.spares``, within the public proxy's
         # default cap on an operator's unused tokens (the tokens of connections still
         # being dialled count there too; a request over it would get no token at all).
-        spares = (min(max(SPARES_PER_CONNECTION * pool.target, self.spares),
+        # A busy pool keeps one token life's worth of spares (its demand), so that its
+        # calls come about twice per token life however many clients it serves, not once
+        # per half the floor of spares.
+        spares = (min(max(SPARES_PER_CONNECTION * pool.target, self.spares,
+                          pool.demand(now)),
                       max(token_cap(DEFAULT_POOL_CAP) - pool.target, 0))
                   if pool.keep_spares else 0)
         if pool.spare_limit is not None:
@@ -517,14 +561,14 @@ class PoolKeeper:
             if result.check(defer.CancelledError) or pool.closed:
                 return
             error = result.value
-            if (isinstance(error, JSONRPCError) and error.code == INVALID_PARAMS
-                    and count > LEGACY_MAX_TOKENS_PER_REQUEST):
-                # A public proxy of an older version (at most 64 tokens per call): ask
-                # it for that many from now on, at once.
-                pool.max_request = LEGACY_MAX_TOKENS_PER_REQUEST
-                log.info("the public proxy {proxy} hands out at most {most} pool tokens "
-                         "per call (an older version): asking for that many",
-                         proxy=shorten(pool.proxy), most=LEGACY_MAX_TOKENS_PER_REQUEST)
+            lower = [most for most in EARLIER_MAX_TOKENS_PER_REQUEST if most < count]
+            if isinstance(error, JSONRPCError) and error.code == INVALID_PARAMS and lower:
+                # A public proxy of an older version (at most 256, or 64, tokens per
+                # call): ask it for the next smaller number from now on, at once.
+                pool.max_request = lower[0]
+                log.info("the public proxy {proxy} refused {count} pool tokens in one call "
+                         "(an older version): asking for at most {most} per call",
+                         proxy=shorten(pool.proxy), count=count, most=lower[0])
                 self._fill(pool)
                 return
             self.request_failures += 1
@@ -564,6 +608,7 @@ class PoolKeeper:
         # proxy had forgotten them: a soak run found a dozen such dials in 10 minutes).
         life = value["expires_in"] - SPARE_MARGIN
         pool.keep_spares = life > 0
+        pool.life = max(life, 0.0)
         endpoint, until = value["endpoint"], asked_at + life
         missing = max(pool.target - len(pool.idle) - len(pool.connecting), 0)
         for token in tokens[:missing]:
@@ -663,6 +708,7 @@ class PoolKeeper:
         pool = conn.pool
         if pool.forget(conn) is None:
             return
+        pool.taken.append(self.reactor.seconds())
         if conn.deadline is not None and conn.deadline.active():
             conn.deadline.cancel()
         try:

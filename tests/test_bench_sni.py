@@ -16,6 +16,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench import sni
+from bench.common import haproxy_binary
 from bench.sni_network import Network, missing_tools
 
 STREAM = 10_000_000
@@ -141,6 +142,43 @@ class BenchSniABTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as e:
             sni_ab.compare(Path(self.mktemp()), rounds=1, seconds=0.1, clients=[1])
         self.assertIn("not a checkout of this project", str(e.exception))
+
+
+class BenchSniTailTests(SynchronousTestCase):
+    """``python -m bench.sni_tail``: one client's latencies through ours and the chain."""
+
+    def setUp(self) -> None:
+        missing = missing_tools() + ([] if haproxy_binary() else ["haproxy"])
+        if missing:
+            self.skipTest(f"the SNI tail needs {', '.join(missing)}")
+
+    def test_a_tiny_run_prints_both_paths_and_ours_slowest(self) -> None:
+        from bench import sni_tail
+
+        results = sni_tail.measure(rounds=2, seconds=0.3, folder=Path(self.mktemp()).absolute())
+        for key in (sni_tail.OURS, sni_tail.CHAIN):
+            self.assertEqual(len(results["rounds"][key]), 2)
+            self.assertTrue(all(results["rounds"][key]), key)  # connections each round
+        text = sni_tail.report(results)
+        self.assertRegex(text, r"\| ours-raw \| \d+ \| \d+\.\d\d \|")
+        self.assertRegex(text, r"\| haproxy-1m \| \d+ \|")
+        self.assertRegex(text, r"\| ours / chain \| \| \d+\.\d\dx \|")
+        self.assertRegex(text, r"ours: \d+ of \d+ connections \(\d+\.\d%\) slower than our "
+                               r"p98")
+
+    def test_the_report_finds_periodic_slow_connections(self) -> None:
+        from bench import sni_tail
+
+        chain = [0.003] * 1000
+        ours = [0.0035] * 1000
+        for i in range(0, 1000, 190):  # two slow ones every 190 connections
+            ours[i] = ours[i + 1] = 0.008
+        text = sni_tail.report({"rounds": {sni_tail.OURS: [ours], sni_tail.CHAIN: [chain]}})
+        self.assertIn("ours: 12 of 1000 connections (1.2%) slower than our p98 (3.50 ms)",
+                      text)
+        self.assertIn("in connections: 1 (6x), 189 (5x)", text)
+        self.assertEqual(sni_tail.report({"rounds": {sni_tail.OURS: [], sni_tail.CHAIN: []}}),
+                         "no connection measured")
 
 
 class BenchSniArgumentTests(SynchronousTestCase):

@@ -17,14 +17,13 @@ periodic: on 2026-12-04 the private proxy's ``requestPoolTokens`` calls, which c
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .common import haproxy_binary, print_load_before
+from .common import haproxy_binary, median, percentile, print_load_before
 from .sni import BY_KEY
 from .sni_client import connect, context
 from .sni_network import CERTS, RUN_DIR, Network, missing_tools
@@ -72,12 +71,6 @@ def measure(rounds: int, seconds: float, folder: Path = RUN_DIR / "tail") -> dic
     return {"rounds": results}
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """The value at ``fraction`` of ``values`` sorted (nearest rank)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
-
-
 def report(results: dict[str, Any]) -> str:
     """The percentiles of both paths, their ratios, and how ours' slowest connections came."""
     rounds = results["rounds"]
@@ -106,7 +99,7 @@ def report(results: dict[str, Any]) -> str:
                  f"our p{SLOWEST * 100:g} ({limit * 1e3:.2f} ms); the most common distances "
                  f"between them, in connections: {common or '-'}")
     if gaps:
-        lines.append(f"median distance {statistics.median(list(gaps.elements())):g}")
+        lines.append(f"median distance {median(list(gaps.elements())):g}")
     return "\n".join(lines)
 
 

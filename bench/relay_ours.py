@@ -10,7 +10,8 @@ both listen, then serves until SIGTERM.  The control channel is line-based on lo
 
 - ``new N`` -> N lines, each a fresh token in base64 (:meth:`Rendezvous.new_token`);
 - ``stats`` -> one JSON line: ``pending``, ``active_splices``, ``pairings``, ``timeouts``,
-  ``refused``, ``bytes_spliced``.
+  ``refused``, ``bytes_spliced``, and ``reactor`` (the reactor's class: the programs'
+  own, :class:`epsproxy.net.reactor.EPollReactor`, as twistd runs the public proxy).
 
 ``CONFIG_JSON`` (optional) gives keyword arguments of ``Rendezvous``, and
 ``"splice_engine": false`` relays in Python (the proxies' setting of that name); the environment
@@ -30,6 +31,7 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
+from epsproxy.net.reactor import install_default
 from epsproxy.proxy.splice_engine import SpliceEngine
 
 __all__ = ["Control", "rendezvous_class", "main"]
@@ -51,8 +53,9 @@ class Control(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 64
 
-    def __init__(self, rendezvous: Any) -> None:
+    def __init__(self, rendezvous: Any, reactor: str) -> None:
         self.rendezvous = rendezvous
+        self.reactor = reactor
 
     def lineReceived(self, line: bytes) -> None:
         words = line.split()
@@ -65,12 +68,14 @@ class Control(LineReceiver):
             stats = {name: getattr(r, name, None) for name in (
                 "pending", "active_splices", "pairings", "timeouts", "refused",
                 "bytes_spliced")}
+            stats["reactor"] = self.reactor
             self.transport.write(json.dumps(stats).encode() + b"\n")
         else:
             self.transport.loseConnection()
 
 
 def main(argv: list[str]) -> None:
+    install_default()  # the programs' reactor, as twistd runs the public proxy on it
     from twisted.internet import reactor
 
     options = json.loads(argv[0]) if argv else {}
@@ -80,7 +85,9 @@ def main(argv: list[str]) -> None:
         options["engine"] = SpliceEngine.shared(reactor)
     rendezvous = rendezvous_class()(reactor, **options)
     internal = reactor.listenTCP(0, rendezvous.factory(), backlog=1024, interface="127.0.0.1")
-    control = reactor.listenTCP(0, Factory.forProtocol(lambda: Control(rendezvous)),
+    kind = type(reactor)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    control = reactor.listenTCP(0, Factory.forProtocol(lambda: Control(rendezvous, name)),
                                 interface="127.0.0.1")
     print(f"internal {internal.getHost().port} control {control.getHost().port}", flush=True)
     reactor.run()

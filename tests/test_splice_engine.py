@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 
 from twisted.internet import defer, reactor, task
@@ -101,6 +102,29 @@ class Engine(TestCase):
             result = yield ended
             self.assertEqual(result.outcome, Outcome.FINISHED)
             self.assertEqual((result.left_to_right, result.right_to_left), (size, 0))
+
+    @defer.inlineCallbacks
+    def test_a_fast_receiver_is_not_asked_its_room_before_every_read(self):
+        # Issue 14: the receiver's room (SIOCOUTQ and SO_SNDBUF, two system calls) is
+        # asked only when what is known of it does not promise a whole read.
+        a, left, right, b = self.pair()
+        handle, ended = self.add(left, right, read_bytes=65536)
+        size = 32 * 1024 * 1024
+        sender = threading.Thread(target=a.sendall, args=(b"x" * size,))
+        sender.start()
+        received = 0
+        while received < size:
+            received += len(b.recv(1 << 20))
+        sender.join()
+        counts = _engine().counts(handle)  # live still: no end-of-stream yet
+        self.assertEqual(counts.left_to_right, size)
+        self.assertGreaterEqual(counts.reads, size // 65536)
+        self.assertGreater(counts.room_queries, 0)
+        self.assertLess(counts.room_queries, counts.reads // 4)  # every read until then
+        a.shutdown(socket.SHUT_WR)
+        b.shutdown(socket.SHUT_WR)
+        result = yield ended
+        self.assertEqual(result.outcome, Outcome.FINISHED)
 
     @defer.inlineCallbacks
     def test_abort_and_idle_end_a_pair_with_resets(self):

@@ -13,7 +13,9 @@
  *  - a read is no larger than what the receiving socket is known to take whole (half of
  *    its send buffer less its queue, SIOCOUTQ), so a slow receiver leaves next to nothing
  *    in user space; a direction whose receiver has less room than is worth a read waits
- *    until the kernel says the receiver is writable, then reads once;
+ *    until the kernel says the receiver is writable, then reads once; the kernel is
+ *    asked the room only when what was last learnt of it, less all sent since, does not
+ *    already promise a whole read (room());
  *  - reads go into one buffer shared by every pair (this thread makes one read at a
  *    time) and are sent straight from it; only what a send did not take is copied, and
  *    the direction reads nothing more until that is sent;
@@ -82,6 +84,14 @@ typedef struct direction {
     uint64_t waits;      /* (atomics) */
     uint64_t held_now;   /* held_len - held_off, for Python (atomics) */
     uint64_t peak_held;
+    /* What the receiver was last known to hold (room()): its send buffer, and its queue
+       then plus every byte sent to it since.  The queue only drains meanwhile, so the
+       room worked out from these is never more than the receiver's. */
+    long sndbuf;
+    long queued;
+    int known;
+    uint64_t reads;      /* (atomics) */
+    uint64_t queries;    /* times the receiver was asked (atomics) */
 } direction;
 
 typedef struct pair {
@@ -195,21 +205,43 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Bytes the receiver ``fd`` is sure to take whole now; ``cap`` when it cannot say. */
-static size_t room(int fd, size_t cap, size_t *wait_at, const pair *p)
+/* Waiting for writability pays only if it frees much more than is free now: the kernel
+   wakes writers when a third of the buffer is free. */
+static size_t wait_threshold(long sndbuf, const pair *p)
 {
+    size_t eighth = (size_t)sndbuf / 8;
+    size_t at = eighth > p->slow ? eighth : p->slow;
+    return at < p->wait_below ? at : p->wait_below;
+}
+
+/*
+ * Bytes the receiver ``fd`` (of direction ``d``) is sure to take whole now; ``cap`` when
+ * it cannot say.  The kernel is asked (SIOCOUTQ and SO_SNDBUF, two system calls) only
+ * when what is known already does not promise ``cap``: after a read of ``cap`` sent
+ * whole, the receiver's queue has grown by at most that, so while half of its send
+ * buffer less the queue known (plus all sent since) still holds ``cap``, so does the
+ * real room.  A fast receiver is asked about once every few reads; a slow one, whose
+ * room runs short, every time, as before.
+ */
+static size_t room(int fd, size_t cap, size_t *wait_at, const pair *p, direction *d)
+{
+    if (d->known && (d->sndbuf - d->queued) / 2 >= (long)cap) {
+        *wait_at = wait_threshold(d->sndbuf, p);
+        return cap;
+    }
     int queued = 0, sndbuf = 0;
     socklen_t len = sizeof(sndbuf);
+    __atomic_add_fetch(&d->queries, 1, __ATOMIC_RELAXED);
     if (ioctl(fd, SIOCOUTQ, &queued) < 0
         || getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) < 0) {
+        d->known = 0;
         *wait_at = p->slow;
         return cap;
     }
-    /* Waiting for writability pays only if it frees much more than is free now: the
-       kernel wakes writers when a third of the buffer is free. */
-    size_t eighth = (size_t)sndbuf / 8;
-    size_t at = eighth > p->slow ? eighth : p->slow;
-    *wait_at = at < p->wait_below ? at : p->wait_below;
+    d->sndbuf = sndbuf;
+    d->queued = queued;
+    d->known = 1;
+    *wait_at = wait_threshold(sndbuf, p);
     long free_ = ((long)sndbuf - (long)queued) / 2;
     if (free_ <= 0)
         return 0;
@@ -247,6 +279,7 @@ static int pump(pair *p, int i, int64_t now)
             return 1 - i;
         }
         d->held_off += (size_t)sent;
+        d->queued += (long)sent;
         __atomic_store_n(&d->held_now, (uint64_t)(d->held_len - d->held_off),
                          __ATOMIC_RELAXED);
         if (d->held_off < d->held_len)
@@ -266,7 +299,7 @@ static int pump(pair *p, int i, int64_t now)
     d->waiting = 0;
     for (int k = 0; k < READS_PER_EVENT; k++) {
         size_t wait_at;
-        size_t size = room(dst, p->read_bytes, &wait_at, p);
+        size_t size = room(dst, p->read_bytes, &wait_at, p, d);
         if (size < wait_at) {
             if (was_waiting && k == 0) {
                 size = p->slow; /* woken for room: read at least a little */
@@ -296,12 +329,14 @@ static int pump(pair *p, int i, int64_t now)
         }
         __atomic_add_fetch(&d->bytes, (uint64_t)n, __ATOMIC_RELAXED);
         p->last_active = now;
+        __atomic_add_fetch(&d->reads, 1, __ATOMIC_RELAXED);
         ssize_t sent = send(dst, E.buffer, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (sent < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
                 return 1 - i;
             sent = 0;
         }
+        d->queued += (long)sent;
         if (sent < n) {
             size_t rest = (size_t)(n - sent);
             d->held = hold_alloc(rest, &d->held_mapped);
@@ -732,12 +767,16 @@ static PyObject *py_counts(PyObject *self, PyObject *arg)
         return NULL;
     direction *a = &p->dir[0], *b = &p->dir[1];
     return Py_BuildValue(
-        "KKKKK", (unsigned long long)__atomic_load_n(&a->bytes, __ATOMIC_RELAXED),
+        "KKKKKKK", (unsigned long long)__atomic_load_n(&a->bytes, __ATOMIC_RELAXED),
         (unsigned long long)__atomic_load_n(&b->bytes, __ATOMIC_RELAXED),
         (unsigned long long)(__atomic_load_n(&a->waits, __ATOMIC_RELAXED)
                              + __atomic_load_n(&b->waits, __ATOMIC_RELAXED)),
         (unsigned long long)__atomic_load_n(&a->held_now, __ATOMIC_RELAXED),
-        (unsigned long long)__atomic_load_n(&b->held_now, __ATOMIC_RELAXED));
+        (unsigned long long)__atomic_load_n(&b->held_now, __ATOMIC_RELAXED),
+        (unsigned long long)(__atomic_load_n(&a->reads, __ATOMIC_RELAXED)
+                             + __atomic_load_n(&b->reads, __ATOMIC_RELAXED)),
+        (unsigned long long)(__atomic_load_n(&a->queries, __ATOMIC_RELAXED)
+                             + __atomic_load_n(&b->queries, __ATOMIC_RELAXED)));
 }
 
 static PyObject *py_collect(PyObject *self, PyObject *unused)
@@ -790,8 +829,9 @@ static PyMethodDef methods[] = {
     {"abort", py_abort, METH_O, "abort(handle): end the pair with resets, soon."},
     {"counts", py_counts, METH_O,
      "counts(handle) -> (left_to_right, right_to_left, waits, held_for_right, "
-     "held_for_left): bytes relayed so far, waits for a receiver's room, and bytes "
-     "held unsent now."},
+     "held_for_left, reads, room_queries): bytes relayed so far, waits for a receiver's "
+     "room, bytes held unsent now, reads that returned bytes, and times a receiver's "
+     "room was asked of the kernel."},
     {"collect", py_collect, METH_NOARGS,
      "collect() -> [(handle, outcome, left_to_right, right_to_left, waits, peak_held)]: "
      "the pairs ended since the last call; their handles are invalid afterwards."},

@@ -94,6 +94,11 @@ class Counts:
     held_for_right: int
     """Bytes read from the left and not yet sent to the right."""
     held_for_left: int
+    reads: int
+    """Reads that returned bytes, both directions."""
+    room_queries: int
+    """Times a receiver's room (its send buffer and queue) was asked of the kernel: two
+    system calls each, made only when what was known did not promise a whole read."""
 
 
 @implementer(IReadDescriptor)
@@ -200,7 +205,7 @@ class SpliceEngine:
         """What a pair not yet ended has done so far (zeros once it has ended)."""
         assert _c is not None
         if handle not in self._callbacks:
-            return Counts(0, 0, 0, 0, 0)
+            return Counts(0, 0, 0, 0, 0, 0, 0)
         return Counts(*_c.counts(handle))
 
     def _dispatch(self) -> None:

@@ -108,6 +108,7 @@ class Engine(TestCase):
         # Issue 14: the receiver's room (SIOCOUTQ and SO_SNDBUF, two system calls) is
         # asked only when what is known of it does not promise a whole read.
         a, left, right, b = self.pair()
+        b.settimeout(10)  # a stalled relay fails the test, it does not hang it
         handle, ended = self.add(left, right, read_bytes=65536)
         size = 32 * 1024 * 1024
         sender = threading.Thread(target=a.sendall, args=(b"x" * size,))

@@ -86,7 +86,9 @@ typedef struct direction {
     uint64_t peak_held;
     /* What the receiver was last known to hold (room()): its send buffer, and its queue
        then plus every byte sent to it since.  The queue only drains meanwhile, so the
-       room worked out from these is never more than the receiver's. */
+       room worked out from these is never more than the receiver's (unless the kernel
+       shrinks the send buffer, under memory pressure: then a send takes less, and the
+       rest is held as after any short send). */
     long sndbuf;
     long queued;
     int known;

@@ -9,7 +9,11 @@ skipped with a message.  Ours must run.
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -88,11 +92,6 @@ class OursRunsOnTheProgramsReactor(SynchronousTestCase):
     pairing)."""
 
     def test_its_stats_name_the_programs_reactor(self) -> None:
-        import json
-        import socket
-        import subprocess
-        import sys
-
         process = subprocess.Popen([sys.executable, "-m", "bench.relay_ours"],
                                    cwd=relay.ROOT, stdout=subprocess.PIPE,
                                    stdin=subprocess.DEVNULL)

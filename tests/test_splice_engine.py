@@ -37,6 +37,16 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError(f"end-of-stream after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
 class Engine(TestCase):
     """The engine itself, with plain TCP sockets."""
 
@@ -122,6 +132,28 @@ class Engine(TestCase):
         self.assertGreaterEqual(counts.reads, size // 65536)
         self.assertGreater(counts.room_queries, 0)
         self.assertLess(counts.room_queries, counts.reads // 4)  # every read until then
+        a.shutdown(socket.SHUT_WR)
+        b.shutdown(socket.SHUT_WR)
+        result = yield ended
+        self.assertEqual(result.outcome, Outcome.FINISHED)
+
+    @defer.inlineCallbacks
+    def test_a_short_exchange_never_asks_the_room(self):
+        # A TLS handshake's flights are a few kilobytes: reads of at most
+        # SLOW_READ_BYTES need no room asked (what a send leaves is held, one read as
+        # always), so a short connection makes no SIOCOUTQ / SO_SNDBUF calls at all.
+        a, left, right, b = self.pair()
+        b.settimeout(10)
+        handle, ended = self.add(left, right, read_bytes=65536)
+        for flight in (b"h" * 300, b"f" * 3000, b"q" * 900):
+            a.sendall(flight)
+            self.assertEqual(_recv_exactly(b, len(flight)), flight)
+            b.sendall(flight[::-1])
+            self.assertEqual(_recv_exactly(a, len(flight)), flight[::-1])
+        counts = _engine().counts(handle)
+        self.assertEqual((counts.left_to_right, counts.right_to_left), (4200, 4200))
+        self.assertGreaterEqual(counts.reads, 6)
+        self.assertEqual(counts.room_queries, 0)
         a.shutdown(socket.SHUT_WR)
         b.shutdown(socket.SHUT_WR)
         result = yield ended

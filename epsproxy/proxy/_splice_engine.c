@@ -15,7 +15,9 @@
  *    in user space; a direction whose receiver has less room than is worth a read waits
  *    until the kernel says the receiver is writable, then reads once; the kernel is
  *    asked the room only when what was last learnt of it, less all sent since, does not
- *    already promise a whole read (room());
+ *    already promise a whole read (room()), and not before one of the direction's reads
+ *    has filled SLOW_READ_BYTES (until then its reads are no larger: a short
+ *    connection never asks);
  *  - reads go into one buffer shared by every pair (this thread makes one read at a
  *    time) and are sent straight from it; only what a send did not take is copied, and
  *    the direction reads nothing more until that is sent;
@@ -92,6 +94,11 @@ typedef struct direction {
     long sndbuf;
     long queued;
     int known;
+    /* A direction is not asked its receiver's room until one of its reads has filled
+       SLOW_READ_BYTES: before that its reads are at most that large, and whatever a
+       send leaves is held as after any short send (one read, as always).  A short
+       connection (a TLS handshake, a request and its answer) then never asks. */
+    int bulk;
     uint64_t reads;      /* (atomics) */
     uint64_t queries;    /* times the receiver was asked (atomics) */
 } direction;
@@ -223,10 +230,15 @@ static size_t wait_threshold(long sndbuf, const pair *p)
  * whole, the receiver's queue has grown by at most that, so while half of its send
  * buffer less the queue known (plus all sent since) still holds ``cap``, so does the
  * real room.  A fast receiver is asked about once every few reads; a slow one, whose
- * room runs short, every time, as before.
+ * room runs short, every time, as before.  A direction none of whose reads has yet
+ * filled SLOW_READ_BYTES (d->bulk) reads that much at most and asks nothing.
  */
 static size_t room(int fd, size_t cap, size_t *wait_at, const pair *p, direction *d)
 {
+    if (!d->bulk) {
+        *wait_at = 0;
+        return cap < p->slow ? cap : p->slow;
+    }
     if (d->known && (d->sndbuf - d->queued) / 2 >= (long)cap) {
         *wait_at = wait_threshold(d->sndbuf, p);
         return cap;
@@ -330,6 +342,8 @@ static int pump(pair *p, int i, int64_t now)
             return -1;
         }
         __atomic_add_fetch(&d->bytes, (uint64_t)n, __ATOMIC_RELAXED);
+        if ((size_t)n == size)
+            d->bulk = 1; /* a read filled its size: size the next ones to the room */
         p->last_active = now;
         __atomic_add_fetch(&d->reads, 1, __ATOMIC_RELAXED);
         ssize_t sent = send(dst, E.buffer, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);

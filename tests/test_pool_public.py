@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ from epsproxy.net.proxy_protocol import ProxyHeader, ProxyHeaderReader
 from epsproxy.net.token import TOKEN_BYTES
 from epsproxy.proxy.pool import DEFAULT_MAX_PER_OPERATOR, ConnectionPool, PooledConnection
 from epsproxy.proxy.pooling import (
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_PROBES,
     MAX_POOL_HEADER,
     MAX_TOKENS_PER_REQUEST,
     REQUEST_POOL_TOKENS,
@@ -577,6 +581,21 @@ class ServedByARealPublicProxy(TestCase):
         yield self.top.stopService()
         yield sides[1].lost  # shutdown closes the idle one
         self.assertEqual(self.proxy.pool.closed["shutdown"], 1)
+
+    @defer.inlineCallbacks
+    def test_idle_pooled_connections_have_tcp_keepalive(self):
+        # Set once on the internal listener, which its connections inherit (Linux).
+        yield self.start_proxy()
+        yield self.announce()
+        yield self.fill(1)
+        pooled = self.proxy.pool.take(PRIVATE)
+        sock = pooled.transport.socket
+        self.assertEqual(
+            (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)),
+            (1, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES))
 
     @defer.inlineCallbacks
     def test_a_tls_client_verifies_the_internal_server_through_the_pool(self):

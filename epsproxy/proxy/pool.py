@@ -32,7 +32,7 @@ only :func:`~epsproxy.net.token.token_tag`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocol, IReactorTime
@@ -121,6 +121,7 @@ class ConnectionPool:
         max_per_operator: int = DEFAULT_MAX_PER_OPERATOR,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         sweep_interval: float = 1.0,
+        keep_alive: Callable[[Any], None] | None = keep_alive,
     ) -> None:
         if token_lifetime <= 0 or max_per_operator < 0 or idle_timeout <= 0:
             raise ValueError("token_lifetime and idle_timeout must be positive, "
@@ -131,6 +132,9 @@ class ConnectionPool:
         self.max_per_operator = max_per_operator
         self.idle_timeout = idle_timeout
         self.sweep_interval = sweep_interval
+        #: Turns on TCP keepalive on an adopted connection's transport; None when its
+        #: listener's sockets have it already (the public proxy's internal listener).
+        self._keep_alive = keep_alive
         self._operators: dict[str, _Operator] = {}
         self._tokens: dict[bytes, str] = {}  # token -> operator
         self._waiters: list[tuple[str, int, defer.Deferred[None]]] = []
@@ -209,7 +213,8 @@ class ConnectionPool:
             self._close(pooled, "over_cap")
             self._tidy(operator, op)
             return True
-        keep_alive(transport)
+        if self._keep_alive is not None:
+            self._keep_alive(transport)
         op.idle[pooled] = None
         self.adopted += 1
         if debug_enabled():

@@ -15,7 +15,8 @@ new TLS client can be served without a brokering round trip:
 2. For each token the private proxy dials the endpoint and writes the 32 token bytes
    (as for a brokered connection), then waits, sending nothing.  The public proxy keeps
    the connection idle in the operator's pool.  Both ends turn on TCP keepalive
-   (:func:`keep_alive`) so a dead idle connection is noticed without traffic.
+   (:func:`keep_alive`; the public proxy once, on its internal listener, whose accepted
+   connections inherit it) so a dead idle connection is noticed without traffic.
 3. When a TLS client asks for a name the operator holds a live announcement for, the
    public proxy takes one idle connection of that operator and writes
    :func:`pool_header` (a PROXY v2 header: the client's address, the address it
@@ -48,6 +49,7 @@ __all__ = [
     "REQUEST_POOL_TOKENS",
     "REQUEST_POOL_TOKENS_PARAMS",
     "keep_alive",
+    "keep_alive_socket",
     "pool_header",
     "token_cap",
 ]
@@ -126,13 +128,19 @@ def keep_alive(transport: Any) -> None:
     :data:`KEEPALIVE_IDLE` seconds; elsewhere the system's timers).  A transport without
     a socket (a test transport) is left alone.
     """
-    set_keep_alive = getattr(transport, "setTcpKeepAlive", None)
-    if set_keep_alive is None:
-        return
-    set_keep_alive(True)
     sock = getattr(transport, "socket", None)
-    if sock is None:
+    if sock is None or not hasattr(transport, "setTcpKeepAlive"):
         return
+    keep_alive_socket(sock)
+
+
+def keep_alive_socket(sock: socket.socket) -> None:
+    """
+    TCP keepalive on ``sock`` as :func:`keep_alive` sets it.  On a listening socket,
+    every connection it accepts has it from the start (Linux copies a listener's socket
+    options to the connections it accepts): four system calls once, not per connection.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
                           ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
                           ("TCP_KEEPCNT", KEEPALIVE_PROBES)):

@@ -27,6 +27,7 @@ class Greeter(Dialled):
     def __init__(self) -> None:
         self.made_before_fired = False
         self.received = b""
+        self.echoed: defer.Deferred[None] = defer.Deferred()  # b"hello" came back
         self.lost: defer.Deferred[None] = defer.Deferred()
 
     def connectionMade(self) -> None:
@@ -36,6 +37,8 @@ class Greeter(Dialled):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        if self.received == b"hello" and not self.echoed.called:
+            self.echoed.callback(None)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)
@@ -122,11 +125,22 @@ class DialTests(TestCase):
     def test_bytes_flow(self):
         port = self.listen()
         greeter = yield dial(reactor, "127.0.0.1", port, 5, Greeter())
-        while greeter.received != b"hello":  # the echo comes back
-            d: defer.Deferred[None] = defer.Deferred()
-            reactor.callLater(0.01, d.callback, None)
-            yield d
+        yield greeter.echoed  # the echo comes back
         greeter.transport.loseConnection()
+        yield greeter.lost
+
+    @defer.inlineCallbacks
+    def test_a_connection_not_read_is_read_only_once_resumed(self):
+        # read=False: not registered with the reactor (its taker reads it), so the echo
+        # of its first bytes waits in the socket until it is resumed.
+        port = self.listen()
+        greeter = yield dial(reactor, "127.0.0.1", port, 5, Greeter(), read=False)
+        transport: Any = greeter.transport
+        self.assertNotIn(transport, reactor.getReaders())
+        transport.resumeProducing()
+        self.assertIn(transport, reactor.getReaders())
+        yield greeter.echoed
+        transport.loseConnection()
         yield greeter.lost
 
     @defer.inlineCallbacks

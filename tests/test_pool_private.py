@@ -973,7 +973,7 @@ class PooledService(unittest.TestCase):
         self.addCleanup(front.stopListening)
         self.front_port = front.getHost().port
         crt, key = pki().tls("internal-server")
-        server = yield internal_server.listen(
+        server = self.internal = yield internal_server.listen(
             reactor, "127.0.0.1:0", str(crt) if internal_tls else None, str(key))
         self.addCleanup(server.stopListening)
         address = f"127.0.0.1:{server.getHost().port}"
@@ -1079,6 +1079,23 @@ class ServedFromThePool(PooledService):
                       'state="idle"} 2.0', metrics)
         self.assertIn("private_proxy_pool_served_total 2.0", metrics)
         self.assertIn("private_proxy_incoming_calls_total 0.0", metrics)
+
+    @inlineCallbacks
+    def test_an_internal_server_that_refuses_closes_that_client_only(self):
+        yield self.start()
+        yield self.full()
+        yield self.internal.stopListening()  # its port now refuses connections
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual((yield self.tls_get()), b"")  # closed, nothing relayed
+        self.assertEqual((self.pool.served, self.service.forwarder.failed,
+                          self.service.forwarder.forwarded), (1, 1, 0))
+        [warning] = [e for e in events
+                     if "cannot serve pooled connection" in e.get("log_format", "")]
+        self.assertIn("refused", warning["error"].lower())
+        self.assertEqual(self.service.forwarder.active, set())  # nothing left counted
+        yield self.full()  # the pool is topped up and goes on
 
     @inlineCallbacks
     def test_terminated_behind_the_private_proxy(self):

@@ -148,6 +148,7 @@ class _Client(tcp.Client):
     """
 
     _in_progress = False  # the connect call was made and is under way
+    _read = True  # read once connected (False: the protocol takes the connection over)
     logstr = "dial,client"  # legacy log context (Twisted computes one per connection)
 
     def __init__(self, host: str, port: int, connector: _Dial, reactor: Any) -> None:
@@ -224,7 +225,8 @@ class _Client(tcp.Client):
             self.loseConnection()
             return
         self.protocol = protocol
-        self.startReading()
+        if self._read:
+            self.startReading()
         protocol.makeConnection(self)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -333,11 +335,17 @@ class _DialFactory(ClientFactory):
             d.errback(reason)
 
 
-def dial(reactor: IReactor, host: str, port: int, timeout: float, protocol: _D) -> Deferred[_D]:
+def dial(reactor: IReactor, host: str, port: int, timeout: float, protocol: _D, *,
+         read: bool = True) -> Deferred[_D]:
     """
     Connect ``protocol`` to ``host`` (an IP address, bracketed or not for IPv6, or a name)
     and ``port`` within ``timeout`` seconds; fires with it once its ``connectionMade`` ran,
     fails with Twisted's connect errors.  Cancelling it stops the attempt.
+
+    ``read=False``: the connection to an IP address is not read once connected (the
+    protocol hands it to a splice, which reads it itself, or keeps it paused until
+    then): no registration with the reactor's poller only to be taken back at once
+    (two system calls per dial).  A name's connection is read, as Twisted's are.
     """
     host = _unbracketed(host)
     if not _is_ip(host):
@@ -360,6 +368,8 @@ def dial(reactor: IReactor, host: str, port: int, timeout: float, protocol: _D) 
             connector.connectionFailed(Failure(error.ConnectBindError(e.errno, e.strerror)))
             return d
         connector.transport = client
+        if not read:
+            client._read = False
         client.start()
     else:  # a test's memory reactor
         connector = reactor.connectTCP(host, port, _DialFactory(protocol), timeout=timeout)

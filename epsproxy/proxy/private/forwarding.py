@@ -257,38 +257,24 @@ class Forwarder:
         Serve a pooled connection whose header has been read (the caller checked the
         name and :attr:`busy`): ``pooled`` is its protocol (``received``, ``eof`` and
         ``gone`` say what happened since), ``header`` the pooled header with
-        the client's addresses and the bytes after it.  Fires when it is connected (a
-        failure is logged, never raised).
+        the client's addresses and the bytes after it.  Connect to the internal server
+        and splice; fires when spliced (a failure is logged, never raised).  Callbacks,
+        not a coroutine, and one pair of them: this runs for every client served from
+        the pool, and over loopback the dial has fired before they are added.
         """
         marker = object()
         self._track(marker, header.source)
-        d = self._serve_pooled(pooled, header, tag)
-
-        def failed(failure: Failure) -> None:
-            self.failed += 1
-            log.warn("cannot serve pooled connection {tag} (client {client}): {error}",
-                     tag=tag, client=blurred_client(address_text(header.source)),
-                     error=shorten(failure.getErrorMessage(), 300))
-
-        def done(_: Any) -> None:
-            self._forget(marker)
-
-        return d.addErrback(failed).addBoth(done)
-
-    def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
-        """
-        Connect to the internal server and splice; fires once spliced.  Callbacks, not
-        a coroutine: this runs for every client served from the pool.
-        """
         internal = _Hold(b"")
         d = self._connect(self.endpoint["address"], internal)
 
         def connected(_: Any) -> None:
+            self._forget(marker)
             if pooled.gone or internal.gone or self._closing:
                 for end in (pooled, internal):
                     if not end.gone:
                         _abort(end)
-                raise ConnectionError("a connection was lost before it was spliced")
+                self._failed_pooled(header, tag, "a connection was lost before it was spliced")
+                return
             # The PROXY header (if on) and the ClientHello go out in one send, as the
             # splice's first bytes.
             s = splice(
@@ -313,11 +299,18 @@ class Forwarder:
                           client=blurred_client(address_text(header.source)),
                           address=self.endpoint["address"])
 
-        def not_connected(failure: Failure) -> Failure:
+        def not_connected(failure: Failure) -> None:
+            self._forget(marker)
             _abort(pooled)
-            return failure
+            self._failed_pooled(header, tag, failure.getErrorMessage())
 
         return d.addCallbacks(connected, not_connected)
+
+    def _failed_pooled(self, header: ProxyHeader, tag: str, error: str) -> None:
+        self.failed += 1
+        log.warn("cannot serve pooled connection {tag} (client {client}): {error}",
+                 tag=tag, client=blurred_client(address_text(header.source)),
+                 error=shorten(error, 300))
 
     def _proxy_header(self, header: ProxyHeader) -> bytes:
         """
@@ -335,8 +328,10 @@ class Forwarder:
         return proxy_v2_header(None)
 
     def _connect(self, address: str, protocol: Dialled) -> Deferred[Any]:
+        # Not read once connected: a _Hold is spliced in its dial's callback, or held
+        # paused until its splice reads it.
         host, port = parse_host_port(address)
-        return dial(self.reactor, host, port, self.connect_timeout, protocol)
+        return dial(self.reactor, host, port, self.connect_timeout, protocol, read=False)
 
     async def _serve(self, endpoint: str, token: bytes, proxy_header: bytes | None,
                      client: str | None = None) -> None:

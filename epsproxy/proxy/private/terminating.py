@@ -26,7 +26,7 @@ from io import BytesIO
 from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -254,12 +254,15 @@ class TerminatingForwarder(Forwarder):
         self._track(channel, client)
         log.info("terminating incoming connection {tag}", tag=token_tag(token))
 
-    def _serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
-        """Run the TLS server side on the pooled connection, its first bytes replayed."""
+    def serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
+        """
+        Run the TLS server side on the pooled connection, its first bytes replayed;
+        fires at once (a failure is logged, never raised).
+        """
         try:
             self._terminate_pooled(pooled, header, tag)
-        except Exception:
-            return fail()
+        except Exception as e:
+            self._failed_pooled(header, tag, str(e) or e.__class__.__name__)
         return succeed(None)
 
     def _terminate_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:

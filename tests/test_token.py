@@ -21,6 +21,7 @@ from epsproxy.net.token import (
     dial_with_token,
     encode_token,
     new_token,
+    new_tokens,
     token_tag,
 )
 from tests.support.tls import tls_block
@@ -38,6 +39,12 @@ class Text(TestCase):
 
     def test_new_tokens_differ(self) -> None:
         self.assertEqual(len({new_token() for _ in range(100)}), 100)
+
+    def test_tokens_made_in_one_read_are_whole_and_differ(self) -> None:
+        tokens = new_tokens(100) + new_tokens(100)
+        self.assertEqual({len(token) for token in tokens}, {TOKEN_BYTES})
+        self.assertEqual(len(set(tokens)), 200)
+        self.assertEqual(new_tokens(0), [])
 
     def test_encode_refuses_a_wrong_length(self) -> None:
         for raw in (b"", b"x" * (TOKEN_BYTES - 1), b"x" * (TOKEN_BYTES + 1)):

@@ -37,6 +37,7 @@ __all__ = [
     "dial_with_token",
     "encode_token",
     "new_token",
+    "new_tokens",
     "token_tag",
 ]
 
@@ -51,6 +52,14 @@ class TokenError(ValueError):
 def new_token() -> bytes:
     """A fresh random token, from the operating system's secure source."""
     return secrets.token_bytes(TOKEN_BYTES)
+
+
+def new_tokens(count: int) -> list[bytes]:
+    """``count`` fresh random tokens from one read of the operating system's secure
+    source (one system call, not one per token: a public proxy issues pool tokens by
+    the hundred)."""
+    pool = secrets.token_bytes(TOKEN_BYTES * count)
+    return [pool[i:i + TOKEN_BYTES] for i in range(0, TOKEN_BYTES * count, TOKEN_BYTES)]
 
 
 def _check_length(token: bytes) -> None:

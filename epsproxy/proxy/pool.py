@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epsproxy.net.logs import debug_enabled
-from epsproxy.net.token import new_token, token_tag
+from epsproxy.net.token import new_token, new_tokens, token_tag
 
 from .pooling import DEFAULT_POOL_CAP, keep_alive, token_cap
 from .splice import abort, retarget
@@ -170,8 +170,7 @@ class ConnectionPool:
             op = self._operators[operator] = _Operator()
         tokens = []
         expires = now + self.token_lifetime
-        for _ in range(room):
-            token = new_token()
+        for token in new_tokens(room):
             while token in self._tokens:  # pragma: no cover - 2**-256
                 token = new_token()
             self._tokens[token] = operator

@@ -61,6 +61,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import socket
+import struct
 import termios
 from typing import Any, cast
 
@@ -169,11 +170,17 @@ def _is_fd(transport: Any) -> bool:
 
 
 _CLOSED = Failure(main.CONNECTION_DONE)
-_ABORTED = Failure(error.ConnectionAborted())
-_LOST = Failure(main.CONNECTION_LOST)
+_ENGINE_ABORTED = Failure(error.ConnectionAborted())
+_ENGINE_LOST = Failure(main.CONNECTION_LOST)
 # The reasons a splice closes its connections with, made once: a Failure costs some
 # twenty Python calls to make and to check (its classes' names), and most pairs of
 # short TLS connections end cut (a client that closes with bytes unread resets).
+# The engine's own two (the same errors) say the socket needs a close() only: the
+# engine has shut both write sides of a finished pair, and set a reset on close
+# (SO_LINGER 0) on each side it cut; Twisted would shut down the failed side again
+# (which fails, the connection being reset) and set the reset a second time.
+_CLOSE_ONLY = (_CLOSED, _ENGINE_ABORTED, _ENGINE_LOST)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 class _Spliced(tcp.Connection):
@@ -249,14 +256,13 @@ class _Ending(tcp.Connection):
         else:
             self.stopReading()
             self.stopWriting()
-        if reason is _CLOSED:
+        if reason in _CLOSE_ONLY:  # identity (Failure has no __eq__): a tuple of three
             try:
                 self.socket.close()
             except OSError:
                 pass
         else:
-            self._closeSocket(reason is not _ABORTED
-                              and not reason.check(error.ConnectionAborted))
+            self._closeSocket(not reason.check(error.ConnectionAborted))
         protocol = self.protocol
         del self.protocol
         del self.socket
@@ -778,6 +784,11 @@ class Splice:
             # Out of memory, or the engine's thread could not start: this pair is cut
             # (both sides see a reset), the next one is tried again.
             log.failure("the splice engine could not take a pair; closing it")
+            for t in (lt, rt):  # what the engine does to the sockets of a pair it cuts
+                try:
+                    t.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                except OSError:
+                    pass
             self._engine_ended(Ended(Outcome.ABORTED, 0, 0, 0, 0))
         return True
 
@@ -792,14 +803,14 @@ class Splice:
             self.finished = True
             reasons = (_CLOSED, _CLOSED)
         elif outcome is Outcome.CUT_LEFT:
-            reasons = (_LOST, _ABORTED)
+            reasons = (_ENGINE_LOST, _ENGINE_ABORTED)
         elif outcome is Outcome.CUT_RIGHT:
-            reasons = (_ABORTED, _LOST)
+            reasons = (_ENGINE_ABORTED, _ENGINE_LOST)
         else:
             if outcome is Outcome.IDLE:
                 log.info("splice {tag} idle for {seconds:.0f}s, closing", tag=self.tag,
                          seconds=self.idle_timeout)
-            reasons = (_ABORTED, _ABORTED)
+            reasons = (_ENGINE_ABORTED, _ENGINE_ABORTED)
         for end, reason in zip((left, right), reasons):
             end.lost = True
             transport: Any = end.transport

@@ -268,27 +268,37 @@ class Forwarder:
         d = self._connect(self.endpoint["address"], internal)
 
         def connected(_: Any) -> None:
-            self._forget(marker)
             if pooled.gone or internal.gone or self._closing:
                 for end in (pooled, internal):
                     if not end.gone:
                         _abort(end)
+                self._forget(marker)
                 self._failed_pooled(header, tag, "a connection was lost before it was spliced")
                 return
             # The PROXY header (if on) and the ClientHello go out in one send, as the
             # splice's first bytes.
-            s = splice(
-                self.reactor, pooled, internal,
-                to_right=(self._proxy_header(header) + header.rest
-                          + b"".join(pooled.received)),
-                to_left=b"".join(internal.received),
-                left_eof=pooled.eof, right_eof=internal.eof,
-                idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep,
-                engine=self.engine,
-            )
+            try:
+                s = splice(
+                    self.reactor, pooled, internal,
+                    to_right=(self._proxy_header(header) + header.rest
+                              + b"".join(pooled.received)),
+                    to_left=b"".join(internal.received),
+                    left_eof=pooled.eof, right_eof=internal.eof,
+                    idle_timeout=self.idle_timeout, tag=tag, sweep=self._sweep,
+                    engine=self.engine,
+                )
+            except Exception as e:  # a bug: this client is cut, the others go on
+                log.failure("splicing pooled connection {tag} failed", tag=tag)
+                for end in (pooled, internal):
+                    if not end.gone:
+                        _abort(end)
+                self._forget(marker)
+                self._failed_pooled(header, tag, str(e) or e.__class__.__name__)
+                return
             self.forwarded += 1
             self.pooled += 1
             self._track(s, header.source)
+            self._forget(marker)  # after the splice is tracked: a drain waits for both
             s.done.addBoth(lambda _: self._forget(s))
             # Served from the pool is the normal case, counted
             # (private_proxy_pool_served): debug, as the public proxy's pairings; a

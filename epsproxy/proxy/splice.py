@@ -100,10 +100,16 @@ log = Logger()
 DEFAULT_IDLE_TIMEOUT = 3600.0
 """Default seconds without a byte in either direction before a pair is closed."""
 
-DEFAULT_READ_BYTES = 512 * 1024
-"""Default read size of a splice.  Larger reads bring no more speed: 512 KiB relayed as fast
-as 1 MiB (``python -m bench relay``, docs/benchmarks.md) and halves the shared buffer the
-process touches, which is all a splice's reads ever hold in user space."""
+DEFAULT_READ_BYTES = 768 * 1024
+"""Default read size of a splice.  Larger reads cost less per byte (half the reads and
+sends at 1 MiB), but the shared read buffer is what a splice holds in user space, and a
+process's resident memory grows by as much of it as its largest read has touched: with
+1 MiB reads fifty slow receivers grew the relay's RSS by 1.1 MB, more than HAProxy's with
+its default buffers (1.0 MB), with 512 KiB by 0.5 MB.  768 KiB is between: over twelve
+paired rounds of 2 GB (2026-12-05, ``python -m bench relay``'s transfer) it relayed 1.03x
+as fast as 512 KiB at 0.98x the CPU per GB, and 1 MiB 1.04x at 0.95x (docs/benchmarks.md).
+A read is never larger than what its receiver is known to take whole, so a slow
+receiver still gets small reads."""
 
 SLOW_READ_BYTES = 16 * 1024
 """Smallest read size, towards a receiver whose send buffer is (nearly) full."""

@@ -71,6 +71,15 @@ class Engine(TestCase):
         return handle, d
 
     @defer.inlineCallbacks
+    def end_both_ways(self, a: socket.socket, b: socket.socket,
+                      ended: defer.Deferred[Ended]):
+        """End-of-stream from both of the test's sockets: the pair must finish."""
+        a.shutdown(socket.SHUT_WR)
+        b.shutdown(socket.SHUT_WR)
+        result = yield ended
+        self.assertEqual(result.outcome, Outcome.FINISHED)
+
+    @defer.inlineCallbacks
     def test_bytes_given_first_go_first_and_end_of_stream_finishes(self):
         a, left, right, b = self.pair()
         _, ended = self.add(left, right, to_left=b"<", to_right=b">")
@@ -132,10 +141,7 @@ class Engine(TestCase):
         self.assertGreaterEqual(counts.reads, size // 65536)
         self.assertGreater(counts.room_queries, 0)
         self.assertLess(counts.room_queries, counts.reads // 4)  # every read until then
-        a.shutdown(socket.SHUT_WR)
-        b.shutdown(socket.SHUT_WR)
-        result = yield ended
-        self.assertEqual(result.outcome, Outcome.FINISHED)
+        yield self.end_both_ways(a, b, ended)
 
     @defer.inlineCallbacks
     def test_a_short_exchange_never_asks_the_room(self):
@@ -154,10 +160,7 @@ class Engine(TestCase):
         self.assertEqual((counts.left_to_right, counts.right_to_left), (4200, 4200))
         self.assertGreaterEqual(counts.reads, 6)
         self.assertEqual(counts.room_queries, 0)
-        a.shutdown(socket.SHUT_WR)
-        b.shutdown(socket.SHUT_WR)
-        result = yield ended
-        self.assertEqual(result.outcome, Outcome.FINISHED)
+        yield self.end_both_ways(a, b, ended)
 
     @defer.inlineCallbacks
     def test_abort_and_idle_end_a_pair_with_resets(self):

@@ -267,13 +267,16 @@ class Forwarder:
         internal = _Hold(b"")
         d = self._connect(self.endpoint["address"], internal)
 
+        def cut(error: str) -> None:
+            for end in (pooled, internal):
+                if not end.gone:
+                    _abort(end)
+            self._forget(marker)
+            self._failed_pooled(header, tag, error)
+
         def connected(_: Any) -> None:
             if pooled.gone or internal.gone or self._closing:
-                for end in (pooled, internal):
-                    if not end.gone:
-                        _abort(end)
-                self._forget(marker)
-                self._failed_pooled(header, tag, "a connection was lost before it was spliced")
+                cut("a connection was lost before it was spliced")
                 return
             # The PROXY header (if on) and the ClientHello go out in one send, as the
             # splice's first bytes.
@@ -289,11 +292,7 @@ class Forwarder:
                 )
             except Exception as e:  # a bug: this client is cut, the others go on
                 log.failure("splicing pooled connection {tag} failed", tag=tag)
-                for end in (pooled, internal):
-                    if not end.gone:
-                        _abort(end)
-                self._forget(marker)
-                self._failed_pooled(header, tag, str(e) or e.__class__.__name__)
+                cut(str(e) or e.__class__.__name__)
                 return
             self.forwarded += 1
             self.pooled += 1

@@ -15,7 +15,9 @@ for the run (never the dev network's fixed ports, so ``make demo`` may run besid
   private proxy's operator announces its domain through its own endpoint server.
 - **HAProxy chains**: a router (``req.ssl_sni``, as in the competitors' measurements)
   and a TCP hop, two ``haproxy`` processes, to nginx's HTTPS port; once with default
-  buffers and once with ``tune.bufsize 1048576``.
+  buffers and once with ``tune.bufsize 1048576``.  And a terminating chain, like for like
+  with our terminating path: the router, then a hop that terminates TLS with the same
+  certificate (``bind ... ssl crt``) and forwards HTTP to nginx's plain port.
 """
 
 from __future__ import annotations
@@ -268,8 +270,9 @@ http {{
                        self.folder / "nginx.log", (self.ports.nginx_tls, self.ports.nginx_http))
 
     # -- HAProxy chains ---------------------------------------------------------------
-    def _haproxy_chain(self, key: str, bufsize: int) -> list[Process]:
+    def _haproxy_chain(self, key: str, bufsize: int, terminating: bool = False) -> list[Process]:
         router, hop = free_port(), free_port()
+        domain = TERM_DOMAIN if terminating else RAW_DOMAIN
         self.ports.chains[key] = (router, hop)
         common = ["global", "    maxconn 8000",
                   *([f"    tune.bufsize {bufsize}"] if bufsize else []),
@@ -281,18 +284,36 @@ http {{
             f"    bind 127.0.0.1:{router} backlog 4096",
             "    tcp-request inspect-delay 5s",
             "    tcp-request content accept if { req.ssl_hello_type 1 }",
-            f"    use_backend hop if {{ req.ssl_sni -i {RAW_DOMAIN} }}",
+            f"    use_backend hop if {{ req.ssl_sni -i {domain} }}",
             "backend hop",
             f"    server hop 127.0.0.1:{hop}",
             ""]))
         hop_cfg = self.folder / f"{key}-hop.cfg"
-        hop_cfg.write_text("\n".join(common + [
-            "frontend hop",
-            f"    bind 127.0.0.1:{hop} backlog 4096",
-            "    default_backend server",
-            "backend server",
-            f"    server nginx 127.0.0.1:{self.ports.nginx_tls}",
-            ""]))
+        if terminating:
+            # HAProxy wants the key beside the certificate in one file.
+            crt, tls_key = _pki().tls("internal-server")
+            pem = self.folder / f"{key}.pem"
+            pem.write_bytes(crt.read_bytes() + tls_key.read_bytes())
+            pem.chmod(0o600)
+            hop_lines = [
+                "frontend hop",
+                "    mode http",
+                "    timeout http-keep-alive 1h",
+                f"    bind 127.0.0.1:{hop} backlog 4096 ssl crt {pem}",
+                "    default_backend server",
+                "backend server",
+                "    mode http",
+                f"    server nginx 127.0.0.1:{self.ports.nginx_http}",
+                ""]
+        else:
+            hop_lines = [
+                "frontend hop",
+                f"    bind 127.0.0.1:{hop} backlog 4096",
+                "    default_backend server",
+                "backend server",
+                f"    server nginx 127.0.0.1:{self.ports.nginx_tls}",
+                ""]
+        hop_cfg.write_text("\n".join(common + hop_lines))
         binary = haproxy_binary() or "haproxy"
         return [Process(f"{key}-router", [binary, "-f", str(router_cfg), "-db"],
                         self.folder / f"{key}-router.log", (router,)),
@@ -472,7 +493,8 @@ http {{
         wanted = [self._nginx()]
         for key in paths:
             if key.startswith("haproxy"):
-                wanted += self._haproxy_chain(key, 1048576 if key.endswith("1m") else 0)
+                wanted += self._haproxy_chain(key, 1048576 if key.endswith("1m") else 0,
+                                              terminating=key.endswith("term"))
         if "ours-raw" in paths or "ours-term" in paths:
             wanted += self._ours("ours-raw" in paths, "ours-term" in paths)
         if "floor" in paths:

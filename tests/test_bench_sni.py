@@ -2,8 +2,9 @@
 Smoke test of the SNI benchmark (``python -m bench sni``), so it cannot rot: a tiny run
 (one round, a fraction of a second per connection-rate run, 10 MB streams, 20 idle
 connections) of every path -- nginx directly, our public + private proxies (raw forward
-and terminating, real ``twistd`` processes) and the HAProxy chain -- through the real load
-client, and the report's table and goal lines.  nginx is Debian's (``make bench``
+and terminating, real ``twistd`` processes), the HAProxy chain and the terminating HAProxy
+chain -- through the real load client, and the report's table, goal and like-for-like
+lines.  nginx is Debian's (``make bench``
 installs it); without it the test is skipped with a message.
 """
 
@@ -22,7 +23,7 @@ from bench.sni_network import Network, missing_tools
 STREAM = 10_000_000
 IDLE = 20
 CLIENTS = (1, 4)
-PATHS = ("direct", "ours-raw", "ours-term", "haproxy", "floor")
+PATHS = ("direct", "ours-raw", "ours-term", "haproxy", "haproxy-term", "floor")
 
 
 class BenchSniSmokeTests(SynchronousTestCase):
@@ -70,7 +71,8 @@ class BenchSniSmokeTests(SynchronousTestCase):
         text = sni.report(results)
         lines = text.splitlines()
         for key in paths:
-            [row] = [line for line in lines if line.startswith(f"| {sni.BY_KEY[key].label} ")]
+            [row] = [line for line in lines
+                     if line.startswith("|") and line.split("|")[1].strip() == sni.BY_KEY[key].label]
             self.assertEqual(len(row.strip("|").split("|")), 1 + 3 * len(CLIENTS) + 5, row)
         goals = [line for line in lines if line.startswith(("| raw:", "| terminating:"))]
         if "haproxy" in paths:
@@ -81,6 +83,14 @@ class BenchSniSmokeTests(SynchronousTestCase):
                     self.assertRegex(row, r"\| (met|not met) +\|$|n/a")
                 else:
                     self.assertRegex(row, r"\| (met|not met) +\|$")
+        if "haproxy-term" in paths:
+            # Our terminating path against HAProxy terminating TLS too: every ratio there.
+            [alike] = [line for line in lines
+                       if line.startswith(f"| {sni.BY_KEY['ours-term'].label} / ")]
+            cells = [c.strip() for c in alike.strip("|").split("|")][1:]
+            self.assertEqual(len(cells), 2 * len(CLIENTS) + 2, alike)
+            for c in cells[:-1]:
+                self.assertRegex(c, r"^\d+\.\d\dx$")
         self.assertIn("tcp_rate_limits for this run", text)
         self.assertIn("load client's own ceiling", text)
         # The same tables again from the results kept with the run.

@@ -1,7 +1,7 @@
 """
 Where the latency tail of one client is (issue 14's p99 goal at one client).
 
-``python -m bench.sni_tail [--rounds 6] [--seconds 4]``
+``python -m bench.sni_tail [--rounds 6] [--seconds 4] [--ours ours-term] [--chain haproxy]``
 
 One client, in this process, makes TLS connections one after the other (a TCP connect
 and a handshake with SNI that verifies the server's certificate, then a close, as
@@ -55,47 +55,52 @@ def _round(net: Network, key: str, seconds: float) -> list[float]:
         latencies.append(time.monotonic() - began)
 
 
-def measure(rounds: int, seconds: float, folder: Path = RUN_DIR / "tail") -> dict[str, Any]:
-    """``{"rounds": {path: [[latency, ...] per round]}}`` (see the module docstring)."""
-    results: dict[str, list[list[float]]] = {OURS: [], CHAIN: []}
+def measure(rounds: int, seconds: float, folder: Path = RUN_DIR / "tail",
+            ours: str = OURS, chain: str = CHAIN) -> dict[str, Any]:
+    """
+    ``{"rounds": {path: [[latency, ...] per round]}, "ours": key, "chain": key}`` (see the
+    module docstring); ``ours`` and ``chain`` are keys of :data:`bench.sni.PATHS`.
+    """
+    results: dict[str, list[list[float]]] = {ours: [], chain: []}
     net = Network(10_000_000, 10_000_000, folder)
     try:
-        net.start([OURS, CHAIN])
+        net.start([ours, chain])
         for r in range(rounds):
-            for key in ((OURS, CHAIN) if r % 2 == 0 else (CHAIN, OURS)):
+            for key in ((ours, chain) if r % 2 == 0 else (chain, ours)):
                 results[key].append(_round(net, key, seconds))
                 print(f"round {r + 1}/{rounds} {key}: {len(results[key][-1])} connections",
                       flush=True)
     finally:
         net.stop()
-    return {"rounds": results}
+    return {"rounds": results, "ours": ours, "chain": chain}
 
 
 def report(results: dict[str, Any]) -> str:
     """The percentiles of both paths, their ratios, and how ours' slowest connections came."""
     rounds = results["rounds"]
+    ours, chain = results.get("ours", OURS), results.get("chain", CHAIN)
     every = {key: [v for one in runs for v in one] for key, runs in rounds.items()}
-    if not every[OURS] or not every[CHAIN]:
+    if not every[ours] or not every[chain]:
         return "no connection measured"
     head = "| path | connections | " + " | ".join(f"p{f * 100:g}" for f in FRACTIONS) + " | max |"
     lines = [head, "|" + "---|" * (len(FRACTIONS) + 3)]
-    for key in (OURS, CHAIN):
+    for key in (ours, chain):
         cells = [f"{percentile(every[key], f) * 1e3:.2f}" for f in FRACTIONS]
         lines.append(f"| {BY_KEY[key].key} | {len(every[key])} | " + " | ".join(cells)
                      + f" | {max(every[key]) * 1e3:.1f} |")
-    ratios = [percentile(every[OURS], f) / percentile(every[CHAIN], f) for f in FRACTIONS]
+    ratios = [percentile(every[ours], f) / percentile(every[chain], f) for f in FRACTIONS]
     lines.append("| ours / chain | | " + " | ".join(f"{r:.2f}x" for r in ratios) + " | |")
-    limit = percentile(every[OURS], SLOWEST)
+    limit = percentile(every[ours], SLOWEST)
     gaps: Counter[int] = Counter()
     slow = 0
-    for one in rounds[OURS]:
+    for one in rounds[ours]:
         positions = [i for i, v in enumerate(one) if v > limit]
         slow += len(positions)
         gaps.update(b - a for a, b in zip(positions, positions[1:]))
-    share = slow / len(every[OURS])
+    share = slow / len(every[ours])
     common = ", ".join(f"{gap} ({count}x)" for gap, count in gaps.most_common(8))
     lines.append("")
-    lines.append(f"ours: {slow} of {len(every[OURS])} connections ({share:.1%}) slower than "
+    lines.append(f"ours: {slow} of {len(every[ours])} connections ({share:.1%}) slower than "
                  f"our p{SLOWEST * 100:g} ({limit * 1e3:.2f} ms); the most common distances "
                  f"between them, in connections: {common or '-'}")
     if gaps:
@@ -108,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--ours", choices=("ours-raw", "ours-term"), default=OURS)
+    parser.add_argument("--chain", choices=("haproxy", "haproxy-1m", "haproxy-term"),
+                        default=CHAIN)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds positive")
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the SNI benchmark needs {', '.join(missing)}", file=sys.stderr)
         return 1
     print_load_before("latencies")
-    print(report(measure(args.rounds, args.seconds)))
+    print(report(measure(args.rounds, args.seconds, ours=args.ours, chain=args.chain)))
     return 0
 
 

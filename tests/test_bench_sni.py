@@ -176,6 +176,17 @@ class BenchSniTailTests(SynchronousTestCase):
         self.assertRegex(text, r"ours: \d+ of \d+ connections \(\d+\.\d%\) slower than our "
                                r"p98")
 
+    def test_our_terminating_path_against_the_terminating_chain(self) -> None:
+        from bench import sni_tail
+
+        results = sni_tail.measure(rounds=1, seconds=0.3, folder=Path(self.mktemp()).absolute(),
+                                   ours="ours-term", chain="haproxy-term")
+        self.assertEqual((results["ours"], results["chain"]), ("ours-term", "haproxy-term"))
+        text = sni_tail.report(results)
+        self.assertRegex(text, r"\| ours-term \| \d+ \| \d+\.\d\d \|")
+        self.assertRegex(text, r"\| haproxy-term \| \d+ \|")
+        self.assertNotIn("ours-raw", text)
+
     def test_the_report_finds_periodic_slow_connections(self) -> None:
         from bench import sni_tail
 

@@ -234,3 +234,31 @@ class BenchSniArgumentTests(SynchronousTestCase):
         )
         for args, expected in cases:
             self.assertIn(expected, self.run_module("bench.sni_client", *args), args)
+
+    def test_bad_tls_memory_arguments_are_refused(self) -> None:
+        for value in ("0", "20001", "many"):
+            line = self.run_module("bench.tls_memory", "--connections", value)
+            self.assertIn("--connections", line, value)
+
+
+class BenchTlsMemoryTests(SynchronousTestCase):
+    """``python -m bench.tls_memory``: what one idle TLS connection costs our TLS server."""
+
+    def setUp(self) -> None:
+        missing = missing_tools()
+        if missing:
+            self.skipTest(f"the TLS memory measurement needs {', '.join(missing)}")
+
+    def test_a_tiny_run_reports_every_figure(self) -> None:
+        for extra in ((), ("--http",)):
+            done = subprocess.run([sys.executable, "-m", "bench.tls_memory", "--connections",
+                                   "30", *extra], capture_output=True, text=True, timeout=120)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertRegex(
+                done.stdout, r"^30 idle TLS connections to a Twisted TLS server \((a protocol "
+                r"that does nothing|twisted\.web's HTTP channel)\) with our server options, per "
+                r"connection: RSS -?\d+\.\d KB; malloc in use -?\d+\.\d KB .*; Python's objects "
+                r"\(tracemalloc, a pass of its own\) \d+\.\d KB\n$")
+            # OpenSSL holds kilobytes per connection however the pages fall.
+            malloc = float(done.stdout.split("malloc in use ")[1].split(" KB")[0])
+            self.assertGreater(malloc, 5.0, done.stdout)

@@ -1,11 +1,12 @@
 """
-A paired A/B of our raw SNI path: this tree against another checkout, loaded in turn.
+A paired A/B of one of our SNI paths (raw by default): this tree against another
+checkout, loaded in turn.
 
-``python -m bench.sni_ab OTHER [--rounds 8] [--seconds 3] [--clients 1,16]``
+``python -m bench.sni_ab OTHER [--rounds 8] [--seconds 3] [--clients 1,16] [--path ours-term]``
 
 On this machine two full runs of ``python -m bench sni`` minutes apart differ by more
 than most changes to the proxies' code move them (a run's HAProxy chain itself moves by
-a fifth).  A change is measured instead by two copies of the raw path (public proxy,
+a fifth).  A change is measured instead by two copies of the path (public proxy,
 private proxy, their endpoint servers and nginx, as :mod:`bench.sni_network` starts
 them), one running this tree's code and one ``OTHER``'s (through ``PYTHONPATH``), up at
 the same time and loaded one after the other, the order swapped every round: each
@@ -39,11 +40,11 @@ from .sni_network import RUN_DIR, Network, missing_tools
 
 __all__ = ["compare", "main"]
 
-_PATH = BY_KEY["ours-raw"]
+PATHS = ("ours-raw", "ours-term")
 
 
-def _network(folder: Path, pythonpath: str | None) -> Network:
-    """The raw path's processes, started with ``PYTHONPATH`` set to ``pythonpath``."""
+def _network(folder: Path, pythonpath: str | None, key: str) -> Network:
+    """Path ``key``'s processes, started with ``PYTHONPATH`` set to ``pythonpath``."""
     saved = os.environ.get("PYTHONPATH")
     if pythonpath is None:
         os.environ.pop("PYTHONPATH", None)
@@ -51,7 +52,7 @@ def _network(folder: Path, pythonpath: str | None) -> Network:
         os.environ["PYTHONPATH"] = pythonpath
     try:
         network = Network(10_000_000, 10_000_000, folder)
-        network.start([_PATH.key])
+        network.start([key])
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
@@ -61,22 +62,23 @@ def _network(folder: Path, pythonpath: str | None) -> Network:
 
 
 def compare(other: Path, rounds: int, seconds: float, clients: list[int],
-            folder: Path = RUN_DIR / "ab") -> dict[str, Any]:
+            folder: Path = RUN_DIR / "ab", key: str = "ours-raw") -> dict[str, Any]:
     """
-    The paired runs (see the module docstring): ``{"rounds": {clients: [(this, other),
-    ...]}}`` with each run as ``rate()`` returns it.
+    The paired runs of path ``key`` (see the module docstring): ``{"rounds": {clients:
+    [(this, other), ...]}}`` with each run as ``rate()`` returns it.
     """
+    path = BY_KEY[key]
     if not (other / "epsproxy" / "__init__.py").is_file():
         raise SystemExit(f"{other} is not a checkout of this project (no epsproxy/)")
     networks: dict[str, Network] = {}
     results: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {c: [] for c in clients}
     try:
-        networks["this"] = _network(folder / "this", None)
-        networks["other"] = _network(folder / "other", str(other))
+        networks["this"] = _network(folder / "this", None, key)
+        networks["other"] = _network(folder / "other", str(other), key)
         for r in range(rounds):
             for n in clients:
                 order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
-                got = {name: rate(networks[name], _PATH, n, seconds, 0.5) for name in order}
+                got = {name: rate(networks[name], path, n, seconds, 0.5) for name in order}
                 results[n].append((got["this"], got["other"]))
                 print(f"round {r + 1}/{rounds} @{n}: "
                       + " | ".join(f"{name} {_line(got[name])}" for name in ("this", "other")),
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", default="1,16", help="comma-separated (default 1,16)")
+    parser.add_argument("--path", choices=PATHS, default="ours-raw",
+                        help="which of our paths (default ours-raw)")
     args = parser.parse_args(argv)
     missing = missing_tools()
     if missing:
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     clients = [int(c) for c in args.clients.split(",")]
     print_load_before("rates")
-    results = compare(args.other.resolve(), args.rounds, args.seconds, clients)
+    results = compare(args.other.resolve(), args.rounds, args.seconds, clients,
+                      key=args.path)
     print(report(results))
     return 0
 

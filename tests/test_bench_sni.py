@@ -122,7 +122,7 @@ class BenchSniSmokeTests(SynchronousTestCase):
 
 
 class BenchSniABTests(SynchronousTestCase):
-    """``python -m bench.sni_ab``: two copies of the raw path, one from another checkout."""
+    """``python -m bench.sni_ab``: two copies of one of our paths, one from another checkout."""
 
     def setUp(self) -> None:
         missing = missing_tools()
@@ -133,18 +133,21 @@ class BenchSniABTests(SynchronousTestCase):
         from bench import sni_ab
 
         root = Path(sni_ab.__file__).resolve().parent.parent
-        results = sni_ab.compare(root, rounds=2, seconds=0.3, clients=[1],
-                                 folder=Path(self.mktemp()).absolute())
-        pairs = results["rounds"][1]
-        self.assertEqual(len(pairs), 2)
-        for this, other in pairs:
-            for run in (this, other):
-                self.assertGreater(run["connections"], 0)
-                self.assertEqual(run["errors"], 0, run["error"])
-        text = sni_ab.report(results)
-        self.assertRegex(text, r"@1 this: \d+ conn/s")
-        self.assertRegex(text, r"@1 other: \d+ conn/s")
-        self.assertRegex(text, r"@1 this / other: rate \d+\.\d{3} \(")
+        for key in sni_ab.PATHS:
+            results = sni_ab.compare(root, rounds=2, seconds=0.3, clients=[1],
+                                     folder=Path(self.mktemp()).absolute(), key=key)
+            pairs = results["rounds"][1]
+            self.assertEqual(len(pairs), 2)
+            for this, other in pairs:
+                for run in (this, other):
+                    self.assertGreater(run["connections"], 0, key)
+                    self.assertEqual(run["errors"], 0, (key, run["error"]))
+                    # Each served from the pool of its own path's private proxy.
+                    self.assertGreater(run["pool_hits"], 0, key)
+            text = sni_ab.report(results)
+            self.assertRegex(text, r"@1 this: \d+ conn/s")
+            self.assertRegex(text, r"@1 other: \d+ conn/s")
+            self.assertRegex(text, r"@1 this / other: rate \d+\.\d{3} \(")
 
     def test_a_folder_that_is_not_a_checkout_is_refused(self) -> None:
         from bench import sni_ab

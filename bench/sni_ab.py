@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from .common import print_load_before
-from .sni import BY_KEY, rate
+from .sni import BY_KEY, OURS, rate
 from .sni_network import RUN_DIR, Network, missing_tools
 
 __all__ = ["compare", "main"]
 
-PATHS = ("ours-raw", "ours-term")
+PATHS = OURS
 
 
 def _network(folder: Path, pythonpath: str | None, key: str) -> Network:

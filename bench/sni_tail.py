@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import haproxy_binary, median, percentile, print_load_before
-from .sni import BY_KEY
+from .sni import BY_KEY, CHAINS, LIKE_FOR_LIKE
+from .sni import OURS as OUR_PATHS
 from .sni_client import connect, context
 from .sni_network import CERTS, RUN_DIR, Network, missing_tools
 
@@ -113,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--ours", choices=("ours-raw", "ours-term"), default=OURS)
-    parser.add_argument("--chain", choices=("haproxy", "haproxy-1m", "haproxy-term"),
-                        default=CHAIN)
+    parser.add_argument("--ours", choices=OUR_PATHS, default=OURS)
+    parser.add_argument("--chain", choices=(*CHAINS, *LIKE_FOR_LIKE.values()), default=CHAIN)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds positive")

@@ -7,9 +7,9 @@ terminating private proxy's memory per idle connection).
 A Twisted TLS server in this process, with the server options our terminating private
 proxy uses (:func:`epsproxy.net.tls.server_options`, the dev PKI's ``internal-server``
 certificate), wrapping a protocol that does nothing (or, with ``--http``, twisted.web's
-HTTP channel, as the private proxy does); a client in another process
-(:mod:`bench.sni_client`'s verified handshake with SNI) opens ``--connections`` and holds
-them, silent.  Printed per connection: the growth of this process's RSS and of the bytes
+HTTP channel, as the private proxy does); ``bench.sni_client idle`` in another process
+opens ``--connections`` (each a verified handshake with SNI) and holds them, silent,
+until the server has finished every handshake and is measured.  Printed per connection: the growth of this process's RSS and of the bytes
 malloc holds in use (``mallinfo2``: OpenSSL's, and Python's objects over 512 bytes), then,
 in a pass of their own, of the Python objects' bytes (``tracemalloc``).  A 20-connection
 warm-up runs first.
@@ -28,12 +28,16 @@ import json
 import subprocess
 import sys
 import tracemalloc
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer, task, threads
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web import resource, server
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from zope.interface import implementer
 
 from epsproxy.net import tls
 
@@ -44,18 +48,74 @@ __all__ = ["measure", "main"]
 WARMUP = 20
 SERVER_NAME = "term.internal-server.local"
 
-_HOLDER = """
-import json, sys
-from concurrent.futures import ThreadPoolExecutor
-from bench.sni_client import connect, context
-config = json.loads(sys.argv[1])
-ctx = context(config["cafile"])
-with ThreadPoolExecutor(8) as pool:
-    held = list(pool.map(lambda _: connect(ctx, config["port"], config["sni"]),
-                         range(config["count"])))
-print("ready", flush=True)
-sys.stdin.readline()
-"""
+
+class _Tracker:
+    """How many connections are open and done with their handshake; waits on either."""
+
+    def __init__(self) -> None:
+        self.handshakes = 0
+        self.open = 0
+        self._waiting: list[tuple[Callable[[], bool], Deferred[None]]] = []
+
+    def until(self, condition: Callable[[], bool]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append((condition, d))
+        self.changed()
+        return d
+
+    def changed(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for condition, d in waiting:
+            if condition():
+                d.callback(None)
+            else:
+                self._waiting.append((condition, d))
+
+
+@implementer(IHandshakeListener)
+class _Silent(Protocol):
+    """A connection that does nothing, counted by the factory's tracker."""
+
+    def connectionMade(self) -> None:
+        self.factory.tracker.open += 1
+
+    def handshakeCompleted(self) -> None:
+        self.factory.tracker.handshakes += 1
+        self.factory.tracker.changed()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.tracker.open -= 1
+        self.factory.tracker.changed()
+
+
+@implementer(IHandshakeListener)
+class _Channel(http.HTTPChannel):
+    """twisted.web's HTTP channel, counted by its site's tracker."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.tracker.open += 1
+
+    def handshakeCompleted(self) -> None:
+        self.factory.tracker.handshakes += 1
+        self.factory.tracker.changed()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.factory.tracker.open -= 1
+        self.factory.tracker.changed()
+
+
+def _inner(http_channel: bool, tracker: _Tracker) -> Any:
+    """The factory wrapped in TLS: twisted.web's site, or one of silent connections."""
+    inner: Any
+    if http_channel:
+        inner = server.Site(resource.Resource())
+        inner.protocol = _Channel
+    else:
+        inner = Factory.forProtocol(_Silent)
+    inner.tracker = tracker
+    return inner
 
 
 class _MallInfo2(ctypes.Structure):
@@ -81,19 +141,20 @@ def _rss() -> int:
 
 
 def _holder(port: int, count: int) -> subprocess.Popen:
+    """``bench.sni_client idle``: ``count`` connections held until a line on its stdin."""
     config = {"port": port, "sni": SERVER_NAME, "count": count,
               "cafile": str(CERTS / "root.crt")}
-    return subprocess.Popen([sys.executable, "-c", _HOLDER, json.dumps(config)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "bench.sni_client", "idle",
+                             json.dumps(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
 @defer.inlineCallbacks
-def _measure(reactor: Any, count: int, http: bool) -> Any:
-    inner: Any = server.Site(resource.Resource()) if http else Factory.forProtocol(Protocol)
+def _measure(reactor: Any, count: int, http_channel: bool) -> Any:
+    tracker = _Tracker()
     options = tls.server_options(tls_block("internal-server", verify_client=False))
-    factory = TLSMemoryBIOFactory(options, False, inner)
+    factory = TLSMemoryBIOFactory(options, False, _inner(http_channel, tracker))
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    result: dict[str, Any] = {"connections": count}
+    result: dict[str, Any] = {"connections": count, "ready": True}
     try:
         # The warm-up; then RSS and malloc; then Python's objects alone (tracemalloc's own
         # records are malloc'd: they would count as the connections' otherwise).
@@ -101,14 +162,17 @@ def _measure(reactor: Any, count: int, http: bool) -> Any:
             rss, in_use = _rss(), _malloc_in_use()
             if step == "python":
                 tracemalloc.start()
+            done = tracker.handshakes
             holder = _holder(port.getHost().port, n)
             assert holder.stdin is not None and holder.stdout is not None
             line = yield threads.deferToThread(holder.stdout.readline)
-            # The server's last handshake steps run after the client's last returns.
-            yield task.deferLater(reactor, 0.5, lambda: None)
-            if step:
-                result.setdefault("ready", True)
-                result["ready"] &= line.decode().strip() == "ready"
+            if line.decode().strip() != "ready":
+                result["ready"] = False
+                holder.kill()
+                yield threads.deferToThread(holder.wait, 60)
+                break
+            # The client is done before the server is: wait for the server's side too.
+            yield tracker.until(lambda: tracker.handshakes - done >= n)
             if step == "native":
                 result["rss"] = (_rss() - rss) / n
                 result["malloc"] = (_malloc_in_use() - in_use) / n
@@ -119,22 +183,19 @@ def _measure(reactor: Any, count: int, http: bool) -> Any:
             holder.stdin.flush()
             yield threads.deferToThread(holder.wait, 60)
             # Every connection of this pass gone (and freed) before the next one counts.
-            for _ in range(600):
-                if not factory.protocols:
-                    break
-                yield task.deferLater(reactor, 0.05, lambda: None)
+            yield tracker.until(lambda: tracker.open == 0)
             gc.collect()  # whatever of theirs waits for the collector, too
     finally:
         yield port.stopListening()
     return result
 
 
-def measure(count: int = 1000, http: bool = False) -> dict[str, Any]:
+def measure(count: int = 1000, http_channel: bool = False) -> dict[str, Any]:
     """``{"connections", "ready", "rss", "malloc", "python"}``: bytes per idle connection."""
     found: dict[str, Any] = {}
 
     async def run(reactor: Any) -> None:
-        found.update(await _measure(reactor, count, http))
+        found.update(await _measure(reactor, count, http_channel))
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
@@ -144,10 +205,11 @@ def measure(count: int = 1000, http: bool = False) -> dict[str, Any]:
     return found
 
 
-def report(result: dict[str, Any], http: bool) -> str:
+def report(result: dict[str, Any], http_channel: bool) -> str:
+    """The figures of :func:`measure` in one line."""
     if not result.get("ready"):
         return f"the client could not open {result.get('connections')} connections"
-    inner = "twisted.web's HTTP channel" if http else "a protocol that does nothing"
+    inner = "twisted.web's HTTP channel" if http_channel else "a protocol that does nothing"
     return (f"{result['connections']:,} idle TLS connections to a Twisted TLS server "
             f"({inner}) with our server options, per connection: RSS "
             f"{result['rss'] / 1024:.1f} KB; malloc in use {result['malloc'] / 1024:.1f} KB "
@@ -168,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (CERTS / "root.crt").is_file():
         print("the dev PKI is missing: make certs", file=sys.stderr)
         return 1
-    print(report(measure(args.connections, args.http), args.http))
-    return 0
+    result = measure(args.connections, args.http)
+    print(report(result, args.http))
+    return 0 if result.get("ready") else 1
 
 
 if __name__ == "__main__":

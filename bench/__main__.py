@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import eps, relay, sd, sni
+from .common import stop_on_sigterm
 
 BENCHMARKS = {"sd": sd.main, "eps": eps.main, "relay": relay.main, "sni": sni.main}
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.names if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    stop_on_sigterm()
     for name in args.names or BENCHMARKS:
         print(f"\n== {name} ==", flush=True)
         BENCHMARKS[name]()

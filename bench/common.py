@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+
+def stop_on_sigterm() -> None:
+    """
+    Let SIGTERM (``timeout``, a CI job cancelled, ``kill``) end a run as Ctrl-C does: as
+    SystemExit where the run is, so that every ``finally`` stops the processes it started.
+    They run in sessions of their own, so that a signal to the terminal reaches the run
+    alone; without this they would outlive a terminated run, holding ports and CPU.
+    """
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -69,6 +69,7 @@ from .common import (
     rotations,
     rss_bytes,
     step,
+    stop_on_sigterm,
     table,
     times,
 )
@@ -456,6 +457,7 @@ def main(quick: bool = False) -> None:
     """Run the benchmark as configured by the environment (``quick``: a run of seconds)."""
     settings = _settings(quick)
     only = only_from_env("BENCH_SNI_ONLY", list(BY_KEY), "path(s)")
+    stop_on_sigterm()
     print_load_before("rates")
     started = time.monotonic()
     results = run(only=only or None, **settings)

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import print_load_before
+from .common import print_load_before, stop_on_sigterm
 from .sni import BY_KEY, OURS, rate
 from .sni_network import RUN_DIR, Network, missing_tools
 
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the SNI benchmark needs {', '.join(missing)}", file=sys.stderr)
         return 1
     clients = [int(c) for c in args.clients.split(",")]
+    stop_on_sigterm()
     print_load_before("rates")
     results = compare(args.other.resolve(), args.rounds, args.seconds, clients,
                       key=args.path)

@@ -487,6 +487,7 @@ http {{
     # -- the run ----------------------------------------------------------------------
     def start(self, paths: Sequence[str]) -> None:
         """Start what ``paths`` (keys of :data:`bench.sni.PATHS`) need, nginx first."""
+        paths = list(dict.fromkeys(paths))  # a path named twice is started once
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .common import haproxy_binary, median, percentile, print_load_before
+from .common import haproxy_binary, median, percentile, print_load_before, stop_on_sigterm
 from .sni import BY_KEY, CHAINS, LIKE_FOR_LIKE
 from .sni import OURS as OUR_PATHS
 from .sni_client import connect, context
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"the SNI benchmark needs {', '.join(missing)}", file=sys.stderr)
         return 1
+    stop_on_sigterm()
     print_load_before("latencies")
     print(report(measure(args.rounds, args.seconds, ours=args.ours, chain=args.chain)))
     return 0

@@ -265,3 +265,73 @@ class BenchTlsMemoryTests(SynchronousTestCase):
             # OpenSSL holds kilobytes per connection however the pages fall.
             malloc = float(done.stdout.split("malloc in use ")[1].split(" KB")[0])
             self.assertGreater(malloc, 5.0, done.stdout)
+
+
+class BenchStopTests(SynchronousTestCase):
+    """A run ended by SIGTERM stops the processes it started (they have sessions of their own)."""
+
+    SCRIPT = """
+import sys
+from pathlib import Path
+from bench.common import stop_on_sigterm
+from bench.sni_network import Network
+if sys.argv[2] == "handled":
+    stop_on_sigterm()
+net = Network(1_000_000, 1_000_000, Path(sys.argv[1]))
+try:
+    net.start(["direct"])
+    print(" ".join(str(p.pid) for p in net.processes.values()), flush=True)
+    sys.stdin.readline()
+finally:
+    net.stop()
+"""
+
+    def setUp(self) -> None:
+        missing = missing_tools()
+        if missing:
+            self.skipTest(f"the SNI benchmark needs {', '.join(missing)}")
+
+    def run_and_terminate(self, mode: str) -> tuple[int, list[int]]:
+        import os
+        import signal
+
+        folder = Path(self.mktemp()).absolute()
+        run = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(folder), mode],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert run.stdout is not None and run.stdin is not None
+        self.addCleanup(run.stdin.close)
+        pids = [int(p) for p in run.stdout.readline().split()]
+        for pid in pids:  # whatever a failed test leaves
+            self.addCleanup(lambda pid=pid: _kill_group(pid))
+        run.send_signal(signal.SIGTERM)
+        status = run.wait(timeout=60)
+
+        def alive(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+        return status, [pid for pid in pids if alive(pid)]
+
+    def test_a_terminated_run_stops_what_it_started(self) -> None:
+        status, alive = self.run_and_terminate("handled")
+        self.assertEqual(status, 128 + 15)
+        self.assertEqual(alive, [])
+
+    def test_without_it_the_processes_would_outlive_the_run(self) -> None:
+        # What stop_on_sigterm is for: the default SIGTERM leaves nginx running.
+        status, alive = self.run_and_terminate("default")
+        self.assertEqual(status, -15)
+        self.assertEqual(len(alive), 1)  # nginx
+
+
+def _kill_group(pid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

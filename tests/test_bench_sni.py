@@ -10,6 +10,8 @@ installs it); without it the test is skipped with a message.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +28,17 @@ CLIENTS = (1, 4)
 PATHS = ("direct", "ours-raw", "ours-term", "haproxy", "haproxy-term", "floor")
 
 
+def skip_without_tools(case: SynchronousTestCase, what: str, *, haproxy: bool = False) -> None:
+    """Skip ``case`` with a message naming what ``what`` needs and this machine lacks."""
+    missing = missing_tools() + ([] if not haproxy or haproxy_binary() else ["haproxy"])
+    if missing:
+        case.skipTest(f"{what} needs {', '.join(missing)} (apt-get install nginx haproxy; "
+                      "make certs)")
+
+
 class BenchSniSmokeTests(SynchronousTestCase):
     def setUp(self) -> None:
-        missing = missing_tools()
-        if missing:
-            self.skipTest(f"the SNI benchmark needs {', '.join(missing)} "
-                          "(apt-get install nginx; make certs)")
+        skip_without_tools(self, "the SNI benchmark")
 
     def test_tiny_run_of_every_path(self) -> None:
         folder = Path(self.mktemp()).absolute()
@@ -125,9 +132,7 @@ class BenchSniABTests(SynchronousTestCase):
     """``python -m bench.sni_ab``: two copies of one of our paths, one from another checkout."""
 
     def setUp(self) -> None:
-        missing = missing_tools()
-        if missing:
-            self.skipTest(f"the SNI benchmark needs {', '.join(missing)}")
+        skip_without_tools(self, "the SNI benchmark")
 
     def test_a_tiny_paired_run_against_this_same_tree(self) -> None:
         from bench import sni_ab
@@ -161,9 +166,7 @@ class BenchSniTailTests(SynchronousTestCase):
     """``python -m bench.sni_tail``: one client's latencies through ours and the chain."""
 
     def setUp(self) -> None:
-        missing = missing_tools() + ([] if haproxy_binary() else ["haproxy"])
-        if missing:
-            self.skipTest(f"the SNI tail needs {', '.join(missing)}")
+        skip_without_tools(self, "the SNI tail", haproxy=True)
 
     def test_a_tiny_run_prints_both_paths_and_ours_slowest(self) -> None:
         from bench import sni_tail
@@ -248,9 +251,7 @@ class BenchTlsMemoryTests(SynchronousTestCase):
     """``python -m bench.tls_memory``: what one idle TLS connection costs our TLS server."""
 
     def setUp(self) -> None:
-        missing = missing_tools()
-        if missing:
-            self.skipTest(f"the TLS memory measurement needs {', '.join(missing)}")
+        skip_without_tools(self, "the TLS memory measurement")
 
     def test_a_tiny_run_reports_every_figure(self) -> None:
         for extra in ((), ("--http",)):
@@ -287,14 +288,9 @@ finally:
 """
 
     def setUp(self) -> None:
-        missing = missing_tools()
-        if missing:
-            self.skipTest(f"the SNI benchmark needs {', '.join(missing)}")
+        skip_without_tools(self, "the SNI benchmark")
 
     def run_and_terminate(self, mode: str) -> tuple[int, list[int]]:
-        import os
-        import signal
-
         folder = Path(self.mktemp()).absolute()
         run = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(folder), mode],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -328,9 +324,6 @@ finally:
 
 
 def _kill_group(pid: int) -> None:
-    import os
-    import signal
-
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:

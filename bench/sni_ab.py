@@ -50,9 +50,12 @@ def _network(folder: Path, pythonpath: str | None, key: str) -> Network:
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = pythonpath
+    network = Network(10_000_000, 10_000_000, folder)
     try:
-        network = Network(10_000_000, 10_000_000, folder)
         network.start([key])
+    except BaseException:
+        network.stop()  # what did start, before the caller hears of the failure
+        raise
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)

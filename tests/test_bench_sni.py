@@ -154,6 +154,19 @@ class BenchSniABTests(SynchronousTestCase):
             self.assertRegex(text, r"@1 other: \d+ conn/s")
             self.assertRegex(text, r"@1 this / other: rate \d+\.\d{3} \(")
 
+    def test_a_checkout_whose_proxies_do_not_start_leaves_nothing_running(self) -> None:
+        from bench import sni_ab
+
+        broken = Path(self.mktemp()).absolute()
+        (broken / "epsproxy").mkdir(parents=True)
+        (broken / "epsproxy" / "__init__.py").write_text('raise ImportError("broken")\n')
+        folder = Path(self.mktemp()).absolute()
+        with self.assertRaises(RuntimeError) as e:
+            sni_ab.compare(broken, rounds=1, seconds=0.1, clients=[1], folder=folder)
+        self.assertIn("did not start", str(e.exception))
+        left = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
+        self.assertEqual(left.stdout, "", "processes of the run are still running")
+
     def test_a_folder_that_is_not_a_checkout_is_refused(self) -> None:
         from bench import sni_ab
 

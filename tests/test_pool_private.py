@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import ssl
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,6 +126,10 @@ class FakeForwarder:
         self.busy = False
         self.limited: set[str] = set()  # clients over max_connections_per_client
         self.served: list[tuple[Any, Any]] = []
+        #: None: each client is set up at once (a raw forward over loopback); else the
+        #: Deferred of each served client's set-up (a handshake), fired by the test.
+        self.set_ups: list[Deferred[None]] | None = None
+        self.setting_up = 0
 
     def admits(self, client: Any) -> bool:
         # The keeper passes the pooled header's address object.
@@ -132,7 +137,18 @@ class FakeForwarder:
 
     def serve_pooled(self, pooled: Any, header: Any, tag: str) -> Deferred[None]:
         self.served.append((pooled, header))
-        return succeed(None)
+        if self.set_ups is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.set_ups.append(d)
+        self.setting_up += 1
+        return d
+
+    def set_up(self, index: int = 0) -> None:
+        """The ``index``-th client served is set up (its handshake done)."""
+        assert self.set_ups is not None
+        self.setting_up -= 1
+        self.set_ups.pop(index).callback(None)
 
 
 class KeeperTests(unittest.TestCase):
@@ -245,6 +261,39 @@ class KeeperTests(unittest.TestCase):
         self.idle()[0].dataReceived(header)  # one left: now, both
         self.assertEqual((len(self.idle()), len(self.transports)), (3, 6))
         self.clock.advance(REPLACE_DELAY)  # the waiting top-up finds nothing missing
+        self.assertEqual((len(self.idle()), len(self.transports)), (3, 6))
+
+    def test_the_only_client_being_set_up_is_replaced_once_it_is(self) -> None:
+        # A terminating proxy: the replacement waits for the client's handshake, not
+        # for a timer that may fall in the middle of it.
+        self.pool_of_three()
+        self.forwarder.set_ups = []
+        header = pool_header(DOMAIN, "192.0.2.7:4000", "198.51.100.1:443")
+        self.idle()[0].dataReceived(header)
+        self.assertEqual((len(self.idle()), len(self.transports)), (2, 3))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the tick alone: no timer
+        self.clock.advance(REPLACE_DELAY)
+        self.assertEqual(len(self.transports), 3)  # still waiting for the handshake
+        self.forwarder.set_up()
+        self.assertEqual((len(self.idle()), len(self.transports)), (3, 4))  # a spare
+        self.assertEqual(len(self.client.calls), 1)
+
+    def test_with_another_client_being_set_up_the_timer_gathers_replacements(self) -> None:
+        self.pool_of_three()
+        self.forwarder.set_ups = []
+        header = pool_header(DOMAIN, "192.0.2.7:4000", "198.51.100.1:443")
+        self.idle()[0].dataReceived(header)  # alone: waits for its set-up
+        self.assertEqual((len(self.idle()), len(self.transports)), (2, 3))
+        self.idle()[0].dataReceived(header)  # one idle left: both replaced at once
+        self.assertEqual((len(self.idle()), len(self.transports)), (3, 5))
+        # Two clients being set up: the next one taken waits for the timer.
+        self.idle()[0].dataReceived(header)
+        self.assertEqual(self.forwarder.setting_up, 3)
+        self.assertEqual((len(self.idle()), len(self.transports)), (2, 5))
+        self.clock.advance(REPLACE_DELAY)
+        self.assertEqual((len(self.idle()), len(self.transports)), (3, 6))
+        for _ in range(3):
+            self.forwarder.set_up()  # nothing missing: nothing more dialled
         self.assertEqual((len(self.idle()), len(self.transports)), (3, 6))
 
     def test_a_waiting_replacement_ends_with_its_pool(self) -> None:
@@ -944,6 +993,30 @@ class Front(Protocol):
             self.end.transport.loseConnection()
 
 
+class Chunks(Protocol):
+    """A plain TCP client whose test waits for each chunk of bytes it receives."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.waiting: Deferred[bytes] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.callback(b"".join(self.chunks))
+            self.chunks.clear()
+
+    def next(self) -> Deferred[bytes]:
+        """The bytes received since the last call (at least one chunk)."""
+        if self.chunks:
+            data = b"".join(self.chunks)
+            self.chunks.clear()
+            return succeed(data)
+        d = self.waiting = Deferred()
+        return d
+
+
 def rfc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -1066,6 +1139,7 @@ class ServedFromThePool(PooledService):
         self.assertEqual(self.service.proxy.incoming_calls, 0)
         self.assertEqual((self.pool.served, self.service.forwarder.pooled,
                           self.service.forwarder.forwarded), (1, 1, 1))
+        self.assertEqual(self.service.forwarder.setting_up, 0)  # spliced: set up
         yield self.full()  # refilled
         self.assertSuccess((yield self.tls_get()))
         self.assertEqual(self.pool.served, 2)
@@ -1095,6 +1169,7 @@ class ServedFromThePool(PooledService):
                      if "cannot serve pooled connection" in e.get("log_format", "")]
         self.assertIn("refused", warning["error"].lower())
         self.assertEqual(self.service.forwarder.active, set())  # nothing left counted
+        self.assertEqual(self.service.forwarder.setting_up, 0)
         yield self.full()  # the pool is topped up and goes on
 
     @inlineCallbacks
@@ -1104,6 +1179,61 @@ class ServedFromThePool(PooledService):
         self.assertSuccess((yield self.tls_get()))
         self.assertEqual((self.pool.served, self.service.forwarder.requests,
                           self.service.proxy.incoming_calls), (1, 1, 0))
+
+    @inlineCallbacks
+    def test_a_terminated_clients_replacement_waits_for_its_handshake(self):
+        # Three pooled: one taken leaves two idle, so the replacement need not be at
+        # once; the client is the only one being set up, so it waits for the handshake.
+        yield self.start(internal_tls=False, pool_size=3)
+        yield self.full(3)
+        context = ssl.create_default_context(cafile=str(pki().root))
+        into, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client_tls = context.wrap_bio(into, out, server_hostname=DOMAIN)
+        with self.assertRaises(ssl.SSLWantReadError):
+            client_tls.do_handshake()
+        client = Chunks()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.front_port),
+                              client)
+        client.transport.write(out.read())  # the ClientHello
+        into.write((yield client.next()))  # the server's first flight: it was served
+        forwarder = self.service.forwarder
+        self.assertEqual((self.pool.served, forwarder.setting_up), (1, 1))
+        pool = self.pool.pools[PUBLIC]
+        self.assertIsNone(pool.replace_call)  # no timer: the top-up waits ...
+        [channel] = forwarder.active
+        self.assertFalse(channel.set_up.called)  # ... for this handshake
+        while True:
+            try:
+                client_tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                into.write((yield client.next()))
+        client.transport.write(out.read())  # the client's Finished
+        yield self.full(3)  # topped up once the server has it
+        self.assertEqual(forwarder.setting_up, 0)
+        self.assertIsNone(channel.set_up)
+        client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_a_client_stuck_in_its_handshake_does_not_keep_the_pool_short(self):
+        # Hostile: a ClientHello and then nothing.  The pool's tick tops it up anyway.
+        yield self.start(internal_tls=False, pool_size=3)
+        yield self.full(3)
+        client_tls = ssl.create_default_context(cafile=str(pki().root)).wrap_bio(
+            ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=DOMAIN)
+        with self.assertRaises(ssl.SSLWantReadError):
+            client_tls.do_handshake()
+        client = Chunks()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.front_port),
+                              client)
+        client.transport.write(out.read())
+        yield client.next()  # served
+        yield self.full(3)
+        self.assertEqual(self.service.forwarder.setting_up, 1)  # still in its handshake
+        [channel] = self.service.forwarder.active
+        client.transport.loseConnection()
+        yield channel.set_up  # gone: set up as far as the pool is concerned
+        self.assertEqual(self.service.forwarder.setting_up, 0)
 
     @inlineCallbacks
     def test_a_dying_pooled_connection_is_replaced(self):

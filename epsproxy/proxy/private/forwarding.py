@@ -174,6 +174,10 @@ class Forwarder:
         self.forwarded = 0
         self.failed = 0
         self.pooled = 0  # forwarded connections that came from the pool
+        #: Pooled clients being set up: served and not yet spliced (or, when TLS is
+        #: terminated here, not yet through their handshake).  The pool keeper tops up
+        #: after a client's set-up when no other is in it (PoolKeeper).
+        self.setting_up = 0
         self._closing = False
         self._drained: list[Deferred[None]] = []
 
@@ -258,14 +262,16 @@ class Forwarder:
         name and :attr:`busy`): ``pooled`` is its protocol (``received``, ``eof`` and
         ``gone`` say what happened since), ``header`` the pooled header with
         the client's addresses and the bytes after it.  Connect to the internal server
-        and splice; fires when spliced (a failure is logged, never raised).  Callbacks,
-        not a coroutine, and one pair of them: this runs for every client served from
-        the pool, and over loopback the dial has fired before they are added.
+        and splice; fires when spliced (a failure is logged, never raised): the client's
+        set-up (:attr:`setting_up`) is done.  Callbacks, not a coroutine, and one pair of
+        them: this runs for every client served from the pool, and over loopback the
+        dial has fired before they are added.
         """
         marker = object()
         self._track(marker, header.source)
         internal = _Hold(b"")
         d = self._connect(self.endpoint["address"], internal)
+        self.setting_up += 1
 
         def cut(error: str) -> None:
             for end in (pooled, internal):
@@ -275,6 +281,7 @@ class Forwarder:
             self._failed_pooled(header, tag, error)
 
         def connected(_: Any) -> None:
+            self.setting_up -= 1
             if pooled.gone or internal.gone or self._closing:
                 cut("a connection was lost before it was spliced")
                 return
@@ -309,6 +316,7 @@ class Forwarder:
                           address=self.endpoint["address"])
 
         def not_connected(failure: Failure) -> None:
+            self.setting_up -= 1
             self._forget(marker)
             _abort(pooled)
             self._failed_pooled(header, tag, failure.getErrorMessage())

@@ -27,7 +27,7 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -38,6 +38,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from epsproxy.net import tls
 from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, QuietConnectionPool
@@ -94,16 +95,24 @@ class _Request(CappedRequest):
         return b'{"message":"request body too large"}'
 
 
+@implementer(IHandshakeListener)
 class _Channel(http.HTTPChannel):
-    """An HTTP channel on a terminated connection; tells the forwarder when it is gone."""
+    """An HTTP channel on a terminated connection; tells the forwarder when its TLS
+    handshake is done (a pooled client's set-up) and when it is gone."""
 
     site: _Site  # set by the site that builds it
     #: The real client's ``"ip:port"`` (the pooled header's, or ``incomingConnection``'s
     #: ``client_address``), for the forwarded requests' headers; None when unknown.
     client_address: str | None = None
+    #: A pooled client's set-up: fired when its handshake is done or it is gone.
+    set_up: Deferred[None] | None = None
+
+    def handshakeCompleted(self) -> None:
+        self.site.forwarder._set_up(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self.site.forwarder._set_up(self)
         self.site.forwarder._terminated_lost(self)
 
 
@@ -257,15 +266,18 @@ class TerminatingForwarder(Forwarder):
     def serve_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> Deferred[None]:
         """
         Run the TLS server side on the pooled connection, its first bytes replayed;
-        fires at once (a failure is logged, never raised).
+        fires when the client's TLS handshake is done or the connection is gone, its
+        set-up (:attr:`~epsproxy.proxy.private.forwarding.Forwarder.setting_up`); at once
+        when it could not be served (a failure is logged, never raised).
         """
         try:
-            self._terminate_pooled(pooled, header, tag)
+            return self._terminate_pooled(pooled, header, tag)
         except Exception as e:
             self._failed_pooled(header, tag, str(e) or e.__class__.__name__)
         return succeed(None)
 
-    def _terminate_pooled(self, pooled: Any, header: ProxyHeader, tag: str) -> None:
+    def _terminate_pooled(self, pooled: Any, header: ProxyHeader, tag: str
+                          ) -> Deferred[None]:
         transport = pooled.transport
         if pooled.gone or self._closing or transport is None:
             if transport is not None and not pooled.gone:
@@ -280,6 +292,8 @@ class TerminatingForwarder(Forwarder):
         self.forwarded += 1
         self.pooled += 1
         self._track(channel, header.source)  # before any byte: it may end on them
+        set_up = channel.set_up = Deferred()
+        self.setting_up += 1
         # The normal case, counted (private_proxy_pool_served): debug, as raw forwarding.
         if debug_enabled():
             log.debug("terminating pooled connection {tag} from client {client}", tag=tag,
@@ -291,6 +305,14 @@ class TerminatingForwarder(Forwarder):
             transport.loseConnection()
         else:
             transport.resumeProducing()
+        return set_up
+
+    def _set_up(self, channel: _Channel) -> None:
+        """A pooled client's handshake is done, or it is gone (whichever comes first)."""
+        set_up, channel.set_up = channel.set_up, None
+        if set_up is not None:
+            self.setting_up -= 1
+            set_up.callback(None)
 
     def _terminated_lost(self, channel: Any) -> None:
         self._forget(channel)

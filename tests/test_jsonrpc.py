@@ -12,6 +12,7 @@ from typing import Any
 
 from hypothesis import given, settings as hsettings, strategies as st
 from twisted.internet import defer, reactor
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError
@@ -26,7 +27,13 @@ from epsproxy.rules import forms
 
 from epsproxy.net import tls
 from epsproxy.rules.certificates import certificate_names
-from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.client import (
+    BULK_READ_BYTES,
+    JSONRPC_CLIENT_SETTINGS,
+    BulkConnectionPool,
+    JSONRPCClient,
+    QuietConnectionPool,
+)
 from epsproxy.net.jsonrpc.envelope import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -1059,3 +1066,27 @@ class ClientTests(NetworkTestCase):
         self.assertEqual(seen, [(b"application/json", b"application/json",
                                  {"jsonrpc": "2.0", "method": "do", "params": {"p": 1},
                                   "id": 5})])
+
+
+class BulkConnectionPoolTests(SynchronousTestCase):
+    """The terminating private proxy's upstream pool reads large pieces at a time."""
+
+    def connection(self, pool: Any, transport: Any) -> Any:
+        protocol = pool._factory(lambda _: None, "test").buildProtocol(None)
+        protocol.makeConnection(transport)
+        return protocol
+
+    def test_the_socket_is_read_in_bulk_also_under_tls(self) -> None:
+        for layers in (0, 1):  # http: the socket itself; https: TLS over the socket
+            socket = FileDescriptor(reactor)
+            transport: Any = socket
+            if layers:
+                transport = Protocol()  # a layer that is not a socket, over it
+                transport.transport = socket
+            self.connection(BulkConnectionPool(reactor), transport)
+            self.assertEqual(socket.bufferSize, BULK_READ_BYTES)
+
+    def test_other_pools_keep_twisteds_reads(self) -> None:
+        socket = FileDescriptor(reactor)
+        self.connection(QuietConnectionPool(reactor), socket)
+        self.assertEqual(socket.bufferSize, 64 * 1024)

@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from epsproxy.dev.examples import internal_server
-from epsproxy.net.jsonrpc.client import JSONRPC_CLIENT_SETTINGS, JSONRPCClient
+from epsproxy.net.jsonrpc.client import BULK_READ_BYTES, JSONRPC_CLIENT_SETTINGS, JSONRPCClient
 from epsproxy.net.jsonrpc.envelope import INTERNAL_ERROR, INVALID_PARAMS, CallContext, JSONRPCError
 from epsproxy.net.jsonrpc.server import JSONRPC_SERVER_SETTINGS, jsonrpc_site, listen_jsonrpc
 from epsproxy.proxy.private.api import NOT_FOUND
@@ -474,6 +474,25 @@ class ServiceTests(unittest.TestCase):
         self.assertTrue(body.endswith(b"0\r\n\r\n"))  # the chunked body ended properly
         self.assertEqual(body.count(b"A"), 300_000)
         self.assertIn(b"<rest>", body)
+
+    @inlineCallbacks
+    def test_a_large_response_is_read_from_the_upstream_in_bulk_and_arrives_whole(self):
+        first = bytes(range(256)) * 8192 + b"<first>"  # 2 MiB and a marker
+        upstream = Held(first, b"<end>", length=len(first) + 5)
+        port = yield self.start_chain(internal_tls=False, tls=tls_block(
+            "internal-server", verify_client=False),
+            address=self.held_upstream(upstream))
+        watch = self.watch(port, b"<first>")
+        yield watch.seen
+        upstream.release.callback(None)
+        status, headers, body = http_body((yield watch.done))
+        self.assertEqual((status, body), (200, first + b"<end>"))
+        # The upstream connection, kept for the next request, reads 256 KiB at a time
+        # (Twisted's default is 64 KiB).
+        pool = self.service.forwarder._pool
+        kept = [c for cs in pool._connections.values() for c in cs]
+        self.assertEqual([c.transport.bufferSize for c in kept], [BULK_READ_BYTES])
+        self.assertEqual(BULK_READ_BYTES, 256 * 1024)
 
     @inlineCallbacks
     def test_a_declared_length_over_the_cap_is_502(self):

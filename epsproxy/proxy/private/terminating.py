@@ -41,7 +41,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from epsproxy.net import tls
-from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, QuietConnectionPool
+from epsproxy.net.jsonrpc.client import POOL_IDLE_SECONDS, BulkConnectionPool
 from epsproxy.net.jsonrpc.envelope import JSONRPCError, parse_request, response_object
 from epsproxy.net.jsonrpc.server import CappedRequest, json_body
 from epsproxy.net.hostport import parse_host_port
@@ -219,7 +219,8 @@ class TerminatingForwarder(Forwarder):
         self.site = _Site(
             _ForwardResource(self), self, timeout=endpoint["timeout"], reactor=reactor
         )
-        self._pool = QuietConnectionPool(reactor, persistent=True)
+        # Responses are relayed as they arrive, read in large pieces (BULK_READ_BYTES).
+        self._pool = BulkConnectionPool(reactor, persistent=True)
         self._pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
         # Under load every forwarded request needs an upstream connection: keep as many
         # as may be forwarded at once instead of Twisted's 2 (make soak: 502 bursts).

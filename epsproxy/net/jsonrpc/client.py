@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger

@@ -156,9 +156,9 @@ TICK_SECONDS = 1.0
 #: paired runs (issue 14, docs/benchmarks.md).  A few milliseconds cover a TLS handshake
 #: on a LAN.  A proxy that terminates TLS does that handshake itself, on its own
 #: thread, where the timer often fell: while it sets up one client alone, the
-#: replacement waits for that handshake instead (at one client, 1.045x and 1.034x the
-#: rate and a p99 7-9% lower in two paired runs of ten and eight rounds; under load,
-#: several clients being set up at once, the timer still gathers the replacements).
+#: replacement waits for that handshake instead (at one client, 1.045x, 1.034x and
+#: 1.000x the rate and a p99 6-9% lower in three paired runs; under load, several
+#: clients being set up at once, the timer still gathers the replacements).
 REPLACE_DELAY = 0.005
 
 #: Fewer idle connections than this left after one is taken: it is replaced at once

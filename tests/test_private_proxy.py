@@ -14,11 +14,13 @@ import json
 import os
 import secrets
 import signal
+import socket
+import ssl
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
@@ -493,6 +495,29 @@ class ServiceTests(unittest.TestCase):
         kept = [c for cs in pool._connections.values() for c in cs]
         self.assertEqual([c.transport.bufferSize for c in kept], [BULK_READ_BYTES])
         self.assertEqual(BULK_READ_BYTES, 256 * 1024)
+
+    @inlineCallbacks
+    def test_a_request_cut_without_close_notify_is_not_forwarded(self):
+        # The server takes a TCP close without a TLS close_notify as a close (see
+        # epsproxy.net.tls); what was cut short is still not acted on: HTTP's framing
+        # says the request is incomplete.
+        port = yield self.start_chain(internal_tls=False, tls=tls_block(
+            "internal-server", verify_client=False))
+        cut = self.post(b"/echo", b'{"n": 1}' * 20)[:-40]  # the body 40 bytes short
+
+        def client() -> None:
+            context = ssl.create_default_context(cafile=str(pki().root))
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                tls_socket = context.wrap_socket(raw, server_hostname=DOMAIN)
+                tls_socket.sendall(cut)
+                tls_socket.close()  # no unwrap(): no close_notify
+
+        yield threads.deferToThread(client)
+        forwarder = self.service.forwarder
+        self.assertEqual(forwarder.forwarded, 1)  # served: its handshake was done
+        yield forwarder.drain(30)  # the connection ended (drained: nothing more comes)
+        self.assertEqual(forwarder.active, set())
+        self.assertEqual(forwarder.requests, 0)
 
     @inlineCallbacks
     def test_a_declared_length_over_the_cap_is_502(self):

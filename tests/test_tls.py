@@ -4,20 +4,24 @@ Tests for epsproxy.net.tls: settings and mutual TLS over real loopback sockets.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import socket
+import ssl
 import tempfile
 from pathlib import Path
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -248,6 +252,39 @@ class MutualTLSTests(LoopbackMixin, TestCase):
             raise SkipTest("no IPv6 loopback here")
         client = yield self.exchange(port, block("hd-1"), "sd-1", host="::1")
         self.assertEqual(client.received, b"welcome")
+
+    @defer.inlineCallbacks
+    def test_a_close_without_close_notify_is_a_close_and_leaves_no_cycle(self):
+        # Clients often just close (no TLS close_notify); OpenSSL 3 makes that an
+        # error, whose traceback Twisted keeps in a reference cycle.  Our servers take
+        # it as a close: nothing of it is left for the garbage collector.
+        port = yield self.listen(block("sd-1", verify_client=False))
+
+        def client() -> bytes:
+            context = ssl.create_default_context(cafile=str(pki().root))
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                tls_socket = context.wrap_socket(raw, server_hostname="sd-1")
+                greeting = tls_socket.recv(100)
+                tls_socket.close()  # no unwrap(): no close_notify, the TCP close only
+            return greeting
+
+        gc.collect()
+        flags = gc.get_debug()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, flags)
+        self.addCleanup(gc.garbage.clear)
+        self.assertEqual((yield threads.deferToThread(client)), b"welcome")
+        yield defer.gatherResults(self.server.made)
+        [connection] = self.server.connections
+        self.assertTrue(connection.reason.check(ConnectionDone), connection.reason)
+        gc.collect()
+        self.assertEqual([o for o in gc.garbage if isinstance(o, Failure)], [])
+
+    def test_servers_take_a_close_without_close_notify_as_a_close(self):
+        tls.forget_cached()  # a context no connection has used yet may be asked
+        context = tls.server_options(block("sd-1")).getContext()
+        # set_options(0) adds nothing and answers the options in force
+        self.assertTrue(context.set_options(0) & SSL.OP_IGNORE_UNEXPECTED_EOF)
 
     @defer.inlineCallbacks
     def test_plain_listener_without_tls(self):

@@ -77,6 +77,7 @@ from .support.proxies import (
     private_section,
     write_settings,
 )
+from .support.splice import Peer
 from .support.tls import tls_block
 
 PUBLIC = PUBLIC_PROXY
@@ -993,30 +994,6 @@ class Front(Protocol):
             self.end.transport.loseConnection()
 
 
-class Chunks(Protocol):
-    """A plain TCP client whose test waits for each chunk of bytes it receives."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.waiting: Deferred[bytes] | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-        waiting, self.waiting = self.waiting, None
-        if waiting is not None:
-            waiting.callback(b"".join(self.chunks))
-            self.chunks.clear()
-
-    def next(self) -> Deferred[bytes]:
-        """The bytes received since the last call (at least one chunk)."""
-        if self.chunks:
-            data = b"".join(self.chunks)
-            self.chunks.clear()
-            return succeed(data)
-        d = self.waiting = Deferred()
-        return d
-
-
 def rfc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -1191,11 +1168,12 @@ class ServedFromThePool(PooledService):
         client_tls = context.wrap_bio(into, out, server_hostname=DOMAIN)
         with self.assertRaises(ssl.SSLWantReadError):
             client_tls.do_handshake()
-        client = Chunks()
+        client = Peer()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.front_port),
                               client)
         client.transport.write(out.read())  # the ClientHello
-        into.write((yield client.next()))  # the server's first flight: it was served
+        seen = yield client.wait_for(1)  # the server's first flight: it was served
+        into.write(bytes(client.received[:seen]))
         forwarder = self.service.forwarder
         self.assertEqual((self.pool.served, forwarder.setting_up), (1, 1))
         pool = self.pool.pools[PUBLIC]
@@ -1207,7 +1185,9 @@ class ServedFromThePool(PooledService):
                 client_tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                into.write((yield client.next()))
+                now = yield client.wait_for(seen + 1)
+                into.write(bytes(client.received[seen:now]))
+                seen = now
         client.transport.write(out.read())  # the client's Finished
         yield self.full(3)  # topped up once the server has it
         self.assertEqual(forwarder.setting_up, 0)
@@ -1223,11 +1203,11 @@ class ServedFromThePool(PooledService):
             ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=DOMAIN)
         with self.assertRaises(ssl.SSLWantReadError):
             client_tls.do_handshake()
-        client = Chunks()
+        client = Peer()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.front_port),
                               client)
         client.transport.write(out.read())
-        yield client.next()  # served
+        yield client.wait_for(1)  # served
         yield self.full(3)
         self.assertEqual(self.service.forwarder.setting_up, 1)  # still in its handshake
         [channel] = self.service.forwarder.active

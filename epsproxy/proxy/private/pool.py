@@ -647,11 +647,11 @@ class PoolKeeper:
 
     def _replaced(self, pool: _Pool) -> None:
         pool.replace_call = None
-        self._fill(pool)
-        self._notify()
+        self._top_up(pool)
 
     def _top_up(self, pool: _Pool) -> None:
-        """A served client is set up: top its pool up (see :meth:`_header`)."""
+        """Top ``pool`` up: its replacement timer ran, or a served client is set up
+        (:meth:`_header`)."""
         try:
             self._fill(pool)
             self._notify()

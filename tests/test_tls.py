@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +30,7 @@ from zope.interface import implementer
 from epsproxy.net import tls
 from epsproxy.rules.certificates import fingerprint, load_certificate_file
 from tests.support.pki import pki
-from tests.support.tls import ClientProtocol, ServerFactory, tls_block as block
+from tests.support.tls import ClientProtocol, ServerFactory, ServerProtocol, tls_block as block
 
 
 # ------------------------------------------------------------------ protocols
@@ -299,6 +301,146 @@ class MutualTLSTests(LoopbackMixin, TestCase):
         client.transport.loseConnection()
         yield client.lost
         yield defer.gatherResults(self.server.made)
+
+
+# ------------------------------------------------------------------ bulk writes
+
+
+class _Sender(ServerProtocol):
+    """Writes ``factory.payload`` (in one write, at ``factory.when``) and closes."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.factory.when == "at once":  # before the handshake: Twisted keeps it
+            self._send()
+
+    def handshakeCompleted(self) -> None:
+        self.factory.peers.append(tls.peer_certificate(self.transport))
+        if self.factory.when == "after the handshake":
+            self._send()
+
+    def _send(self) -> None:
+        self.transport.write(self.factory.payload)
+        self.transport.write(b"end")  # a small write after a bulk one keeps its place
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self.transport.write(b"too late")  # ignored, as by any closed transport
+
+
+class _SenderFactory(ServerFactory):
+    protocol = _Sender
+
+    def __init__(self, payload: bytes, when: str) -> None:
+        super().__init__()
+        self.payload = payload
+        self.when = when
+
+
+class _Writes(StringTransport):
+    """A transport that remembers the size of each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.sizes.append(len(data))
+        super().write(data)
+
+
+class BulkWriteTests(LoopbackMixin, TestCase):
+    """Our TLS servers encrypt a large write in pieces of BULK_WRITE_BYTES."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def _download(self, payload: bytes, when: str, *, read: int | None = None):
+        """Serve ``payload`` on a real listener; a client reads it all (or ``read``
+        bytes, then resets the connection); return what the client read."""
+        self.server = _SenderFactory(payload, when)
+        endpoint = tls.listen_endpoint(reactor, "127.0.0.1:0", block("sd-1", verify_client=False))
+        port = yield endpoint.listen(self.server)
+        self.addCleanup(port.stopListening)
+
+        def client() -> bytes:
+            context = ssl.create_default_context(cafile=str(pki().root))
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as raw:
+                tls_socket = context.wrap_socket(raw, server_hostname="sd-1")
+                got = bytearray()
+                while read is None or len(got) < read:
+                    chunk = tls_socket.recv(1 << 16)
+                    if not chunk:
+                        break
+                    got += chunk
+                if read is not None:  # a reset: the server's writes fail mid-stream
+                    tls_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return bytes(got)
+
+        received = yield threads.deferToThread(client)
+        yield defer.gatherResults(self.server.made)
+        return received
+
+    @defer.inlineCallbacks
+    def test_a_large_write_arrives_whole_and_in_order(self):
+        payload = os.urandom(3 * tls.BULK_WRITE_BYTES + 12345)
+        received = yield self._download(payload, "after the handshake")
+        self.assertEqual(received, payload + b"end")
+
+    @defer.inlineCallbacks
+    def test_a_large_write_before_the_handshake_is_sent_after_it(self):
+        payload = os.urandom(2 * tls.BULK_WRITE_BYTES + 1)
+        received = yield self._download(payload, "at once")
+        self.assertEqual(received, payload + b"end")
+
+    @defer.inlineCallbacks
+    def test_a_client_resetting_mid_write_ends_the_connection_quietly(self):
+        payload = os.urandom(32 * tls.BULK_WRITE_BYTES)  # more than the sockets hold
+        received = yield self._download(payload, "after the handshake", read=100_000)
+        self.assertEqual(received[:100_000], payload[:100_000])
+        [connection] = self.server.connections
+        self.assertIsInstance(connection.reason.value, Exception)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_pieces_are_encrypted_and_written_at_most_bulk_write_bytes_at_a_time(self):
+        # The piece's size bounds what OpenSSL's buffer for encrypted bytes keeps.
+        server = tls.BulkTLSFactory(tls.server_options(block("sd-1", verify_client=False)),
+                                    False, Factory.forProtocol(Protocol))
+        protocol = server.buildProtocol(None)
+        transport = _Writes()
+        protocol.makeConnection(transport)
+        context = SSL.Context(SSL.TLS_METHOD)
+        client = SSL.Connection(context, None)
+        client.set_connect_state()
+        while not protocol._handshakeDone:  # a handshake in memory, flight by flight
+            try:
+                client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                protocol.dataReceived(client.bio_read(1 << 16))
+            except SSL.WantReadError:
+                pass
+            client.bio_write(transport.value())
+            transport.clear()
+        transport.sizes.clear()
+        payload = os.urandom(5 * tls.BULK_WRITE_BYTES - 7)
+        protocol._write(payload)  # what the write buffer hands on
+        self.assertEqual(len(transport.sizes), 5)
+        self.assertTrue(all(size <= tls.BULK_WRITE_BYTES + 4096 for size in transport.sizes),
+                        transport.sizes)
+        client.bio_write(transport.value())
+        received = b""
+        while len(received) < len(payload):
+            received += client.recv(1 << 16)
+        self.assertEqual(received, payload)
+
+    def test_server_contexts_encrypt_a_piece_in_one_call(self):
+        tls.forget_cached()  # a context no connection has used yet may be changed
+        context = tls.server_options(block("sd-1")).getContext()
+        # set_mode(0) adds nothing and answers the modes in force: partial writes off
+        self.assertEqual(context.set_mode(0) & 0x1, 0)
 
 
 # ------------------------------------------------------------------ settings

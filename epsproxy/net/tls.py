@@ -34,6 +34,13 @@ Choices that differ from the reference, on purpose:
   such connection an exception whose traceback Twisted keeps in a reference cycle:
   some 26 objects for the garbage collector per closed connection, most of its work in
   the terminating private proxy (issue 14).
+- A server encrypts a large write in pieces of :data:`BULK_WRITE_BYTES` (64 KiB), each
+  in one OpenSSL call and handed to TCP in one piece (:class:`BulkTLSProtocol`), where
+  Twisted makes one call, one read of the encrypted bytes and one TCP write per 16 KiB
+  TLS record: about 61,000 rounds of Python per GB sent, most of what a terminating
+  private proxy spent per byte beyond the encryption itself.  The piece's size bounds
+  what each connection keeps afterwards: OpenSSL's memory buffer for the encrypted
+  bytes stays as large as the largest piece until the connection closes.
 
 Reloading (SIGHUP): a listener's certificate, key and CA pool live in a
 :class:`ReloadableServerOptions`, which each new connection asks for the options current
@@ -56,6 +63,7 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL.SSL import Error as OpenSSLError, WantReadError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -94,6 +102,9 @@ from epsproxy.net.ratelimit import RateLimitedFactory
 from epsproxy.net.reactor import IReactor
 
 __all__ = [
+    "BULK_WRITE_BYTES",
+    "BulkTLSFactory",
+    "BulkTLSProtocol",
     "TLS_SETTINGS",
     "TLSError",
     "TLSSettingsError",
@@ -141,6 +152,16 @@ TLS_SETTINGS = forms.Map(
 
 # TLS 1.2 suites: ECDHE only (forward secrecy), AEAD only.  TLS 1.3 suites are separate
 # in OpenSSL and keep their defaults.
+_MODE_ENABLE_PARTIAL_WRITE = 0x1
+"""OpenSSL's ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (``ssl.h``): ``SSL_write`` returns after
+each record.  pyOpenSSL sets it on every context and exports no name for it."""
+
+BULK_WRITE_BYTES = 64 * 1024
+"""The most a TLS server (:class:`BulkTLSProtocol`) encrypts in one OpenSSL call and
+hands to TCP in one piece.  OpenSSL's memory buffer for the encrypted bytes keeps the
+largest piece's size until the connection closes (about 64 KB then, against some 20 KB
+with 16 KiB pieces); 256 KiB pieces streamed 7% faster and would keep 300 KB."""
+
 _CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString("ECDHE+AESGCM:ECDHE+CHACHA20")
 _MINIMUM = ssl.TLSVersion.TLSv1_2
 
@@ -240,6 +261,8 @@ def _server_options(key: str) -> ssl.CertificateOptions:
     except (SSL.Error, TypeError, ValueError) as e:
         raise TLSSettingsError(f"tls: OpenSSL refused the settings ({e})") from None
     context.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)  # see the module docstring
+    # One OpenSSL call encrypts a whole piece (BulkTLSProtocol), not one record per call.
+    context.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
     if not tls["verify_client"] and tls["request_client_cert"]:
         # Before any connection uses the context (pyOpenSSL forbids changes after).
         # Ask for a certificate, accept whatever comes (or nothing): see module docstring.
@@ -255,6 +278,53 @@ def server_options(tls: dict[str, Any]) -> ssl.CertificateOptions:
     Raises :class:`TLSSettingsError` naming the block key or file that is wrong.
     """
     return _server_options(_cache_key(_validated(tls)))
+
+
+class BulkTLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS transport, with a large write encrypted :data:`BULK_WRITE_BYTES` at a
+    time: one OpenSSL call per piece (server contexts clear OpenSSL's partial-write
+    mode), the encrypted bytes read out and written to TCP in one piece.  Twisted's own
+    makes those three calls for every 16 KiB record.  Writes of up to one record, and
+    any write before the handshake is done, take Twisted's path unchanged.
+    """
+
+    def _write(self, bytes: bytes) -> None:  # Twisted's name for the argument
+        size = len(bytes)
+        if self._lostTLSConnection or size <= 2**14 or not self._handshakeDone:
+            super()._write(bytes)
+            return
+        view = memoryview(bytes)
+        done = 0
+        while done < size:
+            try:
+                done += self._tlsConnection.send(view[done:done + BULK_WRITE_BYTES])
+            except WantReadError:  # as Twisted: kept until the peer's bytes come in
+                self._bufferedWrite(bytes[done:])
+                return
+            except OpenSSLError:  # as Twisted: the TLS connection is over
+                self._tlsShutdownFinished(Failure())
+                return
+            self._flush_encrypted()
+
+    def _flush_encrypted(self) -> None:
+        """Write what OpenSSL has encrypted to TCP, in as few pieces as it allows."""
+        room = BULK_WRITE_BYTES + 2**12  # a piece and its records' headers and tags
+        assert self.transport is not None  # connected: a write came through it
+        while True:
+            try:
+                encrypted = self._tlsConnection.bio_read(room)
+            except WantReadError:  # nothing (more) to send
+                return
+            self.transport.write(encrypted)
+            if len(encrypted) < room:
+                return
+
+
+class BulkTLSFactory(TLSMemoryBIOFactory):
+    """``TLSMemoryBIOFactory`` whose connections are :class:`BulkTLSProtocol`."""
+
+    protocol = BulkTLSProtocol
 
 
 # ------------------------------------------------------------------------ clients
@@ -460,7 +530,7 @@ class HandshakeFailures:
             self._suppressed = 0
 
 
-class _WatchedTLSProtocol(BufferingTLSTransport):
+class _WatchedTLSProtocol(BulkTLSProtocol):
     """A server-side TLS connection that reports a handshake that never completed."""
 
     _received = False

@@ -152,7 +152,7 @@ def dial_with_token(
         creator: Any = tls.client_options(tls_settings, tls_client_for)
         tls_factory = TLSMemoryBIOFactory(creator, True, factory)
     else:
-        tls_factory = TLSMemoryBIOFactory(tls.server_options(tls_settings), False, factory)
+        tls_factory = tls.BulkTLSFactory(tls.server_options(tls_settings), False, factory)
     token_factory = _TokenFactory(token, tls_factory)
     endpoint = tcp_endpoint(reactor, host, port, timeout)
     d = endpoint.connect(token_factory)

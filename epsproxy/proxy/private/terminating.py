@@ -30,7 +30,6 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
@@ -284,7 +283,7 @@ class TerminatingForwarder(Forwarder):
             if transport is not None and not pooled.gone:
                 transport.abortConnection()
             raise ConnectionError("the pooled connection was lost before it was served")
-        factory = TLSMemoryBIOFactory(self._server_tls, False, self.site)
+        factory = tls.BulkTLSFactory(self._server_tls, False, self.site)
         tls_protocol: Any = factory.buildProtocol(transport.getPeer())
         transport.protocol = tls_protocol  # a TCP transport: from now on TLS hears it
         tls_protocol.makeConnection(transport)

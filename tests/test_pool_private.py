@@ -13,8 +13,10 @@ server (and, in one test, a real HAProxy with ``accept-proxy`` in front of it).
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import secrets
+import socket
 import ssl
 import struct
 from datetime import datetime, timezone
@@ -22,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial import unittest
 from twisted.web.template import flattenString, tags
 
@@ -1193,6 +1196,33 @@ class ServedFromThePool(PooledService):
         self.assertEqual(forwarder.setting_up, 0)
         self.assertIsNone(channel.set_up)
         client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_a_closed_pooled_terminated_client_leaves_nothing_for_the_collector(self):
+        # The benchmark's clients: a handshake, then a close.  Freed by reference counts
+        # as it closes: the channel, its TLS transport and its pooled connection.
+        yield self.start(internal_tls=False, pool_size=2)
+        yield self.full(2)
+        gc.collect()
+        flags = gc.get_debug()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, flags)
+        self.addCleanup(gc.garbage.clear)
+
+        def handshake_only() -> None:
+            context = ssl.create_default_context(cafile=str(pki().root))
+            with socket.create_connection(("127.0.0.1", self.front_port)) as raw:
+                context.wrap_socket(raw, server_hostname=DOMAIN).close()
+
+        yield threads.deferToThread(handshake_only)
+        self.assertEqual(self.pool.served, 1)
+        yield self.service.forwarder.drain(30)  # the terminated client has ended
+        yield deferLater(reactor, 0, lambda: None)  # and the close's calls have returned
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if isinstance(o, TLSMemoryBIOProtocol)
+                or type(o).__module__.startswith("epsproxy.proxy.private")]
+        self.assertEqual(left, [])
 
     @inlineCallbacks
     def test_a_client_stuck_in_its_handshake_does_not_keep_the_pool_short(self):

@@ -10,6 +10,7 @@ a real TLS client verifies the *internal server's* certificate through it all.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import secrets
@@ -20,11 +21,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet import reactor, threads
+from twisted.internet import reactor, tcp, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import deferLater
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -518,6 +521,37 @@ class ServiceTests(unittest.TestCase):
         yield forwarder.drain(30)  # the connection ended (drained: nothing more comes)
         self.assertEqual(forwarder.active, set())
         self.assertEqual(forwarder.requests, 0)
+
+    @inlineCallbacks
+    def test_a_closed_terminated_connection_leaves_nothing_for_the_garbage_collector(self):
+        # Freed as it closes, by reference counts: no cycle of the channel, its TLS
+        # transport and its TCP transport waits for a collector's pass.  One client
+        # sends a request, one only shakes hands (as a benchmark's clients do).
+        port = yield self.start_chain(internal_tls=False, tls=tls_block(
+            "internal-server", verify_client=False))
+        gc.collect()
+        flags = gc.get_debug()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, flags)
+        self.addCleanup(gc.garbage.clear)
+        status, _, _ = http_body((yield self.tls_request(port, self.get())))
+        self.assertEqual(status, 200)
+
+        def handshake_only() -> None:
+            context = ssl.create_default_context(cafile=str(pki().root))
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                context.wrap_socket(raw, server_hostname=DOMAIN).close()
+
+        yield threads.deferToThread(handshake_only)
+        forwarder = self.service.forwarder
+        self.assertEqual(forwarder.forwarded, 2)
+        yield forwarder.drain(30)  # both terminated connections have ended
+        yield deferLater(reactor, 0, lambda: None)  # and the close's calls have returned
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if isinstance(o, (TLSMemoryBIOProtocol, tcp.Server, tcp.Client))
+                or type(o).__module__.startswith("epsproxy.")]
+        self.assertEqual(left, [])
 
     @inlineCallbacks
     def test_a_declared_length_over_the_cap_is_502(self):

@@ -22,11 +22,10 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from epsproxy.net import tls
-from epsproxy.net.dial import tcp_endpoint
+from epsproxy.net.dial import Dialled, dial, write_at_once
 from epsproxy.net.hostport import parse_host_port
 from epsproxy.net.reactor import IReactor
 
@@ -91,35 +90,27 @@ def token_tag(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()[:4]
 
 
-class _TokenThenTLS(Protocol):
+class _TokenThenTLS(Dialled):
     """
     Writes the token on the raw connection, then hands the connection to a TLS
-    protocol (which wraps the real one).  From then on the reactor delivers every
-    event to the TLS protocol directly.
+    protocol (which wraps the real one), built by ``tls_factory`` now that the
+    connection is made.  From then on the reactor delivers every event to the TLS
+    protocol directly, and nothing holds this object.
     """
 
-    def __init__(self, token: bytes, tls_protocol: Protocol) -> None:
-        self.token = token
-        self.tls_protocol = tls_protocol
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport  # a reactor TCP transport: its protocol is switched
-        transport.write(self.token)
-        transport.protocol = self.tls_protocol
-        self.tls_protocol.makeConnection(transport)
-
-
-class _TokenFactory(Factory):
-    noisy = False  # one per dialled connection: no "Starting/Stopping factory" lines
+    tls_protocol: Any = None
 
     def __init__(self, token: bytes, tls_factory: TLSMemoryBIOFactory) -> None:
         self.token = token
         self.tls_factory = tls_factory
-        self.tls_protocol: Any = None
 
-    def buildProtocol(self, addr: Any) -> Protocol:
-        self.tls_protocol = self.tls_factory.buildProtocol(addr)
-        return _TokenThenTLS(self.token, self.tls_protocol)
+    def connectionMade(self) -> None:
+        transport: Any = self.transport  # a reactor TCP transport: its protocol is switched
+        self.tls_protocol = self.tls_factory.buildProtocol(transport.getPeer())
+        write_at_once(transport, self.token)
+        transport.protocol = self.tls_protocol
+        self.tls_protocol.makeConnection(transport)
+        super().connectionMade()  # dial()'s Deferred fires
 
 
 def dial_with_token(
@@ -153,7 +144,8 @@ def dial_with_token(
         tls_factory = TLSMemoryBIOFactory(creator, True, factory)
     else:
         tls_factory = tls.BulkTLSFactory(tls.server_options(tls_settings), False, factory)
-    token_factory = _TokenFactory(token, tls_factory)
-    endpoint = tcp_endpoint(reactor, host, port, timeout)
-    d = endpoint.connect(token_factory)
-    return d.addCallback(lambda _: token_factory.tls_protocol.wrappedProtocol)
+    # dial(): no endpoint, factory or connector of Twisted's is kept with the
+    # connection (through an endpoint, the connection's transport and its connector
+    # were left in a reference cycle with the TLS factory after the close).
+    d = dial(reactor, host, port, timeout, _TokenThenTLS(token, tls_factory))
+    return d.addCallback(lambda dialled: dialled.tls_protocol.wrappedProtocol)

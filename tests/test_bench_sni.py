@@ -154,6 +154,30 @@ class BenchSniABTests(SynchronousTestCase):
             self.assertRegex(text, r"@1 other: \d+ conn/s")
             self.assertRegex(text, r"@1 this / other: rate \d+\.\d{3} \(")
 
+    def test_a_tiny_paired_stream_run_against_this_same_tree(self) -> None:
+        from bench import sni_ab
+
+        root = Path(sni_ab.__file__).resolve().parent.parent
+        results = sni_ab.compare_streams(root, rounds=2, size=3_000_000,
+                                         folder=Path(self.mktemp()).absolute(), key="ours-term")
+        pairs = results["streams"]
+        self.assertEqual(len(pairs), 2)
+        for this, other in pairs:
+            for run in (this, other):
+                self.assertGreater(run["mb_per_s"], 0)
+                self.assertGreaterEqual(run["cpu_s_per_gb"], 0)
+        text = sni_ab.report_streams(results)
+        self.assertRegex(text, r"this: \d+ MB/s, proxies \d+\.\d\d s/GB")
+        self.assertRegex(text, r"this / other: MB/s \d+\.\d{3} \(")
+
+    def test_a_stream_size_out_of_range_is_refused(self) -> None:
+        from bench import sni_ab
+
+        for size in ("0", "-5", "1e12", "many"):
+            with self.assertRaises(SystemExit) as e:
+                sni_ab.main([".", "--stream", size])
+            self.assertEqual(e.exception.code, 2, size)
+
     def test_a_checkout_whose_proxies_do_not_start_leaves_nothing_running(self) -> None:
         from bench import sni_ab
 

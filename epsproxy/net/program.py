@@ -68,7 +68,7 @@ from epsproxy.rules.credentials import (
     tls_file_set,
 )
 from epsproxy.rules.settings import SettingsError, load_settings, settings_paths
-from epsproxy.net import admission
+from epsproxy.net import admission, allocator
 from epsproxy.net.lifecycle import AsyncStartService, ReloadError, stop_reactor_soon
 from epsproxy.net.reloading import refuse_restart_changes
 from epsproxy.net.logs import LOG_FORMATS, LOG_LEVELS, LogOutput
@@ -369,6 +369,7 @@ class ProgramService(MultiService):
         self.exit = ProcessExit()
         self.main: AsyncStartService[Any] | None = None
         self._stopping_on: str | None = None
+        self._allocator = "left as it is (not twistd's process)"
         self.startup = StartupReport(None)
         self.expiry = Gauge(
             f"{program}_certificate_expiry_seconds",
@@ -381,6 +382,7 @@ class ProgramService(MultiService):
             # Listeners stop at their caps well before this limit (net/admission.py).
             admission.raise_descriptor_limit()
             admission.PROCESS.apply_setting(options.settings.get("max_connections"))
+            self._allocator = allocator.keep_large_buffers_on_the_heap()
         registry.register(admission.AdmissionCollector(program))
         # The collector's work (python_gc_*), and what it no longer looks at.
         GCCollector(registry=registry)
@@ -421,6 +423,7 @@ class ProgramService(MultiService):
         for finding in self.options.checked.warnings:
             log.warn("{finding}", finding=str(finding))
         if self.manage_process:
+            log.debug("memory allocator: {allocator}", allocator=self._allocator)
             # twistd has daemonized (unless -n) just before starting the services.
             self.startup = StartupReport.take(self.options)
             # SIGHUP and SIGUSR1 before any service starts (Twisted never sets them): a

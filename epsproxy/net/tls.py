@@ -150,8 +150,6 @@ TLS_SETTINGS = forms.Map(
 )
 """The ``tls`` settings block (SPEC §18); strict, so unknown keys are refused."""
 
-# TLS 1.2 suites: ECDHE only (forward secrecy), AEAD only.  TLS 1.3 suites are separate
-# in OpenSSL and keep their defaults.
 _MODE_ENABLE_PARTIAL_WRITE = 0x1
 """OpenSSL's ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (``ssl.h``): ``SSL_write`` returns after
 each record.  pyOpenSSL sets it on every context and exports no name for it."""
@@ -162,6 +160,8 @@ hands to TCP in one piece.  OpenSSL's memory buffer for the encrypted bytes keep
 largest piece's size until the connection closes (about 64 KB then, against some 20 KB
 with 16 KiB pieces); 256 KiB pieces streamed 7% faster and would keep 300 KB."""
 
+# TLS 1.2 suites: ECDHE only (forward secrecy), AEAD only.  TLS 1.3 suites are separate
+# in OpenSSL and keep their defaults.
 _CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString("ECDHE+AESGCM:ECDHE+CHACHA20")
 _MINIMUM = ssl.TLSVersion.TLSv1_2
 

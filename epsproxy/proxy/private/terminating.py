@@ -115,8 +115,9 @@ class _Channel(http.HTTPChannel):
         # the channel, the TLS transport and the TCP transport were left in reference
         # cycles, 13 objects per connection for the garbage collector, whose passes
         # made the slow connections of a terminating proxy's tail (issue 14).
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+        tls_transport: Any = self.transport  # the TLS transport: a consumer
+        if tls_transport is not None:
+            tls_transport.unregisterProducer()
         self.site.forwarder._set_up(self)
         self.site.forwarder._terminated_lost(self)
 

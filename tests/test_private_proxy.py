@@ -530,6 +530,10 @@ class ServiceTests(unittest.TestCase):
         port = yield self.start_chain(internal_tls=False, tls=tls_block(
             "internal-server", verify_client=False))
         gc.collect()
+        # Held until the end: what existed before (other tests' connections among it)
+        # cannot turn up as garbage here; what does is this test's own.
+        existing = gc.get_objects()
+        self.addCleanup(existing.clear)
         flags = gc.get_debug()
         gc.set_debug(gc.DEBUG_SAVEALL)
         self.addCleanup(gc.set_debug, flags)

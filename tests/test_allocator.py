@@ -15,8 +15,9 @@ from epsproxy.net import allocator
 _PROBE = textwrap.dedent("""
     import ctypes, sys
     class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        ).split()]
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = Info
     if sys.argv[1] == "fixed":

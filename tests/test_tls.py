@@ -375,7 +375,8 @@ class BulkWriteTests(LoopbackMixin, TestCase):
                         break
                     got += chunk
                 if read is not None:  # a reset: the server's writes fail mid-stream
-                    tls_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    linger = struct.pack("ii", 1, 0)
+                    tls_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             return bytes(got)
 
         received = yield threads.deferToThread(client)

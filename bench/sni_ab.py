@@ -35,8 +35,9 @@ import argparse
 import os
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .common import cpu_seconds, print_load_before, stop_on_sigterm
 from .sni import BY_KEY, OURS, rate, stream
@@ -70,6 +71,27 @@ def _network(folder: Path, pythonpath: str | None, key: str,
     return network
 
 
+@contextmanager
+def _both(other: Path, folder: Path, key: str,
+          stream_bytes: int = 10_000_000) -> Iterator[dict[str, Network]]:
+    """Path ``key`` twice, ``"this"`` tree's and ``other``'s, up until the block ends."""
+    if not (other / "epsproxy" / "__init__.py").is_file():
+        raise SystemExit(f"{other} is not a checkout of this project (no epsproxy/)")
+    networks: dict[str, Network] = {}
+    try:
+        networks["this"] = _network(folder / "this", None, key, stream_bytes)
+        networks["other"] = _network(folder / "other", str(other), key, stream_bytes)
+        yield networks
+    finally:
+        for network in networks.values():
+            network.stop()
+
+
+def _order(round_index: int) -> list[str]:
+    """Which copy is loaded first: swapped every round."""
+    return ["this", "other"] if round_index % 2 == 0 else ["other", "this"]
+
+
 def compare(other: Path, rounds: int, seconds: float, clients: list[int],
             folder: Path = RUN_DIR / "ab", key: str = "ours-raw") -> dict[str, Any]:
     """
@@ -77,24 +99,15 @@ def compare(other: Path, rounds: int, seconds: float, clients: list[int],
     [(this, other), ...]}}`` with each run as ``rate()`` returns it.
     """
     path = BY_KEY[key]
-    if not (other / "epsproxy" / "__init__.py").is_file():
-        raise SystemExit(f"{other} is not a checkout of this project (no epsproxy/)")
-    networks: dict[str, Network] = {}
     results: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {c: [] for c in clients}
-    try:
-        networks["this"] = _network(folder / "this", None, key)
-        networks["other"] = _network(folder / "other", str(other), key)
+    with _both(other, folder, key) as networks:
         for r in range(rounds):
             for n in clients:
-                order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
-                got = {name: rate(networks[name], path, n, seconds, 0.5) for name in order}
+                got = {name: rate(networks[name], path, n, seconds, 0.5) for name in _order(r)}
                 results[n].append((got["this"], got["other"]))
                 print(f"round {r + 1}/{rounds} @{n}: "
                       + " | ".join(f"{name} {_line(got[name])}" for name in ("this", "other")),
                       flush=True)
-    finally:
-        for network in networks.values():
-            network.stop()
     return {"rounds": results}
 
 
@@ -106,17 +119,11 @@ def compare_streams(other: Path, rounds: int, size: int,
     proxies and their endpoint servers while the download ran).
     """
     path = BY_KEY[key]
-    if not (other / "epsproxy" / "__init__.py").is_file():
-        raise SystemExit(f"{other} is not a checkout of this project (no epsproxy/)")
-    networks: dict[str, Network] = {}
     pairs: list[tuple[dict[str, float], dict[str, float]]] = []
-    try:
-        networks["this"] = _network(folder / "this", None, key, size)
-        networks["other"] = _network(folder / "other", str(other), key, size)
+    with _both(other, folder, key, size) as networks:
         for r in range(rounds):
-            order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
             got = {}
-            for name in order:
+            for name in _order(r):
                 pids = networks[name].pids(key)
                 before = sum(map(cpu_seconds, pids))
                 run = stream(networks[name], path, size)
@@ -128,9 +135,6 @@ def compare_streams(other: Path, rounds: int, size: int,
                 f"{name} {got[name]['mb_per_s']:.0f} MB/s, proxies "
                 f"{got[name]['cpu_s_per_gb']:.2f} s/GB" for name in ("this", "other")),
                 flush=True)
-    finally:
-        for network in networks.values():
-            network.stop()
     return {"streams": pairs}
 
 

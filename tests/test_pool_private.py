@@ -13,10 +13,8 @@ server (and, in one test, a real HAProxy with ``accept-proxy`` in front of it).
 from __future__ import annotations
 
 import base64
-import gc
 import json
 import secrets
-import socket
 import ssl
 import struct
 from datetime import datetime, timezone
@@ -80,8 +78,9 @@ from .support.proxies import (
     private_section,
     write_settings,
 )
+from .support.garbage import garbage_names, watch_new_garbage
 from .support.splice import Peer
-from .support.tls import tls_block
+from .support.tls import handshake_then_close, tls_block
 
 PUBLIC = PUBLIC_PROXY
 DOMAIN = "test.internal-server.local"
@@ -1203,29 +1202,13 @@ class ServedFromThePool(PooledService):
         # as it closes: the channel, its TLS transport and its pooled connection.
         yield self.start(internal_tls=False, pool_size=2)
         yield self.full(2)
-        gc.collect()
-        # Held until the end: what existed before (other tests' connections among it)
-        # cannot turn up as garbage here; what does is this test's own.
-        existing = gc.get_objects()
-        self.addCleanup(existing.clear)
-        flags = gc.get_debug()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        self.addCleanup(gc.set_debug, flags)
-        self.addCleanup(gc.garbage.clear)
-
-        def handshake_only() -> None:
-            context = ssl.create_default_context(cafile=str(pki().root))
-            with socket.create_connection(("127.0.0.1", self.front_port)) as raw:
-                context.wrap_socket(raw, server_hostname=DOMAIN).close()
-
-        yield threads.deferToThread(handshake_only)
+        watch_new_garbage(self)
+        yield threads.deferToThread(handshake_then_close, self.front_port, DOMAIN)
         self.assertEqual(self.pool.served, 1)
         yield self.service.forwarder.drain(30)  # the terminated client has ended
         yield deferLater(reactor, 0, lambda: None)  # and the close's calls have returned
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage
-                if isinstance(o, TLSMemoryBIOProtocol)
-                or type(o).__module__.startswith("epsproxy.proxy.private")]
+        left = garbage_names(lambda o: isinstance(o, TLSMemoryBIOProtocol)
+                             or type(o).__module__.startswith("epsproxy.proxy.private"))
         self.assertEqual(left, [])
 
     @inlineCallbacks

@@ -10,7 +10,6 @@ a real TLS client verifies the *internal server's* certificate through it all.
 from __future__ import annotations
 
 import base64
-import gc
 import json
 import os
 import secrets
@@ -43,8 +42,10 @@ from epsproxy.proxy.settings import PROXY_SETTINGS
 from epsproxy.proxy.tap import Options, makeService
 from epsproxy.rules.settings import SettingsError, load_settings
 
+from .support.garbage import garbage_names, watch_new_garbage
 from .support.pki import pki
 from .support.proxies import Collect, private_section, write_settings
+from .support.tls import handshake_then_close
 from .support.twistd import TWISTD, TwistdProcess
 
 NAME = "private-proxy-1.ga"
@@ -529,32 +530,17 @@ class ServiceTests(unittest.TestCase):
         # sends a request, one only shakes hands (as a benchmark's clients do).
         port = yield self.start_chain(internal_tls=False, tls=tls_block(
             "internal-server", verify_client=False))
-        gc.collect()
-        # Held until the end: what existed before (other tests' connections among it)
-        # cannot turn up as garbage here; what does is this test's own.
-        existing = gc.get_objects()
-        self.addCleanup(existing.clear)
-        flags = gc.get_debug()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        self.addCleanup(gc.set_debug, flags)
-        self.addCleanup(gc.garbage.clear)
+        watch_new_garbage(self)
         status, _, _ = http_body((yield self.tls_request(port, self.get())))
         self.assertEqual(status, 200)
-
-        def handshake_only() -> None:
-            context = ssl.create_default_context(cafile=str(pki().root))
-            with socket.create_connection(("127.0.0.1", port)) as raw:
-                context.wrap_socket(raw, server_hostname=DOMAIN).close()
-
-        yield threads.deferToThread(handshake_only)
+        yield threads.deferToThread(handshake_then_close, port, DOMAIN)
         forwarder = self.service.forwarder
         self.assertEqual(forwarder.forwarded, 2)
         yield forwarder.drain(30)  # both terminated connections have ended
         yield deferLater(reactor, 0, lambda: None)  # and the close's calls have returned
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage
-                if isinstance(o, (TLSMemoryBIOProtocol, tcp.Server, tcp.Client))
-                or type(o).__module__.startswith("epsproxy.")]
+        left = garbage_names(lambda o: isinstance(o, (TLSMemoryBIOProtocol, tcp.Server,
+                                                      tcp.Client))
+                             or type(o).__module__.startswith("epsproxy."))
         self.assertEqual(left, [])
 
     @inlineCallbacks

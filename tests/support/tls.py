@@ -6,6 +6,8 @@ is sent.
 
 from __future__ import annotations
 
+import socket
+import ssl
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -106,3 +108,11 @@ def server_certificate(address: str, client_name: str, server_name: str) -> Any:
     protocol = yield endpoint.connect(Factory.forProtocol(PeerCertificate))
     certificate = yield protocol.certificate
     return certificate
+
+
+def handshake_then_close(port: int, server_name: str) -> None:
+    """A client (Python's ``ssl``, blocking: run it in a thread) that completes a
+    verified handshake with 127.0.0.1:``port`` and closes, as a benchmark's clients do."""
+    context = ssl.create_default_context(cafile=str(pki().root))
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        context.wrap_socket(raw, server_hostname=server_name).close()

@@ -10,7 +10,7 @@ import socket
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 def stop_on_sigterm() -> None:
@@ -107,6 +107,29 @@ def cell(values: Sequence[float], fmt: str = ",.0f", spread: bool = True) -> str
 
 def ratios(mine: Sequence[float], theirs: Sequence[float]) -> list[float]:
     return [a / b for a, b in zip(mine, theirs) if b]
+
+
+def best_per_round(values: Mapping[str, Sequence[float]], keys: Sequence[str],
+                   better: Callable[..., float]) -> list[float]:
+    """
+    Per round, the better of the competitors ``keys`` (``better``: ``max`` for rates,
+    ``min`` for costs): what the goals compare ours with.  Empty when none was measured.
+    """
+    found = [values[key] for key in keys if key in values]
+    return [better(round_) for round_ in zip(*found)] if found else []
+
+
+def own_scores(values: Mapping[str, Sequence[float]], keys: Sequence[str],
+               better: Callable[..., float]) -> dict[str, list[float]]:
+    """
+    Each competitor of ``keys`` scored as the goals score ours: against the better of
+    them in the same round.  Each reads at most 1.0x (at least, for a cost), and less
+    in every round another one wins: chance alone makes the better of two equals beat
+    each of them.  So a path at par with the competitors reads under 1.0x in most runs
+    as well; printed beside the goals so that a ratio near 1.0x is read for what it is.
+    """
+    best = best_per_round(values, keys, better)
+    return {key: ratios(values[key], best) for key in keys if key in values and best}
 
 
 def times(values: Sequence[float]) -> str:

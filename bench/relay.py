@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .common import (
+    best_per_round,
     cell,
     free_port,
     goal,
@@ -59,6 +60,7 @@ from .common import (
     listening,
     median,
     only_from_env,
+    own_scores,
     print_load_before,
     ratios,
     rotations,
@@ -638,12 +640,10 @@ def report(results: dict[str, Any]) -> str:
                        "peak RSS growth MB"], rows), ""]
 
     # Goals.
-    best = [max(vals) for vals in zip(*[mbps[k] for k in BEST_TUNED if k in mbps])] \
-        if any(k in mbps for k in BEST_TUNED) else []
+    best = best_per_round(mbps, BEST_TUNED, max)
     through = ratios(mbps.get("ours", []), best) if best else []
     ours_cpu = cpu_gb.get("ours", [])
-    best_cpu = [min(vals) for vals in zip(*[cpu_gb[k] for k in BEST_TUNED if k in cpu_gb])] \
-        if any(k in cpu_gb for k in BEST_TUNED) else []
+    best_cpu = best_per_round(cpu_gb, BEST_TUNED, min)
     cpu_ratio = ratios(ours_cpu, best_cpu) if best_cpu else []
     pair_ratio = ratios([r["pairs"] / r["seconds"] for r in pr.get("ours", [])],
                          [r["pairs"] / r["seconds"] for r in pr.get("transit", [])])
@@ -666,6 +666,14 @@ def report(results: dict[str, Any]) -> str:
         goal(f"ours peak RSS growth - HAProxy's, {s['slow_streams']} slow receivers",
               slow_values, "<= 0 MB", lambda v: v <= 0, ".1f", " MB"),
     ]))
+    own_mbps, own_cpu = own_scores(mbps, BEST_TUNED, max), own_scores(cpu_gb, BEST_TUNED, min)
+    if len(own_mbps) > 1:
+        out.append(
+            "\nThe same per-round statistic for the best-tuned relays themselves (each "
+            "against the better of them in its round; a relay at par with them reads "
+            "under 1.0x in most runs): " + "; ".join(
+                f"{BY_KEY[key].label} MB/s {times(own_mbps[key])}, CPU per GB "
+                f"{times(own_cpu.get(key, []))}" for key in own_mbps) + ".")
     if FLOOR in mbps and best and best_cpu:
         out.append(
             f"\nThe floor (a Python relay doing nothing but a blocking read and write of "

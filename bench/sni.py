@@ -55,15 +55,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .common import (
+    best_per_round,
     cell,
     cpu_seconds,
     goal,
     haproxy_binary,
     median,
     only_from_env,
+    own_scores,
     print_load_before,
     ratios,
     rotations,
@@ -253,12 +255,6 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
 
 # -- the report ------------------------------------------------------------------------
 
-def _best_chain(values: dict[str, list[float]], better: Callable[..., float]) -> list[float]:
-    """Per round, the better HAProxy chain's value (``better`` is ``max`` or ``min``)."""
-    chains = [values[k] for k in CHAINS if k in values]
-    return [better(v) for v in zip(*chains)] if chains else []
-
-
 def report(results: dict[str, Any]) -> str:
     s = results["settings"]
     keys = [k for k in s["paths"]]
@@ -270,9 +266,9 @@ def report(results: dict[str, Any]) -> str:
            for n, by in results["rate"].items()}
     mbps = {k: [r["bytes"] / r["seconds"] / 1e6 for r in v] for k, v in results["stream"].items()}
     per_conn = {k: (r["held"] - r["before"]) / r["count"] for k, r in results["idle"].items()}
-    chain_rate = {n: _best_chain(by, max) for n, by in rates.items()}
-    chain_p99 = {n: _best_chain(by, min) for n, by in p99.items()}
-    chain_mbps = _best_chain(mbps, max)
+    chain_rate = {n: best_per_round(by, CHAINS, max) for n, by in rates.items()}
+    chain_p99 = {n: best_per_round(by, CHAINS, min) for n, by in p99.items()}
+    chain_mbps = best_per_round(mbps, CHAINS, max)
     # Below a page per connection, too few idle connections were held to tell growth.
     chain_mem = min((per_conn[k] for k in CHAINS if k in per_conn), default=0.0)
     chain_mem = chain_mem if chain_mem > 0 else None
@@ -386,6 +382,16 @@ def report(results: dict[str, Any]) -> str:
         out.append(table(["goal (issue 14)", "median (min-max over rounds)", "target",
                           "result"], [[g[0], g[1], g[2], "met" if g[3] == "PASS" else
                                        "not met" if g[3] == "MISS" else g[3]] for g in goals]))
+    own = [(f"conn/s @{n}", own_scores(by, CHAINS, max)) for n, by in rates.items()]
+    own += [(f"p99 @{n}", own_scores(by, CHAINS, min)) for n, by in p99.items()]
+    own.append(("one-stream MB/s", own_scores(mbps, CHAINS, max)))
+    if all(len(scores) > 1 for _, scores in own):
+        out.append("\nThe same per-round statistic for the HAProxy chains themselves (each "
+                   "against the better chain of its round; a path at par with them reads "
+                   "under 1.0x, or over it for p99, in most runs): " + "; ".join(
+                       f"{BY_KEY[key].label}: " + ", ".join(
+                           f"{what} {times(scores[key])}" for what, scores in own)
+                       for key in CHAINS) + ".")
     pooled = []
     for key in OURS:
         runs = {n: results["rate"][str(n)].get(key, []) for n in s["clients"]}

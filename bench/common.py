@@ -3,6 +3,7 @@ free ports, progress lines, finding HAProxy."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -130,6 +131,27 @@ def own_scores(values: Mapping[str, Sequence[float]], keys: Sequence[str],
     """
     best = best_per_round(values, keys, better)
     return {key: ratios(values[key], best) for key in keys if key in values and best}
+
+
+def print_saved_report(report: Callable[[dict[str, Any]], str], path: str) -> int:
+    """
+    Print ``report`` of the results a run kept at ``path`` (its ``results.json``); 0, or
+    2 with one line on standard error when the file cannot be read or is not a run's.
+    """
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        print(f"cannot read a run's results from {path}: {e}", file=sys.stderr)
+        return 2
+    try:
+        text = report(results)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError,
+            ZeroDivisionError) as e:
+        print(f"{path} does not hold a run's results (missing or wrong: "
+              f"{type(e).__name__} {e})", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
 
 
 def times(values: Sequence[float]) -> str:

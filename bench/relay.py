@@ -33,6 +33,9 @@ the transit relay from PyPI (the ``bench`` extra); a missing competitor is skipp
 message and its goals read "n/a".  ``BENCH_RELAY_ONLY=ours,haproxy`` limits the relays.
 "ours" is the relay as the public proxy runs it (the splice engine where it was built);
 "ours-python" the same with ``splice_engine: false``, in the same run.
+
+The raw results, every round of every relay, are kept in ``run/bench-relay/results.json``;
+``python -m bench.relay --report FILE`` prints the tables from such a file again.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from .common import (
     only_from_env,
     own_scores,
     print_load_before,
+    print_saved_report,
     ratios,
     rotations,
     rss_bytes,
@@ -71,9 +75,12 @@ from .common import (
 )
 from .relay_peer import CHUNK, TRANSIT_OK, ControlClient, transit_hello
 
-__all__ = ["RELAYS", "Relay", "RelayProcess", "available", "run", "report", "main"]
+__all__ = ["RELAYS", "Relay", "RelayProcess", "available", "run", "report", "save_results",
+           "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Where a run keeps its raw results (``results.json``), for ``--report``.
+RESULTS_DIR = ROOT / "run" / "bench-relay"
 GB = 1e9
 #: Goals of issue 4.
 THROUGHPUT_GOAL = 1.0     # ours / best-tuned relay in the same run, at least
@@ -693,5 +700,23 @@ def main() -> None:
                   pair_seconds=settings["pair_seconds"],
                   idle_pairs_count=settings["idle_pairs"],
                   slow_seconds=settings["slow_seconds"], only=only or None)
+    kept = save_results(results)
     print(report(results))
-    print(f"load average after the run: {os.getloadavg()[0]:.2f}")
+    print(f"load average after the run: {os.getloadavg()[0]:.2f}; every round's figures "
+          f"are in {kept}")
+
+
+def save_results(results: dict[str, Any], folder: Path = RESULTS_DIR) -> Path:
+    """Keep a run's raw results as ``folder/results.json`` (for ``--report``); its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--report"] and len(sys.argv) == 3:
+        # The tables again from a run's results.json (run/bench-relay/results.json).
+        sys.exit(print_saved_report(report, sys.argv[2]))
+    else:
+        main()

@@ -67,6 +67,7 @@ from .common import (
     only_from_env,
     own_scores,
     print_load_before,
+    print_saved_report,
     ratios,
     rotations,
     rss_bytes,
@@ -475,6 +476,6 @@ def main(quick: bool = False) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--report"] and len(sys.argv) == 3:
         # The tables again from a run's results.json (run/bench-sni/results.json).
-        print(report(json.loads(Path(sys.argv[2]).read_text())))
+        sys.exit(print_saved_report(report, sys.argv[2]))
     else:
         main("--quick" in sys.argv[1:])

@@ -6,6 +6,10 @@ round) and the competitors' own scores by it, printed beside the goals of
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench import relay, sni
@@ -58,6 +62,11 @@ class RelayReportTests(SynchronousTestCase):
                       "CPU per GB 1.17x (1.00-1.33)", own)
         self.assertIn(f"{relay.BY_KEY['socat-1m'].label} MB/s 0.75x (0.50-1.00), "
                       "CPU per GB 1.50x (1.00-2.00)", own)
+        # The same tables again from the results a run keeps.
+        kept = relay.save_results(results, Path(self.mktemp()))
+        again = subprocess.run([sys.executable, "-m", "bench.relay", "--report", str(kept.resolve())],
+                               capture_output=True, text=True, check=True, cwd=relay.ROOT)
+        self.assertEqual(again.stdout, text + "\n")
 
 
 def _rate(per_second: float, p99: float) -> dict[str, float]:
@@ -99,3 +108,41 @@ class SniReportTests(SynchronousTestCase):
             "stream": {}, "idle": {},
         }
         self.assertNotIn("for the HAProxy chains", sni.report(results))
+
+
+class SavedReportTests(SynchronousTestCase):
+    """``python -m bench.relay --report FILE`` and ``python -m bench.sni --report FILE``
+    with a file that is not a run's results: one line, exit status 2."""
+
+    def report(self, module: str, content: str | None) -> subprocess.CompletedProcess[str]:
+        path = Path(self.mktemp()).resolve()
+        if content is not None:
+            path.write_text(content)
+        return subprocess.run([sys.executable, "-m", module, "--report", str(path)],
+                              capture_output=True, text=True, cwd=relay.ROOT)
+
+    def test_bad_files_are_refused_in_one_line(self) -> None:
+        cases = {
+            None: "cannot read a run's results from",  # missing
+            "": "cannot read a run's results from",  # empty
+            '{"settings": {"size": 1': "cannot read a run's results from",  # truncated
+            "\x00\xff not json": "cannot read a run's results from",
+            '{"a": 1}': "does not hold a run's results",
+            "[1, 2]": "does not hold a run's results",
+            '{"settings": 1}': "does not hold a run's results",
+            # A round that took no time: the report would divide by it.
+            '{"settings": {"size": 1, "rounds": 1, "pair_seconds": 1, "idle_pairs": 1, '
+            '"slow_streams": 1, "slow_seconds": 1, "paths": ["ours-raw"], "clients": [1], '
+            '"seconds": 1, "stream_bytes": 1, "term_stream_bytes": 1, "idle": 1}, '
+            '"throughput": {"ours": [{"bytes": 1, "seconds": 0}]}, '
+            '"rate": {"1": {"ours-raw": [{"connections": 1, "seconds": 0}]}}, '
+            '"stream": {}, "idle": {}, "pairings": {}, "slow1": {}, "slow50": {}}':
+                "does not hold a run's results",
+        }
+        for module in ("bench.relay", "bench.sni"):
+            for content, expected in cases.items():
+                done = self.report(module, content)
+                self.assertEqual(done.returncode, 2, (module, content, done.stderr))
+                self.assertIn(expected, done.stderr, (module, content))
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+                self.assertEqual(done.stdout, "")

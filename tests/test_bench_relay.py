@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -71,6 +72,9 @@ class BenchRelaySmokeTests(SynchronousTestCase):
             self.assertLess(slow["bytes"] / slow["seconds"], relay.SLOW_RATE * 1.5, phase)
 
         text = relay.report(results)
+        # The run's raw results are kept, and print the same tables again.
+        kept = relay.save_results(results, Path(self.mktemp()))
+        self.assertEqual(relay.report(json.loads(kept.read_text())), text)
         lines = text.splitlines()
         for key in only:
             rows = [line for line in lines if line.startswith(f"| {relay.BY_KEY[key].label} ")]

@@ -18,14 +18,20 @@ from service_identity import VerificationError
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError, ConnectionDone
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    ISSLTransport,
+    ISystemHandle,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from zope.interface import implementer
+from zope.interface import implementer, providedBy
 
 from epsproxy.net import tls
 from epsproxy.rules.certificates import fingerprint, load_certificate_file
@@ -348,6 +354,55 @@ class _Writes(StringTransport):
     def write(self, data: bytes) -> None:
         self.sizes.append(len(data))
         super().write(data)
+
+
+class _Counting(Protocol):
+    """Counts its connectionMade calls."""
+
+    made = 0
+
+    def connectionMade(self) -> None:
+        self.made += 1
+
+
+class MakeConnectionTests(LoopbackMixin, TestCase):
+    """Our TLS servers take on their transport's interfaces as Twisted's do, declared
+    once (Twisted declares them ten times over TCP)."""
+
+    def _connected(self, protocol_class: type, connect_wrapped: bool = True):
+        factory = TLSMemoryBIOFactory(tls.server_options(block("sd-1", verify_client=False)),
+                                      False, Factory.forProtocol(_Counting))
+        wrapped = _Counting()
+        protocol = protocol_class(factory, wrapped, _connectWrapped=connect_wrapped)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, wrapped, factory, transport
+
+    def test_the_same_interfaces_and_connections_as_twisteds(self):
+        for connect_wrapped in (True, False):
+            ours, ours_wrapped, ours_factory, ours_transport = self._connected(
+                tls.BulkTLSProtocol, connect_wrapped)
+            theirs, theirs_wrapped, _, _ = self._connected(
+                TLSMemoryBIOProtocol, connect_wrapped)
+            self.assertEqual(set(providedBy(ours)), set(providedBy(theirs)), connect_wrapped)
+            if connect_wrapped:  # ours: a server's transport takes them all on
+                self.assertTrue(set(providedBy(ours_transport)) <= set(providedBy(ours)))
+            self.assertEqual(ours_wrapped.made, theirs_wrapped.made, connect_wrapped)
+            self.assertEqual(ours_wrapped.made, 1 if connect_wrapped else 0)
+            self.assertIs(ours.transport, ours_transport)
+            self.assertIn(ours, ours_factory.protocols)
+            self.assertIsNotNone(ours.getHandle())  # the OpenSSL connection, accepting
+            self.assertEqual(ours_transport.value(), b"")  # a server waits for a hello
+
+    @defer.inlineCallbacks
+    def test_a_listeners_connection_is_a_tcp_transport_with_tls(self):
+        port = yield self.listen(block("sd-1", verify_client=False))
+        client = yield self.exchange(port, block(None), "sd-1")
+        self.assertEqual(client.received, b"welcome")
+        [connection] = self.server.connections
+        for interface in (ITCPTransport, ISSLTransport, ISystemHandle):
+            self.assertTrue(interface.providedBy(connection.transport), interface)
+        self.assertEqual(connection.transport.getPeer().host, "127.0.0.1")
 
 
 class BulkWriteTests(LoopbackMixin, TestCase):

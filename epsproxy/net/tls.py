@@ -84,6 +84,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
@@ -289,6 +290,22 @@ class BulkTLSProtocol(BufferingTLSTransport):
     makes those three calls for every 16 KiB record.  Writes of up to one record, and
     any write before the handshake is done, take Twisted's path unchanged.
     """
+
+    def makeConnection(self, transport: Any) -> None:
+        """
+        As Twisted's, with the transport's interfaces declared on the TLS transport
+        once.  Twisted's declares each in turn (every declaration replacing the one
+        before), then all of them again: ten declarations per connection over TCP,
+        some 4% of a terminating private proxy's Python time per connection.
+        """
+        if not self._connectWrapped:  # (not ours: Twisted's startTLS) as Twisted does
+            super().makeConnection(transport)
+            return
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        # Declares the interfaces once, connects this and then the wrapped protocol.
+        ProtocolWrapper.makeConnection(self, transport)
+        self._checkHandshakeStatus()
 
     def _write(self, bytes: bytes) -> None:  # Twisted's name for the argument
         size = len(bytes)

@@ -298,7 +298,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
         before), then all of them again: ten declarations per connection over TCP,
         some 4% of a terminating private proxy's Python time per connection.
         """
-        if not self._connectWrapped:  # (not ours: Twisted's startTLS) as Twisted does
+        if not self._connectWrapped:  # a startTLS upgrade (never ours): Twisted's way
             super().makeConnection(transport)
             return
         self._tlsConnection = self.factory._creatorCallable(self)

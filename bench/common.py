@@ -133,6 +133,14 @@ def own_scores(values: Mapping[str, Sequence[float]], keys: Sequence[str],
     return {key: ratios(values[key], best) for key in keys if key in values and best}
 
 
+def save_results(results: dict[str, Any], folder: Path) -> Path:
+    """Keep a run's raw results as ``folder/results.json`` (for ``--report``); its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
 def print_saved_report(report: Callable[[dict[str, Any]], str], path: str) -> int:
     """
     Print ``report`` of the results a run kept at ``path`` (its ``results.json``); 0, or

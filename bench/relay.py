@@ -69,14 +69,14 @@ from .common import (
     ratios,
     rotations,
     rss_bytes,
+    save_results,
     step,
     table,
     times,
 )
 from .relay_peer import CHUNK, TRANSIT_OK, ControlClient, transit_hello
 
-__all__ = ["RELAYS", "Relay", "RelayProcess", "available", "run", "report", "save_results",
-           "main"]
+__all__ = ["RELAYS", "Relay", "RelayProcess", "available", "run", "report", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where a run keeps its raw results (``results.json``), for ``--report``.
@@ -700,18 +700,10 @@ def main() -> None:
                   pair_seconds=settings["pair_seconds"],
                   idle_pairs_count=settings["idle_pairs"],
                   slow_seconds=settings["slow_seconds"], only=only or None)
-    kept = save_results(results)
+    kept = save_results(results, RESULTS_DIR)
     print(report(results))
     print(f"load average after the run: {os.getloadavg()[0]:.2f}; every round's figures "
           f"are in {kept}")
-
-
-def save_results(results: dict[str, Any], folder: Path = RESULTS_DIR) -> Path:
-    """Keep a run's raw results as ``folder/results.json`` (for ``--report``); its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "results.json"
-    path.write_text(json.dumps(results, indent=1))
-    return path
 
 
 if __name__ == "__main__":

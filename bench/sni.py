@@ -71,6 +71,7 @@ from .common import (
     ratios,
     rotations,
     rss_bytes,
+    save_results,
     step,
     stop_on_sigterm,
     table,
@@ -248,7 +249,7 @@ def run(rounds: int = 3, seconds: float = 5.0, stream_bytes: int = 1_000_000_000
                 'proxy_tls_connections_total{outcome="rate_limited"}') + net.metric(
                 "proxy_internal_rate_limited_connections_total")
         # Kept with the run's logs, for `python -m bench.sni --report FILE`.
-        (folder / "results.json").write_text(json.dumps(results, indent=1))
+        save_results(results, folder)
         return results
     finally:
         net.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench import relay, sni
-from bench.common import best_per_round, own_scores
+from bench.common import best_per_round, own_scores, save_results
 
 
 class BestPerRoundTests(SynchronousTestCase):
@@ -63,7 +63,7 @@ class RelayReportTests(SynchronousTestCase):
         self.assertIn(f"{relay.BY_KEY['socat-1m'].label} MB/s 0.75x (0.50-1.00), "
                       "CPU per GB 1.50x (1.00-2.00)", own)
         # The same tables again from the results a run keeps.
-        kept = relay.save_results(results, Path(self.mktemp()))
+        kept = save_results(results, Path(self.mktemp()))
         again = subprocess.run([sys.executable, "-m", "bench.relay", "--report", str(kept.resolve())],
                                capture_output=True, text=True, check=True, cwd=relay.ROOT)
         self.assertEqual(again.stdout, text + "\n")

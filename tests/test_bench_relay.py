@@ -19,6 +19,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench import relay
+from bench.common import save_results
 
 # Large enough that the relay's CPU time spans several clock ticks (/proc/<pid>/stat counts
 # in 10 ms ticks): at ~0.4 s/GB a 20 MB stream took under one tick and read as 0.
@@ -73,7 +74,7 @@ class BenchRelaySmokeTests(SynchronousTestCase):
 
         text = relay.report(results)
         # The run's raw results are kept, and print the same tables again.
-        kept = relay.save_results(results, Path(self.mktemp()))
+        kept = save_results(results, Path(self.mktemp()))
         self.assertEqual(relay.report(json.loads(kept.read_text())), text)
         lines = text.splitlines()
         for key in only:
